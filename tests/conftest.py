@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny configs that train in about a second, and an MLflow store per test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from convserve.training.config import TrainConfig, apply_overrides, validate_config
+
+TINY: dict[str, Any] = {
+    "seed": 0,
+    "device": "cpu",
+    "data": {"name": "digits", "batch_size": 32},
+    "model": {"blocks": [{"out_channels": 8}], "hidden": [], "activation": "relu"},
+    "init": {"name": "he_normal"},
+    "optim": {"optimizer": "adam", "lr": 0.01, "epochs": 1},
+    "diagnostics": {"every": 10, "plots": False},
+    "tracking": {"enabled": False},
+}
+
+
+def tiny_config(tmp_path: Path, *overrides: str, **sections: Any) -> TrainConfig:
+    """The tiny config with ``--set`` style overrides; checkpoints go under ``tmp_path``."""
+    data = {**TINY, **sections}
+    data = apply_overrides(data, [f"tracking.output_dir={tmp_path / 'runs'}", *overrides])
+    return validate_config(data)
+
+
+@pytest.fixture
+def tiny(tmp_path: Path):  # type: ignore[no-untyped-def]
+    def make(*overrides: str, **sections: Any) -> TrainConfig:
+        return tiny_config(tmp_path, *overrides, **sections)
+
+    return make
+
+
+@pytest.fixture
+def sqlite_uri(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"

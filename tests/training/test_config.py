@@ -1,0 +1,102 @@
+import subprocess
+import sys
+from typing import get_args
+
+import pytest
+
+from convserve.training.activations import activation_names
+from convserve.training.config import (
+    ActivationName,
+    ConfigError,
+    DatasetName,
+    InitName,
+    TrainConfig,
+    apply_overrides,
+    load_config,
+    shipped_configs,
+)
+from convserve.training.data import DATASETS
+from convserve.training.init import initializer_names
+
+
+def test_registries_match_the_schema():
+    assert sorted(get_args(ActivationName)) == activation_names()
+    assert sorted(get_args(InitName)) == initializer_names()
+    assert sorted(get_args(DatasetName)) == sorted(DATASETS)
+
+
+def test_empty_config_is_the_shipped_default():
+    assert load_config("default") == TrainConfig()
+
+
+@pytest.mark.parametrize("name", shipped_configs())
+def test_every_shipped_config_validates(name):
+    cfg = load_config(name)
+    assert cfg.model.blocks or cfg.model.hidden
+
+
+def test_classic_bad_configs_ship():
+    names = set(shipped_configs())
+    assert {"default", "constant_init", "deep_sigmoid", "large_weights"} <= names
+    assert load_config("constant_init").init.name == "constant"
+    deep = load_config("deep_sigmoid")
+    assert deep.model.activation == "sigmoid" and deep.init.name == "normal"
+    assert load_config("large_weights").init.scale > 1
+
+
+def test_unknown_field_names_its_path():
+    with pytest.raises(ConfigError, match=r"model\.colour: Extra inputs are not permitted"):
+        load_config(None, ["model.colour=red"])
+
+
+def test_bad_value_lists_the_allowed_ones():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["init.name=glorot"])
+    assert "init.name" in str(err.value)
+    assert "'xavier_uniform'" in str(err.value) and "'lsuv'" in str(err.value)
+
+
+def test_out_of_range_values_are_rejected():
+    with pytest.raises(ConfigError, match=r"data\.val_fraction"):
+        load_config(None, ["data.val_fraction=0.9"])
+    with pytest.raises(ConfigError, match="a < b"):
+        load_config(None, ["init.a=1", "init.b=0"])
+
+
+def test_overrides_reach_list_items_and_reject_bad_indices():
+    cfg = load_config("default", ["model.blocks.1.out_channels=8", "model.hidden=[32, 16]"])
+    assert cfg.model.blocks[1].out_channels == 8
+    assert cfg.model.hidden == [32, 16]
+    with pytest.raises(ConfigError, match="list index"):
+        apply_overrides({"model": {"blocks": [{}]}}, ["model.blocks.3.out_channels=8"])
+    with pytest.raises(ConfigError, match="key.path=value"):
+        apply_overrides({}, ["model.activation"])
+
+
+def test_unknown_config_name_lists_the_shipped_ones():
+    with pytest.raises(ConfigError, match="shipped configs: .*default"):
+        load_config("no-such-config")
+
+
+def test_flat_params_and_digest():
+    cfg = TrainConfig()
+    flat = cfg.flat()
+    assert flat["model.blocks.0.out_channels"] == "16"
+    assert flat["init.name"] == "he_normal"
+    assert flat["model.hidden"] == "[]"
+    assert cfg.digest() == TrainConfig().digest()
+    assert cfg.digest() != load_config(None, ["seed=1"]).digest()
+    # tracking settings do not change what is trained
+    assert cfg.digest() == load_config(None, ["tracking.experiment=other"]).digest()
+
+
+def test_config_is_frozen():
+    cfg = TrainConfig()
+    with pytest.raises(ValueError):
+        cfg.seed = 3  # type: ignore[misc]
+
+
+def test_config_module_imports_no_torch():
+    code = "import sys, convserve.training.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
