@@ -26,8 +26,9 @@ def test_leaky_relu_takes_the_configured_slope():
 
 
 def test_per_block_override():
-    cfg = ModelConfig(blocks=[{"out_channels": 4, "activation": "tanh"}, {"out_channels": 4}],
-                      activation="relu")
+    cfg = ModelConfig(
+        blocks=[{"out_channels": 4, "activation": "tanh"}, {"out_channels": 4}], activation="relu"
+    )
     model = build_model(cfg, 1, (8, 8), 2)
     assert isinstance(model.block1.act, torch.nn.Tanh)
     assert isinstance(model.block2.act, torch.nn.ReLU)

@@ -102,15 +102,19 @@ def test_orthogonal_rows_are_orthonormal_times_gain():
 
 
 def test_lsuv_gives_unit_output_variance_in_every_layer():
-    cfg = ModelConfig(blocks=[{"out_channels": 16}, {"out_channels": 16}], hidden=[32],
-                      activation="tanh")
+    cfg = ModelConfig(
+        blocks=[{"out_channels": 16}, {"out_channels": 16}], hidden=[32], activation="tanh"
+    )
     model = build_model(cfg, 1, (16, 16), 4)
     batch = torch.rand(256, 1, 16, 16)
-    initialize(model, InitConfig(name="lsuv", lsuv_tolerance=0.02), model.layer_activation,
-               batch=batch)
+    initialize(
+        model, InitConfig(name="lsuv", lsuv_tolerance=0.02), model.layer_activation, batch=batch
+    )
     outputs = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, o, n=n: outputs.__setitem__(n, o))
-             for n, m in model.weight_layers().items()]
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, o, n=n: outputs.__setitem__(n, o))
+        for n, m in model.weight_layers().items()
+    ]
     with torch.no_grad():
         model(batch)
     for h in hooks:

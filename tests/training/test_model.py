@@ -5,8 +5,9 @@ from convserve.training.config import ModelConfig
 from convserve.training.model import build_model, count_parameters
 
 
-@pytest.mark.parametrize(("channels", "size"), [(1, (28, 28)), (3, (32, 32)), (3, (21, 37)),
-                                                 (1, (8, 8))])
+@pytest.mark.parametrize(
+    ("channels", "size"), [(1, (28, 28)), (3, (32, 32)), (3, (21, 37)), (1, (8, 8))]
+)
 def test_any_channels_and_size(channels, size):
     cfg = ModelConfig(blocks=[{"out_channels": 6}, {"out_channels": 12}], hidden=[10])
     model = build_model(cfg, channels, size, 5)
@@ -18,8 +19,14 @@ def test_any_channels_and_size(channels, size):
 
 
 def test_stable_module_names():
-    cfg = ModelConfig(blocks=[{"out_channels": 4, "batch_norm": True, "dropout": 0.1},
-                              {"out_channels": 4, "pool": "avg"}], hidden=[8, 6], dropout=0.2)
+    cfg = ModelConfig(
+        blocks=[
+            {"out_channels": 4, "batch_norm": True, "dropout": 0.1},
+            {"out_channels": 4, "pool": "avg"},
+        ],
+        hidden=[8, 6],
+        dropout=0.2,
+    )
     model = build_model(cfg, 1, (16, 16), 3)
     names = list(model.weight_layers())
     assert names == ["block1.conv", "block2.conv", "head.fc1", "head.fc2", "head.out"]
@@ -30,8 +37,10 @@ def test_stable_module_names():
 
 
 def test_conv_options_and_no_pooling():
-    cfg = ModelConfig(blocks=[{"out_channels": 4, "kernel_size": 5, "stride": 2, "padding": 0,
-                               "pool": "none"}], hidden=[])
+    cfg = ModelConfig(
+        blocks=[{"out_channels": 4, "kernel_size": 5, "stride": 2, "padding": 0, "pool": "none"}],
+        hidden=[],
+    )
     model = build_model(cfg, 1, (28, 28), 2)
     assert model.feature_shapes["block1"] == (4, 12, 12)
     assert model.head.out.in_features == 4 * 12 * 12
@@ -51,8 +60,9 @@ def test_too_many_pools_is_a_clear_error():
 
 
 def test_convolution_needs_far_fewer_parameters_than_a_dense_layer():
-    conv = build_model(ModelConfig(blocks=[{"out_channels": 16, "pool": "none"}], hidden=[]),
-                       1, (28, 28), 10)
+    conv = build_model(
+        ModelConfig(blocks=[{"out_channels": 16, "pool": "none"}], hidden=[]), 1, (28, 28), 10
+    )
     dense = build_model(ModelConfig(blocks=[], hidden=[16 * 28 * 28]), 1, (28, 28), 10)
     conv_layer = sum(p.numel() for p in conv.block1.parameters())
     dense_layer = sum(p.numel() for p in dense.head.fc1.parameters())

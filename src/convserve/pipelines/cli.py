@@ -32,23 +32,36 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
 ) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
 
 
 ConfigOption = Annotated[
     str,
-    typer.Option("--config", "-c", help="A YAML file, or the name of a shipped config: "
-                 + ", ".join(shipped_configs()) + "."),
+    typer.Option(
+        "--config",
+        "-c",
+        help="A YAML file, or the name of a shipped config: " + ", ".join(shipped_configs()) + ".",
+    ),
 ]
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override one field, e.g. --set model.activation=tanh "
-                 "--set init.name=xavier_uniform (values are YAML; list items by index)."),
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override one field, e.g. --set model.activation=tanh "
+        "--set init.name=xavier_uniform (values are YAML; list items by index).",
+    ),
 ]
 
 
@@ -56,9 +69,13 @@ SetOption = Annotated[
 def train(
     config: ConfigOption = "default",
     set_: SetOption = None,
-    resume: Annotated[Path | None, typer.Option(
-        help="Continue from a checkpoint (last.pt); its config is used, with --set applied, "
-        "and its MLflow run is continued.")] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Continue from a checkpoint (last.pt); its config is used, with --set applied, "
+            "and its MLflow run is continued."
+        ),
+    ] = None,
 ) -> None:
     """Train one model; print the final metrics, the diagnostics' verdicts and the run id.
 
@@ -79,9 +96,15 @@ def train(
         err_console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
 
-    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                        console=console, transient=False)
+    progress = Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
     task = progress.add_task("train", total=None, status="loading data")
 
     def on_step(step: int, loss: float, accuracy: float) -> None:
@@ -91,10 +114,14 @@ def train(
         progress.console.print(
             f"epoch {epoch}: train loss {metrics['train_loss']:.4f} "
             f"acc {metrics['train_accuracy']:.4f} | val loss {metrics['val_loss']:.4f} "
-            f"acc {metrics['val_accuracy']:.4f}")
+            f"acc {metrics['val_accuracy']:.4f}"
+        )
 
-    callbacks = Callbacks(on_start=lambda total: progress.update(task, total=total),
-                          on_step=on_step, on_epoch=on_epoch)
+    callbacks = Callbacks(
+        on_start=lambda total: progress.update(task, total=total),
+        on_step=on_step,
+        on_epoch=on_epoch,
+    )
     try:
         with progress:
             result = run_training(cfg, resume=resume, callbacks=callbacks)
@@ -113,8 +140,15 @@ def _report(result: object) -> None:
     table = Table(title=f"training {result.status}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "best_val_accuracy",
-                "test_loss", "test_accuracy"):
+    for key in (
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "best_val_accuracy",
+        "test_loss",
+        "test_accuracy",
+    ):
         if key in result.metrics:
             table.add_row(key, f"{result.metrics[key]:.4f}")
     console.print(table)

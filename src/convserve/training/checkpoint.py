@@ -76,8 +76,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def spec_of(payload: dict[str, Any]) -> ModelSpec:
     s = payload["spec"]
-    return ModelSpec(s["classes"], s["channels"], tuple(s["image_size"]), s["mean"], s["std"],
-                     s["dataset"])
+    return ModelSpec(
+        s["classes"], s["channels"], tuple(s["image_size"]), s["mean"], s["std"], s["dataset"]
+    )
 
 
 def load_model(path: str | Path) -> tuple[ConvNet, TrainConfig, ModelSpec, dict[str, Any]]:
@@ -85,8 +86,9 @@ def load_model(path: str | Path) -> tuple[ConvNet, TrainConfig, ModelSpec, dict[
     payload = read_checkpoint(path)
     config = TrainConfig.model_validate(payload["config"])
     spec = spec_of(payload)
-    model = build_model(config.model, spec.channels, spec.image_size, len(spec.classes),
-                        spec.mean, spec.std)
+    model = build_model(
+        config.model, spec.channels, spec.image_size, len(spec.classes), spec.mean, spec.std
+    )
     model.load_state_dict(payload["model"])
     model.eval()
     return model, config, spec, payload

@@ -24,6 +24,9 @@ class Normalize(nn.Module):
     Keeping it inside the model means checkpoints and the ONNX graph take raw [0, 1] pixels.
     """
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(list(mean)).view(1, -1, 1, 1))
@@ -40,7 +43,11 @@ class ConvBlock(nn.Module):
         super().__init__()
         padding = cfg.kernel_size // 2 if cfg.padding is None else cfg.padding
         self.conv = nn.Conv2d(
-            in_channels, cfg.out_channels, cfg.kernel_size, cfg.stride, padding,
+            in_channels,
+            cfg.out_channels,
+            cfg.kernel_size,
+            cfg.stride,
+            padding,
             bias=not cfg.batch_norm,
         )
         self.bn = nn.BatchNorm2d(cfg.out_channels) if cfg.batch_norm else nn.Identity()
@@ -124,16 +131,21 @@ class ConvNet(nn.Module):
         with torch.no_grad():
             x = torch.zeros(1, self.in_channels, *self.image_size)
             for name in self.block_names:
-                x, feature = self.get_submodule(name).forward_features(x)
+                x, feature = self.block(name).forward_features(x)
                 shapes[name] = tuple(feature.shape[1:])
         return shapes  # type: ignore[return-value]
+
+    def block(self, name: str) -> ConvBlock:
+        block = self.get_submodule(name)
+        assert isinstance(block, ConvBlock)
+        return block
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Logits and the activation output of every convolutional block, by block name."""
         x = self.normalize(x)
         features = {}
         for name in self.block_names:
-            x, features[name] = self.get_submodule(name).forward_features(x)
+            x, features[name] = self.block(name).forward_features(x)
         return self.head(x), features
 
     def forward(self, x: Tensor) -> Tensor:

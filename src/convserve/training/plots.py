@@ -9,13 +9,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torch import Tensor
 
-from convserve.training.diagnostics import Snapshot  # noqa: E402
-from convserve.training.model import ConvNet  # noqa: E402
+from convserve.training.diagnostics import Snapshot
+from convserve.training.model import ConvNet
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -44,8 +44,9 @@ def histograms(values: dict[str, Tensor], title: str, xlabel: str, path: Path) -
     """One normalised histogram line per layer, as in Glorot & Bengio 2010, Figures 6 and 7."""
     fig, ax = plt.subplots(figsize=(7, 4))
     finite = {k: v[torch.isfinite(v)] for k, v in values.items() if v.numel()}
-    spread = max((float(v.abs().quantile(0.995)) for v in finite.values() if v.numel()),
-                 default=1.0)
+    spread = max(
+        (float(v.abs().quantile(0.995)) for v in finite.values() if v.numel()), default=1.0
+    )
     spread = spread if spread > 0 else 1.0
     bins = np.linspace(-spread, spread, 101)
     for layer, v in finite.items():
@@ -64,10 +65,14 @@ def gradient_flow(snapshots: list[Snapshot], path: Path) -> Path:
     layers = list(last.layers)
     x = np.arange(len(layers))
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for ax, key, title in ((axes[0], "grad_std", "std of dL/d(pre-activation)"),
-                           (axes[1], "weight_grad_norm", "||dL/dW||")):
-        for offset, snap, label in ((-0.2, first, f"step {first.step}"),
-                                    (0.2, last, f"step {last.step}")):
+    for ax, key, title in (
+        (axes[0], "grad_std", "std of dL/d(pre-activation)"),
+        (axes[1], "weight_grad_norm", "||dL/dW||"),
+    ):
+        for offset, snap, label in (
+            (-0.2, first, f"step {first.step}"),
+            (0.2, last, f"step {last.step}"),
+        ):
             vals = [max(snap.layers[n].get(key, 0.0), 1e-30) for n in layers]
             ax.bar(x + offset, vals, width=0.4, label=label)
         ax.set_yscale("log")
@@ -84,8 +89,15 @@ def confusion_matrix(matrix: Tensor, classes: list[str], path: Path) -> Path:
     ax.imshow(m, cmap="Blues")
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if m[i, j] > m.max() / 2 else "black")
+            ax.text(
+                j,
+                i,
+                str(m[i, j]),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if m[i, j] > m.max() / 2 else "black",
+            )
     ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(n), classes, fontsize=7)
     ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (test or validation)")
@@ -101,7 +113,7 @@ def first_layer_filters(model: ConvNet, path: Path) -> Path | None:
     """The first convolution's filters; RGB when it reads three channels, else grey."""
     if not model.block_names:
         return None
-    w = model.get_submodule(f"{model.block_names[0]}.conv").weight.detach().cpu()
+    w = model.block(model.block_names[0]).conv.weight.detach().cpu()
     rows, cols = _grid(w.numpy())
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.9, rows * 0.9), squeeze=False)
     for ax in axes.flat:
@@ -114,7 +126,9 @@ def first_layer_filters(model: ConvNet, path: Path) -> Path | None:
 
 
 @torch.no_grad()
-def feature_maps(model: ConvNet, images: Tensor, out_dir: Path, max_channels: int = 16) -> list[Path]:
+def feature_maps(
+    model: ConvNet, images: Tensor, out_dir: Path, max_channels: int = 16
+) -> list[Path]:
     """For each image, one figure: the input and each block's first channels, each channel
     scaled to its own range."""
     if not model.block_names:
@@ -124,13 +138,15 @@ def feature_maps(model: ConvNet, images: Tensor, out_dir: Path, max_channels: in
     paths = []
     for i in range(images.size(0)):
         rows = len(model.block_names) + 1
-        fig, axes = plt.subplots(rows, max_channels, figsize=(max_channels * 0.8, rows * 0.9),
-                                 squeeze=False)
+        fig, axes = plt.subplots(
+            rows, max_channels, figsize=(max_channels * 0.8, rows * 0.9), squeeze=False
+        )
         for ax in axes.flat:
             ax.axis("off")
         img = images[i].cpu()
-        axes[0][0].imshow(img.permute(1, 2, 0).numpy() if img.size(0) == 3 else img[0].numpy(),
-                          cmap="gray")
+        axes[0][0].imshow(
+            img.permute(1, 2, 0).numpy() if img.size(0) == 3 else img[0].numpy(), cmap="gray"
+        )
         axes[0][0].set_title("input", fontsize=7)
         for r, name in enumerate(model.block_names, start=1):
             fmap = features[name][i].cpu()

@@ -81,15 +81,17 @@ def seed_everything(seed: int) -> None:
 
 def build_for(cfg: TrainConfig, data: DataBundle) -> ConvNet:
     """Build and initialise the model that ``cfg`` describes for ``data``."""
-    model = build_model(cfg.model, data.channels, data.image_size, data.num_classes,
-                        data.mean, data.std)
+    model = build_model(
+        cfg.model, data.channels, data.image_size, data.num_classes, data.mean, data.std
+    )
     batch = data.train.sample(256)[0] if cfg.init.name == "lsuv" else None
     initialize(model, cfg.init, model.layer_activation, cfg.model.negative_slope, batch)
     return model
 
 
-def capture_values(model: ConvNet, diag: Diagnostics, x: torch.Tensor, y: torch.Tensor
-                   ) -> dict[str, dict[str, torch.Tensor]]:
+def capture_values(
+    model: ConvNet, diag: Diagnostics, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, dict[str, torch.Tensor]]:
     """Activation and back-propagated gradient values of every layer on one batch, no step."""
     was_training = model.training
     model.eval()
@@ -103,10 +105,15 @@ def capture_values(model: ConvNet, diag: Diagnostics, x: torch.Tensor, y: torch.
 def _histogram_plots(values: dict[str, dict[str, torch.Tensor]], when: str, folder: Path) -> None:
     acts = {k: v["activation"] for k, v in values.items() if "activation" in v}
     grads = {k: v["gradient"] for k, v in values.items() if "gradient" in v}
-    plots.histograms(acts, f"activation values ({when})", "activation", folder /
-                     f"activations_{when}.png")
-    plots.histograms(grads, f"back-propagated gradients dL/d(pre-activation) ({when})",
-                     "gradient", folder / f"gradients_{when}.png")
+    plots.histograms(
+        acts, f"activation values ({when})", "activation", folder / f"activations_{when}.png"
+    )
+    plots.histograms(
+        grads,
+        f"back-propagated gradients dL/d(pre-activation) ({when})",
+        "gradient",
+        folder / f"gradients_{when}.png",
+    )
 
 
 def _checkpoint_dir(cfg: TrainConfig, run_id: str | None) -> Path:
@@ -146,10 +153,14 @@ def train(
         run_id = run_id or payload["run_id"]
 
     tracker = Tracker(cfg.tracking)
-    run_id = tracker.start(cfg, run_id, tags={
-        "convserve.dataset": data.name,
-        "convserve.parameters": str(count_parameters(model)),
-    })
+    run_id = tracker.start(
+        cfg,
+        run_id,
+        tags={
+            "convserve.dataset": data.name,
+            "convserve.parameters": str(count_parameters(model)),
+        },
+    )
     ckpt_dir = _checkpoint_dir(cfg, run_id)
     session = _Session(cfg, data, spec, model, optimizer, scheduler, tracker, device, ckpt_dir, cb)
     return session.run(start_epoch, step, best)
@@ -158,9 +169,19 @@ def train(
 class _Session:
     """The state of one run while it trains; ``train`` builds it, ``run`` drives it."""
 
-    def __init__(self, cfg: TrainConfig, data: DataBundle, spec: ModelSpec, model: ConvNet,
-                 optimizer: torch.optim.Optimizer, scheduler: object, tracker: Tracker,
-                 device: torch.device, ckpt_dir: Path, cb: Callbacks) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        data: DataBundle,
+        spec: ModelSpec,
+        model: ConvNet,
+        optimizer: torch.optim.Optimizer,
+        scheduler: object,
+        tracker: Tracker,
+        device: torch.device,
+        ckpt_dir: Path,
+        cb: Callbacks,
+    ) -> None:
         self.cfg, self.data, self.spec, self.model = cfg, data, spec, model
         self.optimizer, self.scheduler, self.tracker = optimizer, scheduler, tracker
         self.device, self.ckpt_dir, self.cb = device, ckpt_dir, cb
@@ -171,8 +192,9 @@ class _Session:
 
     def _on_step(self, step: int, loss: float, accuracy: float) -> None:
         if step % self.cfg.tracking.log_every == 0:
-            self.tracker.log_metrics({"train_loss_step": loss, "train_accuracy_step": accuracy},
-                                     step)
+            self.tracker.log_metrics(
+                {"train_loss_step": loss, "train_accuracy_step": accuracy}, step
+            )
         if self.cb.on_step is not None:
             self.cb.on_step(step, loss, accuracy)
 
@@ -180,12 +202,21 @@ class _Session:
         self.snapshots.append(snap)
         self.tracker.log_metrics(snap.metrics(), snap.step)
 
-    def _save(self, name: str, epoch: int, step: int, best: float,
-              metrics: dict[str, float]) -> Path:
+    def _save(
+        self, name: str, epoch: int, step: int, best: float, metrics: dict[str, float]
+    ) -> Path:
         return save_checkpoint(
-            self.ckpt_dir / name, model=self.model, optimizer=self.optimizer,
-            scheduler=self.scheduler, config=self.cfg, spec=self.spec, epoch=epoch, step=step,
-            best_metric=best, metrics=metrics, run_id=self.tracker.run_id,
+            self.ckpt_dir / name,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            config=self.cfg,
+            spec=self.spec,
+            epoch=epoch,
+            step=step,
+            best_metric=best,
+            metrics=metrics,
+            run_id=self.tracker.run_id,
         )
 
     def run(self, start_epoch: int, step: int, best: float) -> TrainResult:
@@ -198,28 +229,46 @@ class _Session:
             self.cb.on_start(total)
         if self.diag is not None and cfg.diagnostics.plots:
             x, y = self.data.train.sample(256)
-            _histogram_plots(capture_values(self.model, self.diag, x.to(self.device),
-                                            y.to(self.device)), "init", self.plot_dir)
+            _histogram_plots(
+                capture_values(self.model, self.diag, x.to(self.device), y.to(self.device)),
+                "init",
+                self.plot_dir,
+            )
         status: Status = "finished"
         message, best_path, last_path = "", None, None
         since_best = 0
         try:
             for epoch in range(start_epoch, cfg.optim.epochs + 1):
                 result = train_one_epoch(
-                    self.model, self.data.train, self.optimizer, device=self.device,
-                    batch_size=cfg.data.batch_size, seed=cfg.seed * 1000 + epoch,
-                    start_step=step, max_steps=cfg.optim.max_steps,
-                    grad_clip=cfg.optim.grad_clip, diagnostics=self.diag,
+                    self.model,
+                    self.data.train,
+                    self.optimizer,
+                    device=self.device,
+                    batch_size=cfg.data.batch_size,
+                    seed=cfg.seed * 1000 + epoch,
+                    start_step=step,
+                    max_steps=cfg.optim.max_steps,
+                    grad_clip=cfg.optim.grad_clip,
+                    diagnostics=self.diag,
                     diag_every=cfg.diagnostics.every,
                     callbacks=StepCallbacks(self._on_step, self._on_snapshot, self.cb.should_stop),
                 )
                 step = result.steps
-                val = evaluate(self.model, self.data.val, device=self.device,
-                               batch_size=cfg.data.batch_size, num_classes=self.data.num_classes)
-                metrics = {"epoch": float(epoch), "train_loss": result.loss,
-                           "train_accuracy": result.accuracy, "val_loss": val.loss,
-                           "val_accuracy": val.accuracy,
-                           "lr": self.optimizer.param_groups[0]["lr"]}
+                val = evaluate(
+                    self.model,
+                    self.data.val,
+                    device=self.device,
+                    batch_size=cfg.data.batch_size,
+                    num_classes=self.data.num_classes,
+                )
+                metrics = {
+                    "epoch": float(epoch),
+                    "train_loss": result.loss,
+                    "train_accuracy": result.accuracy,
+                    "val_loss": val.loss,
+                    "val_accuracy": val.accuracy,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                }
                 self.history.append(metrics)
                 self.tracker.log_metrics(metrics, step)
                 if self.cb.on_epoch is not None:
@@ -239,40 +288,65 @@ class _Session:
                     break
         except Diverged as err:
             status, message = "diverged", str(err)
-            self.tracker.set_tags({"convserve.diverged_step": str(err.step),
-                                   "convserve.diverged_layer": str(err.layer)})
+            self.tracker.set_tags(
+                {
+                    "convserve.diverged_step": str(err.step),
+                    "convserve.diverged_layer": str(err.layer),
+                }
+            )
         except Stopped as err:
             status, message = "cancelled", str(err)
         return self._finish(status, message, best_path, last_path)
 
-    def _finish(self, status: Status, message: str, best_path: Path | None,
-                last_path: Path | None) -> TrainResult:
+    def _finish(
+        self, status: Status, message: str, best_path: Path | None, last_path: Path | None
+    ) -> TrainResult:
         cfg, data = self.cfg, self.data
         final: dict[str, float] = dict(self.history[-1]) if self.history else {}
         if best_path is not None:
             final["best_val_accuracy"] = max(h["val_accuracy"] for h in self.history)
             self.model.load_state_dict(read_checkpoint(best_path)["model"])
         split = data.test if data.test is not None else data.val
-        evaluation = evaluate(self.model, split, device=self.device,
-                              batch_size=cfg.data.batch_size, num_classes=data.num_classes)
+        evaluation = evaluate(
+            self.model,
+            split,
+            device=self.device,
+            batch_size=cfg.data.batch_size,
+            num_classes=data.num_classes,
+        )
         if status != "diverged":
             final.update({"test_accuracy": evaluation.accuracy, "test_loss": evaluation.loss})
-            self.tracker.log_metrics({"test_accuracy": evaluation.accuracy,
-                                      "test_loss": evaluation.loss}, 0)
+            self.tracker.log_metrics(
+                {"test_accuracy": evaluation.accuracy, "test_loss": evaluation.loss}, 0
+            )
         verdicts = run_verdicts(self.snapshots, cfg.diagnostics, diverged=status == "diverged")
         self._write_plots(status, evaluation.confusion)
         self.tracker.log_artifacts(self.plot_dir, "plots")
         if best_path is not None:
             self.tracker.log_artifact(best_path, "checkpoints")
-        self.tracker.set_tags({"convserve.verdicts": ",".join(verdicts),
-                               "convserve.status": status,
-                               **({"convserve.message": message} if message else {})})
-        self.tracker.end({"finished": "FINISHED", "diverged": "FAILED",
-                          "cancelled": "KILLED"}[status])
+        self.tracker.set_tags(
+            {
+                "convserve.verdicts": ",".join(verdicts),
+                "convserve.status": status,
+                **({"convserve.message": message} if message else {}),
+            }
+        )
+        self.tracker.end(
+            {"finished": "FINISHED", "diverged": "FAILED", "cancelled": "KILLED"}[status]
+        )
         if self.diag is not None:
             self.diag.close()
-        return TrainResult(status, self.tracker.run_id, final, verdicts, best_path, last_path,
-                           message, self.history, self.snapshots)
+        return TrainResult(
+            status,
+            self.tracker.run_id,
+            final,
+            verdicts,
+            best_path,
+            last_path,
+            message,
+            self.history,
+            self.snapshots,
+        )
 
     def _write_plots(self, status: Status, confusion: torch.Tensor) -> None:
         if not self.cfg.diagnostics.plots:
@@ -288,5 +362,10 @@ class _Session:
             images, labels = self.data.val.sample(256)
             plots.feature_maps(self.model, images[:4].to(self.device), folder)
             if self.diag is not None:
-                _histogram_plots(capture_values(self.model, self.diag, images.to(self.device),
-                                                labels.to(self.device)), "final", folder)
+                _histogram_plots(
+                    capture_values(
+                        self.model, self.diag, images.to(self.device), labels.to(self.device)
+                    ),
+                    "final",
+                    folder,
+                )

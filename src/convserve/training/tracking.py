@@ -21,8 +21,9 @@ _BATCH = 100  # MLflow accepts at most 100 params and 1000 metrics per log_batch
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5, check=False)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -66,8 +67,9 @@ class Tracker:
             self._client = MlflowClient(tracking_uri(self.cfg))
         return self._client
 
-    def start(self, config: TrainConfig, run_id: str | None = None,
-              tags: dict[str, str] | None = None) -> str | None:
+    def start(
+        self, config: TrainConfig, run_id: str | None = None, tags: dict[str, str] | None = None
+    ) -> str | None:
         """Start a new run, or continue ``run_id`` (a resumed or scheduled run)."""
         if not self.enabled:
             return None

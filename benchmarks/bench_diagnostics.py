@@ -1,0 +1,56 @@
+"""Training throughput with diagnostics on versus off, on the default model and data.
+
+Runs both settings alternately in one process (the machine is shared and noisy) and prints
+images/s and the ratio. Target: diagnostics cost at most 15% at the default interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from convserve.training.config import TrainConfig
+from convserve.training.data import load_data
+from convserve.training.diagnostics import Diagnostics
+from convserve.training.loop import make_optimizer, train_one_epoch
+from convserve.training.run import build_for, seed_everything
+
+
+def images_per_second(cfg: TrainConfig, diagnostics: bool, steps: int) -> float:
+    seed_everything(cfg.seed)
+    data = load_data(cfg.data, cfg.seed)
+    model = build_for(cfg, data)
+    optimizer = make_optimizer(model, cfg.optim)
+    diag = Diagnostics(model, cfg.diagnostics) if diagnostics else None
+    start = time.perf_counter()
+    result = train_one_epoch(model, data.train, optimizer, device=torch.device("cpu"),
+                             batch_size=cfg.data.batch_size, seed=0, start_step=0,
+                             max_steps=steps, diagnostics=diag, diag_every=cfg.diagnostics.every)
+    elapsed = time.perf_counter() - start
+    if diag is not None:
+        diag.close()
+    return result.steps * cfg.data.batch_size / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per measurement")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    cfg = TrainConfig()
+    on, off = [], []
+    for _ in range(args.repeats):
+        off.append(images_per_second(cfg, False, args.steps))
+        on.append(images_per_second(cfg, True, args.steps))
+    best_on, best_off = max(on), max(off)
+    print(f"diagnostics every {cfg.diagnostics.every} steps, batch {cfg.data.batch_size}, "
+          f"{args.steps} steps x {args.repeats} repeats, {torch.get_num_threads()} threads")
+    print(f"off: {best_off:8.1f} images/s   on: {best_on:8.1f} images/s")
+    print(f"throughput ratio on/off: {best_on / best_off:.3f} "
+          f"(overhead {100 * (1 - best_on / best_off):.1f}%, target <= 15%)")
+
+
+if __name__ == "__main__":
+    main()

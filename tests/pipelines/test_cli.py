@@ -1,0 +1,75 @@
+"""The ``convserve`` command as a user runs it: a real process."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import TINY
+
+CLI = str(Path(sys.executable).parent / "convserve")
+
+
+def _run(*args, cwd):
+    return subprocess.run([CLI, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def _config(tmp_path, **changes):
+    data = {**TINY, **changes}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_train_prints_metrics_verdicts_and_run_id(tmp_path):
+    cfg = _config(tmp_path, tracking={"enabled": True})
+    out = _run(
+        "train",
+        "--config",
+        str(cfg),
+        "--set",
+        "optim.epochs=2",
+        "--set",
+        "model.activation=tanh",
+        "--set",
+        "init.name=xavier_uniform",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "val_accuracy" in out.stdout and "verdicts:" in out.stdout
+    run_id = out.stdout.split("MLflow run id:")[1].split()[0]
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
+    assert run.data.params["model.activation"] == "tanh"
+    assert run.data.params["init.name"] == "xavier_uniform"
+    assert (tmp_path / "runs" / run_id / "best.pt").exists()
+
+
+def test_bad_config_exits_2_with_the_field(tmp_path):
+    out = _run("train", "--set", "model.activation=swish", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "model.activation" in out.stderr and "'leaky_relu'" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = _run("train", "--config", "missing.yaml", cwd=tmp_path)
+    assert out.returncode == 2 and "shipped configs" in out.stderr
+
+
+def test_diverged_run_exits_1_without_a_traceback(tmp_path):
+    cfg = _config(
+        tmp_path,
+        model={"blocks": [{"out_channels": 8, "pool": "none"}] * 3, "hidden": [32, 32]},
+        init={"name": "he_normal", "scale": 6.0},
+        optim={"optimizer": "sgd", "lr": 0.1, "epochs": 1},
+    )
+    out = _run("train", "--config", str(cfg), cwd=tmp_path)
+    assert out.returncode == 1
+    assert "diverged" in out.stdout and "exploding" in out.stdout
+    assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_version_and_help(tmp_path):
+    out = _run("--version", cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.startswith("convserve ")
+    out = _run("train", "--help", cwd=tmp_path)
+    assert "--set" in out.stdout and "default" in out.stdout

@@ -1,0 +1,150 @@
+"""Diagnostics on cases whose answer is known (issue: constant -> symmetric, deep sigmoid with
+small weights -> vanishing, several times the He scale -> exploding, He + ReLU -> healthy)."""
+
+import math
+
+import torch
+
+from convserve.training.config import DiagnosticsConfig
+from convserve.training.diagnostics import (
+    Snapshot,
+    distinct_fraction,
+    find_nonfinite,
+    ratios,
+    run_verdicts,
+)
+from convserve.training.run import train
+
+SIGMOID_20 = [
+    "model.activation=sigmoid",
+    "init.name=normal",
+    "init.std=0.01",
+    "model.blocks=" + str([{"out_channels": 8, "pool": "none"}] * 4),
+    "model.hidden=" + str([32] * 15),  # 4 conv + 15 hidden + output = 20 weight layers
+    "optim.optimizer=sgd",
+    "optim.lr=0.1",
+    "optim.max_steps=30",
+]
+DEEP_RELU = [
+    "model.blocks=" + str([{"out_channels": 8, "pool": "none"}] * 3),
+    "model.hidden=[32, 32]",
+    "optim.optimizer=sgd",
+    "optim.lr=0.0001",
+    "optim.max_steps=20",
+]
+
+
+def test_constant_init_is_symmetric(tiny):
+    result = train(tiny("init.name=constant", "init.value=0.05", "optim.max_steps=30"))
+    assert "symmetric" in result.verdicts
+    last = result.snapshots[-1].layers
+    assert last["block1.conv"]["distinct"] == 1 / 8  # all eight filters are still one
+    assert last["head.out"]["distinct"] == 1.0  # the output rows get different targets
+
+
+def test_deep_sigmoid_with_small_weights_vanishes(tiny):
+    result = train(tiny(*SIGMOID_20))
+    assert len(result.snapshots[0].layers) == 20
+    assert "vanishing" in result.verdicts
+    first = result.snapshots[0].layers
+    # the back-propagated gradient shrinks layer by layer (Glorot & Bengio 2010, Fig. 7)
+    stds = [s["grad_std"] for s in first.values()]
+    assert stds[0] < stds[10] < stds[-1]
+    assert ratios(result.snapshots[0])["grad_ratio"] < 1e-3
+
+
+def test_weights_several_times_the_he_scale_explode(tiny):
+    result = train(tiny(*DEEP_RELU, "init.scale=4"))
+    assert result.status == "finished"
+    assert "exploding" in result.verdicts
+    assert ratios(result.snapshots[0])["act_growth"] > 100
+
+
+def test_he_relu_is_healthy(tiny):
+    result = train(tiny("optim.max_steps=40"))
+    assert result.verdicts == ["healthy"]
+    same_depth = train(tiny(*DEEP_RELU))  # the exploding network at the right scale
+    assert "exploding" not in same_depth.verdicts
+    assert ratios(same_depth.snapshots[0])["act_growth"] < 10
+
+
+def test_divergence_ends_the_run_with_step_and_layer(tiny):
+    result = train(
+        tiny(
+            *DEEP_RELU[:2],
+            "init.scale=6",
+            "optim.optimizer=sgd",
+            "optim.lr=0.1",
+            "optim.max_steps=30",
+        )
+    )
+    assert result.status == "diverged"
+    assert "exploding" in result.verdicts
+    assert "diverged at step" in result.message
+    assert "first non-finite values in" in result.message
+
+
+def test_saturated_and_dying_verdicts_from_snapshots():
+    cfg = DiagnosticsConfig()
+    layer = {"act_mean": 0.5, "act_std": 1.0, "grad_std": 1.0, "distinct": 1.0}
+    sat = Snapshot(1, {"block1.conv": {**layer, "saturated": 0.8}, "head.out": layer})
+    dead = Snapshot(1, {"block1.conv": {**layer, "dead": 0.7}, "head.out": layer})
+    healthy = Snapshot(1, {"block1.conv": layer, "head.out": layer})
+    assert run_verdicts([sat], cfg) == ["saturated"]
+    assert run_verdicts([dead], cfg) == ["dying"]
+    assert run_verdicts([healthy], cfg) == ["healthy"]
+    # a run is judged on most of its snapshots or its last one
+    assert run_verdicts([dead, healthy, healthy], cfg) == ["healthy"]
+    assert run_verdicts([healthy, healthy, dead], cfg) == ["dying"]
+    assert run_verdicts([healthy], cfg, diverged=True) == ["exploding"]
+
+
+def test_dead_units_are_counted_per_channel(tiny):
+    from convserve.training.diagnostics import Diagnostics
+    from convserve.training.model import build_model
+
+    cfg = tiny()
+    model = build_model(cfg.model, 1, (8, 8), 10)
+    with torch.no_grad():
+        model.block1.conv.bias[:4] = -100.0  # four of eight channels can never fire
+    diag = Diagnostics(model, cfg.diagnostics)
+    with diag.measure():
+        model(torch.rand(16, 1, 8, 8)).sum().backward()
+    diag.before_step()
+    snap = diag.after_step(1)
+    assert snap.layers["block1.conv"]["dead"] == 0.5
+    assert snap.layers["block1.conv"]["weight_grad_norm"] > 0
+    diag.close()
+
+
+def test_distinct_fraction():
+    w = torch.randn(10, 4, 3, 3)
+    assert distinct_fraction(w) == 1.0
+    w[3] = w[1]
+    w[7] = w[1] * (1 + 1e-5)
+    assert distinct_fraction(w) == 0.8
+    assert distinct_fraction(torch.ones(16, 20)) == 1 / 16
+
+
+def test_find_nonfinite_names_the_first_layer():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    assert find_nonfinite(model, torch.rand(2, 4)) is None
+    with torch.no_grad():
+        model[2].weight[0, 0] = math.inf
+    assert find_nonfinite(model, torch.rand(2, 4)) == "2"  # a parameter, found first
+    with torch.no_grad():
+        model[2].weight[0, 0] = 0.0
+    assert find_nonfinite(model, torch.full((2, 4), math.nan)) == "0"  # else the first output
+
+
+def test_snapshot_metrics_are_flat():
+    snap = Snapshot(
+        5,
+        {
+            "block1.conv": {"act_std": 1.0, "grad_std": 2.0},
+            "head.out": {"act_std": 1.0, "grad_std": 4.0},
+        },
+    )
+    metrics = snap.metrics()
+    assert metrics["diag.block1.conv.grad_std"] == 2.0
+    assert metrics["diag.grad_ratio"] == 0.5

@@ -1,0 +1,190 @@
+import math
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from convserve.training.checkpoint import load_model, read_checkpoint
+from convserve.training.config import load_config
+from convserve.training.run import Callbacks, resolve_device, train
+
+
+def test_same_config_and_seed_give_the_same_metrics(tiny):
+    a = train(tiny("optim.max_steps=25"))
+    b = train(tiny("optim.max_steps=25"))
+    c = train(tiny("optim.max_steps=25", "seed=1"))
+    assert a.metrics == b.metrics
+    assert a.metrics != c.metrics
+
+
+def test_checkpoint_holds_model_optimizer_epoch_best_and_config(tiny):
+    cfg = tiny("optim.epochs=2")
+    result = train(cfg)
+    payload = read_checkpoint(result.best_checkpoint)
+    assert set(payload) >= {"model", "optimizer", "epoch", "step", "best_metric", "config", "spec"}
+    assert payload["config"] == cfg.model_dump(mode="json")
+    assert payload["best_metric"] == pytest.approx(result.metrics["best_val_accuracy"])
+    assert payload["spec"]["classes"] == [str(i) for i in range(10)]
+    model, loaded_cfg, spec, _ = load_model(result.best_checkpoint)
+    assert loaded_cfg == cfg and spec.image_size == (8, 8)
+    assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_resume_continues_where_the_last_checkpoint_stopped(tiny):
+    full = train(tiny("optim.epochs=3"))
+    first = train(tiny("optim.epochs=2"))
+    resumed = train(tiny("optim.epochs=3"), resume=first.last_checkpoint)
+    assert [h["epoch"] for h in resumed.history] == [3.0]
+    assert read_checkpoint(resumed.last_checkpoint)["epoch"] == 3
+    assert resumed.history[-1]["val_accuracy"] == pytest.approx(full.history[-1]["val_accuracy"])
+
+
+def test_step_budget_and_early_stopping(tiny):
+    steps = []
+    result = train(
+        tiny("optim.epochs=50", "optim.max_steps=7"),
+        callbacks=Callbacks(on_step=lambda s, loss, acc: steps.append(s)),
+    )
+    assert steps == list(range(1, 8)) and len(result.history) == 1
+    result = train(tiny("optim.epochs=40", "optim.early_stopping=1", "optim.lr=0.5"))
+    assert len(result.history) < 40 and "early stopping" in result.message
+
+
+def test_should_stop_cancels_between_steps(tiny):
+    steps = []
+    result = train(
+        tiny("optim.epochs=5"),
+        callbacks=Callbacks(
+            on_step=lambda s, loss, acc: steps.append(s), should_stop=lambda: len(steps) >= 3
+        ),
+    )
+    assert result.status == "cancelled" and steps == [1, 2, 3]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("schedule", ["none", "step", "cosine"])
+def test_optimizers_and_schedules(tiny, optimizer, schedule):
+    result = train(
+        tiny(
+            f"optim.optimizer={optimizer}",
+            f"optim.schedule={schedule}",
+            "optim.epochs=2",
+            "optim.lr=0.05",
+            "optim.grad_clip=1.0",
+        )
+    )
+    assert result.status == "finished"
+    assert result.metrics["val_accuracy"] > 0.3
+    if schedule == "step":
+        assert result.history[1]["lr"] == pytest.approx(0.005)
+
+
+def test_cuda_where_there_is_none_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="device=cuda was asked for"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
+
+
+def test_tracking_to_the_default_sqlite_store(tiny, sqlite_uri, tmp_path):
+    cfg = tiny(
+        "tracking.enabled=true",
+        f"tracking.tracking_uri={sqlite_uri}",
+        "diagnostics.plots=true",
+        "optim.epochs=2",
+        "tracking.log_every=5",
+    )
+    result = train(cfg)
+    client = MlflowClient(sqlite_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["init.name"] == "he_normal"
+    assert run.data.params["model.blocks.0.out_channels"] == "8"
+    assert run.data.tags["convserve.verdicts"] == ",".join(result.verdicts)
+    assert run.data.tags["convserve.dataset"] == "digits"
+    metrics = run.data.metrics
+    for key in (
+        "train_loss",
+        "val_accuracy",
+        "test_accuracy",
+        "train_loss_step",
+        "diag.block1.conv.grad_std",
+        "diag.block1.conv.weight_grad_norm",
+        "diag.block1.conv.dead",
+        "diag.head.out.update_ratio",
+        "diag.grad_ratio",
+    ):
+        assert key in metrics, key
+    assert len(client.get_metric_history(result.run_id, "val_accuracy")) == 2
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "plots")}
+    for name in (
+        "learning_curves",
+        "activations_init",
+        "activations_final",
+        "gradients_init",
+        "gradients_final",
+        "gradient_flow",
+        "confusion_matrix",
+        "first_layer_filters",
+        "feature_maps_0",
+    ):
+        assert f"plots/{name}.png" in artifacts, name
+    assert [a.path for a in client.list_artifacts(result.run_id, "checkpoints")] == [
+        "checkpoints/best.pt"
+    ]
+
+
+def test_diverged_run_is_failed_in_mlflow_with_its_step(tiny, sqlite_uri):
+    result = train(
+        tiny(
+            "tracking.enabled=true",
+            f"tracking.tracking_uri={sqlite_uri}",
+            "model.blocks=" + str([{"out_channels": 8, "pool": "none"}] * 3),
+            "model.hidden=[32, 32]",
+            "init.scale=6",
+            "optim.optimizer=sgd",
+            "optim.lr=0.1",
+        )
+    )
+    assert result.status == "diverged"
+    run = MlflowClient(sqlite_uri).get_run(result.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["convserve.status"] == "diverged"
+    assert int(run.data.tags["convserve.diverged_step"]) >= 0
+    assert "exploding" in run.data.tags["convserve.verdicts"]
+
+
+@pytest.mark.slow
+def test_tracking_to_a_real_mlflow_server(tiny, mlflow_url, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_url)
+    result = train(
+        tiny("tracking.enabled=true", "tracking.experiment=server-test", "diagnostics.plots=true")
+    )
+    client = MlflowClient(mlflow_url)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert math.isclose(run.data.metrics["val_accuracy"], result.metrics["val_accuracy"])
+    local = mlflow.artifacts.download_artifacts(
+        run_id=result.run_id, artifact_path="plots/learning_curves.png", tracking_uri=mlflow_url
+    )
+    with open(local, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_default_config_reaches_95_percent_on_the_default_data(tmp_path):
+    cfg = load_config(
+        "default",
+        [
+            "tracking.enabled=false",
+            f"tracking.output_dir={tmp_path}",
+            "diagnostics.plots=false",
+            "device=cpu",
+        ],
+    )
+    result = train(cfg)
+    assert result.status == "finished"
+    assert result.metrics["best_val_accuracy"] >= 0.95
+    assert result.verdicts == ["healthy"]
