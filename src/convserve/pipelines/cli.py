@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -13,6 +13,9 @@ from rich.table import Table
 
 from convserve import __version__
 from convserve.training.config import ConfigError, load_config, shipped_configs
+
+if TYPE_CHECKING:
+    from convserve.pipelines.registry import Policy
 
 app = typer.Typer(
     help="Train CNNs whose initialisation and activations come from a config, see why they "
@@ -131,6 +134,142 @@ def train(
     _report(result)
     if result.status != "finished":
         raise typer.Exit(1)
+
+
+ModelNameOption = Annotated[str, typer.Option("--model-name", help="Registered model name.")]
+MarginOption = Annotated[
+    float,
+    typer.Option(help="Promote only when the metric beats the champion's by at least this much."),
+]
+
+
+def _policy(
+    register: bool, promote: bool, model_name: str, metric: str, direction: str, margin: float
+) -> Policy:
+    from convserve.pipelines.registry import Policy
+
+    if direction not in ("maximize", "minimize"):
+        err_console.print("[red]error:[/red] --direction must be maximize or minimize")
+        raise typer.Exit(2)
+    return Policy(model_name, register, promote, metric, direction, margin)  # type: ignore[arg-type]
+
+
+@app.command()
+def sweep(
+    config: Annotated[
+        str,
+        typer.Option(
+            "--config", "-c", help="A sweep YAML file, or the name of a shipped sweep (lecture)."
+        ),
+    ] = "lecture",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", "-s", help="Override a field of the sweep, e.g. --set base.optim.epochs=1."
+        ),
+    ] = None,
+    register: Annotated[bool, typer.Option(help="Export, check and register the best run.")] = True,
+    promote: Annotated[
+        bool, typer.Option(help="Move the champion alias if the best run beats the champion.")
+    ] = True,
+    model_name: ModelNameOption = "convserve",
+    margin: MarginOption = 0.0,
+) -> None:
+    """Train every point of a grid as nested MLflow runs, then export, register and promote
+    the best. Exits 1 when no point finished or the best export fails its checks."""
+    from convserve.pipelines.sweep import label, run_sweep
+    from convserve.training.config import load_sweep
+    from convserve.training.export import ExportCheckFailed
+
+    try:
+        spec = load_sweep(config, set_ or [])
+    except ConfigError as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    policy = _policy(register, promote, model_name, spec.metric, spec.direction, margin)
+
+    def on_child(index: int, total: int, point: dict[str, object]) -> None:
+        text = ", ".join(f"{k}={label(v)}" for k, v in point.items())
+        console.print(f"[bold]{index + 1}/{total}[/bold] {text}")
+
+    try:
+        result = run_sweep(spec, policy=policy if register else None, on_child=on_child)
+    except ExportCheckFailed as err:
+        err_console.print(f"[red]export refused:[/red] {err}")
+        raise typer.Exit(1) from None
+    console.print("\n".join(result.summary))
+    console.print(f"summary: {result.folder}")
+    if result.parent_run_id:
+        console.print(f"MLflow parent run id: {result.parent_run_id}")
+    if result.best_run_id is None:
+        err_console.print("[red]no grid point finished[/red]")
+        raise typer.Exit(1)
+    console.print(f"best run: {result.best_run_id}")
+    _report_published(result.published)
+
+
+@app.command()
+def export(
+    run_id: Annotated[
+        str | None, typer.Option(help="Export this MLflow run's best checkpoint.")
+    ] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Export a checkpoint file.")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Where to write the .onnx file (default: next to the checkpoint).",
+        ),
+    ] = None,
+    register: Annotated[
+        bool, typer.Option(help="Register the checked export as a new model version.")
+    ] = True,
+    promote: Annotated[
+        bool, typer.Option(help="Champion/challenger promotion of the new version.")
+    ] = True,
+    model_name: ModelNameOption = "convserve",
+    metric: Annotated[
+        str, typer.Option(help="Metric compared with the champion's.")
+    ] = "best_val_accuracy",
+    direction: Annotated[str, typer.Option(help="maximize or minimize.")] = "maximize",
+    margin: MarginOption = 0.0,
+) -> None:
+    """Export to one self-contained ONNX file, check it (onnx.checker, onnxruntime, parity
+    with torch below 1e-4), register and promote it. Exits 1 when a check fails."""
+    from convserve.pipelines.registry import publish
+    from convserve.training.export import ExportCheckFailed
+
+    if (run_id is None) == (checkpoint is None):
+        err_console.print("[red]error:[/red] give exactly one of --run-id and --checkpoint")
+        raise typer.Exit(2)
+    policy = _policy(register, promote, model_name, metric, direction, margin)
+    try:
+        published = publish(run_id=run_id, checkpoint=checkpoint, output=output, policy=policy)  # type: ignore[arg-type]
+    except ExportCheckFailed as err:
+        err_console.print(f"[red]export refused:[/red] {err}")
+        raise typer.Exit(1) from None
+    except (FileNotFoundError, ValueError) as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    _report_published(published)
+
+
+def _report_published(published: object) -> None:
+    from convserve.pipelines.registry import Published
+
+    if not isinstance(published, Published):
+        return
+    diffs = ", ".join(f"{k} {v:.2e}" for k, v in published.parity.max_abs_diff.items())
+    console.print(
+        f"ONNX: {published.onnx_path} (opset {published.parity.opset}; max |onnx - "
+        f"torch| at batch {published.parity.batch_sizes}: {diffs})"
+    )
+    if published.version is not None:
+        console.print(f"registered: models:/{published.model_name}/{published.version}")
+    if published.decision is not None:
+        d = published.decision
+        console.print(f"alias: {d.alias} ({d.reason})")
 
 
 def _report(result: object) -> None:

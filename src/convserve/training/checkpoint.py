@@ -42,6 +42,7 @@ def save_checkpoint(
     best_metric: float,
     metrics: dict[str, float],
     run_id: str | None,
+    sample: torch.Tensor | None = None,
 ) -> Path:
     """Write atomically: a crash mid-write never leaves a truncated checkpoint behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,6 +58,7 @@ def save_checkpoint(
         "best_metric": best_metric,
         "metrics": metrics,
         "run_id": run_id,
+        "sample": sample,  # validation images in [0, 1], for export checks
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)

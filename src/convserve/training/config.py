@@ -8,7 +8,9 @@ checks that both agree.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -170,6 +172,44 @@ class TrainConfig(StrictModel):
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class SweepConfig(StrictModel):
+    """A base training config and a grid over any of its fields (dotted paths)."""
+
+    name: str | None = None  # name of the parent MLflow run
+    base: TrainConfig = Field(default_factory=TrainConfig)
+    # e.g. {"init.name": ["xavier_uniform", "he_normal"], "model.activation": ["tanh", "relu"]};
+    # a value may be a whole section: {"init": [{"name": "normal", "std": 0.01}, ...]}
+    grid: dict[str, list[Any]] = Field(min_length=1)
+    metric: str = "best_val_accuracy"  # what selects the best child run
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+    @model_validator(mode="after")
+    def _grid_is_valid(self) -> SweepConfig:
+        sizes = [len(v) for v in self.grid.values()]
+        if any(n == 0 for n in sizes):
+            raise ValueError("every grid field needs at least one value")
+        if math.prod(sizes) > 256:
+            raise ValueError(f"the grid has {math.prod(sizes)} combinations; at most 256")
+        for _, cfg in self.combinations():
+            del cfg  # each combination validated by combinations()
+        return self
+
+    def combinations(self) -> list[tuple[dict[str, Any], TrainConfig]]:
+        """Every grid point with its training config, in row-major order of ``grid``."""
+        base = self.base.model_dump(mode="json")
+        out = []
+        for values in itertools.product(*self.grid.values()):
+            point = dict(zip(self.grid, values, strict=True))
+            data = json.loads(json.dumps(base))
+            for key, value in point.items():
+                set_path(data, key.split("."), value)
+            try:
+                out.append((point, TrainConfig.model_validate(data)))
+            except ValidationError as err:
+                raise ValueError(f"grid point {point}: {format_validation_error(err)}") from None
+        return out
+
+
 class ConfigError(ValueError):
     """A config that cannot be read or validated; the message says which field and why."""
 
@@ -216,15 +256,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     result = json.loads(json.dumps(data))
     for text in overrides:
         path, value = parse_override(text)
-        node: Any = result
-        for i, part in enumerate(path[:-1]):
-            node = _child(node, part, path[: i + 1])
-        last = path[-1]
-        if isinstance(node, list):
-            node[_index(last, node, path)] = value
-        else:
-            node[last] = value
+        set_path(result, path, value)
     return result
+
+
+def set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set ``data[path[0]][path[1]]... = value`` in place, creating sections on the way."""
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        node = _child(node, part, path[: i + 1])
+    last = path[-1]
+    if isinstance(node, list):
+        node[_index(last, node, path)] = value
+    else:
+        node[last] = value
 
 
 def _child(node: Any, part: str, where: list[str]) -> Any:
@@ -283,3 +328,19 @@ def validate_config(data: dict[str, Any]) -> TrainConfig:
 
 def shipped_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_sweep(name_or_path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
+    """Read a sweep YAML (a file, or a shipped one under configs/sweeps) and validate it."""
+    path = Path(name_or_path)
+    if not path.exists():
+        shipped = CONFIG_DIR / "sweeps" / f"{name_or_path}.yaml"
+        if not shipped.exists():
+            names = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "sweeps").glob("*.yaml")))
+            raise ConfigError(f"no sweep file {str(name_or_path)!r}; shipped sweeps: {names}")
+        path = shipped
+    data = apply_overrides(read_config_dict(path), overrides or [])
+    try:
+        return SweepConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError("invalid sweep config:\n" + format_validation_error(err)) from err

@@ -127,11 +127,13 @@ def train(
     resume: str | Path | None = None,
     run_id: str | None = None,
     callbacks: Callbacks | None = None,
+    tags: dict[str, str] | None = None,
 ) -> TrainResult:
     """Train ``cfg`` from scratch (or from the checkpoint ``resume``) and return the outcome.
 
-    ``run_id`` continues an existing MLflow run (a scheduled job). Divergence and cancellation
-    end the run with a status and a message, never with an exception.
+    ``run_id`` continues an existing MLflow run (a scheduled job); ``tags`` are added to the
+    run. Divergence and cancellation end the run with a status and a message, never with an
+    exception; any other error marks the MLflow run ``FAILED`` and is raised.
     """
     cb = callbacks or Callbacks()
     seed_everything(cfg.seed)
@@ -189,6 +191,8 @@ class _Session:
         self.snapshots: list[Snapshot] = []
         self.diag = Diagnostics(model, cfg.diagnostics) if cfg.diagnostics.enabled else None
         self.plot_dir = ckpt_dir / "plots"
+        # A few validation images travel in every checkpoint, for the export parity check.
+        self.sample = data.val.sample(32)[0]
 
     def _on_step(self, step: int, loss: float, accuracy: float) -> None:
         if step % self.cfg.tracking.log_every == 0:
@@ -217,6 +221,7 @@ class _Session:
             best_metric=best,
             metrics=metrics,
             run_id=self.tracker.run_id,
+            sample=self.sample,
         )
 
     def run(self, start_epoch: int, step: int, best: float) -> TrainResult:
@@ -304,8 +309,9 @@ class _Session:
         cfg, data = self.cfg, self.data
         final: dict[str, float] = dict(self.history[-1]) if self.history else {}
         if best_path is not None:
-            final["best_val_accuracy"] = max(h["val_accuracy"] for h in self.history)
-            self.model.load_state_dict(read_checkpoint(best_path)["model"])
+            best = read_checkpoint(best_path)
+            final["best_val_accuracy"] = best["best_metric"]
+            self.model.load_state_dict(best["model"])
         split = data.test if data.test is not None else data.val
         evaluation = evaluate(
             self.model,
@@ -316,9 +322,10 @@ class _Session:
         )
         if status != "diverged":
             final.update({"test_accuracy": evaluation.accuracy, "test_loss": evaluation.loss})
-            self.tracker.log_metrics(
-                {"test_accuracy": evaluation.accuracy, "test_loss": evaluation.loss}, 0
-            )
+            summary = {"test_accuracy": evaluation.accuracy, "test_loss": evaluation.loss}
+            if "best_val_accuracy" in final:
+                summary["best_val_accuracy"] = final["best_val_accuracy"]
+            self.tracker.log_metrics(summary, 0)
         verdicts = run_verdicts(self.snapshots, cfg.diagnostics, diverged=status == "diverged")
         self._write_plots(status, evaluation.confusion)
         self.tracker.log_artifacts(self.plot_dir, "plots")
