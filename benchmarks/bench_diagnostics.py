@@ -25,9 +25,18 @@ def images_per_second(cfg: TrainConfig, diagnostics: bool, steps: int) -> float:
     optimizer = make_optimizer(model, cfg.optim)
     diag = Diagnostics(model, cfg.diagnostics) if diagnostics else None
     start = time.perf_counter()
-    result = train_one_epoch(model, data.train, optimizer, device=torch.device("cpu"),
-                             batch_size=cfg.data.batch_size, seed=0, start_step=0,
-                             max_steps=steps, diagnostics=diag, diag_every=cfg.diagnostics.every)
+    result = train_one_epoch(
+        model,
+        data.train,
+        optimizer,
+        device=torch.device("cpu"),
+        batch_size=cfg.data.batch_size,
+        seed=0,
+        start_step=0,
+        max_steps=steps,
+        diagnostics=diag,
+        diag_every=cfg.diagnostics.every,
+    )
     elapsed = time.perf_counter() - start
     if diag is not None:
         diag.close()
@@ -45,11 +54,15 @@ def main() -> None:
         off.append(images_per_second(cfg, False, args.steps))
         on.append(images_per_second(cfg, True, args.steps))
     best_on, best_off = max(on), max(off)
-    print(f"diagnostics every {cfg.diagnostics.every} steps, batch {cfg.data.batch_size}, "
-          f"{args.steps} steps x {args.repeats} repeats, {torch.get_num_threads()} threads")
+    print(
+        f"diagnostics every {cfg.diagnostics.every} steps, batch {cfg.data.batch_size}, "
+        f"{args.steps} steps x {args.repeats} repeats, {torch.get_num_threads()} threads"
+    )
     print(f"off: {best_off:8.1f} images/s   on: {best_on:8.1f} images/s")
-    print(f"throughput ratio on/off: {best_on / best_off:.3f} "
-          f"(overhead {100 * (1 - best_on / best_off):.1f}%, target <= 15%)")
+    print(
+        f"throughput ratio on/off: {best_on / best_off:.3f} "
+        f"(overhead {100 * (1 - best_on / best_off):.1f}%, target <= 15%)"
+    )
 
 
 if __name__ == "__main__":

@@ -73,3 +73,41 @@ def test_version_and_help(tmp_path):
     assert out.returncode == 0 and out.stdout.startswith("convserve ")
     out = _run("train", "--help", cwd=tmp_path)
     assert "--set" in out.stdout and "default" in out.stdout
+
+
+def test_export_a_checkpoint_without_registering(tmp_path):
+    cfg = _config(tmp_path)
+    out = _run("train", "--config", str(cfg), "--set", "optim.max_steps=5", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    ckpt = next((tmp_path / "runs").glob("*/best.pt"))
+    out = _run(
+        "export",
+        "--checkpoint",
+        str(ckpt),
+        "--no-register",
+        "-o",
+        str(tmp_path / "m.onnx"),
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "m.onnx").exists() and "max |onnx - torch|" in out.stdout
+    out = _run("export", cwd=tmp_path)
+    assert out.returncode == 2 and "exactly one of" in out.stderr
+
+
+def test_sweep_command_registers_and_promotes_the_best(tmp_path):
+    sweep = {
+        "name": "cli",
+        "base": {
+            **TINY,
+            "tracking": {"enabled": True},
+            "optim": {**TINY["optim"], "max_steps": 10},
+        },
+        "grid": {"model.activation": ["relu", "tanh"]},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    out = _run("sweep", "--config", str(path), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "registered: models:/convserve/1" in out.stdout
+    assert "alias: champion (no champion yet)" in out.stdout

@@ -161,11 +161,21 @@ def train(
         tags={
             "convserve.dataset": data.name,
             "convserve.parameters": str(count_parameters(model)),
+            **(tags or {}),
         },
     )
-    ckpt_dir = _checkpoint_dir(cfg, run_id)
-    session = _Session(cfg, data, spec, model, optimizer, scheduler, tracker, device, ckpt_dir, cb)
-    return session.run(start_epoch, step, best)
+    try:
+        ckpt_dir = _checkpoint_dir(cfg, run_id)
+        session = _Session(
+            cfg, data, spec, model, optimizer, scheduler, tracker, device, ckpt_dir, cb
+        )
+        return session.run(start_epoch, step, best)
+    except BaseException as err:
+        if tracker.run_id is not None:
+            message = f"{type(err).__name__}: {err}"[:5000]
+            tracker.set_tags({"convserve.status": "failed", "convserve.message": message})
+            tracker.end("FAILED")
+        raise
 
 
 class _Session:

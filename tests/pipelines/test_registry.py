@@ -1,0 +1,142 @@
+"""Sweeps, selection, registration and promotion against real MLflow tracking servers: one on
+SQLite and one whose backend store is this machine's PostgreSQL."""
+
+import uuid
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from convserve.pipelines.registry import Policy, publish, publish_onnx, select_best
+from convserve.pipelines.sweep import run_sweep
+from convserve.training.checkpoint import load_model
+from convserve.training.config import SweepConfig
+from convserve.training.export import ExportCheckFailed
+from convserve.training.run import train
+from tests.conftest import tiny_config
+from tests.servers import mlflow_server
+
+pytestmark = pytest.mark.slow
+
+
+def _walk(url: str, tmp_path: Path) -> None:
+    name = f"convserve-{uuid.uuid4().hex[:8]}"
+    experiment = f"exp-{uuid.uuid4().hex[:8]}"
+    overrides = [
+        "tracking.enabled=true",
+        f"tracking.tracking_uri={url}",
+        f"tracking.experiment={experiment}",
+        "optim.epochs=2",
+    ]
+    base = tiny_config(tmp_path, *overrides)
+    sweep = SweepConfig(
+        name="tiny",
+        base=base,
+        grid={
+            "init": [{"name": "he_normal"}, {"name": "normal", "std": 0.01}],
+            "model.activation": ["relu", "sigmoid"],
+        },
+    )
+    policy = Policy(model_name=name)
+    result = run_sweep(sweep, policy=policy)
+    client = MlflowClient(url)
+
+    # every child is nested under the parent; the summary is on the parent
+    assert len(result.rows) == 4 and all(r.status == "finished" for r in result.rows)
+    children = client.search_runs(
+        [client.get_experiment_by_name(experiment).experiment_id],
+        f"tags.mlflow.parentRunId = '{result.parent_run_id}'",
+    )
+    assert len(children) == 4
+    summary = {a.path for a in client.list_artifacts(result.parent_run_id, "summary")}
+    assert {"summary/sweep.csv", "summary/sweep.md", "summary/heatmap.png"} <= summary
+
+    # the champion is the best child, which passed the export checks
+    best_value = max(r.value for r in result.rows)
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.run_id == result.best_run_id
+    champ_run = client.get_run(champion.run_id)
+    assert champ_run.data.metrics["best_val_accuracy"] == pytest.approx(best_value)
+    assert float(champ_run.data.metrics["onnx_parity_max_abs_diff"]) < 1e-4
+    assert champion.tags["convserve.promotion"] == "champion"
+    assert champion.tags["convserve.dataset"] == "digits"
+
+    # a deliberately worse run does not take the alias
+    worse = train(tiny_config(tmp_path, *overrides, "init.name=constant", "optim.max_steps=3"))
+    published = publish(
+        run_id=worse.run_id, tracking_uri=url, output=tmp_path / "w.onnx", policy=policy
+    )
+    assert published.decision is not None and not published.decision.promoted
+    assert published.decision.alias == "challenger"
+    assert client.get_model_version_by_alias(name, "champion").version == champion.version
+    assert client.get_model_version_by_alias(name, "challenger").version == published.version
+    assert "does not beat" in client.get_run(worse.run_id).data.tags["convserve.promotion_reason"]
+
+    # models:/NAME@champion downloads an ONNX file that onnxruntime runs like torch
+    folder = mlflow.artifacts.download_artifacts(
+        f"models:/{name}@champion", dst_path=str(tmp_path / "dl"), tracking_uri=url
+    )
+    session = ort.InferenceSession(
+        str(Path(folder) / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    ckpt = client.download_artifacts(champion.run_id, "checkpoints/best.pt", str(tmp_path))
+    model, _, _, payload = load_model(ckpt)
+    x = payload["sample"]
+    probs, feats = session.run(["probabilities", "features.block1"], {"image": x.numpy()})
+    with torch.no_grad():
+        logits, expected = model.forward_features(x)
+    assert np.abs(probs - torch.softmax(logits, 1).numpy()).max() < 1e-4
+    assert np.abs(feats - expected["block1"].numpy()).max() < 1e-4
+
+    # an export whose graph differs from torch is refused and never registered
+    versions = len(client.search_model_versions(f"name = '{name}'"))
+    proto = onnx.load(str(Path(folder) / "model.onnx"))
+    init = proto.graph.initializer[0]
+    arr = onnx.numpy_helper.to_array(init).copy() + 0.25
+    init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    tampered = tmp_path / "tampered.onnx"
+    onnx.save(proto, str(tampered))
+    with pytest.raises(ExportCheckFailed):
+        publish_onnx(client, tampered, model, x, champion.run_id, policy)
+    assert len(client.search_model_versions(f"name = '{name}'")) == versions
+    assert client.get_model_version_by_alias(name, "champion").version == champion.version
+    assert client.get_run(champion.run_id).data.tags["convserve.export"].startswith("refused")
+
+
+def test_sweep_register_promote_on_a_sqlite_server(mlflow_url, tmp_path):
+    _walk(mlflow_url, tmp_path)
+
+
+def test_sweep_register_promote_on_a_postgresql_server(tmp_path):
+    psycopg2 = pytest.importorskip("psycopg2")
+    db = f"convserve_test_{uuid.uuid4().hex[:10]}"
+    conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+    conn.autocommit = True
+    conn.cursor().execute(f"CREATE DATABASE {db}")
+    try:
+        backend = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{db}"
+        with mlflow_server(tmp_path / "server", backend) as url:
+            _walk(url, tmp_path)
+    finally:
+        conn.cursor().execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        conn.close()
+
+
+def test_select_best_is_a_query_over_finished_runs(tmp_path, sqlite_uri):
+    client = MlflowClient(sqlite_uri)
+    exp = client.create_experiment("select")
+    for value, status in [(0.5, "FINISHED"), (0.9, "FINISHED"), (0.99, "FAILED"), (0.7, None)]:
+        run = client.create_run(exp)
+        client.log_metric(run.info.run_id, "best_val_accuracy", value)
+        if status:
+            client.set_terminated(run.info.run_id, status)
+    best = select_best(client, [exp], "best_val_accuracy")
+    assert best.data.metrics["best_val_accuracy"] == 0.9
+    worst = select_best(client, [exp], "best_val_accuracy", "minimize")
+    assert worst.data.metrics["best_val_accuracy"] == 0.5
+    assert select_best(client, [exp], "no_such_metric") is None
