@@ -32,7 +32,7 @@ def trained(tmp_path_factory):
 
 
 def test_one_file_with_named_outputs_and_dynamic_batch(trained):
-    model, _, _, _, path = trained
+    _model, _, _, _, path = trained
     assert not list(path.parent.glob("*.data"))
     proto = onnx.load(str(path))
     assert [i.name for i in proto.graph.input] == ["image"]
@@ -48,7 +48,7 @@ def test_one_file_with_named_outputs_and_dynamic_batch(trained):
 
 
 def test_metadata_carries_what_the_service_needs(trained):
-    model, config, spec, _, path = trained
+    _model, config, spec, _, path = trained
     meta = read_metadata(path)
     assert json.loads(meta["convserve.labels"]) == spec.classes
     assert (meta["convserve.channels"], meta["convserve.height"], meta["convserve.width"]) == (

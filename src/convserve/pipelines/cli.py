@@ -255,6 +255,67 @@ def export(
     _report_published(published)
 
 
+@app.command()
+def serve(
+    model_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="A .onnx file, models:/NAME@ALIAS "
+            "(followed) or models:/NAME/VERSION. "
+            "Default: CONVSERVE_MODEL_URI, else "
+            "models:/convserve@champion."
+        ),
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Default: CONVSERVE_HOST or 127.0.0.1.")] = None,
+    port: Annotated[int | None, typer.Option(help="Default: CONVSERVE_PORT or 8000.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="uvicorn worker processes. Default: CONVSERVE_WORKERS or 1.")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu or cuda. Default: CONVSERVE_DEVICE or auto.")
+    ] = None,
+) -> None:
+    """Serve the model over HTTP: /predict, KServe v2, /metrics, hot reload of the alias.
+    Every other setting is a CONVSERVE_* environment variable (see the README)."""
+    import os
+
+    import uvicorn
+    from pydantic import ValidationError
+
+    from convserve.service.settings import Settings
+
+    for key, value in (
+        ("MODEL_URI", model_uri),
+        ("HOST", host),
+        ("PORT", port),
+        ("WORKERS", workers),
+        ("DEVICE", device),
+    ):
+        if value is not None:
+            os.environ[f"CONVSERVE_{key}"] = str(value)
+    try:
+        settings = Settings()
+    except ValidationError as err:
+        err_console.print(f"[red]error:[/red] bad CONVSERVE_* setting:\n{err}")
+        raise typer.Exit(2) from None
+    try:
+        from convserve.service.model import providers_for
+
+        providers_for(settings.device)
+    except RuntimeError as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    uvicorn.run(
+        "convserve.service.app:app_from_env",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level="info",
+        access_log=False,
+    )
+
+
 def _report_published(published: object) -> None:
     from convserve.pipelines.registry import Published
 
