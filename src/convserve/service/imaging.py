@@ -49,7 +49,11 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(f"refused as a decompression bomb: {err}", status=413) from err
+        raise ImageError(
+            f"refused as a decompression bomb: more pixels than the limit of "
+            f"{max_pixels} (CONVSERVE_MAX_PIXELS); {err}",
+            status=413,
+        ) from err
     except UnidentifiedImageError:
         raise ImageError(
             "the upload is not an image PIL can read (PNG, JPEG, WebP, BMP, GIF or TIFF)"
@@ -63,10 +67,10 @@ def _to_mode(image: Image.Image, mode: str) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
-        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), "L")
+        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8))
     elif image.mode == "F":
         array = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(array * 255.0, 0, 255).astype(np.uint8), "L")
+        image = Image.fromarray(np.clip(array * 255.0, 0, 255).astype(np.uint8))
     return image if image.mode == mode else image.convert(mode)
 
 

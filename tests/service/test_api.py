@@ -1,0 +1,208 @@
+"""The API in process (FastAPI's TestClient runs the real app, lifespan and onnxruntime)."""
+
+import asyncio
+import base64
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from convserve.service.app import create_app
+from convserve.service.settings import Settings
+
+
+def _png(value: int = 128, size=(8, 8), mode="L") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, value).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def client(onnx_path):
+    settings = Settings(
+        model_uri=str(onnx_path), api_token="s3cret", max_upload_bytes=200_000, poll_interval=3600
+    )
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def test_service_never_imports_torch(onnx_path):
+    code = (
+        "import sys; from convserve.service.app import create_app; "
+        "from convserve.service.settings import Settings; "
+        f"app = create_app(Settings(model_uri={str(onnx_path)!r})); "
+        "from fastapi.testclient import TestClient\n"
+        "with TestClient(app) as c: assert c.get('/readyz').status_code == 200\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("False")
+
+
+def test_predict_one_image(client):
+    r = client.post(
+        "/predict", files={"file": ("seven.png", _png(), "image/png")}, params={"top_k": 3}
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == {"name": "model", "version": "file"}  # a file, no run tracked
+    assert body["request_id"] == r.headers["x-request-id"]
+    (pred,) = body["predictions"]
+    assert pred["filename"] == "seven.png" and len(pred["top_k"]) == 3
+    assert sum(pred["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    probs = [t["probability"] for t in pred["top_k"]]
+    assert probs == sorted(probs, reverse=True)
+    assert pred["top_k"][0]["label"] == str(pred["top_k"][0]["index"])
+    assert body["time"]["total_ms"] > 0 and "feature_maps" not in pred
+
+
+def test_several_images_answered_in_order(client):
+    files = [("files", (f"{v}.png", _png(v), "image/png")) for v in (0, 255, 90)]
+    body = client.post("/predict", files=files).json()
+    assert [p["filename"] for p in body["predictions"]] == ["0.png", "255.png", "90.png"]
+    alone = client.post("/predict", files={"file": ("x.png", _png(255), "image/png")}).json()
+    assert body["predictions"][1]["probabilities"] == pytest.approx(
+        alone["predictions"][0]["probabilities"], abs=1e-6
+    )
+
+
+def test_feature_maps_in_three_formats(client):
+    f = {"file": ("x.png", _png(), "image/png")}
+    png = client.post("/predict", files=f, params={"feature_maps": "all"}).json()
+    maps = png["predictions"][0]["feature_maps"]
+    assert set(maps) == {"block1", "block2"}
+    grid = maps["block1"]["grid"]
+    assert (grid["rows"], grid["cols"], grid["channels"]) == (2, 3, 6)
+    image = Image.open(io.BytesIO(base64.b64decode(maps["block1"]["png"])))
+    assert image.size == (3 * 8, 2 * 8)
+    arr = client.post("/predict", files=f, params={"feature_maps": "block2", "format": "array"})
+    data = np.asarray(arr.json()["predictions"][0]["feature_maps"]["block2"]["data"])
+    assert data.shape == (8, 4, 4)
+    stats = client.post(
+        "/predict", files=f, params={"feature_maps": "block2", "format": "stats"}
+    ).json()
+    s = stats["predictions"][0]["feature_maps"]["block2"]
+    assert np.allclose(s["mean"], data.mean(axis=(1, 2)), atol=1e-5)
+    assert np.allclose(s["max"], data.max(axis=(1, 2)), atol=1e-5)
+
+
+def test_unknown_block_lists_the_valid_ones(client):
+    r = client.post(
+        "/predict",
+        files={"file": ("x.png", _png(), "image/png")},
+        params={"feature_maps": "block1,block7"},
+    )
+    assert r.status_code == 422 and "block7" in r.json()["detail"]
+    assert "valid: block1, block2" in r.json()["detail"]
+
+
+def test_oversized_response_says_how_to_ask_for_less(onnx_path):
+    settings = Settings(model_uri=str(onnx_path), max_response_bytes=2048)
+    with TestClient(create_app(settings)) as c:
+        r = c.post(
+            "/predict",
+            files={"file": ("x.png", _png(), "image/png")},
+            params={"feature_maps": "all", "format": "array"},
+        )
+        assert r.status_code == 422 and "format=stats" in r.json()["detail"]
+
+
+def test_no_model_is_503_with_how_to_train_one(tmp_path):
+    settings = Settings(model_uri=str(tmp_path / "missing.onnx"), poll_interval=3600)
+    with TestClient(create_app(settings)) as c:
+        r = c.post("/predict", files={"file": ("x.png", _png(), "image/png")})
+        assert r.status_code == 503 and "convserve train" in r.json()["detail"]
+        assert c.get("/readyz").status_code == 503
+        assert c.get("/healthz").status_code == 200
+
+
+def test_model_info_health_and_metrics(client):
+    info = client.get("/v1/model").json()
+    assert info["labels"] == [str(i) for i in range(10)]
+    assert info["input"]["shape"] == [-1, 1, 8, 8]
+    assert info["feature_outputs"] == {"block1": [6, 8, 8], "block2": [8, 4, 4]}
+    assert info["providers"] == ["CPUExecutionProvider"] and info["opset"] == 18
+    assert client.get("/readyz").json()["status"] == "ready"
+    client.post("/predict", files={"file": ("x.png", _png(), "image/png")})
+    client.post("/predict", files={"file": ("x.png", b"junk", "image/png")})
+    text = client.get("/metrics").text
+    assert 'convserve_http_requests_total{method="POST",route="/predict",status="200"}' in text
+    assert 'convserve_http_requests_total{method="POST",route="/predict",status="422"}' in text
+    for name in (
+        "convserve_inference_batch_size_bucket",
+        "convserve_model_info{",
+        "convserve_inference_queue_duration_seconds_bucket",
+        "convserve_inference_compute_duration_seconds_bucket",
+        "convserve_model_reloads_total 1.0",
+        "convserve_model_refused_total 0.0",
+        "convserve_http_request_duration_seconds_bucket",
+    ):
+        assert name in text, name
+
+
+def test_admin_reload_needs_the_token(client):
+    assert client.post("/admin/reload").status_code == 401
+    r = client.post("/admin/reload", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    r = client.post("/admin/reload", headers={"Authorization": "Bearer s3cret"})
+    assert r.status_code == 200 and r.json()["changed"] is False
+    r = client.post(
+        "/admin/reload", params={"force": True}, headers={"Authorization": "Bearer s3cret"}
+    )
+    assert r.json()["changed"] is True
+
+
+def test_upload_limit_is_413(client):
+    big = b"\x89PNG" + b"0" * 300_000
+    r = client.post("/predict", files={"file": ("big.png", big, "image/png")})
+    assert r.status_code == 413 and "CONVSERVE_MAX_UPLOAD_BYTES" in r.json()["detail"]
+    assert client.get("/readyz").status_code == 200
+
+
+def test_batched_results_equal_unbatched(onnx_path):
+    from convserve.service.engine import Engine
+    from convserve.service.manager import ModelManager
+    from convserve.service.metrics import Metrics
+
+    async def scenario():
+        settings = Settings(model_uri=str(onnx_path), max_batch_wait_ms=20, max_batch_size=16)
+        manager = ModelManager(settings, Metrics())
+        await manager.check()
+        model = manager.model
+        rng = np.random.default_rng(1)
+        images = rng.random((40, 1, 8, 8), dtype=np.float32)
+        outputs = model.output_names
+        batched = await asyncio.gather(
+            *(manager.engine.infer(images[i : i + 1], outputs) for i in range(40))
+        )
+        sizes = manager.metrics.batch_size.collect()[0].samples
+        runs = next(s.value for s in sizes if s.name.endswith("_count"))
+        assert runs <= 5  # forty requests were gathered into a few session.run calls
+        single = Engine(
+            model,
+            manager.executor,
+            manager.metrics,
+            batching=False,
+            max_batch_size=1,
+            max_batch_wait_ms=0,
+        )
+        for i in range(40):
+            alone = await single.infer(images[i : i + 1], outputs)
+            for name in outputs:
+                assert np.abs(batched[i][name] - alone[name]).max() <= 1e-6
+        await manager.close()
+
+    asyncio.run(scenario())
+
+
+def test_cuda_without_a_gpu_fails_at_start(onnx_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(RuntimeError, match="no CUDA provider"):
+        create_app(Settings(model_uri=str(onnx_path), device="cuda"))

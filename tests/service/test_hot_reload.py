@@ -1,0 +1,108 @@
+"""Hot reload under load: a real uvicorn process follows ``models:/NAME@champion`` on a real
+MLflow server while concurrent clients keep predicting and the alias moves several times."""
+
+import io
+import threading
+import time
+import uuid
+
+import httpx
+import mlflow
+import onnx
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from tests.service.conftest import uvicorn_server
+
+pytestmark = pytest.mark.slow
+
+
+def _register(client: MlflowClient, name: str, proto: onnx.ModelProto) -> str:
+    mlflow.set_tracking_uri(client.tracking_uri)
+    with mlflow.start_run():
+        info = mlflow.onnx.log_model(
+            proto, name="model", registered_model_name=name, save_as_external_data=False
+        )
+    return str(info.registered_model_version)
+
+
+def test_alias_moves_under_load_without_a_failed_request(
+    onnx_path, mlflow_url, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_url)
+    client = MlflowClient(mlflow_url)
+    name = f"reload-{uuid.uuid4().hex[:6]}"
+    proto = onnx.load(str(onnx_path))
+    versions = [_register(client, name, proto) for _ in range(3)]
+    broken = onnx.load(str(onnx_path))
+    del broken.metadata_props[:]  # no convserve metadata: must be refused
+    broken_version = _register(client, name, broken)
+    client.set_registered_model_alias(name, "champion", versions[0])
+
+    env = {
+        "CONVSERVE_MODEL_URI": f"models:/{name}@champion",
+        "MLFLOW_TRACKING_URI": mlflow_url,
+        "CONVSERVE_POLL_INTERVAL": "0.3",
+        "CONVSERVE_CACHE_DIR": str(tmp_path / "cache"),
+        "CONVSERVE_API_TOKEN": "tok",
+    }
+    buf = io.BytesIO()
+    Image.new("L", (8, 8), 100).save(buf, "PNG")
+    image = buf.getvalue()
+    with uvicorn_server(env, tmp_path) as url:
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        seen: list[str] = []
+        failures: list[str] = []
+        stop = threading.Event()
+
+        def worker() -> None:
+            with httpx.Client(base_url=url, timeout=30) as http:
+                while not stop.is_set():
+                    try:
+                        r = http.post("/predict", files={"file": ("x.png", image)})
+                    except httpx.HTTPError as err:
+                        failures.append(repr(err))
+                        continue
+                    if r.status_code != 200:
+                        failures.append(f"{r.status_code} {r.text}")
+                    else:
+                        seen.append(r.json()["model"]["version"])
+
+        threads = [threading.Thread(target=worker) for _ in range(6)]
+        for t in threads:
+            t.start()
+
+        def wait_for(version: str) -> None:
+            end = time.monotonic() + 30
+            while time.monotonic() < end:
+                if httpx.get(f"{url}/v1/model").json()["version"] == version:
+                    return
+                time.sleep(0.1)
+            raise AssertionError(f"version {version} was never served")
+
+        try:
+            for target in (versions[1], versions[2], versions[0], versions[2]):
+                client.set_registered_model_alias(name, "champion", target)
+                wait_for(target)
+                time.sleep(0.5)
+            client.set_registered_model_alias(name, "champion", broken_version)
+            time.sleep(2.0)  # several polls: the broken version is refused
+            assert httpx.get(f"{url}/v1/model").json()["version"] == versions[2]
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert failures == []
+        assert len(seen) > 50
+        changes = [v for i, v in enumerate(seen) if i == 0 or seen[i - 1] != v]
+        assert set(seen) == set(versions)
+        assert len(changes) >= 4  # every move showed up in the answers
+        metrics = httpx.get(f"{url}/metrics").text
+        assert "convserve_model_reloads_total 5.0" in metrics
+        assert "convserve_model_refused_total 1.0" in metrics
+        r = httpx.post(f"{url}/admin/reload", headers={"Authorization": "Bearer tok"})
+        assert "refused" in r.json()["message"]

@@ -1,0 +1,224 @@
+"""A real ``convserve serve`` process: malformed uploads and the KServe v2 protocol spoken by
+an off-the-shelf client (Triton's ``tritonclient.http``)."""
+
+import io
+import json
+import struct
+import zlib
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.service.conftest import uvicorn_server
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(onnx_path, tmp_path_factory):
+    env = {
+        "CONVSERVE_MODEL_URI": str(onnx_path),
+        "CONVSERVE_MAX_UPLOAD_BYTES": "100000",
+        "CONVSERVE_MAX_PIXELS": "1000000",
+        "CONVSERVE_API_TOKEN": "tok",
+    }
+    with uvicorn_server(env, tmp_path_factory.mktemp("serve")) as url:
+        yield url
+
+
+def _png(size=(8, 8)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", size, 77).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _bomb() -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body))
+            + kind
+            + body
+            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        )
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 30001 * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+CORPUS = [
+    ("empty", {"files": {"file": ("e.png", b"", "image/png")}}, 422, "empty"),
+    (
+        "garbage",
+        {"files": {"file": ("g.png", b"\x00\x01garbage" * 50, "image/png")}},
+        422,
+        "not an image",
+    ),
+    ("text", {"files": {"file": ("t.txt", b"hello world", "text/plain")}}, 422, "not an image"),
+    (
+        "truncated",
+        {"files": {"file": ("t.png", _png((64, 64))[:60], "image/png")}},
+        422,
+        "truncated or corrupt",
+    ),
+    ("bomb", {"files": {"file": ("b.png", _bomb(), "image/png")}}, 413, "CONVSERVE_MAX_PIXELS"),
+    (
+        "too big",
+        {"files": {"file": ("big.png", b"\x89PNG" + b"1" * 200_000, "image/png")}},
+        413,
+        "CONVSERVE_MAX_UPLOAD_BYTES",
+    ),
+    ("no file", {"data": {"other": "x"}}, 422, "`file`"),
+    ("json body", {"json": {"image": [1, 2, 3]}}, 422, None),
+    (
+        "bad top_k",
+        {"files": {"file": ("x.png", _png(), "image/png")}, "params": {"top_k": 0}},
+        422,
+        None,
+    ),
+    (
+        "bad format",
+        {
+            "files": {"file": ("x.png", _png(), "image/png")},
+            "params": {"feature_maps": "all", "format": "jpeg"},
+        },
+        422,
+        None,
+    ),
+    (
+        "pdf",
+        {"files": {"file": ("d.pdf", b"%PDF-1.4\n%fake", "application/pdf")}},
+        422,
+        "not an image",
+    ),
+]
+
+
+def test_malformed_uploads_get_the_right_4xx_and_the_service_keeps_serving(server):
+    with httpx.Client(base_url=server, timeout=30) as client:
+        for name, kwargs, status, text in CORPUS:
+            r = client.post("/predict", **kwargs)
+            assert r.status_code == status, (name, r.status_code, r.text)
+            detail = r.json()["detail"]
+            if text is not None:
+                assert text in str(detail), (name, detail)
+        r = client.post("/v2/models/model/infer", content=b"{not json")
+        assert r.status_code == 400 and "error" in r.json()
+        assert client.get("/readyz").status_code == 200
+        ok = client.post("/predict", files={"file": ("x.png", _png(), "image/png")})
+        assert ok.status_code == 200
+        metrics = client.get("/metrics").text
+        assert 'status="500"' not in metrics
+
+
+def test_kserve_v2_with_an_off_the_shelf_client(server):
+    import tritonclient.http as tc
+
+    client = tc.InferenceServerClient(server.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("model")
+    meta = client.get_model_metadata("model")
+    assert meta["inputs"][0] == {"name": "image", "datatype": "FP32", "shape": [-1, 1, 8, 8]}
+    assert [o["name"] for o in meta["outputs"]] == [
+        "probabilities",
+        "features.block1",
+        "features.block2",
+    ]
+    x = np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)
+    for binary in (False, True):
+        inp = tc.InferInput("image", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        outs = [
+            tc.InferRequestedOutput("probabilities", binary_data=binary),
+            tc.InferRequestedOutput("features.block2", binary_data=binary),
+        ]
+        result = client.infer("model", [inp], outputs=outs, request_id="r1")
+        probs = result.as_numpy("probabilities")
+        assert probs.shape == (3, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
+        assert result.as_numpy("features.block2").shape == (3, 8, 4, 4)
+        assert result.get_response()["id"] == "r1"
+    # the same numbers as /predict for the same pixels
+    img = Image.fromarray((x[0, 0] * 255).round().astype(np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    rest = httpx.post(f"{server}/predict", files={"file": ("x.png", buf.getvalue())}).json()
+    inp = tc.InferInput("image", [1, 1, 8, 8], "FP32")
+    inp.set_data_from_numpy((np.asarray(img, np.float32) / 255)[None, None])
+    v2 = client.infer("model", [inp]).as_numpy("probabilities")[0]
+    assert np.allclose(v2, list(rest["predictions"][0]["probabilities"].values()), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "text"),
+    [
+        (
+            {
+                "inputs": [
+                    {"name": "image", "shape": [1, 1, 8, 7], "datatype": "FP32", "data": [0.0] * 56}
+                ]
+            },
+            400,
+            "does not match",
+        ),
+        (
+            {
+                "inputs": [
+                    {"name": "image", "shape": [1, 1, 8, 8], "datatype": "INT8", "data": [0] * 64}
+                ]
+            },
+            400,
+            "datatype",
+        ),
+        (
+            {
+                "inputs": [
+                    {"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 10}
+                ]
+            },
+            400,
+            "needs 64",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "pixels",
+                        "shape": [1, 1, 8, 8],
+                        "datatype": "FP32",
+                        "data": [0.0] * 64,
+                    }
+                ]
+            },
+            400,
+            "unknown input",
+        ),
+        (
+            {
+                "inputs": [
+                    {"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}
+                ],
+                "outputs": [{"name": "logits"}],
+            },
+            400,
+            "unknown output",
+        ),
+        ({"inputs": "nope"}, 400, "invalid inference request"),
+    ],
+)
+def test_v2_errors_are_json_with_error(server, body, status, text):
+    r = httpx.post(f"{server}/v2/models/model/infer", content=json.dumps(body))
+    assert r.status_code == status and text in r.json()["error"]
+
+
+def test_v2_unknown_model_and_version(server):
+    r = httpx.get(f"{server}/v2/models/other")
+    assert r.status_code == 404 and "serves 'model'" in r.json()["error"]
+    r = httpx.get(f"{server}/v2/models/model/versions/7/ready")
+    assert r.status_code == 404 and "not loaded" in r.json()["error"]
+    assert httpx.get(f"{server}/v2/models/model/versions/file").status_code == 200
+    assert httpx.get(f"{server}/v2").json()["name"] == "convserve"
