@@ -35,6 +35,7 @@ lint: venv
 bench: venv
 	$(BIN)/python benchmarks/bench_diagnostics.py
 	$(BIN)/python benchmarks/bench_onnx.py
+	$(BIN)/python benchmarks/bench_serve.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -93,7 +93,9 @@ class Engine:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
                 remaining = deadline - time.perf_counter()
-                if remaining <= 0:
+                # Wait for company only while other requests are on their way (decoding):
+                # a lone request never pays the batching delay.
+                if remaining <= 0 or self._inflight <= len(items):
                     break
                 try:
                     item = await asyncio.wait_for(self._queue.get(), remaining)

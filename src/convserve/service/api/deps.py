@@ -20,17 +20,17 @@ NO_MODEL = (
 )
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_manager(request: Request) -> ModelManager:
+async def get_manager(request: Request) -> ModelManager:
     manager: ModelManager = request.app.state.manager
     return manager
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
 
@@ -40,7 +40,7 @@ ManagerDep = Annotated[ModelManager, Depends(get_manager)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
-def get_engine(manager: ManagerDep) -> Engine:
+async def get_engine(manager: ManagerDep) -> Engine:
     if manager.engine is None:
         error = f" Last error: {manager.last_error}" if manager.last_error else ""
         raise HTTPException(503, NO_MODEL.format(uri=manager.settings.model_uri, error=error))
@@ -52,7 +52,7 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 _bearer = HTTPBearer(auto_error=False, description="CONVSERVE_API_TOKEN")
 
 
-def require_token(
+async def require_token(
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
