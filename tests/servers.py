@@ -69,3 +69,58 @@ def mlflow_server(folder: Path, backend_uri: str | None = None) -> Iterator[str]
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@contextmanager
+def uvicorn_server(env: dict[str, str], cwd: Path) -> Iterator[str]:
+    """``convserve serve`` as a real process; yields its base URL."""
+    port = free_port()
+    full = {**os.environ, **env, "CONVSERVE_PORT": str(port), "CONVSERVE_HOST": "127.0.0.1"}
+    log = open(cwd / f"serve-{port}.log", "wb")  # noqa: SIM115
+    cli = str(Path(sys.executable).parent / "convserve")
+    proc = subprocess.Popen(
+        [cli, "serve"],
+        env=full,
+        cwd=cwd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/healthz", proc, timeout=60)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@contextmanager
+def worker_process(
+    env: dict[str, str], cwd: Path, name: str = "worker"
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``convserve worker`` as a real process."""
+    log = open(cwd / f"{name}.log", "ab")  # noqa: SIM115
+    cli = str(Path(sys.executable).parent / "convserve")
+    proc = subprocess.Popen(
+        [cli, "worker"],
+        env={**os.environ, **env},
+        cwd=cwd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()

@@ -3,16 +3,9 @@ exporter), and a real uvicorn process."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
-from tests.servers import free_port, wait_http
 
 
 def _export(folder: Path, *overrides: str) -> Path:
@@ -40,31 +33,3 @@ def rgb_onnx_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Shapes (RGB 16x16, 9 classes), one block."""
     folder = tmp_path_factory.mktemp("rgb")
     return _export(folder, "data.name=shapes", "data.image_size=16", "data.shapes_samples=90")
-
-
-@contextmanager
-def uvicorn_server(env: dict[str, str], cwd: Path) -> Iterator[str]:
-    """``convserve serve`` as a real process; yields its base URL."""
-    port = free_port()
-    full = {**os.environ, **env, "CONVSERVE_PORT": str(port), "CONVSERVE_HOST": "127.0.0.1"}
-    log = open(cwd / f"serve-{port}.log", "wb")  # noqa: SIM115
-    cli = str(Path(sys.executable).parent / "convserve")
-    proc = subprocess.Popen(
-        [cli, "serve"],
-        env=full,
-        cwd=cwd,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/healthz", proc, timeout=60)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()

@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tests.service.conftest import uvicorn_server
+from tests.servers import uvicorn_server
 
 pytestmark = pytest.mark.slow
 

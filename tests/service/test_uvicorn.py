@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.service.conftest import uvicorn_server
+from tests.servers import uvicorn_server
 
 pytestmark = pytest.mark.slow
 

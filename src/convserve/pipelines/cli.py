@@ -316,6 +316,43 @@ def serve(
     )
 
 
+@app.command()
+def worker() -> None:
+    """Consume training jobs, one at a time, from the queue: RedisHuey when REDIS_URL is set
+    (any number of workers on any machines), else SqliteHuey (CONVSERVE_QUEUE_PATH). Also
+    fails jobs whose worker died (no heartbeat for CONVSERVE_WORKER_LOST_AFTER seconds)."""
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    from convserve.pipelines.jobs import JobSettings, make_queue, reap
+
+    logging.getLogger().setLevel(logging.INFO)
+    settings = JobSettings()
+    huey, _ = make_queue(settings)
+    stop = threading.Event()
+
+    def reaper() -> None:
+        client = MlflowClient()
+        while True:
+            try:
+                for run_id in reap(client, settings.worker_lost_after):
+                    logging.getLogger("convserve.worker").warning("job %s: worker lost", run_id)
+            except Exception as err:  # the tracking server may be down for a moment
+                logging.getLogger("convserve.worker").warning("reaper pass failed: %s", err)
+            if stop.wait(settings.reaper_interval):
+                return
+
+    threading.Thread(target=reaper, daemon=True, name="convserve-reaper").start()
+    queue = f"redis {settings.queue_name}" if settings.redis_url else settings.queue_path
+    console.print(f"convserve worker: queue {queue}, tracking {MlflowClient().tracking_uri}")
+    consumer = huey.create_consumer(workers=1, worker_type="thread", periodic=False)
+    try:
+        consumer.run()
+    finally:
+        stop.set()
+
+
 def _report_published(published: object) -> None:
     from convserve.pipelines.registry import Published
 

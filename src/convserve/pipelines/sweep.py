@@ -54,16 +54,20 @@ def run_sweep(
     policy: Policy | None = None,
     on_child: Callable[[int, int, dict[str, Any]], Callable[..., Any] | None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    parent_run_id: str | None = None,
 ) -> SweepResult:
     """Train every grid point; a failed or diverged child is recorded and the sweep goes on.
 
     With a ``policy`` the best finished child is exported, checked, registered and promoted.
     ``on_child(index, total, point)`` may return a per-step callback for progress.
+    ``parent_run_id`` continues an existing run as the parent (a sweep job).
     """
     combos = sweep.combinations()
     base = sweep.base
     parent = Tracker(base.tracking.model_copy(update={"run_name": sweep.name or "sweep"}))
-    parent_id = parent.start(base, tags={"convserve.kind": "sweep"})
+    parent_id = parent.start(
+        base, parent_run_id, tags={"convserve.kind": "sweep"} if parent_run_id is None else {}
+    )
     if parent_id is not None:
         parent.set_tags(
             {

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from convserve import __version__
-from convserve.service.api import predict, status, v2
+from convserve.service.api import jobs, predict, status, v2
 from convserve.service.manager import ModelManager
 from convserve.service.metrics import Metrics
 from convserve.service.model import providers_for
@@ -98,6 +98,19 @@ async def _empty_receive() -> Message:
     return {"type": "http.request", "body": b"", "more_body": False}
 
 
+class JobQueue:
+    """The job queue and the MLflow client, as the API sees them."""
+
+    def __init__(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        from convserve.pipelines.jobs import JobSettings, make_queue
+
+        self.settings = JobSettings()
+        self.huey, self.task = make_queue(self.settings)
+        self.client = MlflowClient()
+
+
 def _is_v2(request: Request) -> bool:
     return request.url.path.startswith("/v2")
 
@@ -110,6 +123,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         manager = ModelManager(settings, metrics)
         app.state.manager = manager
+        app.state.jobs = JobQueue()
         outcome = await manager.check()
         if manager.model is None:
             log.warning("starting without a model: %s", outcome.message)
@@ -135,6 +149,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(predict.router)
     app.include_router(status.router)
     app.include_router(v2.router)
+    app.include_router(jobs.router)
     _handlers(app)
     app.add_middleware(EdgeMiddleware, settings=settings, metrics=metrics)
     return app

@@ -25,7 +25,11 @@ class Diverged(Exception):
 
 
 class Stopped(Exception):
-    """Training was asked to stop (cancelled) between two steps."""
+    """Training was asked to stop (cancelled) between two steps; ``step`` steps were done."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        super().__init__(f"cancelled at step {step}")
 
 
 @dataclass
@@ -96,7 +100,7 @@ def train_one_epoch(
         if max_steps is not None and step >= max_steps:
             break
         if cb.should_stop is not None and cb.should_stop():
-            raise Stopped(f"stopped at step {step}")
+            raise Stopped(step)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         measure = diagnostics is not None and step % diag_every == 0
         optimizer.zero_grad(set_to_none=True)

@@ -311,6 +311,12 @@ class _Session:
             )
         except Stopped as err:
             status, message = "cancelled", str(err)
+            # Keep where it stopped: the epoch counts as not done, so a resume repeats it.
+            done = self.history[-1] if self.history else {}
+            last_path = self._save(
+                "last.pt", int(done.get("epoch", start_epoch - 1)), err.step, best, done
+            )
+            self.tracker.log_artifact(last_path, "checkpoints")
         return self._finish(status, message, best_path, last_path)
 
     def _finish(
