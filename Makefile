@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 run: venv
-	$(BIN)/convserve train --config default
+	$(BIN)/convserve up
 
 test: venv
 	$(BIN)/pytest -q -ra

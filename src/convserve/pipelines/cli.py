@@ -353,6 +353,104 @@ def worker() -> None:
         stop.set()
 
 
+@app.command()
+def up(
+    home: Annotated[
+        Path,
+        typer.Option(
+            help="State folder (MLflow store, artifacts, queue, "
+            "runs, logs, token), reused on the next run."
+        ),
+    ] = Path(".convserve"),
+    host: Annotated[str, typer.Option(help="Interface for MLflow and the API.")] = "127.0.0.1",
+    mlflow_port: Annotated[int, typer.Option(help="MLflow tracking server port.")] = 5000,
+    api_port: Annotated[int, typer.Option(help="API port.")] = 8000,
+    model_name: ModelNameOption = "convserve",
+) -> None:
+    """Run the whole product on this machine: an MLflow server (SQLite, local artifacts), one
+    worker and the API, supervised; trains and promotes the default model first when the
+    registry has no champion. Ctrl-C stops everything."""
+    import signal as signals
+
+    from convserve.pipelines.stack import Stack
+
+    stack = Stack(home.resolve(), host, mlflow_port, api_port, model_name)
+
+    def on_signal(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # Ctrl-C and SIGTERM both stop every child cleanly
+
+    # Installed explicitly: a shell's background job starts with SIGINT ignored.
+    signals.signal(signals.SIGINT, on_signal)
+    signals.signal(signals.SIGTERM, on_signal)
+    progress, callbacks = _progress_callbacks("first model")
+    try:
+        with progress:
+            stack.start(lambda text: progress.console.print(text), callbacks)
+        console.print(f"""
+[bold green]convserve is ready[/bold green]
+  API:       {stack.api_url}/predict  (docs: {stack.api_url}/docs)
+  MLflow:    {stack.tracking_uri}
+  API token: {stack.token()}  (Authorization: Bearer <token> for /jobs and /admin)
+  state:     {stack.home}
+Press Ctrl-C to stop.""")
+        stack.supervise(console.print, lambda: False)
+    except KeyboardInterrupt:
+        pass
+    except (RuntimeError, TimeoutError) as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        stack.stop()
+        raise typer.Exit(1) from None
+    console.print("stopping...")
+    stack.stop()
+    console.print("stopped")
+
+
+@app.command()
+def bootstrap(
+    model_name: ModelNameOption = "convserve",
+    config: ConfigOption = "default",
+) -> None:
+    """Train, export, register and promote a first model when the registry (the
+    MLFLOW_TRACKING_URI) has no champion yet; do nothing otherwise."""
+    import mlflow
+
+    from convserve.pipelines.stack import bootstrap as run_bootstrap
+
+    progress, callbacks = _progress_callbacks("first model")
+    with progress:
+        published = run_bootstrap(mlflow.get_tracking_uri(), model_name, config, callbacks)
+    if published is None:
+        console.print(f"models:/{model_name}@champion exists: nothing to do")
+        return
+    _report_published(published)
+
+
+def _progress_callbacks(label: str) -> tuple[Progress, object]:
+    from convserve.training.run import Callbacks
+
+    progress = Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    task = progress.add_task(label, total=None, status="")
+
+    def on_step(step: int, loss: float, accuracy: float) -> None:
+        progress.update(task, completed=step, status=f"loss {loss:.4f} acc {accuracy:.3f}")
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        progress.console.print(f"epoch {epoch}: val acc {metrics['val_accuracy']:.4f}")
+
+    return progress, Callbacks(
+        on_start=lambda total: progress.update(task, total=total),
+        on_step=on_step,
+        on_epoch=on_epoch,
+    )
+
+
 def _report_published(published: object) -> None:
     from convserve.pipelines.registry import Published
 
