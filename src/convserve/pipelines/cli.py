@@ -451,6 +451,47 @@ def _progress_callbacks(label: str) -> tuple[Progress, object]:
     )
 
 
+@app.command()
+def experiments(
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Run only this experiment (repeat "
+            "for several): symmetry, vanishing, exploding, xavier_he, compute_cost, "
+            "dying_relu, dense_vs_cnn, convolution, pooling, hierarchy."
+        ),
+    ] = None,
+    output: Annotated[Path, typer.Option(help="Folder for report.md and its figures.")] = Path(
+        "reports/experiments"
+    ),
+    quick: Annotated[bool, typer.Option(help="Reduced budgets (what the tests run).")] = False,
+    track: Annotated[bool, typer.Option(help="Log the report to one MLflow run.")] = True,
+) -> None:
+    """Reproduce each lecture claim as a small seeded experiment and write a report: the
+    criterion and its reason, the measured figures and the verdict. Exits 1 if a claim is not
+    reproduced."""
+    from convserve.pipelines.experiments import log_report, run_experiments, write_report
+
+    def done(finding: object) -> None:
+        from convserve.pipelines.experiments import Finding
+
+        assert isinstance(finding, Finding)
+        mark = "[green]reproduced[/green]" if finding.reproduced else "[red]not reproduced[/red]"
+        console.print(f"{finding.name}: {mark} ({finding.seconds:.0f} s) {finding.measured}")
+
+    try:
+        findings = run_experiments(output, only, quick, done)
+    except ValueError as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    report = write_report(findings, output, quick)
+    console.print(f"report: {report}")
+    if track:
+        console.print(f"MLflow run id: {log_report(findings, output, None)}")
+    if not all(f.reproduced for f in findings):
+        raise typer.Exit(1)
+
+
 def _report_published(published: object) -> None:
     from convserve.pipelines.registry import Published
 

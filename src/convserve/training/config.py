@@ -60,6 +60,9 @@ class DataConfig(StrictModel):
     batch_size: int = Field(64, ge=1, le=8192)
     num_workers: int = Field(0, ge=0, le=64)  # DataLoader workers; 0 keeps runs deterministic
     shapes_samples: int = Field(4000, ge=10)  # size of the procedural shapes set
+    # Shuffle pixel positions with one fixed permutation (by seed): destroys spatial
+    # structure while keeping every pixel's information (the CNN vs dense-network experiment).
+    permute_pixels: bool = False
     augment: bool = False  # random crop with padding on the training split
 
 

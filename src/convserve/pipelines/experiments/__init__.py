@@ -1,0 +1,170 @@
+"""The seed experiments: each lecture claim as a small seeded CPU experiment, a stated
+criterion, a measured figure and a verdict; a Markdown report with figures, written to a
+folder and logged to one MLflow parent run.
+
+Every experiment uses the product's own builder, initialisers, activations, data sets,
+training loop and diagnostics.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from convserve.training.config import TrainConfig, validate_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    """What an experiment may use: its figure folder and the quick/full switch."""
+
+    folder: Path
+    runs: Path  # checkpoints of the experiment's training runs (not part of the report)
+    quick: bool = False
+    seed: int = 0
+
+    def steps(self, full: int, quick: int) -> int:
+        return quick if self.quick else full
+
+    def config(self, **sections: Any) -> TrainConfig:
+        """A training config with tracking and plots off (the report is tracked instead)."""
+        base: dict[str, Any] = {
+            "seed": self.seed,
+            "device": "cpu",
+            "data": {"name": "digits", "batch_size": 64},
+            "diagnostics": {"every": 10, "plots": False},
+            "tracking": {"enabled": False, "output_dir": str(self.runs)},
+        }
+        for key, value in sections.items():
+            base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+        return validate_config(base)
+
+
+@dataclass
+class Finding:
+    name: str
+    title: str
+    claim: str
+    anchor: str  # the paper or derivation the criterion comes from
+    criterion: str  # what must hold, with the reason for the threshold
+    measured: str  # the figures, in words
+    reproduced: bool
+    figures: list[Path] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+Experiment = Callable[[Context], Finding]
+EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def experiment(name: str) -> Callable[[Experiment], Experiment]:
+    def register(fn: Experiment) -> Experiment:
+        EXPERIMENTS[name] = fn
+        return fn
+
+    return register
+
+
+def run_experiments(
+    folder: Path,
+    only: list[str] | None = None,
+    quick: bool = False,
+    on_done: Callable[[Finding], None] | None = None,
+) -> list[Finding]:
+    from convserve.pipelines.experiments import claims  # noqa: F401  (registers them)
+
+    names = only or list(EXPERIMENTS)
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown:
+        raise ValueError(
+            f"unknown experiment(s) {', '.join(unknown)}; choose from: {', '.join(EXPERIMENTS)}"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    findings = []
+    runs = Path(tempfile.mkdtemp(prefix="convserve-experiments-"))
+    for name in names:
+        start = time.perf_counter()
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        finding = EXPERIMENTS[name](Context(folder / name, runs / name, quick))
+        finding.seconds = time.perf_counter() - start
+        findings.append(finding)
+        if on_done is not None:
+            on_done(finding)
+    shutil.rmtree(runs, ignore_errors=True)
+    return findings
+
+
+def write_report(findings: list[Finding], folder: Path, quick: bool) -> Path:
+    lines = [
+        "# convserve seed experiments",
+        "",
+        f"Mode: {'quick (reduced)' if quick else 'full'}. "
+        f"{sum(f.reproduced for f in findings)} of {len(findings)} claims reproduced.",
+        "",
+        "| # | claim | verdict | measured |",
+        "| --- | --- | --- | --- |",
+    ]
+    for i, f in enumerate(findings, 1):
+        verdict = "reproduced" if f.reproduced else "**not reproduced**"
+        cell = f.measured.splitlines()[0].replace("|", "\\|")
+        lines.append(f"| {i} | {f.title} | {verdict} | {cell} |")
+    for i, f in enumerate(findings, 1):
+        lines += [
+            "",
+            f"## {i}. {f.title}",
+            "",
+            f"**Claim.** {f.claim}",
+            "",
+            f"**Anchor.** {f.anchor}",
+            "",
+            f"**Criterion.** {f.criterion}",
+            "",
+            f"**Measured.** {f.measured}",
+            "",
+            f"**Verdict.** {'reproduced' if f.reproduced else 'not reproduced'} "
+            f"({f.seconds:.1f} s)",
+        ]
+        lines += [f"\n![{p.stem}]({p.relative_to(folder)})" for p in f.figures]
+    path = folder / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def log_report(
+    findings: list[Finding],
+    folder: Path,
+    tracking_uri: str | None,
+    experiment_name: str = "convserve-experiments",
+) -> str:
+    """One MLflow parent run holding the report, the figures and each claim's figures."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from convserve.training.tracking import get_or_create_experiment
+
+    client = MlflowClient(tracking_uri or mlflow.get_tracking_uri())
+    run = client.create_run(
+        get_or_create_experiment(client, experiment_name),
+        run_name="seed-experiments",
+        tags={"convserve.kind": "experiments"},
+    )
+    run_id = run.info.run_id
+    for f in findings:
+        client.set_tag(
+            run_id, f"claim.{f.name}", "reproduced" if f.reproduced else "not reproduced"
+        )
+        for key, value in f.metrics.items():
+            client.log_metric(run_id, f"{f.name}.{key}", float(value))
+    client.log_metric(run_id, "claims_reproduced", float(sum(f.reproduced for f in findings)))
+    client.log_artifacts(run_id, str(folder), "report")
+    client.set_terminated(run_id, "FINISHED")
+    return str(run_id)
