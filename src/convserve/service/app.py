@@ -13,10 +13,11 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from convserve import __version__
-from convserve.service.api import jobs, predict, status, v2
+from convserve.service.api import jobs, predict, status, ui, v2
 from convserve.service.manager import ModelManager
 from convserve.service.metrics import Metrics
 from convserve.service.model import providers_for
@@ -150,6 +151,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(status.router)
     app.include_router(v2.router)
     app.include_router(jobs.router)
+    app.include_router(ui.router)
+    app.mount("/static", StaticFiles(directory=ui.STATIC), name="static")
     _handlers(app)
     app.add_middleware(EdgeMiddleware, settings=settings, metrics=metrics)
     return app

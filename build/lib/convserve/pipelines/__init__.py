@@ -1,0 +1,1 @@
+"""Sweeps, selection, registration, jobs, experiments and the CLI."""

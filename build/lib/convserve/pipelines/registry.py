@@ -1,0 +1,296 @@
+"""Export a run to ONNX, check it, register it and promote it champion/challenger.
+
+``models:/<name>@champion`` only ever names a version that passed every export check: a
+version is created after the checks, and the alias moves only to such a version.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import mlflow
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from convserve.training.checkpoint import load_model
+from convserve.training.export import ExportCheckFailed, ParityReport, check_export, export_onnx
+from convserve.training.model import ConvNet
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "convserve"
+CHAMPION, CHALLENGER = "champion", "challenger"
+Direction = Literal["maximize", "minimize"]
+
+
+@dataclass
+class Decision:
+    promoted: bool
+    alias: str
+    reason: str
+    value: float | None
+    champion_value: float | None
+    previous_champion: str | None
+
+
+@dataclass
+class Published:
+    onnx_path: Path
+    parity: ParityReport
+    run_id: str | None
+    model_name: str | None = None
+    version: str | None = None
+    decision: Decision | None = None
+
+
+def select_best(
+    client: MlflowClient,
+    experiment_ids: list[str],
+    metric: str,
+    direction: Direction = "maximize",
+    filter_string: str = "",
+) -> Any | None:
+    """The finished run with the best ``metric`` (a pure query over MLflow's search)."""
+    clauses = ["attributes.status = 'FINISHED'", f"metrics.`{metric}` > -1e308"]
+    if filter_string:
+        clauses.append(f"({filter_string})" if " or " in filter_string.lower() else filter_string)
+    order = "DESC" if direction == "maximize" else "ASC"
+    runs = client.search_runs(
+        experiment_ids,
+        " and ".join(clauses),
+        order_by=[f"metrics.`{metric}` {order}"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def _checkpoint_of(client: MlflowClient, run_id: str, folder: Path) -> Path:
+    try:
+        local = client.download_artifacts(run_id, "checkpoints/best.pt", str(folder))
+    except MlflowException as err:
+        raise FileNotFoundError(f"run {run_id} has no checkpoints/best.pt artifact: {err}") from err
+    return Path(local)
+
+
+def _signature(onnx_path: Path) -> Any:
+    import numpy as np
+    import onnx
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+
+    def spec(value_info: Any) -> TensorSpec:
+        dims = [
+            d.dim_value if d.dim_value > 0 else -1 for d in value_info.type.tensor_type.shape.dim
+        ]
+        return TensorSpec(np.dtype(np.float32), tuple(dims), value_info.name)
+
+    return ModelSignature(
+        Schema([spec(i) for i in proto.graph.input]), Schema([spec(o) for o in proto.graph.output])
+    )
+
+
+def register(
+    client: MlflowClient, onnx_path: Path, run_id: str, model_name: str, report: ParityReport
+) -> str:
+    """Log the ONNX model to the run and register it as a new version; returns the version."""
+    import numpy as np
+    import onnx
+
+    proto = onnx.load(str(onnx_path))
+    shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim][1:]
+    mlflow.set_tracking_uri(client.tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.onnx.log_model(
+            proto,
+            name="model",
+            signature=_signature(onnx_path),
+            input_example=np.zeros([1, *shape], dtype=np.float32),
+            registered_model_name=model_name,
+            save_as_external_data=False,
+            onnx_execution_providers=["CPUExecutionProvider"],
+        )
+    version = str(info.registered_model_version)
+    run = client.get_run(run_id)
+    tags = {
+        "convserve.dataset": run.data.tags.get("convserve.dataset", ""),
+        "convserve.onnx_parity_max_abs_diff": f"{report.worst:.3g}",
+        "convserve.config_hash": run.data.tags.get("convserve.config_hash", ""),
+    }
+    for key in ("best_val_accuracy", "val_accuracy", "val_loss", "test_accuracy"):
+        if key in run.data.metrics:
+            tags[f"metric.{key}"] = f"{run.data.metrics[key]:.6g}"
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, value)
+    return version
+
+
+def promote(
+    client: MlflowClient,
+    model_name: str,
+    version: str,
+    metric: str = "best_val_accuracy",
+    direction: Direction = "maximize",
+    margin: float = 0.0,
+) -> Decision:
+    """Champion/challenger: ``champion`` moves to ``version`` only if its run's ``metric``
+    beats the current champion's on the same data set by at least ``margin``."""
+    new = client.get_model_version(model_name, version)
+    run_id = str(new.run_id)
+    new_run = client.get_run(run_id)
+    value = new_run.data.metrics.get(metric)
+    dataset = new_run.data.tags.get("convserve.dataset")
+    try:
+        champion = client.get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:
+        champion = None
+    champion_value = None
+    if value is None:
+        decision = Decision(
+            False,
+            CHALLENGER,
+            f"run has no metric {metric!r}",
+            None,
+            None,
+            champion.version if champion else None,
+        )
+    elif champion is None:
+        decision = Decision(True, CHAMPION, "no champion yet", value, None, None)
+    else:
+        champ_run = client.get_run(str(champion.run_id))
+        champion_value = champ_run.data.metrics.get(metric)
+        champ_dataset = champ_run.data.tags.get("convserve.dataset")
+        gain = (
+            None
+            if champion_value is None
+            else (value - champion_value if direction == "maximize" else champion_value - value)
+        )
+        if champ_dataset != dataset:
+            reason = (
+                f"champion v{champion.version} was trained on {champ_dataset}, this "
+                f"version on {dataset}: not comparable"
+            )
+            decision = Decision(False, CHALLENGER, reason, value, champion_value, champion.version)
+        elif gain is None or (gain > 0 and gain >= margin):
+            reason = (
+                f"{metric} {value:.4f} beats champion v{champion.version}'s "
+                f"{champion_value} by at least {margin:g}"
+            )
+            decision = Decision(True, CHAMPION, reason, value, champion_value, champion.version)
+        else:
+            reason = (
+                f"{metric} {value:.4f} does not beat champion v{champion.version}'s "
+                f"{champion_value:.4f} by the margin {margin:g}"
+            )
+            decision = Decision(False, CHALLENGER, reason, value, champion_value, champion.version)
+    client.set_registered_model_alias(model_name, decision.alias, version)
+    _record(client, model_name, version, run_id, metric, decision)
+    return decision
+
+
+def _record(
+    client: MlflowClient, name: str, version: str, run_id: str, metric: str, decision: Decision
+) -> None:
+    tags = {
+        "convserve.promotion": decision.alias,
+        "convserve.promotion_reason": decision.reason,
+        "convserve.promotion_metric": metric,
+        "convserve.previous_champion": decision.previous_champion or "",
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+        client.set_tag(run_id, key, value)
+    if decision.value is not None:
+        client.log_metric(run_id, "promotion.candidate_value", decision.value)
+    if decision.champion_value is not None:
+        client.log_metric(run_id, "promotion.champion_value", decision.champion_value)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What happens to an export that passes its checks."""
+
+    model_name: str = DEFAULT_MODEL_NAME
+    register: bool = True
+    promote: bool = True
+    metric: str = "best_val_accuracy"
+    direction: Direction = "maximize"
+    margin: float = 0.0
+
+
+def publish(
+    *,
+    run_id: str | None = None,
+    checkpoint: Path | None = None,
+    output: Path | None = None,
+    tracking_uri: str | None = None,
+    policy: Policy = Policy(),
+) -> Published:
+    """Export a run's best checkpoint (or a checkpoint file) to ONNX, then ``publish_onnx``.
+
+    The file goes to ``output``, else next to the checkpoint as ``runs/<run-id>/model.onnx``.
+    """
+    if (run_id is None) == (checkpoint is None):
+        raise ValueError("give exactly one of run_id and checkpoint")
+    client = MlflowClient(tracking_uri or mlflow.get_tracking_uri())
+    with tempfile.TemporaryDirectory(prefix="convserve-export-") as tmp:
+        if checkpoint is None:
+            assert run_id is not None
+            checkpoint = _checkpoint_of(client, run_id, Path(tmp))
+            default = Path("runs") / run_id / "model.onnx"
+        else:
+            default = checkpoint.parent / "model.onnx"
+        model, config, spec, payload = load_model(checkpoint)
+        run_id = run_id or payload.get("run_id")
+        output = output or default
+        export_onnx(model, spec, config, run_id, output)
+        sample = payload.get("sample")
+        if sample is None:  # checkpoints written before samples travelled with them
+            sample = torch.rand(8, spec.channels, *spec.image_size)
+        return publish_onnx(client, output, model, sample, run_id, policy)
+
+
+def publish_onnx(
+    client: MlflowClient,
+    onnx_path: Path,
+    model: ConvNet,
+    sample: torch.Tensor,
+    run_id: str | None,
+    policy: Policy,
+) -> Published:
+    """Check an ONNX file against its torch model, then register and promote it per policy.
+
+    Raises ``ExportCheckFailed`` when a check fails: nothing is registered then, and the run
+    is tagged ``convserve.export=refused: <reason>``.
+    """
+    try:
+        report = check_export(model, onnx_path, sample)
+    except ExportCheckFailed as err:
+        if run_id:
+            client.set_tag(run_id, "convserve.export", f"refused: {err}"[:5000])
+        raise
+    published = Published(onnx_path, report, run_id)
+    if run_id:
+        client.log_metric(run_id, "onnx_parity_max_abs_diff", report.worst)
+        client.set_tag(run_id, "convserve.export", "passed")
+    if policy.register:
+        if not run_id:
+            raise ValueError("registering needs an MLflow run: this checkpoint has none")
+        published.model_name = policy.model_name
+        published.version = register(client, onnx_path, run_id, policy.model_name, report)
+        if policy.promote:
+            published.decision = promote(
+                client,
+                policy.model_name,
+                published.version,
+                policy.metric,
+                policy.direction,
+                policy.margin,
+            )
+    return published

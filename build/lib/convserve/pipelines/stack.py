@@ -1,0 +1,227 @@
+"""``convserve up``: the whole product on one machine, and the first-model bootstrap.
+
+Starts and supervises an MLflow server (SQLite store, local artifacts), one worker and the
+API; trains, exports, registers and promotes the default model first when the registry has
+no champion. All state lives in one folder (``.convserve/`` by default) and is reused.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from convserve.pipelines.registry import Policy, Published, publish
+from convserve.training.config import load_config
+
+
+def has_champion(client: Any, model_name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_model_version_by_alias(model_name, "champion")
+    except MlflowException:
+        return False
+    return True
+
+
+def bootstrap(
+    tracking_uri: str,
+    model_name: str = "convserve",
+    config: str = "default",
+    callbacks: Any = None,
+    output_dir: str = "runs",
+) -> Published | None:
+    """Train, export, register and promote ``config`` unless the registry has a champion."""
+    from mlflow.tracking import MlflowClient
+
+    from convserve.training.run import train
+
+    if has_champion(MlflowClient(tracking_uri), model_name):
+        return None
+    cfg = load_config(
+        config,
+        [
+            f"tracking.tracking_uri={tracking_uri}",
+            f"tracking.output_dir={output_dir}",
+            "tracking.run_name=bootstrap",
+        ],
+    )
+    result = train(cfg, callbacks=callbacks)
+    if result.status != "finished" or result.run_id is None:
+        raise RuntimeError(f"the first model did not train: {result.status} {result.message}")
+    return publish(
+        run_id=result.run_id, tracking_uri=tracking_uri, policy=Policy(model_name=model_name)
+    )
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url}: the process exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM if ``convserve up`` itself dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: list[float] = field(default_factory=list)
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@dataclass
+class Stack:
+    home: Path
+    host: str = "127.0.0.1"
+    mlflow_port: int = 5000
+    api_port: int = 8000
+    model_name: str = "convserve"
+    children: list[Child] = field(default_factory=list)
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"http://{self.host}:{self.mlflow_port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.host}:{self.api_port}"
+
+    def token(self) -> str:
+        """CONVSERVE_API_TOKEN, else one made on the first run and kept in the state folder."""
+        if os.environ.get("CONVSERVE_API_TOKEN"):
+            return os.environ["CONVSERVE_API_TOKEN"]
+        path = self.home / "api-token"
+        if not path.exists():
+            path.write_text(secrets.token_urlsafe(24))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+        env.update(
+            {
+                "MLFLOW_TRACKING_URI": self.tracking_uri,
+                "CONVSERVE_API_TOKEN": self.token(),
+                "CONVSERVE_MODEL_URI": f"models:/{self.model_name}@champion",
+                "CONVSERVE_HOST": self.host,
+                "CONVSERVE_PORT": str(self.api_port),
+                "CONVSERVE_QUEUE_PATH": str(self.home / "queue.db"),
+                "CONVSERVE_CACHE_DIR": str(self.home / "models"),
+                "CONVSERVE_MLFLOW_UI_URL": self.tracking_uri,
+            }
+        )
+        return env
+
+    def mlflow(self) -> Child:
+        argv = [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.home / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.home / "mlartifacts"),
+            "--host",
+            self.host,
+            "--port",
+            str(self.mlflow_port),
+            "--workers",
+            "1",
+        ]
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        return Child("mlflow", argv, env, self.home / "mlflow.log")
+
+    def cli(self, name: str, *args: str) -> Child:
+        argv = [str(Path(sys.executable).parent / "convserve"), *args]
+        return Child(name, argv, self.env(), self.home / f"{name}.log")
+
+    def start(self, say: Callable[[str], None], on_bootstrap: Any = None) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        mlflow = self.mlflow()
+        self._run(mlflow, say)
+        wait_ready(f"{self.tracking_uri}/health", mlflow.proc, 120)
+        say(f"MLflow ready at {self.tracking_uri}")
+        published = bootstrap(
+            self.tracking_uri,
+            self.model_name,
+            callbacks=on_bootstrap,
+            output_dir=str(self.home / "runs"),
+        )
+        if published is not None:
+            say(
+                f"trained and promoted the first model: models:/{self.model_name}/"
+                f"{published.version}"
+            )
+        self._run(self.cli("worker", "worker"), say)
+        api = self.cli("api", "serve")
+        self._run(api, say)
+        wait_ready(f"{self.api_url}/readyz", api.proc, 120)
+
+    def _run(self, child: Child, say: Callable[[str], None]) -> None:
+        child.start()
+        self.children.append(child)
+        say(f"started {child.name} (pid {child.proc.pid if child.proc else '?'}, log {child.log})")
+
+    def supervise(self, say: Callable[[str], None], stop: Callable[[], bool]) -> None:
+        """Restart a child that exits, at most 5 times a minute; return when ``stop()``."""
+        while not stop():
+            for child in self.children:
+                if child.proc is not None and child.proc.poll() is not None:
+                    now = time.monotonic()
+                    child.restarts = [t for t in child.restarts if now - t < 60] + [now]
+                    if len(child.restarts) > 5:
+                        raise RuntimeError(f"{child.name} keeps exiting; see {child.log}")
+                    say(f"{child.name} exited with {child.proc.returncode}; restarting")
+                    child.start()
+            time.sleep(1.0)
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop()

@@ -1,0 +1,1 @@
+"""The FastAPI inference service (never imports torch)."""

@@ -1,0 +1,74 @@
+"""Dependencies as ``Annotated`` aliases (full-stack-fastapi-template ``api/deps.py``)."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from convserve.service.engine import Engine
+from convserve.service.manager import ModelManager
+from convserve.service.metrics import Metrics
+from convserve.service.settings import Settings
+
+NO_MODEL = (
+    "no model is loaded yet ({uri}). Train and register one: `convserve train`, then "
+    "`convserve export --run-id <run id>` (it registers and promotes the champion), or set "
+    "CONVSERVE_MODEL_URI to an exported .onnx file.{error}"
+)
+
+
+async def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+async def get_manager(request: Request) -> ModelManager:
+    manager: ModelManager = request.app.state.manager
+    return manager
+
+
+async def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ManagerDep = Annotated[ModelManager, Depends(get_manager)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+async def get_engine(manager: ManagerDep) -> Engine:
+    if manager.engine is None:
+        error = f" Last error: {manager.last_error}" if manager.last_error else ""
+        raise HTTPException(503, NO_MODEL.format(uri=manager.settings.model_uri, error=error))
+    return manager.engine
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+
+_bearer = HTTPBearer(auto_error=False, description="CONVSERVE_API_TOKEN")
+
+
+async def require_token(
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """Bearer token check in constant time; the token itself is never logged."""
+    expected = settings.api_token.get_secret_value() if settings.api_token else None
+    headers = {"WWW-Authenticate": "Bearer"}
+    if not expected:
+        raise HTTPException(
+            401, "this server has no CONVSERVE_API_TOKEN set: writes are disabled", headers=headers
+        )
+    if credentials is None:
+        raise HTTPException(
+            401, "missing bearer token (Authorization: Bearer <token>)", headers=headers
+        )
+    if not secrets.compare_digest(credentials.credentials.encode(), expected.encode()):
+        raise HTTPException(401, "invalid bearer token", headers=headers)
+
+
+TokenDep = Annotated[None, Depends(require_token)]

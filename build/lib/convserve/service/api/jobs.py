@@ -1,0 +1,206 @@
+"""``/jobs``: submit, watch and cancel training jobs. A job is an MLflow run; its id is the
+run id, so the MLflow UI is also the job dashboard."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from convserve.pipelines.jobs import JobRequest, cancel, job_status, submit
+from convserve.service.api.deps import SettingsDep, TokenDep
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+JobStatus = Literal["scheduled", "running", "succeeded", "failed", "cancelled"]
+
+
+class Progress(BaseModel):
+    epoch: int | None = None
+    step: int | None = None
+    total: int | None = Field(None, description="Total optimizer steps of the run")
+
+
+class Job(BaseModel):
+    id: str = Field(description="The MLflow run id")
+    status: JobStatus
+    kind: str | None = Field(None, description="train or sweep")
+    created_at: str
+    progress: Progress
+    metrics: dict[str, float] = Field(description="Latest value of every epoch-level metric")
+    verdicts: list[str] = Field(description="The diagnostics' verdicts, once known")
+    error: str | None = None
+    registered_model: str | None = None
+    registered_version: str | None = None
+    promoted: bool | None = None
+    links: dict[str, str]
+
+
+class JobPage(BaseModel):
+    jobs: list[Job]
+    next_page_token: str | None = None
+
+
+_SUMMARY = (
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "best_val_accuracy",
+    "test_accuracy",
+    "test_loss",
+    "epoch",
+    "onnx_parity_max_abs_diff",
+)
+
+
+def _links(request: Request, run: Any, ui: str | None) -> dict[str, str]:
+    links = {"self": str(request.url_for("get_job", job_id=run.info.run_id))}
+    if ui:
+        links["mlflow"] = (
+            f"{ui.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        )
+    return links
+
+
+def to_job(run: Any, request: Request, ui: str | None) -> Job:
+    tags = run.data.tags
+    try:
+        progress = Progress(**json.loads(tags.get("convserve.progress", "{}")))
+    except (ValueError, TypeError):
+        progress = Progress()
+    promoted = tags.get("convserve.promoted")
+    verdicts = tags.get("convserve.verdicts", "")
+    return Job(
+        id=run.info.run_id,
+        status=job_status(run),
+        kind=tags.get("convserve.job_kind"),
+        created_at=datetime.fromtimestamp(run.info.start_time / 1000, UTC).isoformat(),
+        progress=progress,
+        metrics={k: v for k, v in run.data.metrics.items() if k in _SUMMARY},
+        verdicts=[v for v in verdicts.split(",") if v],
+        error=tags.get("convserve.error") or tags.get("convserve.message")
+        if job_status(run) == "failed"
+        else None,
+        registered_model=tags.get("convserve.registered_model"),
+        registered_version=tags.get("convserve.registered_version"),
+        promoted=None if promoted is None else promoted == "true",
+        links=_links(request, run, ui),
+    )
+
+
+def _state(request: Request) -> Any:
+    return request.app.state.jobs
+
+
+async def _run(fn: Any, *args: Any) -> Any:
+    """MLflow's client is blocking: keep it off the event loop."""
+    return await asyncio.to_thread(fn, *args)
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=Job,
+    responses={
+        401: {"description": "Missing or invalid bearer token"},
+        422: {"description": "Invalid body; nothing is queued"},
+        429: {"description": "Too many queued jobs"},
+    },
+    summary="Queue a training run or a sweep",
+)
+async def create_job(
+    body: JobRequest, request: Request, _: TokenDep, settings: SettingsDep
+) -> JSONResponse:
+    """The body holds ``train`` (a training config) or ``sweep`` (a base config and a grid),
+    the same schema as the CLI's YAML files, plus ``register``, ``promote``, ``model_name``
+    and ``margin``. Answers 202 with the job; the job id is the MLflow run id."""
+    jobs = _state(request)
+    pending = await _run(jobs.huey.pending_count)
+    if pending >= jobs.settings.max_queued_jobs:
+        raise HTTPException(
+            429,
+            f"{pending} jobs are already queued (limit "
+            f"{jobs.settings.max_queued_jobs}, CONVSERVE_MAX_QUEUED_JOBS); "
+            "try again when some have started",
+            headers={"Retry-After": "30"},
+        )
+    try:
+        run_id = await _run(submit, body, jobs.client, jobs.task)
+    except Exception as err:
+        raise HTTPException(503, f"could not queue the job: {err}") from err
+    run = await _run(jobs.client.get_run, run_id)
+    job = to_job(run, request, settings.mlflow_ui_url)
+    return JSONResponse(job.model_dump(), status_code=202, headers={"Location": job.links["self"]})
+
+
+@router.get("", response_model=JobPage, summary="Jobs, newest first")
+async def list_jobs(
+    request: Request,
+    settings: SettingsDep,
+    status: Annotated[JobStatus | None, Query()] = None,
+    page_size: Annotated[int, Query(ge=1, le=200)] = 50,
+    page_token: str | None = None,
+) -> JobPage:
+    jobs = _state(request)
+
+    def search() -> Any:
+        experiments = [e.experiment_id for e in jobs.client.search_experiments()]
+        if not experiments:
+            return [], None
+        query = "tags.`convserve.kind` = 'job'"
+        if status is not None:
+            query += f" and tags.`convserve.job_status` = '{status}'"
+        page = jobs.client.search_runs(
+            experiments,
+            query,
+            max_results=page_size,
+            order_by=["attributes.start_time DESC"],
+            page_token=page_token,
+        )
+        return list(page), page.token
+
+    runs, token = await _run(search)
+    found = [to_job(r, request, settings.mlflow_ui_url) for r in runs]
+    if status is not None:  # the tag lags the run's status after a reaper or cancel
+        found = [j for j in found if j.status == status]
+    return JobPage(jobs=found, next_page_token=token or None)
+
+
+def _get(jobs: Any, job_id: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = jobs.client.get_run(job_id)
+    except MlflowException:
+        raise HTTPException(404, f"no job {job_id}") from None
+    if run.data.tags.get("convserve.kind") != "job":
+        raise HTTPException(404, f"run {job_id} is not a job")
+    return run
+
+
+@router.get("/{job_id}", response_model=Job, name="get_job", summary="One job")
+async def get_job(job_id: str, request: Request, settings: SettingsDep) -> Job:
+    run = await _run(_get, _state(request), job_id)
+    return to_job(run, request, settings.mlflow_ui_url)
+
+
+@router.delete(
+    "/{job_id}",
+    response_model=Job,
+    summary="Cancel a job",
+    responses={401: {"description": "Missing or invalid bearer token"}},
+)
+async def delete_job(job_id: str, request: Request, _: TokenDep, settings: SettingsDep) -> Job:
+    """A queued job never starts; a running job stops at the next step boundary, keeps its
+    last checkpoint and ends ``cancelled``. Ended jobs are left as they are."""
+    jobs = _state(request)
+    await _run(_get, jobs, job_id)
+    await _run(cancel, jobs.client, job_id)
+    run = await _run(jobs.client.get_run, job_id)
+    return to_job(run, request, settings.mlflow_ui_url)

@@ -1,0 +1,153 @@
+"""``POST /predict``: class probabilities and, on request, feature maps."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, File, HTTPException, Query, Request, Response, UploadFile
+
+from convserve.service import features
+from convserve.service.api.deps import EngineDep, MetricsDep, SettingsDep
+from convserve.service.imaging import ImageError, preprocess
+from convserve.service.model import LoadedModel
+from convserve.service.schemas import ClassScore, ModelRef, Prediction, PredictResponse, Timing
+
+router = APIRouter(tags=["predict"])
+
+INLINE_DECODE_BYTES = 32 * 1024
+
+
+def model_ref(model: LoadedModel) -> ModelRef:
+    s = model.source
+    return ModelRef(name=s.name, version=s.version, alias=s.alias, run_id=s.run_id)
+
+
+def requested_blocks(model: LoadedModel, feature_maps: str | None) -> list[str]:
+    if not feature_maps:
+        return []
+    if feature_maps.strip() == "all":
+        return model.blocks
+    names = [n.strip() for n in feature_maps.split(",") if n.strip()]
+    unknown = [n for n in names if n not in model.blocks]
+    if unknown:
+        raise HTTPException(
+            422, f"unknown block(s) {', '.join(unknown)}; valid: {', '.join(model.blocks)} or 'all'"
+        )
+    return names
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    response_model_exclude_none=True,
+    summary="Classify one image (`file`) or several (`files`)",
+    responses={
+        413: {"description": "Upload or image too large"},
+        422: {"description": "Not a usable image, or a bad parameter"},
+        503: {"description": "No model loaded yet"},
+    },
+)
+async def predict(
+    request: Request,
+    engine: EngineDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    file: Annotated[UploadFile | None, File(description="One image")] = None,
+    files: Annotated[
+        list[UploadFile] | None, File(description="Several images, answered in order")
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        Query(ge=1, description="How many top classes to list (default CONVSERVE_DEFAULT_TOP_K)"),
+    ] = None,
+    feature_maps: Annotated[
+        str | None, Query(description="'all' or comma-separated block names, e.g. block1,block2")
+    ] = None,
+    format: Annotated[
+        Literal["png", "array", "stats"],
+        Query(
+            description="Feature maps as a tiled PNG grid per block, raw arrays, or per-channel "
+            "mean and max"
+        ),
+    ] = "png",
+) -> Response:
+    """Images in PNG, JPEG, WebP, BMP, GIF (first frame) or TIFF, any colour mode; converted to
+    the model's channels, EXIF orientation applied, resized as the model's metadata says."""
+    start = time.perf_counter()
+    uploads = ([file] if file is not None else []) + list(files or [])
+    if not uploads:
+        raise HTTPException(
+            422, "send one image as the multipart field `file`, or several as `files`"
+        )
+    if len(uploads) > settings.max_files:
+        raise HTTPException(
+            413,
+            f"{len(uploads)} images in one request; the limit is "
+            f"{settings.max_files} (CONVSERVE_MAX_FILES)",
+        )
+    model = engine.model
+    blocks = requested_blocks(model, feature_maps)
+    shapes = [model.feature_shapes[f"features.{b}"] for b in blocks]
+    size = features.estimate_bytes(shapes, format, len(uploads))
+    if size > settings.max_response_bytes:
+        raise HTTPException(
+            422,
+            f"the feature maps would make a response of about "
+            f"{size / 1e6:.1f} MB (limit {settings.max_response_bytes / 1e6:.1f}"
+            " MB): ask for fewer blocks (feature_maps=block1), fewer images, or "
+            "format=png or format=stats",
+        )
+    loop = asyncio.get_running_loop()
+    arrays = []
+    for upload in uploads:
+        data = await upload.read()
+        args = (data, model.channels, model.height, model.width, settings.max_pixels)
+        try:
+            # Small uploads decode in well under a millisecond: a thread hop would cost more.
+            if len(data) <= INLINE_DECODE_BYTES:
+                arrays.append(preprocess(*args))
+            else:
+                arrays.append(await loop.run_in_executor(engine.executor, preprocess, *args))
+        except ImageError as err:
+            metrics.rejected.labels("image").inc()
+            raise HTTPException(err.status, f"{upload.filename or 'upload'}: {err}") from None
+    decoded = time.perf_counter()
+    outputs = ["probabilities", *(f"features.{b}" for b in blocks)]
+    result = await engine.infer(np.stack(arrays), outputs)
+    inferred = time.perf_counter()
+    k = min(top_k or settings.default_top_k, len(model.labels))
+    predictions = []
+    for i, upload in enumerate(uploads):
+        probs = result["probabilities"][i]
+        order = np.argsort(-probs)[:k]
+        fmaps = {b: features.render(result[f"features.{b}"][i], format) for b in blocks}
+        predictions.append(
+            Prediction(
+                filename=upload.filename,
+                top_k=[
+                    ClassScore(label=model.labels[j], index=int(j), probability=float(probs[j]))
+                    for j in order
+                ],
+                probabilities={
+                    label: float(p) for label, p in zip(model.labels, probs, strict=True)
+                },
+                feature_maps=fmaps or None,
+            )
+        )
+    end = time.perf_counter()
+    body = PredictResponse(
+        request_id=getattr(request.state, "request_id", None) or uuid.uuid4().hex,
+        model=model_ref(model),
+        predictions=predictions,
+        time=Timing(
+            decode_ms=(decoded - start) * 1e3,
+            inference_ms=(inferred - decoded) * 1e3,
+            total_ms=(end - start) * 1e3,
+        ),
+    )
+    # Already a validated model: serialise once instead of FastAPI's second validation.
+    return Response(body.model_dump_json(exclude_none=True), media_type="application/json")

@@ -1,0 +1,79 @@
+"""Health, readiness, the model being served, metrics and the admin reload."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from convserve.service.api.deps import EngineDep, ManagerDep, MetricsDep, TokenDep
+from convserve.service.schemas import Health, ModelInfo, ReloadResult
+
+router = APIRouter()
+
+
+@router.get("/healthz", response_model=Health, tags=["health"], summary="Liveness")
+async def healthz() -> Health:
+    return Health(status="alive")
+
+
+@router.get(
+    "/readyz",
+    response_model=Health,
+    tags=["health"],
+    responses={503: {"model": Health, "description": "No model loaded and warmed"}},
+    summary="Ready once a model is loaded, warmed up and self-checked",
+)
+async def readyz(manager: ManagerDep) -> Response:
+    if manager.model is None:
+        body = Health(status="not ready", detail=manager.last_error or "no model loaded yet")
+        return JSONResponse(body.model_dump(), status_code=503)
+    return JSONResponse(
+        Health(status="ready", model_version=manager.model.source.version).model_dump()
+    )
+
+
+@router.get("/v1/model", response_model=ModelInfo, tags=["model"], summary="The model being served")
+async def model_info(engine: EngineDep) -> ModelInfo:
+    m = engine.model
+    s = m.source
+    return ModelInfo(
+        name=s.name,
+        version=s.version,
+        alias=s.alias,
+        run_id=s.run_id,
+        uri=s.uri,
+        labels=m.labels,
+        input={
+            "name": "image",
+            "dtype": "float32",
+            "shape": [-1, m.channels, m.height, m.width],
+            "range": [0.0, 1.0],
+        },
+        color_mode=m.color_mode,
+        feature_outputs={k.removeprefix("features."): v for k, v in m.feature_shapes.items()},
+        opset=m.opset,
+        providers=m.providers,
+        loaded_at=datetime.fromtimestamp(m.loaded_at, UTC).isoformat(),
+        metadata=m.metadata,
+    )
+
+
+@router.get("/metrics", tags=["metrics"], summary="Prometheus metrics", response_class=Response)
+async def metrics(metrics: MetricsDep) -> Response:
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.post(
+    "/admin/reload",
+    response_model=ReloadResult,
+    tags=["admin"],
+    summary="Check the registry now and swap to the version the model URI names",
+    responses={401: {"description": "Missing or invalid bearer token"}},
+)
+async def reload(manager: ManagerDep, _: TokenDep, force: bool = False) -> ReloadResult:
+    """``force=true`` reloads even the same version, and retries a refused one."""
+    outcome = await manager.check(force=force)
+    return ReloadResult(changed=outcome.changed, version=outcome.version, message=outcome.message)

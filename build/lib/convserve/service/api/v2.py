@@ -1,0 +1,239 @@
+"""KServe v2 / Open Inference Protocol, REST: health, metadata and inference.
+
+JSON tensors (``name``, ``shape``, ``datatype``, ``data`` flat or nested, row-major), the
+optional ``outputs`` selection, errors as ``{"error": "..."}``, and the binary tensor data
+extension (``Inference-Header-Content-Length``) that Triton's clients use by default.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, ValidationError
+
+from convserve import __version__
+from convserve.service.api.deps import ManagerDep
+from convserve.service.engine import Engine
+from convserve.service.manager import ModelManager
+
+router = APIRouter(prefix="/v2", tags=["kserve-v2"])
+
+_DTYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16}
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+class V2Error(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def error_response(err: V2Error) -> JSONResponse:
+    return JSONResponse({"error": err.message}, status_code=err.status)
+
+
+class TensorIn(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    data: list[Any] | None = None
+
+
+class OutputRequest(BaseModel):
+    name: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class InferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    inputs: list[TensorIn]
+    outputs: list[OutputRequest] | None = None
+
+
+def _engine(manager: ModelManager, name: str, version: str | None) -> Engine:
+    engine = manager.engine
+    if engine is None:
+        raise V2Error(503, "no model is loaded yet")
+    source = engine.model.source
+    if name != source.name:
+        raise V2Error(404, f"unknown model {name!r}; this server serves {source.name!r}")
+    if version is not None and version != source.version:
+        raise V2Error(
+            404,
+            f"version {version!r} of {name!r} is not loaded; serving version {source.version!r}",
+        )
+    return engine
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata() -> dict[str, Any]:
+    return {"name": "convserve", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+
+@router.get("/health/live", summary="Server live")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="Server ready (200 when ready, 400 when not)")
+async def ready(manager: ManagerDep) -> Response:
+    is_ready = manager.engine is not None
+    return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 400)
+
+
+def _metadata(engine: Engine) -> dict[str, Any]:
+    m = engine.model
+    outputs = [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(m.labels)]}]
+    outputs += [
+        {"name": k, "datatype": "FP32", "shape": [-1, *v]} for k, v in m.feature_shapes.items()
+    ]
+    return {
+        "name": m.source.name,
+        "versions": [m.source.version],
+        "platform": "onnxruntime_onnx",
+        "inputs": [
+            {"name": "image", "datatype": "FP32", "shape": [-1, m.channels, m.height, m.width]}
+        ],
+        "outputs": outputs,
+    }
+
+
+def _ready(engine: Engine) -> dict[str, Any]:
+    return {"name": engine.model.source.name, "ready": True}
+
+
+@router.get("/models/{name}", summary="Model metadata")
+async def model_metadata(name: str, manager: ManagerDep) -> Any:
+    return _metadata(_engine(manager, name, None))
+
+
+@router.get("/models/{name}/versions/{version}", summary="Model version metadata")
+async def version_metadata(name: str, version: str, manager: ManagerDep) -> Any:
+    return _metadata(_engine(manager, name, version))
+
+
+@router.get("/models/{name}/ready", summary="Model ready")
+async def model_ready(name: str, manager: ManagerDep) -> Any:
+    return _ready(_engine(manager, name, None))
+
+
+@router.get("/models/{name}/versions/{version}/ready", summary="Model version ready")
+async def version_ready(name: str, version: str, manager: ManagerDep) -> Any:
+    return _ready(_engine(manager, name, version))
+
+
+@router.post("/models/{name}/infer", summary="Inference")
+async def infer(name: str, request: Request, manager: ManagerDep) -> Response:
+    return await _infer(_engine(manager, name, None), request)
+
+
+@router.post("/models/{name}/versions/{version}/infer", summary="Inference on a version")
+async def infer_version(name: str, version: str, request: Request, manager: ManagerDep) -> Response:
+    return await _infer(_engine(manager, name, version), request)
+
+
+def _parse(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
+    binary = b""
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise V2Error(400, f"{HEADER_LENGTH} must be an integer") from None
+        if not 0 <= n <= len(body):
+            raise V2Error(400, f"{HEADER_LENGTH} {n} does not fit a body of {len(body)} bytes")
+        body, binary = body[:n], body[n:]
+    try:
+        return InferRequest.model_validate(json.loads(body)), binary
+    except json.JSONDecodeError as err:
+        raise V2Error(400, f"the request body is not JSON: {err}") from None
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise V2Error(400, f"invalid inference request: {problems}") from None
+
+
+def _input_array(
+    tensor: TensorIn, binary: bytes, offset: int, expected: list[int]
+) -> tuple[np.ndarray, int]:
+    if tensor.name != "image":
+        raise V2Error(400, f"unknown input {tensor.name!r}; the model takes 'image'")
+    dtype = _DTYPES.get(tensor.datatype)
+    if dtype is None:
+        raise V2Error(400, f"input datatype {tensor.datatype!r} is not accepted; send FP32")
+    shape = tensor.shape
+    if len(shape) != 4 or shape[1:] != expected or shape[0] < 1:
+        raise V2Error(
+            400, f"input shape {shape} does not match [N, {', '.join(map(str, expected))}]"
+        )
+    count = math.prod(shape)
+    size = tensor.parameters.get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size != count * np.dtype(dtype).itemsize:
+            raise V2Error(
+                400, f"binary_data_size {size} does not match shape {shape} of {tensor.datatype}"
+            )
+        chunk = binary[offset : offset + size]
+        if len(chunk) != size:
+            raise V2Error(400, "the binary data is shorter than binary_data_size")
+        return np.frombuffer(chunk, dtype=dtype).reshape(shape).astype(np.float32), offset + size
+    if tensor.data is None:
+        raise V2Error(400, "the input has neither data nor binary_data_size")
+    try:
+        array = np.asarray(tensor.data, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise V2Error(400, "input data must be numbers, flat or nested row-major") from None
+    if array.size != count:
+        raise V2Error(400, f"input data holds {array.size} values, shape {shape} needs {count}")
+    if not np.all(np.isfinite(array)):
+        raise V2Error(400, "input data holds NaN or infinite values")
+    return array.reshape(shape).astype(np.float32), offset
+
+
+async def _infer(engine: Engine, request: Request) -> Response:
+    req, binary = _parse(await request.body(), request.headers.get(HEADER_LENGTH))
+    model = engine.model
+    if len(req.inputs) != 1:
+        raise V2Error(400, f"expected exactly one input ('image'), got {len(req.inputs)}")
+    images, _ = _input_array(req.inputs[0], binary, 0, [model.channels, model.height, model.width])
+    wanted = [o.name for o in req.outputs] if req.outputs else model.output_names
+    unknown = [n for n in wanted if n not in model.output_names]
+    if unknown:
+        raise V2Error(
+            400, f"unknown output(s) {', '.join(unknown)}; valid: {', '.join(model.output_names)}"
+        )
+    result = await engine.infer(images, list(dict.fromkeys(wanted)))
+    as_binary = {o.name for o in req.outputs or [] if o.parameters.get("binary_data")}
+    if req.parameters.get("binary_data_output"):
+        as_binary = set(wanted)
+    outputs, blobs = [], []
+    for name in wanted:
+        array = np.ascontiguousarray(result[name], dtype=np.float32)
+        entry: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": list(array.shape)}
+        if name in as_binary:
+            blob = array.tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = array.ravel().tolist()
+        outputs.append(entry)
+    body: dict[str, Any] = {
+        "model_name": model.source.name,
+        "model_version": model.source.version,
+        "outputs": outputs,
+    }
+    if req.id is not None:
+        body["id"] = req.id
+    header = json.dumps(body).encode()
+    if not blobs:
+        return Response(header, media_type="application/json")
+    return Response(
+        header + b"".join(blobs),
+        media_type="application/octet-stream",
+        headers={HEADER_LENGTH: str(len(header))},
+    )

@@ -1,0 +1,184 @@
+"""``create_app(settings)``: the FastAPI inference service."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from convserve import __version__
+from convserve.service.api import jobs, predict, status, v2
+from convserve.service.manager import ModelManager
+from convserve.service.metrics import Metrics
+from convserve.service.model import providers_for
+from convserve.service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class EdgeMiddleware:
+    """Request ids, the upload size limit (413 before the body is read) and HTTP metrics."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
+        self.app, self.limit, self.metrics = app, settings.max_upload_bytes, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        headers = dict(scope["headers"])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status_code = 500
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await self._reject(scope, send, request_id, int(length))
+            self._observe(scope, 413, start)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _TooLarge
+            return message
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, send_wrapper)
+        except _TooLarge:
+            await self._reject(scope, send, request_id, received)
+            status_code = 413
+        finally:
+            self._observe(scope, status_code, start)
+
+    async def _reject(self, scope: Scope, send: Send, request_id: str, size: int) -> None:
+        response = JSONResponse(
+            {
+                "detail": f"the request body is {size} bytes or more; the limit is {self.limit} "
+                "bytes (CONVSERVE_MAX_UPLOAD_BYTES)"
+            },
+            status_code=413,
+            headers={"x-request-id": request_id},
+        )
+        await response(scope, _empty_receive, send)
+
+    def _observe(self, scope: Scope, status_code: int, start: float) -> None:
+        route = scope.get("route")
+        path = getattr(route, "path", None) or "unmatched"
+        method = scope.get("method", "")
+        self.metrics.requests.labels(path, method, str(status_code)).inc()
+        self.metrics.latency.labels(path, method).observe(time.perf_counter() - start)
+
+
+async def _empty_receive() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+class JobQueue:
+    """The job queue and the MLflow client, as the API sees them."""
+
+    def __init__(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        from convserve.pipelines.jobs import JobSettings, make_queue
+
+        self.settings = JobSettings()
+        self.huey, self.task = make_queue(self.settings)
+        self.client = MlflowClient()
+
+
+def _is_v2(request: Request) -> bool:
+    return request.url.path.startswith("/v2")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    metrics = Metrics()
+    providers_for(settings.device)  # device=cuda without CUDA fails here, at start
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        manager = ModelManager(settings, metrics)
+        app.state.manager = manager
+        app.state.jobs = JobQueue()
+        outcome = await manager.check()
+        if manager.model is None:
+            log.warning("starting without a model: %s", outcome.message)
+        poller = asyncio.create_task(manager.poll())
+        try:
+            yield
+        finally:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+            await manager.close()
+
+    app = FastAPI(
+        title="convserve",
+        version=__version__,
+        description="Image classification with onnxruntime: class probabilities and the "
+        "feature maps of every convolutional block, a KServe v2 endpoint, hot reload of the "
+        "registry's champion, and Prometheus metrics.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.include_router(predict.router)
+    app.include_router(status.router)
+    app.include_router(v2.router)
+    app.include_router(jobs.router)
+    _handlers(app)
+    app.add_middleware(EdgeMiddleware, settings=settings, metrics=metrics)
+    return app
+
+
+def _handlers(app: FastAPI) -> None:
+    @app.exception_handler(v2.V2Error)
+    async def v2_error(request: Request, err: v2.V2Error) -> JSONResponse:
+        return v2.error_response(err)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        if _is_v2(request):
+            return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
+        return JSONResponse(
+            {"detail": err.detail}, status_code=err.status_code, headers=err.headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        problems: list[dict[str, Any]] = [
+            {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in err.errors()
+        ]
+        if _is_v2(request):
+            text = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in problems)
+            return JSONResponse({"error": text}, status_code=400)
+        return JSONResponse({"detail": problems}, status_code=422)
+
+
+def app_from_env() -> FastAPI:
+    """The factory uvicorn calls in each worker process (``convserve serve``)."""
+    return create_app(Settings())

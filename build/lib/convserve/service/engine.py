@@ -1,0 +1,147 @@
+"""Running inference off the event loop, with dynamic batching.
+
+An ``Engine`` belongs to one loaded model. Concurrent requests are gathered into one
+``session.run`` of at most ``max_batch_size`` images, waiting at most ``max_batch_wait_ms``
+for company. Each image's result is the same as its unbatched result (onnxruntime computes
+every image of a batch independently). When the model is swapped, the old engine drains
+its queue before it closes, so requests in flight finish on the old session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from convserve.service.metrics import Metrics
+from convserve.service.model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Item:
+    images: np.ndarray  # [N, C, H, W]
+    outputs: list[str]
+    future: asyncio.Future[dict[str, np.ndarray]]
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: LoadedModel,
+        executor: ThreadPoolExecutor,
+        metrics: Metrics,
+        *,
+        batching: bool,
+        max_batch_size: int,
+        max_batch_wait_ms: float,
+    ) -> None:
+        self.model, self.executor, self.metrics = model, executor, metrics
+        self.batching = batching
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_batch_wait_ms / 1000.0
+        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
+        self._carry: _Item | None = None
+        self._task = asyncio.create_task(self._loop()) if batching else None
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = False
+
+    async def infer(self, images: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
+        """Outputs for ``images`` ``[N, C, H, W]``, by name."""
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            if self._closing or not self.batching or images.shape[0] >= self.max_batch_size:
+                self.metrics.queue_time.observe(0.0)
+                return await self._run(images, outputs)
+            future: asyncio.Future[dict[str, np.ndarray]] = (
+                asyncio.get_running_loop().create_future()
+            )
+            await self._queue.put(_Item(images, outputs, future))
+            return await future
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    async def _run(self, images: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        result = await loop.run_in_executor(self.executor, self.model.run, images, outputs)
+        self.metrics.inference_time.observe(time.perf_counter() - start)
+        self.metrics.batch_size.observe(images.shape[0])
+        self.metrics.images.inc(images.shape[0])
+        return result
+
+    async def _next_batch(self) -> list[_Item] | None:
+        first = self._carry or await self._queue.get()
+        self._carry = None
+        if first is None:
+            return None
+        items, count = [first], first.images.shape[0]
+        deadline = time.perf_counter() + self.max_wait
+        while count < self.max_batch_size:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - time.perf_counter()
+                # Wait for company only while other requests are on their way (decoding):
+                # a lone request never pays the batching delay.
+                if remaining <= 0 or self._inflight <= len(items):
+                    break
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+            if item is None:
+                self._queue.put_nowait(None)  # close after this batch
+                break
+            if count + item.images.shape[0] > self.max_batch_size:
+                self._carry = item
+                break
+            items.append(item)
+            count += item.images.shape[0]
+        return items
+
+    async def _loop(self) -> None:
+        while (items := await self._next_batch()) is not None:
+            now = time.perf_counter()
+            for item in items:
+                self.metrics.queue_time.observe(now - item.queued_at)
+            outputs = sorted(
+                {o for item in items for o in item.outputs}, key=self.model.output_names.index
+            )
+            try:
+                batch = (
+                    np.concatenate([item.images for item in items])
+                    if len(items) > 1
+                    else items[0].images
+                )
+                result = await self._run(batch, outputs)
+            except Exception as err:  # every waiting request hears of it
+                for item in items:
+                    if not item.future.done():
+                        item.future.set_exception(err)
+                continue
+            start = 0
+            for item in items:
+                n = item.images.shape[0]
+                if not item.future.done():
+                    item.future.set_result({k: result[k][start : start + n] for k in item.outputs})
+                start += n
+
+    async def close(self) -> None:
+        """Finish every request already submitted, then stop; late callers run unbatched."""
+        self._closing = True
+        await self._idle.wait()
+        if self._task is not None:
+            await self._queue.put(None)
+            await self._task

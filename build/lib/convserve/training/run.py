@@ -1,0 +1,394 @@
+"""A whole training run: data, model, init, epochs, checkpoints, diagnostics, MLflow."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from convserve.training import plots
+from convserve.training.checkpoint import ModelSpec, read_checkpoint, save_checkpoint
+from convserve.training.config import TrainConfig
+from convserve.training.data import DataBundle, load_data
+from convserve.training.diagnostics import Diagnostics, Snapshot, run_verdicts
+from convserve.training.init import initialize
+from convserve.training.loop import (
+    Diverged,
+    StepCallbacks,
+    Stopped,
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    train_one_epoch,
+)
+from convserve.training.model import ConvNet, build_model, count_parameters
+from convserve.training.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+Status = Literal["finished", "diverged", "cancelled"]
+
+
+@dataclass
+class TrainResult:
+    status: Status
+    run_id: str | None
+    metrics: dict[str, float]
+    verdicts: list[str]
+    best_checkpoint: Path | None
+    last_checkpoint: Path | None
+    message: str = ""
+    history: list[dict[str, float]] = field(default_factory=list)
+    snapshots: list[Snapshot] = field(default_factory=list)
+
+
+@dataclass
+class Callbacks:
+    """Progress for the CLI and jobs; all optional."""
+
+    on_start: Callable[[int], None] | None = None  # total steps
+    on_step: Callable[[int, float, float], None] | None = None
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "device=cuda was asked for, but torch sees no CUDA device "
+            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
+            "use device=cpu or device=auto"
+        )
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_for(cfg: TrainConfig, data: DataBundle) -> ConvNet:
+    """Build and initialise the model that ``cfg`` describes for ``data``."""
+    model = build_model(
+        cfg.model, data.channels, data.image_size, data.num_classes, data.mean, data.std
+    )
+    batch = data.train.sample(256)[0] if cfg.init.name == "lsuv" else None
+    initialize(model, cfg.init, model.layer_activation, cfg.model.negative_slope, batch)
+    return model
+
+
+def capture_values(
+    model: ConvNet, diag: Diagnostics, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Activation and back-propagated gradient values of every layer on one batch, no step."""
+    was_training = model.training
+    model.eval()
+    with diag.measure(keep_values=True):
+        F.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return diag.values()
+
+
+def _histogram_plots(values: dict[str, dict[str, torch.Tensor]], when: str, folder: Path) -> None:
+    acts = {k: v["activation"] for k, v in values.items() if "activation" in v}
+    grads = {k: v["gradient"] for k, v in values.items() if "gradient" in v}
+    plots.histograms(
+        acts, f"activation values ({when})", "activation", folder / f"activations_{when}.png"
+    )
+    plots.histograms(
+        grads,
+        f"back-propagated gradients dL/d(pre-activation) ({when})",
+        "gradient",
+        folder / f"gradients_{when}.png",
+    )
+
+
+def _checkpoint_dir(cfg: TrainConfig, run_id: str | None) -> Path:
+    name = run_id or time.strftime("local-%Y%m%d-%H%M%S")
+    return Path(cfg.tracking.output_dir) / name
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: str | Path | None = None,
+    run_id: str | None = None,
+    callbacks: Callbacks | None = None,
+    tags: dict[str, str] | None = None,
+) -> TrainResult:
+    """Train ``cfg`` from scratch (or from the checkpoint ``resume``) and return the outcome.
+
+    ``run_id`` continues an existing MLflow run (a scheduled job); ``tags`` are added to the
+    run. Divergence and cancellation end the run with a status and a message, never with an
+    exception; any other error marks the MLflow run ``FAILED`` and is raised.
+    """
+    cb = callbacks or Callbacks()
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    data = load_data(cfg.data, cfg.seed)
+    spec = ModelSpec(data.classes, data.channels, data.image_size, data.mean, data.std, data.name)
+    model = build_for(cfg, data).to(device)
+    optimizer = make_optimizer(model, cfg.optim)
+    scheduler = make_scheduler(optimizer, cfg.optim)
+    start_epoch, step, best = 1, 0, -math.inf
+    if resume is not None:
+        payload = read_checkpoint(resume)
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        if scheduler is not None and payload["scheduler"] is not None:
+            scheduler.load_state_dict(payload["scheduler"])
+        start_epoch, step = payload["epoch"] + 1, payload["step"]
+        best = payload["best_metric"]
+        run_id = run_id or payload["run_id"]
+
+    tracker = Tracker(cfg.tracking)
+    run_id = tracker.start(
+        cfg,
+        run_id,
+        tags={
+            "convserve.dataset": data.name,
+            "convserve.parameters": str(count_parameters(model)),
+            **(tags or {}),
+        },
+    )
+    try:
+        ckpt_dir = _checkpoint_dir(cfg, run_id)
+        session = _Session(
+            cfg, data, spec, model, optimizer, scheduler, tracker, device, ckpt_dir, cb
+        )
+        return session.run(start_epoch, step, best)
+    except BaseException as err:
+        if tracker.run_id is not None:
+            message = f"{type(err).__name__}: {err}"[:5000]
+            tracker.set_tags({"convserve.status": "failed", "convserve.message": message})
+            tracker.end("FAILED")
+        raise
+
+
+class _Session:
+    """The state of one run while it trains; ``train`` builds it, ``run`` drives it."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        data: DataBundle,
+        spec: ModelSpec,
+        model: ConvNet,
+        optimizer: torch.optim.Optimizer,
+        scheduler: object,
+        tracker: Tracker,
+        device: torch.device,
+        ckpt_dir: Path,
+        cb: Callbacks,
+    ) -> None:
+        self.cfg, self.data, self.spec, self.model = cfg, data, spec, model
+        self.optimizer, self.scheduler, self.tracker = optimizer, scheduler, tracker
+        self.device, self.ckpt_dir, self.cb = device, ckpt_dir, cb
+        self.history: list[dict[str, float]] = []
+        self.snapshots: list[Snapshot] = []
+        self.diag = Diagnostics(model, cfg.diagnostics) if cfg.diagnostics.enabled else None
+        self.plot_dir = ckpt_dir / "plots"
+        # A few validation images travel in every checkpoint, for the export parity check.
+        self.sample = data.val.sample(32)[0]
+
+    def _on_step(self, step: int, loss: float, accuracy: float) -> None:
+        if step % self.cfg.tracking.log_every == 0:
+            self.tracker.log_metrics(
+                {"train_loss_step": loss, "train_accuracy_step": accuracy}, step
+            )
+        if self.cb.on_step is not None:
+            self.cb.on_step(step, loss, accuracy)
+
+    def _on_snapshot(self, snap: Snapshot) -> None:
+        self.snapshots.append(snap)
+        self.tracker.log_metrics(snap.metrics(), snap.step)
+
+    def _save(
+        self, name: str, epoch: int, step: int, best: float, metrics: dict[str, float]
+    ) -> Path:
+        return save_checkpoint(
+            self.ckpt_dir / name,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            config=self.cfg,
+            spec=self.spec,
+            epoch=epoch,
+            step=step,
+            best_metric=best,
+            metrics=metrics,
+            run_id=self.tracker.run_id,
+            sample=self.sample,
+        )
+
+    def run(self, start_epoch: int, step: int, best: float) -> TrainResult:
+        cfg = self.cfg
+        steps_per_epoch = math.ceil(len(self.data.train) / cfg.data.batch_size)
+        total = steps_per_epoch * cfg.optim.epochs
+        if cfg.optim.max_steps is not None:
+            total = min(total, cfg.optim.max_steps)
+        if self.cb.on_start is not None:
+            self.cb.on_start(total)
+        if self.diag is not None and cfg.diagnostics.plots:
+            x, y = self.data.train.sample(256)
+            _histogram_plots(
+                capture_values(self.model, self.diag, x.to(self.device), y.to(self.device)),
+                "init",
+                self.plot_dir,
+            )
+        status: Status = "finished"
+        message, best_path, last_path = "", None, None
+        since_best = 0
+        try:
+            for epoch in range(start_epoch, cfg.optim.epochs + 1):
+                result = train_one_epoch(
+                    self.model,
+                    self.data.train,
+                    self.optimizer,
+                    device=self.device,
+                    batch_size=cfg.data.batch_size,
+                    seed=cfg.seed * 1000 + epoch,
+                    start_step=step,
+                    max_steps=cfg.optim.max_steps,
+                    grad_clip=cfg.optim.grad_clip,
+                    diagnostics=self.diag,
+                    diag_every=cfg.diagnostics.every,
+                    callbacks=StepCallbacks(self._on_step, self._on_snapshot, self.cb.should_stop),
+                )
+                step = result.steps
+                val = evaluate(
+                    self.model,
+                    self.data.val,
+                    device=self.device,
+                    batch_size=cfg.data.batch_size,
+                    num_classes=self.data.num_classes,
+                )
+                metrics = {
+                    "epoch": float(epoch),
+                    "train_loss": result.loss,
+                    "train_accuracy": result.accuracy,
+                    "val_loss": val.loss,
+                    "val_accuracy": val.accuracy,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                }
+                self.history.append(metrics)
+                self.tracker.log_metrics(metrics, step)
+                if self.cb.on_epoch is not None:
+                    self.cb.on_epoch(epoch, metrics)
+                improved = val.accuracy > best
+                best = max(best, val.accuracy)
+                last_path = self._save("last.pt", epoch, step, best, metrics)
+                if improved or best_path is None:
+                    best_path = self._save("best.pt", epoch, step, best, metrics)
+                since_best = 0 if improved else since_best + 1
+                if self.scheduler is not None:
+                    self.scheduler.step()  # type: ignore[attr-defined]
+                if result.budget_spent:
+                    break
+                if cfg.optim.early_stopping is not None and since_best >= cfg.optim.early_stopping:
+                    message = f"early stopping after epoch {epoch}"
+                    break
+        except Diverged as err:
+            status, message = "diverged", str(err)
+            self.tracker.set_tags(
+                {
+                    "convserve.diverged_step": str(err.step),
+                    "convserve.diverged_layer": str(err.layer),
+                }
+            )
+        except Stopped as err:
+            status, message = "cancelled", str(err)
+            # Keep where it stopped: the epoch counts as not done, so a resume repeats it.
+            done = self.history[-1] if self.history else {}
+            last_path = self._save(
+                "last.pt", int(done.get("epoch", start_epoch - 1)), err.step, best, done
+            )
+            self.tracker.log_artifact(last_path, "checkpoints")
+        return self._finish(status, message, best_path, last_path)
+
+    def _finish(
+        self, status: Status, message: str, best_path: Path | None, last_path: Path | None
+    ) -> TrainResult:
+        cfg, data = self.cfg, self.data
+        final: dict[str, float] = dict(self.history[-1]) if self.history else {}
+        if best_path is not None:
+            best = read_checkpoint(best_path)
+            final["best_val_accuracy"] = best["best_metric"]
+            self.model.load_state_dict(best["model"])
+        split = data.test if data.test is not None else data.val
+        evaluation = evaluate(
+            self.model,
+            split,
+            device=self.device,
+            batch_size=cfg.data.batch_size,
+            num_classes=data.num_classes,
+        )
+        if status != "diverged":
+            final.update({"test_accuracy": evaluation.accuracy, "test_loss": evaluation.loss})
+            summary = {"test_accuracy": evaluation.accuracy, "test_loss": evaluation.loss}
+            if "best_val_accuracy" in final:
+                summary["best_val_accuracy"] = final["best_val_accuracy"]
+            self.tracker.log_metrics(summary, 0)
+        verdicts = run_verdicts(self.snapshots, cfg.diagnostics, diverged=status == "diverged")
+        self._write_plots(status, evaluation.confusion)
+        self.tracker.log_artifacts(self.plot_dir, "plots")
+        if best_path is not None:
+            self.tracker.log_artifact(best_path, "checkpoints")
+        self.tracker.set_tags(
+            {
+                "convserve.verdicts": ",".join(verdicts),
+                "convserve.status": status,
+                **({"convserve.message": message} if message else {}),
+            }
+        )
+        self.tracker.end(
+            {"finished": "FINISHED", "diverged": "FAILED", "cancelled": "KILLED"}[status]
+        )
+        if self.diag is not None:
+            self.diag.close()
+        return TrainResult(
+            status,
+            self.tracker.run_id,
+            final,
+            verdicts,
+            best_path,
+            last_path,
+            message,
+            self.history,
+            self.snapshots,
+        )
+
+    def _write_plots(self, status: Status, confusion: torch.Tensor) -> None:
+        if not self.cfg.diagnostics.plots:
+            return
+        folder = self.plot_dir
+        if self.history:
+            plots.learning_curves(self.history, folder / "learning_curves.png")
+        if self.snapshots:
+            plots.gradient_flow(self.snapshots, folder / "gradient_flow.png")
+        if status != "diverged":
+            plots.confusion_matrix(confusion, self.data.classes, folder / "confusion_matrix.png")
+            plots.first_layer_filters(self.model, folder / "first_layer_filters.png")
+            images, labels = self.data.val.sample(256)
+            plots.feature_maps(self.model, images[:4].to(self.device), folder)
+            if self.diag is not None:
+                _histogram_plots(
+                    capture_values(
+                        self.model, self.diag, images.to(self.device), labels.to(self.device)
+                    ),
+                    "final",
+                    folder,
+                )

@@ -1,0 +1,125 @@
+"""MLflow logging of a training run through an explicit ``MlflowClient``.
+
+No global state: the fluent API keeps an active-run stack per process, which breaks when runs
+are created by one process and executed by another (jobs). The tracking URI comes from the
+config, else ``MLFLOW_TRACKING_URI``, else MLflow's default (``sqlite:///mlflow.db``).
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from convserve.training.config import TrackingConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+_BATCH = 100  # MLflow accepts at most 100 params and 1000 metrics per log_batch call
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    import mlflow
+
+    return cfg.tracking_uri or mlflow.get_tracking_uri()
+
+
+def get_or_create_experiment(client: Any, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    try:
+        return str(client.create_experiment(name))
+    except MlflowException:  # created meanwhile by another process
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return str(experiment.experiment_id)
+
+
+class Tracker:
+    """One MLflow run; every method is a no-op when tracking is disabled."""
+
+    def __init__(self, cfg: TrackingConfig) -> None:
+        self.cfg = cfg
+        self.enabled = cfg.enabled
+        self.run_id: str | None = None
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri(self.cfg))
+        return self._client
+
+    def start(
+        self, config: TrainConfig, run_id: str | None = None, tags: dict[str, str] | None = None
+    ) -> str | None:
+        """Start a new run, or continue ``run_id`` (a resumed or scheduled run)."""
+        if not self.enabled:
+            return None
+        from mlflow.entities import Param
+
+        all_tags = {"convserve.config_hash": config.digest(), **(tags or {})}
+        commit = git_commit()
+        if commit:
+            all_tags["convserve.git_commit"] = commit
+        if run_id is None:
+            experiment_id = get_or_create_experiment(self.client, self.cfg.experiment)
+            run = self.client.create_run(experiment_id, run_name=self.cfg.run_name, tags=all_tags)
+            self.run_id = run.info.run_id
+            params = [Param(k, v) for k, v in config.flat().items()]
+            for i in range(0, len(params), _BATCH):
+                self.client.log_batch(self.run_id, params=params[i : i + _BATCH])
+        else:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            self.set_tags(all_tags)
+        return self.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled or self.run_id is None or not metrics:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if not self.enabled or self.run_id is None:
+            return
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.enabled and self.run_id is not None:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
+        if self.enabled and self.run_id is not None and folder.exists():
+            self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+    def end(self, status: str) -> None:
+        """``FINISHED``, ``FAILED`` or ``KILLED``."""
+        if self.enabled and self.run_id is not None:
+            self.client.set_terminated(self.run_id, status=status)

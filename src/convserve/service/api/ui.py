@@ -1,0 +1,41 @@
+"""The web page (``GET /``) and what it needs: the training config's schema and presets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse
+
+from convserve.service.api.deps import SettingsDep
+from convserve.training.config import TrainConfig, load_config
+
+router = APIRouter()
+STATIC = Path(__file__).resolve().parent.parent / "static"
+
+# The lecture's classic settings, as shipped configs.
+PRESETS = {
+    "He + ReLU": "default",
+    "Identical weights": "constant_init",
+    "Deep sigmoid": "deep_sigmoid",
+    "Xavier + tanh": "xavier_tanh",
+}
+
+
+@router.get("/", include_in_schema=False)
+async def page() -> FileResponse:
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+@router.get("/v1/train-schema", tags=["jobs"], summary="Training config schema and presets")
+async def train_schema(settings: SettingsDep) -> dict[str, Any]:
+    """The JSON schema of a training config (what ``POST /jobs`` takes as ``train``), the
+    lecture's classic settings as presets, and the MLflow UI address."""
+    return {
+        "schema": TrainConfig.model_json_schema(),
+        "presets": {
+            label: load_config(name).model_dump(mode="json") for label, name in PRESETS.items()
+        },
+        "mlflow_ui": settings.mlflow_ui_url,
+    }

@@ -1,0 +1,373 @@
+// convserve web page: predict with feature maps, start and watch training jobs.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let model = null;          // GET /v1/model
+let schema = null;         // GET /v1/train-schema
+let lastStats = {};        // per block: {mean: [...], max: [...]}
+const seenPromotions = new Set();
+
+async function api(path, options = {}) {
+  let response;
+  try {
+    response = await fetch(path, options);
+  } catch (err) {
+    throw new Error(`the server did not answer (${err.message})`);
+  }
+  const text = await response.text();
+  let body = null;
+  try { body = text ? JSON.parse(text) : null; } catch { body = null; }
+  if (!response.ok) {
+    throw new Error(explain(response.status, body, text));
+  }
+  return body;
+}
+
+function explain(status, body, text) {
+  const detail = body && (body.detail ?? body.error);
+  if (Array.isArray(detail)) {
+    return `${status}: ` + detail.map((d) => `${(d.loc || []).slice(1).join(".")}: ${d.msg}`).join("; ");
+  }
+  return `${status}: ${detail || text || "error"}`;
+}
+
+function show(id, message) {
+  const el = $(id);
+  el.textContent = message || "";
+  el.hidden = !message;
+}
+
+// ---- model -----------------------------------------------------------------
+async function loadModel() {
+  try {
+    model = await api("/v1/model");
+    const alias = model.alias ? ` @${model.alias}` : "";
+    const device = model.providers.includes("CUDAExecutionProvider") ? "GPU" : "CPU";
+    $("model-line").textContent =
+      `Model ${model.name} version ${model.version}${alias} on ${device} (${model.providers[0]}), ` +
+      `input ${model.input.shape.slice(1).join("x")}, ${model.labels.length} classes`;
+    const digits = model.input.shape[1] === 1 && model.labels.join("") === "0123456789";
+    $("draw-box").hidden = !digits;
+  } catch (err) {
+    model = null;
+    $("model-line").textContent = `No model is being served: ${err.message}`;
+  }
+}
+
+// ---- predict ---------------------------------------------------------------
+async function predict(blob, name) {
+  show("predict-error", "");
+  const form = () => { const f = new FormData(); f.append("file", blob, name); return f; };
+  try {
+    const [pngs, stats] = await Promise.all([
+      api("/predict?top_k=5&feature_maps=all&format=png", { method: "POST", body: form() }),
+      api("/predict?top_k=1&feature_maps=all&format=stats", { method: "POST", body: form() }),
+    ]);
+    lastStats = stats.predictions[0].feature_maps || {};
+    render(pngs.predictions[0]);
+  } catch (err) {
+    $("result").hidden = true;
+    show("predict-error", `Prediction failed: ${err.message}`);
+  }
+}
+
+function render(prediction) {
+  const bars = $("bars");
+  bars.replaceChildren();
+  for (const c of prediction.top_k) {
+    const li = document.createElement("li");
+    const pct = (100 * c.probability).toFixed(1);
+    li.innerHTML = `<span class="label"></span> ${pct}%<span class="bar"></span>`;
+    li.querySelector(".label").textContent = c.label;
+    li.querySelector(".bar").style.width = `${Math.max(1, 2 * pct)}px`;
+    li.setAttribute("aria-label", `${c.label}: ${pct} percent`);
+    bars.appendChild(li);
+  }
+  const maps = $("maps");
+  maps.replaceChildren();
+  for (const [block, fmap] of Object.entries(prediction.feature_maps || {})) {
+    maps.appendChild(renderBlock(block, fmap));
+  }
+  $("zoom").hidden = true;
+  $("result").hidden = false;
+}
+
+function renderBlock(block, fmap) {
+  const wrap = document.createElement("div");
+  wrap.className = "block";
+  const g = fmap.grid;
+  const title = document.createElement("h4");
+  title.textContent = `${block}: ${g.channels} channels of ${g.tile_height}x${g.tile_width}`;
+  const grid = document.createElement("div");
+  grid.className = "grid";
+  grid.style.gridTemplateColumns = `repeat(${g.cols}, minmax(0, 48px))`;
+  const img = new Image();
+  img.onload = () => {
+    for (let c = 0; c < g.channels; c++) {
+      const tile = document.createElement("button");
+      tile.type = "button";
+      tile.className = "tile";
+      tile.setAttribute("aria-label", `${block} channel ${c}`);
+      const canvas = document.createElement("canvas");
+      canvas.width = g.tile_width;
+      canvas.height = g.tile_height;
+      const x = (c % g.cols) * g.tile_width;
+      const y = Math.floor(c / g.cols) * g.tile_height;
+      canvas.getContext("2d").drawImage(img, x, y, g.tile_width, g.tile_height, 0, 0,
+                                        g.tile_width, g.tile_height);
+      canvas.style.width = "100%";
+      canvas.style.imageRendering = "pixelated";
+      tile.appendChild(canvas);
+      const zoom = () => showZoom(block, c, canvas);
+      tile.addEventListener("click", zoom);
+      tile.addEventListener("focus", zoom);
+      tile.addEventListener("mouseenter", zoom);
+      grid.appendChild(tile);
+    }
+  };
+  img.src = `data:image/png;base64,${fmap.png}`;
+  wrap.append(title, grid);
+  return wrap;
+}
+
+function showZoom(block, channel, source) {
+  const canvas = $("zoom-canvas");
+  const ctx = canvas.getContext("2d");
+  ctx.imageSmoothingEnabled = false;
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  ctx.drawImage(source, 0, 0, canvas.width, canvas.height);
+  const s = lastStats[block];
+  const stats = s ? `mean ${s.mean[channel].toFixed(4)}, max ${s.max[channel].toFixed(4)}` : "";
+  $("zoom-text").textContent = `${block}, channel ${channel}: ${stats}`;
+  $("zoom").hidden = false;
+}
+
+function setupPredict() {
+  const drop = $("drop");
+  $("file").addEventListener("change", (e) => {
+    const f = e.target.files[0];
+    if (f) predict(f, f.name);
+  });
+  drop.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("file").click(); }
+  });
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    const f = e.dataTransfer.files[0];
+    if (f) predict(f, f.name);
+  });
+  const canvas = $("canvas");
+  const ctx = canvas.getContext("2d");
+  const clear = () => { ctx.fillStyle = "#000"; ctx.fillRect(0, 0, canvas.width, canvas.height); };
+  clear();
+  let drawing = false;
+  const at = (e) => {
+    const r = canvas.getBoundingClientRect();
+    return [(e.clientX - r.left) * canvas.width / r.width, (e.clientY - r.top) * canvas.height / r.height];
+  };
+  canvas.addEventListener("pointerdown", (e) => { drawing = true; ctx.beginPath(); ctx.moveTo(...at(e)); });
+  canvas.addEventListener("pointermove", (e) => {
+    if (!drawing) return;
+    ctx.strokeStyle = "#fff"; ctx.lineWidth = 22; ctx.lineCap = "round";
+    ctx.lineTo(...at(e)); ctx.stroke();
+  });
+  window.addEventListener("pointerup", () => { drawing = false; });
+  $("clear").addEventListener("click", clear);
+  $("predict-drawing").addEventListener("click", () => {
+    canvas.toBlob((blob) => predict(blob, "drawing.png"), "image/png");
+  });
+}
+
+// ---- train -----------------------------------------------------------------
+// Fields generated from the schema: [section, field, how to read the input].
+const FIELDS = [
+  ["data", "name"], ["data", "limit"], ["model", "activation"], ["model", "hidden", "list"],
+  ["init", "name"], ["init", "std"], ["init", "value"], ["init", "scale"],
+  ["optim", "optimizer"], ["optim", "lr"], ["optim", "epochs"],
+];
+
+function resolve(ref) {
+  return schema.schema.$defs[ref.split("/").pop()];
+}
+
+function fieldSchema(section, name) {
+  const sec = resolve(schema.schema.properties[section].$ref || schema.schema.properties[section].allOf[0].$ref);
+  let prop = sec.properties[name];
+  if (prop.anyOf) prop = { ...prop, ...prop.anyOf.find((p) => p.type !== "null") };
+  return prop;
+}
+
+function buildForm() {
+  const fields = $("fields");
+  const channels = document.createElement("label");
+  channels.innerHTML = `conv blocks (channels, comma separated) <input id="f-blocks" value="16,32">`;
+  fields.appendChild(channels);
+  const poolEnum = resolve("#/$defs/BlockConfig").properties.pool.enum;
+  const pool = document.createElement("label");
+  pool.innerHTML = `pooling <select id="f-pool">${poolEnum.map((p) => `<option>${p}</option>`).join("")}</select>`;
+  fields.appendChild(pool);
+  for (const [section, name, kind] of FIELDS) {
+    const prop = fieldSchema(section, name);
+    const label = document.createElement("label");
+    label.textContent = `${section}.${name} `;
+    let input;
+    if (prop.enum) {
+      input = document.createElement("select");
+      for (const v of prop.enum) input.appendChild(new Option(v, v));
+    } else {
+      input = document.createElement("input");
+      input.type = kind === "list" ? "text" : (prop.type === "integer" || prop.type === "number") ? "number" : "text";
+      if (prop.type === "number") input.step = "any";
+      if (prop.minimum !== undefined) input.min = prop.minimum;
+    }
+    input.id = `f-${section}-${name}`;
+    label.appendChild(input);
+    fields.appendChild(label);
+  }
+  const preset = $("preset");
+  for (const name of Object.keys(schema.presets)) preset.appendChild(new Option(name, name));
+  preset.addEventListener("change", () => fill(schema.presets[preset.value]));
+  fill(schema.presets[preset.value]);
+}
+
+function fill(cfg) {
+  $("f-blocks").value = cfg.model.blocks.map((b) => b.out_channels).join(",");
+  $("f-pool").value = cfg.model.blocks.length ? cfg.model.blocks[0].pool : "max";
+  for (const [section, name, kind] of FIELDS) {
+    const v = cfg[section][name];
+    $(`f-${section}-${name}`).value = kind === "list" ? v.join(",") : (v ?? "");
+  }
+}
+
+function readForm() {
+  const cfg = JSON.parse(JSON.stringify(schema.presets[$("preset").value]));
+  const numbers = (text) => text.split(",").map((s) => s.trim()).filter(Boolean).map(Number);
+  const pool = $("f-pool").value;
+  cfg.model.blocks = numbers($("f-blocks").value).map((c, i) => ({
+    ...(cfg.model.blocks[i] || {}), out_channels: c, pool }));
+  for (const [section, name, kind] of FIELDS) {
+    const raw = $(`f-${section}-${name}`).value;
+    const prop = fieldSchema(section, name);
+    if (kind === "list") cfg[section][name] = numbers(raw);
+    else if (raw === "") cfg[section][name] = null;
+    else cfg[section][name] = (prop.type === "integer" || prop.type === "number") ? Number(raw) : raw;
+  }
+  delete cfg.tracking;
+  return cfg;
+}
+
+function token() {
+  return $("token").value.trim();
+}
+
+async function submitJob(e) {
+  e.preventDefault();
+  show("train-error", "");
+  sessionStorage.setItem("convserve-token", token());
+  try {
+    await api("/jobs", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Authorization: `Bearer ${token()}` },
+      body: JSON.stringify({ train: readForm(), promote: true }),
+    });
+    await refreshJobs();
+  } catch (err) {
+    show("train-error", `The job was not started: ${err.message}`);
+  }
+}
+
+async function cancelJob(id) {
+  try {
+    await api(`/jobs/${id}`, { method: "DELETE", headers: { Authorization: `Bearer ${token()}` } });
+    await refreshJobs();
+  } catch (err) {
+    show("train-error", `Cancelling failed: ${err.message}`);
+  }
+}
+
+async function refreshJobs() {
+  let page;
+  try {
+    page = await api("/jobs?page_size=20");
+  } catch (err) {
+    show("train-error", `Jobs could not be listed: ${err.message}`);
+    return;
+  }
+  const body = $("jobs").querySelector("tbody");
+  body.replaceChildren();
+  for (const job of page.jobs) {
+    const tr = document.createElement("tr");
+    tr.dataset.id = job.id;
+    tr.dataset.status = job.status;
+    const p = job.progress;
+    const acc = job.metrics.val_accuracy;
+    tr.innerHTML = `<td></td><td class="status"></td><td></td><td></td><td></td><td></td>`;
+    const [idCell, statusCell, progressCell, accCell, verdictCell, actions] = tr.children;
+    idCell.textContent = job.id.slice(0, 8);
+    if (job.links.mlflow) {
+      const a = document.createElement("a");
+      a.href = job.links.mlflow; a.textContent = " MLflow"; a.target = "_blank";
+      idCell.appendChild(a);
+    }
+    statusCell.textContent = job.status + (job.error ? `: ${job.error}` : "");
+    if (p.total) {
+      const bar = document.createElement("progress");
+      bar.max = p.total; bar.value = p.step || 0;
+      bar.setAttribute("aria-label", `step ${p.step || 0} of ${p.total}`);
+      progressCell.append(bar, ` epoch ${p.epoch ?? 0}`);
+    }
+    accCell.textContent = acc === undefined ? "" : acc.toFixed(3);
+    verdictCell.textContent = job.verdicts.join(", ");
+    if (job.status === "scheduled" || job.status === "running") {
+      const b = document.createElement("button");
+      b.type = "button"; b.textContent = "Cancel";
+      b.setAttribute("aria-label", `Cancel job ${job.id.slice(0, 8)}`);
+      b.addEventListener("click", () => cancelJob(job.id));
+      actions.appendChild(b);
+    }
+    body.appendChild(tr);
+    if (job.promoted && job.registered_version && !seenPromotions.has(job.id)) {
+      seenPromotions.add(job.id);
+      announce(job);
+    }
+  }
+}
+
+async function announce(job) {
+  const end = Date.now() + 60000;
+  while (Date.now() < end) {
+    await loadModel();
+    if (model && model.version === job.registered_version) {
+      show("banner", `A new champion is served: ${model.name} version ${model.version}, ` +
+                     `trained by job ${job.id.slice(0, 8)}.`);
+      return;
+    }
+    await new Promise((r) => setTimeout(r, 1000));
+  }
+}
+
+async function main() {
+  setupPredict();
+  await loadModel();
+  try {
+    schema = await api("/v1/train-schema");
+    buildForm();
+    if (schema.mlflow_ui) { $("mlflow-link").href = schema.mlflow_ui; $("mlflow-link").hidden = false; }
+  } catch (err) {
+    show("train-error", `The training form could not be built: ${err.message}`);
+  }
+  $("token").value = sessionStorage.getItem("convserve-token") || "";
+  $("train-form").addEventListener("submit", submitJob);
+  // Jobs that ended before the page opened do not announce themselves.
+  try {
+    const page = await api("/jobs?page_size=20");
+    for (const job of page.jobs) if (job.promoted) seenPromotions.add(job.id);
+  } catch { /* shown by refreshJobs */ }
+  await refreshJobs();
+  setInterval(refreshJobs, 2000);
+}
+
+main();
