@@ -171,13 +171,19 @@ def promote(
             if champion_value is None
             else (value - champion_value if direction == "maximize" else champion_value - value)
         )
-        if champ_dataset != dataset:
+        if gain is None:  # registered outside convserve, or never measured
+            reason = (
+                f"champion v{champion.version} has no recorded {metric}; a checked, "
+                "measured version replaces it"
+            )
+            decision = Decision(True, CHAMPION, reason, value, None, champion.version)
+        elif champ_dataset != dataset:
             reason = (
                 f"champion v{champion.version} was trained on {champ_dataset}, this "
                 f"version on {dataset}: not comparable"
             )
             decision = Decision(False, CHALLENGER, reason, value, champion_value, champion.version)
-        elif gain is None or (gain > 0 and gain >= margin):
+        elif gain > 0 and gain >= margin:
             reason = (
                 f"{metric} {value:.4f} beats champion v{champion.version}'s "
                 f"{champion_value} by at least {margin:g}"

@@ -271,7 +271,9 @@ async function submitJob(e) {
     await api("/jobs", {
       method: "POST",
       headers: { "Content-Type": "application/json", Authorization: `Bearer ${token()}` },
-      body: JSON.stringify({ train: readForm(), promote: true }),
+      // A job promotes into the registered model this page serves, when it follows one.
+      body: JSON.stringify({ train: readForm(), promote: true,
+                             ...(model && model.alias ? { model_name: model.name } : {}) }),
     });
     await refreshJobs();
   } catch (err) {
@@ -340,7 +342,7 @@ async function announce(job) {
   const end = Date.now() + 60000;
   while (Date.now() < end) {
     await loadModel();
-    if (model && model.version === job.registered_version) {
+    if (model && model.name === job.registered_model && model.version === job.registered_version) {
       show("banner", `A new champion is served: ${model.name} version ${model.version}, ` +
                      `trained by job ${job.id.slice(0, 8)}.`);
       return;
