@@ -1,1 +1,0 @@
-"""Sweeps, selection, registration, jobs, experiments and the CLI."""

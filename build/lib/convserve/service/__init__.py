@@ -1,1 +1,0 @@
-"""The FastAPI inference service (never imports torch)."""

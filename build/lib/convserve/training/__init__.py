@@ -1,1 +1,0 @@
-"""Config schemas, CNN builder, registries, data, training loop, diagnostics, tracking."""
