@@ -63,10 +63,10 @@ def test_each_program_gets_the_environment_it_needs(compose):
 
 def test_no_secret_is_baked_in():
     raw = load()
-    assert "${POSTGRES_PASSWORD:?" in raw["services"]["postgres"]["environment"][
-        "POSTGRES_PASSWORD"]
-    assert "${CONVSERVE_API_TOKEN:?" in raw["services"]["api"]["environment"][
-        "CONVSERVE_API_TOKEN"]
+    assert (
+        "${POSTGRES_PASSWORD:?" in raw["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"]
+    )
+    assert "${CONVSERVE_API_TOKEN:?" in raw["services"]["api"]["environment"]["CONVSERVE_API_TOKEN"]
     with pytest.raises(ValueError, match="POSTGRES_PASSWORD"):
         interpolate(raw, {})
     for dockerfile in (ROOT / "deploy").glob("Dockerfile.*"):

@@ -26,10 +26,12 @@ BIN = Path(sys.executable).parent
 
 
 def _local(value: str, ports: dict[str, int], tmp: Path) -> str:
-    return (value.replace("@postgres:5432", "@127.0.0.1:5432")
-            .replace("http://mlflow:5000", f"http://127.0.0.1:{ports['mlflow']}")
-            .replace("redis://redis:6379", "redis://127.0.0.1:6379")
-            .replace("/mlartifacts", str(tmp / "mlartifacts")))
+    return (
+        value.replace("@postgres:5432", "@127.0.0.1:5432")
+        .replace("http://mlflow:5000", f"http://127.0.0.1:{ports['mlflow']}")
+        .replace("redis://redis:6379", "redis://127.0.0.1:6379")
+        .replace("/mlartifacts", str(tmp / "mlartifacts"))
+    )
 
 
 def _argv(command: str | list[str]) -> list[str]:
@@ -55,34 +57,51 @@ def database():
 
 
 def test_compose_services_as_local_processes(tmp_path, database):
-    env_file = {**read_env(ROOT / ".env.example"), "POSTGRES_USER": "postgres",
-                "POSTGRES_DB": database, "CONVSERVE_API_TOKEN": "topology-token"}
+    env_file = {
+        **read_env(ROOT / ".env.example"),
+        "POSTGRES_USER": "postgres",
+        "POSTGRES_DB": database,
+        "CONVSERVE_API_TOKEN": "topology-token",
+    }
     services = load(env_file)["services"]
     ports = {"mlflow": free_port(), "api": free_port()}
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(name: str, argv: list[str], extra: dict[str, str]) -> subprocess.Popen[bytes]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CONVSERVE_", "MLFLOW"))}
-        env.update({k: _local(str(v), ports, tmp_path)
-                    for k, v in services[name].get("environment", {}).items()})
+        env.update(
+            {
+                k: _local(str(v), ports, tmp_path)
+                for k, v in services[name].get("environment", {}).items()
+            }
+        )
         env.update(extra)
         log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         procs.append(proc)
         return proc
 
-    queue = {"CONVSERVE_QUEUE_NAME": f"topology-{uuid.uuid4().hex[:6]}",
-             "CONVSERVE_CACHE_DIR": str(tmp_path / "cache"), "CONVSERVE_POLL_INTERVAL": "0.5"}
+    queue = {
+        "CONVSERVE_QUEUE_NAME": f"topology-{uuid.uuid4().hex[:6]}",
+        "CONVSERVE_CACHE_DIR": str(tmp_path / "cache"),
+        "CONVSERVE_POLL_INTERVAL": "0.5",
+    }
     try:
         mlflow_argv = [_local(a, ports, tmp_path) for a in _argv(services["mlflow"]["command"])]
-        mlflow_argv = _swap(_swap(mlflow_argv, "--port", str(ports["mlflow"])), "--host",
-                            "127.0.0.1")
+        mlflow_argv = _swap(
+            _swap(mlflow_argv, "--port", str(ports["mlflow"])), "--host", "127.0.0.1"
+        )
         mlflow_argv = _swap(mlflow_argv, "--workers", "1")
         # Clients here reach "mlflow:5000" as 127.0.0.1:<port>: admit that name as well.
         hosts = mlflow_argv[mlflow_argv.index("--allowed-hosts") + 1]
-        mlflow_argv = _swap(mlflow_argv, "--allowed-hosts",
-                            f"{hosts},127.0.0.1:{ports['mlflow']}")
+        mlflow_argv = _swap(mlflow_argv, "--allowed-hosts", f"{hosts},127.0.0.1:{ports['mlflow']}")
         mlflow = start("mlflow", mlflow_argv, {})
         url = f"http://127.0.0.1:{ports['mlflow']}"
         wait_http(f"{url}/health", mlflow, timeout=120)
@@ -92,23 +111,31 @@ def test_compose_services_as_local_processes(tmp_path, database):
         assert httpx.get(api, headers={"Host": "evil.example"}).status_code == 403
 
         start("worker", _argv(services["worker"]["command"]), queue)
-        api_argv = _swap(_swap(_argv(services["api"]["command"]), "--port", str(ports["api"])),
-                         "--host", "127.0.0.1")
+        api_argv = _swap(
+            _swap(_argv(services["api"]["command"]), "--port", str(ports["api"])),
+            "--host",
+            "127.0.0.1",
+        )
         api = start("api", api_argv, queue)
         api_url = f"http://127.0.0.1:{ports['api']}"
         wait_http(f"{api_url}/healthz", api, timeout=60)
 
         with httpx.Client(base_url=api_url, timeout=30) as http:
             assert http.get("/readyz").status_code == 503  # an empty registry
-            job = http.post("/jobs", json={"train": {**TINY, "tracking": {}}},
-                            headers={"Authorization": "Bearer topology-token"})
+            job = http.post(
+                "/jobs",
+                json={"train": {**TINY, "tracking": {}}},
+                headers={"Authorization": "Bearer topology-token"},
+            )
             assert job.status_code == 202, job.text
             job_id = job.json()["id"]
             deadline = time.monotonic() + 180
             while time.monotonic() < deadline:
                 state = http.get(f"/jobs/{job_id}").json()
-                if state["status"] in ("succeeded", "failed") and http.get(
-                        "/readyz").status_code == 200:
+                if (
+                    state["status"] in ("succeeded", "failed")
+                    and http.get("/readyz").status_code == 200
+                ):
                     break
                 time.sleep(0.5)
             assert state["status"] == "succeeded", state
@@ -117,8 +144,12 @@ def test_compose_services_as_local_processes(tmp_path, database):
             Image.new("L", (8, 8), 128).save(buf, "PNG")
             r = http.post("/predict", files={"file": ("x.png", buf.getvalue())})
             assert r.status_code == 200, r.text
-            assert r.json()["model"] == {"name": "convserve", "version": "1",
-                                         "alias": "champion", "run_id": job_id}
+            assert r.json()["model"] == {
+                "name": "convserve",
+                "version": "1",
+                "alias": "champion",
+                "run_id": job_id,
+            }
     finally:
         for proc in procs:
             proc.terminate()

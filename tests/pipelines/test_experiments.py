@@ -9,8 +9,17 @@ pytestmark = pytest.mark.slow
 
 # Pooling is "usually" better, by a point or so either way (Boureau et al. 2010): the report
 # states what it sees, and the test does not pin that verdict.
-PINNED = ["symmetry", "vanishing", "exploding", "xavier_he", "compute_cost", "dying_relu",
-          "dense_vs_cnn", "convolution", "hierarchy"]
+PINNED = [
+    "symmetry",
+    "vanishing",
+    "exploding",
+    "xavier_he",
+    "compute_cost",
+    "dying_relu",
+    "dense_vs_cnn",
+    "convolution",
+    "hierarchy",
+]
 
 
 def test_reduced_suite_reproduces_the_claims(tmp_path, sqlite_uri):

@@ -4,7 +4,6 @@ see API errors in words. Screenshots go to test-artifacts/web/."""
 
 from __future__ import annotations
 
-import io
 import shutil
 import uuid
 from pathlib import Path
@@ -20,8 +19,16 @@ from tests.servers import uvicorn_server, worker_process
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "web"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture
@@ -31,14 +38,24 @@ def stack(onnx_path, mlflow_url, tmp_path):
     name = f"web-{uuid.uuid4().hex[:6]}"
     mlflow.set_tracking_uri(mlflow_url)
     with mlflow.start_run():
-        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model",
-                                     registered_model_name=name, save_as_external_data=False)
-    MlflowClient(mlflow_url).set_registered_model_alias(name, "champion",
-                                                        info.registered_model_version)
-    env = {"MLFLOW_TRACKING_URI": mlflow_url, "CONVSERVE_API_TOKEN": "web-token",
-           "CONVSERVE_MODEL_URI": f"models:/{name}@champion", "CONVSERVE_POLL_INTERVAL": "0.5",
-           "CONVSERVE_CACHE_DIR": str(tmp_path / "cache"), "CONVSERVE_MLFLOW_UI_URL": mlflow_url,
-           "CONVSERVE_QUEUE_PATH": str(tmp_path / "queue.db")}
+        info = mlflow.onnx.log_model(
+            onnx.load(str(onnx_path)),
+            name="model",
+            registered_model_name=name,
+            save_as_external_data=False,
+        )
+    MlflowClient(mlflow_url).set_registered_model_alias(
+        name, "champion", info.registered_model_version
+    )
+    env = {
+        "MLFLOW_TRACKING_URI": mlflow_url,
+        "CONVSERVE_API_TOKEN": "web-token",
+        "CONVSERVE_MODEL_URI": f"models:/{name}@champion",
+        "CONVSERVE_POLL_INTERVAL": "0.5",
+        "CONVSERVE_CACHE_DIR": str(tmp_path / "cache"),
+        "CONVSERVE_MLFLOW_UI_URL": mlflow_url,
+        "CONVSERVE_QUEUE_PATH": str(tmp_path / "queue.db"),
+    }
     with uvicorn_server(env, tmp_path) as url, worker_process(env, tmp_path):
         yield url, name
 

@@ -9,6 +9,7 @@ training loop and diagnostics.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -163,7 +164,9 @@ def log_report(
             run_id, f"claim.{f.name}", "reproduced" if f.reproduced else "not reproduced"
         )
         for key, value in f.metrics.items():
-            client.log_metric(run_id, f"{f.name}.{key}", float(value))
+            # MLflow names allow letters, digits, "_-. :/" only ("tanh + Xavier" has a "+").
+            name = re.sub(r"[^\w\-. :/]", "_", f"{f.name}.{key}")
+            client.log_metric(run_id, name, float(value))
     client.log_metric(run_id, "claims_reproduced", float(sum(f.reproduced for f in findings)))
     client.log_artifacts(run_id, str(folder), "report")
     client.set_terminated(run_id, "FINISHED")
