@@ -16,6 +16,7 @@ from convserve.training.config import ConfigError, load_config, shipped_configs
 
 if TYPE_CHECKING:
     from convserve.pipelines.registry import Policy
+    from convserve.training.run import Callbacks
 
 app = typer.Typer(
     help="Train CNNs whose initialisation and activations come from a config, see why they "
@@ -86,7 +87,6 @@ def train(
     """
     from convserve.training.checkpoint import read_checkpoint
     from convserve.training.config import apply_overrides, validate_config
-    from convserve.training.run import Callbacks
     from convserve.training.run import train as run_training
 
     try:
@@ -99,32 +99,7 @@ def train(
         err_console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
 
-    progress = Progress(
-        TextColumn("[bold]train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    )
-    task = progress.add_task("train", total=None, status="loading data")
-
-    def on_step(step: int, loss: float, accuracy: float) -> None:
-        progress.update(task, completed=step, status=f"loss {loss:.4f} acc {accuracy:.3f}")
-
-    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        progress.console.print(
-            f"epoch {epoch}: train loss {metrics['train_loss']:.4f} "
-            f"acc {metrics['train_accuracy']:.4f} | val loss {metrics['val_loss']:.4f} "
-            f"acc {metrics['val_accuracy']:.4f}"
-        )
-
-    callbacks = Callbacks(
-        on_start=lambda total: progress.update(task, total=total),
-        on_step=on_step,
-        on_epoch=on_epoch,
-    )
+    progress, callbacks = _progress_callbacks("train")
     try:
         with progress:
             result = run_training(cfg, resume=resume, callbacks=callbacks)
@@ -425,7 +400,8 @@ def bootstrap(
     _report_published(published)
 
 
-def _progress_callbacks(label: str) -> tuple[Progress, object]:
+def _progress_callbacks(label: str) -> tuple[Progress, Callbacks]:
+    """A rich progress bar (steps, loss, accuracy) and the training callbacks that drive it."""
     from convserve.training.run import Callbacks
 
     progress = Progress(
@@ -442,7 +418,11 @@ def _progress_callbacks(label: str) -> tuple[Progress, object]:
         progress.update(task, completed=step, status=f"loss {loss:.4f} acc {accuracy:.3f}")
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        progress.console.print(f"epoch {epoch}: val acc {metrics['val_accuracy']:.4f}")
+        progress.console.print(
+            f"epoch {epoch}: train loss {metrics['train_loss']:.4f} "
+            f"acc {metrics['train_accuracy']:.4f} | val loss {metrics['val_loss']:.4f} "
+            f"acc {metrics['val_accuracy']:.4f}"
+        )
 
     return progress, Callbacks(
         on_start=lambda total: progress.update(task, total=total),
