@@ -101,8 +101,8 @@ def test_job_trains_registers_promotes_and_is_served(mlflow_url, tmp_path, redis
     assert TOKEN not in logs
 
 
-def test_invalid_body_and_auth(mlflow_url, tmp_path):
-    env = _env(mlflow_url, tmp_path, False, "auth-model")
+def test_invalid_body_auth_and_queue_limit(mlflow_url, tmp_path):
+    env = {**_env(mlflow_url, tmp_path, False, "auth-model"), "CONVSERVE_MAX_QUEUED_JOBS": "1"}
     with uvicorn_server(env, tmp_path) as url, httpx.Client(base_url=url) as http:
         before = len(http.get("/jobs").json()["jobs"])
         body = _job("auth", "auth-model")
@@ -118,6 +118,11 @@ def test_invalid_body_and_auth(mlflow_url, tmp_path):
         assert r.status_code == 422 and "exactly one of" in r.text
         assert len(http.get("/jobs").json()["jobs"]) == before  # nothing was queued
         assert http.delete("/jobs/abc").status_code == 401
+        # no worker runs here: the second waiting job is over the limit
+        assert http.post("/jobs", json=body, headers=AUTH).status_code == 202
+        r = http.post("/jobs", json=body, headers=AUTH)
+        assert r.status_code == 429 and "CONVSERVE_MAX_QUEUED_JOBS" in r.json()["detail"]
+        assert len(http.get("/jobs").json()["jobs"]) == before + 1
     logs = "".join(p.read_text(errors="replace") for p in tmp_path.glob("*.log"))
     assert TOKEN not in logs
 
