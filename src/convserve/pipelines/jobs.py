@@ -54,11 +54,12 @@ class JobSettings(BaseSettings):
 class JobRequest(BaseModel):
     """``POST /jobs``: a training config or a sweep, and what may happen to the winner."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     train: TrainConfig | None = None  # one training run
     sweep: SweepConfig | None = None  # or a grid of them
-    register: bool = True  # export, check and register the result (the sweep's best run)
+    # export, check and register the result (the sweep's best run); "register" in JSON
+    register_model: bool = Field(True, alias="register")
     promote: bool = True  # move the champion alias if the result beats the champion
     model_name: str = Field("convserve", min_length=1)
     margin: float = Field(0.0, ge=0.0)
@@ -115,7 +116,7 @@ def submit(request: JobRequest, client: Any, task: Any) -> str:
     params = [Param(k, v) for k, v in cfg.flat().items()]
     for i in range(0, len(params), 100):
         client.log_batch(run_id, params=params[i : i + 100])
-    client.log_text(run_id, request.model_dump_json(indent=1), REQUEST_ARTIFACT)
+    client.log_text(run_id, request.model_dump_json(indent=1, by_alias=True), REQUEST_ARTIFACT)
     try:
         task(run_id)
     except Exception as err:
@@ -268,7 +269,9 @@ def _run(request: JobRequest, run_id: str, client: Any, beat: _Heartbeat) -> str
     from convserve.pipelines.sweep import run_sweep
     from convserve.training.run import Callbacks, train
 
-    policy = Policy(request.model_name, request.register, request.promote, margin=request.margin)
+    policy = Policy(
+        request.model_name, request.register_model, request.promote, margin=request.margin
+    )
     callbacks = Callbacks(
         on_start=beat.on_start,
         on_step=beat.on_step,
@@ -290,7 +293,7 @@ def _run(request: JobRequest, run_id: str, client: Any, beat: _Heartbeat) -> str
         if result.status != "finished":
             client.set_tag(run_id, "convserve.error", result.message[:5000])
             return "failed"
-        if request.register:
+        if request.register_model:
             published = publish(run_id=run_id, tracking_uri=tracking_uri, policy=policy)
             _record_publication(client, run_id, published)
         return "succeeded"
@@ -309,7 +312,7 @@ def _run(request: JobRequest, run_id: str, client: Any, beat: _Heartbeat) -> str
     )
     outcome = run_sweep(
         sweep,
-        policy=policy if request.register else None,
+        policy=policy if request.register_model else None,
         should_stop=beat.should_stop,
         parent_run_id=run_id,
     )

@@ -1,0 +1,177 @@
+"""Data sets: load by name, split deterministically by seed, compute normalisation statistics.
+
+Every split yields float batches with pixel values in [0, 1]; normalisation happens inside the
+model (``Normalize``) with the statistics of the training split, so checkpoints and ONNX files
+take raw pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from convserve.training.config import DataConfig
+from convserve.training.data.sources import DATASETS, Source, get_source
+
+__all__ = ["DATASETS", "DataBundle", "Split", "load_data"]
+
+
+@dataclass
+class Split:
+    """One split: either in-memory uint8 images, or a lazy data set read through a DataLoader."""
+
+    labels: Tensor
+    images: Tensor | None = None
+    lazy: Dataset[tuple[Tensor, int]] | None = None
+    num_workers: int = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(
+        self, batch_size: int, shuffle: bool = False, seed: int = 0
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Float ``[B, C, H, W]`` in [0, 1] and int64 labels; the order is fixed by ``seed``."""
+        if self.images is not None:
+            order = (
+                torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+                if shuffle
+                else torch.arange(len(self))
+            )
+            for start in range(0, len(self), batch_size):
+                idx = order[start : start + batch_size]
+                yield self.images[idx].float().div_(255.0), self.labels[idx]
+            return
+        assert self.lazy is not None
+        loader = DataLoader(
+            self.lazy,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        for x, y in loader:
+            yield x.float().div_(255.0), y
+
+    def sample(self, count: int) -> tuple[Tensor, Tensor]:
+        """The first ``count`` examples as one batch (plots, LSUV, export checks)."""
+        return next(self.batches(min(count, len(self))))
+
+
+@dataclass
+class DataBundle:
+    name: str
+    train: Split
+    val: Split
+    test: Split | None
+    classes: list[str]
+    channels: int
+    image_size: tuple[int, int]
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def _convert_channels(images: Tensor, channels: int | None) -> Tensor:
+    if channels is None or images.size(1) == channels:
+        return images
+    if channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    # ITU-R BT.601 luma, the weights PIL's convert("L") uses.
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+
+
+def _resize(images: Tensor, size: int | None) -> Tensor:
+    if size is None or tuple(images.shape[-2:]) == (size, size):
+        return images
+    out = F.interpolate(
+        images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def _prepare(images: Tensor, cfg: DataConfig, seed: int = 0) -> Tensor:
+    images = _resize(_convert_channels(images, cfg.channels), cfg.image_size)
+    if cfg.permute_pixels:
+        n, c, h, w = images.shape
+        perm = torch.randperm(h * w, generator=torch.Generator().manual_seed(seed + 7919))
+        images = images.reshape(n, c, h * w)[:, :, perm].reshape(n, c, h, w).contiguous()
+    return images
+
+
+def _stats(split: Split, batch_size: int = 1024) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the training split (two-pass-free, in float64)."""
+    total, total_sq, count = None, None, 0
+    for x, _ in split.batches(batch_size):
+        x = x.double()
+        s, sq = x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3))
+        total = s if total is None else total + s
+        total_sq = sq if total_sq is None else total_sq + sq
+        count += x.size(0) * x.size(2) * x.size(3)
+    assert total is not None and total_sq is not None
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
+    # A constant channel would divide by ~0; 1.0 leaves it unscaled.
+    std = torch.where(std < 1e-3, torch.ones_like(std), std)
+    return [float(m) for m in mean], [float(s) for s in std]
+
+
+def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
+    """Load ``cfg.name`` and split it into train, validation and test by ``seed``."""
+    source: Source = get_source(cfg, seed)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(source.labels), generator=gen)
+    if cfg.limit is not None:
+        order = order[: cfg.limit]
+    n = len(order)
+    n_val = max(1, round(n * cfg.val_fraction))
+    has_own_test = source.test is not None
+    n_test = 0 if has_own_test else round(n * cfg.test_fraction)
+    if n - n_val - n_test < 1:
+        raise ValueError(f"{cfg.name}: {n} examples are too few for the requested splits")
+    test_idx, val_idx, train_idx = (
+        order[:n_test],
+        order[n_test : n_test + n_val],
+        order[n_test + n_val :],
+    )
+
+    if isinstance(source.images, Tensor):
+        images = _prepare(source.images, cfg, seed)
+
+        def make(idx: Tensor) -> Split:
+            return Split(source.labels[idx], images=images[idx])
+
+        train, val = make(train_idx), make(val_idx)
+        test = make(test_idx) if n_test else None
+        if source.test is not None and cfg.test_fraction > 0:
+            test_x, test_y = source.test
+            if cfg.limit is not None:
+                keep = max(1, round(cfg.limit * cfg.test_fraction))
+                test_x, test_y = test_x[:keep], test_y[:keep]
+            test = Split(test_y, images=_prepare(test_x, cfg, seed))
+        channels, size = images.size(1), (images.size(2), images.size(3))
+    else:
+        if cfg.permute_pixels:
+            raise ValueError("data.permute_pixels works with in-memory data sets only")
+        lazy = source.images
+
+        def make(idx: Tensor) -> Split:
+            subset = Subset(lazy, idx.tolist())
+            return Split(source.labels[idx], lazy=subset, num_workers=cfg.num_workers)
+
+        train, val = make(train_idx), make(val_idx)
+        test = make(test_idx) if n_test else None
+        first, _ = lazy[0]
+        channels, size = first.size(0), (first.size(1), first.size(2))
+
+    mean, std = _stats(train)
+    return DataBundle(cfg.name, train, val, test, list(source.classes), channels, size, mean, std)
