@@ -341,6 +341,7 @@ def up(
     mlflow_port: Annotated[int, typer.Option(help="MLflow tracking server port.")] = 5000,
     api_port: Annotated[int, typer.Option(help="API port.")] = 8000,
     model_name: ModelNameOption = "convserve",
+    config: ConfigOption = "default",
 ) -> None:
     """Run the whole product on this machine: an MLflow server (SQLite, local artifacts), one
     worker and the API, supervised; trains and promotes the default model first when the
@@ -349,7 +350,9 @@ def up(
 
     from convserve.pipelines.stack import Stack
 
-    stack = Stack(home.resolve(), host, mlflow_port, api_port, model_name)
+    if Path(config).exists():
+        config = str(Path(config).resolve())
+    stack = Stack(home.resolve(), host, mlflow_port, api_port, model_name, config)
 
     def on_signal(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # Ctrl-C and SIGTERM both stop every child cleanly
@@ -357,10 +360,8 @@ def up(
     # Installed explicitly: a shell's background job starts with SIGINT ignored.
     signals.signal(signals.SIGINT, on_signal)
     signals.signal(signals.SIGTERM, on_signal)
-    progress, callbacks = _progress_callbacks("first model")
     try:
-        with progress:
-            stack.start(lambda text: progress.console.print(text), callbacks)
+        stack.start(console.print)
         console.print(f"""
 [bold green]convserve is ready[/bold green]
   API:       {stack.api_url}/predict  (docs: {stack.api_url}/docs)
@@ -384,6 +385,7 @@ Press Ctrl-C to stop.""")
 def bootstrap(
     model_name: ModelNameOption = "convserve",
     config: ConfigOption = "default",
+    output_dir: Annotated[str, typer.Option(help="Folder for the run's checkpoints.")] = "runs",
 ) -> None:
     """Train, export, register and promote a first model when the registry (the
     MLFLOW_TRACKING_URI) has no champion yet; do nothing otherwise."""
@@ -393,7 +395,9 @@ def bootstrap(
 
     progress, callbacks = _progress_callbacks("first model")
     with progress:
-        published = run_bootstrap(mlflow.get_tracking_uri(), model_name, config, callbacks)
+        published = run_bootstrap(
+            mlflow.get_tracking_uri(), model_name, config, callbacks, output_dir
+        )
     if published is None:
         console.print(f"models:/{model_name}@champion exists: nothing to do")
         return

@@ -240,21 +240,24 @@ def publish(
 ) -> Published:
     """Export a run's best checkpoint (or a checkpoint file) to ONNX, then ``publish_onnx``.
 
-    The file goes to ``output``, else next to the checkpoint as ``runs/<run-id>/model.onnx``.
+    The file goes to ``output``, else next to the run's checkpoints
+    (``<tracking.output_dir>/<run-id>/model.onnx``).
     """
     if (run_id is None) == (checkpoint is None):
         raise ValueError("give exactly one of run_id and checkpoint")
     client = MlflowClient(tracking_uri or mlflow.get_tracking_uri())
     with tempfile.TemporaryDirectory(prefix="convserve-export-") as tmp:
+        downloaded = checkpoint is None
         if checkpoint is None:
             assert run_id is not None
             checkpoint = _checkpoint_of(client, run_id, Path(tmp))
-            default = Path("runs") / run_id / "model.onnx"
-        else:
-            default = checkpoint.parent / "model.onnx"
         model, config, spec, payload = load_model(checkpoint)
         run_id = run_id or payload.get("run_id")
-        output = output or default
+        if output is None:  # next to the run's local checkpoints
+            folder = (
+                Path(config.tracking.output_dir) / str(run_id) if downloaded else checkpoint.parent
+            )
+            output = folder / "model.onnx"
         export_onnx(model, spec, config, run_id, output)
         sample = payload.get("sample")
         if sample is None:  # checkpoints written before samples travelled with them

@@ -17,10 +17,12 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from convserve.pipelines.registry import Policy, Published, publish
 from convserve.training.config import load_config
+
+if TYPE_CHECKING:
+    from convserve.pipelines.registry import Published
 
 
 def has_champion(client: Any, model_name: str) -> bool:
@@ -43,6 +45,7 @@ def bootstrap(
     """Train, export, register and promote ``config`` unless the registry has a champion."""
     from mlflow.tracking import MlflowClient
 
+    from convserve.pipelines.registry import Policy, publish
     from convserve.training.run import train
 
     if has_champion(MlflowClient(tracking_uri), model_name):
@@ -104,6 +107,7 @@ class Child:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -124,6 +128,7 @@ class Stack:
     mlflow_port: int = 5000
     api_port: int = 8000
     model_name: str = "convserve"
+    config: str = "default"  # what the first model is trained from
     children: list[Child] = field(default_factory=list)
 
     @property
@@ -182,23 +187,25 @@ class Stack:
         argv = [str(Path(sys.executable).parent / "convserve"), *args]
         return Child(name, argv, self.env(), self.home / f"{name}.log")
 
-    def start(self, say: Callable[[str], None], on_bootstrap: Any = None) -> None:
+    def start(self, say: Callable[[str], None]) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         mlflow = self.mlflow()
         self._run(mlflow, say)
         wait_ready(f"{self.tracking_uri}/health", mlflow.proc, 120)
         say(f"MLflow ready at {self.tracking_uri}")
-        published = bootstrap(
-            self.tracking_uri,
+        # In its own process, so that torch leaves memory once the first model is trained.
+        first = self.cli(
+            "bootstrap",
+            "bootstrap",
+            "--model-name",
             self.model_name,
-            callbacks=on_bootstrap,
-            output_dir=str(self.home / "runs"),
+            "--config",
+            self.config,
+            "--output-dir",
+            str(self.home / "runs"),
         )
-        if published is not None:
-            say(
-                f"trained and promoted the first model: models:/{self.model_name}/"
-                f"{published.version}"
-            )
+        if subprocess.run(first.argv, env=first.env, check=False).returncode != 0:
+            raise RuntimeError("the first model could not be trained (see above)")
         self._run(self.cli("worker", "worker"), say)
         api = self.cli("api", "serve")
         self._run(api, say)

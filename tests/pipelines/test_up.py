@@ -1,0 +1,99 @@
+"""``convserve up`` (what ``make run`` starts) as a user runs it: a real process tree."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from PIL import Image
+
+from tests.conftest import TINY
+from tests.servers import free_port
+
+pytestmark = pytest.mark.slow
+CLI = str(Path(sys.executable).parent / "convserve")
+
+
+def _up(
+    tmp: Path, config: Path, mlflow_port: int, api_port: int, log: Path
+) -> subprocess.Popen[bytes]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "CONVSERVE_", "REDIS_URL"))
+    }
+    return subprocess.Popen(
+        [
+            CLI,
+            "up",
+            "--mlflow-port",
+            str(mlflow_port),
+            "--api-port",
+            str(api_port),
+            "--config",
+            str(config),
+        ],
+        cwd=tmp,
+        env=env,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], log: Path, timeout: float = 240) -> str:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        text = log.read_text(errors="replace")
+        if "convserve is ready" in text:
+            return text
+        assert proc.poll() is None, text
+        time.sleep(0.5)
+    raise AssertionError(log.read_text(errors="replace"))
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+
+
+def test_up_trains_the_first_model_serves_it_stops_cleanly_and_reuses_its_state(tmp_path):
+    config = tmp_path / "first.yaml"
+    config.write_text(
+        yaml.safe_dump({**TINY, "tracking": {}, "optim": {**TINY["optim"], "max_steps": 20}})
+    )
+    mlflow_port, api_port = free_port(), free_port()
+    proc = _up(tmp_path, config, mlflow_port, api_port, tmp_path / "up1.log")
+    try:
+        text = _wait_ready(proc, tmp_path / "up1.log")
+        assert "alias: champion (no champion yet)" in text
+        assert "epoch 1:" in text and "epoch 2:" not in text  # the tiny config, not the default
+        assert f"http://127.0.0.1:{api_port}/predict" in text
+        token = (tmp_path / ".convserve" / "api-token").read_text().strip()
+        assert f"API token: {token}" in text
+        buf = io.BytesIO()
+        Image.new("L", (8, 8), 60).save(buf, "PNG")
+        r = httpx.post(
+            f"http://127.0.0.1:{api_port}/predict", files={"file": ("x.png", buf.getvalue())}
+        )
+        assert r.status_code == 200 and r.json()["model"]["version"] == "1"
+        assert httpx.get(f"http://127.0.0.1:{mlflow_port}/health").status_code == 200
+    finally:
+        _stop(proc)
+    assert "stopped" in (tmp_path / "up1.log").read_text()
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{api_port}/healthz", timeout=2)
+    # the second start reuses the registry: no training, same token
+    proc = _up(tmp_path, config, mlflow_port, api_port, tmp_path / "up2.log")
+    try:
+        text = _wait_ready(proc, tmp_path / "up2.log")
+        assert "nothing to do" in text and f"API token: {token}" in text
+    finally:
+        _stop(proc)
