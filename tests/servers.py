@@ -25,12 +25,37 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) ->
 
 
 @contextmanager
+def process(
+    argv: list[str],
+    log: Path,
+    env: dict[str, str],
+    cwd: Path | None = None,
+    stop_timeout: float = 20.0,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A real process logging to ``log``, terminated (then killed) when the block ends."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=stop_timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+@contextmanager
 def mlflow_server(folder: Path, backend_uri: str | None = None) -> Iterator[str]:
     """Start ``mlflow server`` (SQLite in ``folder`` unless ``backend_uri``), yield its URL."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     backend = backend_uri or f"sqlite:///{folder / 'mlflow.db'}"
-    cmd = [
+    argv = [
         str(Path(sys.executable).parent / "mlflow"),
         "server",
         "--backend-store-uri",
@@ -44,22 +69,11 @@ def mlflow_server(folder: Path, backend_uri: str | None = None) -> Iterator[str]
         "--workers",
         "1",
     ]
-    log = open(folder / "mlflow-server.log", "wb")  # noqa: SIM115
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
+    with process(argv, folder / "mlflow-server.log", env) as proc:
+        url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/health", proc)
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @contextmanager
@@ -67,27 +81,11 @@ def uvicorn_server(env: dict[str, str], cwd: Path) -> Iterator[str]:
     """``convserve serve`` as a real process; yields its base URL."""
     port = free_port()
     full = {**os.environ, **env, "CONVSERVE_PORT": str(port), "CONVSERVE_HOST": "127.0.0.1"}
-    log = open(cwd / f"serve-{port}.log", "wb")  # noqa: SIM115
     cli = str(Path(sys.executable).parent / "convserve")
-    proc = subprocess.Popen(
-        [cli, "serve"],
-        env=full,
-        cwd=cwd,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
+    with process([cli, "serve"], cwd / f"serve-{port}.log", full, cwd) as proc:
+        url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/healthz", proc, timeout=60)
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @contextmanager
@@ -95,23 +93,6 @@ def worker_process(
     env: dict[str, str], cwd: Path, name: str = "worker"
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``convserve worker`` as a real process."""
-    log = open(cwd / f"{name}.log", "ab")  # noqa: SIM115
     cli = str(Path(sys.executable).parent / "convserve")
-    proc = subprocess.Popen(
-        [cli, "worker"],
-        env={**os.environ, **env},
-        cwd=cwd,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
+    with process([cli, "worker"], cwd / f"{name}.log", {**os.environ, **env}, cwd) as proc:
         yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        log.close()

@@ -75,7 +75,9 @@ def test_gif_uses_the_first_frame():
     assert x.mean() > 0.7
 
 
-def _bomb(width: int, height: int) -> bytes:
+def png_bomb(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with almost no data behind it."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return (
             struct.pack(">I", len(body))
@@ -96,7 +98,7 @@ def _bomb(width: int, height: int) -> bytes:
 def test_decompression_bomb_is_refused_from_its_header():
     for width, height in [(100_000, 100_000), (10_000, 10_000)]:  # PIL's limit, then ours
         with pytest.raises(ImageError, match="limit") as err:
-            decode(_bomb(width, height), max_pixels=40_000_000)
+            decode(png_bomb(width, height), max_pixels=40_000_000)
         assert err.value.status == 413 and "CONVSERVE_MAX_PIXELS" in str(err.value)
 
 

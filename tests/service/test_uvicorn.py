@@ -3,8 +3,6 @@ an off-the-shelf client (Triton's ``tritonclient.http``)."""
 
 import io
 import json
-import struct
-import zlib
 
 import httpx
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.servers import uvicorn_server
+from tests.service.test_imaging import png_bomb
 
 pytestmark = pytest.mark.slow
 
@@ -34,23 +33,6 @@ def _png(size=(8, 8)) -> bytes:
     return buf.getvalue()
 
 
-def _bomb() -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body))
-            + kind
-            + body
-            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-        )
-
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0))
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 30001 * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
 CORPUS = [
     ("empty", {"files": {"file": ("e.png", b"", "image/png")}}, 422, "empty"),
     (
@@ -66,7 +48,12 @@ CORPUS = [
         422,
         "truncated or corrupt",
     ),
-    ("bomb", {"files": {"file": ("b.png", _bomb(), "image/png")}}, 413, "CONVSERVE_MAX_PIXELS"),
+    (
+        "bomb",
+        {"files": {"file": ("b.png", png_bomb(30000, 30000), "image/png")}},
+        413,
+        "CONVSERVE_MAX_PIXELS",
+    ),
     (
         "too big",
         {"files": {"file": ("big.png", b"\x89PNG" + b"1" * 200_000, "image/png")}},

@@ -99,9 +99,7 @@ def run_sweep(
     parent.log_artifacts(folder, "summary")
     finished = [r for r in rows if r.status == "finished" and r.value is not None]
     if parent_id is not None and finished:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(parent.client.tracking_uri)
+        client = parent.client
         experiment = get_or_create_experiment(client, base.tracking.experiment)
         best = select_best(
             client,

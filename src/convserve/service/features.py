@@ -11,8 +11,6 @@ from PIL import Image
 
 from convserve.service.schemas import FeatureMap, GridLayout
 
-FORMATS = ("png", "array", "stats")
-
 
 def grid_shape(channels: int) -> tuple[int, int]:
     cols = math.ceil(math.sqrt(channels))

@@ -24,9 +24,6 @@ _ACTIVATIONS: dict[str, Callable[..., nn.Module]] = dict(
 # within 1% of the asymptote, which is what "saturated" means in the diagnostics.
 SATURATING = {"sigmoid": (0.01, 0.99), "tanh": (-0.99, 0.99)}
 
-# Activations whose gradient is exactly zero on negative inputs: their units can die.
-ZERO_NEGATIVE_GRADIENT = {"relu"}
-
 
 def activation_names() -> list[str]:
     return sorted(_ACTIVATIONS)

@@ -76,17 +76,17 @@ def to_job(run: Any, request: Request, ui: str | None) -> Job:
         progress = Progress()
     promoted = tags.get("convserve.promoted")
     verdicts = tags.get("convserve.verdicts", "")
+    status = job_status(run)
+    failed = status == "failed"
     return Job(
         id=run.info.run_id,
-        status=job_status(run),
+        status=status,
         kind=tags.get("convserve.job_kind"),
         created_at=datetime.fromtimestamp(run.info.start_time / 1000, UTC).isoformat(),
         progress=progress,
         metrics={k: v for k, v in run.data.metrics.items() if k in _SUMMARY},
         verdicts=[v for v in verdicts.split(",") if v],
-        error=tags.get("convserve.error") or tags.get("convserve.message")
-        if job_status(run) == "failed"
-        else None,
+        error=(tags.get("convserve.error") or tags.get("convserve.message")) if failed else None,
         registered_model=tags.get("convserve.registered_model"),
         registered_version=tags.get("convserve.registered_version"),
         promoted=None if promoted is None else promoted == "true",
