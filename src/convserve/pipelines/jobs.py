@@ -126,8 +126,13 @@ def submit(request: JobRequest, client: Any, task: Any) -> str:
 
 
 def fail(client: Any, run_id: str, error: str) -> None:
-    client.set_tag(run_id, "convserve.job_status", "failed")
-    client.set_tag(run_id, "convserve.error", error[:5000])
+    """The error and the status in one write: no reader sees a failed job without its error."""
+    from mlflow.entities import RunTag
+
+    client.log_batch(
+        run_id,
+        tags=[RunTag("convserve.error", error[:5000]), RunTag("convserve.job_status", "failed")],
+    )
     client.set_terminated(run_id, status="FAILED")
 
 
