@@ -274,36 +274,41 @@ def xavier_he(ctx: Context) -> Finding:
 
 @experiment("compute_cost")
 def compute_cost(ctx: Context) -> Finding:
-    x = torch.randn(4_000_000, requires_grad=True)
-    repeats = 15
+    # 2^18 values (1 MiB) stay in a core's cache, so the arithmetic is timed, not the memory
+    # traffic that a large tensor would make every activation wait for alike.
+    x = torch.randn(2**18)
+    inner, repeats = 16, 15
     times: dict[str, list[float]] = {"relu": [], "sigmoid": [], "tanh": []}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core: the arithmetic, not the thread scheduling, is timed
     try:
-        for _ in range(repeats):  # interleaved, so that machine noise hits all three alike
-            for name in times:
-                act = get_act_layer(name)()
-                start = time.perf_counter()
-                act(x).sum().backward()
-                times[name].append(time.perf_counter() - start)
-                x.grad = None
+        with torch.no_grad():
+            for _ in range(repeats):  # interleaved, so that machine noise hits all three alike
+                for name in times:
+                    act = get_act_layer(name)()
+                    start = time.perf_counter()
+                    for _ in range(inner):
+                        act(x)
+                    times[name].append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
     best = {k: min(v) for k, v in times.items()}
     ratio = {k: best[k] / best["relu"] for k in ("sigmoid", "tanh")}
-    ok = all(r > 1.1 for r in ratio.values())
+    ok = all(r > 1.3 for r in ratio.values())
     return Finding(
         "compute_cost",
         "Sigmoid and tanh cost more compute than ReLU",
         "Sigmoid and tanh need an exponential; ReLU is a comparison.",
         "Lecture notes; Krizhevsky et al. 2012, section 3.1 (ReLU networks train several times "
         "faster).",
-        "Forward and backward of each activation over 4M values on one CPU thread: sigmoid and "
-        "tanh take at least 10% longer than ReLU (best of 15 interleaved repeats). 10% is above "
-        "the repeat-to-repeat noise seen here.",
-        f"best of {repeats}: relu {best['relu'] * 1e3:.1f} ms, sigmoid "
-        f"{best['sigmoid'] * 1e3:.1f} ms ({ratio['sigmoid']:.2f}x), tanh "
-        f"{best['tanh'] * 1e3:.1f} ms ({ratio['tanh']:.2f}x).",
+        f"The forward pass of each activation, {inner} times over {x.numel():,} values that fit "
+        "in a core's cache, on one CPU thread: sigmoid and tanh take at least 30% longer than "
+        f"ReLU (best of {repeats} interleaved repeats). The forward pass is where the "
+        "exponential is; the three derivatives are elementwise products of like cost "
+        "(ReLU's a step, sigmoid's y(1 - y), tanh's 1 - y^2).",
+        f"best of {repeats}: relu {best['relu'] * 1e3:.2f} ms, sigmoid "
+        f"{best['sigmoid'] * 1e3:.2f} ms ({ratio['sigmoid']:.2f}x), tanh "
+        f"{best['tanh'] * 1e3:.2f} ms ({ratio['tanh']:.2f}x).",
         ok,
         [],
         {f"{k}_over_relu": v for k, v in ratio.items()},
