@@ -136,7 +136,7 @@ def test_default_is_pytorchs_own():
 def test_scale_and_bias():
     layer = _linear()
     initialize(layer, InitConfig(name="he_normal", scale=3.0, bias=0.1), {"0": "relu"})
-    _close(float(layer[0].weight.std()), 3 * math.sqrt(2 / 1000))
+    _close(float(layer[0].weight.detach().std()), 3 * math.sqrt(2 / 1000))
     assert torch.all(layer[0].bias == 0.1)
 
 
