@@ -12,15 +12,14 @@ import time
 import torch
 
 from convserve.training.config import TrainConfig
-from convserve.training.data import load_data
+from convserve.training.data import DataBundle, load_data
 from convserve.training.diagnostics import Diagnostics
 from convserve.training.loop import make_optimizer, train_one_epoch
 from convserve.training.run import build_for, seed_everything
 
 
-def images_per_second(cfg: TrainConfig, diagnostics: bool, steps: int) -> float:
+def images_per_second(cfg: TrainConfig, data: DataBundle, diagnostics: bool, steps: int) -> float:
     seed_everything(cfg.seed)
-    data = load_data(cfg.data, cfg.seed)
     model = build_for(cfg, data)
     optimizer = make_optimizer(model, cfg.optim)
     diag = Diagnostics(model, cfg.diagnostics) if diagnostics else None
@@ -49,10 +48,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     cfg = TrainConfig()
+    data = load_data(cfg.data, cfg.seed)  # once: both settings train on the same batches
     on, off = [], []
     for _ in range(args.repeats):
-        off.append(images_per_second(cfg, False, args.steps))
-        on.append(images_per_second(cfg, True, args.steps))
+        off.append(images_per_second(cfg, data, False, args.steps))
+        on.append(images_per_second(cfg, data, True, args.steps))
     best_on, best_off = max(on), max(off)
     print(
         f"diagnostics every {cfg.diagnostics.every} steps, batch {cfg.data.batch_size}, "

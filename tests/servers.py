@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from convserve.pipelines.stack import wait_ready
+from convserve.pipelines.stack import MLFLOW_SERVER_ENV, mlflow_server_argv, wait_ready
 
 
 def free_port() -> int:
@@ -55,21 +55,8 @@ def mlflow_server(folder: Path, backend_uri: str | None = None) -> Iterator[str]
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     backend = backend_uri or f"sqlite:///{folder / 'mlflow.db'}"
-    argv = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        "--backend-store-uri",
-        backend,
-        "--artifacts-destination",
-        str(folder / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    argv = mlflow_server_argv(backend, folder / "artifacts", "127.0.0.1", port)
+    env = {**os.environ, **MLFLOW_SERVER_ENV}
     with process(argv, folder / "mlflow-server.log", env) as proc:
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/health", proc)

@@ -15,8 +15,9 @@ from convserve import __version__
 from convserve.training.config import ConfigError, load_config, shipped_configs
 
 if TYPE_CHECKING:
-    from convserve.pipelines.registry import Policy
-    from convserve.training.run import Callbacks
+    from convserve.pipelines.experiments import Finding
+    from convserve.pipelines.registry import Policy, Published
+    from convserve.training.run import Callbacks, TrainResult
 
 app = typer.Typer(
     help="Train CNNs whose initialisation and activations come from a config, see why they "
@@ -456,10 +457,7 @@ def experiments(
     reproduced."""
     from convserve.pipelines.experiments import log_report, run_experiments, write_report
 
-    def done(finding: object) -> None:
-        from convserve.pipelines.experiments import Finding
-
-        assert isinstance(finding, Finding)
+    def done(finding: Finding) -> None:
         mark = "[green]reproduced[/green]" if finding.reproduced else "[red]not reproduced[/red]"
         console.print(f"{finding.name}: {mark} ({finding.seconds:.0f} s) {finding.measured}")
 
@@ -476,10 +474,8 @@ def experiments(
         raise typer.Exit(1)
 
 
-def _report_published(published: object) -> None:
-    from convserve.pipelines.registry import Published
-
-    if not isinstance(published, Published):
+def _report_published(published: Published | None) -> None:
+    if published is None:
         return
     diffs = ", ".join(f"{k} {v:.2e}" for k, v in published.parity.max_abs_diff.items())
     console.print(
@@ -493,10 +489,7 @@ def _report_published(published: object) -> None:
         console.print(f"alias: {d.alias} ({d.reason})")
 
 
-def _report(result: object) -> None:
-    from convserve.training.run import TrainResult
-
-    assert isinstance(result, TrainResult)
+def _report(result: TrainResult) -> None:
     table = Table(title=f"training {result.status}")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 TASK_NAME = "convserve.run_job"
 REQUEST_ARTIFACT = "job/request.json"
-JOB_STATUSES = ("scheduled", "running", "succeeded", "failed", "cancelled")
+JobStatus = Literal["scheduled", "running", "succeeded", "failed", "cancelled"]
+JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
 _FROM_MLFLOW = {
     "SCHEDULED": "scheduled",
     "RUNNING": "running",
@@ -75,9 +76,9 @@ class JobRequest(BaseModel):
         return "train" if self.train is not None else "sweep"
 
     @property
-    def experiment(self) -> str:
-        cfg = self.train if self.train is not None else self.sweep.base  # type: ignore[union-attr]
-        return cfg.tracking.experiment
+    def config(self) -> TrainConfig:
+        """The training config, or the sweep's base: where the job's own run is tracked."""
+        return self.train if self.train is not None else self.sweep.base  # type: ignore[union-attr]
 
 
 def make_queue(settings: JobSettings) -> tuple[Any, Any]:
@@ -95,11 +96,11 @@ def make_queue(settings: JobSettings) -> tuple[Any, Any]:
 
 def submit(request: JobRequest, client: Any, task: Any) -> str:
     """Create the job's run ``SCHEDULED``, store the request on it and enqueue it."""
-    from convserve.training.tracking import get_or_create_experiment
+    from convserve.training.tracking import get_or_create_experiment, log_params
 
-    experiment = get_or_create_experiment(client, request.experiment)
-    cfg = request.train if request.train is not None else request.sweep.base  # type: ignore[union-attr]
-    name = cfg.tracking.run_name or (f"job-{request.kind}")
+    cfg = request.config
+    experiment = get_or_create_experiment(client, cfg.tracking.experiment)
+    name = cfg.tracking.run_name or f"job-{request.kind}"
     run = client.create_run(
         experiment,
         run_name=name,
@@ -111,11 +112,7 @@ def submit(request: JobRequest, client: Any, task: Any) -> str:
     )
     run_id = run.info.run_id
     client.update_run(run_id, status="SCHEDULED")
-    from mlflow.entities import Param
-
-    params = [Param(k, v) for k, v in cfg.flat().items()]
-    for i in range(0, len(params), 100):
-        client.log_batch(run_id, params=params[i : i + 100])
+    log_params(client, run_id, cfg)
     client.log_text(run_id, request.model_dump_json(indent=1, by_alias=True), REQUEST_ARTIFACT)
     try:
         task(run_id)
@@ -145,9 +142,9 @@ def job_status(run: Any) -> str:
     return tag if tag in JOB_STATUSES else status
 
 
-def cancel(client: Any, run_id: str) -> str:
+def cancel(client: Any, run: Any) -> str:
     """A queued job never starts; a running one stops at its next step boundary."""
-    run = client.get_run(run_id)
+    run_id = run.info.run_id
     status = job_status(run)
     if status == "scheduled":
         client.set_tag(run_id, "convserve.job_status", "cancelled")
@@ -158,16 +155,21 @@ def cancel(client: Any, run_id: str) -> str:
     return status
 
 
-def reap(client: Any, lost_after: float) -> list[str]:
-    """Fail every running job whose heartbeat is older than ``lost_after`` seconds."""
+def search_jobs(client: Any, where: str = "", **kwargs: Any) -> Any:
+    """Job runs across every experiment (a page with its ``token``), ``where`` added to the
+    filter; ``kwargs`` go to ``search_runs`` (paging, order)."""
+    from mlflow.store.entities.paged_list import PagedList
+
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:
-        return []
-    runs = client.search_runs(
-        experiments,
-        "tags.`convserve.kind` = 'job' and attributes.status = 'RUNNING'",
-        max_results=1000,
-    )
+        return PagedList([], None)
+    query = "tags.`convserve.kind` = 'job'" + (f" and {where}" if where else "")
+    return client.search_runs(experiments, query, **kwargs)
+
+
+def reap(client: Any, lost_after: float) -> list[str]:
+    """Fail every running job whose heartbeat is older than ``lost_after`` seconds."""
+    runs = search_jobs(client, "attributes.status = 'RUNNING'", max_results=1000)
     now, reaped = time.time(), []
     for run in runs:
         beat = float(run.data.tags.get("convserve.heartbeat", run.info.start_time / 1000))
@@ -285,14 +287,7 @@ def _run(request: JobRequest, run_id: str, client: Any, beat: _Heartbeat) -> str
     )
     tracking_uri = client.tracking_uri
     if request.train is not None:
-        cfg = request.train.model_copy(
-            update={
-                "tracking": request.train.tracking.model_copy(
-                    update={"enabled": True, "tracking_uri": tracking_uri}
-                )
-            }
-        )
-        result = train(cfg, run_id=run_id, callbacks=callbacks)
+        result = train(_tracked(request.train, tracking_uri), run_id=run_id, callbacks=callbacks)
         if result.status == "cancelled":
             return "cancelled"
         if result.status != "finished":
@@ -303,18 +298,7 @@ def _run(request: JobRequest, run_id: str, client: Any, beat: _Heartbeat) -> str
             _record_publication(client, run_id, published)
         return "succeeded"
     assert request.sweep is not None
-    base = request.sweep.base
-    sweep = request.sweep.model_copy(
-        update={
-            "base": base.model_copy(
-                update={
-                    "tracking": base.tracking.model_copy(
-                        update={"enabled": True, "tracking_uri": tracking_uri}
-                    )
-                }
-            )
-        }
-    )
+    sweep = request.sweep.model_copy(update={"base": _tracked(request.sweep.base, tracking_uri)})
     outcome = run_sweep(
         sweep,
         policy=policy if request.register_model else None,
@@ -326,6 +310,12 @@ def _run(request: JobRequest, run_id: str, client: Any, beat: _Heartbeat) -> str
     if outcome.published is not None:
         _record_publication(client, run_id, outcome.published)
     return "succeeded" if outcome.best_run_id else "failed"
+
+
+def _tracked(cfg: TrainConfig, tracking_uri: str) -> TrainConfig:
+    """``cfg`` tracked on the worker's MLflow server, whatever the request said."""
+    tracking = cfg.tracking.model_copy(update={"enabled": True, "tracking_uri": tracking_uri})
+    return cfg.model_copy(update={"tracking": tracking})
 
 
 def _record_publication(client: Any, run_id: str, published: Any) -> None:

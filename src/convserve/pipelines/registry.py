@@ -69,6 +69,14 @@ def select_best(
     return runs[0] if runs else None
 
 
+def champion_version(client: MlflowClient, model_name: str) -> Any | None:
+    """The version the ``champion`` alias names, or None (no such model or alias)."""
+    try:
+        return client.get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:
+        return None
+
+
 def _checkpoint_of(client: MlflowClient, run_id: str, folder: Path) -> Path:
     try:
         local = client.download_artifacts(run_id, "checkpoints/best.pt", str(folder))
@@ -77,13 +85,10 @@ def _checkpoint_of(client: MlflowClient, run_id: str, folder: Path) -> Path:
     return Path(local)
 
 
-def _signature(onnx_path: Path) -> Any:
+def _signature(proto: Any) -> Any:
     import numpy as np
-    import onnx
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
-
-    proto = onnx.load(str(onnx_path), load_external_data=False)
 
     def spec(value_info: Any) -> TensorSpec:
         dims = [
@@ -110,7 +115,7 @@ def register(
         info = mlflow.onnx.log_model(
             proto,
             name="model",
-            signature=_signature(onnx_path),
+            signature=_signature(proto),
             input_example=np.zeros([1, *shape], dtype=np.float32),
             registered_model_name=model_name,
             save_as_external_data=False,
@@ -146,10 +151,7 @@ def promote(
     new_run = client.get_run(run_id)
     value = new_run.data.metrics.get(metric)
     dataset = new_run.data.tags.get("convserve.dataset")
-    try:
-        champion = client.get_model_version_by_alias(model_name, CHAMPION)
-    except MlflowException:
-        champion = None
+    champion = champion_version(client, model_name)
     champion_value = None
     if value is None:
         decision = Decision(

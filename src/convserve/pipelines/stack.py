@@ -25,16 +25,6 @@ if TYPE_CHECKING:
     from convserve.pipelines.registry import Published
 
 
-def has_champion(client: Any, model_name: str) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_model_version_by_alias(model_name, "champion")
-    except MlflowException:
-        return False
-    return True
-
-
 def bootstrap(
     tracking_uri: str,
     model_name: str = "convserve",
@@ -45,10 +35,10 @@ def bootstrap(
     """Train, export, register and promote ``config`` unless the registry has a champion."""
     from mlflow.tracking import MlflowClient
 
-    from convserve.pipelines.registry import Policy, publish
+    from convserve.pipelines.registry import Policy, champion_version, publish
     from convserve.training.run import train
 
-    if has_champion(MlflowClient(tracking_uri), model_name):
+    if champion_version(MlflowClient(tracking_uri), model_name) is not None:
         return None
     cfg = load_config(
         config,
@@ -78,6 +68,28 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, timeout: float) -
         except OSError:
             time.sleep(0.3)
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def mlflow_server_argv(backend_uri: str, artifacts: Path, host: str, port: int) -> list[str]:
+    """``mlflow server`` with one worker, proxied artifacts and MLflow's job runner off; the
+    job runner setting travels in ``MLFLOW_SERVER_ENV``."""
+    return [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        backend_uri,
+        "--artifacts-destination",
+        str(artifacts),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+
+
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def _die_with_parent() -> None:
@@ -166,21 +178,13 @@ class Stack:
         return env
 
     def mlflow(self) -> Child:
-        argv = [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--backend-store-uri",
+        argv = mlflow_server_argv(
             f"sqlite:///{self.home / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(self.home / "mlartifacts"),
-            "--host",
+            self.home / "mlartifacts",
             self.host,
-            "--port",
-            str(self.mlflow_port),
-            "--workers",
-            "1",
-        ]
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+            self.mlflow_port,
+        )
+        env = {**os.environ, **MLFLOW_SERVER_ENV}
         return Child("mlflow", argv, env, self.home / "mlflow.log")
 
     def cli(self, name: str, *args: str) -> Child:

@@ -14,6 +14,7 @@ from typing import Any
 
 from convserve.pipelines.registry import Policy, Published, publish, select_best
 from convserve.training.config import SweepConfig, TrainConfig
+from convserve.training.plots import save_figure
 from convserve.training.run import Callbacks, TrainResult, train
 from convserve.training.tracking import Tracker, get_or_create_experiment
 
@@ -182,9 +183,6 @@ def write_summary(sweep: SweepConfig, rows: list[Row], folder: Path) -> list[str
 
 
 def _heatmap(sweep: SweepConfig, rows: list[Row], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -214,5 +212,4 @@ def _heatmap(sweep: SweepConfig, rows: list[Row], path: Path) -> None:
         ylabel=keys[0],
         title=f"{sweep.metric} ({sweep.direction})",
     )
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)

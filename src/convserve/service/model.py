@@ -7,7 +7,7 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,7 @@ def resolve(source: Source, client: Any) -> Source:
     if source.alias is None:
         return source
     mv = client.get_model_version_by_alias(source.name, source.alias)
-    return Source(source.uri, source.name, str(mv.version), source.alias, None, mv.run_id)
+    return replace(source, version=str(mv.version), path=None, run_id=mv.run_id)
 
 
 def download(source: Source, client: Any, cache_dir: Path) -> Source:
@@ -113,7 +113,7 @@ def download(source: Source, client: Any, cache_dir: Path) -> Source:
             raise ModelLoadError(f"models:/{source.name}/{source.version} holds no .onnx file")
         target.mkdir(parents=True, exist_ok=True)
         found.replace(onnx_file)
-    return Source(source.uri, source.name, source.version, source.alias, onnx_file, run_id)
+    return replace(source, path=onnx_file, run_id=run_id)
 
 
 def providers_for(device: str) -> list[str]:
@@ -183,14 +183,7 @@ def open_model(source: Source, settings: Settings) -> LoadedModel:
     except (ValueError, TypeError) as err:
         raise ModelLoadError(f"the model's convserve metadata is malformed: {err}") from err
     if source.run_id is None and meta.get("convserve.run_id"):
-        model.source = Source(
-            source.uri,
-            source.name,
-            source.version,
-            source.alias,
-            source.path,
-            meta["convserve.run_id"],
-        )
+        model.source = replace(source, run_id=meta["convserve.run_id"])
     self_check(model)
     return model
 

@@ -193,8 +193,7 @@ class SweepConfig(StrictModel):
             raise ValueError("every grid field needs at least one value")
         if math.prod(sizes) > 256:
             raise ValueError(f"the grid has {math.prod(sizes)} combinations; at most 256")
-        for _, cfg in self.combinations():
-            del cfg  # each combination validated by combinations()
+        self.combinations()  # raises on the first grid point that is not a valid config
         return self
 
     def combinations(self) -> list[tuple[dict[str, Any], TrainConfig]]:

@@ -18,7 +18,8 @@ from convserve.training.diagnostics import Snapshot
 from convserve.training.model import ConvNet
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    """Write ``fig`` as a PNG (creating the folder) and free it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
@@ -37,7 +38,7 @@ def learning_curves(history: list[dict[str, float]], path: Path) -> Path:
     for ax in (ax_loss, ax_acc):
         ax.legend()
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def histograms(values: dict[str, Tensor], title: str, xlabel: str, path: Path) -> Path:
@@ -56,7 +57,7 @@ def histograms(values: dict[str, Tensor], title: str, xlabel: str, path: Path) -
     ax.set(title=title, xlabel=xlabel, ylabel="share of values")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def gradient_flow(snapshots: list[Snapshot], path: Path) -> Path:
@@ -79,7 +80,7 @@ def gradient_flow(snapshots: list[Snapshot], path: Path) -> Path:
         ax.set_xticks(x, layers, rotation=45, ha="right", fontsize=8)
         ax.set_title(title)
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def confusion_matrix(matrix: Tensor, classes: list[str], path: Path) -> Path:
@@ -101,7 +102,7 @@ def confusion_matrix(matrix: Tensor, classes: list[str], path: Path) -> Path:
     ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(n), classes, fontsize=7)
     ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (test or validation)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _grid(tiles: np.ndarray) -> tuple[int, int]:
@@ -122,7 +123,7 @@ def first_layer_filters(model: ConvNet, path: Path) -> Path | None:
         f = (f - f.min()) / (f.max() - f.min() + 1e-12)
         ax.imshow(f.permute(1, 2, 0).numpy() if f.size(0) == 3 else f[0].numpy(), cmap="gray")
     fig.suptitle("first-layer filters")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -156,5 +157,5 @@ def feature_maps(
                 axes[r][c].imshow(ch.numpy(), cmap="viridis")
                 if c == 0:
                     axes[r][c].set_title(name, fontsize=7, loc="left")
-        paths.append(_save(fig, out_dir / f"feature_maps_{i}.png"))
+        paths.append(save_figure(fig, out_dir / f"feature_maps_{i}.png"))
     return paths

@@ -50,6 +50,15 @@ def get_or_create_experiment(client: Any, name: str) -> str:
         return str(experiment.experiment_id)
 
 
+def log_params(client: Any, run_id: str, config: TrainConfig) -> None:
+    """The config's flattened fields as the run's params, in batches MLflow accepts."""
+    from mlflow.entities import Param
+
+    params = [Param(k, v) for k, v in config.flat().items()]
+    for i in range(0, len(params), _BATCH):
+        client.log_batch(run_id, params=params[i : i + _BATCH])
+
+
 class Tracker:
     """One MLflow run; every method is a no-op when tracking is disabled."""
 
@@ -73,8 +82,6 @@ class Tracker:
         """Start a new run, or continue ``run_id`` (a resumed or scheduled run)."""
         if not self.enabled:
             return None
-        from mlflow.entities import Param
-
         all_tags = {"convserve.config_hash": config.digest(), **(tags or {})}
         commit = git_commit()
         if commit:
@@ -83,9 +90,7 @@ class Tracker:
             experiment_id = get_or_create_experiment(self.client, self.cfg.experiment)
             run = self.client.create_run(experiment_id, run_name=self.cfg.run_name, tags=all_tags)
             self.run_id = run.info.run_id
-            params = [Param(k, v) for k, v in config.flat().items()]
-            for i in range(0, len(params), _BATCH):
-                self.client.log_batch(self.run_id, params=params[i : i + _BATCH])
+            log_params(self.client, self.run_id, config)
         else:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")

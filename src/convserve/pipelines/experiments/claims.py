@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import matplotlib
 
@@ -16,6 +15,7 @@ import torch
 from convserve.pipelines.experiments import Context, Finding, experiment
 from convserve.training.activations import get_act_layer
 from convserve.training.diagnostics import Snapshot, ratios
+from convserve.training.plots import save_figure
 from convserve.training.run import TrainResult, train
 
 
@@ -26,12 +26,6 @@ def _plain(depth: int, width: int = 8, pool: str = "none") -> list[dict[str, obj
 def _layer_curve(ax: plt.Axes, snap: Snapshot, key: str, label: str) -> None:
     values = [max(s.get(key, 0.0), 1e-30) for s in snap.layers.values()]
     ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label)
-
-
-def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 @experiment("symmetry")
@@ -84,7 +78,7 @@ def symmetry(ctx: Context) -> Finding:
         f"{acc_c:.3f}); He: block1 distinct {he_distinct:.2f}"
         f" (val accuracy {acc_h:.3f}).",
         ok and he_distinct == 1.0,
-        [_save(fig, ctx.folder / "symmetry.png")],
+        [save_figure(fig, ctx.folder / "symmetry.png")],
         {"constant_val_accuracy": acc_c, "he_val_accuracy": acc_h},
     )
 
@@ -112,7 +106,7 @@ def vanishing(ctx: Context) -> Finding:
         title="back-propagated gradients at initialisation",
     )
     ax.legend(fontsize=8)
-    figures = [_save(fig, ctx.folder / "gradient_by_depth.png")]
+    figures = [save_figure(fig, ctx.folder / "gradient_by_depth.png")]
     steps = ctx.steps(600, 120)
     errors = {}
     for name, act, init in (
@@ -264,7 +258,7 @@ def xavier_he(ctx: Context) -> Finding:
         + ", ".join(f"{k} {v:.3f}" for k, v in loss.items())
         + ".",
         ok,
-        [_save(fig, ctx.folder / "activation_scale.png")],
+        [save_figure(fig, ctx.folder / "activation_scale.png")],
         {
             **{f"act_growth_{k}": v for k, v in growth.items()},
             **{f"loss_{k}": v for k, v in loss.items()},
@@ -357,6 +351,3 @@ def dying_relu(ctx: Context) -> Finding:
             **{f"val_accuracy_{k}": v for k, v in acc.items()},
         },
     )
-
-
-from convserve.pipelines.experiments import cnn_claims  # noqa: E402, F401  (claims 7-10)

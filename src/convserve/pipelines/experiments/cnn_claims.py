@@ -3,9 +3,6 @@ the feature hierarchy."""
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
 import numpy as np
 import torch
 import torch.nn.functional as F

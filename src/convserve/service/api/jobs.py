@@ -6,18 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from convserve.pipelines.jobs import JobRequest, cancel, job_status, submit
+from convserve.pipelines.jobs import JobRequest, JobStatus, cancel, job_status, search_jobs, submit
 from convserve.service.api.deps import SettingsDep, TokenDep
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
-
-JobStatus = Literal["scheduled", "running", "succeeded", "failed", "cancelled"]
 
 
 class Progress(BaseModel):
@@ -150,15 +148,9 @@ async def list_jobs(
     jobs = _state(request)
 
     def search() -> Any:
-        experiments = [e.experiment_id for e in jobs.client.search_experiments()]
-        if not experiments:
-            return [], None
-        query = "tags.`convserve.kind` = 'job'"
-        if status is not None:
-            query += f" and tags.`convserve.job_status` = '{status}'"
-        page = jobs.client.search_runs(
-            experiments,
-            query,
+        page = search_jobs(
+            jobs.client,
+            f"tags.`convserve.job_status` = '{status}'" if status is not None else "",
             max_results=page_size,
             order_by=["attributes.start_time DESC"],
             page_token=page_token,
@@ -200,7 +192,6 @@ async def delete_job(job_id: str, request: Request, _: TokenDep, settings: Setti
     """A queued job never starts; a running job stops at the next step boundary, keeps its
     last checkpoint and ends ``cancelled``. Ended jobs are left as they are."""
     jobs = _state(request)
-    await _run(_get, jobs, job_id)
-    await _run(cancel, jobs.client, job_id)
+    await _run(cancel, jobs.client, await _run(_get, jobs, job_id))
     run = await _run(jobs.client.get_run, job_id)
     return to_job(run, request, settings.mlflow_ui_url)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +29,16 @@ async def page() -> FileResponse:
     return FileResponse(STATIC / "index.html", media_type="text/html")
 
 
+@cache
+def _schema_and_presets() -> tuple[dict[str, Any], dict[str, Any]]:
+    """Built on first use: the schema and the shipped configs do not change while serving."""
+    presets = {label: load_config(name).model_dump(mode="json") for label, name in PRESETS.items()}
+    return TrainConfig.model_json_schema(), presets
+
+
 @router.get("/v1/train-schema", tags=["jobs"], summary="Training config schema and presets")
 async def train_schema(settings: SettingsDep) -> dict[str, Any]:
     """The JSON schema of a training config (what ``POST /jobs`` takes as ``train``), the
     lecture's classic settings as presets, and the MLflow UI address."""
-    return {
-        "schema": TrainConfig.model_json_schema(),
-        "presets": {
-            label: load_config(name).model_dump(mode="json") for label, name in PRESETS.items()
-        },
-        "mlflow_ui": settings.mlflow_ui_url,
-    }
+    schema, presets = _schema_and_presets()
+    return {"schema": schema, "presets": presets, "mlflow_ui": settings.mlflow_ui_url}

@@ -20,6 +20,7 @@ from convserve import __version__
 from convserve.service.api.deps import ManagerDep
 from convserve.service.engine import Engine
 from convserve.service.manager import ModelManager
+from convserve.training.config import format_validation_error
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
@@ -154,13 +155,11 @@ def _parse(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]
     except json.JSONDecodeError as err:
         raise V2Error(400, f"the request body is not JSON: {err}") from None
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        problems = format_validation_error(err).replace("\n", "; ")
         raise V2Error(400, f"invalid inference request: {problems}") from None
 
 
-def _input_array(
-    tensor: TensorIn, binary: bytes, offset: int, expected: list[int]
-) -> tuple[np.ndarray, int]:
+def _input_array(tensor: TensorIn, binary: bytes, expected: list[int]) -> np.ndarray:
     if tensor.name != "image":
         raise V2Error(400, f"unknown input {tensor.name!r}; the model takes 'image'")
     dtype = _DTYPES.get(tensor.datatype)
@@ -178,10 +177,10 @@ def _input_array(
             raise V2Error(
                 400, f"binary_data_size {size} does not match shape {shape} of {tensor.datatype}"
             )
-        chunk = binary[offset : offset + size]
+        chunk = binary[:size]
         if len(chunk) != size:
             raise V2Error(400, "the binary data is shorter than binary_data_size")
-        return np.frombuffer(chunk, dtype=dtype).reshape(shape).astype(np.float32), offset + size
+        return np.frombuffer(chunk, dtype=dtype).reshape(shape).astype(np.float32)
     if tensor.data is None:
         raise V2Error(400, "the input has neither data nor binary_data_size")
     try:
@@ -192,7 +191,7 @@ def _input_array(
         raise V2Error(400, f"input data holds {array.size} values, shape {shape} needs {count}")
     if not np.all(np.isfinite(array)):
         raise V2Error(400, "input data holds NaN or infinite values")
-    return array.reshape(shape).astype(np.float32), offset
+    return array.reshape(shape).astype(np.float32)
 
 
 async def _infer(engine: Engine, request: Request) -> Response:
@@ -200,7 +199,7 @@ async def _infer(engine: Engine, request: Request) -> Response:
     model = engine.model
     if len(req.inputs) != 1:
         raise V2Error(400, f"expected exactly one input ('image'), got {len(req.inputs)}")
-    images, _ = _input_array(req.inputs[0], binary, 0, [model.channels, model.height, model.width])
+    images = _input_array(req.inputs[0], binary, [model.channels, model.height, model.width])
     wanted = [o.name for o in req.outputs] if req.outputs else model.output_names
     unknown = [n for n in wanted if n not in model.output_names]
     if unknown:
