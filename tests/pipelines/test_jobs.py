@@ -199,3 +199,21 @@ def test_twenty_jobs_two_workers_none_lost_none_twice_api_restart(mlflow_url, tm
         assert len(client.get_metric_history(job_id, "job.started")) == 1
     workers = {client.get_run(i).data.tags["convserve.worker"] for i in ids}
     assert len(workers) == 2  # both workers took jobs
+
+
+@pytest.mark.parametrize("decision", [None, True, False], ids=["no-decision", "won", "lost"])
+def test_a_registered_job_says_whether_it_was_promoted(sqlite_uri, tmp_path, decision):
+    from convserve.pipelines.jobs import _record_publication
+    from convserve.pipelines.registry import Decision, Published
+    from convserve.training.export import ParityReport
+
+    client = MlflowClient(sqlite_uri)
+    run_id = client.create_run(client.create_experiment("promoted")).info.run_id
+    published = Published(tmp_path / "model.onnx", ParityReport({}, [1], 18), run_id, "m", "3")
+    if decision is not None:
+        alias = "champion" if decision else "challenger"
+        published.decision = Decision(decision, alias, "measured", 0.9, 0.8, None)
+    _record_publication(client, run_id, published)
+    tags = client.get_run(run_id).data.tags
+    assert tags["convserve.registered_version"] == "3"
+    assert tags["convserve.promoted"] == ("true" if decision else "false")

@@ -322,5 +322,6 @@ def _record_publication(client: Any, run_id: str, published: Any) -> None:
     if published.version is not None:
         client.set_tag(run_id, "convserve.registered_version", str(published.version))
         client.set_tag(run_id, "convserve.registered_model", str(published.model_name))
-    if published.decision is not None:
-        client.set_tag(run_id, "convserve.promoted", str(published.decision.promoted).lower())
+        # Registered without a promotion decision (promote=false) is "not promoted" too.
+        promoted = published.decision is not None and published.decision.promoted
+        client.set_tag(run_id, "convserve.promoted", str(promoted).lower())

@@ -35,7 +35,11 @@ class Job(BaseModel):
     error: str | None = None
     registered_model: str | None = None
     registered_version: str | None = None
-    promoted: bool | None = None
+    promoted: bool | None = Field(
+        None,
+        description="Whether the champion alias moved to the registered version; null "
+        "while nothing is registered",
+    )
     links: dict[str, str]
 
 
