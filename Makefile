@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test test-fast lint bench clean
+.PHONY: venv test-deps run test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,18 @@ venv: $(STAMP)
 run: venv
 	$(BIN)/convserve up
 
-test: venv
+# What the tests need beyond the venv: Debian's chromium for the browser tests.
+test-deps:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's chromium for the browser tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "The browser tests need Debian's chromium. Run: sudo apt-get install -y chromium"; \
+	    exit 1; \
+	  fi; }
+
+test: venv test-deps
 	$(BIN)/pytest -q -ra
 
 test-fast: venv
@@ -33,6 +44,8 @@ lint: venv
 	$(BIN)/mypy
 
 bench: venv
+	@command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null 2>&1 || \
+	  echo "bench_serve.py needs wrk: sudo apt-get install -y wrk"
 	$(BIN)/python benchmarks/bench_diagnostics.py
 	$(BIN)/python benchmarks/bench_onnx.py
 	$(BIN)/python benchmarks/bench_serve.py

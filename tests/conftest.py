@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from convserve.training.config import TrainConfig, apply_overrides, validate_config
+from convserve.training.config import TrainConfig
+from convserve.training.configfiles import apply_overrides, validate_config
 
 TINY: dict[str, Any] = {
     "seed": 0,

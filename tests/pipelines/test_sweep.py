@@ -3,7 +3,8 @@ import csv
 from mlflow.tracking import MlflowClient
 
 from convserve.pipelines.sweep import label, run_sweep
-from convserve.training.config import SweepConfig, load_sweep
+from convserve.training.config import SweepConfig
+from convserve.training.configfiles import load_sweep
 from tests.conftest import tiny_config
 
 

@@ -1,8 +1,9 @@
 """The API in process (FastAPI's TestClient runs the real app, lifespan and onnxruntime)."""
 
-import asyncio
 import base64
 import io
+import json
+import os
 import subprocess
 import sys
 
@@ -30,16 +31,57 @@ def client(onnx_path):
         yield c
 
 
-def test_service_never_imports_torch(onnx_path):
-    code = (
-        "import sys; from convserve.service.app import create_app; "
-        "from convserve.service.settings import Settings; "
-        f"app = create_app(Settings(model_uri={str(onnx_path)!r})); "
-        "from fastapi.testclient import TestClient\n"
-        "with TestClient(app) as c: assert c.get('/readyz').status_code == 200\n"
-        "print('torch' in sys.modules)"
+NO_TORCH = """
+import json, sys
+from fastapi.testclient import TestClient
+from convserve.service.app import create_app
+from convserve.service.settings import Settings
+from convserve.pipelines.queue import JobSettings
+
+args = json.loads(sys.argv[1])
+app = create_app(
+    Settings(model_uri=args["model"], api_token="t"),
+    JobSettings(queue_path=args["queue"]),
+)
+auth = {"Authorization": "Bearer t"}
+with TestClient(app) as c:
+    assert c.get("/readyz").status_code == 200
+    png = {"file": ("x.png", args["png"].encode("latin-1"))}
+    assert c.post("/predict", files=png).status_code == 200
+    for body in args["bodies"]:
+        r = c.post("/jobs", json=body, headers=auth)
+        assert r.status_code == 202, r.text
+        assert c.get("/jobs/" + r.json()["id"]).json()["status"] == "scheduled"
+        assert c.delete("/jobs/" + r.json()["id"], headers=auth).json()["status"] == "cancelled"
+    assert len(c.get("/jobs").json()["jobs"]) == len(args["bodies"])
+print("torch" in sys.modules)
+"""
+
+
+def test_service_never_imports_torch(onnx_path, tmp_path):
+    """Start-up, a prediction, and a training job and a sweep submitted, read and cancelled:
+    the API process never imports torch."""
+    from tests.conftest import TINY
+
+    bodies = [
+        {"train": TINY},
+        {"sweep": {"base": TINY, "grid": {"init.name": ["xavier_uniform", "he_normal"]}}},
+    ]
+    args = {
+        "model": str(onnx_path),
+        "queue": str(tmp_path / "queue.db"),
+        "png": _png().decode("latin-1"),
+        "bodies": bodies,
+    }
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    out = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("False")
 
 
@@ -161,42 +203,6 @@ def test_upload_limit_is_413(client):
     r = client.post("/predict", files={"file": ("big.png", big, "image/png")})
     assert r.status_code == 413 and "CONVSERVE_MAX_UPLOAD_BYTES" in r.json()["detail"]
     assert client.get("/readyz").status_code == 200
-
-
-def test_batched_results_equal_unbatched(onnx_path):
-    from convserve.service.engine import Engine
-    from convserve.service.manager import ModelManager
-    from convserve.service.metrics import Metrics
-
-    async def scenario():
-        settings = Settings(model_uri=str(onnx_path), max_batch_wait_ms=20, max_batch_size=16)
-        manager = ModelManager(settings, Metrics())
-        await manager.check()
-        model = manager.model
-        rng = np.random.default_rng(1)
-        images = rng.random((40, 1, 8, 8), dtype=np.float32)
-        outputs = model.output_names
-        batched = await asyncio.gather(
-            *(manager.engine.infer(images[i : i + 1], outputs) for i in range(40))
-        )
-        sizes = manager.metrics.batch_size.collect()[0].samples
-        runs = next(s.value for s in sizes if s.name.endswith("_count"))
-        assert runs <= 5  # forty requests were gathered into a few session.run calls
-        single = Engine(
-            model,
-            manager.executor,
-            manager.metrics,
-            batching=False,
-            max_batch_size=1,
-            max_batch_wait_ms=0,
-        )
-        for i in range(40):
-            alone = await single.infer(images[i : i + 1], outputs)
-            for name in outputs:
-                assert np.abs(batched[i][name] - alone[name]).max() <= 1e-6
-        await manager.close()
-
-    asyncio.run(scenario())
 
 
 def test_cuda_without_a_gpu_fails_at_start(onnx_path):

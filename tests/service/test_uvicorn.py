@@ -3,13 +3,17 @@ an off-the-shelf client (Triton's ``tritonclient.http``)."""
 
 import io
 import json
+import os
+import sys
+import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.servers import uvicorn_server
+from tests.servers import free_port, process, uvicorn_server, wait_http
 from tests.service.test_imaging import png_bomb
 
 pytestmark = pytest.mark.slow
@@ -209,3 +213,38 @@ def test_v2_unknown_model_and_version(server):
     assert r.status_code == 404 and "not loaded" in r.json()["error"]
     assert httpx.get(f"{server}/v2/models/model/versions/file").status_code == 200
     assert httpx.get(f"{server}/v2").json()["name"] == "convserve"
+
+
+def _server_processes(pid: int) -> list[int]:
+    """Children of ``pid`` started by multiprocessing's spawn (not its resource tracker)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in cmdline:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_serve_options_reach_every_worker_process(onnx_path, tmp_path):
+    """``convserve serve --workers 2 --model-uri ...``: the options travel as settings objects
+    (no CONVSERVE_MODEL_URI in the environment), and both processes serve the model."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")}
+    port = free_port()
+    cli = str(Path(sys.executable).parent / "convserve")
+    argv = [cli, "serve", "--model-uri", str(onnx_path), "--workers", "2", "--port", str(port)]
+    with process(argv, tmp_path / "serve.log", env, tmp_path) as proc:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/readyz", proc, timeout=60)
+        end = time.monotonic() + 30
+        while len(_server_processes(proc.pid)) < 2 and time.monotonic() < end:
+            time.sleep(0.2)
+        assert len(_server_processes(proc.pid)) == 2
+        for _ in range(20):  # whichever process answers, it serves the file it was given
+            assert httpx.get(f"{url}/v1/model").json()["uri"] == str(onnx_path)
+        r = httpx.post(f"{url}/predict", files={"file": ("x.png", _png())})
+        assert r.status_code == 200
+    assert not (tmp_path / "mlflow.db").exists()  # a server that only predicts opens no store

@@ -10,19 +10,22 @@ from convserve.training.config import (
     ConfigError,
     DatasetName,
     InitName,
+    OptimizerName,
+    ScheduleName,
     TrainConfig,
-    apply_overrides,
-    load_config,
-    shipped_configs,
 )
+from convserve.training.configfiles import apply_overrides, load_config, shipped_configs
 from convserve.training.data import DATASETS
 from convserve.training.init import initializer_names
+from convserve.training.loop import optimizer_names, schedule_names
 
 
 def test_registries_match_the_schema():
     assert sorted(get_args(ActivationName)) == activation_names()
     assert sorted(get_args(InitName)) == initializer_names()
     assert sorted(get_args(DatasetName)) == sorted(DATASETS)
+    assert sorted(get_args(OptimizerName)) == optimizer_names()
+    assert sorted(get_args(ScheduleName)) == schedule_names()
 
 
 def test_empty_config_is_the_shipped_default():
@@ -96,7 +99,10 @@ def test_config_is_frozen():
         cfg.seed = 3  # type: ignore[misc]
 
 
-def test_config_module_imports_no_torch():
-    code = "import sys, convserve.training.config; print('torch' in sys.modules)"
+def test_config_modules_import_no_torch():
+    code = (
+        "import sys, convserve.training.config, convserve.training.configfiles; "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

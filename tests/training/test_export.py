@@ -50,22 +50,18 @@ def test_one_file_with_named_outputs_and_dynamic_batch(trained):
 def test_metadata_carries_what_the_service_needs(trained):
     _model, config, spec, _, path = trained
     meta = read_metadata(path)
-    assert json.loads(meta["convserve.labels"]) == spec.classes
-    assert (meta["convserve.channels"], meta["convserve.height"], meta["convserve.width"]) == (
-        "1",
-        "8",
-        "8",
-    )
-    assert meta["convserve.color_mode"] == "L"
-    assert json.loads(meta["convserve.resize"])["method"] == "bilinear"
-    assert json.loads(meta["convserve.feature_outputs"]) == {
-        "features.block1": [6, 8, 8],
-        "features.block2": [8, 4, 4],
-    }
-    assert "before pooling" in meta["convserve.feature_tensor"]
-    assert meta["convserve.run_id"] == "run-123"
-    assert meta["convserve.config_hash"] == config.digest()
-    assert meta["convserve.version"]
+    assert meta.labels == spec.classes
+    assert (meta.channels, meta.height, meta.width, meta.color_mode) == (1, 8, 8, "L")
+    assert meta.resize.method == "bilinear" and meta.resize.size == (8, 8)
+    assert meta.feature_outputs == {"block1": [6, 8, 8], "block2": [8, 4, 4]}
+    assert meta.output_names() == ["probabilities", "features.block1", "features.block2"]
+    assert "before pooling" in meta.feature_tensor
+    assert (meta.run_id, meta.config_hash, meta.opset) == ("run-123", config.digest(), 18)
+    assert meta.version
+    # stored as plain convserve.* strings that any ONNX tool shows
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(props["convserve.labels"]) == spec.classes
+    assert props["convserve.height"] == "8"
 
 
 def test_onnxruntime_matches_torch_with_normalisation_and_softmax_inside(trained):

@@ -6,7 +6,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from convserve.training.checkpoint import load_model, read_checkpoint
-from convserve.training.config import load_config
+from convserve.training.configfiles import load_config
 from convserve.training.run import Callbacks, resolve_device, train
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from convserve.training.config import load_config
+from convserve.training.configfiles import load_config
 
 if TYPE_CHECKING:
     from convserve.pipelines.registry import Published

@@ -14,7 +14,7 @@ from typing import Any
 
 from convserve.pipelines.registry import Policy, Published, publish, select_best
 from convserve.training.config import SweepConfig, TrainConfig
-from convserve.training.plots import save_figure
+from convserve.training.plots import save_figure, subplots
 from convserve.training.run import Callbacks, TrainResult, train
 from convserve.training.tracking import Tracker, get_or_create_experiment
 
@@ -63,7 +63,25 @@ def run_sweep(
     ``on_child(index, total, point)`` may return a per-step callback for progress.
     ``parent_run_id`` continues an existing run as the parent (a sweep job).
     """
-    combos = sweep.combinations()
+    parent = _start_parent(sweep, parent_run_id)
+    folder = Path(sweep.base.tracking.output_dir) / (parent.run_id or "sweep")
+    try:
+        rows = _train_children(sweep, parent.run_id, on_child, should_stop)
+    except BaseException:
+        parent.end("KILLED")
+        raise
+    result = SweepResult(parent.run_id, rows, None, folder=folder)
+    result.summary = write_summary(sweep, rows, folder)
+    parent.log_artifacts(folder, "summary")
+    finished = [r for r in rows if r.status == "finished" and r.value is not None]
+    if parent.run_id is not None and finished:
+        _select_and_publish(sweep, parent, policy, result)
+    parent.end("FINISHED" if finished or not rows else "FAILED")
+    return result
+
+
+def _start_parent(sweep: SweepConfig, parent_run_id: str | None) -> Tracker:
+    """The parent run (new, or the job's own run), tagged with the grid and the metric."""
     base = sweep.base
     parent = Tracker(base.tracking.model_copy(update={"run_name": sweep.name or "sweep"}))
     parent_id = parent.start(
@@ -76,49 +94,48 @@ def run_sweep(
                 "convserve.metric": f"{sweep.direction} {sweep.metric}",
             }
         )
-    folder = Path(base.tracking.output_dir) / (parent_id or "sweep")
+    return parent
+
+
+def _train_children(
+    sweep: SweepConfig,
+    parent_id: str | None,
+    on_child: Callable[[int, int, dict[str, Any]], Callable[..., Any] | None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> list[Row]:
+    combos = sweep.combinations()
     rows: list[Row] = []
-    try:
-        for index, (point, cfg) in enumerate(combos):
-            if should_stop is not None and should_stop():
-                break
-            step_cb = on_child(index, len(combos), point) if on_child else None
-            rows.append(
-                _child(
-                    cfg,
-                    point,
-                    parent_id,
-                    sweep.metric,
-                    Callbacks(on_step=step_cb, should_stop=should_stop),
-                )
-            )
-    except BaseException:
-        parent.end("KILLED")
-        raise
-    result = SweepResult(parent_id, rows, None, folder=folder)
-    result.summary = write_summary(sweep, rows, folder)
-    parent.log_artifacts(folder, "summary")
-    finished = [r for r in rows if r.status == "finished" and r.value is not None]
-    if parent_id is not None and finished:
-        client = parent.client
-        experiment = get_or_create_experiment(client, base.tracking.experiment)
-        best = select_best(
-            client,
-            [experiment],
-            sweep.metric,
-            sweep.direction,
-            f"tags.mlflow.parentRunId = '{parent_id}'",
+    for index, (point, cfg) in enumerate(combos):
+        if should_stop is not None and should_stop():
+            break
+        step_cb = on_child(index, len(combos), point) if on_child else None
+        callbacks = Callbacks(on_step=step_cb, should_stop=should_stop)
+        rows.append(_child(cfg, point, parent_id, sweep.metric, callbacks))
+    return rows
+
+
+def _select_and_publish(
+    sweep: SweepConfig, parent: Tracker, policy: Policy | None, result: SweepResult
+) -> None:
+    """Record the best child on the parent; with a ``policy``, publish it."""
+    client = parent.client
+    experiment = get_or_create_experiment(client, sweep.base.tracking.experiment)
+    best = select_best(
+        client,
+        [experiment],
+        sweep.metric,
+        sweep.direction,
+        f"tags.mlflow.parentRunId = '{parent.run_id}'",
+    )
+    if best is None:
+        return
+    result.best_run_id = best.info.run_id
+    parent.log_metrics({f"best_{sweep.metric}": best.data.metrics[sweep.metric]}, 0)
+    parent.set_tags({"convserve.best_run_id": best.info.run_id})
+    if policy is not None:
+        result.published = publish(
+            run_id=best.info.run_id, tracking_uri=client.tracking_uri, policy=policy
         )
-        result.best_run_id = best.info.run_id if best else None
-        if best is not None:
-            parent.log_metrics({f"best_{sweep.metric}": best.data.metrics[sweep.metric]}, 0)
-            parent.set_tags({"convserve.best_run_id": best.info.run_id})
-            if policy is not None:
-                result.published = publish(
-                    run_id=best.info.run_id, tracking_uri=client.tracking_uri, policy=policy
-                )
-    parent.end("FINISHED" if finished or not rows else "FAILED")
-    return result
 
 
 def _child(
@@ -183,7 +200,6 @@ def write_summary(sweep: SweepConfig, rows: list[Row], folder: Path) -> list[str
 
 
 def _heatmap(sweep: SweepConfig, rows: list[Row], path: Path) -> None:
-    import matplotlib.pyplot as plt
     import numpy as np
 
     keys = list(sweep.grid)
@@ -200,7 +216,7 @@ def _heatmap(sweep: SweepConfig, rows: list[Row], path: Path) -> None:
             + "\n"
             + ",".join(v for v in r.verdicts if v != "healthy")
         )
-    fig, ax = plt.subplots(figsize=(1.6 + 1.9 * len(xs), 1.0 + 0.8 * len(ys)))
+    fig, ax = subplots(figsize=(1.6 + 1.9 * len(xs), 1.0 + 0.8 * len(ys)))
     ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto")
     for i in range(len(ys)):
         for j in range(len(xs)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from convserve import __version__
+from convserve.pipelines.queue import JobSettings, make_queue
 from convserve.service.api import jobs, predict, status, ui, v2
 from convserve.service.manager import ModelManager
 from convserve.service.metrics import Metrics
@@ -100,31 +102,41 @@ async def _empty_receive() -> Message:
 
 
 class JobQueue:
-    """The job queue and the MLflow client, as the API sees them."""
+    """The job queue and the MLflow client, as the API sees them. The client is made on the
+    first jobs request: a server that only predicts never opens the tracking store, and
+    worker processes do not race to create a SQLite store at start-up."""
 
-    def __init__(self) -> None:
-        from mlflow.tracking import MlflowClient
+    def __init__(self, settings: JobSettings) -> None:
+        self.settings = settings
+        self.huey = make_queue(settings)
+        self._client: Any = None
+        self._lock = threading.Lock()
 
-        from convserve.pipelines.jobs import JobSettings, make_queue
+    @property
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                from mlflow.tracking import MlflowClient
 
-        self.settings = JobSettings()
-        self.huey, self.task = make_queue(self.settings)
-        self.client = MlflowClient()
+                self._client = MlflowClient()
+            return self._client
 
 
 def _is_v2(request: Request) -> bool:
     return request.url.path.startswith("/v2")
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, job_settings: JobSettings | None = None) -> FastAPI:
+    """The service; ``job_settings`` None reads the queue's settings from the environment now."""
     metrics = Metrics()
     providers_for(settings.device)  # device=cuda without CUDA fails here, at start
+    job_settings = job_settings if job_settings is not None else JobSettings()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         manager = ModelManager(settings, metrics)
         app.state.manager = manager
-        app.state.jobs = JobQueue()
+        app.state.jobs = JobQueue(job_settings)
         outcome = await manager.check()
         if manager.model is None:
             log.warning("starting without a model: %s", outcome.message)
@@ -183,5 +195,6 @@ def _handlers(app: FastAPI) -> None:
 
 
 def app_from_env() -> FastAPI:
-    """The factory uvicorn calls in each worker process (``convserve serve``)."""
+    """For ``uvicorn convserve.service.app:app_from_env --factory``: settings from the
+    environment (``convserve serve`` passes its settings objects instead)."""
     return create_app(Settings())

@@ -116,10 +116,11 @@ class Engine:
             now = time.perf_counter()
             for item in items:
                 self.metrics.queue_time.observe(now - item.queued_at)
-            outputs = sorted(
-                {o for item in items for o in item.outputs}, key=self.model.output_names.index
-            )
             try:
+                # Inside the try: whatever fails here reaches every waiter, never the loop.
+                outputs = sorted(
+                    {o for item in items for o in item.outputs}, key=self._output_order
+                )
                 batch = (
                     np.concatenate([item.images for item in items])
                     if len(items) > 1
@@ -137,6 +138,12 @@ class Engine:
                 if not item.future.done():
                     item.future.set_result({k: result[k][start : start + n] for k in item.outputs})
                 start += n
+
+    def _output_order(self, name: str) -> int:
+        names = self.model.output_names
+        if name not in names:
+            raise ValueError(f"unknown output {name!r}; the model has {', '.join(names)}")
+        return names.index(name)
 
     async def close(self) -> None:
         """Finish every request already submitted, then stop; late callers run unbatched."""

@@ -1,9 +1,9 @@
 """Loading an exported model: resolve its URI, create the onnxruntime session, warm it up and
-check it. Everything the service needs comes from the model's own ``metadata_props``."""
+check it. Everything the service needs comes from the model's own metadata
+(``convserve.contract.ModelMetadata``)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from convserve import contract
+from convserve.contract import MetadataError, ModelMetadata
 from convserve.service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,28 +44,42 @@ class Source:
 class LoadedModel:
     source: Source
     session: ort.InferenceSession
-    labels: list[str]
-    channels: int
-    height: int
-    width: int
-    color_mode: str
-    feature_shapes: dict[str, list[int]]  # "features.block1" -> [C, H, W]
-    metadata: dict[str, str]
+    meta: ModelMetadata
     providers: list[str]
-    opset: int
     loaded_at: float = field(default_factory=time.time)
 
     @property
+    def labels(self) -> list[str]:
+        return self.meta.labels
+
+    @property
+    def channels(self) -> int:
+        return self.meta.channels
+
+    @property
+    def height(self) -> int:
+        return self.meta.height
+
+    @property
+    def width(self) -> int:
+        return self.meta.width
+
+    @property
     def blocks(self) -> list[str]:
-        return [n.removeprefix("features.") for n in self.feature_shapes]
+        return self.meta.blocks
+
+    @property
+    def feature_shapes(self) -> dict[str, list[int]]:
+        """block -> [C, H, W]."""
+        return self.meta.feature_outputs
 
     @property
     def output_names(self) -> list[str]:
-        return ["probabilities", *self.feature_shapes]
+        return self.meta.output_names()
 
     def run(self, batch: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
         """One ``session.run`` on ``[N, C, H, W]`` float32; outputs read by name."""
-        values = self.session.run(outputs, {"image": batch})
+        values = self.session.run(outputs, {contract.INPUT: batch})
         return dict(zip(outputs, values, strict=True))
 
 
@@ -150,40 +166,21 @@ def _session(path: Path, settings: Settings) -> ort.InferenceSession:
     return session
 
 
-def _meta(metadata: dict[str, str], key: str) -> str:
-    try:
-        return metadata[f"convserve.{key}"]
-    except KeyError:
-        raise ModelLoadError(
-            f"the model has no convserve.{key} metadata; export it with `convserve export`"
-        ) from None
-
-
 def open_model(source: Source, settings: Settings) -> LoadedModel:
     """Create the session from the model's own metadata, warm it up and self-check it."""
     assert source.path is not None
     if not source.path.is_file():
         raise ModelLoadError(f"no model file at {source.path}")
     session = _session(source.path, settings)
-    meta = dict(session.get_modelmeta().custom_metadata_map)
     try:
-        model = LoadedModel(
-            source=source,
-            session=session,
-            labels=json.loads(_meta(meta, "labels")),
-            channels=int(_meta(meta, "channels")),
-            height=int(_meta(meta, "height")),
-            width=int(_meta(meta, "width")),
-            color_mode=_meta(meta, "color_mode"),
-            feature_shapes=json.loads(_meta(meta, "feature_outputs")),
-            metadata=meta,
-            providers=session.get_providers(),
-            opset=int(meta.get("convserve.opset", "0")),
-        )
-    except (ValueError, TypeError) as err:
-        raise ModelLoadError(f"the model's convserve metadata is malformed: {err}") from err
-    if source.run_id is None and meta.get("convserve.run_id"):
-        model.source = replace(source, run_id=meta["convserve.run_id"])
+        meta = ModelMetadata.from_props(dict(session.get_modelmeta().custom_metadata_map))
+    except MetadataError as err:
+        raise ModelLoadError(str(err)) from err
+    if source.run_id is None and meta.run_id:
+        source = replace(source, run_id=meta.run_id)
+    model = LoadedModel(
+        source=source, session=session, meta=meta, providers=session.get_providers()
+    )
     self_check(model)
     return model
 
@@ -199,7 +196,7 @@ def self_check(model: LoadedModel) -> None:
         rng.random((2, model.channels, model.height, model.width), np.float32),
     ):
         out = model.run(batch, model.output_names)
-        probs = out["probabilities"]
+        probs = out[contract.PROBABILITIES]
         if probs.shape != (batch.shape[0], len(model.labels)):
             raise ModelLoadError(
                 f"probabilities have shape {probs.shape}, expected "
@@ -209,8 +206,7 @@ def self_check(model: LoadedModel) -> None:
             raise ModelLoadError(
                 "the model's probabilities are not a distribution on a known input"
             )
-        for name, shape in model.feature_shapes.items():
-            if list(out[name].shape[1:]) != shape:
-                raise ModelLoadError(
-                    f"{name} has shape {list(out[name].shape[1:])}, the metadata says {shape}"
-                )
+        for block, shape in model.feature_shapes.items():
+            got = list(out[contract.feature_output(block)].shape[1:])
+            if got != shape:
+                raise ModelLoadError(f"{block} has shape {got}, the metadata says {shape}")

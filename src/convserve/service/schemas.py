@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from convserve.contract import ModelMetadata
+
 
 class ModelRef(BaseModel):
     name: str
@@ -102,11 +104,11 @@ class ModelInfo(BaseModel):
     labels: list[str]
     input: dict[str, Any] = Field(description="name, dtype, shape [batch, C, H, W], range")
     color_mode: str
-    feature_outputs: dict[str, list[int]]
+    feature_outputs: dict[str, list[int]] = Field(description="block -> [C, H, W]")
     opset: int
     providers: list[str]
     loaded_at: str
-    metadata: dict[str, str]
+    metadata: ModelMetadata = Field(description="The model's own convserve.* metadata")
 
 
 class Health(BaseModel):

@@ -1,21 +1,20 @@
-"""The training configuration: one schema for YAML files, the CLI, MLflow params and job bodies.
+"""The training configuration schema: one for YAML files, the CLI, MLflow params and job bodies.
 
 Pure pydantic on purpose: the service validates ``POST /jobs`` bodies with these models and must
 not import torch. Registries on the torch side are keyed by the names listed here, and a test
-checks that both agree.
+checks that both agree. Reading files and ``--set`` overrides live in ``configfiles.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from convserve.training.overrides import expand_grid
 
 ActivationName = Literal["sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "selu", "identity"]
 InitName = Literal[
@@ -38,8 +37,6 @@ PoolName = Literal["max", "avg", "none"]
 OptimizerName = Literal["sgd", "adam", "adamw"]
 ScheduleName = Literal["none", "step", "cosine"]
 DeviceName = Literal["auto", "cpu", "cuda"]
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 class StrictModel(BaseModel):
@@ -198,13 +195,8 @@ class SweepConfig(StrictModel):
 
     def combinations(self) -> list[tuple[dict[str, Any], TrainConfig]]:
         """Every grid point with its training config, in row-major order of ``grid``."""
-        base = self.base.model_dump(mode="json")
         out = []
-        for values in itertools.product(*self.grid.values()):
-            point = dict(zip(self.grid, values, strict=True))
-            data = json.loads(json.dumps(base))
-            for key, value in point.items():
-                set_path(data, key.split("."), value)
+        for point, data in expand_grid(self.base.model_dump(mode="json"), self.grid):
             try:
                 out.append((point, TrainConfig.model_validate(data)))
             except ValidationError as err:
@@ -241,108 +233,3 @@ def format_validation_error(err: ValidationError) -> str:
         path = ".".join(str(p) for p in e["loc"]) or "(root)"
         lines.append(f"{path}: {e['msg']}")
     return "\n".join(lines)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``model.activation=tanh`` -> (["model", "activation"], "tanh"); values are YAML."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key.path=value")
-    key, raw = text.split("=", 1)
-    if not key.strip():
-        raise ConfigError(f"override {text!r} has an empty key")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with each ``a.b.c=value`` override set (lists by index)."""
-    result = json.loads(json.dumps(data))
-    for text in overrides:
-        path, value = parse_override(text)
-        set_path(result, path, value)
-    return result
-
-
-def set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
-    """Set ``data[path[0]][path[1]]... = value`` in place, creating sections on the way."""
-    node: Any = data
-    for i, part in enumerate(path[:-1]):
-        node = _child(node, part, path[: i + 1])
-    last = path[-1]
-    if isinstance(node, list):
-        node[_index(last, node, path)] = value
-    else:
-        node[last] = value
-
-
-def _child(node: Any, part: str, where: list[str]) -> Any:
-    if isinstance(node, list):
-        return node[_index(part, node, where)]
-    if not isinstance(node, dict):
-        raise ConfigError(f"cannot set {'.'.join(where)}: its parent is not a section")
-    return node.setdefault(part, {})
-
-
-def _index(part: str, node: list[Any], where: list[str]) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(f"{'.'.join(where)}: list index must be 0..{len(node) - 1}")
-    return int(part)
-
-
-def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A file path, or the name of a config shipped with convserve (``default``, ``he_relu``)."""
-    path = Path(name_or_path)
-    if path.exists():
-        return path
-    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
-    if shipped.exists():
-        return shipped
-    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-    raise ConfigError(f"no config file {str(name_or_path)!r}; shipped configs: {names}")
-
-
-def read_config_dict(name_or_path: str | Path | None) -> dict[str, Any]:
-    if name_or_path is None:
-        return {}
-    path = resolve_config_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return data
-
-
-def load_config(
-    name_or_path: str | Path | None = None, overrides: list[str] | None = None
-) -> TrainConfig:
-    """Read a YAML config (or the defaults), apply ``--set`` overrides and validate."""
-    data = apply_overrides(read_config_dict(name_or_path), overrides or [])
-    return validate_config(data)
-
-
-def validate_config(data: dict[str, Any]) -> TrainConfig:
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError("invalid training config:\n" + format_validation_error(err)) from err
-
-
-def shipped_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-
-
-def load_sweep(name_or_path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
-    """Read a sweep YAML (a file, or a shipped one under configs/sweeps) and validate it."""
-    path = Path(name_or_path)
-    if not path.exists():
-        shipped = CONFIG_DIR / "sweeps" / f"{name_or_path}.yaml"
-        if not shipped.exists():
-            names = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "sweeps").glob("*.yaml")))
-            raise ConfigError(f"no sweep file {str(name_or_path)!r}; shipped sweeps: {names}")
-        path = shipped
-    data = apply_overrides(read_config_dict(path), overrides or [])
-    try:
-        return SweepConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError("invalid sweep config:\n" + format_validation_error(err)) from err

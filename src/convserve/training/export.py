@@ -1,14 +1,12 @@
 """ONNX export with named feature-map outputs, and the checks every export must pass.
 
-The graph takes ``image`` (float32 ``[batch, channels, height, width]``, pixels in [0, 1]);
-normalisation and softmax are inside it. Outputs: ``probabilities`` ``[batch, classes]`` and
-``features.<block>`` for every convolutional block: the output of the block's activation,
-before pooling and dropout. Everything the service needs travels in ``metadata_props``.
+The names and the metadata follow ``convserve.contract``: ``image`` in, ``probabilities`` and
+``features.<block>`` out (the output of each block's activation, before pooling and dropout),
+``ModelMetadata`` in ``metadata_props``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +16,8 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from convserve import __version__
+from convserve import __version__, contract
+from convserve.contract import INPUT, ModelMetadata, Normalization, Resize
 from convserve.training.checkpoint import ModelSpec
 from convserve.training.config import TrainConfig
 from convserve.training.model import ConvNet
@@ -26,13 +25,7 @@ from convserve.training.model import ConvNet
 log = logging.getLogger(__name__)
 
 OPSET = 18
-INPUT_NAME = "image"
-PROBABILITIES = "probabilities"
 PARITY_TOLERANCE = 1e-4
-FEATURE_TENSOR = (
-    "output of the block's activation function (after convolution and batch norm, before "
-    "pooling and dropout), shape [batch, channels, height, width]"
-)
 
 
 class ExportCheckFailed(RuntimeError):
@@ -52,39 +45,29 @@ class _Exported(nn.Module):
 
 
 def output_names(model: ConvNet) -> list[str]:
-    return [PROBABILITIES, *(f"features.{n}" for n in model.block_names)]
+    return contract.output_names(model.block_names)
 
 
 def metadata(
     model: ConvNet, spec: ModelSpec, config: TrainConfig, run_id: str | None
-) -> dict[str, str]:
-    """The ``metadata_props`` of an export: all the service needs to serve it."""
+) -> ModelMetadata:
+    """What the service needs to serve the export, as the contract's metadata model."""
     height, width = spec.image_size
-    return {
-        "convserve.labels": json.dumps(spec.classes),
-        "convserve.channels": str(spec.channels),
-        "convserve.height": str(height),
-        "convserve.width": str(width),
-        "convserve.color_mode": "L" if spec.channels == 1 else "RGB",
-        "convserve.resize": json.dumps(
-            {"method": "bilinear", "mode": "stretch", "size": [height, width]}
-        ),
-        "convserve.input": json.dumps(
-            {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW", "range": [0.0, 1.0]}
-        ),
-        "convserve.feature_outputs": json.dumps(
-            {f"features.{n}": list(model.feature_shapes[n]) for n in model.block_names}
-        ),
-        "convserve.feature_tensor": FEATURE_TENSOR,
-        "convserve.normalization": json.dumps(
-            {"mean": spec.mean, "std": spec.std, "inside_graph": True}
-        ),
-        "convserve.dataset": spec.dataset,
-        "convserve.run_id": run_id or "",
-        "convserve.config_hash": config.digest(),
-        "convserve.version": __version__,
-        "convserve.opset": str(OPSET),
-    }
+    return ModelMetadata(
+        labels=spec.classes,
+        channels=spec.channels,  # type: ignore[arg-type]
+        height=height,
+        width=width,
+        color_mode="L" if spec.channels == 1 else "RGB",
+        resize=Resize(size=(height, width)),
+        feature_outputs={n: list(model.feature_shapes[n]) for n in model.block_names},
+        normalization=Normalization(mean=spec.mean, std=spec.std),
+        dataset=spec.dataset,
+        run_id=run_id or "",
+        config_hash=config.digest(),
+        version=__version__,
+        opset=OPSET,
+    )
 
 
 def export_onnx(
@@ -99,9 +82,9 @@ def export_onnx(
         wrapper,
         (example,),
         None,
-        input_names=[INPUT_NAME],
+        input_names=[INPUT],
         output_names=output_names(model),
-        dynamic_shapes={"image": {0: batch}},
+        dynamic_shapes={INPUT: {0: batch}},
         opset_version=OPSET,
         dynamo=True,
         external_data=False,
@@ -110,7 +93,7 @@ def export_onnx(
     if program is None:
         raise ExportCheckFailed("torch.onnx.export returned no program")
     proto = program.model_proto
-    onnx.helper.set_model_props(proto, metadata(model, spec, config, run_id))
+    onnx.helper.set_model_props(proto, metadata(model, spec, config, run_id).to_props())
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(proto, str(path), save_as_external_data=False)
     return proto
@@ -156,7 +139,7 @@ def check_export(
         x = images[:size].cpu().float()
         with torch.no_grad():
             expected = [t.numpy() for t in wrapper(x)]
-        actual = session.run(names, {INPUT_NAME: x.numpy()})
+        actual = session.run(names, {INPUT: x.numpy()})
         for name, e, a in zip(names, expected, actual, strict=True):
             if e.shape != a.shape:
                 raise ExportCheckFailed(
@@ -172,6 +155,7 @@ def check_export(
     return report
 
 
-def read_metadata(path: Path) -> dict[str, str]:
+def read_metadata(path: Path) -> ModelMetadata:
+    """An export's ``convserve.*`` metadata, read as the service reads it."""
     proto = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in proto.metadata_props}
+    return ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,30 +51,59 @@ class EpochResult:
     snapshots: list[Snapshot] = field(default_factory=list)
 
 
+def _sgd(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _adam(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _adamw(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+OptimizerFactory = Callable[[list[nn.Parameter], OptimConfig], torch.optim.Optimizer]
+_OPTIMIZERS: dict[str, OptimizerFactory] = dict(sgd=_sgd, adam=_adam, adamw=_adamw)
+
+Scheduler = torch.optim.lr_scheduler.LRScheduler
+# Stepped once per epoch; "none" keeps the learning rate constant.
+_SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, OptimConfig], Scheduler | None]] = dict(
+    none=lambda optimizer, cfg: None,
+    step=lambda optimizer, cfg: torch.optim.lr_scheduler.StepLR(
+        optimizer, cfg.step_size, cfg.gamma
+    ),
+    cosine=lambda optimizer, cfg: torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=cfg.epochs
+    ),
+)
+
+
+def optimizer_names() -> list[str]:
+    return sorted(_OPTIMIZERS)
+
+
+def schedule_names() -> list[str]:
+    return sorted(_SCHEDULES)
+
+
+def _lookup(registry: dict[str, Any], kind: str, name: str) -> Any:
+    try:
+        return registry[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(registry))}"
+        ) from None
+
+
 def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose one of: sgd, adam, adamw")
+    return _lookup(_OPTIMIZERS, "optimizer", cfg.optimizer)(params, cfg)  # type: ignore[no-any-return]
 
 
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: OptimConfig
-) -> torch.optim.lr_scheduler.LRScheduler | None:
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> Scheduler | None:
     """Stepped once per epoch."""
-    if cfg.schedule == "none":
-        return None
-    if cfg.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.gamma)
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    raise ValueError(f"unknown schedule {cfg.schedule!r}; choose one of: none, step, cosine")
+    return _lookup(_SCHEDULES, "schedule", cfg.schedule)(optimizer, cfg)  # type: ignore[no-any-return]
 
 
 def train_one_epoch(
@@ -91,7 +121,11 @@ def train_one_epoch(
     diag_every: int = 50,
     callbacks: StepCallbacks | None = None,
 ) -> EpochResult:
-    """Train over ``split`` once (or until ``max_steps``); raises ``Diverged`` or ``Stopped``."""
+    """Train over ``split`` once (or until ``max_steps``); raises ``Diverged`` or ``Stopped``.
+
+    Every ``diag_every`` steps, the step is measured: activations and back-propagated
+    gradients are recorded on the way, weights before and after the update compared.
+    """
     cb = callbacks or StepCallbacks()
     model.train()
     step, total_loss, correct, seen = start_step, 0.0, 0, 0
@@ -102,39 +136,20 @@ def train_one_epoch(
         if cb.should_stop is not None and cb.should_stop():
             raise Stopped(step)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        measure = diagnostics is not None and step % diag_every == 0
-        optimizer.zero_grad(set_to_none=True)
-        if measure:
-            assert diagnostics is not None
-            with diagnostics.measure():
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                loss.backward()
-        else:
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise Diverged(step, find_nonfinite(model, x), loss_value)
-        if not measure:
-            loss.backward()
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        if measure:
-            assert diagnostics is not None
-            diagnostics.before_step()
-        optimizer.step()
-        step += 1
-        batch_correct = int((logits.detach().argmax(1) == y).sum())
-        total_loss += loss_value * y.size(0)
-        correct += batch_correct
-        seen += y.size(0)
-        if measure:
-            assert diagnostics is not None
-            snap = diagnostics.after_step(step)
+        if diagnostics is not None and step % diag_every == 0:
+            logits, loss_value, snap = _measured_step(
+                model, optimizer, x, y, step, grad_clip, diagnostics
+            )
             snapshots.append(snap)
             if cb.on_snapshot is not None:
                 cb.on_snapshot(snap)
+        else:
+            logits, loss_value = _step(model, optimizer, x, y, step, grad_clip)
+        step += 1
+        batch_correct = int((logits.argmax(1) == y).sum())
+        total_loss += loss_value * y.size(0)
+        correct += batch_correct
+        seen += y.size(0)
         if cb.on_step is not None:
             cb.on_step(step, loss_value, batch_correct / y.size(0))
     return EpochResult(
@@ -144,6 +159,55 @@ def train_one_epoch(
         budget_spent=max_steps is not None and step >= max_steps,
         snapshots=snapshots,
     )
+
+
+def _forward_backward(model: nn.Module, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, float]:
+    """Logits and the loss after ``backward``; a non-finite loss raises ``Diverged``."""
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    loss_value = float(loss.detach())
+    if not math.isfinite(loss_value):
+        raise Diverged(step, find_nonfinite(model, x), loss_value)
+    loss.backward()
+    return logits.detach(), loss_value
+
+
+def _update(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+
+
+def _step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    step: int,
+    grad_clip: float | None,
+) -> tuple[Tensor, float]:
+    optimizer.zero_grad(set_to_none=True)
+    logits, loss_value = _forward_backward(model, x, y, step)
+    _update(model, optimizer, grad_clip)
+    return logits, loss_value
+
+
+def _measured_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    step: int,
+    grad_clip: float | None,
+    diagnostics: Diagnostics,
+) -> tuple[Tensor, float, Snapshot]:
+    """One step with the diagnostics' hooks on; the snapshot is taken after the update."""
+    optimizer.zero_grad(set_to_none=True)
+    with diagnostics.measure():
+        logits, loss_value = _forward_backward(model, x, y, step)
+    diagnostics.before_step()
+    _update(model, optimizer, grad_clip)
+    return logits, loss_value, diagnostics.after_step(step + 1)
 
 
 @dataclass

@@ -1,15 +1,13 @@
 """PNG figures of a run: learning curves, Glorot & Bengio style histograms, gradient flow,
-confusion matrix, first-layer filters and feature maps. Matplotlib's Agg backend, no display."""
+confusion matrix, first-layer filters and feature maps. Figures are made without pyplot, so
+no backend is chosen (and no global state is touched) on import; PNGs are drawn by Agg."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torch import Tensor
@@ -17,19 +15,30 @@ from torch import Tensor
 from convserve.training.diagnostics import Snapshot
 from convserve.training.model import ConvNet
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-def save_figure(fig: plt.Figure, path: Path) -> Path:
-    """Write ``fig`` as a PNG (creating the folder) and free it."""
+
+def subplots(nrows: int = 1, ncols: int = 1, **kwargs: Any) -> tuple[Figure, Any]:
+    """``pyplot.subplots`` without pyplot: a figure that nothing global holds on to."""
+    from matplotlib.figure import Figure
+
+    figure_kw = {k: kwargs.pop(k) for k in ("figsize", "dpi") if k in kwargs}
+    fig = Figure(**figure_kw)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as a PNG (creating the folder)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
 def learning_curves(history: list[dict[str, float]], path: Path) -> Path:
     """Loss and accuracy per epoch, train against validation."""
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax_loss, ax_acc) = subplots(1, 2, figsize=(10, 3.6))
     for split in ("train", "val"):
         ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], marker="o", label=split)
         ax_acc.plot(epochs, [h[f"{split}_accuracy"] for h in history], marker="o", label=split)
@@ -43,7 +52,7 @@ def learning_curves(history: list[dict[str, float]], path: Path) -> Path:
 
 def histograms(values: dict[str, Tensor], title: str, xlabel: str, path: Path) -> Path:
     """One normalised histogram line per layer, as in Glorot & Bengio 2010, Figures 6 and 7."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = subplots(figsize=(7, 4))
     finite = {k: v[torch.isfinite(v)] for k, v in values.items() if v.numel()}
     spread = max(
         (float(v.abs().quantile(0.995)) for v in finite.values() if v.numel()), default=1.0
@@ -65,7 +74,7 @@ def gradient_flow(snapshots: list[Snapshot], path: Path) -> Path:
     first, last = snapshots[0], snapshots[-1]
     layers = list(last.layers)
     x = np.arange(len(layers))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = subplots(1, 2, figsize=(11, 3.8))
     for ax, key, title in (
         (axes[0], "grad_std", "std of dL/d(pre-activation)"),
         (axes[1], "weight_grad_norm", "||dL/dW||"),
@@ -85,7 +94,7 @@ def gradient_flow(snapshots: list[Snapshot], path: Path) -> Path:
 
 def confusion_matrix(matrix: Tensor, classes: list[str], path: Path) -> Path:
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * n, 1.0 + 0.45 * n))
+    fig, ax = subplots(figsize=(1.2 + 0.45 * n, 1.0 + 0.45 * n))
     m = matrix.numpy()
     ax.imshow(m, cmap="Blues")
     for i in range(n):
@@ -116,7 +125,7 @@ def first_layer_filters(model: ConvNet, path: Path) -> Path | None:
         return None
     w = model.block(model.block_names[0]).conv.weight.detach().cpu()
     rows, cols = _grid(w.numpy())
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.9, rows * 0.9), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(cols * 0.9, rows * 0.9), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, f in zip(axes.flat, w, strict=False):
@@ -139,7 +148,7 @@ def feature_maps(
     paths = []
     for i in range(images.size(0)):
         rows = len(model.block_names) + 1
-        fig, axes = plt.subplots(
+        fig, axes = subplots(
             rows, max_channels, figsize=(max_channels * 0.8, rows * 0.9), squeeze=False
         )
         for ax in axes.flat:

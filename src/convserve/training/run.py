@@ -84,7 +84,7 @@ def build_for(cfg: TrainConfig, data: DataBundle) -> ConvNet:
     model = build_model(
         cfg.model, data.channels, data.image_size, data.num_classes, data.mean, data.std
     )
-    batch = data.train.sample(256)[0] if cfg.init.name == "lsuv" else None
+    batch = data.train.sample(256)[0]  # what data-dependent initialisers (lsuv) measure on
     initialize(model, cfg.init, model.layer_activation, cfg.model.negative_slope, batch)
     return model
 
@@ -201,6 +201,9 @@ class _Session:
         self.snapshots: list[Snapshot] = []
         self.diag = Diagnostics(model, cfg.diagnostics) if cfg.diagnostics.enabled else None
         self.plot_dir = ckpt_dir / "plots"
+        self.best = -math.inf
+        self.best_path: Path | None = None
+        self.last_path: Path | None = None
         # A few validation images travel in every checkpoint, for the export parity check.
         self.sample = data.val.sample(32)[0]
 
@@ -235,6 +238,37 @@ class _Session:
         )
 
     def run(self, start_epoch: int, step: int, best: float) -> TrainResult:
+        """Train from ``start_epoch`` to the end, an early stop, a divergence or a cancel."""
+        self._begin()
+        self.best, self.best_path, self.last_path = best, None, None
+        status: Status = "finished"
+        message = ""
+        since_best = 0
+        try:
+            for epoch in range(start_epoch, self.cfg.optim.epochs + 1):
+                step, budget_spent = self._epoch(epoch, step)
+                since_best = 0 if self._checkpoint(epoch, step) else since_best + 1
+                if budget_spent:
+                    break
+                patience = self.cfg.optim.early_stopping
+                if patience is not None and since_best >= patience:
+                    message = f"early stopping after epoch {epoch}"
+                    break
+        except Diverged as err:
+            status, message = "diverged", str(err)
+            self.tracker.set_tags(
+                {
+                    "convserve.diverged_step": str(err.step),
+                    "convserve.diverged_layer": str(err.layer),
+                }
+            )
+        except Stopped as err:
+            status, message = "cancelled", str(err)
+            self._keep_where_stopped(start_epoch, err.step)
+        return self._finish(status, message, self.best_path, self.last_path)
+
+    def _begin(self) -> None:
+        """Announce the step budget; plot the histograms at initialisation."""
         cfg = self.cfg
         steps_per_epoch = math.ceil(len(self.data.train) / cfg.data.batch_size)
         total = steps_per_epoch * cfg.optim.epochs
@@ -249,75 +283,64 @@ class _Session:
                 "init",
                 self.plot_dir,
             )
-        status: Status = "finished"
-        message, best_path, last_path = "", None, None
-        since_best = 0
-        try:
-            for epoch in range(start_epoch, cfg.optim.epochs + 1):
-                result = train_one_epoch(
-                    self.model,
-                    self.data.train,
-                    self.optimizer,
-                    device=self.device,
-                    batch_size=cfg.data.batch_size,
-                    seed=cfg.seed * 1000 + epoch,
-                    start_step=step,
-                    max_steps=cfg.optim.max_steps,
-                    grad_clip=cfg.optim.grad_clip,
-                    diagnostics=self.diag,
-                    diag_every=cfg.diagnostics.every,
-                    callbacks=StepCallbacks(self._on_step, self._on_snapshot, self.cb.should_stop),
-                )
-                step = result.steps
-                val = evaluate(
-                    self.model,
-                    self.data.val,
-                    device=self.device,
-                    batch_size=cfg.data.batch_size,
-                    num_classes=self.data.num_classes,
-                )
-                metrics = {
-                    "epoch": float(epoch),
-                    "train_loss": result.loss,
-                    "train_accuracy": result.accuracy,
-                    "val_loss": val.loss,
-                    "val_accuracy": val.accuracy,
-                    "lr": self.optimizer.param_groups[0]["lr"],
-                }
-                self.history.append(metrics)
-                self.tracker.log_metrics(metrics, step)
-                if self.cb.on_epoch is not None:
-                    self.cb.on_epoch(epoch, metrics)
-                improved = val.accuracy > best
-                best = max(best, val.accuracy)
-                last_path = self._save("last.pt", epoch, step, best, metrics)
-                if improved or best_path is None:
-                    best_path = self._save("best.pt", epoch, step, best, metrics)
-                since_best = 0 if improved else since_best + 1
-                if self.scheduler is not None:
-                    self.scheduler.step()  # type: ignore[attr-defined]
-                if result.budget_spent:
-                    break
-                if cfg.optim.early_stopping is not None and since_best >= cfg.optim.early_stopping:
-                    message = f"early stopping after epoch {epoch}"
-                    break
-        except Diverged as err:
-            status, message = "diverged", str(err)
-            self.tracker.set_tags(
-                {
-                    "convserve.diverged_step": str(err.step),
-                    "convserve.diverged_layer": str(err.layer),
-                }
-            )
-        except Stopped as err:
-            status, message = "cancelled", str(err)
-            # Keep where it stopped: the epoch counts as not done, so a resume repeats it.
-            done = self.history[-1] if self.history else {}
-            last_path = self._save(
-                "last.pt", int(done.get("epoch", start_epoch - 1)), err.step, best, done
-            )
-            self.tracker.log_artifact(last_path, "checkpoints")
-        return self._finish(status, message, best_path, last_path)
+
+    def _epoch(self, epoch: int, step: int) -> tuple[int, bool]:
+        """Train and validate one epoch, log it; (the global step, step budget spent)."""
+        cfg = self.cfg
+        result = train_one_epoch(
+            self.model,
+            self.data.train,
+            self.optimizer,
+            device=self.device,
+            batch_size=cfg.data.batch_size,
+            seed=cfg.seed * 1000 + epoch,
+            start_step=step,
+            max_steps=cfg.optim.max_steps,
+            grad_clip=cfg.optim.grad_clip,
+            diagnostics=self.diag,
+            diag_every=cfg.diagnostics.every,
+            callbacks=StepCallbacks(self._on_step, self._on_snapshot, self.cb.should_stop),
+        )
+        val = evaluate(
+            self.model,
+            self.data.val,
+            device=self.device,
+            batch_size=cfg.data.batch_size,
+            num_classes=self.data.num_classes,
+        )
+        metrics = {
+            "epoch": float(epoch),
+            "train_loss": result.loss,
+            "train_accuracy": result.accuracy,
+            "val_loss": val.loss,
+            "val_accuracy": val.accuracy,
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        self.history.append(metrics)
+        self.tracker.log_metrics(metrics, result.steps)
+        if self.cb.on_epoch is not None:
+            self.cb.on_epoch(epoch, metrics)
+        if self.scheduler is not None:
+            self.scheduler.step()  # type: ignore[attr-defined]
+        return result.steps, result.budget_spent
+
+    def _checkpoint(self, epoch: int, step: int) -> bool:
+        """Save ``last.pt``, and ``best.pt`` when validation accuracy improved (returned)."""
+        metrics = self.history[-1]
+        improved = metrics["val_accuracy"] > self.best
+        self.best = max(self.best, metrics["val_accuracy"])
+        self.last_path = self._save("last.pt", epoch, step, self.best, metrics)
+        if improved or self.best_path is None:
+            self.best_path = self._save("best.pt", epoch, step, self.best, metrics)
+        return improved
+
+    def _keep_where_stopped(self, start_epoch: int, step: int) -> None:
+        """A cancelled run keeps ``last.pt`` where it stopped: the epoch counts as not done,
+        so a resume repeats it."""
+        done = self.history[-1] if self.history else {}
+        epoch = int(done.get("epoch", start_epoch - 1))
+        self.last_path = self._save("last.pt", epoch, step, self.best, done)
+        self.tracker.log_artifact(self.last_path, "checkpoints")
 
     def _finish(
         self, status: Status, message: str, best_path: Path | None, last_path: Path | None

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convserve.training.config import TrainConfig, validate_config
+from convserve.training.config import TrainConfig
+from convserve.training.configfiles import validate_config
 
 log = logging.getLogger(__name__)
 

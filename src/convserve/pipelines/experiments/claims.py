@@ -6,16 +6,13 @@ from __future__ import annotations
 import math
 import time
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
+from matplotlib.axes import Axes
 
 from convserve.pipelines.experiments import Context, Finding, experiment
 from convserve.training.activations import get_act_layer
 from convserve.training.diagnostics import Snapshot, ratios
-from convserve.training.plots import save_figure
+from convserve.training.plots import save_figure, subplots
 from convserve.training.run import TrainResult, train
 
 
@@ -23,7 +20,7 @@ def _plain(depth: int, width: int = 8, pool: str = "none") -> list[dict[str, obj
     return [{"out_channels": width, "pool": pool}] * depth
 
 
-def _layer_curve(ax: plt.Axes, snap: Snapshot, key: str, label: str) -> None:
+def _layer_curve(ax: Axes, snap: Snapshot, key: str, label: str) -> None:
     values = [max(s.get(key, 0.0), 1e-30) for s in snap.layers.values()]
     ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label)
 
@@ -50,7 +47,7 @@ def symmetry(ctx: Context) -> Finding:
     )
     acc_c, acc_h = const.metrics["val_accuracy"], he.metrics["val_accuracy"]
     he_distinct = he.snapshots[-1].layers["block1.conv"]["distinct"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = subplots(figsize=(6, 3.5))
     for name, result in runs.items():
         ax.plot(
             [s.step for s in result.snapshots],
@@ -87,7 +84,7 @@ def symmetry(ctx: Context) -> Finding:
 def vanishing(ctx: Context) -> Finding:
     depths = [2, 5, 10]
     grad_ratio: dict[int, float] = {}
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = subplots(figsize=(6, 3.5))
     for depth in depths:
         # Glorot & Bengio's "standard" init: U(-1/sqrt(n), 1/sqrt(n)) is PyTorch's default.
         cfg = ctx.config(
@@ -198,7 +195,7 @@ def xavier_he(ctx: Context) -> Finding:
     depth = 30
     snaps, results = {}, {}
     steps = ctx.steps(300, 80)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = subplots(figsize=(6, 3.5))
     for name, act, init in (
         ("tanh + Xavier", "tanh", "xavier_normal"),
         ("ReLU + Xavier", "relu", "xavier_normal"),

@@ -12,7 +12,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from convserve.pipelines.jobs import JobRequest, JobStatus, cancel, job_status, search_jobs, submit
+from convserve.pipelines.queue import JobRequest, JobStatus, cancel, job_status, search_jobs, submit
 from convserve.service.api.deps import SettingsDep, TokenDep
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -133,7 +133,7 @@ async def create_job(
             headers={"Retry-After": "30"},
         )
     try:
-        run_id = await _run(submit, body, jobs.client, jobs.task)
+        run_id = await _run(submit, body, jobs.client, jobs.huey)
     except Exception as err:
         raise HTTPException(503, f"could not queue the job: {err}") from err
     run = await _run(jobs.client.get_run, run_id)

@@ -10,11 +10,15 @@ from typing import Annotated, Literal
 import numpy as np
 from fastapi import APIRouter, File, HTTPException, Query, Request, Response, UploadFile
 
+from convserve import contract
 from convserve.service import features
 from convserve.service.api.deps import EngineDep, MetricsDep, SettingsDep
+from convserve.service.engine import Engine
 from convserve.service.imaging import ImageError, preprocess
+from convserve.service.metrics import Metrics
 from convserve.service.model import LoadedModel
 from convserve.service.schemas import ClassScore, ModelRef, Prediction, PredictResponse, Timing
+from convserve.service.settings import Settings
 
 router = APIRouter(tags=["predict"])
 
@@ -79,6 +83,42 @@ async def predict(
     the model's channels, EXIF orientation applied, resized as the model's metadata says."""
     start = time.perf_counter()
     uploads = ([file] if file is not None else []) + list(files or [])
+    model = engine.model
+    blocks = _check_request(uploads, model, feature_maps, format, settings)
+    batch = await _decode_all(uploads, engine, settings, metrics)
+    decoded = time.perf_counter()
+    result = await engine.infer(
+        batch, [contract.PROBABILITIES, *(contract.feature_output(b) for b in blocks)]
+    )
+    inferred = time.perf_counter()
+    k = min(top_k or settings.default_top_k, len(model.labels))
+    predictions = [
+        _prediction(upload.filename, i, result, model, blocks, k, format)
+        for i, upload in enumerate(uploads)
+    ]
+    end = time.perf_counter()
+    body = PredictResponse(
+        request_id=getattr(request.state, "request_id", None) or uuid.uuid4().hex,
+        model=model_ref(model),
+        predictions=predictions,
+        time=Timing(
+            decode_ms=(decoded - start) * 1e3,
+            inference_ms=(inferred - decoded) * 1e3,
+            total_ms=(end - start) * 1e3,
+        ),
+    )
+    # Already a validated model: serialise once instead of FastAPI's second validation.
+    return Response(body.model_dump_json(exclude_none=True), media_type="application/json")
+
+
+def _check_request(
+    uploads: list[UploadFile],
+    model: LoadedModel,
+    feature_maps: str | None,
+    format: str,
+    settings: Settings,
+) -> list[str]:
+    """Refuse what cannot be answered before any image is decoded; the blocks asked for."""
     if not uploads:
         raise HTTPException(
             422, "send one image as the multipart field `file`, or several as `files`"
@@ -89,9 +129,8 @@ async def predict(
             f"{len(uploads)} images in one request; the limit is "
             f"{settings.max_files} (CONVSERVE_MAX_FILES)",
         )
-    model = engine.model
     blocks = requested_blocks(model, feature_maps)
-    shapes = [model.feature_shapes[f"features.{b}"] for b in blocks]
+    shapes = [model.feature_shapes[b] for b in blocks]
     size = features.estimate_bytes(shapes, format, len(uploads))
     if size > settings.max_response_bytes:
         raise HTTPException(
@@ -101,6 +140,14 @@ async def predict(
             " MB): ask for fewer blocks (feature_maps=block1), fewer images, or "
             "format=png or format=stats",
         )
+    return blocks
+
+
+async def _decode_all(
+    uploads: list[UploadFile], engine: Engine, settings: Settings, metrics: Metrics
+) -> np.ndarray:
+    """Every upload as the model's input, stacked ``[N, C, H, W]``; a bad one answers 4xx."""
+    model = engine.model
     loop = asyncio.get_running_loop()
     arrays = []
     for upload in uploads:
@@ -115,39 +162,27 @@ async def predict(
         except ImageError as err:
             metrics.rejected.labels("image").inc()
             raise HTTPException(err.status, f"{upload.filename or 'upload'}: {err}") from None
-    decoded = time.perf_counter()
-    outputs = ["probabilities", *(f"features.{b}" for b in blocks)]
-    result = await engine.infer(np.stack(arrays), outputs)
-    inferred = time.perf_counter()
-    k = min(top_k or settings.default_top_k, len(model.labels))
-    predictions = []
-    for i, upload in enumerate(uploads):
-        probs = result["probabilities"][i]
-        order = np.argsort(-probs)[:k]
-        fmaps = {b: features.render(result[f"features.{b}"][i], format) for b in blocks}
-        predictions.append(
-            Prediction(
-                filename=upload.filename,
-                top_k=[
-                    ClassScore(label=model.labels[j], index=int(j), probability=float(probs[j]))
-                    for j in order
-                ],
-                probabilities={
-                    label: float(p) for label, p in zip(model.labels, probs, strict=True)
-                },
-                feature_maps=fmaps or None,
-            )
-        )
-    end = time.perf_counter()
-    body = PredictResponse(
-        request_id=getattr(request.state, "request_id", None) or uuid.uuid4().hex,
-        model=model_ref(model),
-        predictions=predictions,
-        time=Timing(
-            decode_ms=(decoded - start) * 1e3,
-            inference_ms=(inferred - decoded) * 1e3,
-            total_ms=(end - start) * 1e3,
-        ),
+    return np.stack(arrays)
+
+
+def _prediction(
+    filename: str | None,
+    i: int,
+    result: dict[str, np.ndarray],
+    model: LoadedModel,
+    blocks: list[str],
+    k: int,
+    format: str,
+) -> Prediction:
+    probs = result[contract.PROBABILITIES][i]
+    order = np.argsort(-probs)[:k]
+    fmaps = {b: features.render(result[contract.feature_output(b)][i], format) for b in blocks}
+    return Prediction(
+        filename=filename,
+        top_k=[
+            ClassScore(label=model.labels[j], index=int(j), probability=float(probs[j]))
+            for j in order
+        ],
+        probabilities={label: float(p) for label, p in zip(model.labels, probs, strict=True)},
+        feature_maps=fmaps or None,
     )
-    # Already a validated model: serialise once instead of FastAPI's second validation.
-    return Response(body.model_dump_json(exclude_none=True), media_type="application/json")

@@ -47,17 +47,17 @@ async def model_info(engine: EngineDep) -> ModelInfo:
         uri=s.uri,
         labels=m.labels,
         input={
-            "name": "image",
-            "dtype": "float32",
+            "name": m.meta.input.name,
+            "dtype": m.meta.input.dtype,
             "shape": [-1, m.channels, m.height, m.width],
-            "range": [0.0, 1.0],
+            "range": list(m.meta.input.range),
         },
-        color_mode=m.color_mode,
-        feature_outputs={k.removeprefix("features."): v for k, v in m.feature_shapes.items()},
-        opset=m.opset,
+        color_mode=m.meta.color_mode,
+        feature_outputs=m.feature_shapes,
+        opset=m.meta.opset,
         providers=m.providers,
         loaded_at=datetime.fromtimestamp(m.loaded_at, UTC).isoformat(),
-        metadata=m.metadata,
+        metadata=m.meta,
     )
 
 

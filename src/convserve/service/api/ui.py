@@ -10,7 +10,8 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from convserve.service.api.deps import SettingsDep
-from convserve.training.config import TrainConfig, load_config
+from convserve.training.config import TrainConfig
+from convserve.training.configfiles import load_config
 
 router = APIRouter()
 STATIC = Path(__file__).resolve().parent.parent / "static"

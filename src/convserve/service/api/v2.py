@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from convserve import __version__
+from convserve import __version__, contract
 from convserve.service.api.deps import ManagerDep
 from convserve.service.engine import Engine
 from convserve.service.manager import ModelManager
@@ -91,16 +91,21 @@ async def ready(manager: ManagerDep) -> Response:
 
 def _metadata(engine: Engine) -> dict[str, Any]:
     m = engine.model
-    outputs = [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(m.labels)]}]
+    outputs = [{"name": contract.PROBABILITIES, "datatype": "FP32", "shape": [-1, len(m.labels)]}]
     outputs += [
-        {"name": k, "datatype": "FP32", "shape": [-1, *v]} for k, v in m.feature_shapes.items()
+        {"name": contract.feature_output(b), "datatype": "FP32", "shape": [-1, *shape]}
+        for b, shape in m.feature_shapes.items()
     ]
     return {
         "name": m.source.name,
         "versions": [m.source.version],
         "platform": "onnxruntime_onnx",
         "inputs": [
-            {"name": "image", "datatype": "FP32", "shape": [-1, m.channels, m.height, m.width]}
+            {
+                "name": contract.INPUT,
+                "datatype": "FP32",
+                "shape": [-1, m.channels, m.height, m.width],
+            }
         ],
         "outputs": outputs,
     }
@@ -160,8 +165,8 @@ def _parse(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]
 
 
 def _input_array(tensor: TensorIn, binary: bytes, expected: list[int]) -> np.ndarray:
-    if tensor.name != "image":
-        raise V2Error(400, f"unknown input {tensor.name!r}; the model takes 'image'")
+    if tensor.name != contract.INPUT:
+        raise V2Error(400, f"unknown input {tensor.name!r}; the model takes {contract.INPUT!r}")
     dtype = _DTYPES.get(tensor.datatype)
     if dtype is None:
         raise V2Error(400, f"input datatype {tensor.datatype!r} is not accepted; send FP32")
@@ -198,7 +203,9 @@ async def _infer(engine: Engine, request: Request) -> Response:
     req, binary = _parse(await request.body(), request.headers.get(HEADER_LENGTH))
     model = engine.model
     if len(req.inputs) != 1:
-        raise V2Error(400, f"expected exactly one input ('image'), got {len(req.inputs)}")
+        raise V2Error(
+            400, f"expected exactly one input ({contract.INPUT!r}), got {len(req.inputs)}"
+        )
     images = _input_array(req.inputs[0], binary, [model.channels, model.height, model.width])
     wanted = [o.name for o in req.outputs] if req.outputs else model.output_names
     unknown = [n for n in wanted if n not in model.output_names]

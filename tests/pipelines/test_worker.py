@@ -203,8 +203,8 @@ def test_twenty_jobs_two_workers_none_lost_none_twice_api_restart(mlflow_url, tm
 
 @pytest.mark.parametrize("decision", [None, True, False], ids=["no-decision", "won", "lost"])
 def test_a_registered_job_says_whether_it_was_promoted(sqlite_uri, tmp_path, decision):
-    from convserve.pipelines.jobs import _record_publication
     from convserve.pipelines.registry import Decision, Published
+    from convserve.pipelines.worker import _record_publication
     from convserve.training.export import ParityReport
 
     client = MlflowClient(sqlite_uri)

@@ -1,0 +1,3 @@
+from convserve.cli import app
+
+app()

@@ -1,0 +1,148 @@
+"""``convserve serve``, ``worker``, ``up`` and ``bootstrap``: the running product."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from convserve.cli.app import app, console, err_console, fail
+from convserve.cli.options import ConfigOption, ModelNameOption
+from convserve.cli.report import progress_callbacks, report_published
+
+
+@app.command()
+def serve(
+    model_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="A .onnx file, models:/NAME@ALIAS (followed) or models:/NAME/VERSION. "
+            "Default: CONVSERVE_MODEL_URI, else models:/convserve@champion."
+        ),
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Default: CONVSERVE_HOST or 127.0.0.1.")] = None,
+    port: Annotated[int | None, typer.Option(help="Default: CONVSERVE_PORT or 8000.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="uvicorn worker processes. Default: CONVSERVE_WORKERS or 1.")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu or cuda. Default: CONVSERVE_DEVICE or auto.")
+    ] = None,
+) -> None:
+    """Serve the model over HTTP: /predict, KServe v2, /metrics, hot reload of the alias.
+    Every other setting is a CONVSERVE_* environment variable (see the README)."""
+    from pydantic import ValidationError
+
+    from convserve.pipelines.queue import JobSettings
+    from convserve.service.model import ModelLoadError, providers_for
+    from convserve.service.server import run_server
+    from convserve.service.settings import Settings
+
+    given = dict(model_uri=model_uri, host=host, port=port, workers=workers, device=device)
+    try:
+        # Options given on the command line win over CONVSERVE_* variables.
+        settings = Settings(**{k: v for k, v in given.items() if v is not None})  # type: ignore[arg-type]
+        job_settings = JobSettings()
+    except ValidationError as err:
+        raise fail(f"bad setting:\n{err}") from None
+    try:
+        providers_for(settings.device)
+    except ModelLoadError as err:
+        raise fail(str(err)) from None
+    run_server(settings, job_settings)
+
+
+@app.command()
+def worker() -> None:
+    """Consume training jobs, one at a time, from the queue: RedisHuey when REDIS_URL is set
+    (any number of workers on any machines), else SqliteHuey (CONVSERVE_QUEUE_PATH). Also
+    fails jobs whose worker died (no heartbeat for CONVSERVE_WORKER_LOST_AFTER seconds)."""
+    from pydantic import ValidationError
+
+    from convserve.pipelines.queue import JobSettings
+    from convserve.pipelines.worker import run_worker
+
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        settings = JobSettings()
+    except ValidationError as err:
+        raise fail(f"bad setting:\n{err}") from None
+    run_worker(settings, console.print)
+
+
+@app.command()
+def up(
+    home: Annotated[
+        Path,
+        typer.Option(
+            help="State folder (MLflow store, artifacts, queue, "
+            "runs, logs, token), reused on the next run."
+        ),
+    ] = Path(".convserve"),
+    host: Annotated[str, typer.Option(help="Interface for MLflow and the API.")] = "127.0.0.1",
+    mlflow_port: Annotated[int, typer.Option(help="MLflow tracking server port.")] = 5000,
+    api_port: Annotated[int, typer.Option(help="API port.")] = 8000,
+    model_name: ModelNameOption = "convserve",
+    config: ConfigOption = "default",
+) -> None:
+    """Run the whole product on this machine: an MLflow server (SQLite, local artifacts), one
+    worker and the API, supervised; trains and promotes the default model first when the
+    registry has no champion. Ctrl-C stops everything."""
+    import signal as signals
+
+    from convserve.pipelines.stack import Stack
+
+    if Path(config).exists():
+        config = str(Path(config).resolve())
+    stack = Stack(home.resolve(), host, mlflow_port, api_port, model_name, config)
+
+    def on_signal(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # Ctrl-C and SIGTERM both stop every child cleanly
+
+    # Installed explicitly: a shell's background job starts with SIGINT ignored.
+    signals.signal(signals.SIGINT, on_signal)
+    signals.signal(signals.SIGTERM, on_signal)
+    try:
+        stack.start(console.print)
+        console.print(f"""
+[bold green]convserve is ready[/bold green]
+  API:       {stack.api_url}/predict  (docs: {stack.api_url}/docs)
+  MLflow:    {stack.tracking_uri}
+  API token: {stack.token()}  (Authorization: Bearer <token> for /jobs and /admin)
+  state:     {stack.home}
+Press Ctrl-C to stop.""")
+        stack.supervise(console.print, lambda: False)
+    except KeyboardInterrupt:
+        pass
+    except (RuntimeError, TimeoutError) as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        stack.stop()
+        raise typer.Exit(1) from None
+    console.print("stopping...")
+    stack.stop()
+    console.print("stopped")
+
+
+@app.command()
+def bootstrap(
+    model_name: ModelNameOption = "convserve",
+    config: ConfigOption = "default",
+    output_dir: Annotated[str, typer.Option(help="Folder for the run's checkpoints.")] = "runs",
+) -> None:
+    """Train, export, register and promote a first model when the registry (the
+    MLFLOW_TRACKING_URI) has no champion yet; do nothing otherwise."""
+    import mlflow
+
+    from convserve.pipelines.stack import bootstrap as run_bootstrap
+
+    progress, callbacks = progress_callbacks("first model")
+    with progress:
+        published = run_bootstrap(
+            mlflow.get_tracking_uri(), model_name, config, callbacks, output_dir
+        )
+    if published is None:
+        console.print(f"models:/{model_name}@champion exists: nothing to do")
+        return
+    report_published(published)

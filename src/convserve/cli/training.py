@@ -1,0 +1,203 @@
+"""``convserve train``, ``sweep``, ``export`` and ``experiments``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from convserve.cli.app import app, console, err_console, fail
+from convserve.cli.options import ConfigOption, MarginOption, ModelNameOption, SetOption
+from convserve.cli.report import progress_callbacks, report_published, report_run
+from convserve.training.config import ConfigError
+from convserve.training.configfiles import load_config
+
+if TYPE_CHECKING:
+    from convserve.pipelines.experiments import Finding
+    from convserve.pipelines.registry import Policy
+
+
+@app.command()
+def train(
+    config: ConfigOption = "default",
+    set_: SetOption = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Continue from a checkpoint (last.pt); its config is used, with --set applied, "
+            "and its MLflow run is continued."
+        ),
+    ] = None,
+) -> None:
+    """Train one model; print the final metrics, the diagnostics' verdicts and the run id.
+
+    Exits 0 when training finishes, 1 when it diverges or is cancelled, 2 on a bad config.
+    """
+    from convserve.training.checkpoint import read_checkpoint
+    from convserve.training.configfiles import apply_overrides, validate_config
+    from convserve.training.run import train as run_training
+
+    try:
+        if resume is not None:
+            base = read_checkpoint(resume)["config"]
+            cfg = validate_config(apply_overrides(base, set_ or []))
+        else:
+            cfg = load_config(config, set_ or [])
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        raise fail(str(err)) from None
+
+    progress, callbacks = progress_callbacks("train")
+    try:
+        with progress:
+            result = run_training(cfg, resume=resume, callbacks=callbacks)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        raise fail(str(err)) from None
+    report_run(result)
+    if result.status != "finished":
+        raise typer.Exit(1)
+
+
+def _policy(
+    register: bool, promote: bool, model_name: str, metric: str, direction: str, margin: float
+) -> Policy:
+    from convserve.pipelines.registry import Policy
+
+    if direction not in ("maximize", "minimize"):
+        raise fail("--direction must be maximize or minimize")
+    return Policy(model_name, register, promote, metric, direction, margin)  # type: ignore[arg-type]
+
+
+@app.command()
+def sweep(
+    config: Annotated[
+        str,
+        typer.Option(
+            "--config", "-c", help="A sweep YAML file, or the name of a shipped sweep (lecture)."
+        ),
+    ] = "lecture",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", "-s", help="Override a field of the sweep, e.g. --set base.optim.epochs=1."
+        ),
+    ] = None,
+    register: Annotated[bool, typer.Option(help="Export, check and register the best run.")] = True,
+    promote: Annotated[
+        bool, typer.Option(help="Move the champion alias if the best run beats the champion.")
+    ] = True,
+    model_name: ModelNameOption = "convserve",
+    margin: MarginOption = 0.0,
+) -> None:
+    """Train every point of a grid as nested MLflow runs, then export, register and promote
+    the best. Exits 1 when no point finished or the best export fails its checks."""
+    from convserve.pipelines.sweep import label, run_sweep
+    from convserve.training.configfiles import load_sweep
+    from convserve.training.export import ExportCheckFailed
+
+    try:
+        spec = load_sweep(config, set_ or [])
+    except ConfigError as err:
+        raise fail(str(err)) from None
+    policy = _policy(register, promote, model_name, spec.metric, spec.direction, margin)
+
+    def on_child(index: int, total: int, point: dict[str, object]) -> None:
+        text = ", ".join(f"{k}={label(v)}" for k, v in point.items())
+        console.print(f"[bold]{index + 1}/{total}[/bold] {text}")
+
+    try:
+        result = run_sweep(spec, policy=policy if register else None, on_child=on_child)
+    except ExportCheckFailed as err:
+        err_console.print(f"[red]export refused:[/red] {err}")
+        raise typer.Exit(1) from None
+    console.print("\n".join(result.summary))
+    console.print(f"summary: {result.folder}")
+    if result.parent_run_id:
+        console.print(f"MLflow parent run id: {result.parent_run_id}")
+    if result.best_run_id is None:
+        err_console.print("[red]no grid point finished[/red]")
+        raise typer.Exit(1)
+    console.print(f"best run: {result.best_run_id}")
+    report_published(result.published)
+
+
+@app.command()
+def export(
+    run_id: Annotated[
+        str | None, typer.Option(help="Export this MLflow run's best checkpoint.")
+    ] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Export a checkpoint file.")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Where to write the .onnx file (default: next to the checkpoint).",
+        ),
+    ] = None,
+    register: Annotated[
+        bool, typer.Option(help="Register the checked export as a new model version.")
+    ] = True,
+    promote: Annotated[
+        bool, typer.Option(help="Champion/challenger promotion of the new version.")
+    ] = True,
+    model_name: ModelNameOption = "convserve",
+    metric: Annotated[
+        str, typer.Option(help="Metric compared with the champion's.")
+    ] = "best_val_accuracy",
+    direction: Annotated[str, typer.Option(help="maximize or minimize.")] = "maximize",
+    margin: MarginOption = 0.0,
+) -> None:
+    """Export to one self-contained ONNX file, check it (onnx.checker, onnxruntime, parity
+    with torch below 1e-4), register and promote it. Exits 1 when a check fails."""
+    from convserve.pipelines.registry import publish
+    from convserve.training.export import ExportCheckFailed
+
+    if (run_id is None) == (checkpoint is None):
+        raise fail("give exactly one of --run-id and --checkpoint")
+    policy = _policy(register, promote, model_name, metric, direction, margin)
+    try:
+        published = publish(run_id=run_id, checkpoint=checkpoint, output=output, policy=policy)  # type: ignore[arg-type]
+    except ExportCheckFailed as err:
+        err_console.print(f"[red]export refused:[/red] {err}")
+        raise typer.Exit(1) from None
+    except (FileNotFoundError, ValueError) as err:
+        raise fail(str(err)) from None
+    report_published(published)
+
+
+@app.command()
+def experiments(
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Run only this experiment (repeat "
+            "for several): symmetry, vanishing, exploding, xavier_he, compute_cost, "
+            "dying_relu, dense_vs_cnn, convolution, pooling, hierarchy."
+        ),
+    ] = None,
+    output: Annotated[Path, typer.Option(help="Folder for report.md and its figures.")] = Path(
+        "reports/experiments"
+    ),
+    quick: Annotated[bool, typer.Option(help="Reduced budgets (what the tests run).")] = False,
+    track: Annotated[bool, typer.Option(help="Log the report to one MLflow run.")] = True,
+) -> None:
+    """Reproduce each lecture claim as a small seeded experiment and write a report: the
+    criterion and its reason, the measured figures and the verdict. Exits 1 if a claim is not
+    reproduced."""
+    from convserve.pipelines.experiments import log_report, run_experiments, write_report
+
+    def done(finding: Finding) -> None:
+        mark = "[green]reproduced[/green]" if finding.reproduced else "[red]not reproduced[/red]"
+        console.print(f"{finding.name}: {mark} ({finding.seconds:.0f} s) {finding.measured}")
+
+    try:
+        findings = run_experiments(output, only, quick, done)
+    except ValueError as err:
+        raise fail(str(err)) from None
+    report = write_report(findings, output, quick)
+    console.print(f"report: {report}")
+    if track:
+        console.print(f"MLflow run id: {log_report(findings, output, None)}")
+    if not all(f.reproduced for f in findings):
+        raise typer.Exit(1)

@@ -1,0 +1,235 @@
+"""``convserve worker``: take jobs from the queue and run them to their end.
+
+The worker registers the job task under its contract name (``convserve.contract.RUN_JOB_TASK``)
+and runs each job: train or sweep, then export, register and promote. It heartbeats on the
+job's run while it works; its reaper thread fails running jobs whose heartbeat is too old
+("worker lost"). The API never imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from convserve.contract import RUN_JOB_TASK
+from convserve.pipelines.queue import (
+    REQUEST_ARTIFACT,
+    TO_MLFLOW,
+    JobRequest,
+    JobSettings,
+    fail,
+    job_status,
+    make_queue,
+    search_jobs,
+)
+from convserve.pipelines.registry import Policy, publish
+from convserve.pipelines.sweep import run_sweep
+from convserve.training.config import TrainConfig
+from convserve.training.run import Callbacks, train
+
+log = logging.getLogger(__name__)
+
+
+def register_task(huey: Any, settings: JobSettings) -> Any:
+    """Register ``execute_job`` on ``huey`` under the name the API enqueues by."""
+    module, name = RUN_JOB_TASK.rsplit(".", 1)
+
+    def run_job(run_id: str) -> None:
+        execute_job(run_id, settings)
+
+    # Huey names a task "<function module>.<task name>": make that the contract's name.
+    run_job.__module__ = module
+    return huey.task(name=name)(run_job)
+
+
+def run_worker(settings: JobSettings, say: Any = log.info) -> None:
+    """Consume jobs one at a time until interrupted, with the reaper in a thread."""
+    from mlflow.tracking import MlflowClient
+
+    huey = make_queue(settings)
+    register_task(huey, settings)
+    stop = threading.Event()
+    threading.Thread(
+        target=_reaper, args=(settings, stop), daemon=True, name="convserve-reaper"
+    ).start()
+    queue = f"redis {settings.queue_name}" if settings.redis_url else settings.queue_path
+    say(f"convserve worker: queue {queue}, tracking {MlflowClient().tracking_uri}")
+    consumer = huey.create_consumer(workers=1, worker_type="thread", periodic=False)
+    try:
+        consumer.run()
+    finally:
+        stop.set()
+
+
+def _reaper(settings: JobSettings, stop: threading.Event) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    while True:
+        try:
+            for run_id in reap(client, settings.worker_lost_after):
+                log.warning("job %s: worker lost", run_id)
+        except Exception as err:  # the tracking server may be down for a moment
+            log.warning("reaper pass failed: %s", err)
+        if stop.wait(settings.reaper_interval):
+            return
+
+
+def reap(client: Any, lost_after: float) -> list[str]:
+    """Fail every running job whose heartbeat is older than ``lost_after`` seconds."""
+    runs = search_jobs(client, "attributes.status = 'RUNNING'", max_results=1000)
+    now, reaped = time.time(), []
+    for run in runs:
+        beat = float(run.data.tags.get("convserve.heartbeat", run.info.start_time / 1000))
+        if now - beat > lost_after:
+            fail(
+                client,
+                run.info.run_id,
+                f"worker lost: no heartbeat for {now - beat:.0f} s "
+                f"(last from {run.data.tags.get('convserve.worker', 'unknown')})",
+            )
+            reaped.append(run.info.run_id)
+    return reaped
+
+
+class _Heartbeat:
+    """Beats on the run from a thread, and throttles progress tags and cancel checks."""
+
+    def __init__(self, client: Any, run_id: str, settings: JobSettings) -> None:
+        self.client, self.run_id, self.settings = client, run_id, settings
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._last_progress = 0.0
+        self._last_cancel_check = 0.0
+        self._cancelled = False
+        self.progress: dict[str, Any] = {}
+
+    def __enter__(self) -> _Heartbeat:
+        self.client.set_tag(self.run_id, "convserve.heartbeat", f"{time.time():.3f}")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_interval):
+            try:
+                self.client.set_tag(self.run_id, "convserve.heartbeat", f"{time.time():.3f}")
+            except Exception as err:  # the tracking server may blink; try again next beat
+                log.warning("heartbeat of %s failed: %s", self.run_id, err)
+
+    def on_start(self, total: int) -> None:
+        self.progress["total"] = total
+        self._publish(force=True)
+
+    def on_step(self, step: int, loss: float, accuracy: float) -> None:
+        self.progress["step"] = step
+        self._publish()
+
+    def on_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.progress["epoch"] = epoch
+        self._publish(force=True)
+
+    def _publish(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_progress > 2.0:
+            self._last_progress = now
+            self.client.set_tag(self.run_id, "convserve.progress", json.dumps(self.progress))
+
+    def should_stop(self) -> bool:
+        now = time.monotonic()
+        if (
+            not self._cancelled
+            and now - self._last_cancel_check > self.settings.cancel_check_interval
+        ):
+            self._last_cancel_check = now
+            tags = self.client.get_run(self.run_id).data.tags
+            self._cancelled = tags.get("convserve.cancel_requested") == "1"
+        return self._cancelled
+
+
+def execute_job(run_id: str, settings: JobSettings) -> None:
+    """The Huey task: run one job to its end, whatever happens."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    if run.info.status != "SCHEDULED" or job_status(run) != "scheduled":
+        log.info("job %s is %s: not started", run_id, job_status(run))
+        return
+    # A heartbeat before RUNNING, so that no reaper takes a starting job for a lost one.
+    client.set_tag(run_id, "convserve.heartbeat", f"{time.time():.3f}")
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, "convserve.job_status", "running")
+    client.set_tag(run_id, "convserve.worker", f"{socket.gethostname()}:{os.getpid()}")
+    client.log_metric(run_id, "job.started", 1.0)  # one point per execution: none run twice
+    try:
+        text = client.download_artifacts(run_id, REQUEST_ARTIFACT)
+        with open(text) as f:
+            request = JobRequest.model_validate_json(f.read())
+        with _Heartbeat(client, run_id, settings) as beat:
+            status = _run(request, run_id, client, beat)
+        client.set_tag(run_id, "convserve.job_status", status)
+        client.set_terminated(run_id, status=TO_MLFLOW.get(status, "FINISHED"))
+    except Exception as err:
+        log.exception("job %s failed", run_id)
+        fail(client, run_id, f"{type(err).__name__}: {err}")
+
+
+def _run(request: JobRequest, run_id: str, client: Any, beat: _Heartbeat) -> str:
+    policy = Policy(
+        request.model_name, request.register_model, request.promote, margin=request.margin
+    )
+    callbacks = Callbacks(
+        on_start=beat.on_start,
+        on_step=beat.on_step,
+        on_epoch=beat.on_epoch,
+        should_stop=beat.should_stop,
+    )
+    tracking_uri = client.tracking_uri
+    if request.train is not None:
+        result = train(_tracked(request.train, tracking_uri), run_id=run_id, callbacks=callbacks)
+        if result.status == "cancelled":
+            return "cancelled"
+        if result.status != "finished":
+            client.set_tag(run_id, "convserve.error", result.message[:5000])
+            return "failed"
+        if request.register_model:
+            published = publish(run_id=run_id, tracking_uri=tracking_uri, policy=policy)
+            _record_publication(client, run_id, published)
+        return "succeeded"
+    assert request.sweep is not None
+    sweep = request.sweep.model_copy(update={"base": _tracked(request.sweep.base, tracking_uri)})
+    outcome = run_sweep(
+        sweep,
+        policy=policy if request.register_model else None,
+        should_stop=beat.should_stop,
+        parent_run_id=run_id,
+    )
+    if beat.should_stop():
+        return "cancelled"
+    if outcome.published is not None:
+        _record_publication(client, run_id, outcome.published)
+    return "succeeded" if outcome.best_run_id else "failed"
+
+
+def _tracked(cfg: TrainConfig, tracking_uri: str) -> TrainConfig:
+    """``cfg`` tracked on the worker's MLflow server, whatever the request said."""
+    tracking = cfg.tracking.model_copy(update={"enabled": True, "tracking_uri": tracking_uri})
+    return cfg.model_copy(update={"tracking": tracking})
+
+
+def _record_publication(client: Any, run_id: str, published: Any) -> None:
+    if published.version is not None:
+        client.set_tag(run_id, "convserve.registered_version", str(published.version))
+        client.set_tag(run_id, "convserve.registered_model", str(published.model_name))
+        # Registered without a promotion decision (promote=false) is "not promoted" too.
+        promoted = published.decision is not None and published.decision.promoted
+        client.set_tag(run_id, "convserve.promoted", str(promoted).lower())

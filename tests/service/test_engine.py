@@ -1,0 +1,118 @@
+"""The engine: dynamic batching on a real onnxruntime session, draining, errors."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from convserve.service.engine import Engine
+from convserve.service.manager import ModelManager
+from convserve.service.metrics import Metrics
+from convserve.service.settings import Settings
+
+
+def _run_count(metrics: Metrics) -> float:
+    samples = metrics.batch_size.collect()[0].samples
+    return next(s.value for s in samples if s.name.endswith("_count"))
+
+
+def test_batched_results_equal_unbatched(onnx_path):
+    async def scenario():
+        settings = Settings(model_uri=str(onnx_path), max_batch_wait_ms=20, max_batch_size=16)
+        manager = ModelManager(settings, Metrics())
+        await manager.check()
+        model = manager.model
+        rng = np.random.default_rng(1)
+        images = rng.random((40, 1, 8, 8), dtype=np.float32)
+        outputs = model.output_names
+        batched = await asyncio.gather(
+            *(manager.engine.infer(images[i : i + 1], outputs) for i in range(40))
+        )
+        assert _run_count(manager.metrics) <= 5  # forty requests, a few session.run calls
+        single = Engine(
+            model,
+            manager.executor,
+            manager.metrics,
+            batching=False,
+            max_batch_size=1,
+            max_batch_wait_ms=0,
+        )
+        for i in range(40):
+            alone = await single.infer(images[i : i + 1], outputs)
+            for name in outputs:
+                assert np.abs(batched[i][name] - alone[name]).max() <= 1e-6
+        await manager.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_never_exceeds_the_limit_and_a_lone_request_does_not_wait(onnx_path):
+    async def scenario():
+        settings = Settings(model_uri=str(onnx_path), max_batch_wait_ms=500, max_batch_size=4)
+        manager = ModelManager(settings, Metrics())
+        await manager.check()
+        engine = manager.engine
+        images = np.zeros((10, 1, 8, 8), np.float32)
+        one = ["probabilities"]
+        await asyncio.gather(*(engine.infer(images[i : i + 1], one) for i in range(10)))
+        buckets = manager.metrics.batch_size.collect()[0].samples
+        total = next(s.value for s in buckets if s.name.endswith("_sum"))
+        assert total == 10 and _run_count(manager.metrics) >= 3  # 10 images, batches of <= 4
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await engine.infer(images[:1], ["probabilities"])
+        assert loop.time() - start < 0.4  # not the 500 ms batching wait
+        await manager.close()
+
+    asyncio.run(scenario())
+
+
+def test_close_drains_requests_in_flight(onnx_path):
+    async def scenario():
+        settings = Settings(model_uri=str(onnx_path), max_batch_wait_ms=5)
+        manager = ModelManager(settings, Metrics())
+        await manager.check()
+        engine = manager.engine
+        images = np.zeros((1, 1, 8, 8), np.float32)
+        pending = [asyncio.create_task(engine.infer(images, ["probabilities"])) for _ in range(30)]
+        await asyncio.sleep(0)
+        await engine.close()
+        results = await asyncio.gather(*pending)
+        assert all(r["probabilities"].shape == (1, 10) for r in results)
+        # a caller that arrives after close still gets an answer, unbatched
+        assert (await engine.infer(images, ["probabilities"]))["probabilities"].shape == (1, 10)
+        await manager.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_run_reaches_every_waiting_request(onnx_path):
+    async def scenario():
+        settings = Settings(model_uri=str(onnx_path), max_batch_wait_ms=20)
+        manager = ModelManager(settings, Metrics())
+        await manager.check()
+        engine = manager.engine
+        images = np.zeros((1, 1, 8, 8), np.float32)
+        tasks = [engine.infer(images, ["no-such-output"]) for _ in range(5)]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, Exception) for r in results)
+        ok = await engine.infer(images, ["probabilities"])  # the engine still serves
+        assert ok["probabilities"].shape == (1, 10)
+        await manager.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_outputs_are_read_by_name(onnx_path, batching):
+    async def scenario():
+        settings = Settings(model_uri=str(onnx_path), batching=batching)
+        manager = ModelManager(settings, Metrics())
+        await manager.check()
+        images = np.zeros((2, 1, 8, 8), np.float32)
+        out = await manager.engine.infer(images, ["features.block2", "probabilities"])
+        assert out["features.block2"].shape == (2, 8, 4, 4)
+        assert out["probabilities"].shape == (2, 10)
+        await manager.close()
+
+    asyncio.run(scenario())
