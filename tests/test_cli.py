@@ -1,5 +1,6 @@
 """The ``convserve`` command as a user runs it: a real process."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,11 @@ from tests.conftest import TINY
 CLI = str(Path(sys.executable).parent / "convserve")
 
 
-def _run(*args, cwd):
-    return subprocess.run([CLI, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+def _run(*args, cwd, env=None):
+    env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [CLI, *args], capture_output=True, text=True, cwd=cwd, timeout=300, env=env
+    )
 
 
 def _config(tmp_path, **changes):
@@ -111,3 +115,28 @@ def test_sweep_command_registers_and_promotes_the_best(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "registered: models:/convserve/1" in out.stdout
     assert "alias: champion (no champion yet)" in out.stdout
+
+
+def test_a_bad_config_is_refused_before_torch_is_imported(tmp_path):
+    code = (
+        "import sys\n"
+        "from convserve.cli import app\n"
+        "try:\n"
+        "    app(['train', '--set', 'model.activation=swish'])\n"
+        "except SystemExit as exit:\n"
+        "    print(exit.code, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True
+    )
+    assert out.stdout.split() == ["2", "False"], out.stderr
+    assert "model.activation" in out.stderr
+
+
+def test_help_reads_as_sentences(tmp_path):
+    out = _run("--help", cwd=tmp_path, env={"COLUMNS": "120"})
+    assert "<bool>" not in out.stdout
+    worker = next(line for line in out.stdout.splitlines() if "│ worker" in line)
+    assert "RedisHuey when REDIS_URL is set (any number" in worker  # reflowed, not hard-wrapped
+    out = _run("sweep", "--help", cwd=tmp_path, env={"COLUMNS": "120"})
+    assert "--register" in out.stdout and "<bool>" not in out.stdout

@@ -23,7 +23,7 @@ CLI = str(Path(sys.executable).parent / "convserve")
 
 
 def _up(
-    tmp: Path, config: Path, mlflow_port: int, api_port: int, log: Path
+    tmp: Path, config: Path, mlflow_port: int, api_port: int, log: Path, home: Path
 ) -> subprocess.Popen[bytes]:
     env = {
         k: v
@@ -40,6 +40,8 @@ def _up(
             str(api_port),
             "--config",
             str(config),
+            "--home",
+            str(home),
         ],
         cwd=tmp,
         env=env,
@@ -69,31 +71,50 @@ def test_up_trains_the_first_model_serves_it_stops_cleanly_and_reuses_its_state(
     config.write_text(
         yaml.safe_dump({**TINY, "tracking": {}, "optim": {**TINY["optim"], "max_steps": 20}})
     )
+    work, home = tmp_path / "work", tmp_path / "state"
+    work.mkdir()
     mlflow_port, api_port = free_port(), free_port()
-    proc = _up(tmp_path, config, mlflow_port, api_port, tmp_path / "up1.log")
+    api = f"http://127.0.0.1:{api_port}"
+    proc = _up(work, config, mlflow_port, api_port, tmp_path / "up1.log", home)
     try:
         text = _wait_ready(proc, tmp_path / "up1.log")
         assert "alias: champion (no champion yet)" in text
         assert "epoch 1:" in text and "epoch 2:" not in text  # the tiny config, not the default
-        assert f"http://127.0.0.1:{api_port}/predict" in text
-        token = (tmp_path / ".convserve" / "api-token").read_text().strip()
-        assert f"API token: {token}" in text
+        # in a log file, progress is lines, not a bar drawn once at the end
+        assert "first model: step 20/20 (100%)" in text and "first model: step 2/20" in text
+        assert text.count("View run") <= 1
+        ready = text[text.index("convserve is ready") :].splitlines()
+        assert ready[1].split() == ["web", "page:", f"{api}/"]  # the page first
+        token = (home / "api-token").read_text().strip()
+        assert f"  API token: {token}" in ready  # one unbroken line
+        assert f"  API docs:  {api}/docs" in ready
         buf = io.BytesIO()
         Image.new("L", (8, 8), 60).save(buf, "PNG")
-        r = httpx.post(
-            f"http://127.0.0.1:{api_port}/predict", files={"file": ("x.png", buf.getvalue())}
-        )
+        r = httpx.post(f"{api}/predict", files={"file": ("x.png", buf.getvalue())})
         assert r.status_code == 200 and r.json()["model"]["version"] == "1"
+        assert httpx.get(f"{api}/healthz").json()["model_version"] == "1"
         assert httpx.get(f"http://127.0.0.1:{mlflow_port}/health").status_code == 200
+        # a job writes where the stack lives, not into the folder `up` was started from
+        job = {"train": {**TINY, "optim": {**TINY["optim"], "max_steps": 5}}, "register": False}
+        auth = {"Authorization": f"Bearer {token}"}
+        job_id = httpx.post(f"{api}/jobs", json=job, headers=auth).json()["id"]
+        end = time.monotonic() + 120
+        while httpx.get(f"{api}/jobs/{job_id}").json()["status"] not in ("succeeded", "failed"):
+            assert time.monotonic() < end
+            time.sleep(0.5)
+        assert httpx.get(f"{api}/jobs/{job_id}").json()["status"] == "succeeded"
+        assert (home / "runs" / job_id / "best.pt").exists()
     finally:
         _stop(proc)
     assert "stopped" in (tmp_path / "up1.log").read_text()
+    assert sorted(p.name for p in work.iterdir()) == []  # nothing written outside the home
     with pytest.raises(httpx.HTTPError):
-        httpx.get(f"http://127.0.0.1:{api_port}/healthz", timeout=2)
-    # the second start reuses the registry: no training, same token
-    proc = _up(tmp_path, config, mlflow_port, api_port, tmp_path / "up2.log")
+        httpx.get(f"{api}/healthz", timeout=2)
+    # the second start reuses the registry: no training, no empty bar, same token
+    proc = _up(work, config, mlflow_port, api_port, tmp_path / "up2.log", home)
     try:
         text = _wait_ready(proc, tmp_path / "up2.log")
         assert "nothing to do" in text and f"API token: {token}" in text
+        assert "first model" not in text
     finally:
         _stop(proc)

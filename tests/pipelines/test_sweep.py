@@ -2,7 +2,7 @@ import csv
 
 from mlflow.tracking import MlflowClient
 
-from convserve.pipelines.sweep import label, run_sweep
+from convserve.pipelines.sweep import child_name, label, run_sweep
 from convserve.training.config import SweepConfig
 from convserve.training.configfiles import load_sweep
 from tests.conftest import tiny_config
@@ -39,7 +39,12 @@ def test_failed_and_diverged_children_are_recorded_and_the_sweep_goes_on(tmp_pat
     client = MlflowClient(sqlite_uri)
     assert client.get_run(result.rows[1].run_id).info.status == "FAILED"
     parent = client.get_run(result.parent_run_id)
-    assert parent.info.status == "FINISHED"
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "faults"
+    names = [client.get_run(r.run_id).info.run_name for r in result.rows if r.run_id]
+    assert names == [
+        "relu-he_normal-8x8x8-fc32x32 scale=1.0",
+        "relu-he_normal-8x8x8-fc32x32 scale=6.0",
+    ]
     assert parent.data.tags["convserve.best_run_id"] == result.best_run_id
     with open(result.folder / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
@@ -63,6 +68,12 @@ def test_shipped_lecture_sweep_is_init_by_activation():
     }
     assert {p["model.activation"] for p in points} == {"sigmoid", "tanh", "relu", "leaky_relu"}
     assert label({"name": "normal", "std": 0.01}) == "normal(std=0.01)"
+    names = {child_name(cfg, p) for p, cfg in sweep.combinations()}
+    assert len(names) == 16  # every child tells itself apart
+    assert "relu-he_normal-16x32-fc64" in names
+    assert "tanh-normal-16x32-fc64 normal(std=0.01)" in names
+    assert sweep.parent_name() == "lecture-init-x-activation"
+    assert SweepConfig(grid={"optim.lr": [0.1]}).parent_name() == "sweep-lr"
 
 
 def test_a_bad_grid_point_is_rejected_before_anything_runs():

@@ -106,3 +106,8 @@ def test_alias_moves_under_load_without_a_failed_request(
         assert "convserve_model_refused_total 1.0" in metrics
         r = httpx.post(f"{url}/admin/reload", headers={"Authorization": "Bearer tok"})
         assert "refused" in r.json()["message"]
+        assert httpx.get(f"{url}/healthz").json()["model_version"] == versions[2]
+    # every swap and the refusal are in the server's log, in words
+    log = next(tmp_path.glob("serve-*.log")).read_text()
+    assert f"serving {name} version {versions[1]} (was version {versions[0]})" in log
+    assert f"version {broken_version} refused" in log

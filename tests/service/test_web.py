@@ -4,6 +4,7 @@ see API errors in words. Screenshots go to test-artifacts/web/."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -60,7 +61,7 @@ def stack(onnx_path, mlflow_url, tmp_path):
         yield url, name
 
 
-def test_predict_train_and_errors_in_the_browser(stack, tmp_path):
+def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
     from playwright.sync_api import expect, sync_playwright
 
     url, name = stack
@@ -105,6 +106,21 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path):
         expect(page.locator("#banner")).to_contain_text("new champion", timeout=60_000)
         expect(page.locator("#model-line")).to_contain_text("version 2")
         page.screenshot(path=str(SHOTS / "3-trained.png"), full_page=True)
+
+        # the MLflow links open the runs table and the run's own page, not the Traces tab
+        job_id = row.get_attribute("data-id")
+        href = row.locator("a", has_text="MLflow run").get_attribute("href")
+        assert re.fullmatch(rf"{mlflow_url}/#/experiments/\d+/runs/{job_id}", href)
+        page.reload()  # the experiment exists now that a job ran in it
+        expect(page.locator("#mlflow-link")).to_have_attribute(
+            "href", re.compile(rf"^{mlflow_url}/#/experiments/\d+/runs$")
+        )
+        run_page = browser.new_page(viewport={"width": 1280, "height": 800})
+        run_page.goto(href)
+        expect(run_page.get_by_text("relu-he_normal-8").first).to_be_visible(timeout=30_000)
+        expect(run_page.get_by_text("Parameters").first).to_be_visible(timeout=30_000)
+        run_page.screenshot(path=str(SHOTS / "3-mlflow-run.png"))
+        run_page.close()
 
         # 4. phone width: still readable, nothing wider than the screen
         page.set_viewport_size({"width": 390, "height": 844})

@@ -106,3 +106,11 @@ def test_config_modules_import_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_runs_are_named_by_what_distinguishes_them():
+    assert TrainConfig().short_name() == "relu-he_normal-16x32"
+    cfg = load_config("deep_sigmoid")
+    assert cfg.short_name().startswith("sigmoid-normal-")
+    named = load_config(None, ["tracking.run_name=mine", "model.hidden=[64]"])
+    assert named.short_name() == "relu-he_normal-16x32-fc64" and named.run_name() == "mine"

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+import os
+from typing import Annotated, Any
 
 import typer
+import typer.core
 from rich.console import Console
+from rich.logging import RichHandler
 
 from convserve import __version__
 
@@ -15,9 +18,22 @@ app = typer.Typer(
     "train well or badly, track every run in MLflow, and serve the best over REST.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode="markdown",  # docstrings reflow to the terminal's width
 )
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: lines are never broken by rich (paths, URLs and tokens stay whole in logs)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+_display_type = typer.core.TyperOption.display_type_rich
+
+
+def _no_type_for_flags(self: typer.core.TyperOption, ctx: Any) -> str | None:
+    """A flag takes no value: show no ``<bool>`` type beside ``--quick`` or ``--help``."""
+    return None if self.is_flag else _display_type(self, ctx)
+
+
+typer.core.TyperOption.display_type_rich = _no_type_for_flags  # type: ignore[method-assign,assignment]
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -42,7 +58,15 @@ def main(
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
 ) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
+    # MLflow prints "View run ... at" on every run it ends, and logs INFO lines through its own
+    # handler; the commands report runs once themselves, and MLflow's lines go through the
+    # same console as the progress bars (or nowhere below --verbose).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    handler: logging.Handler = (
+        RichHandler(console=console, show_time=False, show_path=False)
+        if console.is_terminal
+        else logging.StreamHandler()
     )
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])

@@ -3,7 +3,7 @@ an export published."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -12,7 +12,7 @@ from convserve.cli.app import console
 
 if TYPE_CHECKING:
     from convserve.pipelines.registry import Published
-    from convserve.training.run import Callbacks, TrainResult
+    from convserve.training.run import TrainResult
 
 SUMMARY_METRICS = (
     "train_loss",
@@ -25,35 +25,62 @@ SUMMARY_METRICS = (
 )
 
 
-def progress_callbacks(label: str) -> tuple[Progress, Callbacks]:
-    """A rich progress bar (steps, loss, accuracy) and the training callbacks that drive it."""
-    from convserve.training.run import Callbacks
+class TrainProgress:
+    """Training progress for a person: a live bar in a terminal, and in a log file (no
+    terminal) one line at every tenth of the steps. Nothing is shown before training starts,
+    so a command that trains nothing prints no empty bar. Use as a context manager; its
+    ``callbacks`` drive it."""
 
-    progress = Progress(
-        TextColumn(f"[bold]{label}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        console=console,
-    )
-    task = progress.add_task(label, total=None, status="")
+    def __init__(self, label: str) -> None:
+        from convserve.training.run import Callbacks
 
-    def on_step(step: int, loss: float, accuracy: float) -> None:
-        progress.update(task, completed=step, status=f"loss {loss:.4f} acc {accuracy:.3f}")
+        self.label = label
+        self.live = console.is_terminal
+        self.total: int | None = None
+        self._next_tenth = 1
+        self._bar: Progress | None = None
+        self._task: Any = None
+        self.callbacks = Callbacks(
+            on_start=self._on_start, on_step=self._on_step, on_epoch=self._on_epoch
+        )
 
-    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        progress.console.print(
+    def __enter__(self) -> TrainProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def _on_start(self, total: int) -> None:
+        self.total, self._next_tenth = total, 1
+        if self.live and self._bar is None:
+            self._bar = Progress(
+                TextColumn(f"[bold]{self.label}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(),
+                console=console,
+            )
+            self._task = self._bar.add_task(self.label, total=total, status="")
+            self._bar.start()
+
+    def _on_step(self, step: int, loss: float, accuracy: float) -> None:
+        status = f"loss {loss:.4f} acc {accuracy:.3f}"
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, status=status)
+            return
+        if self.total and step * 10 >= self._next_tenth * self.total:
+            percent = 100 * step // self.total
+            console.print(f"{self.label}: step {step}/{self.total} ({percent}%) {status}")
+            self._next_tenth = step * 10 // self.total + 1
+
+    def _on_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        console.print(
             f"epoch {epoch}: train loss {metrics['train_loss']:.4f} "
             f"acc {metrics['train_accuracy']:.4f} | val loss {metrics['val_loss']:.4f} "
             f"acc {metrics['val_accuracy']:.4f}"
         )
-
-    return progress, Callbacks(
-        on_start=lambda total: progress.update(task, total=total),
-        on_step=on_step,
-        on_epoch=on_epoch,
-    )
 
 
 def report_published(published: Published | None) -> None:
@@ -66,6 +93,9 @@ def report_published(published: Published | None) -> None:
     )
     if published.version is not None:
         console.print(f"registered: models:/{published.model_name}/{published.version}")
+    url = run_url(published.run_id) if published.run_id else None
+    if url:
+        console.print(f"MLflow run: {url}")
     if published.decision is not None:
         d = published.decision
         console.print(f"alias: {d.alias} ({d.reason})")
@@ -87,3 +117,21 @@ def report_run(result: TrainResult) -> None:
         console.print(f"best checkpoint: {result.best_checkpoint}")
     if result.run_id:
         console.print(f"MLflow run id: {result.run_id}")
+        url = run_url(result.run_id)
+        if url:
+            console.print(f"MLflow run: {url}")
+
+
+def run_url(run_id: str) -> str | None:
+    """The run's page in the MLflow UI, when the tracking URI is a server."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        experiment = MlflowClient(uri).get_run(run_id).info.experiment_id
+    except Exception:  # the server may be gone by now; the run id was printed above
+        return None
+    return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"

@@ -10,7 +10,7 @@ import typer
 
 from convserve.cli.app import app, console, err_console, fail
 from convserve.cli.options import ConfigOption, ModelNameOption
-from convserve.cli.report import progress_callbacks, report_published
+from convserve.cli.report import TrainProgress, report_published
 
 
 @app.command()
@@ -106,13 +106,19 @@ def up(
     signals.signal(signals.SIGTERM, on_signal)
     try:
         stack.start(console.print)
-        console.print(f"""
+        # soft_wrap: a URL or the token is never broken across lines, whatever the width.
+        console.print(
+            f"""
 [bold green]convserve is ready[/bold green]
-  API:       {stack.api_url}/predict  (docs: {stack.api_url}/docs)
-  MLflow:    {stack.tracking_uri}
-  API token: {stack.token()}  (Authorization: Bearer <token> for /jobs and /admin)
+  web page:  {stack.api_url}/
+  MLflow:    {stack.tracking_uri}/#/experiments
+  API docs:  {stack.api_url}/docs
+  API token: {stack.token()}
+             (send it as "Authorization: Bearer <token>" to POST /jobs and /admin)
   state:     {stack.home}
-Press Ctrl-C to stop.""")
+Press Ctrl-C to stop.""",
+            soft_wrap=True,
+        )
         stack.supervise(console.print, lambda: False)
     except KeyboardInterrupt:
         pass
@@ -137,10 +143,9 @@ def bootstrap(
 
     from convserve.pipelines.stack import bootstrap as run_bootstrap
 
-    progress, callbacks = progress_callbacks("first model")
-    with progress:
+    with TrainProgress("first model") as progress:
         published = run_bootstrap(
-            mlflow.get_tracking_uri(), model_name, config, callbacks, output_dir
+            mlflow.get_tracking_uri(), model_name, config, progress.callbacks, output_dir
         )
     if published is None:
         console.print(f"models:/{model_name}@champion exists: nothing to do")

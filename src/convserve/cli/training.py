@@ -9,7 +9,7 @@ import typer
 
 from convserve.cli.app import app, console, err_console, fail
 from convserve.cli.options import ConfigOption, MarginOption, ModelNameOption, SetOption
-from convserve.cli.report import progress_callbacks, report_published, report_run
+from convserve.cli.report import TrainProgress, report_published, report_run
 from convserve.training.config import ConfigError
 from convserve.training.configfiles import load_config
 
@@ -34,23 +34,24 @@ def train(
 
     Exits 0 when training finishes, 1 when it diverges or is cancelled, 2 on a bad config.
     """
-    from convserve.training.checkpoint import read_checkpoint
     from convserve.training.configfiles import apply_overrides, validate_config
-    from convserve.training.run import train as run_training
 
     try:
         if resume is not None:
+            from convserve.training.checkpoint import read_checkpoint
+
             base = read_checkpoint(resume)["config"]
             cfg = validate_config(apply_overrides(base, set_ or []))
         else:
-            cfg = load_config(config, set_ or [])
+            cfg = load_config(config, set_ or [])  # a bad config stops here, before torch loads
     except (ConfigError, FileNotFoundError, ValueError) as err:
         raise fail(str(err)) from None
 
-    progress, callbacks = progress_callbacks("train")
+    from convserve.training.run import train as run_training
+
     try:
-        with progress:
-            result = run_training(cfg, resume=resume, callbacks=callbacks)
+        with TrainProgress("train") as progress:
+            result = run_training(cfg, resume=resume, callbacks=progress.callbacks)
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         raise fail(str(err)) from None
     report_run(result)

@@ -47,6 +47,9 @@ class JobSettings(BaseSettings):
     worker_lost_after: float = Field(60.0, gt=0)  # heartbeat age that fails a running job
     reaper_interval: float = Field(15.0, gt=0)  # seconds between reaper passes of a worker
     cancel_check_interval: float = Field(1.0, gt=0)  # how often a running job looks for DELETE
+    # where a worker writes its jobs' checkpoints, plots and exports (one folder per run),
+    # whatever tracking.output_dir the request says: that path is the client's, not the worker's
+    runs_dir: str = "runs"
 
 
 class JobRequest(BaseModel):
@@ -111,7 +114,7 @@ def submit(request: JobRequest, client: Any, huey: Any) -> str:
 
     cfg = request.config
     experiment = get_or_create_experiment(client, cfg.tracking.experiment)
-    name = cfg.tracking.run_name or f"job-{request.kind}"
+    name = request.train.run_name() if request.train is not None else request.sweep.parent_name()  # type: ignore[union-attr]
     run = client.create_run(
         experiment,
         run_name=name,

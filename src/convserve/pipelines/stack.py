@@ -172,6 +172,7 @@ class Stack:
                 "CONVSERVE_PORT": str(self.api_port),
                 "CONVSERVE_QUEUE_PATH": str(self.home / "queue.db"),
                 "CONVSERVE_CACHE_DIR": str(self.home / "models"),
+                "CONVSERVE_RUNS_DIR": str(self.home / "runs"),
                 "CONVSERVE_MLFLOW_UI_URL": self.tracking_uri,
             }
         )

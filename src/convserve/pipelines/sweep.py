@@ -49,6 +49,19 @@ def label(value: Any) -> str:
     return str(value)
 
 
+# Grid fields that the config's short name already shows.
+_IN_SHORT_NAME = {"model", "model.activation", "model.blocks", "model.hidden", "init", "init.name"}
+
+
+def child_name(cfg: TrainConfig, point: dict[str, Any]) -> str:
+    """The config's short name, plus the grid values it does not show:
+    ``relu-he_normal-16x32 lr=0.01``."""
+    extra = [f"{k.split('.')[-1]}={label(v)}" for k, v in point.items() if k not in _IN_SHORT_NAME]
+    if "init" in point and isinstance(point["init"], dict) and len(point["init"]) > 1:
+        extra.insert(0, label(point["init"]))  # e.g. normal(std=0.01)
+    return " ".join([cfg.short_name(), *extra])
+
+
 def run_sweep(
     sweep: SweepConfig,
     *,
@@ -83,9 +96,12 @@ def run_sweep(
 def _start_parent(sweep: SweepConfig, parent_run_id: str | None) -> Tracker:
     """The parent run (new, or the job's own run), tagged with the grid and the metric."""
     base = sweep.base
-    parent = Tracker(base.tracking.model_copy(update={"run_name": sweep.name or "sweep"}))
+    parent_cfg = base.model_copy(
+        update={"tracking": base.tracking.model_copy(update={"run_name": sweep.parent_name()})}
+    )
+    parent = Tracker(parent_cfg.tracking)
     parent_id = parent.start(
-        base, parent_run_id, tags={"convserve.kind": "sweep"} if parent_run_id is None else {}
+        parent_cfg, parent_run_id, tags={"convserve.kind": "sweep"} if parent_run_id is None else {}
     )
     if parent_id is not None:
         parent.set_tags(
@@ -145,7 +161,7 @@ def _child(
     metric: str,
     callbacks: Callbacks,
 ) -> Row:
-    name = ", ".join(f"{k}={label(v)}" for k, v in point.items())
+    name = child_name(cfg, point)
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_name": name})})
     tags = {"mlflow.parentRunId": parent_id} if parent_id else {}
     try:

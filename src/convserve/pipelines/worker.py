@@ -175,7 +175,7 @@ def execute_job(run_id: str, settings: JobSettings) -> None:
         with open(text) as f:
             request = JobRequest.model_validate_json(f.read())
         with _Heartbeat(client, run_id, settings) as beat:
-            status = _run(request, run_id, client, beat)
+            status = _run(request, run_id, client, beat, settings.runs_dir)
         client.set_tag(run_id, "convserve.job_status", status)
         client.set_terminated(run_id, status=TO_MLFLOW.get(status, "FINISHED"))
     except Exception as err:
@@ -183,7 +183,7 @@ def execute_job(run_id: str, settings: JobSettings) -> None:
         fail(client, run_id, f"{type(err).__name__}: {err}")
 
 
-def _run(request: JobRequest, run_id: str, client: Any, beat: _Heartbeat) -> str:
+def _run(request: JobRequest, run_id: str, client: Any, beat: _Heartbeat, runs_dir: str) -> str:
     policy = Policy(
         request.model_name, request.register_model, request.promote, margin=request.margin
     )
@@ -195,7 +195,9 @@ def _run(request: JobRequest, run_id: str, client: Any, beat: _Heartbeat) -> str
     )
     tracking_uri = client.tracking_uri
     if request.train is not None:
-        result = train(_tracked(request.train, tracking_uri), run_id=run_id, callbacks=callbacks)
+        result = train(
+            _tracked(request.train, tracking_uri, runs_dir), run_id=run_id, callbacks=callbacks
+        )
         if result.status == "cancelled":
             return "cancelled"
         if result.status != "finished":
@@ -206,7 +208,9 @@ def _run(request: JobRequest, run_id: str, client: Any, beat: _Heartbeat) -> str
             _record_publication(client, run_id, published)
         return "succeeded"
     assert request.sweep is not None
-    sweep = request.sweep.model_copy(update={"base": _tracked(request.sweep.base, tracking_uri)})
+    sweep = request.sweep.model_copy(
+        update={"base": _tracked(request.sweep.base, tracking_uri, runs_dir)}
+    )
     outcome = run_sweep(
         sweep,
         policy=policy if request.register_model else None,
@@ -220,9 +224,12 @@ def _run(request: JobRequest, run_id: str, client: Any, beat: _Heartbeat) -> str
     return "succeeded" if outcome.best_run_id else "failed"
 
 
-def _tracked(cfg: TrainConfig, tracking_uri: str) -> TrainConfig:
-    """``cfg`` tracked on the worker's MLflow server, whatever the request said."""
-    tracking = cfg.tracking.model_copy(update={"enabled": True, "tracking_uri": tracking_uri})
+def _tracked(cfg: TrainConfig, tracking_uri: str, runs_dir: str) -> TrainConfig:
+    """``cfg`` tracked on the worker's MLflow server and written under the worker's runs
+    folder, whatever the request said."""
+    tracking = cfg.tracking.model_copy(
+        update={"enabled": True, "tracking_uri": tracking_uri, "output_dir": runs_dir}
+    )
     return cfg.model_copy(update={"tracking": tracking})
 
 

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from convserve import __version__
 from convserve.pipelines.queue import JobSettings, make_queue
-from convserve.service.api import jobs, predict, status, ui, v2
+from convserve.service.api import docs, jobs, predict, status, ui, v2
 from convserve.service.manager import ModelManager
 from convserve.service.metrics import Metrics
 from convserve.service.model import providers_for
@@ -156,6 +156,8 @@ def create_app(settings: Settings, job_settings: JobSettings | None = None) -> F
         "feature maps of every convolutional block, a KServe v2 endpoint, hot reload of the "
         "registry's champion, and Prometheus metrics.",
         lifespan=lifespan,
+        docs_url=None,  # served by api/docs.py from installed files, not a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -164,7 +166,9 @@ def create_app(settings: Settings, job_settings: JobSettings | None = None) -> F
     app.include_router(v2.router)
     app.include_router(jobs.router)
     app.include_router(ui.router)
+    app.include_router(docs.router)
     app.mount("/static", StaticFiles(directory=ui.STATIC), name="static")
+    docs.mount_assets(app)
     _handlers(app)
     app.add_middleware(EdgeMiddleware, settings=settings, metrics=metrics)
     return app

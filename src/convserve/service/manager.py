@@ -136,7 +136,10 @@ class ModelManager:
         self.metrics.serving(
             src.name, str(src.version), src.alias or "", src.run_id or "", ",".join(model.providers)
         )
-        log.info("serving %s version %s on %s", src.name, src.version, model.providers)
+        was = f" (was version {old.model.source.version})" if old is not None else ""
+        log.info(
+            "serving %s version %s%s on %s", src.name, src.version, was, ",".join(model.providers)
+        )
         if old is not None:  # drains in the background; kept referenced until done
             task = asyncio.create_task(old.close())
             self._closing.add(task)

@@ -8,14 +8,38 @@ handed to uvicorn's own process supervisor instead: each worker process (started
 
 from __future__ import annotations
 
+import copy
 from functools import partial
+from typing import Any
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 from uvicorn.supervisors import Multiprocess
 
 from convserve.pipelines.queue import JobSettings
 from convserve.service.app import create_app
 from convserve.service.settings import Settings
+
+
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging, plus the service's own INFO lines (model loads and swaps, refused
+    versions) on the same handler."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["convserve"] = {
+        "()": "uvicorn.logging.DefaultFormatter",
+        "fmt": "%(levelprefix)s %(name)s: %(message)s",
+    }
+    config["handlers"]["convserve"] = {
+        "formatter": "convserve",
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stderr",
+    }
+    config["loggers"]["convserve"] = {
+        "handlers": ["convserve"],
+        "level": "INFO",
+        "propagate": False,
+    }
+    return config
 
 
 def run_server(settings: Settings, job_settings: JobSettings) -> None:
@@ -28,6 +52,7 @@ def run_server(settings: Settings, job_settings: JobSettings) -> None:
         port=settings.port,
         workers=settings.workers,
         log_level="info",
+        log_config=log_config(),
         access_log=False,
     )
     server = uvicorn.Server(config)

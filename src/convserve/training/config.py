@@ -166,6 +166,21 @@ class TrainConfig(StrictModel):
         """The config as ``{"model.blocks.0.out_channels": "16", ...}`` for MLflow params."""
         return {k: _param_str(v) for k, v in _flatten(self.model_dump(mode="json")).items()}
 
+    def short_name(self) -> str:
+        """What distinguishes this model at a glance: ``relu-he_normal-16x32`` (activation,
+        initialiser, filters per block), ``-fc64`` for hidden layers. Runs are named so when
+        ``tracking.run_name`` is not set, in the CLI, jobs and sweeps alike."""
+        parts: list[str] = [self.model.activation, self.init.name]
+        if self.model.blocks:
+            parts.append("x".join(str(b.out_channels) for b in self.model.blocks))
+        if self.model.hidden:
+            parts.append("fc" + "x".join(str(h) for h in self.model.hidden))
+        return "-".join(parts)
+
+    def run_name(self) -> str:
+        """``tracking.run_name`` if given, else ``short_name()``."""
+        return self.tracking.run_name or self.short_name()
+
     def digest(self) -> str:
         """A short hash of the resolved config (tracking excluded): equal configs, equal hash."""
         body = self.model_dump(mode="json", exclude={"tracking"})
@@ -192,6 +207,10 @@ class SweepConfig(StrictModel):
             raise ValueError(f"the grid has {math.prod(sizes)} combinations; at most 256")
         self.combinations()  # raises on the first grid point that is not a valid config
         return self
+
+    def parent_name(self) -> str:
+        """``name``, else ``sweep-`` and the fields the grid varies: ``sweep-name-activation``."""
+        return self.name or "sweep-" + "-".join(k.split(".")[-1] for k in self.grid)
 
     def combinations(self) -> list[tuple[dict[str, Any], TrainConfig]]:
         """Every grid point with its training config, in row-major order of ``grid``."""

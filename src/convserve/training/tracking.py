@@ -88,7 +88,7 @@ class Tracker:
             all_tags["convserve.git_commit"] = commit
         if run_id is None:
             experiment_id = get_or_create_experiment(self.client, self.cfg.experiment)
-            run = self.client.create_run(experiment_id, run_name=self.cfg.run_name, tags=all_tags)
+            run = self.client.create_run(experiment_id, run_name=config.run_name(), tags=all_tags)
             self.run_id = run.info.run_id
             log_params(self.client, self.run_id, config)
         else:

@@ -64,9 +64,11 @@ _SUMMARY = (
 def _links(request: Request, run: Any, ui: str | None) -> dict[str, str]:
     links = {"self": str(request.url_for("get_job", job_id=run.info.run_id))}
     if ui:
-        links["mlflow"] = (
-            f"{ui.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
-        )
+        # MLflow 3's routes: the experiment's runs table, and the run's own page (the bare
+        # experiment URL opens its Traces tab).
+        runs = f"{ui.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs"
+        links["mlflow"] = f"{runs}/{run.info.run_id}"
+        links["mlflow_runs"] = runs
     return links
 
 

@@ -15,8 +15,11 @@ router = APIRouter()
 
 
 @router.get("/healthz", response_model=Health, tags=["health"], summary="Liveness")
-async def healthz() -> Health:
-    return Health(status="alive")
+async def healthz(manager: ManagerDep) -> Health:
+    """Answers 200 while the process serves HTTP, with the version being served (null while
+    no model is loaded yet)."""
+    model = manager.model
+    return Health(status="alive", model_version=model.source.version if model else None)
 
 
 @router.get(

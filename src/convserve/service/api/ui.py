@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from convserve.service.api.deps import SettingsDep
@@ -38,8 +39,24 @@ def _schema_and_presets() -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 @router.get("/v1/train-schema", tags=["jobs"], summary="Training config schema and presets")
-async def train_schema(settings: SettingsDep) -> dict[str, Any]:
+async def train_schema(request: Request, settings: SettingsDep) -> dict[str, Any]:
     """The JSON schema of a training config (what ``POST /jobs`` takes as ``train``), the
-    lecture's classic settings as presets, and the MLflow UI address."""
+    lecture's classic settings as presets, the MLflow UI address, and the address of the
+    default experiment's runs table there."""
     schema, presets = _schema_and_presets()
-    return {"schema": schema, "presets": presets, "mlflow_ui": settings.mlflow_ui_url}
+    ui = settings.mlflow_ui_url
+    runs = await asyncio.to_thread(_runs_table, request, ui) if ui else None
+    return {"schema": schema, "presets": presets, "mlflow_ui": ui, "mlflow_runs": runs}
+
+
+def _runs_table(request: Request, ui: str) -> str:
+    """The runs table of the experiment jobs go to by default (MLflow 3 opens a bare
+    experiment on its Traces tab); the experiments list while it does not exist yet."""
+    base = f"{ui.rstrip('/')}/#/experiments"
+    try:
+        experiment = request.app.state.jobs.client.get_experiment_by_name(
+            TrainConfig().tracking.experiment
+        )
+    except Exception:  # MLflow unreachable: the list is still a useful link
+        return base
+    return f"{base}/{experiment.experiment_id}/runs" if experiment is not None else base

@@ -311,7 +311,7 @@ async function refreshJobs() {
     idCell.textContent = job.id.slice(0, 8);
     if (job.links.mlflow) {
       const a = document.createElement("a");
-      a.href = job.links.mlflow; a.textContent = " MLflow"; a.target = "_blank";
+      a.href = job.links.mlflow; a.textContent = " MLflow run"; a.target = "_blank";
       idCell.appendChild(a);
     }
     statusCell.textContent = job.status + (job.error ? `: ${job.error}` : "");
@@ -357,7 +357,7 @@ async function main() {
   try {
     schema = await api("/v1/train-schema");
     buildForm();
-    if (schema.mlflow_ui) { $("mlflow-link").href = schema.mlflow_ui; $("mlflow-link").hidden = false; }
+    if (schema.mlflow_ui) { $("mlflow-link").href = schema.mlflow_runs || schema.mlflow_ui; $("mlflow-link").hidden = false; }
   } catch (err) {
     show("train-error", `The training form could not be built: ${err.message}`);
   }
