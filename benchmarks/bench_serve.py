@@ -58,7 +58,7 @@ def ceiling_ms(path: Path, png: bytes, seconds: float = 3.0) -> float:
     model = open_model(Source(str(path), "model", "file", path=path), Settings())
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        x = preprocess(png, model.channels, model.height, model.width, 40_000_000)
+        x, _ = preprocess(png, model.channels, model.height, model.width, 40_000_000)
         model.run(x[None], ["probabilities"])
         count += 1
     return (time.perf_counter() - start) / count * 1e3

@@ -65,6 +65,18 @@ class Resize(BaseModel):
     size: tuple[int, int]  # [height, width]
 
 
+class Fit(BaseModel):
+    """How an upload is fitted to what the training images looked like."""
+
+    model_config = ConfigDict(frozen=True)
+
+    # "stretch": resize the whole image; "digit": crop to the ink, scale, centre (MNIST)
+    method: Literal["stretch", "digit"] = "stretch"
+    box: float = Field(1.0, gt=0.0, le=1.0)  # digit: the ink's longer side, share of the frame
+    center: Literal["mass", "box"] = "mass"  # digit: centre of mass, or of the bounding box
+    background: Literal["dark", "light"] = "dark"  # digit: the training images' background
+
+
 class Normalization(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -93,6 +105,7 @@ class ModelMetadata(BaseModel):
     feature_outputs: dict[str, list[int]]
     feature_tensor: str = FEATURE_TENSOR
     normalization: Normalization
+    fit: Fit = Field(default_factory=Fit)  # older exports: stretch
     dataset: str = ""
     run_id: str = ""  # the MLflow run that trained it ("" when untracked)
     config_hash: str = ""

@@ -212,3 +212,19 @@ def test_cuda_without_a_gpu_fails_at_start(onnx_path):
         pytest.skip("this onnxruntime has CUDA")
     with pytest.raises(RuntimeError, match="no CUDA provider"):
         create_app(Settings(model_uri=str(onnx_path), device="cuda"))
+
+
+def test_the_answer_says_how_the_input_was_fitted(client):
+    from tests.service.digits import stroke_digit
+
+    buf = io.BytesIO()
+    stroke_digit(7, (30, 10, 120, 180), 12, light=True).save(buf, "PNG")
+    f = {"file": ("seven.png", buf.getvalue(), "image/png")}
+    fitted = client.post("/predict", files=f).json()["predictions"][0]["input"]
+    assert fitted["original"] == "200x200 L" and fitted["format"] == "PNG"
+    assert fitted["fit"] == "digit"  # the digits model's metadata asks for it
+    assert fitted["steps"][0].startswith("inverted") and "centred by box in 8x8" in fitted["steps"]
+    plain = client.post("/predict", files=f, params={"fit": "none"}).json()
+    assert plain["predictions"][0]["input"]["fit"] == "stretch"
+    assert plain["predictions"][0]["input"]["steps"] == ["stretched 200x200 to 8x8"]
+    assert client.post("/predict", files=f, params={"fit": "crop"}).status_code == 422

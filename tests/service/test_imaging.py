@@ -43,15 +43,18 @@ CASES = [("PNG", m) for m in ("L", "LA", "RGB", "RGBA", "P", "I;16")] + [
 @pytest.mark.parametrize("channels", [1, 3])
 def test_formats_and_modes_become_the_model_input(fmt, mode, channels):
     data = _encode(_image(mode), fmt)
-    x = preprocess(data, channels, 8, 12, max_pixels=10_000)
+    x, report = preprocess(data, channels, 8, 12, max_pixels=10_000)
     assert x.shape == (channels, 8, 12) and x.dtype == np.float32
     assert x.min() >= 0.0 and x.max() <= 1.0
     assert x[:, -1, :].mean() > x[:, 0, :].mean() + 0.3  # the gradient survives every path
+    assert (
+        report.method == "stretch" and report.format == fmt and report.original.startswith("40x30")
+    )
 
 
 def test_sixteen_bit_is_scaled_by_its_full_range():
     data = _encode(_image("I;16"), "PNG")
-    x = preprocess(data, 1, 30, 40, max_pixels=10_000)
+    x, _ = preprocess(data, 1, 30, 40, max_pixels=10_000)
     assert x.max() > 0.9  # not clipped to 255/65535
 
 
@@ -63,7 +66,7 @@ def test_exif_orientation_is_applied():
     data = _encode(image, "JPEG", exif=exif.tobytes(), quality=95)
     decoded = decode(data, 10_000)
     assert decoded.size == (10, 20)
-    x = to_input(decoded, 1, 20, 10)
+    x, _ = to_input(decoded, 1, 20, 10)
     assert x[0, :10].mean() > 0.8 and x[0, 10:].mean() < 0.2  # white on top after rotation
 
 
@@ -71,7 +74,7 @@ def test_gif_uses_the_first_frame():
     frames = [Image.new("L", (8, 8), v) for v in (200, 10)]
     buf = io.BytesIO()
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
-    x = preprocess(buf.getvalue(), 1, 8, 8, 10_000)
+    x, _ = preprocess(buf.getvalue(), 1, 8, 8, 10_000)
     assert x.mean() > 0.7
 
 

@@ -1,4 +1,5 @@
-"""Decoding uploads and turning them into the model's input, as its metadata says.
+"""Decoding uploads and turning them into the model's input, as its metadata says (the
+fitting itself is in ``fitting.py``).
 
 The pixel count is checked from the header before any pixel is decoded, so a decompression
 bomb costs a header read. Alpha is dropped (PIL's ``convert``), 16-bit images are scaled to
@@ -12,6 +13,9 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from convserve.contract import Fit
+from convserve.service.fitting import FitReport, fit_digit, stretch
 
 FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "MPO"}
 
@@ -60,7 +64,9 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageError(f"the image is truncated or corrupt: {err}") from err
-    return ImageOps.exif_transpose(image) or image
+    upright = ImageOps.exif_transpose(image) or image
+    upright.format = image.format  # a transposed copy forgets it; the answer reports it
+    return upright
 
 
 def _to_mode(image: Image.Image, mode: str) -> Image.Image:
@@ -74,15 +80,31 @@ def _to_mode(image: Image.Image, mode: str) -> Image.Image:
     return image if image.mode == mode else image.convert(mode)
 
 
-def to_input(image: Image.Image, channels: int, height: int, width: int) -> np.ndarray:
-    """float32 ``[C, H, W]`` in [0, 1]: colour mode converted, stretched to the model's size
-    with bilinear resampling (the export metadata's ``resize``)."""
+def to_input(
+    image: Image.Image, channels: int, height: int, width: int, fit: Fit | None = None
+) -> tuple[np.ndarray, FitReport]:
+    """float32 ``[C, H, W]`` in [0, 1] and how it was made: colour mode converted, then fitted
+    as the model's metadata says (``fit``; ``None`` or ``stretch``: resized to the model's
+    size with bilinear resampling)."""
+    report = FitReport(
+        "stretch", original=f"{image.width}x{image.height} {image.mode}", format=image.format
+    )
     converted = _to_mode(image, "L" if channels == 1 else "RGB")
-    if converted.size != (width, height):
-        converted = converted.resize((width, height), Image.Resampling.BILINEAR)
+    if converted.mode != image.mode:
+        report.steps.append(f"converted {image.mode} to {converted.mode}")
+    if fit is not None and fit.method == "digit" and channels == 1:
+        report.method = "digit"
+        converted = fit_digit(converted, height, width, fit, report)
+    else:
+        converted = stretch(converted, height, width, report)
     array = np.asarray(converted, dtype=np.float32) / 255.0
-    return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
+    if array.ndim == 2:
+        return array[None], report
+    return np.ascontiguousarray(array.transpose(2, 0, 1)), report
 
 
-def preprocess(data: bytes, channels: int, height: int, width: int, max_pixels: int) -> np.ndarray:
-    return to_input(decode(data, max_pixels), channels, height, width)
+def preprocess(
+    data: bytes, channels: int, height: int, width: int, max_pixels: int, fit: Fit | None = None
+) -> tuple[np.ndarray, FitReport]:
+    """Decode ``data`` and make it the model's input (``to_input``)."""
+    return to_input(decode(data, max_pixels), channels, height, width, fit)

@@ -45,8 +45,21 @@ class FeatureMap(BaseModel):
     max: list[float] | None = Field(None, description="per-channel max (format=stats)")
 
 
+class FittedInput(BaseModel):
+    """How the upload became the model's input: a caller can tell why a photo was misread."""
+
+    original: str = Field(description="The upload's size and colour mode, e.g. '640x480 RGB'")
+    format: str | None = Field(None, description="PNG, JPEG, WEBP, BMP, GIF, TIFF or MPO")
+    fit: Literal["digit", "stretch"] = Field(
+        description="digit: cropped to the ink, scaled and centred as the training digits "
+        "were; stretch: the whole image resized to the model's input size"
+    )
+    steps: list[str] = Field(description="What was done, in order")
+
+
 class Prediction(BaseModel):
     filename: str | None
+    input: FittedInput
     top_k: list[ClassScore]
     probabilities: dict[str, float] = Field(description="Every class's probability, by label")
     feature_maps: dict[str, FeatureMap] | None = Field(

@@ -20,6 +20,7 @@ from convserve import __version__, contract
 from convserve.contract import INPUT, ModelMetadata, Normalization, Resize
 from convserve.training.checkpoint import ModelSpec
 from convserve.training.config import TrainConfig
+from convserve.training.data import fit_for
 from convserve.training.model import ConvNet
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def metadata(
         resize=Resize(size=(height, width)),
         feature_outputs={n: list(model.feature_shapes[n]) for n in model.block_names},
         normalization=Normalization(mean=spec.mean, std=spec.std),
+        fit=fit_for(config.data),
         dataset=spec.dataset,
         run_id=run_id or "",
         config_hash=config.digest(),

@@ -14,10 +14,18 @@ from convserve import contract
 from convserve.service import features
 from convserve.service.api.deps import EngineDep, MetricsDep, SettingsDep
 from convserve.service.engine import Engine
+from convserve.service.fitting import FitReport
 from convserve.service.imaging import ImageError, preprocess
 from convserve.service.metrics import Metrics
 from convserve.service.model import LoadedModel
-from convserve.service.schemas import ClassScore, ModelRef, Prediction, PredictResponse, Timing
+from convserve.service.schemas import (
+    ClassScore,
+    FittedInput,
+    ModelRef,
+    Prediction,
+    PredictResponse,
+    Timing,
+)
 from convserve.service.settings import Settings
 
 router = APIRouter(tags=["predict"])
@@ -71,6 +79,14 @@ async def predict(
     feature_maps: Annotated[
         str | None, Query(description="'all' or comma-separated block names, e.g. block1,block2")
     ] = None,
+    fit: Annotated[
+        Literal["model", "none"],
+        Query(
+            description="model: fit the image as the model's training images were (for digit "
+            "models: crop to the ink, scale to the data set's box, centre by mass, invert a "
+            "light background); none: stretch the whole image to the input size"
+        ),
+    ] = "model",
     format: Annotated[
         Literal["png", "array", "stats"],
         Query(
@@ -85,7 +101,7 @@ async def predict(
     uploads = ([file] if file is not None else []) + list(files or [])
     model = engine.model
     blocks = _check_request(uploads, model, feature_maps, format, settings)
-    batch = await _decode_all(uploads, engine, settings, metrics)
+    batch, fitted = await _decode_all(uploads, engine, settings, metrics, fit == "model")
     decoded = time.perf_counter()
     result = await engine.infer(
         batch, [contract.PROBABILITIES, *(contract.feature_output(b) for b in blocks)]
@@ -93,7 +109,7 @@ async def predict(
     inferred = time.perf_counter()
     k = min(top_k or settings.default_top_k, len(model.labels))
     predictions = [
-        _prediction(upload.filename, i, result, model, blocks, k, format)
+        _prediction(upload.filename, fitted[i], i, result, model, blocks, k, format)
         for i, upload in enumerate(uploads)
     ]
     end = time.perf_counter()
@@ -144,29 +160,40 @@ def _check_request(
 
 
 async def _decode_all(
-    uploads: list[UploadFile], engine: Engine, settings: Settings, metrics: Metrics
-) -> np.ndarray:
-    """Every upload as the model's input, stacked ``[N, C, H, W]``; a bad one answers 4xx."""
+    uploads: list[UploadFile], engine: Engine, settings: Settings, metrics: Metrics, fit: bool
+) -> tuple[np.ndarray, list[FitReport]]:
+    """Every upload as the model's input, stacked ``[N, C, H, W]``, and how each was fitted;
+    a bad one answers 4xx."""
     model = engine.model
     loop = asyncio.get_running_loop()
-    arrays = []
+    arrays, reports = [], []
     for upload in uploads:
         data = await upload.read()
-        args = (data, model.channels, model.height, model.width, settings.max_pixels)
+        args = (
+            data,
+            model.channels,
+            model.height,
+            model.width,
+            settings.max_pixels,
+            model.meta.fit if fit else None,
+        )
         try:
             # Small uploads decode in well under a millisecond: a thread hop would cost more.
             if len(data) <= INLINE_DECODE_BYTES:
-                arrays.append(preprocess(*args))
+                array, report = preprocess(*args)
             else:
-                arrays.append(await loop.run_in_executor(engine.executor, preprocess, *args))
+                array, report = await loop.run_in_executor(engine.executor, preprocess, *args)
         except ImageError as err:
             metrics.rejected.labels("image").inc()
             raise HTTPException(err.status, f"{upload.filename or 'upload'}: {err}") from None
-    return np.stack(arrays)
+        arrays.append(array)
+        reports.append(report)
+    return np.stack(arrays), reports
 
 
 def _prediction(
     filename: str | None,
+    fitted: FitReport,
     i: int,
     result: dict[str, np.ndarray],
     model: LoadedModel,
@@ -179,6 +206,12 @@ def _prediction(
     fmaps = {b: features.render(result[contract.feature_output(b)][i], format) for b in blocks}
     return Prediction(
         filename=filename,
+        input=FittedInput(
+            original=fitted.original,
+            format=fitted.format,
+            fit=fitted.method,  # type: ignore[arg-type]
+            steps=fitted.steps,
+        ),
         top_k=[
             ClassScore(label=model.labels[j], index=int(j), probability=float(probs[j]))
             for j in order

