@@ -118,6 +118,9 @@ def test_invalid_body_auth_and_queue_limit(mlflow_url, tmp_path):
         assert r.status_code == 422 and "exactly one of" in r.text
         assert len(http.get("/jobs").json()["jobs"]) == before  # nothing was queued
         assert http.delete("/jobs/abc").status_code == 401
+        r = http.get("/jobs", params={"page_token": "abc"})  # not a token MLflow handed out
+        assert r.status_code == 422 and "page_token" in r.json()["detail"]
+        assert http.get("/jobs/no-such-job").status_code == 404
         # no worker runs here: the second waiting job is over the limit
         assert http.post("/jobs", json=body, headers=AUTH).status_code == 202
         r = http.post("/jobs", json=body, headers=AUTH)

@@ -137,7 +137,9 @@ def test_kserve_v2_with_an_off_the_shelf_client(server):
     img = Image.fromarray((x[0, 0] * 255).round().astype(np.uint8))
     buf = io.BytesIO()
     img.save(buf, "PNG")
-    rest = httpx.post(f"{server}/predict", files={"file": ("x.png", buf.getvalue())}).json()
+    rest = httpx.post(
+        f"{server}/predict", files={"file": ("x.png", buf.getvalue())}, params={"fit": "none"}
+    ).json()
     inp = tc.InferInput("image", [1, 1, 8, 8], "FP32")
     inp.set_data_from_numpy((np.asarray(img, np.float32) / 255)[None, None])
     v2 = client.infer("model", [inp]).as_numpy("probabilities")[0]

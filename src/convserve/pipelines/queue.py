@@ -55,7 +55,30 @@ class JobSettings(BaseSettings):
 class JobRequest(BaseModel):
     """``POST /jobs``: a training config or a sweep, and what may happen to the winner."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "train": {
+                        "model": {"activation": "relu", "blocks": [{"out_channels": 16}]},
+                        "init": {"name": "he_normal"},
+                        "optim": {"epochs": 3},
+                    },
+                    "register": True,
+                    "promote": True,
+                },
+                {
+                    "sweep": {
+                        "base": {"optim": {"epochs": 1}},
+                        "grid": {"init.name": ["xavier_uniform", "he_normal"]},
+                    },
+                    "model_name": "convserve",
+                },
+            ]
+        },
+    )
 
     train: TrainConfig | None = None  # one training run
     sweep: SweepConfig | None = None  # or a grid of them

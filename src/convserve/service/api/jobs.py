@@ -8,12 +8,13 @@ import json
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from convserve.pipelines.queue import JobRequest, JobStatus, cancel, job_status, search_jobs, submit
 from convserve.service.api.deps import SettingsDep, TokenDep
+from convserve.service.api.errors import errors
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -24,7 +25,29 @@ class Progress(BaseModel):
     total: int | None = Field(None, description="Total optimizer steps of the run")
 
 
+_JOB_EXAMPLE: dict[str, Any] = {
+    "id": "5c0ffee0a1b2c3d4e5f60718293a4b5c",
+    "status": "succeeded",
+    "kind": "train",
+    "created_at": "2026-11-30T10:00:00+00:00",
+    "progress": {"epoch": 3, "step": 213, "total": 213},
+    "metrics": {"val_accuracy": 0.962, "best_val_accuracy": 0.962, "test_accuracy": 0.964},
+    "verdicts": ["healthy"],
+    "error": None,
+    "registered_model": "convserve",
+    "registered_version": "4",
+    "promoted": True,
+    "links": {
+        "self": "http://127.0.0.1:8000/jobs/5c0ffee0a1b2c3d4e5f60718293a4b5c",
+        "mlflow": "http://127.0.0.1:5000/#/experiments/1/runs/5c0ffee0a1b2c3d4e5f60718293a4b5c",
+        "mlflow_runs": "http://127.0.0.1:5000/#/experiments/1/runs",
+    },
+}
+
+
 class Job(BaseModel):
+    model_config = {"json_schema_extra": {"examples": [_JOB_EXAMPLE]}}
+
     id: str = Field(description="The MLflow run id")
     status: JobStatus
     kind: str | None = Field(None, description="train or sweep")
@@ -45,7 +68,11 @@ class Job(BaseModel):
 
 class JobPage(BaseModel):
     jobs: list[Job]
-    next_page_token: str | None = None
+    next_page_token: str | None = Field(None, description="Pass as page_token for the next page")
+
+    model_config = {
+        "json_schema_extra": {"examples": [{"jobs": [_JOB_EXAMPLE], "next_page_token": None}]}
+    }
 
 
 _SUMMARY = (
@@ -111,11 +138,14 @@ async def _run(fn: Any, *args: Any) -> Any:
     "",
     status_code=202,
     response_model=Job,
-    responses={
-        401: {"description": "Missing or invalid bearer token"},
-        422: {"description": "Invalid body; nothing is queued"},
-        429: {"description": "Too many queued jobs"},
-    },
+    responses=errors(
+        401,
+        422,
+        429,
+        503,
+        e422="Invalid body (the detail names each field); nothing is queued",
+        e503="MLflow or the queue cannot be reached; nothing is queued",
+    ),
     summary="Queue a training run or a sweep",
 )
 async def create_job(
@@ -143,24 +173,36 @@ async def create_job(
     return JSONResponse(job.model_dump(), status_code=202, headers={"Location": job.links["self"]})
 
 
-@router.get("", response_model=JobPage, summary="Jobs, newest first")
+@router.get("", response_model=JobPage, summary="Jobs, newest first", responses=errors(422))
 async def list_jobs(
     request: Request,
     settings: SettingsDep,
-    status: Annotated[JobStatus | None, Query()] = None,
-    page_size: Annotated[int, Query(ge=1, le=200)] = 50,
-    page_token: str | None = None,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this state")] = None,
+    page_size: Annotated[int, Query(ge=1, le=200, description="Jobs per page")] = 50,
+    page_token: Annotated[
+        str | None, Query(description="next_page_token of the previous page")
+    ] = None,
 ) -> JobPage:
+    """Every job across experiments, newest first, a page at a time."""
     jobs = _state(request)
 
     def search() -> Any:
-        page = search_jobs(
-            jobs.client,
-            f"tags.`convserve.job_status` = '{status}'" if status is not None else "",
-            max_results=page_size,
-            order_by=["attributes.start_time DESC"],
-            page_token=page_token,
-        )
+        from mlflow.exceptions import MlflowException
+
+        try:
+            page = search_jobs(
+                jobs.client,
+                f"tags.`convserve.job_status` = '{status}'" if status is not None else "",
+                max_results=page_size,
+                order_by=["attributes.start_time DESC"],
+                page_token=page_token,
+            )
+        except MlflowException as err:
+            if page_token is not None and "token" in str(err).lower():
+                raise HTTPException(
+                    422, "page_token: not a token from a previous page (next_page_token)"
+                ) from None
+            raise
         return list(page), page.token
 
     runs, token = await _run(search)
@@ -182,8 +224,19 @@ def _get(jobs: Any, job_id: str) -> Any:
     return run
 
 
-@router.get("/{job_id}", response_model=Job, name="get_job", summary="One job")
-async def get_job(job_id: str, request: Request, settings: SettingsDep) -> Job:
+JobId = Annotated[str, Path(description="The job id, which is its MLflow run id")]
+
+
+@router.get(
+    "/{job_id}",
+    response_model=Job,
+    name="get_job",
+    summary="One job",
+    responses=errors(404, e404="No job with this id"),
+)
+async def get_job(job_id: JobId, request: Request, settings: SettingsDep) -> Job:
+    """The job's status, progress, latest metrics, the diagnostics' verdicts, its error if it
+    failed, the registered version and whether it became the champion."""
     run = await _run(_get, _state(request), job_id)
     return to_job(run, request, settings.mlflow_ui_url)
 
@@ -192,9 +245,9 @@ async def get_job(job_id: str, request: Request, settings: SettingsDep) -> Job:
     "/{job_id}",
     response_model=Job,
     summary="Cancel a job",
-    responses={401: {"description": "Missing or invalid bearer token"}},
+    responses=errors(401, 404, e404="No job with this id"),
 )
-async def delete_job(job_id: str, request: Request, _: TokenDep, settings: SettingsDep) -> Job:
+async def delete_job(job_id: JobId, request: Request, _: TokenDep, settings: SettingsDep) -> Job:
     """A queued job never starts; a running job stops at the next step boundary, keeps its
     last checkpoint and ends ``cancelled``. Ended jobs are left as they are."""
     jobs = _state(request)

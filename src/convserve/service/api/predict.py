@@ -13,6 +13,7 @@ from fastapi import APIRouter, File, HTTPException, Query, Request, Response, Up
 from convserve import contract
 from convserve.service import features
 from convserve.service.api.deps import EngineDep, MetricsDep, SettingsDep
+from convserve.service.api.errors import errors
 from convserve.service.engine import Engine
 from convserve.service.fitting import FitReport
 from convserve.service.imaging import ImageError, preprocess
@@ -57,10 +58,22 @@ def requested_blocks(model: LoadedModel, feature_maps: str | None) -> list[str]:
     response_model=PredictResponse,
     response_model_exclude_none=True,
     summary="Classify one image (`file`) or several (`files`)",
-    responses={
-        413: {"description": "Upload or image too large"},
-        422: {"description": "Not a usable image, or a bad parameter"},
-        503: {"description": "No model loaded yet"},
+    responses=errors(
+        413,
+        422,
+        503,
+        e422="Not a usable image (empty, not an image, truncated or corrupt, a format not "
+        "accepted), an unknown block, or feature maps too large for one answer",
+        e503="No model loaded yet",
+    ),
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "multipart/form-data": {
+                    "example": {"file": "(the bytes of seven.png)"},
+                }
+            }
+        }
     },
 )
 async def predict(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Annotated
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from convserve.service.api.deps import EngineDep, ManagerDep, MetricsDep, TokenDep
+from convserve.service.api.errors import errors
 from convserve.service.schemas import Health, ModelInfo, ReloadResult
 
 router = APIRouter()
@@ -30,6 +32,8 @@ async def healthz(manager: ManagerDep) -> Health:
     summary="Ready once a model is loaded, warmed up and self-checked",
 )
 async def readyz(manager: ManagerDep) -> Response:
+    """200 once a model is loaded, warmed up and self-checked (use it as a readiness probe);
+    503 with the reason before that."""
     if manager.model is None:
         body = Health(status="not ready", detail=manager.last_error or "no model loaded yet")
         return JSONResponse(body.model_dump(), status_code=503)
@@ -38,8 +42,16 @@ async def readyz(manager: ManagerDep) -> Response:
     )
 
 
-@router.get("/v1/model", response_model=ModelInfo, tags=["model"], summary="The model being served")
+@router.get(
+    "/v1/model",
+    response_model=ModelInfo,
+    tags=["model"],
+    summary="The model being served",
+    responses=errors(503, e503="No model loaded yet"),
+)
 async def model_info(engine: EngineDep) -> ModelInfo:
+    """The version being served, where it comes from, its classes, its input and feature-map
+    shapes, the execution providers in use and its own metadata."""
     m = engine.model
     s = m.source
     return ModelInfo(
@@ -64,8 +76,27 @@ async def model_info(engine: EngineDep) -> ModelInfo:
     )
 
 
-@router.get("/metrics", tags=["metrics"], summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    tags=["metrics"],
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {
+                "text/plain": {
+                    "example": "# HELP convserve_inference_images_total Images inferred\n"
+                    "# TYPE convserve_inference_images_total counter\n"
+                    "convserve_inference_images_total 1234.0\n"
+                }
+            }
+        }
+    },
+)
 async def metrics(metrics: MetricsDep) -> Response:
+    """Requests by route and status, latency, batch sizes, queue and inference time, images,
+    rejected uploads, model reloads and refusals, and the model being served, in Prometheus'
+    text format."""
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -74,9 +105,16 @@ async def metrics(metrics: MetricsDep) -> Response:
     response_model=ReloadResult,
     tags=["admin"],
     summary="Check the registry now and swap to the version the model URI names",
-    responses={401: {"description": "Missing or invalid bearer token"}},
+    responses=errors(401),
 )
-async def reload(manager: ManagerDep, _: TokenDep, force: bool = False) -> ReloadResult:
+async def reload(
+    manager: ManagerDep,
+    _: TokenDep,
+    force: Annotated[
+        bool,
+        Query(description="Reload even the version being served, and retry a refused one"),
+    ] = False,
+) -> ReloadResult:
     """``force=true`` reloads even the same version, and retries a refused one."""
     outcome = await manager.check(force=force)
     return ReloadResult(changed=outcome.changed, version=outcome.version, message=outcome.message)

@@ -38,7 +38,24 @@ def _schema_and_presets() -> tuple[dict[str, Any], dict[str, Any]]:
     return TrainConfig.model_json_schema(), presets
 
 
-@router.get("/v1/train-schema", tags=["jobs"], summary="Training config schema and presets")
+_SCHEMA_EXAMPLE = {
+    "schema": {
+        "title": "TrainConfig",
+        "type": "object",
+        "properties": {"seed": {"type": "integer"}},
+    },
+    "presets": {"He + ReLU": {"seed": 0, "model": {"activation": "relu"}}},
+    "mlflow_ui": "http://127.0.0.1:5000",
+    "mlflow_runs": "http://127.0.0.1:5000/#/experiments/1/runs",
+}
+
+
+@router.get(
+    "/v1/train-schema",
+    tags=["jobs"],
+    summary="Training config schema and presets",
+    responses={200: {"content": {"application/json": {"example": _SCHEMA_EXAMPLE}}}},
+)
 async def train_schema(request: Request, settings: SettingsDep) -> dict[str, Any]:
     """The JSON schema of a training config (what ``POST /jobs`` takes as ``train``), the
     lecture's classic settings as presets, the MLflow UI address, and the address of the

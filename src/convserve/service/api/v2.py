@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from convserve import __version__, contract
 from convserve.service.api.deps import ManagerDep
+from convserve.service.api.errors import errors
 from convserve.service.engine import Engine
 from convserve.service.manager import ModelManager
 from convserve.training.config import format_validation_error
@@ -51,7 +52,23 @@ class OutputRequest(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
+_INFER_EXAMPLE: dict[str, Any] = {
+    "id": "42",
+    "inputs": [
+        {
+            "name": "image",
+            "shape": [1, 1, 28, 28],
+            "datatype": "FP32",
+            "data": "(784 numbers in [0, 1], flat or nested, row-major)",
+        }
+    ],
+    "outputs": [{"name": "probabilities"}],
+}
+
+
 class InferRequest(BaseModel):
+    model_config = {"json_schema_extra": {"examples": [_INFER_EXAMPLE]}}
+
     id: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     inputs: list[TensorIn]
@@ -73,20 +90,169 @@ def _engine(manager: ModelManager, name: str, version: str | None) -> Engine:
     return engine
 
 
-@router.get("", summary="Server metadata")
+class ServerMetadata(BaseModel):
+    name: str = Field(description="The server's name")
+    version: str = Field(description="The server's version")
+    extensions: list[str] = Field(description="Protocol extensions it speaks")
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {"name": "convserve", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+            ]
+        }
+    }
+
+
+class Live(BaseModel):
+    live: bool
+
+    model_config = {"json_schema_extra": {"examples": [{"live": True}]}}
+
+
+class Ready(BaseModel):
+    ready: bool
+
+    model_config = {"json_schema_extra": {"examples": [{"ready": True}]}}
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+    model_config = {"json_schema_extra": {"examples": [{"name": "convserve", "ready": True}]}}
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 for the batch axis")
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "name": "convserve",
+                    "versions": ["3"],
+                    "platform": "onnxruntime_onnx",
+                    "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
+                    "outputs": [
+                        {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
+                        {"name": "features.block1", "datatype": "FP32", "shape": [-1, 16, 28, 28]},
+                    ],
+                }
+            ]
+        }
+    }
+
+
+class TensorOut(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] | None = Field(
+        None, description="binary_data_size when the tensor follows the JSON as bytes"
+    )
+    data: list[float] | None = Field(None, description="Row-major values (JSON tensors)")
+
+
+class InferResponse(BaseModel):
+    id: str | None = None
+    model_name: str
+    model_version: str | None
+    outputs: list[TensorOut]
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "id": "42",
+                    "model_name": "convserve",
+                    "model_version": "3",
+                    "outputs": [
+                        {
+                            "name": "probabilities",
+                            "datatype": "FP32",
+                            "shape": [1, 10],
+                            "data": [0.0, 0.0, 0.01, 0.0, 0.0, 0.0, 0.0, 0.98, 0.0, 0.01],
+                        }
+                    ],
+                }
+            ]
+        }
+    }
+
+
+Name = Annotated[str, Path(description="The model's name (GET /v1/model: name)")]
+Version = Annotated[str, Path(description="The version being served")]
+_MODEL_ERRORS = errors(
+    404,
+    503,
+    v2=True,
+    e404="Another model or version than the one served",
+    e503="No model loaded yet",
+)
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "JSON tensors; or, with the Inference-Header-Content-Length header, "
+        "that many bytes of JSON followed by the binary tensor data",
+        "content": {
+            "application/json": {
+                "schema": InferRequest.model_json_schema(
+                    ref_template="#/components/schemas/{model}"
+                ),
+                "example": InferRequest.model_config["json_schema_extra"]["examples"][0],  # type: ignore[index]
+            },
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "example": "(JSON header, then the binary tensor data)",
+            },
+        },
+    }
+}
+
+
+@router.get("", summary="Server metadata", response_model=ServerMetadata)
 async def server_metadata() -> dict[str, Any]:
+    """The server's name, version and protocol extensions (KServe v2)."""
     return {"name": "convserve", "version": __version__, "extensions": ["binary_tensor_data"]}
 
 
-@router.get("/health/live", summary="Server live")
+@router.get("/health/live", summary="Server live", response_model=Live)
 async def live() -> dict[str, bool]:
+    """Always live while the process answers (KServe v2 liveness)."""
     return {"live": True}
 
 
-@router.get("/health/ready", summary="Server ready (200 when ready, 400 when not)")
+@router.get(
+    "/health/ready",
+    summary="Server ready (200 when ready, 400 when not)",
+    response_model=Ready,
+    responses={400: {"model": Ready, "description": "No model loaded yet"}},
+)
 async def ready(manager: ManagerDep) -> Response:
+    """200 once a model is loaded; 400 before that, as the protocol says."""
     is_ready = manager.engine is not None
     return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 400)
+
+
+def add_schemas(openapi: dict[str, Any]) -> dict[str, Any]:
+    """Put the infer request's schema into the OpenAPI components: the infer routes read
+    their body themselves (JSON or binary), so FastAPI does not see the model."""
+    schema = InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = openapi.setdefault("components", {}).setdefault("schemas", {})
+    components.update(schema.pop("$defs", {}))
+    components["InferRequest"] = schema
+    return openapi
 
 
 def _metadata(engine: Engine) -> dict[str, Any]:
@@ -115,33 +281,78 @@ def _ready(engine: Engine) -> dict[str, Any]:
     return {"name": engine.model.source.name, "ready": True}
 
 
-@router.get("/models/{name}", summary="Model metadata")
-async def model_metadata(name: str, manager: ManagerDep) -> Any:
+@router.get(
+    "/models/{name}",
+    summary="Model metadata",
+    response_model=V2ModelMetadata,
+    responses=_MODEL_ERRORS,
+)
+async def model_metadata(name: Name, manager: ManagerDep) -> Any:
+    """The input (``image``) and outputs (``probabilities``, ``features.<block>``) with their
+    datatypes and shapes."""
     return _metadata(_engine(manager, name, None))
 
 
-@router.get("/models/{name}/versions/{version}", summary="Model version metadata")
-async def version_metadata(name: str, version: str, manager: ManagerDep) -> Any:
+@router.get(
+    "/models/{name}/versions/{version}",
+    summary="Model version metadata",
+    response_model=V2ModelMetadata,
+    responses=_MODEL_ERRORS,
+)
+async def version_metadata(name: Name, version: Version, manager: ManagerDep) -> Any:
+    """As the model's metadata, for the version being served."""
     return _metadata(_engine(manager, name, version))
 
 
-@router.get("/models/{name}/ready", summary="Model ready")
-async def model_ready(name: str, manager: ManagerDep) -> Any:
+@router.get(
+    "/models/{name}/ready",
+    summary="Model ready",
+    response_model=ModelReady,
+    responses=_MODEL_ERRORS,
+)
+async def model_ready(name: Name, manager: ManagerDep) -> Any:
+    """Whether the model is loaded and answers."""
     return _ready(_engine(manager, name, None))
 
 
-@router.get("/models/{name}/versions/{version}/ready", summary="Model version ready")
-async def version_ready(name: str, version: str, manager: ManagerDep) -> Any:
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    summary="Model version ready",
+    response_model=ModelReady,
+    responses=_MODEL_ERRORS,
+)
+async def version_ready(name: Name, version: Version, manager: ManagerDep) -> Any:
+    """Whether this version is loaded and answers."""
     return _ready(_engine(manager, name, version))
 
 
-@router.post("/models/{name}/infer", summary="Inference")
-async def infer(name: str, request: Request, manager: ManagerDep) -> Response:
+_INFER_DOC = {
+    "response_model": InferResponse,
+    "responses": {
+        **errors(400, v2=True, e400="Not JSON, a wrong input name, datatype or shape"),
+        **_MODEL_ERRORS,
+    },
+    "openapi_extra": _INFER_BODY,
+}
+
+
+@router.post("/models/{name}/infer", summary="Inference", **_INFER_DOC)  # type: ignore[arg-type]
+async def infer(name: Name, request: Request, manager: ManagerDep) -> Response:
+    """One FP32 input ``image`` ``[N, C, H, W]`` with values in [0, 1]; every output unless
+    ``outputs`` names some. JSON tensors, or binary ones with the binary tensor data extension
+    (what Triton's clients send by default)."""
     return await _infer(_engine(manager, name, None), request)
 
 
-@router.post("/models/{name}/versions/{version}/infer", summary="Inference on a version")
-async def infer_version(name: str, version: str, request: Request, manager: ManagerDep) -> Response:
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    summary="Inference on a version",
+    **_INFER_DOC,  # type: ignore[arg-type]
+)
+async def infer_version(
+    name: Name, version: Version, request: Request, manager: ManagerDep
+) -> Response:
+    """As inference, on the version being served (404 for another one)."""
     return await _infer(_engine(manager, name, version), request)
 
 
