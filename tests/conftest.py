@@ -49,3 +49,22 @@ def mlflow_url(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
 
     with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
         yield url
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_as_it_was():  # type: ignore[no-untyped-def]
+    """A test that points MLflow somewhere (``mlflow.set_tracking_uri`` also sets
+    ``MLFLOW_TRACKING_URI``) leaves the process, and the processes later tests start, as
+    they were."""
+    import os
+
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    was_set, uri = mlflow.is_tracking_uri_set(), mlflow.get_tracking_uri()
+    yield
+    mlflow.set_tracking_uri(uri if was_set else None)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before

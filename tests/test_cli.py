@@ -14,7 +14,13 @@ CLI = str(Path(sys.executable).parent / "convserve")
 
 
 def _run(*args, cwd, env=None):
-    env = {**os.environ, **(env or {})}
+    """The command as a user in a plain folder runs it: no MLflow server, no stack settings."""
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "CONVSERVE_")) and k != "REDIS_URL"
+    }
+    env = {**clean, **(env or {})}
     return subprocess.run(
         [CLI, *args], capture_output=True, text=True, cwd=cwd, timeout=300, env=env
     )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -101,6 +103,18 @@ def _signature(proto: Any) -> Any:
     )
 
 
+@contextmanager
+def _tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (``log_model``) on ``uri``, and the process's tracking URI (and
+    ``MLFLOW_TRACKING_URI``, which ``set_tracking_uri`` also sets) as they were afterwards."""
+    was_set, previous = mlflow.is_tracking_uri_set(), mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous if was_set else None)
+
+
 def register(
     client: MlflowClient, onnx_path: Path, run_id: str, model_name: str, report: ParityReport
 ) -> str:
@@ -110,8 +124,7 @@ def register(
 
     proto = onnx.load(str(onnx_path))
     shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim][1:]
-    mlflow.set_tracking_uri(client.tracking_uri)
-    with mlflow.start_run(run_id=run_id):
+    with _tracking_uri(client.tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.onnx.log_model(
             proto,
             name="model",
