@@ -50,10 +50,15 @@ def test_train_prints_metrics_verdicts_and_run_id(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "val_accuracy" in out.stdout and "verdicts:" in out.stdout
     run_id = out.stdout.split("MLflow run id:")[1].split()[0]
-    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
+    run = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").get_run(run_id)
     assert run.data.params["model.activation"] == "tanh"
     assert run.data.params["init.name"] == "xavier_uniform"
+    assert run.info.run_name == "tanh-xavier_uniform-8"
     assert (tmp_path / "runs" / run_id / "best.pt").exists()
+    # everything a plain `convserve train` writes is under ./runs: store, artifacts, checkpoints
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "tiny.yaml"]
+    artifacts = tmp_path / "runs" / "mlartifacts" / "convserve" / run_id / "artifacts"
+    assert (artifacts / "checkpoints" / "best.pt").exists()
 
 
 def test_bad_config_exits_2_with_the_field(tmp_path):

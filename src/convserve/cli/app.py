@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -48,8 +49,21 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+# Commands that track runs or run jobs; with no MLFLOW_TRACKING_URI they share one store in
+# the folder they start in, ./runs, beside the runs' checkpoints.
+_TRACKING_COMMANDS = {"train", "sweep", "export", "bootstrap", "experiments", "worker", "serve"}
+LOCAL_STORE = Path("runs")
+
+
+def _default_tracking(command: str | None) -> None:
+    if command in _TRACKING_COMMANDS and not os.environ.get("MLFLOW_TRACKING_URI"):
+        LOCAL_STORE.mkdir(exist_ok=True)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{LOCAL_STORE.resolve() / 'mlflow.db'}"
+
+
 @app.callback()
 def main(
+    ctx: typer.Context,
     version: Annotated[
         bool,
         typer.Option(
@@ -61,6 +75,7 @@ def main(
     # MLflow prints "View run ... at" on every run it ends, and logs INFO lines through its own
     # handler; the commands report runs once themselves, and MLflow's lines go through the
     # same console as the progress bars (or nowhere below --verbose).
+    _default_tracking(ctx.invoked_subcommand)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     handler: logging.Handler = (

@@ -112,7 +112,7 @@ def _tracking_uri(uri: str) -> Iterator[None]:
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous if was_set else None)
+        mlflow.set_tracking_uri(previous if was_set else None)  # type: ignore[arg-type]
 
 
 def register(

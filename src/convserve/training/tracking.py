@@ -35,6 +35,17 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     return cfg.tracking_uri or mlflow.get_tracking_uri()
 
 
+def _local_artifacts(client: Any, experiment: str) -> str | None:
+    """With a SQLite file store, artifacts live beside it (``mlartifacts/<experiment>``), not
+    in MLflow's default ``./mlruns`` of whatever folder the process started in."""
+    uri = str(client.tracking_uri)
+    if not uri.startswith("sqlite:///"):
+        return None  # a tracking server decides where its artifacts go
+    folder = Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts"
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
+    return (folder / slug).as_uri()
+
+
 def get_or_create_experiment(client: Any, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
@@ -42,7 +53,7 @@ def get_or_create_experiment(client: Any, name: str) -> str:
     if experiment is not None:
         return str(experiment.experiment_id)
     try:
-        return str(client.create_experiment(name))
+        return str(client.create_experiment(name, artifact_location=_local_artifacts(client, name)))
     except MlflowException:  # created meanwhile by another process
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
