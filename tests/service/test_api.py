@@ -228,3 +228,45 @@ def test_the_answer_says_how_the_input_was_fitted(client):
     assert plain["predictions"][0]["input"]["fit"] == "stretch"
     assert plain["predictions"][0]["input"]["steps"] == ["stretched 200x200 to 8x8"]
     assert client.post("/predict", files=f, params={"fit": "crop"}).status_code == 422
+
+
+def _every_mode() -> list:
+    """One upload in each colour mode Pillow opens, in a format that stores it."""
+    gradient = Image.linear_gradient("L").resize((16, 12))
+    images = {m: gradient.convert(m) for m in ("1", "L", "LA", "RGB", "RGBA", "CMYK", "YCbCr")}
+    images["P"] = gradient.convert("RGB").convert("P")
+    transparent = images["P"].copy()
+    transparent.info["transparency"] = 0
+    images["P+transparency"] = transparent
+    neutral = Image.new("L", gradient.size, 128)
+    images["LAB"] = Image.merge("LAB", (gradient, neutral, neutral))
+    # (HSV: no image format stores it, so no upload arrives in it)
+    images["I"] = gradient.convert("I")
+    images["F"] = Image.fromarray(np.asarray(gradient, np.float32) / 255.0)
+    sixteen = np.asarray(gradient, np.uint16) * 257
+    images["I;16"] = Image.fromarray(sixteen)
+    images["I;16B"] = Image.frombytes("I;16B", gradient.size, sixteen.astype(">u2").tobytes())
+    out = []
+    for name, image in images.items():
+        for fmt in ("PNG", "TIFF", "WEBP", "JPEG"):  # the first format that stores the mode
+            buf = io.BytesIO()
+            try:
+                image.save(buf, fmt)
+            except (OSError, ValueError, KeyError):
+                continue
+            if Image.open(io.BytesIO(buf.getvalue())).mode == image.mode:
+                out.append(pytest.param(name, fmt, buf.getvalue(), id=f"{name}-{fmt}"))
+                break
+        else:
+            raise AssertionError(f"no format stores mode {name}")
+    return out
+
+
+@pytest.mark.parametrize(("mode", "fmt", "data"), _every_mode())
+def test_every_colour_mode_answers_200_or_a_422_naming_it(client, mode, fmt, data):
+    r = client.post("/predict", files={"file": ("x", data)}, params={"fit": "none"})
+    assert r.status_code in (200, 422), r.text
+    if r.status_code == 422:
+        assert mode.split("+")[0] in r.json()["detail"]
+    else:
+        assert r.json()["predictions"][0]["input"]["format"] == fmt

@@ -77,7 +77,26 @@ def _to_mode(image: Image.Image, mode: str) -> Image.Image:
     elif image.mode == "F":
         array = np.asarray(image, dtype=np.float64)
         image = Image.fromarray(np.clip(array * 255.0, 0, 255).astype(np.uint8))
-    return image if image.mode == mode else image.convert(mode)
+    elif image.mode == "LAB":  # Pillow converts LAB only through a colour profile
+        image = _lab_to_rgb(image)
+    if image.mode == mode:
+        return image
+    try:
+        return image.convert(mode)
+    except ValueError as err:  # a mode Pillow opens but cannot convert
+        raise ImageError(f"images in colour mode {image.mode} cannot be converted: {err}") from err
+
+
+def _lab_to_rgb(image: Image.Image) -> Image.Image:
+    from PIL import ImageCms
+
+    try:
+        transform = ImageCms.buildTransform(
+            ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"
+        )
+        return ImageCms.applyTransform(image, transform) or image
+    except (ImageCms.PyCMSError, OSError) as err:
+        raise ImageError(f"images in colour mode LAB cannot be converted: {err}") from err
 
 
 def to_input(
