@@ -250,3 +250,52 @@ def test_serve_options_reach_every_worker_process(onnx_path, tmp_path):
         r = httpx.post(f"{url}/predict", files={"file": ("x.png", _png())})
         assert r.status_code == 200
     assert not (tmp_path / "mlflow.db").exists()  # a server that only predicts opens no store
+
+
+def _raw_upload(url: str, head: bytes, chunks: list[bytes]) -> bytes:
+    """Send a request by hand, still writing its body when the server answers; return the
+    answer as read (a reset connection would raise instead)."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head)
+        for chunk in chunks:
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            time.sleep(0.002)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+    return answer
+
+
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+def test_an_upload_over_the_limit_is_a_413_the_client_can_read(server, framing):
+    start = (
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n"
+    )
+    body = [start] + [b"x" * 16384] * 20  # a well-formed start, then 320 KB: over 100 KB
+    if framing == "chunked":
+        head = (
+            b"POST /predict HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+        )
+        chunks = [b"%x\r\n%s\r\n" % (len(p), p) for p in body] + [b"0\r\n\r\n"]
+    else:
+        size = sum(map(len, body))
+        head = (
+            b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n" % size
+        )
+        chunks = body
+    answer = _raw_upload(server, head, chunks)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"CONVSERVE_MAX_UPLOAD_BYTES" in answer
+    assert httpx.get(f"{server}/readyz").status_code == 200

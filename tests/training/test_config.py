@@ -114,3 +114,19 @@ def test_runs_are_named_by_what_distinguishes_them():
     assert cfg.short_name().startswith("sigmoid-normal-")
     named = load_config(None, ["tracking.run_name=mine", "model.hidden=[64]"])
     assert named.short_name() == "relu-he_normal-16x32-fc64" and named.run_name() == "mine"
+
+
+def test_numbers_refuse_true_and_false():
+    with pytest.raises(ConfigError, match=r"model\.dropout: Value error, a number is needed"):
+        load_config(None, ["model.dropout=false"])
+    with pytest.raises(ConfigError, match=r"optim\.epochs"):
+        load_config(None, ["optim.epochs=true"])
+    assert load_config(None, ["data.augment=true"]).data.augment is True  # a real bool
+    assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0  # an int for a float is fine
+
+
+def test_a_job_is_exactly_one_of_train_and_sweep_in_its_schema():
+    from convserve.pipelines.queue import JobRequest
+
+    schema = JobRequest.model_json_schema()
+    assert schema["oneOf"] == [{"required": ["train"]}, {"required": ["sweep"]}]

@@ -59,6 +59,8 @@ class JobRequest(BaseModel):
         extra="forbid",
         populate_by_name=True,
         json_schema_extra={
+            # exactly one of the two, in the schema as in the validator below
+            "oneOf": [{"required": ["train"]}, {"required": ["sweep"]}],
             "examples": [
                 {
                     "train": {
@@ -76,7 +78,7 @@ class JobRequest(BaseModel):
                     },
                     "model_name": "convserve",
                 },
-            ]
+            ],
         },
     )
 

@@ -28,12 +28,16 @@ from convserve.service.settings import Settings
 log = logging.getLogger(__name__)
 
 
-class _TooLarge(Exception):
-    pass
+# An over-limit upload is answered 413 at once, then its body is read and discarded for up to
+# this long or this many bytes (nginx's "lingering close"), so that a client still writing it
+# reads the answer instead of a reset connection.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 64 * 1024 * 1024
 
 
 class EdgeMiddleware:
-    """Request ids, the upload size limit (413 before the body is read) and HTTP metrics."""
+    """Request ids, the upload size limit (413, with or without Content-Length) and HTTP
+    metrics."""
 
     def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
         self.app, self.limit, self.metrics = app, settings.max_upload_bytes, metrics
@@ -46,37 +50,47 @@ class EdgeMiddleware:
         headers = dict(scope["headers"])
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
-        status_code = 500
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             await self._reject(scope, send, request_id, int(length))
+            await _linger(receive, min(int(length), LINGER_BYTES))
             self._observe(scope, 413, start)
             return
-        received = 0
+        status_code = await self._limited(scope, receive, send, request_id)
+        self._observe(scope, status_code, start)
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> int:
+        """Run the app on a body counted as it streams (chunked uploads have no length): past
+        the limit the app sees the body end, and its answer is replaced by the 413."""
+        received, too_large, status_code = 0, False, 500
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, too_large
+            if too_large:
+                return {"type": "http.request", "body": b"", "more_body": False}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise _TooLarge
+                    too_large = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
             return message
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status_code
+            if too_large:
+                return  # the app's answer to a cut body is replaced by the 413 below
             if message["type"] == "http.response.start":
                 status_code = message["status"]
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, send_wrapper)
-        except _TooLarge:
+        await self.app(scope, limited_receive, send_wrapper)
+        if too_large:
             await self._reject(scope, send, request_id, received)
+            await _linger(receive, LINGER_BYTES)
             status_code = 413
-        finally:
-            self._observe(scope, status_code, start)
+        return status_code
 
     async def _reject(self, scope: Scope, send: Send, request_id: str, size: int) -> None:
         response = JSONResponse(
@@ -85,7 +99,7 @@ class EdgeMiddleware:
                 "bytes (CONVSERVE_MAX_UPLOAD_BYTES)"
             },
             status_code=413,
-            headers={"x-request-id": request_id},
+            headers={"x-request-id": request_id, "connection": "close"},
         )
         await response(scope, _empty_receive, send)
 
@@ -95,6 +109,25 @@ class EdgeMiddleware:
         method = scope.get("method", "")
         self.metrics.requests.labels(path, method, str(status_code)).inc()
         self.metrics.latency.labels(path, method).observe(time.perf_counter() - start)
+
+
+async def _linger(receive: Receive, budget: int) -> None:
+    """Read and discard what the client still sends, for a bounded time and size."""
+    deadline = time.monotonic() + LINGER_SECONDS
+    drained = 0
+    while drained < budget:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        try:
+            message = await asyncio.wait_for(receive(), remaining)
+        except TimeoutError:
+            return
+        if message["type"] != "http.request":
+            return
+        drained += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 async def _empty_receive() -> Message:

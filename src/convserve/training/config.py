@@ -10,9 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from convserve.training.overrides import expand_grid
 
@@ -40,9 +48,20 @@ DeviceName = Literal["auto", "cpu", "cuda"]
 
 
 class StrictModel(BaseModel):
-    """Rejects unknown fields and is immutable once built (see STYLE.md, "Config")."""
+    """Rejects unknown fields and is immutable once built (see STYLE.md, "Config"); a number
+    field refuses ``true``/``false`` (pydantic would read them as 1 and 0)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = set(get_args(annotation)) or {annotation}
+            if kinds & {int, float} and bool not in kinds:
+                raise ValueError(f"a number is needed here, not {str(value).lower()}")
+        return value
 
 
 class DataConfig(StrictModel):
