@@ -77,9 +77,14 @@ def _walk(url: str, tmp_path: Path) -> None:
     assert client.get_model_version_by_alias(name, "challenger").version == published.version
     assert "does not beat" in client.get_run(worse.run_id).data.tags["convserve.promotion_reason"]
 
-    # models:/NAME@champion downloads an ONNX file that onnxruntime runs like torch
+    # models:/NAME@champion downloads an ONNX file that onnxruntime runs like torch (MLflow
+    # resolves models:/ through the process's registry URI, whatever the call says)
+    mlflow.set_tracking_uri(url)
     folder = mlflow.artifacts.download_artifacts(
-        f"models:/{name}@champion", dst_path=str(tmp_path / "dl"), tracking_uri=url
+        f"models:/{name}@champion",
+        dst_path=str(tmp_path / "dl"),
+        tracking_uri=url,
+        registry_uri=url,
     )
     session = ort.InferenceSession(
         str(Path(folder) / "model.onnx"), providers=["CPUExecutionProvider"]
