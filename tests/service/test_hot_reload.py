@@ -111,3 +111,48 @@ def test_alias_moves_under_load_without_a_failed_request(
     log = next(tmp_path.glob("serve-*.log")).read_text()
     assert f"serving {name} version {versions[1]} (was version {versions[0]})" in log
     assert f"version {broken_version} refused" in log
+
+
+def test_an_artifact_store_hiccup_is_retried_not_refused(onnx_path, tmp_path, monkeypatch):
+    """The store's artifacts vanish for a moment: the version is tried again with backoff
+    and served once they are back, without /admin/reload; only a version that fails its
+    checks is refused for good."""
+    import asyncio
+
+    from convserve.service.manager import ModelManager
+    from convserve.service.metrics import Metrics
+    from convserve.service.settings import Settings
+    from tests.servers import mlflow_server
+
+    with mlflow_server(tmp_path / "server") as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        client = MlflowClient(url)
+        name = f"hiccup-{uuid.uuid4().hex[:6]}"
+        version = _register(client, name, onnx.load(str(onnx_path)))
+        client.set_registered_model_alias(name, "champion", version)
+        store = tmp_path / "server" / "artifacts"
+        store.rename(tmp_path / "away")  # the artifact store is down
+
+        async def scenario() -> None:
+            settings = Settings(
+                model_uri=f"models:/{name}@champion",
+                cache_dir=str(tmp_path / "cache"),
+                poll_interval=0.3,
+            )
+            manager = ModelManager(settings, Metrics())
+            first = await manager.check()
+            assert manager.model is None and "not loaded yet (try 1)" in first.message
+            assert manager.refused == {} and version in manager.retrying
+            assert "trying again" in manager.problems()[version]
+            waiting = await manager.check()  # within the backoff: no new try
+            assert "next try in" in waiting.message
+            assert manager.retrying[version].attempts == 1
+            assert not list((tmp_path / "cache").rglob("*.onnx"))  # nothing half-written
+            (tmp_path / "away").rename(store)  # the store is back
+            await asyncio.sleep(0.4)
+            served = await manager.check()
+            assert served.changed and manager.model.source.version == version
+            assert manager.problems() == {}
+            await manager.close()
+
+        asyncio.run(scenario())

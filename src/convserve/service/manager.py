@@ -2,7 +2,9 @@
 
 A new version is loaded, warmed up and self-checked in a worker thread, then swapped in
 atomically; the old engine drains its in-flight requests before it closes. A version that
-fails to load or check is refused, logged and counted, and the old one keeps serving.
+fails its checks is refused for good (until ``/admin/reload?force=true``), logged and
+counted; one that could not be fetched (registry or artifact store down) is tried again with
+backoff. Either way the old one keeps serving.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from convserve.service.model import (
     LoadedModel,
     ModelLoadError,
     Source,
+    TransientLoadError,
     download,
     open_model,
     parse_uri,
@@ -30,6 +33,18 @@ from convserve.service.model import (
 from convserve.service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+MAX_BACKOFF = 300.0  # seconds between tries of a version that could not be fetched
+
+
+@dataclass
+class Retry:
+    """A version that could not be fetched: how often, why, and when to try again."""
+
+    attempts: int
+    reason: str
+    next_at: float
 
 
 @dataclass
@@ -47,7 +62,8 @@ class ModelManager:
         threads = max(2, os.cpu_count() or 2)
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix="convserve-infer")
         self.engine: Engine | None = None
-        self.refused: dict[str, str] = {}  # version -> reason
+        self.refused: dict[str, str] = {}  # version -> why it failed its checks
+        self.retrying: dict[str, Retry] = {}  # version -> why it could not be fetched
         self.last_error: str | None = None
         self.last_check: float | None = None
         self._lock = asyncio.Lock()
@@ -100,14 +116,23 @@ class ModelManager:
                 return ReloadOutcome(
                     False, self._version(), f"version {key} was refused: {self.refused[key]}"
                 )
+            retry = self.retrying.get(key)
+            if retry is not None and not force and time.time() < retry.next_at:
+                wait = retry.next_at - time.time()
+                return ReloadOutcome(
+                    False, self._version(), f"version {key}: next try in {wait:.0f} s"
+                )
             try:
                 model = await loop.run_in_executor(self.executor, self._load, target)
-            except (ModelLoadError, OSError, ValueError) as err:
+            except TransientLoadError as err:
+                return self._retry_later(key, str(err))
+            except (ModelLoadError, ValueError) as err:  # the version itself is bad
                 return self._refuse(key, str(err))
-            except Exception as err:  # registry or download errors of any kind
-                return self._refuse(key, f"{type(err).__name__}: {err}")
+            except Exception as err:  # anything else on the way (network, disk) may recover
+                return self._retry_later(key, f"{type(err).__name__}: {err}")
             await self._swap(model)
             self.refused.pop(key, None)
+            self.retrying.pop(key, None)
             return ReloadOutcome(True, model.source.version, f"serving version {key}")
 
     def _refuse(self, version: str, reason: str) -> ReloadOutcome:
@@ -116,6 +141,23 @@ class ModelManager:
         self.metrics.refused.inc()
         log.error(self.last_error)
         return ReloadOutcome(False, self._version(), self.last_error)
+
+    def _retry_later(self, version: str, reason: str) -> ReloadOutcome:
+        """Back off: the poll interval, doubled at each failure, at most ``MAX_BACKOFF``."""
+        attempts = self.retrying[version].attempts + 1 if version in self.retrying else 1
+        delay = min(self.settings.poll_interval * 2 ** (attempts - 1), MAX_BACKOFF)
+        self.retrying[version] = Retry(attempts, reason, time.time() + delay)
+        self.last_error = f"version {version} not loaded yet (try {attempts}): {reason}"
+        self.metrics.load_failures.inc()
+        log.warning("%s; trying again in %.0f s", self.last_error, delay)
+        return ReloadOutcome(False, self._version(), self.last_error)
+
+    def problems(self) -> dict[str, str]:
+        """Versions not served and why: refused for good, or to be tried again."""
+        out = {v: f"refused: {reason}" for v, reason in self.refused.items()}
+        for v, retry in self.retrying.items():
+            out[v] = f"not fetched after {retry.attempts} tries, trying again: {retry.reason}"
+        return out
 
     def _version(self) -> str | None:
         return self.model.source.version if self.model is not None else None

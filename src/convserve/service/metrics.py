@@ -61,6 +61,11 @@ class Metrics:
             "Model versions that failed to load or to pass the self-check and were not served",
             registry=r,
         )
+        self.load_failures = Counter(
+            "convserve_model_fetch_failures",
+            "Failed fetches of a model version (registry or artifact store), tried again later",
+            registry=r,
+        )
         self.rejected = Counter(
             "convserve_rejected_inputs",
             "Uploads or tensors refused with a 4xx, by reason",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +27,11 @@ _VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
 
 class ModelLoadError(RuntimeError):
     """A model that cannot be served; the message says why."""
+
+
+class TransientLoadError(ModelLoadError):
+    """A version that could not be fetched this time (registry or artifact store unreachable,
+    a file not there yet): worth trying again, unlike one that fails its checks."""
 
 
 @dataclass(frozen=True)
@@ -106,30 +112,39 @@ def resolve(source: Source, client: Any) -> Source:
 
 
 def download(source: Source, client: Any, cache_dir: Path) -> Source:
-    """The local ``model.onnx`` of a registered version (downloaded once, kept in the cache)."""
+    """The local ``model.onnx`` of a registered version (downloaded once, kept in the cache).
+    A failure to fetch it is a ``TransientLoadError``."""
     if source.path is not None:
         return source
     target = cache_dir / source.name / str(source.version)
     onnx_file = target / "model.onnx"
-    run_id = source.run_id
-    if run_id is None:
-        run_id = client.get_model_version(source.name, source.version).run_id
-    if not onnx_file.exists():
-        import mlflow
-
-        tmp = target.with_name(f".{target.name}.partial")
-        tmp.mkdir(parents=True, exist_ok=True)
-        mlflow.artifacts.download_artifacts(
-            f"models:/{source.name}/{source.version}",
-            dst_path=str(tmp),
-            tracking_uri=client.tracking_uri,
-        )
-        found = next(tmp.rglob("*.onnx"), None)
-        if found is None:
-            raise ModelLoadError(f"models:/{source.name}/{source.version} holds no .onnx file")
-        target.mkdir(parents=True, exist_ok=True)
-        found.replace(onnx_file)
+    uri = f"models:/{source.name}/{source.version}"
+    try:
+        run_id = source.run_id or client.get_model_version(source.name, source.version).run_id
+        if not onnx_file.exists():
+            _fetch(uri, client, target)
+    except ModelLoadError:
+        raise
+    except Exception as err:  # network, artifact store, disk: any of them may recover
+        raise TransientLoadError(f"cannot download {uri}: {type(err).__name__}: {err}") from err
     return replace(source, path=onnx_file, run_id=run_id)
+
+
+def _fetch(uri: str, client: Any, target: Path) -> None:
+    """Download into a fresh partial folder, then move the ``.onnx`` into place: a broken
+    download never leaves a file in the cache."""
+    import mlflow
+
+    tmp = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp), tracking_uri=client.tracking_uri)
+    found = next(tmp.rglob("*.onnx"), None)
+    if found is None:  # an artifact store that answers with nothing: may be back later
+        raise TransientLoadError(f"{uri} has no .onnx file in the artifact store")
+    target.mkdir(parents=True, exist_ok=True)
+    found.replace(target / "model.onnx")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def providers_for(device: str) -> list[str]:
@@ -170,7 +185,7 @@ def open_model(source: Source, settings: Settings) -> LoadedModel:
     """Create the session from the model's own metadata, warm it up and self-check it."""
     assert source.path is not None
     if not source.path.is_file():
-        raise ModelLoadError(f"no model file at {source.path}")
+        raise TransientLoadError(f"no model file at {source.path}")
     session = _session(source.path, settings)
     try:
         meta = ModelMetadata.from_props(dict(session.get_modelmeta().custom_metadata_map))

@@ -133,6 +133,10 @@ class ModelInfo(BaseModel):
     providers: list[str] = Field(description="onnxruntime execution providers in use")
     loaded_at: str = Field(description="When this version was loaded (ISO 8601, UTC)")
     metadata: ModelMetadata = Field(description="The model's own convserve.* metadata")
+    not_served: dict[str, str] = Field(
+        default_factory=dict,
+        description="Other versions not served and why: refused, or to be tried again",
+    )
 
     model_config = {
         "json_schema_extra": {
@@ -184,6 +188,11 @@ class Health(BaseModel):
     status: str = Field(description="alive, ready or not ready")
     model_version: str | None = Field(None, description="The version being served, if any")
     detail: str | None = Field(None, description="Why the server is not ready")
+    not_served: dict[str, str] | None = Field(
+        None,
+        description="Versions not served and why: refused (failed its checks) or to be tried "
+        "again (could not be fetched)",
+    )
 
     model_config = {
         "json_schema_extra": {

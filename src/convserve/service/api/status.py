@@ -34,11 +34,14 @@ async def healthz(manager: ManagerDep) -> Health:
 async def readyz(manager: ManagerDep) -> Response:
     """200 once a model is loaded, warmed up and self-checked (use it as a readiness probe);
     503 with the reason before that."""
+    problems = manager.problems() or None
     if manager.model is None:
-        body = Health(status="not ready", detail=manager.last_error or "no model loaded yet")
+        detail = manager.last_error or "no model loaded yet"
+        body = Health(status="not ready", detail=detail, not_served=problems)
         return JSONResponse(body.model_dump(), status_code=503)
+    version = manager.model.source.version
     return JSONResponse(
-        Health(status="ready", model_version=manager.model.source.version).model_dump()
+        Health(status="ready", model_version=version, not_served=problems).model_dump()
     )
 
 
@@ -49,7 +52,7 @@ async def readyz(manager: ManagerDep) -> Response:
     summary="The model being served",
     responses=errors(503, e503="No model loaded yet"),
 )
-async def model_info(engine: EngineDep) -> ModelInfo:
+async def model_info(engine: EngineDep, manager: ManagerDep) -> ModelInfo:
     """The version being served, where it comes from, its classes, its input and feature-map
     shapes, the execution providers in use and its own metadata."""
     m = engine.model
@@ -73,6 +76,7 @@ async def model_info(engine: EngineDep) -> ModelInfo:
         providers=m.providers,
         loaded_at=datetime.fromtimestamp(m.loaded_at, UTC).isoformat(),
         metadata=m.meta,
+        not_served=manager.problems(),
     )
 
 
