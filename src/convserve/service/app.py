@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from convserve import __version__
 from convserve.pipelines.queue import JobSettings, make_queue
 from convserve.service.api import docs, jobs, predict, status, ui, v2
+from convserve.service.decoding import Decoder
 from convserve.service.manager import ModelManager
 from convserve.service.metrics import Metrics
 from convserve.service.model import providers_for
@@ -169,6 +170,7 @@ def create_app(settings: Settings, job_settings: JobSettings | None = None) -> F
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         manager = ModelManager(settings, metrics)
         app.state.manager = manager
+        app.state.decoder = Decoder(settings)
         app.state.jobs = JobQueue(job_settings)
         outcome = await manager.check()
         if manager.model is None:
@@ -181,6 +183,7 @@ def create_app(settings: Settings, job_settings: JobSettings | None = None) -> F
             with contextlib.suppress(asyncio.CancelledError):
                 await poller
             await manager.close()
+            app.state.decoder.close()
 
     app = FastAPI(
         title="convserve",

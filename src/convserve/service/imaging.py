@@ -8,8 +8,10 @@ bomb costs a header read. Alpha is dropped (PIL's ``convert``), 16-bit images ar
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -28,28 +30,66 @@ class ImageError(ValueError):
         self.status = status
 
 
-def decode(data: bytes, max_pixels: int) -> Image.Image:
-    """Open, check and fully decode one image (first frame)."""
+def decode(data: bytes, max_pixels: int, work: int | None = None) -> Image.Image:
+    """Open, check and fully decode one image (first frame), reduced so that its longer side
+    is at most about ``work`` pixels (``None``: full size)."""
+    return load(open_image(data, max_pixels), work)
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Read the header only: refuse empty uploads, too many pixels and formats not accepted
+    before any pixel is decoded (a decompression bomb costs a header read)."""
     if not data:
         raise ImageError("the upload is empty")
+    with _decode_errors(max_pixels):
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(
+                f"the image is {width}x{height} = {width * height} pixels; the limit is "
+                f"{max_pixels} (CONVSERVE_MAX_PIXELS)",
+                status=413,
+            )
+        if image.format not in FORMATS:
+            raise ImageError(
+                f"{image.format} images are not accepted; send PNG, JPEG, WebP, BMP, GIF or TIFF"
+            )
+    return image
+
+
+def load(image: Image.Image, work: int | None = None) -> Image.Image:
+    """Decode an opened image, upright (EXIF orientation applied) and reduced early: JPEGs
+    decode at 1/2, 1/4 or 1/8 scale when that is still larger than ``work`` (``draft``), and
+    anything larger than twice ``work`` is box-reduced before any conversion or float copy."""
+    fmt = image.format
+    with _decode_errors(image.width * image.height):
+        image.seek(0)
+        if work is not None and fmt == "JPEG":
+            image.draft(image.mode, (work, work))
+        image.load()
+        image = ImageOps.exif_transpose(image) or image
+    if work is not None and max(image.size) > 2 * work:
+        image = _shrink(image, max(image.size) // work)
+    image.format = fmt  # a transposed or reduced copy forgets it; the answer reports it
+    return image
+
+
+def _shrink(image: Image.Image, factor: int) -> Image.Image:
+    """Average ``factor`` x ``factor`` blocks (C code, one small output image)."""
+    try:
+        return image.reduce(factor)
+    except ValueError:  # modes reduce does not take (1, P, I;16): a box resize does the same
+        size = (max(1, image.width // factor), max(1, image.height // factor))
+        return image.resize(size, Image.Resampling.BOX)
+
+
+@contextlib.contextmanager
+def _decode_errors(max_pixels: int) -> Iterator[None]:
+    """Pillow's errors, and its bomb warning, as ``ImageError`` answers."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    f"the image is {width}x{height} = {width * height} pixels; the limit is "
-                    f"{max_pixels} (CONVSERVE_MAX_PIXELS)",
-                    status=413,
-                )
-            if image.format not in FORMATS:
-                raise ImageError(
-                    f"{image.format} images are not accepted; send PNG, JPEG, "
-                    "WebP, BMP, GIF or TIFF"
-                )
-            image.seek(0)
-            image.load()
+            yield
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -64,19 +104,26 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageError(f"the image is truncated or corrupt: {err}") from err
-    upright = ImageOps.exif_transpose(image) or image
-    upright.format = image.format  # a transposed copy forgets it; the answer reports it
-    return upright
+
+
+def work_size(height: int, width: int) -> int:
+    """How large an image is worth decoding for a model of this input size: 16 times its
+    longer side, at least 512 px (room for cropping a small digit on a large canvas)."""
+    return max(512, 16 * max(height, width))
 
 
 def _to_mode(image: Image.Image, mode: str) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
-        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8))
+    # Wide modes become 8 bits first, in single or integer precision: no float64 copies.
+    if image.mode.startswith("I;16"):
+        array = np.asarray(image).astype(np.uint16, copy=False)  # native byte order
+        image = Image.fromarray((array >> 8).astype(np.uint8))
+    elif image.mode == "I":
+        high = image.getextrema()[1]
+        scale = 255.0 / max(float(high), 1.0)  # type: ignore[arg-type]
+        image = image.point(lambda v: v * scale).convert("L")  # type: ignore[arg-type,operator]
     elif image.mode == "F":
-        array = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(array * 255.0, 0, 255).astype(np.uint8))
+        array = np.asarray(image, dtype=np.float32)
+        image = Image.fromarray((np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8))
     elif image.mode == "LAB":  # Pillow converts LAB only through a colour profile
         image = _lab_to_rgb(image)
     if image.mode == mode:
@@ -100,14 +147,18 @@ def _lab_to_rgb(image: Image.Image) -> Image.Image:
 
 
 def to_input(
-    image: Image.Image, channels: int, height: int, width: int, fit: Fit | None = None
+    image: Image.Image,
+    channels: int,
+    height: int,
+    width: int,
+    fit: Fit | None = None,
+    report: FitReport | None = None,
 ) -> tuple[np.ndarray, FitReport]:
     """float32 ``[C, H, W]`` in [0, 1] and how it was made: colour mode converted, then fitted
     as the model's metadata says (``fit``; ``None`` or ``stretch``: resized to the model's
-    size with bilinear resampling)."""
-    report = FitReport(
-        "stretch", original=f"{image.width}x{image.height} {image.mode}", format=image.format
-    )
+    size with bilinear resampling). ``report`` continues one begun while decoding."""
+    if report is None:
+        report = FitReport("stretch", f"{image.width}x{image.height} {image.mode}", image.format)
     converted = _to_mode(image, "L" if channels == 1 else "RGB")
     if converted.mode != image.mode:
         report.steps.append(f"converted {image.mode} to {converted.mode}")
@@ -125,5 +176,18 @@ def to_input(
 def preprocess(
     data: bytes, channels: int, height: int, width: int, max_pixels: int, fit: Fit | None = None
 ) -> tuple[np.ndarray, FitReport]:
-    """Decode ``data`` and make it the model's input (``to_input``)."""
-    return to_input(decode(data, max_pixels), channels, height, width, fit)
+    """Decode ``data`` (reduced early to what the model can use) and make it the model's input
+    (``to_input``)."""
+    return decode_to_input(open_image(data, max_pixels), channels, height, width, fit)
+
+
+def decode_to_input(
+    image: Image.Image, channels: int, height: int, width: int, fit: Fit | None
+) -> tuple[np.ndarray, FitReport]:
+    """Decode an opened image, reduced early to what the model can use, into its input."""
+    report = FitReport("stretch", f"{image.width}x{image.height} {image.mode}", image.format)
+    size = image.size
+    image = load(image, work_size(height, width))
+    if image.size != size:
+        report.steps.append(f"reduced to {image.width}x{image.height} while decoding")
+    return to_input(image, channels, height, width, fit, report)

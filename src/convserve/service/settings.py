@@ -27,6 +27,8 @@ class Settings(BaseSettings):
 
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)  # per request body
     max_pixels: int = Field(40_000_000, ge=1)  # width * height of one image, checked first
+    # images above 65,536 pixels decoded at once, in their own threads; more wait, then 503
+    max_large_decodes: int = Field(2, ge=1, le=64)
     max_files: int = Field(64, ge=1)  # images per /predict request
     max_response_bytes: int = Field(32 * 1024 * 1024, ge=1024)  # estimated, before encoding
     default_top_k: int = Field(5, ge=1)

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from convserve.service.decoding import Decoder
 from convserve.service.engine import Engine
 from convserve.service.manager import ModelManager
 from convserve.service.metrics import Metrics
@@ -30,6 +31,11 @@ async def get_manager(request: Request) -> ModelManager:
     return manager
 
 
+async def get_decoder(request: Request) -> Decoder:
+    decoder: Decoder = request.app.state.decoder
+    return decoder
+
+
 async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
@@ -38,6 +44,7 @@ async def get_metrics(request: Request) -> Metrics:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ManagerDep = Annotated[ModelManager, Depends(get_manager)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+DecoderDep = Annotated[Decoder, Depends(get_decoder)]
 
 
 async def get_engine(manager: ManagerDep) -> Engine:

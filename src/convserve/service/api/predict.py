@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from typing import Annotated, Literal
@@ -12,11 +11,11 @@ from fastapi import APIRouter, File, HTTPException, Query, Request, Response, Up
 
 from convserve import contract
 from convserve.service import features
-from convserve.service.api.deps import EngineDep, MetricsDep, SettingsDep
+from convserve.service.api.deps import DecoderDep, EngineDep, MetricsDep, SettingsDep
 from convserve.service.api.errors import errors
-from convserve.service.engine import Engine
+from convserve.service.decoding import Decoder, DecoderBusy
 from convserve.service.fitting import FitReport
-from convserve.service.imaging import ImageError, preprocess
+from convserve.service.imaging import ImageError
 from convserve.service.metrics import Metrics
 from convserve.service.model import LoadedModel
 from convserve.service.schemas import (
@@ -30,8 +29,6 @@ from convserve.service.schemas import (
 from convserve.service.settings import Settings
 
 router = APIRouter(tags=["predict"])
-
-INLINE_DECODE_BYTES = 32 * 1024
 
 
 def model_ref(model: LoadedModel) -> ModelRef:
@@ -64,7 +61,8 @@ def requested_blocks(model: LoadedModel, feature_maps: str | None) -> list[str]:
         503,
         e422="Not a usable image (empty, not an image, truncated or corrupt, a format not "
         "accepted), an unknown block, or feature maps too large for one answer",
-        e503="No model loaded yet",
+        e503="No model loaded yet, or CONVSERVE_MAX_LARGE_DECODES large images are being "
+        "decoded already (with Retry-After)",
     ),
     openapi_extra={
         "requestBody": {
@@ -79,6 +77,7 @@ def requested_blocks(model: LoadedModel, feature_maps: str | None) -> list[str]:
 async def predict(
     request: Request,
     engine: EngineDep,
+    decoder: DecoderDep,
     settings: SettingsDep,
     metrics: MetricsDep,
     file: Annotated[UploadFile | None, File(description="One image")] = None,
@@ -114,7 +113,7 @@ async def predict(
     uploads = ([file] if file is not None else []) + list(files or [])
     model = engine.model
     blocks = _check_request(uploads, model, feature_maps, format, settings)
-    batch, fitted = await _decode_all(uploads, engine, settings, metrics, fit == "model")
+    batch, fitted = await _decode_all(uploads, decoder, model, metrics, fit == "model")
     decoded = time.perf_counter()
     result = await engine.infer(
         batch, [contract.PROBABILITIES, *(contract.feature_output(b) for b in blocks)]
@@ -173,32 +172,28 @@ def _check_request(
 
 
 async def _decode_all(
-    uploads: list[UploadFile], engine: Engine, settings: Settings, metrics: Metrics, fit: bool
+    uploads: list[UploadFile], decoder: Decoder, model: LoadedModel, metrics: Metrics, fit: bool
 ) -> tuple[np.ndarray, list[FitReport]]:
     """Every upload as the model's input, stacked ``[N, C, H, W]``, and how each was fitted;
-    a bad one answers 4xx."""
-    model = engine.model
-    loop = asyncio.get_running_loop()
+    a bad one answers 4xx, and 503 when large decodes are all busy."""
     arrays, reports = [], []
     for upload in uploads:
         data = await upload.read()
-        args = (
-            data,
-            model.channels,
-            model.height,
-            model.width,
-            settings.max_pixels,
-            model.meta.fit if fit else None,
-        )
         try:
-            # Small uploads decode in well under a millisecond: a thread hop would cost more.
-            if len(data) <= INLINE_DECODE_BYTES:
-                array, report = preprocess(*args)
-            else:
-                array, report = await loop.run_in_executor(engine.executor, preprocess, *args)
+            array, report = await decoder.prepare(
+                data, model.channels, model.height, model.width, model.meta.fit if fit else None
+            )
         except ImageError as err:
             metrics.rejected.labels("image").inc()
             raise HTTPException(err.status, f"{upload.filename or 'upload'}: {err}") from None
+        except DecoderBusy:
+            metrics.rejected.labels("busy").inc()
+            raise HTTPException(
+                503,
+                f"{decoder.slots_total} large images are being decoded already "
+                "(CONVSERVE_MAX_LARGE_DECODES); try again in a second",
+                headers={"Retry-After": "1"},
+            ) from None
         arrays.append(array)
         reports.append(report)
     return np.stack(arrays), reports
