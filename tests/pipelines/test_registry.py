@@ -145,3 +145,33 @@ def test_select_best_is_a_query_over_finished_runs(tmp_path, sqlite_uri):
     worst = select_best(client, [exp], "best_val_accuracy", "minimize")
     assert worst.data.metrics["best_val_accuracy"] == 0.5
     assert select_best(client, [exp], "no_such_metric") is None
+
+
+@pytest.mark.parametrize("answers", [[False], [True, False], [True, True, False]])
+def test_a_publication_asked_to_stop_leaves_nothing_published(sqlite_uri, tmp_path, answers):
+    """``proceed`` is asked before the export, the registration and the promotion: saying
+    no at any of them leaves no version and no alias (one registered meanwhile is deleted)."""
+    from convserve.pipelines.registry import PublishCancelled
+
+    run = train(
+        tiny_config(
+            tmp_path,
+            "tracking.enabled=true",
+            f"tracking.tracking_uri={sqlite_uri}",
+            "optim.max_steps=5",
+        )
+    )
+    name = f"stop-{uuid.uuid4().hex[:6]}"
+    asked = iter(answers)
+    with pytest.raises(PublishCancelled):
+        publish(
+            run_id=run.run_id,
+            tracking_uri=sqlite_uri,
+            policy=Policy(model_name=name),
+            proceed=lambda: next(asked),
+        )
+    client = MlflowClient(sqlite_uri)
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert versions == [] or all(v.current_stage == "Deleted" for v in versions)
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_model_version_by_alias(name, "champion")

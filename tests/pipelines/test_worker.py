@@ -5,6 +5,7 @@ on this machine's Redis."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import time
@@ -154,8 +155,8 @@ def test_cancel_queued_and_running_jobs(mlflow_url, tmp_path):
     assert list(tmp_path.glob(f"runs/{running['id']}/last.pt"))  # kept its checkpoint
 
 
-def test_killed_worker_fails_its_job_and_the_next_job_runs(mlflow_url, tmp_path):
-    env = _env(mlflow_url, tmp_path, True, "kill-model")
+def test_killed_worker_fails_its_job_when_no_retry_is_left(mlflow_url, tmp_path):
+    env = {**_env(mlflow_url, tmp_path, True, "kill-model"), "CONVSERVE_JOB_RETRIES": "0"}
     with uvicorn_server(env, tmp_path) as url, httpx.Client(base_url=url, timeout=30) as http:
         long = http.post(
             "/jobs",
@@ -176,32 +177,129 @@ def test_killed_worker_fails_its_job_and_the_next_job_runs(mlflow_url, tmp_path)
             assert _wait(http, nxt["id"], {"succeeded"})["status"] == "succeeded"
 
 
-def test_twenty_jobs_two_workers_none_lost_none_twice_api_restart(mlflow_url, tmp_path):
-    env = _env(mlflow_url, tmp_path, True, "bulk-model")
+def test_a_killed_workers_job_resumes_from_its_checkpoint_and_is_published_once(
+    mlflow_url, tmp_path
+):
+    model = f"resume-{uuid.uuid4().hex[:6]}"
+    env = _env(mlflow_url, tmp_path, True, model)  # one retry by default
+    client = MlflowClient(mlflow_url)
+    with uvicorn_server(env, tmp_path) as url, httpx.Client(base_url=url, timeout=30) as http:
+        job = http.post("/jobs", json=_job("resume", model, optim={"epochs": 6}), headers=AUTH)
+        job_id = job.json()["id"]
+        with worker_process(env, tmp_path, "doomed") as doomed:
+            end = time.monotonic() + 120
+            while (http.get(f"/jobs/{job_id}").json()["progress"].get("epoch") or 0) < 2:
+                assert time.monotonic() < end
+                time.sleep(0.1)
+            os.killpg(doomed.pid, signal.SIGKILL)
+            doomed.wait()
+        with worker_process(env, tmp_path, "second"):
+            done = _wait(http, job_id, {"succeeded", "failed", "cancelled"}, timeout=120)
+    assert done["status"] == "succeeded", done
+    tags = client.get_run(job_id).data.tags
+    assert tags["convserve.attempt"] == "2" and tags["convserve.resumed_from"]
+    (lost,) = json.loads(tags["convserve.attempts"])
+    assert lost["attempt"] == 1 and "worker lost" in lost["ended"]
+    epochs = [m.value for m in client.get_metric_history(job_id, "epoch")]
+    assert epochs[-1] == 6 and 1.0 not in epochs[epochs.index(2.0) + 1 :]  # resumed, not redone
+    assert len(client.search_model_versions(f"name = '{model}'")) == 1  # published once
+
+
+def test_a_stopped_worker_that_resumes_writes_nothing(mlflow_url, tmp_path):
+    """SIGSTOP past the lost-worker limit, then SIGCONT: the job stays failed (no retry left),
+    and the worker that wakes up neither resurrects it nor registers a version."""
+    model = f"stopped-{uuid.uuid4().hex[:6]}"
+    env = {**_env(mlflow_url, tmp_path, True, model), "CONVSERVE_JOB_RETRIES": "0"}
+    client = MlflowClient(mlflow_url)
+    with uvicorn_server(env, tmp_path) as url, httpx.Client(base_url=url, timeout=30) as http:
+        job_id = http.post(
+            "/jobs", json=_job("stopped", model, optim={"epochs": 3}), headers=AUTH
+        ).json()["id"]
+        with worker_process(env, tmp_path, "sleeper") as sleeper:
+            _wait(http, job_id, {"running"})
+            time.sleep(0.5)
+            os.killpg(sleeper.pid, signal.SIGSTOP)
+            with worker_process(env, tmp_path, "reaper"):  # its reaper takes the job
+                failed = _wait(http, job_id, {"failed"}, timeout=30)
+                assert "worker lost" in failed["error"]
+                before = client.get_run(job_id)
+                os.killpg(sleeper.pid, signal.SIGCONT)
+                time.sleep(8)  # long enough to finish the three epochs and publish
+            assert sleeper.poll() is None  # it lives on, and takes other jobs
+    after = client.get_run(job_id)
+    assert after.info.status == "FAILED" and after.data.tags["convserve.job_status"] == "failed"
+    assert after.data.metrics == before.data.metrics  # no metric written after the reaping
+    assert client.search_model_versions(f"name = '{model}'") == []
+    log = (tmp_path / "sleeper.log").read_text()
+    assert "lease lost" in log
+
+
+def test_a_cancel_after_the_last_step_publishes_nothing(mlflow_url, tmp_path):
+    """The cancel arrives once training is done, before the export: nothing is registered."""
+    model = f"late-{uuid.uuid4().hex[:6]}"
+    env = _env(mlflow_url, tmp_path, True, model)
+    client = MlflowClient(mlflow_url)
+    with uvicorn_server(env, tmp_path) as url, httpx.Client(base_url=url, timeout=30) as http:
+        job_id = http.post(
+            "/jobs", json=_job("late", model, optim={"max_steps": 5}), headers=AUTH
+        ).json()["id"]
+        # the cancel is on the run before any worker starts the job: it must still train
+        # (a queued job's cancel would stop it from starting), so ask once it runs
+        with worker_process(env, tmp_path):
+            end = time.monotonic() + 60
+            while http.get(f"/jobs/{job_id}").json()["progress"].get("step") != 5:
+                assert time.monotonic() < end
+                time.sleep(0.02)
+            http.delete(f"/jobs/{job_id}", headers=AUTH)
+            done = _wait(http, job_id, {"succeeded", "failed", "cancelled"}, timeout=60)
+    if done["status"] == "succeeded":  # published before the cancel arrived: it is a race
+        assert done["registered_version"] == "1"
+        pytest.skip("the job was published before the cancel reached the run")
+    assert done["status"] == "cancelled"
+    assert client.search_model_versions(f"name = '{model}'") == []
+
+
+def test_twenty_jobs_two_workers_one_killed_none_lost_none_twice(mlflow_url, tmp_path):
+    """20 registering jobs queued while the API restarts, two workers, one killed while it
+    holds a job: every job ends succeeded exactly once, the lost one on its second attempt,
+    and each registers exactly one version."""
+    model = f"bulk-{uuid.uuid4().hex[:6]}"
+    env = _env(mlflow_url, tmp_path, True, model)
     ids = []
     with uvicorn_server(env, tmp_path) as url, httpx.Client(base_url=url, timeout=30) as http:
         for _ in range(20):
-            r = http.post(
-                "/jobs",
-                json=_job("bulk", "bulk-model", optim={"max_steps": 3}, register=False),
-                headers=AUTH,
-            )
+            body = _job("bulk", model, optim={"max_steps": 3}, promote=False)
+            r = http.post("/jobs", json=body, headers=AUTH)
             assert r.status_code == 202
             ids.append(r.json()["id"])
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     # the API goes away; the queue and the jobs do not
     with (
-        worker_process(env, tmp_path, "w1"),
+        worker_process(env, tmp_path, "w1") as w1,
         worker_process(env, tmp_path, "w2"),
         uvicorn_server(env, tmp_path) as url,
         httpx.Client(base_url=url, timeout=30) as http,
     ):
+        end, held = time.monotonic() + 120, None
+        while held is None:  # kill w1 while it holds a running job
+            assert time.monotonic() < end
+            for job_id in ids:
+                run = client.get_run(job_id)
+                worker = run.data.tags.get("convserve.worker", "")
+                if run.info.status == "RUNNING" and f":{w1.pid}:" in worker:
+                    held = job_id
+                    break
+        os.killpg(w1.pid, signal.SIGKILL)
+        w1.wait()
         for job_id in ids:
             assert _wait(http, job_id, {"succeeded", "failed"}, 240)["status"] == "succeeded"
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    for job_id in ids:
-        assert len(client.get_metric_history(job_id, "job.started")) == 1
-    workers = {client.get_run(i).data.tags["convserve.worker"] for i in ids}
-    assert len(workers) == 2  # both workers took jobs
+    starts = {i: len(client.get_metric_history(i, "job.started")) for i in ids}
+    assert starts[held] == 2 and all(n == 1 for i, n in starts.items() if i != held)
+    assert client.get_run(held).data.tags["convserve.attempt"] == "2"
+    versions = client.search_model_versions(f"name = '{model}'")
+    assert sorted(v.run_id for v in versions) == sorted(ids)  # one version per job
+    (lost,) = json.loads(client.get_run(held).data.tags["convserve.attempts"])
+    assert f":{w1.pid}:" in lost["worker"] and "worker lost" in lost["ended"]
 
 
 @pytest.mark.parametrize("decision", [None, True, False], ids=["no-decision", "won", "lost"])

@@ -50,6 +50,8 @@ class JobSettings(BaseSettings):
     # where a worker writes its jobs' checkpoints, plots and exports (one folder per run),
     # whatever tracking.output_dir the request says: that path is the client's, not the worker's
     runs_dir: str = "runs"
+    # a training job lost with its worker is run again, from its last checkpoint, this often
+    job_retries: int = Field(1, ge=0, le=10)
 
 
 class JobRequest(BaseModel):

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -103,18 +102,6 @@ def _signature(proto: Any) -> Any:
     )
 
 
-@contextmanager
-def _tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's fluent API (``log_model``) on ``uri``, and the process's tracking URI (and
-    ``MLFLOW_TRACKING_URI``, which ``set_tracking_uri`` also sets) as they were afterwards."""
-    was_set, previous = mlflow.is_tracking_uri_set(), mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous if was_set else None)  # type: ignore[arg-type]
-
-
 def register(
     client: MlflowClient, onnx_path: Path, run_id: str, model_name: str, report: ParityReport
 ) -> str:
@@ -124,17 +111,28 @@ def register(
 
     proto = onnx.load(str(onnx_path))
     shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim][1:]
-    with _tracking_uri(client.tracking_uri), mlflow.start_run(run_id=run_id):
-        info = mlflow.onnx.log_model(
+    # Saved, logged and registered through ``client`` alone: MLflow's fluent ``start_run``
+    # would end the run on the way out (a job's run is its worker's to end) and write
+    # through an unguarded client.
+    with tempfile.TemporaryDirectory(prefix="convserve-model-") as tmp:
+        local = Path(tmp) / "model"
+        mlflow.onnx.save_model(
             proto,
-            name="model",
+            str(local),
             signature=_signature(proto),
             input_example=np.zeros([1, *shape], dtype=np.float32),
-            registered_model_name=model_name,
             save_as_external_data=False,
             onnx_execution_providers=["CPUExecutionProvider"],
         )
-    version = str(info.registered_model_version)
+        client.log_artifacts(run_id, str(local), "model")
+    try:
+        client.create_registered_model(model_name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    created = client.create_model_version(model_name, f"runs:/{run_id}/model", run_id=run_id)
+    version = str(created.version)
+    log.info("registered %s version %s from run %s", model_name, version, run_id)
     run = client.get_run(run_id)
     tags = {
         "convserve.dataset": run.data.tags.get("convserve.dataset", ""),
@@ -245,6 +243,15 @@ class Policy:
     margin: float = 0.0
 
 
+class PublishCancelled(RuntimeError):
+    """``proceed`` said no (a cancelled job, or one whose worker lost its lease)."""
+
+
+def _check(proceed: Callable[[], bool] | None, before: str) -> None:
+    if proceed is not None and not proceed():
+        raise PublishCancelled(f"cancelled before {before}")
+
+
 def publish(
     *,
     run_id: str | None = None,
@@ -252,15 +259,20 @@ def publish(
     output: Path | None = None,
     tracking_uri: str | None = None,
     policy: Policy = Policy(),
+    proceed: Callable[[], bool] | None = None,
+    client: Any = None,
 ) -> Published:
     """Export a run's best checkpoint (or a checkpoint file) to ONNX, then ``publish_onnx``.
 
     The file goes to ``output``, else next to the run's checkpoints
-    (``<tracking.output_dir>/<run-id>/model.onnx``).
+    (``<tracking.output_dir>/<run-id>/model.onnx``). ``proceed`` is asked right before the
+    export, the registration and the promotion; when it says no, ``PublishCancelled`` is
+    raised and nothing stays published (a version registered meanwhile is deleted).
     """
     if (run_id is None) == (checkpoint is None):
         raise ValueError("give exactly one of run_id and checkpoint")
-    client = MlflowClient(tracking_uri or mlflow.get_tracking_uri())
+    client = client or MlflowClient(tracking_uri or mlflow.get_tracking_uri())
+    _check(proceed, "the export")
     with tempfile.TemporaryDirectory(prefix="convserve-export-") as tmp:
         downloaded = checkpoint is None
         if checkpoint is None:
@@ -277,7 +289,7 @@ def publish(
         sample = payload.get("sample")
         if sample is None:  # checkpoints written before samples travelled with them
             sample = torch.rand(8, spec.channels, *spec.image_size)
-        return publish_onnx(client, output, model, sample, run_id, policy)
+        return publish_onnx(client, output, model, sample, run_id, policy, proceed)
 
 
 def publish_onnx(
@@ -287,6 +299,7 @@ def publish_onnx(
     sample: torch.Tensor,
     run_id: str | None,
     policy: Policy,
+    proceed: Callable[[], bool] | None = None,
 ) -> Published:
     """Check an ONNX file against its torch model, then register and promote it per policy.
 
@@ -307,7 +320,13 @@ def publish_onnx(
         if not run_id:
             raise ValueError("registering needs an MLflow run: this checkpoint has none")
         published.model_name = policy.model_name
+        _check(proceed, "the registration")
         published.version = register(client, onnx_path, run_id, policy.model_name, report)
+        if proceed is not None and not proceed():  # cancelled while registering
+            client.delete_model_version(policy.model_name, published.version)
+            raise PublishCancelled(
+                f"cancelled while registering: version {published.version} deleted"
+            )
         if policy.promote:
             published.decision = promote(
                 client,

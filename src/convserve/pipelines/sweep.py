@@ -69,17 +69,21 @@ def run_sweep(
     on_child: Callable[[int, int, dict[str, Any]], Callable[..., Any] | None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     parent_run_id: str | None = None,
+    proceed: Callable[[], bool] | None = None,
+    client: Any = None,
 ) -> SweepResult:
     """Train every grid point; a failed or diverged child is recorded and the sweep goes on.
 
     With a ``policy`` the best finished child is exported, checked, registered and promoted.
     ``on_child(index, total, point)`` may return a per-step callback for progress.
-    ``parent_run_id`` continues an existing run as the parent (a sweep job).
+    ``parent_run_id`` continues an existing run as the parent (a sweep job); ``client`` is the
+    MLflow client every run writes through, and ``proceed`` is asked before publishing (both
+    from a job's lease).
     """
-    parent = _start_parent(sweep, parent_run_id)
+    parent = _start_parent(sweep, parent_run_id, client)
     folder = Path(sweep.base.tracking.output_dir) / (parent.run_id or "sweep")
     try:
-        rows = _train_children(sweep, parent.run_id, on_child, should_stop)
+        rows = _train_children(sweep, parent.run_id, on_child, should_stop, client)
     except BaseException:
         parent.end("KILLED")
         raise
@@ -88,18 +92,19 @@ def run_sweep(
     parent.log_artifacts(folder, "summary")
     finished = [r for r in rows if r.status == "finished" and r.value is not None]
     if parent.run_id is not None and finished:
-        _select_and_publish(sweep, parent, policy, result)
+        _select_and_publish(sweep, parent, policy, result, proceed)
     parent.end("FINISHED" if finished or not rows else "FAILED")
     return result
 
 
-def _start_parent(sweep: SweepConfig, parent_run_id: str | None) -> Tracker:
+def _start_parent(sweep: SweepConfig, parent_run_id: str | None, client: Any) -> Tracker:
     """The parent run (new, or the job's own run), tagged with the grid and the metric."""
     base = sweep.base
     parent_cfg = base.model_copy(
         update={"tracking": base.tracking.model_copy(update={"run_name": sweep.parent_name()})}
     )
-    parent = Tracker(parent_cfg.tracking)
+    # A job's own run is ended by its worker, after publishing.
+    parent = Tracker(parent_cfg.tracking, client, end_run=parent_run_id is None)
     parent_id = parent.start(
         parent_cfg, parent_run_id, tags={"convserve.kind": "sweep"} if parent_run_id is None else {}
     )
@@ -118,6 +123,7 @@ def _train_children(
     parent_id: str | None,
     on_child: Callable[[int, int, dict[str, Any]], Callable[..., Any] | None] | None,
     should_stop: Callable[[], bool] | None,
+    client: Any = None,
 ) -> list[Row]:
     combos = sweep.combinations()
     rows: list[Row] = []
@@ -126,12 +132,16 @@ def _train_children(
             break
         step_cb = on_child(index, len(combos), point) if on_child else None
         callbacks = Callbacks(on_step=step_cb, should_stop=should_stop)
-        rows.append(_child(cfg, point, parent_id, sweep.metric, callbacks))
+        rows.append(_child(cfg, point, parent_id, sweep.metric, callbacks, client))
     return rows
 
 
 def _select_and_publish(
-    sweep: SweepConfig, parent: Tracker, policy: Policy | None, result: SweepResult
+    sweep: SweepConfig,
+    parent: Tracker,
+    policy: Policy | None,
+    result: SweepResult,
+    proceed: Callable[[], bool] | None = None,
 ) -> None:
     """Record the best child on the parent; with a ``policy``, publish it."""
     client = parent.client
@@ -150,7 +160,7 @@ def _select_and_publish(
     parent.set_tags({"convserve.best_run_id": best.info.run_id})
     if policy is not None:
         result.published = publish(
-            run_id=best.info.run_id, tracking_uri=client.tracking_uri, policy=policy
+            run_id=best.info.run_id, policy=policy, proceed=proceed, client=client
         )
 
 
@@ -160,12 +170,13 @@ def _child(
     parent_id: str | None,
     metric: str,
     callbacks: Callbacks,
+    client: Any = None,
 ) -> Row:
     name = child_name(cfg, point)
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_name": name})})
     tags = {"mlflow.parentRunId": parent_id} if parent_id else {}
     try:
-        outcome: TrainResult = train(cfg, tags=tags, callbacks=callbacks)
+        outcome: TrainResult = train(cfg, tags=tags, callbacks=callbacks, client=client)
     except Exception as err:  # a child's failure is recorded; the sweep goes on
         log.warning("sweep point %s failed: %s", name, err)
         return Row(point, "failed", None, [], None, f"{type(err).__name__}: {err}")

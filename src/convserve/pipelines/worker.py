@@ -1,9 +1,12 @@
 """``convserve worker``: take jobs from the queue and run them to their end.
 
 The worker registers the job task under its contract name (``convserve.contract.RUN_JOB_TASK``)
-and runs each job: train or sweep, then export, register and promote. It heartbeats on the
-job's run while it works; its reaper thread fails running jobs whose heartbeat is too old
-("worker lost"). The API never imports this module.
+and runs each job: train or sweep, then export, register and promote, writing only while it
+holds the job's lease (``lease.py``). It heartbeats on the job's run while it works; its
+reaper thread takes jobs whose heartbeat is too old from their worker: a training job is
+scheduled again from its last checkpoint while it has attempts left
+(``CONVSERVE_JOB_RETRIES``), any other is failed ("worker lost"). The API never imports this
+module.
 """
 
 from __future__ import annotations
@@ -14,20 +17,23 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
-from convserve.contract import RUN_JOB_TASK
+from convserve.contract import RUN_JOB_TASK, JobPayload
+from convserve.pipelines.lease import GuardedClient, Lease
 from convserve.pipelines.queue import (
     REQUEST_ARTIFACT,
     TO_MLFLOW,
     JobRequest,
     JobSettings,
+    enqueue,
     fail,
     job_status,
     make_queue,
     search_jobs,
 )
-from convserve.pipelines.registry import Policy, publish
+from convserve.pipelines.registry import Policy, PublishCancelled, publish
 from convserve.pipelines.sweep import run_sweep
 from convserve.training.config import TrainConfig
 from convserve.training.run import Callbacks, train
@@ -55,7 +61,7 @@ def run_worker(settings: JobSettings, say: Any = log.info) -> None:
     register_task(huey, settings)
     stop = threading.Event()
     threading.Thread(
-        target=_reaper, args=(settings, stop), daemon=True, name="convserve-reaper"
+        target=_reaper, args=(settings, stop, huey), daemon=True, name="convserve-reaper"
     ).start()
     queue = f"redis {settings.queue_name}" if settings.redis_url else settings.queue_path
     say(f"convserve worker: queue {queue}, tracking {MlflowClient().tracking_uri}")
@@ -66,13 +72,13 @@ def run_worker(settings: JobSettings, say: Any = log.info) -> None:
         stop.set()
 
 
-def _reaper(settings: JobSettings, stop: threading.Event) -> None:
+def _reaper(settings: JobSettings, stop: threading.Event, huey: Any) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     while True:
         try:
-            for run_id in reap(client, settings.worker_lost_after):
+            for run_id in reap(client, settings, huey):
                 log.warning("job %s: worker lost", run_id)
         except Exception as err:  # the tracking server may be down for a moment
             log.warning("reaper pass failed: %s", err)
@@ -80,37 +86,71 @@ def _reaper(settings: JobSettings, stop: threading.Event) -> None:
             return
 
 
-def reap(client: Any, lost_after: float) -> list[str]:
-    """Fail every running job whose heartbeat is older than ``lost_after`` seconds."""
+def reap(client: Any, settings: JobSettings, huey: Any = None) -> list[str]:
+    """Take every running job whose heartbeat is older than ``worker_lost_after`` seconds
+    from its worker: a training job with attempts left is scheduled again (it resumes from
+    its last checkpoint on whichever worker takes it), any other is failed ("worker lost").
+    Either ends the lost worker's lease."""
     runs = search_jobs(client, "attributes.status = 'RUNNING'", max_results=1000)
     now, reaped = time.time(), []
     for run in runs:
-        beat = float(run.data.tags.get("convserve.heartbeat", run.info.start_time / 1000))
-        if now - beat > lost_after:
-            fail(
-                client,
-                run.info.run_id,
-                f"worker lost: no heartbeat for {now - beat:.0f} s "
-                f"(last from {run.data.tags.get('convserve.worker', 'unknown')})",
-            )
-            reaped.append(run.info.run_id)
+        tags = run.data.tags
+        beat = float(tags.get("convserve.heartbeat", run.info.start_time / 1000))
+        if now - beat <= settings.worker_lost_after:
+            continue
+        reason = (
+            f"worker lost: no heartbeat for {now - beat:.0f} s "
+            f"(last from {tags.get('convserve.worker', 'unknown')})"
+        )
+        attempt = int(tags.get("convserve.attempt", "1"))
+        history = [*json.loads(tags.get("convserve.attempts", "[]")), _attempt(tags, reason)]
+        if tags.get("convserve.job_kind") == "train" and attempt <= settings.job_retries and huey:
+            _schedule_again(client, huey, run.info.run_id, attempt + 1, history)
+        else:
+            client.set_tag(run.info.run_id, "convserve.attempts", json.dumps(history)[:5000])
+            fail(client, run.info.run_id, reason)
+        reaped.append(run.info.run_id)
     return reaped
 
 
-class _Heartbeat:
-    """Beats on the run from a thread, and throttles progress tags and cancel checks."""
+def _attempt(tags: dict[str, str], ended: str) -> dict[str, Any]:
+    return {
+        "attempt": int(tags.get("convserve.attempt", "1")),
+        "worker": tags.get("convserve.worker", "unknown"),
+        "ended": ended,
+    }
 
-    def __init__(self, client: Any, run_id: str, settings: JobSettings) -> None:
-        self.client, self.run_id, self.settings = client, run_id, settings
+
+def _schedule_again(
+    client: Any, huey: Any, run_id: str, attempt: int, history: list[dict[str, Any]]
+) -> None:
+    from mlflow.entities import RunTag
+
+    client.log_batch(
+        run_id,
+        tags=[
+            RunTag("convserve.attempt", str(attempt)),  # ends the lost worker's lease
+            RunTag("convserve.attempts", json.dumps(history)[:5000]),
+            RunTag("convserve.job_status", "scheduled"),
+        ],
+    )
+    client.update_run(run_id, status="SCHEDULED")
+    enqueue(huey, JobPayload(run_id=run_id))
+
+
+class _Heartbeat:
+    """Beats on the run from a thread while the lease is held, publishes progress, and tells
+    training to stop when the job is cancelled or the lease is lost."""
+
+    def __init__(self, client: Any, lease: Lease, settings: JobSettings) -> None:
+        self.client, self.lease, self.settings = client, lease, settings
+        self.run_id = lease.run_id
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)
         self._last_progress = 0.0
-        self._last_cancel_check = 0.0
-        self._cancelled = False
         self.progress: dict[str, Any] = {}
 
     def __enter__(self) -> _Heartbeat:
-        self.client.set_tag(self.run_id, "convserve.heartbeat", f"{time.time():.3f}")
         self._thread.start()
         return self
 
@@ -120,6 +160,8 @@ class _Heartbeat:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_interval):
+            if not self.lease.held(fresh=True):
+                return  # someone else owns the job now: no more beats
             try:
                 self.client.set_tag(self.run_id, "convserve.heartbeat", f"{time.time():.3f}")
             except Exception as err:  # the tracking server may blink; try again next beat
@@ -144,46 +186,76 @@ class _Heartbeat:
             self.client.set_tag(self.run_id, "convserve.progress", json.dumps(self.progress))
 
     def should_stop(self) -> bool:
-        now = time.monotonic()
-        if (
-            not self._cancelled
-            and now - self._last_cancel_check > self.settings.cancel_check_interval
-        ):
-            self._last_cancel_check = now
-            tags = self.client.get_run(self.run_id).data.tags
-            self._cancelled = tags.get("convserve.cancel_requested") == "1"
-        return self._cancelled
+        """At every step: cancelled, or the lease lost (checked every few seconds)."""
+        return not self.lease.held() or self.lease.cancelled
 
 
 def execute_job(run_id: str, settings: JobSettings) -> None:
-    """The Huey task: run one job to its end, whatever happens."""
+    """The Huey task: run one job to its end, whatever happens, writing only while its lease
+    is held."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient()
-    run = client.get_run(run_id)
+    raw = MlflowClient()
+    run = raw.get_run(run_id)
     if run.info.status != "SCHEDULED" or job_status(run) != "scheduled":
         log.info("job %s is %s: not started", run_id, job_status(run))
         return
+    attempt = int(run.data.tags.get("convserve.attempt", "1"))
+    worker = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
     # A heartbeat before RUNNING, so that no reaper takes a starting job for a lost one.
-    client.set_tag(run_id, "convserve.heartbeat", f"{time.time():.3f}")
-    client.update_run(run_id, status="RUNNING")
-    client.set_tag(run_id, "convserve.job_status", "running")
-    client.set_tag(run_id, "convserve.worker", f"{socket.gethostname()}:{os.getpid()}")
-    client.log_metric(run_id, "job.started", 1.0)  # one point per execution: none run twice
+    raw.set_tag(run_id, "convserve.heartbeat", f"{time.time():.3f}")
+    _take(raw, run_id, worker, attempt)
+    lease = Lease(raw, run_id, worker, attempt, settings.cancel_check_interval)
+    client = GuardedClient(raw, lease)
+    client.log_metric(run_id, "job.started", 1.0)  # one point per execution
     try:
-        text = client.download_artifacts(run_id, REQUEST_ARTIFACT)
+        text = raw.download_artifacts(run_id, REQUEST_ARTIFACT)
         with open(text) as f:
             request = JobRequest.model_validate_json(f.read())
-        with _Heartbeat(client, run_id, settings) as beat:
-            status = _run(request, run_id, client, beat, settings.runs_dir)
+        resume = _last_checkpoint(raw, run_id, settings.runs_dir) if attempt > 1 else None
+        with _Heartbeat(client, lease, settings) as beat:
+            status = _run(request, run_id, client, beat, settings.runs_dir, resume)
         client.set_tag(run_id, "convserve.job_status", status)
         client.set_terminated(run_id, status=TO_MLFLOW.get(status, "FINISHED"))
     except Exception as err:
         log.exception("job %s failed", run_id)
-        fail(client, run_id, f"{type(err).__name__}: {err}")
+        if lease.held(fresh=True):
+            fail(client, run_id, f"{type(err).__name__}: {err}")
 
 
-def _run(request: JobRequest, run_id: str, client: Any, beat: _Heartbeat, runs_dir: str) -> str:
+def _take(client: Any, run_id: str, worker: str, attempt: int) -> None:
+    from mlflow.entities import RunTag
+
+    client.update_run(run_id, status="RUNNING")
+    client.log_batch(
+        run_id,
+        tags=[
+            RunTag("convserve.job_status", "running"),
+            RunTag("convserve.worker", worker),
+            RunTag("convserve.attempt", str(attempt)),
+        ],
+    )
+
+
+def _last_checkpoint(client: Any, run_id: str, runs_dir: str) -> Path | None:
+    """The lost attempt's ``last.pt`` from the run's artifacts (None: start over)."""
+    folder = Path(runs_dir) / run_id / "resume"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(client.download_artifacts(run_id, "checkpoints/last.pt", str(folder)))
+    except Exception as err:  # lost before its first epoch ended: nothing to resume from
+        log.info("job %s: no checkpoint to resume from (%s); starting over", run_id, err)
+        return None
+
+
+def _run(
+    request: JobRequest,
+    run_id: str,
+    client: Any,
+    beat: _Heartbeat,
+    runs_dir: str,
+    resume: Path | None = None,
+) -> str:
     policy = Policy(
         request.model_name, request.register_model, request.promote, margin=request.margin
     )
@@ -195,8 +267,11 @@ def _run(request: JobRequest, run_id: str, client: Any, beat: _Heartbeat, runs_d
     )
     tracking_uri = client.tracking_uri
     if request.train is not None:
+        cfg = _tracked(request.train, tracking_uri, runs_dir)
+        if resume is not None:
+            client.set_tag(run_id, "convserve.resumed_from", "checkpoints/last.pt")
         result = train(
-            _tracked(request.train, tracking_uri, runs_dir), run_id=run_id, callbacks=callbacks
+            cfg, run_id=run_id, callbacks=callbacks, client=client, resume=resume, end_run=False
         )
         if result.status == "cancelled":
             return "cancelled"
@@ -204,19 +279,29 @@ def _run(request: JobRequest, run_id: str, client: Any, beat: _Heartbeat, runs_d
             client.set_tag(run_id, "convserve.error", result.message[:5000])
             return "failed"
         if request.register_model:
-            published = publish(run_id=run_id, tracking_uri=tracking_uri, policy=policy)
+            try:
+                published = publish(
+                    run_id=run_id, policy=policy, proceed=beat.lease.may_publish, client=client
+                )
+            except PublishCancelled:
+                return "cancelled"
             _record_publication(client, run_id, published)
-        return "succeeded"
+        return "succeeded" if beat.lease.may_publish() else "cancelled"
     assert request.sweep is not None
     sweep = request.sweep.model_copy(
         update={"base": _tracked(request.sweep.base, tracking_uri, runs_dir)}
     )
-    outcome = run_sweep(
-        sweep,
-        policy=policy if request.register_model else None,
-        should_stop=beat.should_stop,
-        parent_run_id=run_id,
-    )
+    try:
+        outcome = run_sweep(
+            sweep,
+            policy=policy if request.register_model else None,
+            should_stop=beat.should_stop,
+            parent_run_id=run_id,
+            proceed=beat.lease.may_publish,
+            client=client,
+        )
+    except PublishCancelled:
+        return "cancelled"
     if beat.should_stop():
         return "cancelled"
     if outcome.published is not None:

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -128,12 +128,16 @@ def train(
     run_id: str | None = None,
     callbacks: Callbacks | None = None,
     tags: dict[str, str] | None = None,
+    client: Any = None,
+    end_run: bool = True,
 ) -> TrainResult:
     """Train ``cfg`` from scratch (or from the checkpoint ``resume``) and return the outcome.
 
     ``run_id`` continues an existing MLflow run (a scheduled job); ``tags`` are added to the
-    run. Divergence and cancellation end the run with a status and a message, never with an
-    exception; any other error marks the MLflow run ``FAILED`` and is raised.
+    run; ``client`` is the MLflow client to write through (default: one for the config's
+    tracking URI); ``end_run=False`` leaves the run open for its owner (a job's worker ends it
+    after publishing). Divergence and cancellation end the run with a status and a message,
+    never with an exception; any other error marks the MLflow run ``FAILED`` and is raised.
     """
     cb = callbacks or Callbacks()
     seed_everything(cfg.seed)
@@ -154,7 +158,7 @@ def train(
         best = payload["best_metric"]
         run_id = run_id or payload["run_id"]
 
-    tracker = Tracker(cfg.tracking)
+    tracker = Tracker(cfg.tracking, client, end_run)
     run_id = tracker.start(
         cfg,
         run_id,
@@ -330,6 +334,8 @@ class _Session:
         improved = metrics["val_accuracy"] > self.best
         self.best = max(self.best, metrics["val_accuracy"])
         self.last_path = self._save("last.pt", epoch, step, self.best, metrics)
+        # In the run's artifacts too: a job lost with its worker resumes from it elsewhere.
+        self.tracker.log_artifact(self.last_path, "checkpoints")
         if improved or self.best_path is None:
             self.best_path = self._save("best.pt", epoch, step, self.best, metrics)
         return improved

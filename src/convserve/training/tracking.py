@@ -73,11 +73,14 @@ def log_params(client: Any, run_id: str, config: TrainConfig) -> None:
 class Tracker:
     """One MLflow run; every method is a no-op when tracking is disabled."""
 
-    def __init__(self, cfg: TrackingConfig) -> None:
+    def __init__(self, cfg: TrackingConfig, client: Any = None, end_run: bool = True) -> None:
+        """``client``: an ``MlflowClient`` to write through (a job's guarded one); by default
+        one for ``cfg``'s tracking URI. ``end_run=False``: ``end`` leaves the run open."""
         self.cfg = cfg
+        self.end_run = end_run
         self.enabled = cfg.enabled
         self.run_id: str | None = None
-        self._client: Any = None
+        self._client: Any = client
 
     @property
     def client(self) -> Any:
@@ -137,5 +140,5 @@ class Tracker:
 
     def end(self, status: str) -> None:
         """``FINISHED``, ``FAILED`` or ``KILLED``."""
-        if self.enabled and self.run_id is not None:
+        if self.enabled and self.run_id is not None and self.end_run:
             self.client.set_terminated(self.run_id, status=status)
