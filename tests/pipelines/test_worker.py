@@ -196,6 +196,8 @@ def test_a_killed_workers_job_resumes_from_its_checkpoint_and_is_published_once(
         with worker_process(env, tmp_path, "second"):
             done = _wait(http, job_id, {"succeeded", "failed", "cancelled"}, timeout=120)
     assert done["status"] == "succeeded", done
+    assert [a["attempt"] for a in done["attempts"]] == [1, 2]
+    assert "worker lost" in done["attempts"][0]["ended"] and done["attempts"][1]["ended"] is None
     tags = client.get_run(job_id).data.tags
     assert tags["convserve.attempt"] == "2" and tags["convserve.resumed_from"]
     (lost,) = json.loads(tags["convserve.attempts"])

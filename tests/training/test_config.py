@@ -129,4 +129,13 @@ def test_a_job_is_exactly_one_of_train_and_sweep_in_its_schema():
     from convserve.pipelines.queue import JobRequest
 
     schema = JobRequest.model_json_schema()
-    assert schema["oneOf"] == [{"required": ["train"]}, {"required": ["sweep"]}]
+    assert [one["required"] for one in schema["oneOf"]] == [["train"], ["sweep"]]
+    assert schema["oneOf"][0]["properties"]["train"] == {"type": "object"}  # not null
+
+
+def test_values_have_the_schemas_types():
+    assert load_config(None, ["optim.lr=2e-3"]).optim.lr == 0.002  # YAML 1.2 numbers
+    with pytest.raises(ConfigError, match=r"optim\.epochs: Value error, a number is needed"):
+        load_config(None, ['optim.epochs="3"'])
+    with pytest.raises(ConfigError, match=r"diagnostics\.enabled: Value error, true or false"):
+        load_config(None, ["diagnostics.enabled=1"])

@@ -13,11 +13,11 @@ import os
 import uuid
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from convserve.contract import RUN_JOB_TASK, JobPayload
-from convserve.training.config import SweepConfig, TrainConfig
+from convserve.training.config import NumbersRefuseBooleans, SweepConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class JobSettings(BaseSettings):
     job_retries: int = Field(1, ge=0, le=10)
 
 
-class JobRequest(BaseModel):
+class JobRequest(NumbersRefuseBooleans):
     """``POST /jobs``: a training config or a sweep, and what may happen to the winner."""
 
     model_config = ConfigDict(
@@ -62,7 +62,10 @@ class JobRequest(BaseModel):
         populate_by_name=True,
         json_schema_extra={
             # exactly one of the two, in the schema as in the validator below
-            "oneOf": [{"required": ["train"]}, {"required": ["sweep"]}],
+            "oneOf": [
+                {"required": ["train"], "properties": {"train": {"type": "object"}}},
+                {"required": ["sweep"], "properties": {"sweep": {"type": "object"}}},
+            ],
             "examples": [
                 {
                     "train": {

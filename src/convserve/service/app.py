@@ -11,10 +11,12 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from convserve import __version__
@@ -223,13 +225,15 @@ def _handlers(app: FastAPI) -> None:
     async def v2_error(request: Request, err: v2.V2Error) -> JSONResponse:
         return v2.error_response(err)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's own (404, 405)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        headers = dict(err.headers or {})
+        if err.status_code == 405:  # every method of the path, not only the first route's
+            headers["Allow"] = ", ".join(_allowed_methods(app, request.scope))
         if _is_v2(request):
-            return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
-        return JSONResponse(
-            {"detail": err.detail}, status_code=err.status_code, headers=err.headers
-        )
+            body: dict[str, Any] = {"error": str(err.detail)}
+            return JSONResponse(body, status_code=err.status_code, headers=headers)
+        return JSONResponse({"detail": err.detail}, status_code=err.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -240,6 +244,16 @@ def _handlers(app: FastAPI) -> None:
             text = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in problems)
             return JSONResponse({"error": text}, status_code=400)
         return JSONResponse({"detail": problems}, status_code=422)
+
+
+def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """The methods some route answers on this path."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches({**scope, "method": "GET"})
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or [])
+    return sorted(methods)
 
 
 def app_from_env() -> FastAPI:

@@ -19,7 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from convserve.contract import Fit
 from convserve.service.fitting import FitReport, fit_digit, stretch
 
-FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "MPO"}
+FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "MPO", "PPM"}  # PPM: netpbm PBM/PGM/PPM
 
 
 class ImageError(ValueError):
@@ -52,7 +52,8 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
             )
         if image.format not in FORMATS:
             raise ImageError(
-                f"{image.format} images are not accepted; send PNG, JPEG, WebP, BMP, GIF or TIFF"
+                f"{image.format} images are not accepted; "
+                "send PNG, JPEG, WebP, BMP, GIF, TIFF or PNM"
             )
     return image
 
@@ -100,7 +101,7 @@ def _decode_errors(max_pixels: int) -> Iterator[None]:
         ) from err
     except UnidentifiedImageError:
         raise ImageError(
-            "the upload is not an image PIL can read (PNG, JPEG, WebP, BMP, GIF or TIFF)"
+            "the upload is not an image PIL can read (PNG, JPEG, WebP, BMP, GIF, TIFF or PNM)"
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageError(f"the image is truncated or corrupt: {err}") from err

@@ -49,7 +49,7 @@ class FittedInput(BaseModel):
     """How the upload became the model's input: a caller can tell why a photo was misread."""
 
     original: str = Field(description="The upload's size and colour mode, e.g. '640x480 RGB'")
-    format: str | None = Field(None, description="PNG, JPEG, WEBP, BMP, GIF, TIFF or MPO")
+    format: str | None = Field(None, description="PNG, JPEG, WEBP, BMP, GIF, TIFF, MPO or PPM")
     fit: Literal["digit", "stretch"] = Field(
         description="digit: cropped to the ink, scaled and centred as the training digits "
         "were; stretch: the whole image resized to the model's input size"

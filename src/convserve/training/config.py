@@ -47,21 +47,30 @@ ScheduleName = Literal["none", "step", "cosine"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 
 
-class StrictModel(BaseModel):
-    """Rejects unknown fields and is immutable once built (see STYLE.md, "Config"); a number
-    field refuses ``true``/``false`` (pydantic would read them as 1 and 0)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class NumbersRefuseBooleans(BaseModel):
+    """Values of the type the schema says: a number field refuses ``true``/``false`` and text,
+    a flag refuses anything but ``true``/``false`` (pydantic would read ``true`` as 1, ``"3"``
+    as 3 and 0 as false). YAML numbers such as ``2e-3`` are read as numbers by the loaders."""
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, bool) and info.field_name is not None:
-            annotation = cls.model_fields[info.field_name].annotation
-            kinds = set(get_args(annotation)) or {annotation}
-            if kinds & {int, float} and bool not in kinds:
-                raise ValueError(f"a number is needed here, not {str(value).lower()}")
+    def _json_types(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name is None:
+            return value
+        annotation = cls.model_fields[info.field_name].annotation
+        kinds = set(get_args(annotation)) or {annotation}
+        numeric = bool(kinds & {int, float})
+        if bool in kinds and not isinstance(value, bool) and value is not None:
+            raise ValueError(f"true or false is needed here, not {value!r}")
+        if numeric and str not in kinds and bool not in kinds and isinstance(value, bool | str):
+            raise ValueError(f"a number is needed here, not {json.dumps(value)}")
         return value
+
+
+class StrictModel(NumbersRefuseBooleans):
+    """Rejects unknown fields and is immutable once built (see STYLE.md, "Config")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class DataConfig(StrictModel):

@@ -45,7 +45,7 @@ def read_config_dict(name_or_path: str | Path | None) -> dict[str, Any]:
         return {}
     path = resolve_config_path(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), _overrides.ConfigLoader) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):

@@ -8,9 +8,22 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from typing import Any
 
 import yaml
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML as people write configs: ``2e-3`` and ``1e5`` are numbers (YAML 1.2), not the
+    strings PyYAML's 1.1 rules make of them."""
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -20,7 +33,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key.strip():
         raise ValueError(f"override {text!r} has an empty key")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), yaml.load(raw, ConfigLoader) if raw.strip() else ""
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

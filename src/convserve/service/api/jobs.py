@@ -4,6 +4,7 @@ run id, so the MLflow UI is also the job dashboard."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -37,12 +38,19 @@ _JOB_EXAMPLE: dict[str, Any] = {
     "registered_model": "convserve",
     "registered_version": "4",
     "promoted": True,
+    "attempts": [{"attempt": 1, "worker": "worker-1:4242:1", "ended": None}],
     "links": {
         "self": "http://127.0.0.1:8000/jobs/5c0ffee0a1b2c3d4e5f60718293a4b5c",
         "mlflow": "http://127.0.0.1:5000/#/experiments/1/runs/5c0ffee0a1b2c3d4e5f60718293a4b5c",
         "mlflow_runs": "http://127.0.0.1:5000/#/experiments/1/runs",
     },
 }
+
+
+class Attempt(BaseModel):
+    attempt: int = Field(description="1 for the first run of the job")
+    worker: str = Field(description="host:pid:thread of the worker that ran it")
+    ended: str | None = Field(None, description="Why it ended, for an attempt that was lost")
 
 
 class Job(BaseModel):
@@ -62,6 +70,11 @@ class Job(BaseModel):
         None,
         description="Whether the champion alias moved to the registered version; null "
         "while nothing is registered",
+    )
+    attempts: list[Attempt] = Field(
+        default_factory=list,
+        description="Every attempt so far: a job lost with its worker runs again "
+        "(CONVSERVE_JOB_RETRIES) from its last checkpoint",
     )
     links: dict[str, str]
 
@@ -121,8 +134,23 @@ def to_job(run: Any, request: Request, ui: str | None) -> Job:
         registered_model=tags.get("convserve.registered_model"),
         registered_version=tags.get("convserve.registered_version"),
         promoted=None if promoted is None else promoted == "true",
+        attempts=_attempts(tags),
         links=_links(request, run, ui),
     )
+
+
+def _attempts(tags: dict[str, str]) -> list[Attempt]:
+    """The lost attempts recorded by the reaper, then the current one (once a worker took
+    the job)."""
+    try:
+        past = [Attempt(**a) for a in json.loads(tags.get("convserve.attempts", "[]"))]
+    except (ValueError, TypeError):
+        past = []
+    if tags.get("convserve.worker"):
+        current = int(tags.get("convserve.attempt", "1"))
+        if not any(a.attempt == current for a in past):
+            past.append(Attempt(attempt=current, worker=tags["convserve.worker"]))
+    return past
 
 
 def _state(request: Request) -> Any:
@@ -139,10 +167,12 @@ async def _run(fn: Any, *args: Any) -> Any:
     status_code=202,
     response_model=Job,
     responses=errors(
+        400,
         401,
         422,
         429,
         503,
+        e400="A body that is not JSON",
         e422="Invalid body (the detail names each field); nothing is queued",
         e503="MLflow or the queue cannot be reached; nothing is queued",
     ),
@@ -186,6 +216,9 @@ async def list_jobs(
     """Every job across experiments, newest first, a page at a time."""
     jobs = _state(request)
 
+    if page_token is not None and not _looks_like_a_page_token(page_token):
+        raise _bad_token()
+
     def search() -> Any:
         from mlflow.exceptions import MlflowException
 
@@ -199,9 +232,7 @@ async def list_jobs(
             )
         except MlflowException as err:
             if page_token is not None and "token" in str(err).lower():
-                raise HTTPException(
-                    422, "page_token: not a token from a previous page (next_page_token)"
-                ) from None
+                raise _bad_token() from None
             raise
         return list(page), page.token
 
@@ -210,6 +241,18 @@ async def list_jobs(
     if status is not None:  # the tag lags the run's status after a reaper or cancel
         found = [j for j in found if j.status == status]
     return JobPage(jobs=found, next_page_token=token or None)
+
+
+def _looks_like_a_page_token(token: str) -> bool:
+    """MLflow's page tokens are base64 JSON objects (``{"offset": 50}``)."""
+    try:
+        return isinstance(json.loads(base64.b64decode(token, validate=True)), dict)
+    except (ValueError, TypeError):  # not ASCII, not base64, not JSON
+        return False
+
+
+def _bad_token() -> HTTPException:
+    return HTTPException(422, "page_token: not a token from a previous page (next_page_token)")
 
 
 def _get(jobs: Any, job_id: str) -> Any:

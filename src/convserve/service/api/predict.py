@@ -56,9 +56,11 @@ def requested_blocks(model: LoadedModel, feature_maps: str | None) -> list[str]:
     response_model_exclude_none=True,
     summary="Classify one image (`file`) or several (`files`)",
     responses=errors(
+        400,
         413,
         422,
         503,
+        e400="A malformed multipart body",
         e422="Not a usable image (empty, not an image, truncated or corrupt, a format not "
         "accepted), an unknown block, or feature maps too large for one answer",
         e503="No model loaded yet, or CONVSERVE_MAX_LARGE_DECODES large images are being "
@@ -68,7 +70,8 @@ def requested_blocks(model: LoadedModel, feature_maps: str | None) -> list[str]:
         "requestBody": {
             "content": {
                 "multipart/form-data": {
-                    "example": {"file": "(the bytes of seven.png)"},
+                    # a plain-text PGM (netpbm) image: 3x3 grey, a vertical stroke
+                    "example": {"file": "P2 3 3 255 0 255 0 0 255 0 0 255 0"},
                 }
             }
         }
@@ -107,8 +110,9 @@ async def predict(
         ),
     ] = "png",
 ) -> Response:
-    """Images in PNG, JPEG, WebP, BMP, GIF (first frame) or TIFF, any colour mode; converted to
-    the model's channels, EXIF orientation applied, resized as the model's metadata says."""
+    """Images in PNG, JPEG, WebP, BMP, GIF (first frame), TIFF or PNM, any colour mode;
+    converted to the model's channels, EXIF orientation applied, fitted as the model's
+    metadata says."""
     start = time.perf_counter()
     uploads = ([file] if file is not None else []) + list(files or [])
     model = engine.model

@@ -71,7 +71,7 @@ class InferRequest(BaseModel):
 
     id: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
-    inputs: list[TensorIn]
+    inputs: list[TensorIn] = Field(min_length=1, max_length=1, description="'image' alone")
     outputs: list[OutputRequest] | None = None
 
 
@@ -368,7 +368,7 @@ def _parse(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]
         body, binary = body[:n], body[n:]
     try:
         return InferRequest.model_validate(json.loads(body)), binary
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise V2Error(400, f"the request body is not JSON: {err}") from None
     except ValidationError as err:
         problems = format_validation_error(err).replace("\n", "; ")
