@@ -131,8 +131,10 @@ def test_tracking_to_the_default_sqlite_store(tiny, sqlite_uri, tmp_path):
         "feature_maps_0",
     ):
         assert f"plots/{name}.png" in artifacts, name
+    # best.pt to export from, last.pt to resume from (a job lost with its worker)
     assert [a.path for a in client.list_artifacts(result.run_id, "checkpoints")] == [
-        "checkpoints/best.pt"
+        "checkpoints/best.pt",
+        "checkpoints/last.pt",
     ]
 
 

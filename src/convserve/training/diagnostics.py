@@ -242,3 +242,16 @@ def find_nonfinite(model: nn.Module, x: Tensor) -> str | None:
         for handle in handles:
             handle.remove()
     return first[0] if first else None
+
+
+def capture_values(
+    model: ConvNet, diag: Diagnostics, x: Tensor, y: Tensor
+) -> dict[str, dict[str, Tensor]]:
+    """Activation and back-propagated gradient values of every layer on one batch, no step."""
+    was_training = model.training
+    model.eval()
+    with diag.measure(keep_values=True):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return diag.values()

@@ -168,3 +168,18 @@ def feature_maps(
                     axes[r][c].set_title(name, fontsize=7, loc="left")
         paths.append(save_figure(fig, out_dir / f"feature_maps_{i}.png"))
     return paths
+
+
+def value_histograms(values: dict[str, dict[str, Tensor]], when: str, folder: Path) -> None:
+    """Glorot & Bengio style histograms of activations and back-propagated gradients."""
+    acts = {k: v["activation"] for k, v in values.items() if "activation" in v}
+    grads = {k: v["gradient"] for k, v in values.items() if "gradient" in v}
+    histograms(
+        acts, f"activation values ({when})", "activation", folder / f"activations_{when}.png"
+    )
+    histograms(
+        grads,
+        f"back-propagated gradients dL/d(pre-activation) ({when})",
+        "gradient",
+        folder / f"gradients_{when}.png",
+    )

@@ -13,13 +13,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from convserve.training import plots
 from convserve.training.checkpoint import ModelSpec, read_checkpoint, save_checkpoint
 from convserve.training.config import TrainConfig
 from convserve.training.data import DataBundle, load_data
-from convserve.training.diagnostics import Diagnostics, Snapshot, run_verdicts
+from convserve.training.diagnostics import Diagnostics, Snapshot, capture_values, run_verdicts
 from convserve.training.init import initialize
 from convserve.training.loop import (
     Diverged,
@@ -87,33 +86,6 @@ def build_for(cfg: TrainConfig, data: DataBundle) -> ConvNet:
     batch = data.train.sample(256)[0]  # what data-dependent initialisers (lsuv) measure on
     initialize(model, cfg.init, model.layer_activation, cfg.model.negative_slope, batch)
     return model
-
-
-def capture_values(
-    model: ConvNet, diag: Diagnostics, x: torch.Tensor, y: torch.Tensor
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Activation and back-propagated gradient values of every layer on one batch, no step."""
-    was_training = model.training
-    model.eval()
-    with diag.measure(keep_values=True):
-        F.cross_entropy(model(x), y).backward()
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
-    return diag.values()
-
-
-def _histogram_plots(values: dict[str, dict[str, torch.Tensor]], when: str, folder: Path) -> None:
-    acts = {k: v["activation"] for k, v in values.items() if "activation" in v}
-    grads = {k: v["gradient"] for k, v in values.items() if "gradient" in v}
-    plots.histograms(
-        acts, f"activation values ({when})", "activation", folder / f"activations_{when}.png"
-    )
-    plots.histograms(
-        grads,
-        f"back-propagated gradients dL/d(pre-activation) ({when})",
-        "gradient",
-        folder / f"gradients_{when}.png",
-    )
 
 
 def _checkpoint_dir(cfg: TrainConfig, run_id: str | None) -> Path:
@@ -282,7 +254,7 @@ class _Session:
             self.cb.on_start(total)
         if self.diag is not None and cfg.diagnostics.plots:
             x, y = self.data.train.sample(256)
-            _histogram_plots(
+            plots.value_histograms(
                 capture_values(self.model, self.diag, x.to(self.device), y.to(self.device)),
                 "init",
                 self.plot_dir,
@@ -414,7 +386,7 @@ class _Session:
             images, labels = self.data.val.sample(256)
             plots.feature_maps(self.model, images[:4].to(self.device), folder)
             if self.diag is not None:
-                _histogram_plots(
+                plots.value_histograms(
                     capture_values(
                         self.model, self.diag, images.to(self.device), labels.to(self.device)
                     ),
