@@ -320,3 +320,38 @@ def test_a_registered_job_says_whether_it_was_promoted(sqlite_uri, tmp_path, dec
     tags = client.get_run(run_id).data.tags
     assert tags["convserve.registered_version"] == "3"
     assert tags["convserve.promoted"] == ("true" if decision else "false")
+
+
+def test_a_lost_sweep_runs_again_keeping_the_points_it_finished(mlflow_url, tmp_path):
+    model = f"sweep-{uuid.uuid4().hex[:6]}"
+    experiment = f"sweep-{uuid.uuid4().hex[:6]}"
+    env = _env(mlflow_url, tmp_path, True, model)
+    client = MlflowClient(mlflow_url)
+    base = {**TINY, "tracking": {"experiment": experiment}}
+    base["optim"] = {**TINY["optim"], "epochs": 3}
+    body = {"sweep": {"base": base, "grid": {"seed": [0, 1, 2]}}, "model_name": model}
+
+    def children(parent: str) -> list:
+        experiment_id = client.get_experiment_by_name(experiment).experiment_id
+        return client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+
+    with uvicorn_server(env, tmp_path) as url, httpx.Client(base_url=url, timeout=30) as http:
+        job_id = http.post("/jobs", json=body, headers=AUTH).json()["id"]
+        with worker_process(env, tmp_path, "doomed") as doomed:
+            end = time.monotonic() + 120
+            while not any(r.info.status == "FINISHED" for r in children(job_id)):
+                assert time.monotonic() < end
+                time.sleep(0.2)
+            os.killpg(doomed.pid, signal.SIGKILL)
+            doomed.wait()
+        finished_before = {r.info.run_id for r in children(job_id) if r.info.status == "FINISHED"}
+        with worker_process(env, tmp_path, "second"):
+            done = _wait(http, job_id, {"succeeded", "failed", "cancelled"}, timeout=180)
+    assert done["status"] == "succeeded", done
+    assert [a["attempt"] for a in done["attempts"]] == [1, 2]
+    runs = children(job_id)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    points = sorted(json.loads(r.data.tags["convserve.point"])["seed"] for r in finished)
+    assert points == [0, 1, 2]  # each point finished once
+    assert finished_before <= {r.info.run_id for r in finished}  # kept, not trained again
+    assert len(client.search_model_versions(f"name = '{model}'")) == 1  # published once

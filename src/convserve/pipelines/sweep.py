@@ -126,14 +126,44 @@ def _train_children(
     client: Any = None,
 ) -> list[Row]:
     combos = sweep.combinations()
+    done = _finished_children(sweep, parent_id, client)
     rows: list[Row] = []
     for index, (point, cfg) in enumerate(combos):
         if should_stop is not None and should_stop():
             break
+        if _point_key(point) in done:  # trained by an earlier attempt of this sweep job
+            rows.append(done[_point_key(point)])
+            continue
         step_cb = on_child(index, len(combos), point) if on_child else None
         callbacks = Callbacks(on_step=step_cb, should_stop=should_stop)
         rows.append(_child(cfg, point, parent_id, sweep.metric, callbacks, client))
     return rows
+
+
+def _point_key(point: dict[str, Any]) -> str:
+    return json.dumps(point, sort_keys=True)[:5000]
+
+
+def _finished_children(sweep: SweepConfig, parent_id: str | None, client: Any) -> dict[str, Row]:
+    """Grid points an earlier attempt of the same parent run already finished (a sweep job
+    run again after its worker was lost), by point."""
+    if parent_id is None or client is None:
+        return {}
+    experiment = get_or_create_experiment(client, sweep.base.tracking.experiment)
+    runs = client.search_runs(
+        [experiment],
+        f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FINISHED'",
+        max_results=1000,
+    )
+    done = {}
+    for run in runs:
+        key = run.data.tags.get("convserve.point")
+        if key is not None:
+            verdicts = run.data.tags.get("convserve.verdicts", "")
+            value = run.data.metrics.get(sweep.metric)
+            point = json.loads(key)
+            done[key] = Row(point, "finished", value, verdicts.split(","), run.info.run_id)
+    return done
 
 
 def _select_and_publish(
@@ -174,7 +204,9 @@ def _child(
 ) -> Row:
     name = child_name(cfg, point)
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_name": name})})
-    tags = {"mlflow.parentRunId": parent_id} if parent_id else {}
+    tags = {"convserve.point": _point_key(point)}
+    if parent_id:
+        tags["mlflow.parentRunId"] = parent_id
     try:
         outcome: TrainResult = train(cfg, tags=tags, callbacks=callbacks, client=client)
     except Exception as err:  # a child's failure is recorded; the sweep goes on

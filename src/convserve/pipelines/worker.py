@@ -3,10 +3,10 @@
 The worker registers the job task under its contract name (``convserve.contract.RUN_JOB_TASK``)
 and runs each job: train or sweep, then export, register and promote, writing only while it
 holds the job's lease (``lease.py``). It heartbeats on the job's run while it works; its
-reaper thread takes jobs whose heartbeat is too old from their worker: a training job is
-scheduled again from its last checkpoint while it has attempts left
-(``CONVSERVE_JOB_RETRIES``), any other is failed ("worker lost"). The API never imports this
-module.
+reaper thread takes jobs whose heartbeat is too old from their worker: a job is scheduled
+again while it has attempts left (``CONVSERVE_JOB_RETRIES``; a training job resumes from its
+last checkpoint, a sweep keeps the grid points it finished), else failed ("worker lost").
+The API never imports this module.
 """
 
 from __future__ import annotations
@@ -88,9 +88,9 @@ def _reaper(settings: JobSettings, stop: threading.Event, huey: Any) -> None:
 
 def reap(client: Any, settings: JobSettings, huey: Any = None) -> list[str]:
     """Take every running job whose heartbeat is older than ``worker_lost_after`` seconds
-    from its worker: a training job with attempts left is scheduled again (it resumes from
-    its last checkpoint on whichever worker takes it), any other is failed ("worker lost").
-    Either ends the lost worker's lease."""
+    from its worker: a job with attempts left is scheduled again (a training job resumes from
+    its last checkpoint, a sweep keeps the grid points it finished), one without is failed
+    ("worker lost"). Either ends the lost worker's lease."""
     runs = search_jobs(client, "attributes.status = 'RUNNING'", max_results=1000)
     now, reaped = time.time(), []
     for run in runs:
@@ -104,7 +104,7 @@ def reap(client: Any, settings: JobSettings, huey: Any = None) -> list[str]:
         )
         attempt = int(tags.get("convserve.attempt", "1"))
         history = [*json.loads(tags.get("convserve.attempts", "[]")), _attempt(tags, reason)]
-        if tags.get("convserve.job_kind") == "train" and attempt <= settings.job_retries and huey:
+        if attempt <= settings.job_retries and huey is not None:
             _schedule_again(client, huey, run.info.run_id, attempt + 1, history)
         else:
             client.set_tag(run.info.run_id, "convserve.attempts", json.dumps(history)[:5000])
