@@ -58,7 +58,10 @@ def ceiling_ms(path: Path, png: bytes, seconds: float = 3.0) -> float:
     model = open_model(Source(str(path), "model", "file", path=path), Settings())
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        x, _ = preprocess(png, model.channels, model.height, model.width, 40_000_000)
+        # fitted as the server fits it (the model's metadata: MNIST's digit fit)
+        x, _ = preprocess(
+            png, model.channels, model.height, model.width, 40_000_000, model.meta.fit
+        )
         model.run(x[None], ["probabilities"])
         count += 1
     return (time.perf_counter() - start) / count * 1e3
