@@ -166,14 +166,13 @@ def submit(request: JobRequest, client: Any, huey: Any) -> str:
     return str(run_id)
 
 
-def fail(client: Any, run_id: str, error: str) -> None:
-    """The error and the status in one write: no reader sees a failed job without its error."""
+def fail(client: Any, run_id: str, error: str, tags: dict[str, str] | None = None) -> None:
+    """The error, ``tags`` and the status in one write: no reader sees a failed job without
+    its error."""
     from mlflow.entities import RunTag
 
-    client.log_batch(
-        run_id,
-        tags=[RunTag("convserve.error", error[:5000]), RunTag("convserve.job_status", "failed")],
-    )
+    all_tags = {**(tags or {}), "convserve.error": error[:5000], "convserve.job_status": "failed"}
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in all_tags.items()])
     client.set_terminated(run_id, status="FAILED")
 
 

@@ -107,8 +107,8 @@ def reap(client: Any, settings: JobSettings, huey: Any = None) -> list[str]:
         if attempt <= settings.job_retries and huey is not None:
             _schedule_again(client, huey, run.info.run_id, attempt + 1, history)
         else:
-            client.set_tag(run.info.run_id, "convserve.attempts", json.dumps(history)[:5000])
-            fail(client, run.info.run_id, reason)
+            attempts = {"convserve.attempts": json.dumps(history)[:5000]}
+            fail(client, run.info.run_id, reason, attempts)
         reaped.append(run.info.run_id)
     return reaped
 

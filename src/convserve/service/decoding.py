@@ -69,7 +69,6 @@ def _finish_large(
     try:
         return decode_to_input(image, channels, height, width, fit)
     finally:
-        del image
         _trim()
 
 

@@ -32,6 +32,11 @@ class FitReport:
     steps: list[str] = field(default_factory=list)
 
 
+def report_for(image: Image.Image) -> FitReport:
+    """A report that starts with what was uploaded: size, colour mode and format."""
+    return FitReport("stretch", f"{image.width}x{image.height} {image.mode}", image.format)
+
+
 def stretch(image: Image.Image, height: int, width: int, report: FitReport) -> Image.Image:
     if image.size != (width, height):
         report.steps.append(f"stretched {image.width}x{image.height} to {width}x{height}")

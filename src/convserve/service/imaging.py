@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from convserve.contract import Fit
-from convserve.service.fitting import FitReport, fit_digit, stretch
+from convserve.service.fitting import FitReport, fit_digit, report_for, stretch
 
 FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "MPO", "PPM"}  # PPM: netpbm PBM/PGM/PPM
 
@@ -158,8 +158,7 @@ def to_input(
     """float32 ``[C, H, W]`` in [0, 1] and how it was made: colour mode converted, then fitted
     as the model's metadata says (``fit``; ``None`` or ``stretch``: resized to the model's
     size with bilinear resampling). ``report`` continues one begun while decoding."""
-    if report is None:
-        report = FitReport("stretch", f"{image.width}x{image.height} {image.mode}", image.format)
+    report = report or report_for(image)
     converted = _to_mode(image, "L" if channels == 1 else "RGB")
     if converted.mode != image.mode:
         report.steps.append(f"converted {image.mode} to {converted.mode}")
@@ -186,7 +185,7 @@ def decode_to_input(
     image: Image.Image, channels: int, height: int, width: int, fit: Fit | None
 ) -> tuple[np.ndarray, FitReport]:
     """Decode an opened image, reduced early to what the model can use, into its input."""
-    report = FitReport("stretch", f"{image.width}x{image.height} {image.mode}", image.format)
+    report = report_for(image)
     size = image.size
     image = load(image, work_size(height, width))
     if image.size != size:
