@@ -1,10 +1,12 @@
 """The engine: dynamic batching on a real onnxruntime session, draining, errors."""
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
 
+from convserve.service import engine as engine_module
 from convserve.service.engine import Engine
 from convserve.service.manager import ModelManager
 from convserve.service.metrics import Metrics
@@ -16,7 +18,14 @@ def _run_count(metrics: Metrics) -> float:
     return next(s.value for s in samples if s.name.endswith("_count"))
 
 
-def test_batched_results_equal_unbatched(onnx_path):
+@pytest.fixture
+def threaded(monkeypatch):
+    """Every session.run in the inference threads, as for a model slower than
+    ``INLINE_SECONDS``: requests overlap there, and batches form."""
+    monkeypatch.setattr(engine_module, "INLINE_SECONDS", 0.0)
+
+
+def test_batched_results_equal_unbatched(onnx_path, threaded):
     async def scenario():
         settings = Settings(model_uri=str(onnx_path), max_batch_wait_ms=20, max_batch_size=16)
         manager = ModelManager(settings, Metrics())
@@ -46,7 +55,7 @@ def test_batched_results_equal_unbatched(onnx_path):
     asyncio.run(scenario())
 
 
-def test_a_batch_never_exceeds_the_limit_and_a_lone_request_does_not_wait(onnx_path):
+def test_a_batch_never_exceeds_the_limit_and_a_lone_request_does_not_wait(onnx_path, threaded):
     async def scenario():
         settings = Settings(model_uri=str(onnx_path), max_batch_wait_ms=500, max_batch_size=4)
         manager = ModelManager(settings, Metrics())
@@ -67,7 +76,7 @@ def test_a_batch_never_exceeds_the_limit_and_a_lone_request_does_not_wait(onnx_p
     asyncio.run(scenario())
 
 
-def test_close_drains_requests_in_flight(onnx_path):
+def test_close_drains_requests_in_flight(onnx_path, threaded):
     async def scenario():
         settings = Settings(model_uri=str(onnx_path), max_batch_wait_ms=5)
         manager = ModelManager(settings, Metrics())
@@ -86,7 +95,7 @@ def test_close_drains_requests_in_flight(onnx_path):
     asyncio.run(scenario())
 
 
-def test_a_failed_run_reaches_every_waiting_request(onnx_path):
+def test_a_failed_run_reaches_every_waiting_request(onnx_path, threaded):
     async def scenario():
         settings = Settings(model_uri=str(onnx_path), max_batch_wait_ms=20)
         manager = ModelManager(settings, Metrics())
@@ -113,6 +122,35 @@ def test_outputs_are_read_by_name(onnx_path, batching):
         out = await manager.engine.infer(images, ["features.block2", "probabilities"])
         assert out["features.block2"].shape == (2, 8, 4, 4)
         assert out["probabilities"].shape == (2, 10)
+        await manager.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_fast_model_runs_on_the_event_loop_and_a_slow_one_in_the_threads(onnx_path):
+    """The tiny test model's run takes well under INLINE_SECONDS: no thread hop. Once its
+    measured run time says otherwise, runs move to the inference threads."""
+
+    async def scenario():
+        settings = Settings(model_uri=str(onnx_path))
+        manager = ModelManager(settings, Metrics())
+        await manager.check()
+        engine = manager.engine
+        assert 0 < engine.model.run_seconds < engine_module.INLINE_SECONDS
+        threads = []
+        run = engine.model.run
+
+        def recording_run(batch, outputs):
+            threads.append(threading.get_ident())
+            return run(batch, outputs)
+
+        engine.model.run = recording_run  # type: ignore[method-assign]
+        images = np.zeros((1, 1, 8, 8), np.float32)
+        await engine.infer(images, ["probabilities"])
+        assert threads == [threading.get_ident()]
+        engine.typical_run = 10 * engine_module.INLINE_SECONDS  # as if a large model
+        await engine.infer(images, ["probabilities"])
+        assert threads[1] != threading.get_ident()
         await manager.close()
 
     asyncio.run(scenario())

@@ -3,7 +3,11 @@
 An ``Engine`` belongs to one loaded model. Concurrent requests are gathered into one
 ``session.run`` of at most ``max_batch_size`` images, waiting at most ``max_batch_wait_ms``
 for company. Each image's result is the same as its unbatched result (onnxruntime computes
-every image of a batch independently). When the model is swapped, the old engine drains
+every image of a batch independently). A model whose ``session.run`` takes less than
+``INLINE_SECONDS`` runs on the event loop itself: the hop to a thread and back (a wake-up and
+two GIL hand-overs) would cost more than the run. Slower ones (large models, large batches, a
+GPU's copies) run in the inference threads while the loop goes on parsing requests; the choice
+follows a moving average of the measured run time. When the model is swapped, the old engine drains
 its queue before it closes, so requests in flight finish on the old session.
 """
 
@@ -21,6 +25,8 @@ from convserve.service.metrics import Metrics
 from convserve.service.model import LoadedModel
 
 log = logging.getLogger(__name__)
+
+INLINE_SECONDS = 0.001
 
 
 @dataclass
@@ -53,13 +59,20 @@ class Engine:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
+        self.typical_run = model.run_seconds  # moving average of session.run, seconds
 
     async def infer(self, images: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
         """Outputs for ``images`` ``[N, C, H, W]``, by name."""
         self._inflight += 1
         self._idle.clear()
         try:
-            if self._closing or not self.batching or images.shape[0] >= self.max_batch_size:
+            alone = self._inflight == 1  # nothing queued or running: no company to wait for
+            if (
+                alone
+                or self._closing
+                or not self.batching
+                or images.shape[0] >= self.max_batch_size
+            ):
                 self.metrics.queue_time.observe(0.0)
                 return await self._run(images, outputs)
             future: asyncio.Future[dict[str, np.ndarray]] = (
@@ -73,10 +86,15 @@ class Engine:
                 self._idle.set()
 
     async def _run(self, images: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
-        loop = asyncio.get_running_loop()
         start = time.perf_counter()
-        result = await loop.run_in_executor(self.executor, self.model.run, images, outputs)
-        self.metrics.inference_time.observe(time.perf_counter() - start)
+        if self.typical_run < INLINE_SECONDS:
+            result = self.model.run(images, outputs)
+        else:
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(self.executor, self.model.run, images, outputs)
+        elapsed = time.perf_counter() - start
+        self.typical_run = 0.9 * self.typical_run + 0.1 * elapsed
+        self.metrics.inference_time.observe(elapsed)
         self.metrics.batch_size.observe(images.shape[0])
         self.metrics.images.inc(images.shape[0])
         return result

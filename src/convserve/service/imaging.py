@@ -164,10 +164,10 @@ def to_input(
         report.steps.append(f"converted {image.mode} to {converted.mode}")
     if fit is not None and fit.method == "digit" and channels == 1:
         report.method = "digit"
-        converted = fit_digit(converted, height, width, fit, report)
+        array = fit_digit(converted, height, width, fit, report)
     else:
-        converted = stretch(converted, height, width, report)
-    array = np.asarray(converted, dtype=np.float32) / 255.0
+        array = np.asarray(stretch(converted, height, width, report), np.float32)
+    array *= 1 / 255.0
     if array.ndim == 2:
         return array[None], report
     return np.ascontiguousarray(array.transpose(2, 0, 1)), report

@@ -9,6 +9,7 @@ handed to uvicorn's own process supervisor instead: each worker process (started
 from __future__ import annotations
 
 import copy
+import logging
 from functools import partial
 from typing import Any
 
@@ -18,7 +19,10 @@ from uvicorn.supervisors import Multiprocess
 
 from convserve.pipelines.queue import JobSettings
 from convserve.service.app import create_app
-from convserve.service.settings import Settings
+from convserve.service.model import providers_for
+from convserve.service.settings import Settings, available_cores
+
+log = logging.getLogger("convserve.service")
 
 
 def log_config() -> dict[str, Any]:
@@ -44,7 +48,9 @@ def log_config() -> dict[str, Any]:
 
 def run_server(settings: Settings, job_settings: JobSettings) -> None:
     """Serve until interrupted, on ``settings.host:settings.port`` with ``settings.workers``
-    processes."""
+    processes (0: one per core, see ``Settings.resolved``)."""
+    cuda = "CUDAExecutionProvider" in providers_for(settings.device)
+    settings = settings.resolved(cuda)
     config = uvicorn.Config(
         partial(create_app, settings, job_settings),
         factory=True,
@@ -54,6 +60,16 @@ def run_server(settings: Settings, job_settings: JobSettings) -> None:
         log_level="info",
         log_config=log_config(),
         access_log=False,
+    )
+    log.info(  # after uvicorn.Config, which configures logging
+        "%d worker process%s, %d onnxruntime thread%s each (%d core%s available; "
+        "CONVSERVE_WORKERS and CONVSERVE_INTRA_OP_THREADS to change)",
+        settings.workers,
+        "" if settings.workers == 1 else "es",
+        settings.intra_op_threads,
+        "" if settings.intra_op_threads == 1 else "s",
+        available_cores(),
+        "" if available_cores() == 1 else "s",
     )
     server = uvicorn.Server(config)
     if settings.workers > 1:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr
@@ -15,7 +18,8 @@ class Settings(BaseSettings):
     # models:/NAME/VERSION (pinned).
     model_uri: str = "models:/convserve@champion"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # cuda without a GPU fails at start
-    intra_op_threads: int = Field(0, ge=0)  # onnxruntime threads per operator; 0: its default
+    # onnxruntime threads per operator in each worker; 0: the cores divided among the workers
+    intra_op_threads: int = Field(0, ge=0)
     inter_op_threads: int = Field(0, ge=0)
     poll_interval: float = Field(10.0, gt=0)  # seconds between registry checks of the alias
     cache_dir: str = ".convserve-models"  # where registry versions are downloaded
@@ -35,5 +39,36 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    workers: int = Field(1, ge=1, le=64)  # uvicorn worker processes
+    # uvicorn worker processes; 0: one per core the process may use (at most MAX_AUTO_WORKERS),
+    # one with a GPU
+    workers: int = Field(0, ge=0, le=64)
     mlflow_ui_url: str | None = None  # shown on the web page and in job links
+
+    def resolved(self, cuda: bool = False) -> Settings:
+        """These settings with ``workers`` and ``intra_op_threads`` chosen where they are 0:
+        on CPU, one worker per core that this process may use (at most ``MAX_AUTO_WORKERS``)
+        and the cores divided among them as onnxruntime threads. HTTP parsing and image
+        decoding run in Python, one core per process, so processes, not operator threads,
+        are what a small model's throughput needs. With a GPU, one worker: each process
+        would hold its own CUDA context and memory arena, and batching keeps the GPU fed."""
+        cores = available_cores()
+        workers = self.workers or (1 if cuda else min(cores, MAX_AUTO_WORKERS))
+        threads = self.intra_op_threads or max(1, cores // workers)
+        return self.model_copy(update={"workers": workers, "intra_op_threads": threads})
+
+
+MAX_AUTO_WORKERS = 8
+
+
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota
+    (a container's ``--cpus``)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores

@@ -47,11 +47,16 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 DecoderDep = Annotated[Decoder, Depends(get_decoder)]
 
 
-async def get_engine(manager: ManagerDep) -> Engine:
+def current_engine(manager: ModelManager) -> Engine:
+    """The engine of the model in service; 503 saying what to do when there is none."""
     if manager.engine is None:
         error = f" Last error: {manager.last_error}" if manager.last_error else ""
         raise HTTPException(503, NO_MODEL.format(uri=manager.settings.model_uri, error=error))
     return manager.engine
+
+
+async def get_engine(manager: ManagerDep) -> Engine:
+    return current_engine(manager)
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]

@@ -1,39 +1,104 @@
-"""``POST /predict``: class probabilities and, on request, feature maps."""
+"""``POST /predict``: class probabilities and, on request, feature maps.
+
+This is the route under load, so it reads its request itself: the query through one pydantic
+model (``PredictQuery``), the multipart body with ``service/multipart.py``, the service's parts
+from ``app.state``, and it writes its answer as one JSON serialisation of plain values. FastAPI's
+per-request parameter and dependency resolution cost more than the model's inference here. The
+OpenAPI description is generated from the same ``PredictQuery`` and ``PredictResponse`` models,
+so the documentation stays what the code accepts and answers.
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, File, HTTPException, Query, Request, Response, UploadFile
+from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import to_json
 
 from convserve import contract
-from convserve.service import features
-from convserve.service.api.deps import DecoderDep, EngineDep, MetricsDep, SettingsDep
+from convserve.service import features, multipart
+from convserve.service.api.deps import current_engine
 from convserve.service.api.errors import errors
 from convserve.service.decoding import Decoder, DecoderBusy
 from convserve.service.fitting import FitReport
 from convserve.service.imaging import ImageError
 from convserve.service.metrics import Metrics
 from convserve.service.model import LoadedModel
-from convserve.service.schemas import (
-    ClassScore,
-    FittedInput,
-    ModelRef,
-    Prediction,
-    PredictResponse,
-    Timing,
-)
+from convserve.service.multipart import Part
+from convserve.service.schemas import PredictResponse
 from convserve.service.settings import Settings
 
 router = APIRouter(tags=["predict"])
 
+SEND_IMAGES = "send one image as the multipart field `file`, or several as `files`"
+MAX_OTHER_FIELDS = 16  # multipart parts besides the images, ignored but counted
 
-def model_ref(model: LoadedModel) -> ModelRef:
-    s = model.source
-    return ModelRef(name=s.name, version=s.version, alias=s.alias, run_id=s.run_id)
+
+class PredictQuery(BaseModel):
+    """The query parameters of ``POST /predict``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    top_k: int | None = Field(
+        None, ge=1, description="How many top classes to list (default CONVSERVE_DEFAULT_TOP_K)"
+    )
+    feature_maps: str | None = Field(
+        None, description="'all' or comma-separated block names, e.g. block1,block2"
+    )
+    fit: Literal["model", "none"] = Field(
+        "model",
+        description="model: fit the image as the model's training images were (for digit "
+        "models: crop to the ink, scale to the data set's box, centre by mass, invert a light "
+        "background); none: stretch the whole image to the input size",
+    )
+    format: Literal["png", "array", "stats"] = Field(
+        "png",
+        description="Feature maps as a tiled PNG grid per block, raw arrays, or per-channel "
+        "mean and max",
+    )
+
+
+def _query_parameters() -> list[dict[str, Any]]:
+    parameters = []
+    for name, schema in PredictQuery.model_json_schema()["properties"].items():
+        parameters.append(
+            {
+                "name": name,
+                "in": "query",
+                "required": False,
+                "schema": schema,
+                "description": schema["description"],
+            }
+        )
+    return parameters
+
+
+_UPLOAD = {"type": "string", "contentMediaType": "application/octet-stream"}
+_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "file": {**_UPLOAD, "description": "One image"},
+                    "files": {
+                        "type": "array",
+                        "items": _UPLOAD,
+                        "description": "Several images, answered in order",
+                    },
+                },
+            },
+            # a plain-text PGM (netpbm) image: 3x3 grey, a vertical stroke
+            "example": {"file": "P2 3 3 255 0 255 0 0 255 0 0 255 0"},
+        }
+    },
+}
 
 
 def requested_blocks(model: LoadedModel, feature_maps: str | None) -> list[str]:
@@ -62,108 +127,105 @@ def requested_blocks(model: LoadedModel, feature_maps: str | None) -> list[str]:
         503,
         e400="A malformed multipart body",
         e422="Not a usable image (empty, not an image, truncated or corrupt, a format not "
-        "accepted), an unknown block, or feature maps too large for one answer",
+        "accepted), an unknown block, invalid parameters, or feature maps too large for one "
+        "answer",
         e503="No model loaded yet, or CONVSERVE_MAX_LARGE_DECODES large images are being "
         "decoded already (with Retry-After)",
     ),
-    openapi_extra={
-        "requestBody": {
-            "content": {
-                "multipart/form-data": {
-                    # a plain-text PGM (netpbm) image: 3x3 grey, a vertical stroke
-                    "example": {"file": "P2 3 3 255 0 255 0 0 255 0 0 255 0"},
-                }
-            }
-        }
-    },
+    openapi_extra={"parameters": _query_parameters(), "requestBody": _BODY},
 )
-async def predict(
-    request: Request,
-    engine: EngineDep,
-    decoder: DecoderDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
-    file: Annotated[UploadFile | None, File(description="One image")] = None,
-    files: Annotated[
-        list[UploadFile] | None, File(description="Several images, answered in order")
-    ] = None,
-    top_k: Annotated[
-        int | None,
-        Query(ge=1, description="How many top classes to list (default CONVSERVE_DEFAULT_TOP_K)"),
-    ] = None,
-    feature_maps: Annotated[
-        str | None, Query(description="'all' or comma-separated block names, e.g. block1,block2")
-    ] = None,
-    fit: Annotated[
-        Literal["model", "none"],
-        Query(
-            description="model: fit the image as the model's training images were (for digit "
-            "models: crop to the ink, scale to the data set's box, centre by mass, invert a "
-            "light background); none: stretch the whole image to the input size"
-        ),
-    ] = "model",
-    format: Annotated[
-        Literal["png", "array", "stats"],
-        Query(
-            description="Feature maps as a tiled PNG grid per block, raw arrays, or per-channel "
-            "mean and max"
-        ),
-    ] = "png",
-) -> Response:
+async def predict(request: Request) -> Response:
     """Images in PNG, JPEG, WebP, BMP, GIF (first frame), TIFF or PNM, any colour mode;
     converted to the model's channels, EXIF orientation applied, fitted as the model's
     metadata says."""
     start = time.perf_counter()
-    uploads = ([file] if file is not None else []) + list(files or [])
+    state = request.app.state
+    settings: Settings = state.settings
+    engine = current_engine(state.manager)
+    query = _query(request)
     model = engine.model
-    blocks = _check_request(uploads, model, feature_maps, format, settings)
-    batch, fitted = await _decode_all(uploads, decoder, model, metrics, fit == "model")
+    uploads = await _uploads(request, settings)
+    blocks = _check_request(uploads, model, query, settings)
+    batch, fitted = await _decode_all(
+        uploads, state.decoder, model, state.metrics, query.fit == "model"
+    )
     decoded = time.perf_counter()
     result = await engine.infer(
         batch, [contract.PROBABILITIES, *(contract.feature_output(b) for b in blocks)]
     )
     inferred = time.perf_counter()
-    k = min(top_k or settings.default_top_k, len(model.labels))
+    k = min(query.top_k or settings.default_top_k, len(model.labels))
     predictions = [
-        _prediction(upload.filename, fitted[i], i, result, model, blocks, k, format)
+        _prediction(upload.filename, fitted[i], i, result, model, blocks, k, query.format)
         for i, upload in enumerate(uploads)
     ]
     end = time.perf_counter()
-    body = PredictResponse(
-        request_id=getattr(request.state, "request_id", None) or uuid.uuid4().hex,
-        model=model_ref(model),
-        predictions=predictions,
-        time=Timing(
-            decode_ms=(decoded - start) * 1e3,
-            inference_ms=(inferred - decoded) * 1e3,
-            total_ms=(end - start) * 1e3,
-        ),
-    )
-    # Already a validated model: serialise once instead of FastAPI's second validation.
-    return Response(body.model_dump_json(exclude_none=True), media_type="application/json")
+    body = {
+        "request_id": request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex,
+        "model": _model_ref(model),
+        "predictions": predictions,
+        "time": {
+            "decode_ms": (decoded - start) * 1e3,
+            "inference_ms": (inferred - decoded) * 1e3,
+            "total_ms": (end - start) * 1e3,
+        },
+    }
+    return Response(to_json(body), media_type="application/json")
+
+
+def _query(request: Request) -> PredictQuery:
+    try:
+        return PredictQuery.model_validate(dict(request.query_params))
+    except ValidationError as err:
+        raise RequestValidationError(
+            [{**e, "loc": ("query", *e["loc"])} for e in err.errors()]
+        ) from None
+
+
+async def _uploads(request: Request, settings: Settings) -> list[Part]:
+    """The ``file`` and ``files`` parts, in order; other fields are ignored."""
+    body = await request.body()
+    if not body:
+        return []
+    try:
+        parts = multipart.parse(
+            body,
+            multipart.boundary(request.headers.get("content-type")),
+            max_parts=settings.max_files + MAX_OTHER_FIELDS,
+        )
+    except multipart.NotMultipart as err:
+        raise HTTPException(422, f"{SEND_IMAGES} ({err})") from None
+    except multipart.MultipartError as err:
+        raise HTTPException(400, f"malformed multipart body: {err}") from None
+    uploads = [p for p in parts if p.name in ("file", "files")]
+    if any(p.filename is None for p in uploads):
+        raise HTTPException(
+            422, "`file` and `files` must be file uploads (multipart parts with a filename)"
+        )
+    return uploads
+
+
+def _model_ref(model: LoadedModel) -> dict[str, str]:
+    s = model.source
+    ref = {"name": s.name, "version": s.version, "alias": s.alias, "run_id": s.run_id}
+    return {k: v for k, v in ref.items() if v is not None}
 
 
 def _check_request(
-    uploads: list[UploadFile],
-    model: LoadedModel,
-    feature_maps: str | None,
-    format: str,
-    settings: Settings,
+    uploads: list[Part], model: LoadedModel, query: PredictQuery, settings: Settings
 ) -> list[str]:
     """Refuse what cannot be answered before any image is decoded; the blocks asked for."""
     if not uploads:
-        raise HTTPException(
-            422, "send one image as the multipart field `file`, or several as `files`"
-        )
+        raise HTTPException(422, SEND_IMAGES)
     if len(uploads) > settings.max_files:
         raise HTTPException(
             413,
             f"{len(uploads)} images in one request; the limit is "
             f"{settings.max_files} (CONVSERVE_MAX_FILES)",
         )
-    blocks = requested_blocks(model, feature_maps)
+    blocks = requested_blocks(model, query.feature_maps)
     shapes = [model.feature_shapes[b] for b in blocks]
-    size = features.estimate_bytes(shapes, format, len(uploads))
+    size = features.estimate_bytes(shapes, query.format, len(uploads))
     if size > settings.max_response_bytes:
         raise HTTPException(
             422,
@@ -176,16 +238,19 @@ def _check_request(
 
 
 async def _decode_all(
-    uploads: list[UploadFile], decoder: Decoder, model: LoadedModel, metrics: Metrics, fit: bool
+    uploads: list[Part], decoder: Decoder, model: LoadedModel, metrics: Metrics, fit: bool
 ) -> tuple[np.ndarray, list[FitReport]]:
     """Every upload as the model's input, stacked ``[N, C, H, W]``, and how each was fitted;
     a bad one answers 4xx, and 503 when large decodes are all busy."""
     arrays, reports = [], []
     for upload in uploads:
-        data = await upload.read()
         try:
             array, report = await decoder.prepare(
-                data, model.channels, model.height, model.width, model.meta.fit if fit else None
+                upload.data,
+                model.channels,
+                model.height,
+                model.width,
+                model.meta.fit if fit else None,
             )
         except ImageError as err:
             metrics.rejected.labels("image").inc()
@@ -200,7 +265,7 @@ async def _decode_all(
             ) from None
         arrays.append(array)
         reports.append(report)
-    return np.stack(arrays), reports
+    return (arrays[0][None] if len(arrays) == 1 else np.stack(arrays)), reports
 
 
 def _prediction(
@@ -211,23 +276,31 @@ def _prediction(
     model: LoadedModel,
     blocks: list[str],
     k: int,
-    format: str,
-) -> Prediction:
+    fmt: str,
+) -> dict[str, Any]:
+    """One image's answer, shaped as ``schemas.Prediction``."""
     probs = result[contract.PROBABILITIES][i]
-    order = np.argsort(-probs)[:k]
-    fmaps = {b: features.render(result[contract.feature_output(b)][i], format) for b in blocks}
-    return Prediction(
-        filename=filename,
-        input=FittedInput(
-            original=fitted.original,
-            format=fitted.format,
-            fit=fitted.method,  # type: ignore[arg-type]
-            steps=fitted.steps,
-        ),
-        top_k=[
-            ClassScore(label=model.labels[j], index=int(j), probability=float(probs[j]))
-            for j in order
-        ],
-        probabilities={label: float(p) for label, p in zip(model.labels, probs, strict=True)},
-        feature_maps=fmaps or None,
-    )
+    values = probs.tolist()
+    labels = model.labels
+    order = np.argsort(-probs)[:k].tolist()
+    fitted_input: dict[str, Any] = {
+        "original": fitted.original,
+        "fit": fitted.method,
+        "steps": fitted.steps,
+    }
+    if fitted.format is not None:
+        fitted_input["format"] = fitted.format
+    answer: dict[str, Any] = {} if filename is None else {"filename": filename}
+    answer |= {
+        "input": fitted_input,
+        "top_k": [{"label": labels[j], "index": j, "probability": values[j]} for j in order],
+        "probabilities": dict(zip(labels, values, strict=True)),
+    }
+    if blocks:
+        answer["feature_maps"] = {
+            b: features.render(result[contract.feature_output(b)][i], fmt).model_dump(
+                exclude_none=True
+            )
+            for b in blocks
+        }
+    return answer
