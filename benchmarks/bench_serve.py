@@ -19,7 +19,8 @@ concurrency 1, 8 and 32: requests/s, p50 and p99 latency, p99/p50 and errors (th
 - idle RSS at most 150 MB per serving process; start to first answer at most 1 s;
 - zero errors, and convserve's answer equal to in-process onnxruntime's on the same input.
 
-Needs wrk (Debian: apt-get install wrk). Pass ``--env KEY=VALUE`` to try other settings.
+Needs wrk (Debian: apt-get install wrk). Pass ``--env KEY=VALUE`` to try other settings of
+``convserve serve`` (e.g. ``CONVSERVE_WORKERS=1``), ``--query fit=none`` to skip the digit fit.
 """
 
 from __future__ import annotations
@@ -172,9 +173,9 @@ def _ms(out: str, percentile: str) -> float:
     return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[m.group(2)]
 
 
-def wrk(port: int, lua: Path, connections: int, seconds: int) -> dict[str, float]:
+def wrk(port: int, lua: Path, connections: int, seconds: int, query: str) -> dict[str, float]:
     threads = 1 if connections == 1 else 2
-    url = f"http://127.0.0.1:{port}/predict"
+    url = f"http://127.0.0.1:{port}/predict" + (f"?{query}" if query else "")
     argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--latency"]
     out = subprocess.run(
         [*argv, "-s", str(lua), url],
@@ -216,6 +217,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--only", choices=["convserve", "minimal", "floor"], action="append", help="servers to run"
+    )
+    parser.add_argument(
+        "--query",
+        default="",
+        help="query string for every request, e.g. fit=none (the baselines ignore it)",
     )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -272,7 +278,10 @@ def main() -> None:
                 time.sleep(1.0)
                 server.measure_idle()
                 for c in CONCURRENCY:
-                    runs = [wrk(server.port, lua, c, args.seconds) for _ in range(args.repeats)]
+                    runs = [
+                        wrk(server.port, lua, c, args.seconds, args.query)
+                        for _ in range(args.repeats)
+                    ]
                     best = max(runs, key=lambda r: r["rps"])
                     best["errors"] = sum(r["errors"] for r in runs)
                     server.points[c] = best

@@ -154,3 +154,30 @@ def test_a_fast_model_runs_on_the_event_loop_and_a_slow_one_in_the_threads(onnx_
         await manager.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("cores", "workers", "threads", "cuda", "expected"),
+    [
+        (2, 0, 0, False, (2, 1)),  # one process per core, one operator thread each
+        (16, 0, 0, False, (8, 2)),  # at most 8 processes; the cores shared among them
+        (16, 4, 0, False, (4, 4)),
+        (1, 0, 0, False, (1, 1)),
+        (8, 0, 0, True, (1, 8)),  # a GPU: one process
+        (4, 3, 2, False, (3, 2)),  # as set
+    ],
+)
+def test_workers_and_threads_follow_the_cores(monkeypatch, cores, workers, threads, cuda, expected):
+    from convserve.service import settings as settings_module
+
+    monkeypatch.setattr(settings_module, "available_cores", lambda: cores)
+    s = Settings(workers=workers, intra_op_threads=threads).resolved(cuda)
+    assert (s.workers, s.intra_op_threads) == expected
+
+
+def test_available_cores_is_the_affinity():
+    import os
+
+    from convserve.service.settings import available_cores
+
+    assert 1 <= available_cores() <= len(os.sched_getaffinity(0))

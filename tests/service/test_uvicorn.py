@@ -218,7 +218,7 @@ def test_v2_unknown_model_and_version(server):
 
 
 def _server_processes(pid: int) -> list[int]:
-    """Children of ``pid`` started by multiprocessing's spawn (not its resource tracker)."""
+    """The worker processes under ``pid`` (forked: not multiprocessing's resource tracker)."""
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -226,7 +226,7 @@ def _server_processes(pid: int) -> list[int]:
             cmdline = (stat.parent / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(fields[1]) == pid and b"spawn_main" in cmdline:
+        if int(fields[1]) == pid and b"resource_tracker" not in cmdline:
             out.append(int(stat.parent.name))
     return out
 
@@ -235,6 +235,9 @@ def test_serve_options_reach_every_worker_process(onnx_path, tmp_path):
     """``convserve serve --workers 2 --model-uri ...``: the options travel as settings objects
     (no CONVSERVE_MODEL_URI in the environment), and both processes serve the model."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")}
+    env["TMPDIR"] = str(tmp_path / "tmp")
+    env["CONVSERVE_API_TOKEN"] = "tok"
+    (tmp_path / "tmp").mkdir()
     port = free_port()
     cli = str(Path(sys.executable).parent / "convserve")
     argv = [cli, "serve", "--model-uri", str(onnx_path), "--workers", "2", "--port", str(port)]
@@ -245,11 +248,47 @@ def test_serve_options_reach_every_worker_process(onnx_path, tmp_path):
         while len(_server_processes(proc.pid)) < 2 and time.monotonic() < end:
             time.sleep(0.2)
         assert len(_server_processes(proc.pid)) == 2
+        log = (tmp_path / "serve.log").read_text()
+        assert "2 worker processes, " in log and "onnxruntime thread" in log
         for _ in range(20):  # whichever process answers, it serves the file it was given
             assert httpx.get(f"{url}/v1/model").json()["uri"] == str(onnx_path)
-        r = httpx.post(f"{url}/predict", files={"file": ("x.png", _png())})
-        assert r.status_code == 200
+        for _ in range(30):  # new connections: the kernel spreads them over the processes
+            r = httpx.post(f"{url}/predict", files={"file": ("x.png", _png())})
+            assert r.status_code == 200
+        # every scrape, whichever process takes it, counts the requests of both
+        for _ in range(6):
+            metrics = httpx.get(f"{url}/metrics").text
+            assert (
+                _sample(
+                    metrics,
+                    'convserve_http_requests_total{method="POST",route="/predict",status="200"}',
+                )
+                == 30
+            )
+            assert _sample(metrics, "convserve_inference_images_total") == 30
+        # /admin/reload reaches one worker; it passes the request on to the other
+        assert _sample(metrics, "convserve_model_reloads_total") == 2
+        auth = {"Authorization": "Bearer tok"}
+        r = httpx.post(f"{url}/admin/reload", params={"force": True}, headers=auth)
+        assert r.status_code == 200 and r.json()["changed"]
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            reloads = _sample(httpx.get(f"{url}/metrics").text, "convserve_model_reloads_total")
+            if reloads == 4:
+                break
+            time.sleep(0.1)
+        assert reloads == 4
+        (folder,) = (tmp_path / "tmp").glob("convserve-metrics-*")  # made by serve
+        assert len(list(folder.glob("counter_*.db"))) == 2  # both processes counted requests
+    assert not folder.exists()  # removed at the end
     assert not (tmp_path / "mlflow.db").exists()  # a server that only predicts opens no store
+
+
+def _sample(metrics: str, name: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in the metrics")
 
 
 def _raw_upload(url: str, head: bytes, chunks: list[bytes]) -> bytes:

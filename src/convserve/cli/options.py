@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from convserve.training.configfiles import shipped_configs
+from convserve.training import shipped_configs
 
 ConfigOption = Annotated[
     str,

@@ -25,7 +25,11 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Default: CONVSERVE_HOST or 127.0.0.1.")] = None,
     port: Annotated[int | None, typer.Option(help="Default: CONVSERVE_PORT or 8000.")] = None,
     workers: Annotated[
-        int | None, typer.Option(help="uvicorn worker processes. Default: CONVSERVE_WORKERS or 1.")
+        int | None,
+        typer.Option(
+            help="Worker processes. Default: CONVSERVE_WORKERS, else one per core this process "
+            "may use (at most 8; one with a GPU), each with cores/workers onnxruntime threads."
+        ),
     ] = None,
     device: Annotated[
         str | None, typer.Option(help="auto, cpu or cuda. Default: CONVSERVE_DEVICE or auto.")

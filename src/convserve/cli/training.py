@@ -10,8 +10,6 @@ import typer
 from convserve.cli.app import app, console, err_console, fail
 from convserve.cli.options import ConfigOption, MarginOption, ModelNameOption, SetOption
 from convserve.cli.report import TrainProgress, report_published, report_run
-from convserve.training.config import ConfigError
-from convserve.training.configfiles import load_config
 
 if TYPE_CHECKING:
     from convserve.pipelines.experiments import Finding
@@ -34,7 +32,8 @@ def train(
 
     Exits 0 when training finishes, 1 when it diverges or is cancelled, 2 on a bad config.
     """
-    from convserve.training.configfiles import apply_overrides, validate_config
+    from convserve.training.config import ConfigError
+    from convserve.training.configfiles import apply_overrides, load_config, validate_config
 
     try:
         if resume is not None:
@@ -93,6 +92,7 @@ def sweep(
     """Train every point of a grid as nested MLflow runs, then export, register and promote
     the best. Exits 1 when no point finished or the best export fails its checks."""
     from convserve.pipelines.sweep import label, run_sweep
+    from convserve.training.config import ConfigError
     from convserve.training.configfiles import load_sweep
     from convserve.training.export import ExportCheckFailed
 

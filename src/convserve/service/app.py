@@ -139,15 +139,23 @@ async def _empty_receive() -> Message:
 
 
 class JobQueue:
-    """The job queue and the MLflow client, as the API sees them. The client is made on the
-    first jobs request: a server that only predicts never opens the tracking store, and
-    worker processes do not race to create a SQLite store at start-up."""
+    """The job queue and the MLflow client, as the API sees them. Both are made on the first
+    jobs request: a server that only predicts never imports Huey, Redis's client or MLflow,
+    never opens the tracking store, and its worker processes do not race to create a SQLite
+    store at start-up."""
 
     def __init__(self, settings: JobSettings) -> None:
         self.settings = settings
-        self.huey = make_queue(settings)
+        self._huey: Any = None
         self._client: Any = None
         self._lock = threading.Lock()
+
+    @property
+    def huey(self) -> Any:
+        with self._lock:
+            if self._huey is None:
+                self._huey = make_queue(self.settings)
+            return self._huey
 
     @property
     def client(self) -> Any:

@@ -19,7 +19,7 @@ from convserve.contract import Fit
 
 # A pixel is ink when it stands out from the background by this share of the image's range.
 INK_THRESHOLD = 0.25
-MNIST_STROKE = 3.4  # stroke width of MNIST's training digits in pixels of 28 (see _stroke_width)
+MNIST_STROKE = 3.4  # stroke width of MNIST's training digits in pixels of 28 (see _thicken)
 
 
 @dataclass
@@ -71,7 +71,7 @@ def fit_digit(
         crop = (crop * (255.0 / peak)).astype(np.uint8)
     report.steps.append(f"cropped to the ink: {right - left}x{bottom - top} at ({left}, {top})")
     box = max(1, round(fit.box * min(height, width)))
-    digit = _stroke_width(Image.fromarray(crop), box, report)
+    digit = Image.fromarray(_thicken(crop, box, report))
     scale = box / max(digit.size)
     size = (max(1, round(digit.width * scale)), max(1, round(digit.height * scale)))
     # LANCZOS anti-aliases like the MNIST normalisation, which left grey levels at the edges
@@ -96,28 +96,26 @@ def stroke_width(mask: np.ndarray) -> float:
     return 2.0 * area / max(edge, 1)
 
 
-def _stroke_width(crop: Image.Image, box: int, report: FitReport) -> Image.Image:
+def _thicken(crop: np.ndarray, box: int, report: FitReport) -> np.ndarray:
     """Thicken strokes that scaling would thin below MNIST's: its digits' strokes are about
     3.4 px wide in 28 (median of the training set, ``stroke_width``), a pen line across a
     large canvas would be a fraction of a pixel. Works at four times the box, so the cost does
     not grow with the upload."""
     work = 4 * box
-    if max(crop.size) > work:
-        ratio = work / max(crop.size)
-        crop = crop.resize(
-            (max(1, round(crop.width * ratio)), max(1, round(crop.height * ratio))),
-            Image.Resampling.BOX,
-        )
-    array = np.asarray(crop)
-    framed = np.zeros((array.shape[0] + 2, array.shape[1] + 2), bool)
-    framed[1:-1, 1:-1] = array > INK_THRESHOLD * int(array.max())
+    if max(crop.shape) > work:
+        ratio = work / max(crop.shape)
+        size = (max(1, round(crop.shape[1] * ratio)), max(1, round(crop.shape[0] * ratio)))
+        crop = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.BOX))
+    framed = np.zeros((crop.shape[0] + 2, crop.shape[1] + 2), bool)
+    framed[1:-1, 1:-1] = crop > INK_THRESHOLD * int(crop.max())
     width = stroke_width(framed)
-    target = MNIST_STROKE * max(crop.size) / box
+    longer = max(crop.shape)
+    target = MNIST_STROKE * longer / box
     if width < 0.75 * target:
         size = round(target - width) // 2 * 2 + 1  # odd, at least 1
         if size > 1:
-            crop = Image.fromarray(_dilate(array, size))
-            report.steps.append(f"thickened thin strokes ({width * box / max(crop.size):.1f} px)")
+            crop = _dilate(crop, size)
+            report.steps.append(f"thickened thin strokes ({width * box / longer:.1f} px)")
     return crop
 
 

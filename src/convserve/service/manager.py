@@ -5,6 +5,11 @@ atomically; the old engine drains its in-flight requests before it closes. A ver
 fails its checks is refused for good (until ``/admin/reload?force=true``), logged and
 counted; one that could not be fetched (registry or artifact store down) is tried again with
 backoff. Either way the old one keeps serving.
+
+With several worker processes, each has its own manager and follows the alias on its own.
+``/admin/reload`` reaches one of them; it reloads, then writes the request to a file in
+``CONVSERVE_PEERS_DIR`` (a folder ``convserve serve`` makes for its workers), which the others
+watch every ``PEER_WATCH_SECONDS`` and follow.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ log = logging.getLogger(__name__)
 
 
 MAX_BACKOFF = 300.0  # seconds between tries of a version that could not be fetched
+PEER_WATCH_SECONDS = 0.25  # how often a worker looks for another worker's reload request
 
 
 @dataclass
@@ -68,6 +74,9 @@ class ModelManager:
         self.last_check: float | None = None
         self._lock = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()
+        peers = settings.peers_dir
+        self._peer_file = Path(peers) / "reload" if peers else None
+        self._peer_seen = self._read_peer_file()
         self._client: Any = None
 
     @property
@@ -188,11 +197,49 @@ class ModelManager:
             task.add_done_callback(self._closing.discard)
 
     async def poll(self) -> None:
-        """Follow the alias until cancelled; also retries while no model is loaded."""
+        """Follow the alias until cancelled; also retries while no model is loaded, and
+        follows the reload requests other workers pass on."""
+        next_poll = time.monotonic() + self.settings.poll_interval
         while True:
-            await asyncio.sleep(self.settings.poll_interval)
-            if self.follows_alias or self.model is None:
-                await self.check()
+            remaining = max(0.0, next_poll - time.monotonic())
+            watching = self._peer_file is not None
+            await asyncio.sleep(min(remaining, PEER_WATCH_SECONDS) if watching else remaining)
+            request = self._peer_request()
+            if request is not None:
+                await self.check(force=request)
+            if time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + self.settings.poll_interval
+                if self.follows_alias or self.model is None:
+                    await self.check()
+
+    async def reload(self, force: bool) -> ReloadOutcome:
+        """``/admin/reload``: check now, and have every other worker process do the same."""
+        outcome = await self.check(force=force)
+        if self._peer_file is not None:
+            temporary = self._peer_file.with_name(f".{os.getpid()}.tmp")
+            temporary.write_text(f"{os.getpid()} {time.time_ns()} {int(force)}")
+            temporary.replace(self._peer_file)  # atomic: a reader sees all of it or none
+            self._peer_seen = self._peer_file.read_text()
+        return outcome
+
+    def _read_peer_file(self) -> str | None:
+        try:
+            return self._peer_file.read_text() if self._peer_file is not None else None
+        except OSError:
+            return None
+
+    def _peer_request(self) -> bool | None:
+        """Another worker's reload request not yet followed: its ``force``; else None."""
+        if self._peer_file is None:
+            return None
+        try:
+            request = self._peer_file.read_text()
+        except OSError:  # none yet
+            return None
+        if request == self._peer_seen:
+            return None
+        self._peer_seen = request
+        return request.endswith(" 1")
 
     async def close(self) -> None:
         if self.engine is not None:

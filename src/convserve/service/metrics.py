@@ -1,10 +1,29 @@
 """Prometheus metrics, one registry per app. Names follow Triton's and BentoML's where they
 fit: request counts and latency by route, queue time, batch size, inference time, the model
-version served, reloads and refused versions."""
+version served, reloads and refused versions.
+
+With several worker processes (``PROMETHEUS_MULTIPROC_DIR`` set by ``run_server`` before they
+start), every process writes its values to files in that folder and ``/metrics`` answers with
+the sum over all of them, whichever process takes the scrape (prometheus_client's multiprocess
+mode). ``convserve_model_info`` is then the maximum over the processes: 1 for each version some
+process serves.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -49,10 +68,12 @@ class Metrics:
         self.images = Counter("convserve_inference_images", "Images inferred", registry=r)
         self.model_info = Gauge(
             "convserve_model_info",
-            "The model version being served (1)",
+            "The model version being served (1), and versions served before (0)",
             ["name", "version", "alias", "run_id", "providers"],
             registry=r,
+            multiprocess_mode="max",
         )
+        self._serving: tuple[str, ...] | None = None
         self.reloads = Counter(
             "convserve_model_reloads", "Model versions loaded and put into service", registry=r
         )
@@ -74,5 +95,15 @@ class Metrics:
         )
 
     def serving(self, name: str, version: str, alias: str, run_id: str, providers: str) -> None:
-        self.model_info.clear()
-        self.model_info.labels(name, version, alias, run_id, providers).set(1)
+        if self._serving is not None:  # 0, not removed: another process's file keeps it
+            self.model_info.labels(*self._serving).set(0)
+        self._serving = (name, version, alias, run_id, providers)
+        self.model_info.labels(*self._serving).set(1)
+
+    def exposition(self) -> bytes:
+        """The text format: this process's values, or every worker's summed."""
+        if os.environ.get(MULTIPROCESS_DIR):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)

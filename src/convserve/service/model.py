@@ -5,6 +5,7 @@ check it. Everything the service needs comes from the model's own metadata
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import time
@@ -133,11 +134,12 @@ def download(source: Source, client: Any, cache_dir: Path) -> Source:
 
 
 def _fetch(uri: str, client: Any, target: Path) -> None:
-    """Download into a fresh partial folder, then move the ``.onnx`` into place: a broken
-    download never leaves a file in the cache."""
+    """Download into a fresh partial folder of this process, then move the ``.onnx`` into
+    place: a broken download never leaves a file in the cache, and worker processes fetching
+    the same version at once do not meet in one folder."""
     import mlflow
 
-    tmp = target.with_name(f".{target.name}.partial")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp), tracking_uri=client.tracking_uri)

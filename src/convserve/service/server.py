@@ -8,17 +8,26 @@ handed to uvicorn's own process supervisor instead: each worker process (started
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
 import uvicorn
+from prometheus_client import values as prometheus_values
+from uvicorn import _subprocess
 from uvicorn.config import LOGGING_CONFIG
 from uvicorn.supervisors import Multiprocess
 
 from convserve.pipelines.queue import JobSettings
 from convserve.service.app import create_app
+from convserve.service.metrics import MULTIPROCESS_DIR
 from convserve.service.model import providers_for
 from convserve.service.settings import Settings, available_cores
 
@@ -51,6 +60,19 @@ def run_server(settings: Settings, job_settings: JobSettings) -> None:
     processes (0: one per core, see ``Settings.resolved``)."""
     cuda = "CUDAExecutionProvider" in providers_for(settings.device)
     settings = settings.resolved(cuda)
+    if settings.workers == 1:
+        uvicorn.Server(_config(settings, job_settings)).run()
+        return
+    # Forked after the service is imported: a worker starts in milliseconds, not the second a
+    # fresh interpreter takes to import it (uvicorn spawns by default). This process has
+    # started no thread and no onnxruntime session: nothing to inherit badly.
+    _subprocess.spawn = multiprocessing.get_context("fork")  # type: ignore[assignment]
+    with shared_metrics(), tempfile.TemporaryDirectory(prefix="convserve-peers-") as peers:
+        config = _config(settings.model_copy(update={"peers_dir": peers}), job_settings)
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+
+
+def _config(settings: Settings, job_settings: JobSettings) -> uvicorn.Config:
     config = uvicorn.Config(
         partial(create_app, settings, job_settings),
         factory=True,
@@ -61,6 +83,7 @@ def run_server(settings: Settings, job_settings: JobSettings) -> None:
         log_config=log_config(),
         access_log=False,
     )
+    cores = available_cores()
     log.info(  # after uvicorn.Config, which configures logging
         "%d worker process%s, %d onnxruntime thread%s each (%d core%s available; "
         "CONVSERVE_WORKERS and CONVSERVE_INTRA_OP_THREADS to change)",
@@ -68,11 +91,28 @@ def run_server(settings: Settings, job_settings: JobSettings) -> None:
         "" if settings.workers == 1 else "es",
         settings.intra_op_threads,
         "" if settings.intra_op_threads == 1 else "s",
-        available_cores(),
-        "" if available_cores() == 1 else "s",
+        cores,
+        "" if cores == 1 else "s",
     )
-    server = uvicorn.Server(config)
-    if settings.workers > 1:
-        Multiprocess(config, sockets=[config.bind_socket()]).run()
-    else:
-        server.run()
+    return config
+
+
+@contextlib.contextmanager
+def shared_metrics() -> Iterator[None]:
+    """A fresh folder for the worker processes' metric files (``metrics.py``), removed at the
+    end; one named in ``PROMETHEUS_MULTIPROC_DIR`` already is used as it is."""
+    if os.environ.get(MULTIPROCESS_DIR):
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="convserve-metrics-")
+    os.environ[MULTIPROCESS_DIR] = folder  # inherited by the workers
+    # prometheus_client chose its value store when this process imported it; the forked
+    # workers inherit that choice, so it is made again now that the folder is set
+    single = prometheus_values.ValueClass
+    prometheus_values.ValueClass = prometheus_values.get_value_class()
+    try:
+        yield
+    finally:
+        prometheus_values.ValueClass = single
+        del os.environ[MULTIPROCESS_DIR]
+        shutil.rmtree(folder, ignore_errors=True)

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     # one with a GPU
     workers: int = Field(0, ge=0, le=64)
     mlflow_ui_url: str | None = None  # shown on the web page and in job links
+    # set by `convserve serve` for its worker processes: where one passes /admin/reload on
+    peers_dir: str | None = None
 
     def resolved(self, cuda: bool = False) -> Settings:
         """These settings with ``workers`` and ``intra_op_threads`` chosen where they are 0:

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from convserve.training import CONFIG_DIR, shipped_configs
 from convserve.training import overrides as _overrides
 from convserve.training.config import (
     ConfigError,
@@ -16,8 +17,6 @@ from convserve.training.config import (
     TrainConfig,
     format_validation_error,
 )
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def apply_overrides(data: dict[str, Any], changes: list[str]) -> dict[str, Any]:
@@ -36,7 +35,7 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     shipped = CONFIG_DIR / f"{name_or_path}.yaml"
     if shipped.exists():
         return shipped
-    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    names = ", ".join(shipped_configs())
     raise ConfigError(f"no config file {str(name_or_path)!r}; shipped configs: {names}")
 
 
@@ -66,10 +65,6 @@ def validate_config(data: dict[str, Any]) -> TrainConfig:
         return TrainConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError("invalid training config:\n" + format_validation_error(err)) from err
-
-
-def shipped_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
 def load_sweep(name_or_path: str | Path, overrides: list[str] | None = None) -> SweepConfig:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from convserve.service.api.deps import EngineDep, ManagerDep, MetricsDep, TokenDep
 from convserve.service.api.errors import errors
@@ -101,7 +101,7 @@ async def metrics(metrics: MetricsDep) -> Response:
     """Requests by route and status, latency, batch sizes, queue and inference time, images,
     rejected uploads, model reloads and refusals, and the model being served, in Prometheus'
     text format."""
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.post(
@@ -119,6 +119,7 @@ async def reload(
         Query(description="Reload even the version being served, and retry a refused one"),
     ] = False,
 ) -> ReloadResult:
-    """``force=true`` reloads even the same version, and retries a refused one."""
-    outcome = await manager.check(force=force)
+    """``force=true`` reloads even the same version, and retries a refused one. With several
+    worker processes, the one that answers reloads now and the others within a second."""
+    outcome = await manager.reload(force=force)
     return ReloadResult(changed=outcome.changed, version=outcome.version, message=outcome.message)
