@@ -118,12 +118,27 @@ def test_dead_units_are_counted_per_channel(tiny):
 
 
 def test_distinct_fraction():
+    torch.manual_seed(0)
     w = torch.randn(10, 4, 3, 3)
     assert distinct_fraction(w) == 1.0
     w[3] = w[1]
     w[7] = w[1] * (1 + 1e-5)
     assert distinct_fraction(w) == 0.8
     assert distinct_fraction(torch.ones(16, 20)) == 1 / 16
+    assert distinct_fraction(torch.zeros(8, 5)) == 1 / 8
+    assert distinct_fraction(torch.stack([torch.ones(5), 2 * torch.ones(5)])) == 1.0  # norms
+
+
+def test_distinct_fraction_at_width_1024_counts_every_copy():
+    """The width where comparing every pair took seconds per layer: 1,024 rows of 1,024, a
+    hundred of them copies of others (and copies of copies)."""
+    torch.manual_seed(1)
+    w = torch.randn(1024, 1024)
+    copies = torch.randperm(1024)[:100]
+    for i, row in enumerate(copies.tolist()):
+        w[row] = w[(row + 1 + i) % 1024]
+    originals = {tuple(r) for r in w.numpy().round(6).tolist()}
+    assert distinct_fraction(w) == len(originals) / 1024
 
 
 def test_find_nonfinite_names_the_first_layer():

@@ -59,16 +59,21 @@ def ratios(snap: Snapshot) -> dict[str, float]:
 
 
 def distinct_fraction(weight: Tensor, rtol: float = 1e-3) -> float:
-    """Share of rows (filters) not within ``rtol`` (relative) of an earlier row."""
+    """Share of rows (filters) that are distinct: rows that agree to a relative ``rtol`` (in
+    direction and in norm) count once. Each row's direction and log-norm are rounded to a grid
+    of step ``rtol`` and the rounded rows are counted by sorting (``torch.unique``), so the
+    cost grows as n log n with the number of rows, not as n squared like comparing every pair
+    (at 1,024 units the pairwise version took seconds per layer). Identical rows, which is what
+    a symmetric initialisation makes and keeps, always round alike; rows that differ by about
+    ``rtol`` may fall either side of a grid line."""
     rows = weight.detach().flatten(1).double()
     if rows.size(0) < 2:
         return 1.0
-    dist = torch.cdist(rows, rows)
-    norms = rows.norm(dim=1)
-    tol = 1e-12 + rtol * torch.maximum(norms[:, None], norms[None, :])
-    close = torch.tril(dist <= tol, diagonal=-1)
-    duplicates = int(close.any(dim=1).sum())
-    return (rows.size(0) - duplicates) / rows.size(0)
+    norms = rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    direction = torch.round(rows / norms / rtol)
+    size = torch.round(torch.log(norms) / rtol)
+    keys = torch.cat([direction, size], dim=1).to(torch.int64)
+    return torch.unique(keys, dim=0).size(0) / rows.size(0)
 
 
 @dataclass
