@@ -270,3 +270,11 @@ def test_every_colour_mode_answers_200_or_a_422_naming_it(client, mode, fmt, dat
         assert mode.split("+")[0] in r.json()["detail"]
     else:
         assert r.json()["predictions"][0]["input"]["format"] == fmt
+
+
+def test_request_ids_are_unique_and_uuid_sized():
+    from convserve.service.api.deps import new_request_id
+
+    ids = [new_request_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)

@@ -8,7 +8,6 @@ import gc
 import logging
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from convserve import __version__
 from convserve.pipelines.queue import JobSettings, make_queue
 from convserve.service.api import docs, jobs, predict, status, ui, v2
+from convserve.service.api.deps import new_request_id
 from convserve.service.decoding import Decoder
 from convserve.service.manager import ModelManager
 from convserve.service.metrics import Metrics
@@ -52,7 +52,7 @@ class EdgeMiddleware:
             return
         start = time.perf_counter()
         headers = dict(scope["headers"])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:

@@ -11,7 +11,6 @@ so the documentation stays what the code accepts and answers.
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any, Literal
 
 import numpy as np
@@ -22,7 +21,7 @@ from pydantic_core import to_json
 
 from convserve import contract
 from convserve.service import features, multipart
-from convserve.service.api.deps import current_engine
+from convserve.service.api.deps import current_engine, new_request_id
 from convserve.service.api.errors import errors
 from convserve.service.decoding import Decoder, DecoderBusy
 from convserve.service.fitting import FitReport
@@ -161,7 +160,7 @@ async def predict(request: Request) -> Response:
     ]
     end = time.perf_counter()
     body = {
-        "request_id": request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex,
+        "request_id": request.scope.get("state", {}).get("request_id") or new_request_id(),
         "model": _model_ref(model),
         "predictions": predictions,
         "time": {
