@@ -278,3 +278,13 @@ def test_request_ids_are_unique_and_uuid_sized():
     ids = [new_request_id() for _ in range(1000)]
     assert len(set(ids)) == 1000
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_a_wrong_method_is_answered_405_with_the_methods_the_path_takes(client):
+    for method, path, allowed in [
+        ("PUT", "/predict", "POST"),
+        ("POST", "/healthz", "GET"),
+        ("PUT", "/jobs", "GET, POST"),
+    ]:
+        r = client.request(method, path)
+        assert r.status_code == 405 and r.headers["allow"] == allowed, (method, path)

@@ -276,9 +276,16 @@ def _handlers(app: FastAPI) -> None:
 
 
 def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
-    """The methods some route answers on this path."""
+    """The methods some route answers on this path (routers included without a prefix are
+    walked into: FastAPI keeps them as one entry each)."""
     methods: set[str] = set()
-    for route in app.router.routes:
+    pending = list(app.router.routes)
+    while pending:
+        route = pending.pop()
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            pending.extend(inner.routes)
+            continue
         match, _ = route.matches({**scope, "method": "GET"})
         if match != Match.NONE:
             methods |= set(getattr(route, "methods", None) or [])
