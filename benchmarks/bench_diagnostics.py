@@ -3,8 +3,8 @@ on wide plain networks (hidden layers of 256, 512 and 1,024 units, ``--widths``)
 
 Runs both settings alternately in one process (the machine is shared and noisy) and prints
 images/s and the ratio. Target: diagnostics cost at most 15% at the default interval, at every
-width (the distinct-filter statistic is n log n in the units: comparing every pair of units
-cost seconds per snapshot at 1,024).
+width (the distinct-filter statistic is n log n in the units, not n squared as comparing
+every pair of units was).
 """
 
 from __future__ import annotations

@@ -130,8 +130,8 @@ def test_distinct_fraction():
 
 
 def test_distinct_fraction_at_width_1024_counts_every_copy():
-    """The width where comparing every pair took seconds per layer: 1,024 rows of 1,024, a
-    hundred of them copies of others (and copies of copies)."""
+    """1,024 rows of 1,024 (the width the statistic must stay cheap at), a hundred of them
+    copies of others (and copies of copies)."""
     torch.manual_seed(1)
     w = torch.randn(1024, 1024)
     copies = torch.randperm(1024)[:100]

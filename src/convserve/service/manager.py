@@ -218,25 +218,23 @@ class ModelManager:
         if self._peer_file is not None:
             temporary = self._peer_file.with_name(f".{os.getpid()}.tmp")
             temporary.write_text(f"{os.getpid()} {time.time_ns()} {int(force)}")
+            request = f"{os.getpid()} {time.time_ns()} {int(force)}"
+            temporary.write_text(request)
             temporary.replace(self._peer_file)  # atomic: a reader sees all of it or none
-            self._peer_seen = self._peer_file.read_text()
+            self._peer_seen = request  # not to be followed again by this worker
         return outcome
 
     def _read_peer_file(self) -> str | None:
+        """The last reload request passed on, if there is a folder for them and one was."""
         try:
             return self._peer_file.read_text() if self._peer_file is not None else None
-        except OSError:
+        except OSError:  # none yet
             return None
 
     def _peer_request(self) -> bool | None:
         """Another worker's reload request not yet followed: its ``force``; else None."""
-        if self._peer_file is None:
-            return None
-        try:
-            request = self._peer_file.read_text()
-        except OSError:  # none yet
-            return None
-        if request == self._peer_seen:
+        request = self._read_peer_file()
+        if request is None or request == self._peer_seen:
             return None
         self._peer_seen = request
         return request.endswith(" 1")

@@ -53,6 +53,8 @@ class Settings(BaseSettings):
         decoding run in Python, one core per process, so processes, not operator threads,
         are what a small model's throughput needs. With a GPU, one worker: each process
         would hold its own CUDA context and memory arena, and batching keeps the GPU fed."""
+        if self.workers and self.intra_op_threads:  # chosen already: nothing to read
+            return self
         cores = available_cores()
         workers = self.workers or (1 if cuda else min(cores, MAX_AUTO_WORKERS))
         threads = self.intra_op_threads or max(1, cores // workers)
