@@ -33,7 +33,7 @@ def _config(tmp_path, **changes):
     return path
 
 
-def test_train_prints_metrics_verdicts_and_run_id(tmp_path):
+def test_train_prints_metrics_diagnosis_and_run_id(tmp_path):
     cfg = _config(tmp_path, tracking={"enabled": True})
     out = _run(
         "train",
@@ -48,7 +48,7 @@ def test_train_prints_metrics_verdicts_and_run_id(tmp_path):
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
-    assert "val_accuracy" in out.stdout and "verdicts:" in out.stdout
+    assert "val_accuracy" in out.stdout and "diagnosis: healthy" in out.stdout
     run_id = out.stdout.split("MLflow run id:")[1].split()[0]
     run = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").get_run(run_id)
     assert run.data.params["model.activation"] == "tanh"

@@ -34,7 +34,7 @@ def test_failed_and_diverged_children_are_recorded_and_the_sweep_goes_on(tmp_pat
         (4, 6.0, "failed"),
     ]
     assert "shrink a 8x8 image to nothing" in result.rows[2].error
-    assert "exploding" in result.rows[1].verdicts
+    assert result.rows[1].diagnosis == "exploding"
     assert result.best_run_id == result.rows[0].run_id
     client = MlflowClient(sqlite_uri)
     assert client.get_run(result.rows[1].run_id).info.status == "FAILED"

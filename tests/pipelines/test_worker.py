@@ -83,7 +83,7 @@ def test_job_trains_registers_promotes_and_is_served(mlflow_url, tmp_path, redis
             done = _wait(http, job["id"], {"succeeded", "failed"})
             assert done["status"] == "succeeded", done
             assert done["registered_version"] == "1" and done["promoted"] is True
-            assert done["metrics"]["val_accuracy"] > 0.3 and done["verdicts"]
+            assert done["metrics"]["val_accuracy"] > 0.3 and done["diagnosis"]["verdict"]
             assert done["progress"]["epoch"] == 1
             end = time.monotonic() + 30
             while time.monotonic() < end:

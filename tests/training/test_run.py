@@ -1,3 +1,4 @@
+import json
 import math
 
 import mlflow
@@ -102,7 +103,18 @@ def test_tracking_to_the_default_sqlite_store(tiny, sqlite_uri, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.params["init.name"] == "he_normal"
     assert run.data.params["model.blocks.0.out_channels"] == "8"
-    assert run.data.tags["convserve.verdicts"] == ",".join(result.verdicts)
+    assert run.data.tags["convserve.diagnosis"] == result.diagnosis.verdict
+    assert json.loads(run.data.tags["convserve.diagnosis.json"]) == json.loads(
+        json.dumps(result.diagnosis.to_dict())
+    )
+    assert run.data.tags["mlflow.note.content"].startswith(
+        f"**Diagnosis: {result.diagnosis.verdict}**"
+    )
+    local = mlflow.artifacts.download_artifacts(
+        run_id=result.run_id, artifact_path="diagnosis.json", tracking_uri=sqlite_uri
+    )
+    with open(local) as f:
+        assert json.load(f)["verdict"] == result.diagnosis.verdict
     assert run.data.tags["convserve.dataset"] == "digits"
     metrics = run.data.metrics
     for key in (
@@ -155,7 +167,8 @@ def test_diverged_run_is_failed_in_mlflow_with_its_step(tiny, sqlite_uri):
     assert run.info.status == "FAILED"
     assert run.data.tags["convserve.status"] == "diverged"
     assert int(run.data.tags["convserve.diverged_step"]) >= 0
-    assert "exploding" in run.data.tags["convserve.verdicts"]
+    assert run.data.tags["convserve.diagnosis"] == "exploding"
+    assert "became non-finite at step" in run.data.tags["convserve.diagnosis.json"]
 
 
 @pytest.mark.slow
@@ -189,4 +202,4 @@ def test_default_config_reaches_95_percent_on_the_default_data(tmp_path):
     result = train(cfg)
     assert result.status == "finished"
     assert result.metrics["best_val_accuracy"] >= 0.95
-    assert result.verdicts == ["healthy"]
+    assert result.diagnosis.verdict == "healthy", result.diagnosis

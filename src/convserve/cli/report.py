@@ -1,10 +1,11 @@
-"""What the commands print: a training progress bar, a run's metrics and verdicts, and what
+"""What the commands print: a training progress bar, a run's metrics and diagnosis, and what
 an export published."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -12,6 +13,7 @@ from convserve.cli.app import console
 
 if TYPE_CHECKING:
     from convserve.pipelines.registry import Published
+    from convserve.training.diagnosis import Diagnosis
     from convserve.training.run import TrainResult
 
 SUMMARY_METRICS = (
@@ -109,8 +111,7 @@ def report_run(result: TrainResult) -> None:
         if key in result.metrics:
             table.add_row(key, f"{result.metrics[key]:.4f}")
     console.print(table)
-    colour = "green" if result.verdicts == ["healthy"] else "yellow"
-    console.print(f"verdicts: [{colour}]{', '.join(result.verdicts)}[/{colour}]")
+    report_diagnosis(result.diagnosis)
     if result.message:
         console.print(f"note: {result.message}")
     if result.best_checkpoint is not None:
@@ -120,6 +121,20 @@ def report_run(result: TrainResult) -> None:
         url = run_url(result.run_id)
         if url:
             console.print(f"MLflow run: {url}")
+
+
+def report_diagnosis(diagnosis: Diagnosis) -> None:
+    """The cause, its evidence, what follows from it and the advice, one line each."""
+    colour = "green" if diagnosis.verdict == "healthy" else "yellow"
+    console.print(
+        f"diagnosis: [{colour}]{diagnosis.verdict}[/{colour}] ({escape(diagnosis.summary)})"
+    )
+    if diagnosis.evidence:
+        console.print(f"  evidence: {escape(diagnosis.evidence)}")
+    for consequence in diagnosis.consequences:
+        console.print(f"  consequence: {escape(consequence)}")
+    if diagnosis.advice:
+        console.print(f"  advice: {escape(diagnosis.advice)}")
 
 
 def run_url(run_id: str) -> str | None:

@@ -28,7 +28,7 @@ def train(
         ),
     ] = None,
 ) -> None:
-    """Train one model; print the final metrics, the diagnostics' verdicts and the run id.
+    """Train one model; print the final metrics, the diagnosis and the run id.
 
     Exits 0 when training finishes, 1 when it diverges or is cancelled, 2 on a bad config.
     """

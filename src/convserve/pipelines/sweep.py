@@ -26,7 +26,7 @@ class Row:
     point: dict[str, Any]
     status: str  # finished, diverged, cancelled, failed
     value: float | None
-    verdicts: list[str]
+    diagnosis: str  # the run's diagnosis (its cause), "" when it failed
     run_id: str | None
     error: str = ""
 
@@ -159,10 +159,10 @@ def _finished_children(sweep: SweepConfig, parent_id: str | None, client: Any) -
     for run in runs:
         key = run.data.tags.get("convserve.point")
         if key is not None:
-            verdicts = run.data.tags.get("convserve.verdicts", "")
+            diagnosis = run.data.tags.get("convserve.diagnosis", "")
             value = run.data.metrics.get(sweep.metric)
             point = json.loads(key)
-            done[key] = Row(point, "finished", value, verdicts.split(","), run.info.run_id)
+            done[key] = Row(point, "finished", value, diagnosis, run.info.run_id)
     return done
 
 
@@ -211,13 +211,13 @@ def _child(
         outcome: TrainResult = train(cfg, tags=tags, callbacks=callbacks, client=client)
     except Exception as err:  # a child's failure is recorded; the sweep goes on
         log.warning("sweep point %s failed: %s", name, err)
-        return Row(point, "failed", None, [], None, f"{type(err).__name__}: {err}")
+        return Row(point, "failed", None, "", None, f"{type(err).__name__}: {err}")
     value = outcome.metrics.get(metric)
     return Row(
         point,
         outcome.status,
         value if outcome.status == "finished" else None,
-        outcome.verdicts,
+        outcome.diagnosis.verdict,
         outcome.run_id,
         outcome.message,
     )
@@ -227,13 +227,13 @@ def write_summary(sweep: SweepConfig, rows: list[Row], folder: Path) -> list[str
     """``sweep.csv``, ``sweep.md`` and ``heatmap.png`` (1- or 2-field grids) in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     keys = list(sweep.grid)
-    header = [*keys, "status", sweep.metric, "verdicts", "run_id", "note"]
+    header = [*keys, "status", sweep.metric, "diagnosis", "run_id", "note"]
     table = [
         [
             *(label(r.point[k]) for k in keys),
             r.status,
             "" if r.value is None else f"{r.value:.4f}",
-            " ".join(r.verdicts),
+            r.diagnosis,
             r.run_id or "",
             r.error.replace("\n", " ")[:200],
         ]
@@ -273,7 +273,7 @@ def _heatmap(sweep: SweepConfig, rows: list[Row], path: Path) -> None:
         notes[i, j] = (
             (f"{r.value:.3f}" if r.value is not None else r.status)
             + "\n"
-            + ",".join(v for v in r.verdicts if v != "healthy")
+            + ("" if r.diagnosis == "healthy" else r.diagnosis)
         )
     fig, ax = subplots(figsize=(1.6 + 1.9 * len(xs), 1.0 + 0.8 * len(ys)))
     ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto")

@@ -163,9 +163,11 @@ class DiagnosticsConfig(StrictModel):
     enabled: bool = True
     every: int = Field(50, ge=1)  # optimizer steps between diagnostic snapshots
     plots: bool = True  # write histogram, gradient-flow, filter and feature-map PNGs
-    # Verdict thresholds; docs/diagnostics.md explains each figure.
+    # Verdict thresholds; docs/diagnostics.md explains each figure. The two ratios compare the
+    # first and last hidden layers: a hundredfold change either way, where healthy inits
+    # measure 0.05 to 2 and failing ones 1e-4 and below or 600 and above.
     symmetric_distinct: float = Field(0.5, gt=0.0, le=1.0)
-    vanishing_ratio: float = Field(1e-3, gt=0.0)
+    vanishing_ratio: float = Field(1e-2, gt=0.0)
     exploding_ratio: float = Field(1e2, gt=1.0)
     saturated_fraction: float = Field(0.5, gt=0.0, le=1.0)
     dead_fraction: float = Field(0.5, gt=0.0, le=1.0)

@@ -18,7 +18,8 @@ from convserve.training import plots
 from convserve.training.checkpoint import ModelSpec, read_checkpoint, save_checkpoint
 from convserve.training.config import TrainConfig
 from convserve.training.data import DataBundle, load_data
-from convserve.training.diagnostics import Diagnostics, Snapshot, capture_values, run_verdicts
+from convserve.training.diagnosis import Diagnosis, diagnose
+from convserve.training.diagnostics import Diagnostics, Snapshot, capture_values
 from convserve.training.init import initialize
 from convserve.training.loop import (
     Diverged,
@@ -42,7 +43,7 @@ class TrainResult:
     status: Status
     run_id: str | None
     metrics: dict[str, float]
-    verdicts: list[str]
+    diagnosis: Diagnosis
     best_checkpoint: Path | None
     last_checkpoint: Path | None
     message: str = ""
@@ -180,6 +181,7 @@ class _Session:
         self.best = -math.inf
         self.best_path: Path | None = None
         self.last_path: Path | None = None
+        self.diverged: tuple[int, str | None] | None = None  # (step, first non-finite layer)
         # A few validation images travel in every checkpoint, for the export parity check.
         self.sample = data.val.sample(32)[0]
 
@@ -194,6 +196,32 @@ class _Session:
     def _on_snapshot(self, snap: Snapshot) -> None:
         self.snapshots.append(snap)
         self.tracker.log_metrics(snap.metrics(), snap.step)
+        self.tracker.set_tags(self._diagnosis_tags(self._diagnose(running=True)))
+
+    def _diagnose(self, running: bool = False) -> Diagnosis:
+        cfg = self.cfg
+        return diagnose(
+            self.snapshots,
+            cfg.diagnostics,
+            activation=cfg.model.activation,
+            init=cfg.init.name,
+            scale=cfg.init.scale,
+            diverged=self.diverged,
+            running=running,
+        )
+
+    @staticmethod
+    def _diagnosis_tags(diagnosis: Diagnosis) -> dict[str, str]:
+        """The cause, searchable (``tags.convserve.diagnosis = 'exploding'``), its words for
+        the runs table, the whole diagnosis as JSON, and the run page's description."""
+        return {
+            "convserve.diagnosis": diagnosis.verdict,
+            "convserve.diagnosis.summary": diagnosis.summary,
+            "convserve.diagnosis.evidence": diagnosis.evidence,
+            "convserve.diagnosis.advice": diagnosis.advice,
+            "convserve.diagnosis.json": diagnosis.to_json(),
+            "mlflow.note.content": diagnosis.markdown()[:8000],
+        }
 
     def _save(
         self, name: str, epoch: int, step: int, best: float, metrics: dict[str, float]
@@ -232,6 +260,7 @@ class _Session:
                     break
         except Diverged as err:
             status, message = "diverged", str(err)
+            self.diverged = (err.step, err.layer)
             self.tracker.set_tags(
                 {
                     "convserve.diverged_step": str(err.step),
@@ -343,14 +372,15 @@ class _Session:
             if "best_val_accuracy" in final:
                 summary["best_val_accuracy"] = final["best_val_accuracy"]
             self.tracker.log_metrics(summary, 0)
-        verdicts = run_verdicts(self.snapshots, cfg.diagnostics, diverged=status == "diverged")
+        diagnosis = self._diagnose()
+        self.tracker.log_dict(diagnosis.to_dict(), "diagnosis.json")
         self._write_plots(status, evaluation.confusion)
         self.tracker.log_artifacts(self.plot_dir, "plots")
         if best_path is not None:
             self.tracker.log_artifact(best_path, "checkpoints")
         self.tracker.set_tags(
             {
-                "convserve.verdicts": ",".join(verdicts),
+                **self._diagnosis_tags(diagnosis),
                 "convserve.status": status,
                 **({"convserve.message": message} if message else {}),
             }
@@ -364,7 +394,7 @@ class _Session:
             status,
             self.tracker.run_id,
             final,
-            verdicts,
+            diagnosis,
             best_path,
             last_path,
             message,

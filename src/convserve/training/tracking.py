@@ -134,6 +134,10 @@ class Tracker:
         if self.enabled and self.run_id is not None:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
+        if self.enabled and self.run_id is not None:
+            self.client.log_dict(self.run_id, data, artifact_file)
+
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
         if self.enabled and self.run_id is not None and folder.exists():
             self.client.log_artifacts(self.run_id, str(folder), artifact_path)

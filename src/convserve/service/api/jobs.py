@@ -33,7 +33,18 @@ _JOB_EXAMPLE: dict[str, Any] = {
     "created_at": "2026-11-30T10:00:00+00:00",
     "progress": {"epoch": 3, "step": 213, "total": 213},
     "metrics": {"val_accuracy": 0.962, "best_val_accuracy": 0.962, "test_accuracy": 0.964},
-    "verdicts": ["healthy"],
+    "diagnosis": {
+        "verdict": "healthy",
+        "summary": "healthy throughout",
+        "evidence": "",
+        "advice": "",
+        "consequences": [],
+        "phases": [
+            {"name": "initialisation", "steps": [1, 1], "verdict": "healthy", "evidence": ""},
+            {"name": "training", "steps": [51, 151], "verdict": "healthy", "evidence": ""},
+            {"name": "end", "steps": [201, 201], "verdict": "healthy", "evidence": ""},
+        ],
+    },
     "error": None,
     "registered_model": "convserve",
     "registered_version": "4",
@@ -53,6 +64,31 @@ class Attempt(BaseModel):
     ended: str | None = Field(None, description="Why it ended, for an attempt that was lost")
 
 
+class DiagnosisPhase(BaseModel):
+    name: str = Field(description="initialisation, training, end (latest while running)")
+    steps: tuple[int, int] = Field(description="First and last snapshot step of the phase")
+    verdict: str
+    evidence: str = Field(description="The verdict's layer, statistic, step and threshold")
+    consequences: list[str] = Field(
+        default_factory=list, description="Findings the verdict explains, with the reason"
+    )
+    also: list[str] = Field(
+        default_factory=list, description="Findings the verdict does not explain"
+    )
+
+
+class JobDiagnosis(BaseModel):
+    verdict: str = Field(
+        description="The cause: symmetric, exploding, saturated, dying, vanishing, healthy, "
+        "or unmeasured (diagnostics off)"
+    )
+    summary: str = Field(description="The verdict by phase, e.g. 'symmetric throughout'")
+    evidence: str = Field(description="What the cause was read from, in words and figures")
+    advice: str = Field(description="What to change in the config")
+    consequences: list[str] = Field(description="Findings that follow from the cause")
+    phases: list[DiagnosisPhase]
+
+
 class Job(BaseModel):
     model_config = {"json_schema_extra": {"examples": [_JOB_EXAMPLE]}}
 
@@ -62,7 +98,11 @@ class Job(BaseModel):
     created_at: str
     progress: Progress
     metrics: dict[str, float] = Field(description="Latest value of every epoch-level metric")
-    verdicts: list[str] = Field(description="The diagnostics' verdicts, once known")
+    diagnosis: JobDiagnosis | None = Field(
+        None,
+        description="The diagnostics' reading of the run: one cause with its evidence and "
+        "advice, updated at every snapshot while the job runs; null before the first",
+    )
     error: str | None = None
     registered_model: str | None = None
     registered_version: str | None = None
@@ -119,7 +159,6 @@ def to_job(run: Any, request: Request, ui: str | None) -> Job:
     except (ValueError, TypeError):
         progress = Progress()
     promoted = tags.get("convserve.promoted")
-    verdicts = tags.get("convserve.verdicts", "")
     status = job_status(run)
     failed = status == "failed"
     return Job(
@@ -129,7 +168,7 @@ def to_job(run: Any, request: Request, ui: str | None) -> Job:
         created_at=datetime.fromtimestamp(run.info.start_time / 1000, UTC).isoformat(),
         progress=progress,
         metrics={k: v for k, v in run.data.metrics.items() if k in _SUMMARY},
-        verdicts=[v for v in verdicts.split(",") if v],
+        diagnosis=_diagnosis(tags),
         error=(tags.get("convserve.error") or tags.get("convserve.message")) if failed else None,
         registered_model=tags.get("convserve.registered_model"),
         registered_version=tags.get("convserve.registered_version"),
@@ -137,6 +176,13 @@ def to_job(run: Any, request: Request, ui: str | None) -> Job:
         attempts=_attempts(tags),
         links=_links(request, run, ui),
     )
+
+
+def _diagnosis(tags: dict[str, str]) -> JobDiagnosis | None:
+    try:
+        return JobDiagnosis.model_validate_json(tags["convserve.diagnosis.json"])
+    except (KeyError, ValueError):
+        return None
 
 
 def _attempts(tags: dict[str, str]) -> list[Attempt]:
@@ -278,7 +324,7 @@ JobId = Annotated[str, Path(description="The job id, which is its MLflow run id"
     responses=errors(404, e404="No job with this id"),
 )
 async def get_job(job_id: JobId, request: Request, settings: SettingsDep) -> Job:
-    """The job's status, progress, latest metrics, the diagnostics' verdicts, its error if it
+    """The job's status, progress, latest metrics, the diagnosis, its error if it
     failed, the registered version and whether it became the champion."""
     run = await _run(_get, _state(request), job_id)
     return to_job(run, request, settings.mlflow_ui_url)

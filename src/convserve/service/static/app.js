@@ -322,7 +322,7 @@ async function refreshJobs() {
       progressCell.append(bar, ` epoch ${p.epoch ?? 0}`);
     }
     accCell.textContent = acc === undefined ? "" : acc.toFixed(3);
-    verdictCell.textContent = job.verdicts.join(", ");
+    showDiagnosis(verdictCell, job.diagnosis);
     if (job.status === "scheduled" || job.status === "running") {
       const b = document.createElement("button");
       b.type = "button"; b.textContent = "Cancel";
@@ -336,6 +336,32 @@ async function refreshJobs() {
       announce(job);
     }
   }
+}
+
+// The cause in bold with its phases; evidence, consequences and advice one click away.
+function showDiagnosis(cell, d) {
+  if (!d) return;
+  const details = document.createElement("details");
+  details.className = `diagnosis ${d.verdict}`;
+  const summary = document.createElement("summary");
+  const verdict = document.createElement("strong");
+  verdict.textContent = d.verdict;
+  summary.append(verdict, ` (${d.summary})`);
+  details.appendChild(summary);
+  const list = document.createElement("ul");
+  const add = (label, text) => {
+    const li = document.createElement("li");
+    const b = document.createElement("b");
+    b.textContent = `${label}: `;
+    li.append(b, text);
+    list.appendChild(li);
+  };
+  if (d.evidence) add("evidence", d.evidence);
+  for (const c of d.consequences) add("consequence", c);
+  if (d.advice) add("advice", d.advice);
+  for (const p of d.phases) add(p.name, p.verdict + (p.evidence ? ` - ${p.evidence}` : ""));
+  details.appendChild(list);
+  cell.appendChild(details);
 }
 
 async function announce(job) {

@@ -1,0 +1,367 @@
+"""One diagnosis per run, read from the diagnostics' snapshots: the cause, its evidence, what
+follows from it, and what to change.
+
+Each snapshot yields findings (a verdict with the layer, statistic, step and threshold that
+triggered it). Findings are grouped by phase (at initialisation: the first snapshot; during
+training: the snapshots between, where a finding must hold in at least half of them; at the
+end: the last snapshot, or the divergence). In each phase the finding of highest precedence
+is the phase's verdict and the findings it explains are its consequences:
+
+- ``symmetric`` explains everything else: identical units receive identical gradients, so
+  the layer's statistics describe one unit copied, whatever they say;
+- ``exploding`` explains ``saturated``, ``dying`` and ``vanishing``: grown pre-activations push
+  saturating units onto their asymptotes and ReLU units far below zero;
+- ``saturated`` and ``dying`` explain ``vanishing``: a saturated unit passes under 0.02 of its
+  gradient, a dead unit none.
+
+So vanishing and exploding are never both the verdict of one phase. The run's diagnosis is
+the verdict of its earliest unhealthy phase (a cause comes before its effects); the other
+phases are reported beside it ("exploding at initialisation, vanishing at the end").
+docs/diagnostics.md gives each statistic, threshold and the figures behind them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from convserve.training.activations import SATURATING
+from convserve.training.config import DiagnosticsConfig
+from convserve.training.diagnostics import Snapshot, hidden_layers, ratios
+
+# Highest precedence first; "healthy" when nothing is found.
+PRECEDENCE = ("symmetric", "exploding", "saturated", "dying", "vanishing")
+VERDICTS = (*PRECEDENCE, "healthy", "unmeasured")  # unmeasured: no snapshot was taken
+EXPLAINS: dict[str, dict[str, str]] = {
+    "symmetric": {
+        v: "identical units receive identical gradients, so the layer's statistics describe "
+        "one unit copied"
+        for v in ("exploding", "saturated", "dying", "vanishing")
+    },
+    "exploding": {
+        "saturated": "grown pre-activations push saturating units onto their asymptotes",
+        "dying": "grown pre-activations push ReLU units far below zero",
+        "vanishing": "the gradient's scale follows from the activations' overflow",
+    },
+    "saturated": {"vanishing": "a saturated unit passes under 0.02 of its gradient"},
+    "dying": {"vanishing": "a dead unit passes no gradient"},
+}
+PHASES = ("initialisation", "training", "end", "latest")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One verdict with what triggered it: ``statistic`` of ``layer`` was ``value`` at
+    ``step``, beyond ``threshold``."""
+
+    verdict: str
+    statistic: str
+    value: float
+    threshold: float
+    step: int
+    layer: str | None = None
+    evidence: str = ""
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str  # initialisation, training, end (or latest, while the run goes on)
+    steps: tuple[int, int]  # first and last snapshot step of the phase
+    verdict: str
+    evidence: str  # the verdict's evidence in words ("" when healthy)
+    consequences: list[str] = field(default_factory=list)  # "vanishing: <why>", explained
+    also: list[str] = field(default_factory=list)  # findings the verdict does not explain
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    verdict: str  # the cause: one of VERDICTS
+    summary: str  # the verdict by phase, in a line
+    evidence: str
+    advice: str
+    consequences: list[str]
+    phases: list[Phase]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Diagnosis:
+        phases = [Phase(**{**p, "steps": tuple(p["steps"])}) for p in data.get("phases", [])]
+        return cls(**{**data, "phases": phases})
+
+    def to_json(self, limit: int = 8000) -> str:
+        """Compact JSON within ``limit`` characters (MLflow's tag size): the phases' other
+        findings, then the phases, are left out of a diagnosis too long for it."""
+        data = self.to_dict()
+        text = json.dumps(data, separators=(",", ":"))
+        if len(text) > limit:
+            data["phases"] = [{**p, "also": []} for p in data["phases"]]
+            text = json.dumps(data, separators=(",", ":"))
+        if len(text) > limit:
+            text = json.dumps({**data, "phases": []}, separators=(",", ":"))
+        return text
+
+    def markdown(self) -> str:
+        """The run page's description in MLflow."""
+        lines = [f"**Diagnosis: {self.verdict}** ({self.summary})", ""]
+        if self.evidence:
+            lines += [f"- Evidence: {self.evidence}"]
+        lines += [f"- Consequence: {c}" for c in self.consequences]
+        if self.advice:
+            lines += [f"- Advice: {self.advice}"]
+        lines += ["", "| phase | steps | verdict | evidence |", "| --- | --- | --- | --- |"]
+        for p in self.phases:
+            lines.append(f"| {p.name} | {p.steps[0]}-{p.steps[1]} | {p.verdict} | {p.evidence} |")
+        return "\n".join(lines)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}" if math.isfinite(x) else str(x)
+
+
+def findings(snap: Snapshot, cfg: DiagnosticsConfig) -> list[Finding]:
+    """Every verdict that one snapshot supports, with its evidence (one finding per verdict:
+    the worst layer)."""
+    found: list[Finding] = []
+    hidden = {k: snap.layers[k] for k in hidden_layers(snap)}
+    step = snap.step
+    worst = min(hidden, key=lambda k: hidden[k].get("distinct", 1.0))
+    share = hidden[worst].get("distinct", 1.0)
+    if share <= cfg.symmetric_distinct:
+        found.append(
+            Finding(
+                "symmetric",
+                "distinct",
+                share,
+                cfg.symmetric_distinct,
+                step,
+                worst,
+                f"only {share:.1%} of {worst}'s units (filters or weight rows) are distinct "
+                f"(at most {cfg.symmetric_distinct:.0%} is symmetric) at step {step}",
+            )
+        )
+    bad = [
+        (layer, key)
+        for layer, s in snap.layers.items()
+        for key, v in s.items()
+        if not math.isfinite(v)
+    ]
+    r = ratios(snap)
+    names = list(hidden)
+    span = f"{names[0]} to {names[-1]}"
+    if bad:
+        layer, key = bad[0]
+        found.append(
+            Finding(
+                "exploding",
+                key,
+                math.inf,
+                math.inf,
+                step,
+                layer,
+                f"{layer}'s {key} is not finite at step {step}",
+            )
+        )
+    elif r["act_growth"] > cfg.exploding_ratio or r["grad_ratio"] > cfg.exploding_ratio:
+        key = "act_growth" if r["act_growth"] >= r["grad_ratio"] else "grad_ratio"
+        what = {
+            "act_growth": f"the activation std grows {_fmt(r['act_growth'])}x from {span}",
+            "grad_ratio": f"the gradient std at {names[0]} is {_fmt(r['grad_ratio'])}x that "
+            f"at {names[-1]}",
+        }[key]
+        found.append(
+            Finding(
+                "exploding",
+                key,
+                r[key],
+                cfg.exploding_ratio,
+                step,
+                None,
+                f"{what} (over {_fmt(cfg.exploding_ratio)}x is exploding) at step {step}",
+            )
+        )
+    if r["grad_ratio"] < cfg.vanishing_ratio:
+        found.append(
+            Finding(
+                "vanishing",
+                "grad_ratio",
+                r["grad_ratio"],
+                cfg.vanishing_ratio,
+                step,
+                None,
+                f"the gradient std at {names[0]} is {_fmt(r['grad_ratio'])} of that at "
+                f"{names[-1]} (under {_fmt(cfg.vanishing_ratio)} is vanishing) at step {step}",
+            )
+        )
+    for verdict, key, threshold, unit in (
+        ("saturated", "saturated", cfg.saturated_fraction, "outputs are within 1% of an asymptote"),
+        ("dying", "dead", cfg.dead_fraction, "units output zero for the whole batch"),
+    ):
+        layer = max(hidden, key=lambda k: hidden[k].get(key, 0.0))
+        value = hidden[layer].get(key, 0.0)
+        if value > threshold:
+            found.append(
+                Finding(
+                    verdict,
+                    key,
+                    value,
+                    threshold,
+                    step,
+                    layer,
+                    f"{value:.0%} of {layer}'s {unit} (over {threshold:.0%} is {verdict}) at "
+                    f"step {step}",
+                )
+            )
+    return found
+
+
+def _phase(name: str, found: list[Finding], steps: tuple[int, int]) -> Phase:
+    by_verdict = {f.verdict: f for f in found}
+    for verdict in PRECEDENCE:
+        if verdict in by_verdict:
+            explained = EXPLAINS.get(verdict, {})
+            consequences = [f"{v}: {explained[v]}" for v in by_verdict if v in explained]
+            also = [
+                by_verdict[v].evidence for v in by_verdict if v != verdict and v not in explained
+            ]
+            return Phase(name, steps, verdict, by_verdict[verdict].evidence, consequences, also)
+    return Phase(name, steps, "healthy", "")
+
+
+def _usual(snapshots: list[Snapshot], cfg: DiagnosticsConfig) -> list[Finding]:
+    """Findings that hold in at least half of the snapshots, each with its first evidence."""
+    per_snapshot = [findings(s, cfg) for s in snapshots]
+    out = []
+    for verdict in PRECEDENCE:
+        hits = [f for found in per_snapshot for f in found if f.verdict == verdict]
+        if hits and len(hits) * 2 >= len(snapshots):
+            first = hits[0]
+            out.append(
+                Finding(
+                    verdict,
+                    first.statistic,
+                    first.value,
+                    first.threshold,
+                    first.step,
+                    first.layer,
+                    f"{first.evidence}; in {len(hits)} of {len(snapshots)} snapshots",
+                )
+            )
+    return out
+
+
+def advice(verdict: str, activation: str, init: str, scale: float = 1.0) -> str:
+    """What to change, for the cause found in a model with this activation and init."""
+    family = "xavier_normal" if activation in SATURATING else "he_normal"
+    if verdict == "symmetric":
+        return (
+            f"break symmetry with a random init: init.name={family} (init.name={init} starts "
+            "every unit of a layer alike)"
+        )
+    if verdict == "exploding":
+        hint = f"init.scale below {scale:g}" if scale > 1 else "a smaller init scale"
+        return (
+            f"lower the init scale (init.name={family} at init.scale=1, or {hint}); if the "
+            "init is right, lower optim.lr or set optim.grad_clip"
+        )
+    if verdict == "saturated":
+        return (
+            "keep pre-activations in the linear range: init.name=xavier_normal for "
+            f"{activation}, or model.activation=relu with init.name=he_normal"
+        )
+    if verdict == "dying":
+        return (
+            "use model.activation=leaky_relu (it keeps a small gradient below zero), start "
+            "biases at 0 (init.bias=0) and lower optim.lr"
+        )
+    if verdict == "vanishing":
+        if activation == "sigmoid":
+            return (
+                "sigmoid's slope is at most 0.25, so each layer shrinks the gradient: use "
+                "model.activation=tanh with init.name=xavier_normal, or relu with he_normal"
+            )
+        if activation in SATURATING:
+            return f"use init.name=xavier_normal for {activation} (init.name={init} shrinks it)"
+        return f"use He init for {activation}: init.name=he_normal (init.name={init} shrinks it)"
+    return ""
+
+
+def diagnose(
+    snapshots: list[Snapshot],
+    cfg: DiagnosticsConfig,
+    *,
+    activation: str = "relu",
+    init: str = "he_normal",
+    scale: float = 1.0,
+    diverged: tuple[int, str | None] | None = None,
+    running: bool = False,
+) -> Diagnosis:
+    """The run's diagnosis from its snapshots; ``diverged`` is the (step, first non-finite
+    layer) of a run whose loss became NaN or infinite; ``running``: the run goes on, so its
+    last phase is the latest snapshot, not the end."""
+    phases: list[Phase] = []
+    if snapshots:
+        first = snapshots[0]
+        phases.append(_phase("initialisation", findings(first, cfg), (first.step, first.step)))
+        middle = snapshots[1:-1]
+        if middle:
+            steps = (middle[0].step, middle[-1].step)
+            phases.append(_phase("training", _usual(middle, cfg), steps))
+        if len(snapshots) > 1 and diverged is None:
+            last = snapshots[-1]
+            end = "latest" if running else "end"
+            phases.append(_phase(end, findings(last, cfg), (last.step, last.step)))
+    if diverged is not None:
+        step, layer = diverged
+        where = f"; the first non-finite values are in {layer}" if layer else ""
+        found = findings(snapshots[-1], cfg) if len(snapshots) > 1 else []
+        found = [f for f in found if f.verdict == "symmetric"] + [
+            Finding(
+                "exploding",
+                "loss",
+                math.inf,
+                math.inf,
+                step,
+                layer,
+                f"the loss became non-finite at step {step}{where}",
+            )
+        ]
+        phases.append(_phase("end", found, (step, step)))
+    unhealthy = [p for p in phases if p.verdict != "healthy"]
+    if not phases:
+        return Diagnosis("unmeasured", "no diagnostic snapshot was taken", "", "", [], [])
+    if not unhealthy:
+        return Diagnosis("healthy", _summary(phases), "", "", [], phases)
+    cause = unhealthy[0]
+    return Diagnosis(
+        cause.verdict,
+        _summary(phases),
+        cause.evidence,
+        advice(cause.verdict, activation, init, scale),
+        cause.consequences,
+        phases,
+    )
+
+
+def _summary(phases: list[Phase]) -> str:
+    """The verdict by phase: "symmetric throughout", "exploding at initialisation, then
+    vanishing during training and at the end", "dying at initialisation, then healthy at the
+    end"."""
+    at = {
+        "initialisation": "at initialisation",
+        "training": "during training",
+        "end": "at the end",
+        "latest": "at the latest snapshot",
+    }
+    spans: list[tuple[str, list[str]]] = []
+    for p in phases:
+        if spans and spans[-1][0] == p.verdict:
+            spans[-1][1].append(at[p.name])
+        else:
+            spans.append((p.verdict, [at[p.name]]))
+    if len(spans) == 1 and len(phases) > 1:
+        return f"{spans[0][0]} throughout"
+    return ", then ".join(f"{verdict} {' and '.join(when)}" for verdict, when in spans)
