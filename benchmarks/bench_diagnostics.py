@@ -47,7 +47,7 @@ def images_per_second(cfg: TrainConfig, data: DataBundle, diagnostics: bool, ste
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per measurement")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per measurement")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--widths", type=int, nargs="*", default=[256, 512, 1024])
     args = parser.parse_args()
