@@ -129,7 +129,7 @@ def main() -> None:
         f"thresholds: vanishing grad_ratio < {thresholds.vanishing_ratio:g}, exploding "
         f"grad_ratio or act_growth > {thresholds.exploding_ratio:g}\n"
     )
-    print(f"| network | grad_ratio | act_growth | diagnosis at init | expected |")
+    print("| network | grad_ratio | act_growth | diagnosis at init | expected |")
     print("| --- | ---: | ---: | --- | --- |")
     wrong = 0
     for name, expected, model, init, activation in CASES:

@@ -274,8 +274,8 @@ def advice(verdict: str, activation: str, init: str, scale: float = 1.0) -> str:
         )
     if verdict == "dying":
         return (
-            "use model.activation=leaky_relu (it keeps a small gradient below zero), start "
-            "biases at 0 (init.bias=0) and lower optim.lr"
+            "use model.activation=leaky_relu (it keeps a small gradient below zero) or a "
+            "lower optim.lr; a negative init.bias makes units die sooner"
         )
     if verdict == "vanishing":
         if activation == "sigmoid":

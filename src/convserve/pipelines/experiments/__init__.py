@@ -82,8 +82,8 @@ def run_experiments(
     quick: bool = False,
     on_done: Callable[[Finding], None] | None = None,
 ) -> list[Finding]:
-    # Importing them registers them, in this order: claims 1-6, then 7-10.
-    from convserve.pipelines.experiments import claims, cnn_claims  # noqa: F401
+    # Importing them registers them, in this order: claims 1-6, then 7-10, then 11.
+    from convserve.pipelines.experiments import claims, cnn_claims, normalised_init  # noqa: F401
 
     names = only or list(EXPERIMENTS)
     unknown = [n for n in names if n not in EXPERIMENTS]

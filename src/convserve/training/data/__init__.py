@@ -100,11 +100,17 @@ def _resize(images: Tensor, size: int | None) -> Tensor:
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
+def pixel_permutation(pixels: int, seed: int = 0) -> Tensor:
+    """The fixed pixel order of ``data.permute_pixels``: pixel ``k`` of a permuted image is
+    pixel ``perm[k]`` of the original."""
+    return torch.randperm(pixels, generator=torch.Generator().manual_seed(seed + 7919))
+
+
 def _prepare(images: Tensor, cfg: DataConfig, seed: int = 0) -> Tensor:
     images = _resize(_convert_channels(images, cfg.channels), cfg.image_size)
     if cfg.permute_pixels:
         n, c, h, w = images.shape
-        perm = torch.randperm(h * w, generator=torch.Generator().manual_seed(seed + 7919))
+        perm = pixel_permutation(h * w, seed)
         images = images.reshape(n, c, h * w)[:, :, perm].reshape(n, c, h, w).contiguous()
     return images
 
