@@ -95,6 +95,14 @@ def test_job_trains_registers_promotes_and_is_served(mlflow_url, tmp_path, redis
             assert r.json()["model"]["run_id"] == job["id"]
             listed = http.get("/jobs", params={"status": "succeeded"}).json()["jobs"]
             assert job["id"] in [j["id"] for j in listed]
+            # the diagnostics over time, from the run's metrics in MLflow
+            diag = http.get(f"/jobs/{job['id']}/diagnostics").json()
+            assert diag["layers"] == ["block1.conv", "head.out"]
+            assert diag["diagnosis"] == done["diagnosis"]
+            grad = diag["statistics"]["grad_std"]["block1.conv"]
+            assert grad["steps"][0] == 1 and len(grad["steps"]) == len(grad["values"]) >= 2
+            assert diag["ratios"]["grad_ratio"]["values"][0] == 1.0  # one hidden layer
+            assert http.get(f"/jobs/{'0' * 32}/diagnostics").status_code == 404
     run = MlflowClient(mlflow_url).get_run(job["id"])
     assert run.info.status == "FINISHED" and run.data.params["init.name"] == "he_normal"
     assert TOKEN not in str(run.data)  # nothing about the token reaches MLflow

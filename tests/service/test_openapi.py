@@ -64,6 +64,7 @@ ERRORS = {
     "POST /predict": {"413", "422", "503"},
     "POST /jobs": {"401", "422", "429", "503"},
     "GET /jobs/{job_id}": {"404"},
+    "GET /jobs/{job_id}/diagnostics": {"404"},
     "DELETE /jobs/{job_id}": {"401", "404"},
     "GET /jobs": {"422"},
     "POST /admin/reload": {"401"},

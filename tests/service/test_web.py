@@ -1,6 +1,6 @@
 """The web page in headless Chromium (Debian's package, driven by Playwright with the system
-executable): predict and see feature maps, train a tiny job and see it finish and promote, and
-see API errors in words. Screenshots go to test-artifacts/web/."""
+executable): predict and see feature maps, train a tiny job and see it finish and promote,
+watch a job's diagnostics live and beside another job's, and see API errors in words. Screenshots go to test-artifacts/web/."""
 
 from __future__ import annotations
 
@@ -122,9 +122,54 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         run_page.screenshot(path=str(SHOTS / "3-mlflow-run.png"))
         run_page.close()
 
-        # 4. phone width: still readable, nothing wider than the screen
+        # 4. diagnosis: a running job's charts fill in live; then two jobs side by side
+        first_id = row.get_attribute("data-id")
+        page.select_option("#preset", "Xavier + tanh")
+        page.select_option("#f-data-name", "digits")
+        page.fill("#f-blocks", "8")
+        page.fill("#f-optim-epochs", "12")
+        page.click("#train-form button[type=submit]")
+        expect(page.locator("#jobs tbody tr")).to_have_count(2)
+        second = page.locator("#jobs tbody tr").first
+        second_id = second.get_attribute("data-id")
+        assert second_id != first_id
+        card = page.locator(f"#diag-view .diag-card[data-id='{second_id}']")
+        grad_lines = page.locator("#diag-view figure[data-stat=grad_std] polyline")
+        # charted while it still runs: the page follows the newest running job by itself
+        try:
+            page.wait_for_function(
+                """() => {
+                    const card = document.querySelector("#diag-view .diag-card");
+                    const line = document.querySelector(
+                        "#diag-view figure[data-stat=grad_std] polyline");
+                    return card && card.textContent.includes("(running)") && line;
+                }""",
+                timeout=120_000,
+            )
+        finally:
+            page.screenshot(path=str(SHOTS / "4-diagnosis-live.png"), full_page=True)
+        expect(card).to_contain_text("running")
+        expect(second).to_have_attribute("data-status", "succeeded", timeout=180_000)
+        expect(card).to_contain_text("(succeeded)", timeout=30_000)
+        expect(card.locator(".verdict")).to_have_text(re.compile(r"^(healthy|\w+)$"))
+        page.select_option("#diag-b", first_id)
+        cards = page.locator("#diag-view .diag-card")
+        expect(cards).to_have_count(2)
+        expect(cards.nth(1)).to_have_attribute("data-id", first_id)
+        # each statistic is a row: the two jobs' charts side by side, on one scale
+        expect(page.locator("#diag-view figure[data-stat=grad_std] svg")).to_have_count(2)
+        expect(page.locator("#diag-view figure[data-stat=act_std] svg")).to_have_count(2)
+        # a line per layer: block1.conv, head.fc1, head.out (Xavier + tanh); block1.conv, head.out
+        expect(grad_lines).to_have_count(5)
+        label = page.locator("#diag-view figure[data-stat=grad_std] svg").first.get_attribute(
+            "aria-label"
+        )
+        assert re.search(r"block1\.conv \d", label), label
+        page.screenshot(path=str(SHOTS / "4-diagnosis-compare.png"), full_page=True)
+
+        # 5. phone width: still readable, nothing wider than the screen
         page.set_viewport_size({"width": 390, "height": 844})
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= 400
-        page.screenshot(path=str(SHOTS / "4-phone.png"), full_page=True)
+        page.screenshot(path=str(SHOTS / "5-phone.png"), full_page=True)
         browser.close()

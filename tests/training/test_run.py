@@ -203,3 +203,31 @@ def test_default_config_reaches_95_percent_on_the_default_data(tmp_path):
     assert result.status == "finished"
     assert result.metrics["best_val_accuracy"] >= 0.95
     assert result.diagnosis.verdict == "healthy", result.diagnosis
+
+
+def test_the_diagnosis_is_on_the_run_while_it_trains(tiny, sqlite_uri):
+    """After each epoch the run's tags already hold the diagnosis so far, its last phase
+    called "latest"; at the end, "end"."""
+    seen: list[dict] = []
+    client = MlflowClient(sqlite_uri)
+
+    def on_epoch(epoch: int, _metrics: dict[str, float]) -> None:
+        run = client.search_runs(
+            [client.get_experiment_by_name("live").experiment_id], "", max_results=1
+        )[0]
+        seen.append(json.loads(run.data.tags["convserve.diagnosis.json"]))
+
+    result = train(
+        tiny(
+            "tracking.enabled=true",
+            f"tracking.tracking_uri={sqlite_uri}",
+            "tracking.experiment=live",
+            "optim.epochs=2",
+        ),
+        callbacks=Callbacks(on_epoch=on_epoch),
+    )
+    assert len(seen) == 2
+    assert seen[0]["phases"][-1]["name"] == "latest"
+    assert seen[1]["phases"][-1]["steps"][0] > seen[0]["phases"][-1]["steps"][0]
+    final = json.loads(client.get_run(result.run_id).data.tags["convserve.diagnosis.json"])
+    assert final["phases"][-1]["name"] == "end"

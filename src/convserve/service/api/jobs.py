@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
+import re
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -117,6 +120,52 @@ class Job(BaseModel):
         "(CONVSERVE_JOB_RETRIES) from its last checkpoint",
     )
     links: dict[str, str]
+
+
+class Series(BaseModel):
+    steps: list[int] = Field(description="Optimizer steps of the snapshots")
+    values: list[float | None] = Field(description="The values; null where not finite")
+
+
+class JobDiagnostics(BaseModel):
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "id": _JOB_EXAMPLE["id"],
+                    "name": "relu-he_normal-16x32",
+                    "status": "running",
+                    "diagnosis": {
+                        **_JOB_EXAMPLE["diagnosis"],
+                        "summary": "healthy throughout",
+                        "phases": _JOB_EXAMPLE["diagnosis"]["phases"][:1],
+                    },
+                    "layers": ["block1.conv", "block2.conv", "head.out"],
+                    "statistics": {
+                        "grad_std": {
+                            "block1.conv": {"steps": [1, 51], "values": [0.0021, 0.0018]},
+                            "block2.conv": {"steps": [1, 51], "values": [0.0034, 0.0025]},
+                            "head.out": {"steps": [1, 51], "values": [0.0098, 0.0061]},
+                        }
+                    },
+                    "ratios": {"grad_ratio": {"steps": [1, 51], "values": [0.62, 0.72]}},
+                }
+            ]
+        }
+    }
+
+    id: str
+    name: str | None = Field(None, description="The run's name (activation, init, filters)")
+    status: JobStatus
+    diagnosis: JobDiagnosis | None
+    layers: list[str] = Field(description="Measured layers, input to output")
+    statistics: dict[str, dict[str, Series]] = Field(
+        description="Per statistic (grad_std, act_std, dead, saturated, update_ratio, "
+        "distinct, ...), per layer: its value at every snapshot so far"
+    )
+    ratios: dict[str, Series] = Field(
+        description="grad_ratio and act_growth (first over last hidden layer) at every snapshot"
+    )
 
 
 class JobPage(BaseModel):
@@ -328,6 +377,67 @@ async def get_job(job_id: JobId, request: Request, settings: SettingsDep) -> Job
     failed, the registered version and whether it became the champion."""
     run = await _run(_get, _state(request), job_id)
     return to_job(run, request, settings.mlflow_ui_url)
+
+
+def _layer_order(layer: str) -> tuple[int, int]:
+    """block1.conv, block2.conv, ..., head.fc1, ..., head.out: the forward order."""
+    number = int(m.group(1)) if (m := re.search(r"(\d+)", layer)) else 0
+    return (0 if layer.startswith("block") else 2 if layer == "head.out" else 1, number)
+
+
+def _diagnostics(jobs: Any, job_id: str) -> tuple[Any, dict[str, Series]]:
+    """The job's run and the history of each of its ``diag.*`` metrics, read from MLflow a
+    few at a time."""
+    run = _get(jobs, job_id)
+    keys = sorted(k for k in run.data.metrics if k.startswith("diag."))
+
+    def history(key: str) -> Series:
+        points = sorted(jobs.client.get_metric_history(job_id, key), key=lambda m: m.step)
+        return Series(
+            steps=[m.step for m in points],
+            values=[m.value if math.isfinite(m.value) else None for m in points],
+        )
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return run, dict(zip(keys, pool.map(history, keys), strict=True))
+
+
+@router.get(
+    "/{job_id}/diagnostics",
+    response_model=JobDiagnostics,
+    summary="A job's diagnostics over time",
+    responses=errors(404, e404="No job with this id"),
+)
+async def get_job_diagnostics(job_id: JobId, request: Request) -> JobDiagnostics:
+    """Every per-layer diagnostic statistic of the job at every snapshot so far, with the
+    current diagnosis: what the web page charts while the job trains, and what it compares
+    between two jobs. Read from the run's metrics in MLflow. A sweep job's statistics are
+    on its child runs, so its own lists are empty."""
+    run, series = await _run(_diagnostics, _state(request), job_id)
+    statistics: dict[str, dict[str, Series]] = {}
+    ratios: dict[str, Series] = {}
+    for key, values in series.items():
+        name = key.removeprefix("diag.")
+        layer, _, stat = name.rpartition(".")
+        if layer:
+            statistics.setdefault(stat, {})[layer] = values
+        else:
+            ratios[stat] = values
+    layers = sorted(
+        {layer for by_layer in statistics.values() for layer in by_layer}, key=_layer_order
+    )
+    return JobDiagnostics(
+        id=run.info.run_id,
+        name=run.data.tags.get("mlflow.runName"),
+        status=job_status(run),
+        diagnosis=_diagnosis(run.data.tags),
+        layers=layers,
+        statistics={
+            stat: {layer: by_layer[layer] for layer in layers if layer in by_layer}
+            for stat, by_layer in statistics.items()
+        },
+        ratios=ratios,
+    )
 
 
 @router.delete(

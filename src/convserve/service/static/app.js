@@ -1,4 +1,5 @@
-// convserve web page: predict with feature maps, start and watch training jobs.
+// convserve web page: predict with feature maps, start and watch training jobs, and chart a
+// job's diagnostics live beside another job's.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -330,12 +331,225 @@ async function refreshJobs() {
       b.addEventListener("click", () => cancelJob(job.id));
       actions.appendChild(b);
     }
+    const watch = document.createElement("button");
+    watch.type = "button"; watch.textContent = "Diagnose";
+    watch.setAttribute("aria-label", `Diagnose job ${job.id.slice(0, 8)}`);
+    watch.addEventListener("click", () => {
+      $("diag-a").value = job.id;
+      refreshDiagnosis();
+      $("diagnose").scrollIntoView({ behavior: "smooth" });
+    });
+    actions.appendChild(watch);
     body.appendChild(tr);
     if (job.promoted && job.registered_version && !seenPromotions.has(job.id)) {
       seenPromotions.add(job.id);
       announce(job);
     }
   }
+  updatePickers(page.jobs);
+}
+
+// ---- diagnosis: live charts of a job's statistics, and a second job beside it -------------
+// Statistics charted, in order: [metric name, title, log scale].
+const CHARTS = [
+  ["grad_std", "gradient std (back-propagated, per layer)", true],
+  ["act_std", "activation std", true],
+  ["dead", "dead share (ReLU units silent on the batch)", false],
+  ["saturated", "saturated share (sigmoid/tanh at an asymptote)", false],
+  ["update_ratio", "update / weight norm per step", true],
+  ["distinct", "distinct filters share", false],
+];
+const RATIOS = [["grad_ratio", "gradient ratio, first / last hidden layer", true],
+                ["act_growth", "activation growth, last / first hidden layer", true]];
+let diagTimer = null;
+let diagBusy = false;
+
+let pickerState = "";
+function updatePickers(jobs) {
+  // Rebuilt only when the jobs or their states change: rebuilding closes an open list.
+  const state = jobs.map((j) => `${j.id}:${j.status}`).join(",");
+  const changed = state !== pickerState;
+  if (changed) rebuildPickers(jobs);
+  pickerState = state;
+  if (changed || !diagTimer) refreshDiagnosis();  // a new job, or one that changed state
+}
+
+function rebuildPickers(jobs) {
+  for (const id of ["diag-a", "diag-b"]) {
+    const select = $(id);
+    const current = select.value;
+    const keep = id === "diag-b" ? [select.options[0]] : [];
+    select.replaceChildren(...keep);
+    for (const job of jobs) select.appendChild(new Option(`${job.id.slice(0, 8)} (${job.status})`, job.id));
+    if ([...select.options].some((o) => o.value === current)) select.value = current;
+  }
+  const a = $("diag-a");
+  if (!a.dataset.chosen && jobs.length) {
+    const running = jobs.find((j) => j.status === "running");
+    a.value = (running || jobs[0]).id;
+  }
+}
+
+async function refreshDiagnosis() {
+  if (diagBusy) return;
+  const ids = [$("diag-a").value, $("diag-b").value].filter(Boolean);
+  if (!ids.length) return;
+  diagBusy = true;
+  clearTimeout(diagTimer);
+  try {
+    const runs = await Promise.all(ids.map((id) => api(`/jobs/${id}/diagnostics`)));
+    show("diag-error", "");
+    renderDiagnostics(runs);
+    const live = runs.some((r) => r.status === "running" || r.status === "scheduled");
+    diagTimer = setTimeout(refreshDiagnosis, live ? 2000 : 15000);
+  } catch (err) {
+    show("diag-error", `Diagnostics could not be read: ${err.message}`);
+    diagTimer = setTimeout(refreshDiagnosis, 5000);
+  } finally {
+    diagBusy = false;
+  }
+}
+
+function renderDiagnostics(runs) {
+  const view = $("diag-view");
+  view.replaceChildren();
+  view.style.setProperty("--columns", runs.length);
+  const cards = document.createElement("div");
+  cards.className = "diag-row";
+  for (const run of runs) cards.appendChild(diagnosisCard(run));
+  const charts = document.createElement("div");
+  charts.className = "diag-charts";
+  view.append(cards, charts);
+  const rows = [...CHARTS, ...RATIOS].filter(([key]) =>
+    runs.some((r) => seriesOf(r, key).some((s) => s.values.length)));
+  // One cell per statistic, holding each job's chart side by side on one scale.
+  const lastStep = Math.max(1, ...runs.flatMap((r) =>
+    [...CHARTS, ...RATIOS].flatMap(([key]) => seriesOf(r, key).flatMap((s) => s.steps))));
+  for (const [key, title, log] of rows) {
+    const all = runs.map((r) => seriesOf(r, key));
+    const range = extent(all.flat().flatMap((s) => s.values), log);
+    const cell = document.createElement("figure");
+    cell.className = "chart";
+    cell.dataset.stat = key;
+    const caption = document.createElement("figcaption");
+    caption.textContent = title;
+    const row = document.createElement("div");
+    row.className = "diag-row";
+    runs.forEach((run, i) => row.appendChild(chart(title, all[i], range, log, lastStep, run)));
+    cell.append(caption, row);
+    charts.appendChild(cell);
+  }
+}
+
+function tick(v) {
+  const a = Math.abs(v);
+  return a !== 0 && (a < 0.01 || a >= 1000) ? v.toExponential(0) : String(Number(v.toPrecision(2)));
+}
+
+function seriesOf(run, key) {
+  if (key in run.ratios) return [{ layer: key, ...run.ratios[key] }];
+  const byLayer = run.statistics[key] || {};
+  return run.layers.filter((l) => l in byLayer).map((l) => ({ layer: l, ...byLayer[l] }));
+}
+
+function extent(values, log) {
+  let v = values.filter((x) => x !== null && Number.isFinite(x) && (!log || x > 0));
+  if (!v.length) return log ? [1e-3, 1] : [0, 1];
+  let lo = Math.min(...v), hi = Math.max(...v);
+  if (!log) return [Math.min(0, lo), Math.max(1, hi)];
+  if (hi / lo < 10) { lo /= 3; hi *= 3; }
+  return [lo, hi];
+}
+
+function diagnosisCard(run) {
+  const card = document.createElement("div");
+  card.className = "diag-card";
+  card.dataset.id = run.id;
+  const h = document.createElement("h3");
+  h.textContent = `${run.id.slice(0, 8)} ${run.name || ""} (${run.status})`;
+  card.appendChild(h);
+  const d = run.diagnosis;
+  const p = document.createElement("p");
+  p.className = "diag-verdict";
+  if (!d) {
+    p.textContent = run.layers.length ? "No diagnosis yet." : "No snapshot yet.";
+  } else {
+    const b = document.createElement("strong");
+    b.className = `verdict ${d.verdict}`;
+    b.textContent = d.verdict;
+    p.append(b, ` (${d.summary})`);
+  }
+  card.appendChild(p);
+  if (d) {
+    const list = document.createElement("ul");
+    for (const [label, text] of [["evidence", d.evidence], ...d.consequences.map((c) => ["consequence", c]), ["advice", d.advice]]) {
+      if (!text) continue;
+      const li = document.createElement("li");
+      const b = document.createElement("b");
+      b.textContent = `${label}: `;
+      li.append(b, text);
+      list.appendChild(li);
+    }
+    card.appendChild(list);
+  }
+  return card;
+}
+
+const SVG = "http://www.w3.org/2000/svg";
+function el(name, attrs) {
+  const node = document.createElementNS(SVG, name);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  return node;
+}
+
+// One small chart: a line per layer over steps, dark (input side) to light (output side).
+function chart(title, series, [lo, hi], log, lastStep, run) {
+  const box = document.createElement("div");
+  const W = 300, H = 140, L = 34, R = 6, T = 6, B = 18;
+  const svg = el("svg", { viewBox: `0 0 ${W} ${H}`, role: "img" });
+  const x0 = 0, x1 = lastStep;
+  const f = log ? Math.log10 : (v) => v;
+  const x = (s) => L + ((s - x0) / (x1 - x0 || 1)) * (W - L - R);
+  const y = (v) => T + (1 - (f(v) - f(lo)) / (f(hi) - f(lo) || 1)) * (H - T - B);
+  svg.appendChild(el("rect", { x: L, y: T, width: W - L - R, height: H - T - B, class: "plot" }));
+  for (const v of [lo, hi]) {
+    const t = el("text", { x: L - 3, y: y(v) + 3, "text-anchor": "end", class: "tick" });
+    t.textContent = tick(v);
+    svg.appendChild(t);
+  }
+  const t = el("text", { x: W - R, y: H - 4, "text-anchor": "end", class: "tick" });
+  t.textContent = `${run.id.slice(0, 8)}, step ${x1}`;
+  svg.appendChild(t);
+  series.forEach((s, i) => {
+    const points = s.steps.map((st, j) => [st, s.values[j]])
+      .filter(([, v]) => v !== null && (!log || v > 0));
+    if (!points.length) return;
+    const shade = series.length > 1 ? Math.round(25 + (55 * i) / (series.length - 1)) : 40;
+    const colour = `hsl(215 70% ${shade}%)`;
+    const line = el("polyline", {
+      points: points.map(([st, v]) => `${x(st).toFixed(1)},${y(v).toFixed(1)}`).join(" "),
+      stroke: colour, fill: "none", "stroke-width": 1.5,
+    });
+    const tip = el("title", {});
+    const [lastStep, lastValue] = points[points.length - 1];
+    tip.textContent = `${s.layer}: ${lastValue.toPrecision(3)} at step ${lastStep}`;
+    line.appendChild(tip);
+    svg.appendChild(line);
+    for (const [st, v] of points.length < 40 ? points : []) {
+      svg.appendChild(el("circle", { cx: x(st).toFixed(1), cy: y(v).toFixed(1), r: 1.6, fill: colour }));
+    }
+  });
+  const last = series.map((s) => s.values[s.values.length - 1]);
+  svg.setAttribute("aria-label", `${title} for ${run.id.slice(0, 8)}: ` +
+    series.map((s, i) => `${s.layer} ${last[i] === null || last[i] === undefined ? "n/a" : Number(last[i]).toPrecision(3)}`).join(", "));
+  box.appendChild(svg);
+  if (series.length > 1) {
+    const legend = document.createElement("p");
+    legend.className = "legend";
+    legend.textContent = `${series[0].layer} (dark) … ${series[series.length - 1].layer} (light)`;
+    box.appendChild(legend);
+  }
+  return box;
 }
 
 // The cause in bold with its phases; evidence, consequences and advice one click away.
@@ -394,6 +608,9 @@ async function main() {
     const page = await api("/jobs?page_size=20");
     for (const job of page.jobs) if (job.promoted) seenPromotions.add(job.id);
   } catch { /* shown by refreshJobs */ }
+  for (const id of ["diag-a", "diag-b"]) {
+    $(id).addEventListener("change", () => { $("diag-a").dataset.chosen = "1"; refreshDiagnosis(); });
+  }
   await refreshJobs();
   setInterval(refreshJobs, 2000);
 }
