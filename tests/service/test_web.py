@@ -1,6 +1,7 @@
 """The web page in headless Chromium (Debian's package, driven by Playwright with the system
 executable): predict and see feature maps, train a tiny job and see it finish and promote,
-watch a job's diagnostics live and beside another job's, and see API errors in words. Screenshots go to test-artifacts/web/."""
+watch a job's diagnostics live and beside another job's, and see API errors in words.
+Screenshots go to test-artifacts/web/."""
 
 from __future__ import annotations
 
