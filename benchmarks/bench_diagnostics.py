@@ -4,8 +4,8 @@ on wide plain networks (hidden layers of 256, 512 and 1,024 units, ``--widths``)
 Runs both settings alternately in one process (the machine is shared and noisy) and prints
 images/s and the ratio, then the snapshot's own cost from interleaved plain and measured
 steps (the steadier figure on a noisy machine). Target: diagnostics cost at most 15% at the
-default interval, at every width (the distinct-filter statistic is n log n in the units, not n squared as comparing
-every pair of units was).
+default interval, at every width (the distinct-filter statistic is n log n in the units, not
+n squared as comparing every pair of units was).
 """
 
 from __future__ import annotations
