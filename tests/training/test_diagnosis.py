@@ -81,7 +81,9 @@ def test_symmetry_explains_degenerate_gradient_statistics():
 
 def test_saturation_and_dead_units_explain_vanishing():
     d = diagnose([snap(1, "saturated", "vanishing")], CFG, activation="sigmoid")
-    assert d.verdict == "saturated" and d.consequences[0].startswith("vanishing: a saturated")
+    assert d.verdict == "saturated"
+    assert d.consequences[0].startswith("vanishing: the gradient std at block1.conv is 0.0001")
+    assert d.consequences[0].endswith("because a saturated unit passes under 0.02 of its gradient")
     d = diagnose([snap(1, "dying", "vanishing")], CFG)
     assert d.verdict == "dying" and "leaky_relu" in d.advice
 

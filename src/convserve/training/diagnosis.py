@@ -71,7 +71,7 @@ class Phase:
     steps: tuple[int, int]  # first and last snapshot step of the phase
     verdict: str
     evidence: str  # the verdict's evidence in words ("" when healthy)
-    consequences: list[str] = field(default_factory=list)  # "vanishing: <why>", explained
+    consequences: list[str] = field(default_factory=list)  # "vanishing: <evidence>, because <why>"
     also: list[str] = field(default_factory=list)  # findings the verdict does not explain
 
 
@@ -223,7 +223,11 @@ def _phase(name: str, found: list[Finding], steps: tuple[int, int]) -> Phase:
     for verdict in PRECEDENCE:
         if verdict in by_verdict:
             explained = EXPLAINS.get(verdict, {})
-            consequences = [f"{v}: {explained[v]}" for v in by_verdict if v in explained]
+            consequences = [
+                f"{v}: {by_verdict[v].evidence}, because {explained[v]}"
+                for v in by_verdict
+                if v in explained
+            ]
             also = [
                 by_verdict[v].evidence for v in by_verdict if v != verdict and v not in explained
             ]
