@@ -87,13 +87,17 @@ class Engine:
 
     async def _run(self, images: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
-        if self.typical_run < INLINE_SECONDS:
+        # A batch larger than the batcher makes (an occlusion map's copies) is not typical:
+        # it runs in a thread and leaves the typical run time alone.
+        typical = images.shape[0] <= self.max_batch_size
+        if typical and self.typical_run < INLINE_SECONDS:
             result = self.model.run(images, outputs)
         else:
             loop = asyncio.get_running_loop()
             result = await loop.run_in_executor(self.executor, self.model.run, images, outputs)
         elapsed = time.perf_counter() - start
-        self.typical_run = 0.9 * self.typical_run + 0.1 * elapsed
+        if typical:
+            self.typical_run = 0.9 * self.typical_run + 0.1 * elapsed
         self.metrics.inference_time.observe(elapsed)
         self.metrics.batch_size.observe(images.shape[0])
         self.metrics.images.inc(images.shape[0])

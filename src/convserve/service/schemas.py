@@ -57,6 +57,22 @@ class FittedInput(BaseModel):
     steps: list[str] = Field(description="What was done, in order")
 
 
+class Explanation(BaseModel):
+    method: str = Field(description="occlusion")
+    label: str = Field(description="The class explained: the top class")
+    index: int
+    probability: float = Field(description="The class's probability on the whole input")
+    patch: int = Field(description="Side of the hidden square, in input pixels")
+    stride: int = Field(description="Step between squares, in input pixels")
+    occlusions: int = Field(description="Occluded copies run through the model")
+    max_drop: float = Field(description="The largest value of the heat map")
+    heatmap: list[list[float]] = Field(
+        description="[height][width] of the model's input: the mean drop of the class's "
+        "probability when a square covering the pixel is hidden (negative: hiding it helps)"
+    )
+    input_png: str = Field(description="The model's input as it saw it (after fitting), base64 PNG")
+
+
 class Prediction(BaseModel):
     filename: str | None
     input: FittedInput
@@ -65,11 +81,15 @@ class Prediction(BaseModel):
     feature_maps: dict[str, FeatureMap] | None = Field(
         None, description="By block name; the output of the block's activation, before pooling"
     )
+    explanation: Explanation | None = Field(
+        None, description="With explain=occlusion: where the evidence for the top class is"
+    )
 
 
 class Timing(BaseModel):
     decode_ms: float
     inference_ms: float
+    explain_ms: float | None = Field(None, description="With explain=occlusion")
     total_ms: float
 
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import to_json
 
 from convserve import contract
-from convserve.service import features, multipart
+from convserve.service import explain, features, multipart
 from convserve.service.api.deps import current_engine, new_request_id
 from convserve.service.api.errors import errors
 from convserve.service.decoding import Decoder, DecoderBusy
@@ -36,6 +36,7 @@ router = APIRouter(tags=["predict"])
 
 SEND_IMAGES = "send one image as the multipart field `file`, or several as `files`"
 MAX_OTHER_FIELDS = 16  # multipart parts besides the images, ignored but counted
+MAX_EXPLAINED = 4  # images per request with explain=occlusion: each costs ~169 inferences
 
 
 class PredictQuery(BaseModel):
@@ -54,6 +55,12 @@ class PredictQuery(BaseModel):
         description="model: fit the image as the model's training images were (for digit "
         "models: crop to the ink, scale to the data set's box, centre by mass, invert a light "
         "background); none: stretch the whole image to the input size",
+    )
+    explain: Literal["none", "occlusion"] = Field(
+        "none",
+        description="occlusion: for the top class, a heat map of how much its probability "
+        f"drops when each region of the input is hidden (at most {MAX_EXPLAINED} images a "
+        "request; one batch of occluded copies per image)",
     )
     format: Literal["png", "array", "stats"] = Field(
         "png",
@@ -158,6 +165,12 @@ async def predict(request: Request) -> Response:
         _prediction(upload.filename, fitted[i], i, result, model, blocks, k, query.format)
         for i, upload in enumerate(uploads)
     ]
+    explained = inferred
+    if query.explain == "occlusion":
+        probs = result[contract.PROBABILITIES]
+        for i, prediction in enumerate(predictions):
+            prediction["explanation"] = await _occlusion(engine, model, batch[i], probs[i])
+        explained = time.perf_counter()
     end = time.perf_counter()
     body = {
         "request_id": request.scope.get("state", {}).get("request_id") or new_request_id(),
@@ -166,6 +179,7 @@ async def predict(request: Request) -> Response:
         "time": {
             "decode_ms": (decoded - start) * 1e3,
             "inference_ms": (inferred - decoded) * 1e3,
+            **({"explain_ms": (explained - inferred) * 1e3} if query.explain != "none" else {}),
             "total_ms": (end - start) * 1e3,
         },
     }
@@ -222,6 +236,12 @@ def _check_request(
             f"{len(uploads)} images in one request; the limit is "
             f"{settings.max_files} (CONVSERVE_MAX_FILES)",
         )
+    if query.explain != "none" and len(uploads) > MAX_EXPLAINED:
+        raise HTTPException(
+            413,
+            f"explain=occlusion explains at most {MAX_EXPLAINED} images a request "
+            f"({len(uploads)} sent)",
+        )
     blocks = requested_blocks(model, query.feature_maps)
     shapes = [model.feature_shapes[b] for b in blocks]
     size = features.estimate_bytes(shapes, query.format, len(uploads))
@@ -265,6 +285,31 @@ async def _decode_all(
         arrays.append(array)
         reports.append(report)
     return (arrays[0][None] if len(arrays) == 1 else np.stack(arrays)), reports
+
+
+async def _occlusion(
+    engine: Any, model: LoadedModel, image: np.ndarray, probs: np.ndarray
+) -> dict[str, Any]:
+    """The top class's occlusion map for one input ``[C, H, W]`` (``service/explain.py``)."""
+    index = int(np.argmax(probs))
+    patch, stride = explain.patch_and_stride(model.height, model.width)
+    baseline = explain.baseline(model.meta)
+    copies, corners = explain.occluded(image, patch, stride, baseline)
+    occluded = (await engine.infer(copies, [contract.PROBABILITIES]))[contract.PROBABILITIES]
+    reference = float(probs[index])
+    heat = explain.drop_map(reference, occluded[:, index], corners, patch, *image.shape[1:])
+    return {
+        "method": "occlusion",
+        "label": model.labels[index],
+        "index": index,
+        "probability": reference,
+        "patch": patch,
+        "stride": stride,
+        "occlusions": len(corners),
+        "max_drop": float(heat.max()),
+        "heatmap": np.round(heat, 5).tolist(),
+        "input_png": explain.input_png(image),
+    }
 
 
 def _prediction(
