@@ -21,7 +21,9 @@ venv: $(STAMP)
 run: venv
 	$(BIN)/convserve up
 
-# What the tests need beyond the venv: Debian's chromium for the browser tests.
+# What the tests need beyond the venv: Debian's chromium for the browser tests, and axe-core
+# (from the npm registry, into .tools/) for their accessibility audit.
+AXE_VERSION := 4.14.1
 test-deps:
 	@command -v chromium >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then \
@@ -31,6 +33,16 @@ test-deps:
 	    echo "The browser tests need Debian's chromium. Run: sudo apt-get install -y chromium"; \
 	    exit 1; \
 	  fi; }
+	@command -v npm >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's npm for the accessibility audit"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; \
+	  else \
+	    echo "The accessibility audit needs npm. Run: sudo apt-get install -y npm"; \
+	    exit 1; \
+	  fi; }
+	@test -f .tools/node_modules/axe-core/axe.min.js || \
+	  npm install --silent --no-audit --no-fund --no-save --prefix .tools axe-core@$(AXE_VERSION)
 
 test: venv test-deps
 	$(BIN)/pytest -q -ra

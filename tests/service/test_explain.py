@@ -67,7 +67,7 @@ def test_the_ink_explains_more_than_the_background(client):
         assert heat.shape == (8, 8) and ex["occlusions"] == 64 and ex["patch"] == 1
         assert ex["probability"] == pytest.approx(answer["top_k"][0]["probability"])
         assert ex["max_drop"] == pytest.approx(heat.max(), abs=1e-4)
-        seen = np.array(Image.open(io.BytesIO(base64.b64decode(ex["input_png"]))))
+        seen = np.array(Image.open(io.BytesIO(base64.b64decode(answer["input"]["png"]))))
         assert seen.shape == (8, 8) and np.abs(seen.astype(int) - pixels).max() <= 1
         ink, background = pixels > 128, pixels == 0
         ink_wins += heat[ink].mean() > heat[background].mean()
@@ -83,6 +83,9 @@ def test_explain_is_refused_for_too_many_images_and_off_by_default(client):
     assert r.status_code == 413 and "at most 4 images" in r.json()["detail"]
     r = client.post("/predict", files={"file": ("x.png", png)})
     assert "explanation" not in r.json()["predictions"][0]
+    assert "png" not in r.json()["predictions"][0]["input"]
+    r = client.post("/predict", params={"return_input": "true"}, files={"file": ("x.png", png)})
+    assert r.json()["predictions"][0]["input"]["png"]
     assert "explain_ms" not in r.json()["time"]
     r = client.post("/predict", params={"explain": "gradcam"}, files={"file": ("x.png", png)})
     assert r.status_code == 422

@@ -15,6 +15,7 @@ import onnx
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from sklearn.datasets import load_digits
 
 from tests.servers import uvicorn_server, worker_process
 
@@ -31,6 +32,46 @@ ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+
+
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+AXE = Path(__file__).resolve().parents[2] / ".tools" / "node_modules" / "axe-core" / "axe.min.js"
+# pixels of the input canvas that the occlusion map made red
+RED_PIXELS = """() => {
+  const c = document.getElementById("seen");
+  const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+  let n = 0;
+  for (let i = 0; i < d.length; i += 4) if (d[i] > d[i + 1] + 40 && d[i] > d[i + 2] + 40) n++;
+  return n;
+}"""
+# pixels of the first tile whose channels differ (0 for a grey tile)
+TILE_COLOURS = """() => {
+  const c = document.querySelector("#maps .tile canvas");
+  const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+  let n = 0;
+  for (let i = 0; i < d.length; i += 4) if (d[i] !== d[i + 1] || d[i + 1] !== d[i + 2]) n++;
+  return n;
+}"""
+
+
+# what sticks out past the screen's right edge, for the message when something does
+WIDE_ELEMENTS = """() => [...document.querySelectorAll("body *")]
+  .filter((e) => e.getBoundingClientRect().right > window.innerWidth + 1 && !e.closest(".scroll"))
+  .slice(0, 12).map((e) => `${e.tagName}#${e.id}.${e.className} ${e.getBoundingClientRect().right}`)"""
+
+
+def assert_accessible(page, where: str) -> None:
+    """axe-core (from the npm registry, installed by `make test-deps`) finds no violation."""
+    if not AXE.exists():
+        pytest.fail(f"{AXE} is missing: run `make test-deps`")
+    page.add_script_tag(path=str(AXE))
+    violations = page.evaluate("async () => (await axe.run(document)).violations")
+    found = [
+        f"{v['id']} ({v['impact']}): {v['help']} at {[n['target'] for n in v['nodes']][:3]}"
+        for v in violations
+    ]
+    assert found == [], f"{where}: {found}"
 
 
 @pytest.fixture
@@ -67,24 +108,40 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
 
     url, name = stack
     SHOTS.mkdir(parents=True, exist_ok=True)
-    digit = tmp_path / "digit.png"
-    Image.new("L", (8, 8), 0).save(digit)
+    digit = tmp_path / "digit.png"  # a 3 from sklearn's digits, white on black
+    Image.fromarray((load_digits().images[3] * 255 / 16).astype("uint8"), "L").save(digit)
     junk = tmp_path / "notes.png"
     junk.write_bytes(b"this is not an image")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1200, "height": 1000})
+        page = browser.new_page(viewport=DESKTOP)
         page.goto(url)
         expect(page.locator("#model-line")).to_contain_text(f"Model {name} version 1 @champion")
         expect(page.locator("#model-line")).to_contain_text("CPU")
+        assert_accessible(page, "empty page, 1280x800")
 
-        # 1. upload an image: probabilities and feature-map images appear
+        # 1. upload an image: probabilities, the input as the model saw it with its occlusion
+        # map, and every block's channels as tiles of at least 64 px, the enlarged one beside
         page.set_input_files("#file", str(digit))
         expect(page.locator("#bars li")).to_have_count(5)
         expect(page.locator("#maps .tile")).to_have_count(6 + 8)
-        page.locator("#maps .tile").nth(2).click()
+        expect(page.locator("#seen-text")).to_contain_text("Red: hiding the region lowers P(")
+        assert page.evaluate(RED_PIXELS) > 0  # the occlusion map is drawn over the input
+        page.locator("#maps .tile").nth(2).hover()
         expect(page.locator("#zoom-text")).to_contain_text("block1, channel 2: mean")
-        page.screenshot(path=str(SHOTS / "1-predict.png"), full_page=True)
+        page.locator("#maps .tile").nth(3).focus()  # the keyboard, too
+        expect(page.locator("#zoom-text")).to_contain_text("block1, channel 3: mean")
+        tile = page.locator("#maps .tile").first.bounding_box()
+        grid = page.locator("#maps").bounding_box()
+        zoom = page.locator("#zoom").bounding_box()
+        assert tile["width"] >= 64, tile
+        assert zoom["x"] >= grid["x"] + grid["width"] and zoom["y"] < DESKTOP["height"], (zoom, grid)
+        grey = page.evaluate(TILE_COLOURS)
+        page.select_option("#colormap", "viridis")
+        expect(page.locator("#maps .tile")).to_have_count(6 + 8)
+        assert grey == 0 and page.evaluate(TILE_COLOURS) > 0  # grey tiles, then coloured ones
+        page.screenshot(path=str(SHOTS / "1-predict.png"))
+        assert_accessible(page, "prediction, 1280x800")
 
         # 2. an API error is shown in words, not as a blank panel
         page.set_input_files("#file", str(junk))
@@ -95,9 +152,22 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         expect(page.locator("#train-error")).to_contain_text("401")
         page.screenshot(path=str(SHOTS / "2-errors.png"), full_page=True)
 
+        # the form speaks in words and shows only what the chosen init and optimizer read
+        page.click("#presets button[data-preset='Identical weights']")
+        expect(page.locator("#row-f-init-value")).to_be_visible()
+        expect(page.locator("#row-f-init-std")).to_be_hidden()
+        page.select_option("#f-init-name", "normal")
+        expect(page.locator("#row-f-init-std")).to_be_visible()
+        expect(page.locator("#row-f-init-value")).to_be_hidden()
+        expect(page.locator("#row-f-optim-lr")).to_contain_text("Learning rate")
+        expect(page.locator("#row-f-optim-lr")).to_contain_text("too large diverges")
+
         # 3. a tiny training job: it runs, finishes and its champion is announced
         page.fill("#token", "web-token")
-        page.select_option("#preset", "He + ReLU")
+        page.click("#presets button[data-preset='He + ReLU']")
+        expect(page.locator("#presets button[data-preset='He + ReLU']")).to_have_attribute(
+            "aria-pressed", "true"
+        )
         page.select_option("#f-data-name", "digits")
         page.fill("#f-blocks", "8")
         page.fill("#f-optim-epochs", "1")
@@ -106,7 +176,12 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         expect(row).to_have_attribute("data-status", "succeeded", timeout=120_000)
         expect(page.locator("#banner")).to_contain_text("new champion", timeout=60_000)
         expect(page.locator("#model-line")).to_contain_text("version 2")
-        page.screenshot(path=str(SHOTS / "3-trained.png"), full_page=True)
+        expect(row.locator("td.model")).to_have_text("v2 champion")
+        assert "epoch 0" not in page.locator("#jobs").inner_text()
+        table = page.locator("#jobs-section .scroll")
+        assert table.evaluate("e => e.scrollWidth <= e.clientWidth"), "the jobs table overflows"
+        page.locator("#jobs-section").scroll_into_view_if_needed()
+        page.screenshot(path=str(SHOTS / "3-trained.png"))
 
         # the MLflow links open the runs table and the run's own page, not the Traces tab
         job_id = row.get_attribute("data-id")
@@ -125,7 +200,7 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
 
         # 4. diagnosis: a running job's charts fill in live; then two jobs side by side
         first_id = row.get_attribute("data-id")
-        page.select_option("#preset", "Xavier + tanh")
+        page.click("#presets button[data-preset='Xavier + tanh']")
         page.select_option("#f-data-name", "digits")
         page.fill("#f-blocks", "8")
         page.fill("#f-optim-epochs", "12")
@@ -167,10 +242,14 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         )
         assert re.search(r"block1\.conv \d", label), label
         page.screenshot(path=str(SHOTS / "4-diagnosis-compare.png"), full_page=True)
+        assert_accessible(page, "jobs and diagnosis, 1280x800")
 
         # 5. phone width: still readable, nothing wider than the screen
-        page.set_viewport_size({"width": 390, "height": 844})
+        page.set_viewport_size(PHONE)
         width = page.evaluate("document.documentElement.scrollWidth")
-        assert width <= 400
+        wide = page.evaluate(WIDE_ELEMENTS)
+        assert width <= 400, wide
         page.screenshot(path=str(SHOTS / "5-phone.png"), full_page=True)
+        page.screenshot(path=str(SHOTS / "5-phone-top.png"))
+        assert_accessible(page, "everything, 390x844")
         browser.close()

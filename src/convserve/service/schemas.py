@@ -55,6 +55,11 @@ class FittedInput(BaseModel):
         "were; stretch: the whole image resized to the model's input size"
     )
     steps: list[str] = Field(description="What was done, in order")
+    png: str | None = Field(
+        None,
+        description="With return_input=true or explain=occlusion: the model's input as it saw "
+        "it (after fitting), a base64 PNG at the input's size",
+    )
 
 
 class Explanation(BaseModel):
@@ -70,7 +75,6 @@ class Explanation(BaseModel):
         description="[height][width] of the model's input: the mean drop of the class's "
         "probability when a square covering the pixel is hidden (negative: hiding it helps)"
     )
-    input_png: str = Field(description="The model's input as it saw it (after fitting), base64 PNG")
 
 
 class Prediction(BaseModel):

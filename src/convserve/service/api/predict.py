@@ -62,6 +62,11 @@ class PredictQuery(BaseModel):
         f"drops when each region of the input is hidden (at most {MAX_EXPLAINED} images a "
         "request; one batch of occluded copies per image)",
     )
+    return_input: bool = Field(
+        False,
+        description="Include the model's input as it saw it (after fitting) as a PNG "
+        "(input.png); always included with explain=occlusion",
+    )
     format: Literal["png", "array", "stats"] = Field(
         "png",
         description="Feature maps as a tiled PNG grid per block, raw arrays, or per-channel "
@@ -171,6 +176,9 @@ async def predict(request: Request) -> Response:
         for i, prediction in enumerate(predictions):
             prediction["explanation"] = await _occlusion(engine, model, batch[i], probs[i])
         explained = time.perf_counter()
+    if query.return_input or query.explain != "none":
+        for i, prediction in enumerate(predictions):
+            prediction["input"]["png"] = explain.input_png(batch[i])
     end = time.perf_counter()
     body = {
         "request_id": request.scope.get("state", {}).get("request_id") or new_request_id(),
@@ -308,7 +316,6 @@ async def _occlusion(
         "occlusions": len(corners),
         "max_drop": float(heat.max()),
         "heatmap": np.round(heat, 5).tolist(),
-        "input_png": explain.input_png(image),
     }
 
 

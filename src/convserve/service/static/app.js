@@ -56,20 +56,40 @@ async function loadModel() {
 }
 
 // ---- predict ---------------------------------------------------------------
+let lastPrediction = null;
+let selectedTile = null;
+
 async function predict(blob, name) {
   show("predict-error", "");
   const form = () => { const f = new FormData(); f.append("file", blob, name); return f; };
+  const explain = $("explain").checked ? "&explain=occlusion" : "";
   try {
     const [pngs, stats] = await Promise.all([
-      api("/predict?top_k=5&feature_maps=all&format=png", { method: "POST", body: form() }),
+      api(`/predict?top_k=5&feature_maps=all&format=png&return_input=true${explain}`,
+          { method: "POST", body: form() }),
       api("/predict?top_k=1&feature_maps=all&format=stats", { method: "POST", body: form() }),
     ]);
     lastStats = stats.predictions[0].feature_maps || {};
-    render(pngs.predictions[0]);
+    lastPrediction = pngs.predictions[0];
+    render(lastPrediction);
   } catch (err) {
     $("result").hidden = true;
+    $("seen-box").hidden = true;
     show("predict-error", `Prediction failed: ${err.message}`);
   }
+}
+
+// Colour maps as a few stops, interpolated: grey, viridis, magma.
+const COLORMAPS = {
+  gray: [[0, 0, 0], [255, 255, 255]],
+  viridis: [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]],
+  magma: [[0, 0, 4], [81, 18, 124], [183, 55, 121], [252, 137, 97], [252, 253, 191]],
+};
+function colour(v, stops) {
+  const x = (v / 255) * (stops.length - 1);
+  const i = Math.min(stops.length - 2, Math.floor(x));
+  const t = x - i;
+  return stops[i].map((c, k) => Math.round(c + t * (stops[i + 1][k] - c)));
 }
 
 function render(prediction) {
@@ -78,19 +98,59 @@ function render(prediction) {
   for (const c of prediction.top_k) {
     const li = document.createElement("li");
     const pct = (100 * c.probability).toFixed(1);
-    li.innerHTML = `<span class="label"></span> ${pct}%<span class="bar"></span>`;
+    li.innerHTML = `<span class="label"></span><span class="track"><span class="bar"></span></span><span class="pct"></span>`;
     li.querySelector(".label").textContent = c.label;
-    li.querySelector(".bar").style.width = `${Math.max(1, 2 * pct)}px`;
+    li.querySelector(".bar").style.width = `${Math.max(0.5, pct)}%`;
+    li.querySelector(".pct").textContent = `${pct}%`;
     li.setAttribute("aria-label", `${c.label}: ${pct} percent`);
     bars.appendChild(li);
   }
+  drawSeen(prediction);
   const maps = $("maps");
   maps.replaceChildren();
   for (const [block, fmap] of Object.entries(prediction.feature_maps || {})) {
     maps.appendChild(renderBlock(block, fmap));
   }
-  $("zoom").hidden = true;
+  selectedTile = null;
+  $("zoom-text").textContent = "Select a tile";
+  $("zoom-canvas").getContext("2d").clearRect(0, 0, 192, 192);
+  $("seen-box").hidden = false;
   $("result").hidden = false;
+}
+
+// The input as the model saw it, with the occlusion map over it: red where hiding the region
+// lowers the top class's probability, blue where hiding it raises it.
+function drawSeen(prediction) {
+  const canvas = $("seen");
+  const ctx = canvas.getContext("2d");
+  const input = prediction.input;
+  const ex = prediction.explanation;
+  const img = new Image();
+  img.onload = () => {
+    ctx.imageSmoothingEnabled = false;
+    ctx.clearRect(0, 0, canvas.width, canvas.height);
+    ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
+    if (ex) {
+      const h = ex.heatmap.length, w = ex.heatmap[0].length;
+      const scale = Math.max(Math.abs(ex.max_drop), ...ex.heatmap.flat().map(Math.abs), 1e-9);
+      const cw = canvas.width / w, ch = canvas.height / h;
+      for (let y = 0; y < h; y++) {
+        for (let x = 0; x < w; x++) {
+          const v = ex.heatmap[y][x] / scale;
+          if (Math.abs(v) < 0.05) continue;
+          ctx.fillStyle = v > 0 ? `rgba(255, 60, 40, ${0.65 * v})` : `rgba(60, 130, 255, ${-0.65 * v})`;
+          ctx.fillRect(x * cw, y * ch, Math.ceil(cw), Math.ceil(ch));
+        }
+      }
+    }
+  };
+  img.src = `data:image/png;base64,${input.png}`;
+  const size = prediction.explanation ? ` Red: hiding the region lowers P(${ex.label}) (by up to ` +
+    `${(100 * ex.max_drop).toFixed(1)} points); blue: hiding it raises it.` : "";
+  $("seen-text").textContent = `${input.original} upload, ${input.fit} fit: ${input.steps.join(", ")}.${size}`;
+  canvas.setAttribute("aria-label", ex
+    ? `The model's input with its occlusion map for class ${ex.label}`
+    : "The model's input");
 }
 
 function renderBlock(block, fmap) {
@@ -101,25 +161,30 @@ function renderBlock(block, fmap) {
   title.textContent = `${block}: ${g.channels} channels of ${g.tile_height}x${g.tile_width}`;
   const grid = document.createElement("div");
   grid.className = "grid";
-  grid.style.gridTemplateColumns = `repeat(${g.cols}, minmax(0, 48px))`;
   const img = new Image();
   img.onload = () => {
+    const stops = COLORMAPS[$("colormap").value] || COLORMAPS.gray;
     for (let c = 0; c < g.channels; c++) {
       const tile = document.createElement("button");
       tile.type = "button";
       tile.className = "tile";
       tile.setAttribute("aria-label", `${block} channel ${c}`);
+      tile.setAttribute("aria-pressed", "false");
       const canvas = document.createElement("canvas");
       canvas.width = g.tile_width;
       canvas.height = g.tile_height;
       const x = (c % g.cols) * g.tile_width;
       const y = Math.floor(c / g.cols) * g.tile_height;
-      canvas.getContext("2d").drawImage(img, x, y, g.tile_width, g.tile_height, 0, 0,
-                                        g.tile_width, g.tile_height);
-      canvas.style.width = "100%";
-      canvas.style.imageRendering = "pixelated";
+      const ctx = canvas.getContext("2d");
+      ctx.drawImage(img, x, y, g.tile_width, g.tile_height, 0, 0, g.tile_width, g.tile_height);
+      const data = ctx.getImageData(0, 0, g.tile_width, g.tile_height);
+      for (let i = 0; i < data.data.length; i += 4) {
+        const [r, gg, b] = colour(data.data[i], stops);
+        data.data[i] = r; data.data[i + 1] = gg; data.data[i + 2] = b;
+      }
+      ctx.putImageData(data, 0, 0);
       tile.appendChild(canvas);
-      const zoom = () => showZoom(block, c, canvas);
+      const zoom = () => showZoom(block, c, canvas, tile);
       tile.addEventListener("click", zoom);
       tile.addEventListener("focus", zoom);
       tile.addEventListener("mouseenter", zoom);
@@ -131,7 +196,10 @@ function renderBlock(block, fmap) {
   return wrap;
 }
 
-function showZoom(block, channel, source) {
+function showZoom(block, channel, source, tile) {
+  if (selectedTile) selectedTile.setAttribute("aria-pressed", "false");
+  selectedTile = tile;
+  tile.setAttribute("aria-pressed", "true");
   const canvas = $("zoom-canvas");
   const ctx = canvas.getContext("2d");
   ctx.imageSmoothingEnabled = false;
@@ -140,7 +208,7 @@ function showZoom(block, channel, source) {
   const s = lastStats[block];
   const stats = s ? `mean ${s.mean[channel].toFixed(4)}, max ${s.max[channel].toFixed(4)}` : "";
   $("zoom-text").textContent = `${block}, channel ${channel}: ${stats}`;
-  $("zoom").hidden = false;
+  canvas.setAttribute("aria-label", `${block} channel ${channel}, enlarged`);
 }
 
 function setupPredict() {
@@ -148,9 +216,7 @@ function setupPredict() {
   $("file").addEventListener("change", (e) => {
     const f = e.target.files[0];
     if (f) predict(f, f.name);
-  });
-  drop.addEventListener("keydown", (e) => {
-    if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("file").click(); }
+    e.target.value = "";  // choosing the same file again predicts again
   });
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
@@ -160,6 +226,7 @@ function setupPredict() {
     const f = e.dataTransfer.files[0];
     if (f) predict(f, f.name);
   });
+  $("colormap").addEventListener("change", () => { if (lastPrediction) render(lastPrediction); });
   const canvas = $("canvas");
   const ctx = canvas.getContext("2d");
   const clear = () => { ctx.fillStyle = "#000"; ctx.fillRect(0, 0, canvas.width, canvas.height); };
@@ -183,12 +250,29 @@ function setupPredict() {
 }
 
 // ---- train -----------------------------------------------------------------
-// Fields generated from the schema: [section, field, how to read the input].
+// Fields of the form, from the schema (titles and descriptions), each shown only when the
+// chosen activation, init and optimizer use it: [section, field, kind, when].
 const FIELDS = [
-  ["data", "name"], ["data", "limit"], ["model", "activation"], ["model", "hidden", "list"],
-  ["init", "name"], ["init", "std"], ["init", "value"], ["init", "scale"],
-  ["optim", "optimizer"], ["optim", "lr"], ["optim", "epochs"],
+  ["data", "name"],
+  ["data", "limit"],
+  ["model", "activation"],
+  ["model", "negative_slope", "number", (c) => c.model.activation === "leaky_relu"],
+  ["model", "hidden", "list"],
+  ["init", "name"],
+  ["init", "value", "number", (c) => c.init.name === "constant"],
+  ["init", "mean", "number", (c) => c.init.name === "normal"],
+  ["init", "std", "number", (c) => c.init.name === "normal"],
+  ["init", "a", "number", (c) => c.init.name === "uniform"],
+  ["init", "b", "number", (c) => c.init.name === "uniform"],
+  ["init", "mode", "enum", (c) => c.init.name.startsWith("he_")],
+  ["init", "gain", "number", (c) => /^(xavier|he)_|orthogonal/.test(c.init.name)],
+  ["init", "scale", "number", (c) => !["default", "zeros", "lsuv"].includes(c.init.name)],
+  ["optim", "optimizer"],
+  ["optim", "lr"],
+  ["optim", "momentum", "number", (c) => c.optim.optimizer === "sgd"],
+  ["optim", "epochs"],
 ];
+let currentPreset = null;
 
 function resolve(ref) {
   return schema.schema.$defs[ref.split("/").pop()];
@@ -201,19 +285,37 @@ function fieldSchema(section, name) {
   return prop;
 }
 
+function field(id, title, help, input) {
+  const label = document.createElement("label");
+  label.className = "field";
+  label.id = `row-${id}`;
+  const text = document.createElement("span");
+  text.className = "label-text";
+  text.textContent = title;
+  input.id = id;
+  label.append(text, input);
+  if (help) {
+    const h = document.createElement("span");
+    h.className = "help";
+    h.textContent = help;
+    label.appendChild(h);
+  }
+  return label;
+}
+
 function buildForm() {
   const fields = $("fields");
-  const channels = document.createElement("label");
-  channels.innerHTML = `conv blocks (channels, comma separated) <input id="f-blocks" value="16,32">`;
-  fields.appendChild(channels);
-  const poolEnum = resolve("#/$defs/BlockConfig").properties.pool.enum;
-  const pool = document.createElement("label");
-  pool.innerHTML = `pooling <select id="f-pool">${poolEnum.map((p) => `<option>${p}</option>`).join("")}</select>`;
-  fields.appendChild(pool);
+  const block = resolve("#/$defs/BlockConfig").properties;
+  const channels = document.createElement("input");
+  channels.type = "text";
+  channels.inputMode = "numeric";
+  fields.appendChild(field("f-blocks", "Convolution blocks",
+    "Filters per block, comma separated: each block is a 3x3 convolution, the activation, then pooling", channels));
+  const pool = document.createElement("select");
+  for (const p of block.pool.enum || resolve(block.pool.$ref || "#/$defs/PoolName").enum) pool.appendChild(new Option(p, p));
+  fields.appendChild(field("f-pool", block.pool.title || "Pooling", block.pool.description, pool));
   for (const [section, name, kind] of FIELDS) {
     const prop = fieldSchema(section, name);
-    const label = document.createElement("label");
-    label.textContent = `${section}.${name} `;
     let input;
     if (prop.enum) {
       input = document.createElement("select");
@@ -224,14 +326,26 @@ function buildForm() {
       if (prop.type === "number") input.step = "any";
       if (prop.minimum !== undefined) input.min = prop.minimum;
     }
-    input.id = `f-${section}-${name}`;
-    label.appendChild(input);
-    fields.appendChild(label);
+    input.addEventListener("change", updateVisibility);
+    fields.appendChild(field(`f-${section}-${name}`, prop.title || `${section}.${name}`, prop.description, input));
   }
-  const preset = $("preset");
-  for (const name of Object.keys(schema.presets)) preset.appendChild(new Option(name, name));
-  preset.addEventListener("change", () => fill(schema.presets[preset.value]));
-  fill(schema.presets[preset.value]);
+  const presets = $("presets");
+  for (const name of Object.keys(schema.presets)) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.textContent = name;
+    b.dataset.preset = name;
+    b.setAttribute("aria-pressed", "false");
+    b.addEventListener("click", () => choosePreset(name));
+    presets.appendChild(b);
+  }
+  choosePreset(Object.keys(schema.presets)[0]);
+}
+
+function choosePreset(name) {
+  currentPreset = name;
+  for (const b of $("presets").children) b.setAttribute("aria-pressed", String(b.dataset.preset === name));
+  fill(schema.presets[name]);
 }
 
 function fill(cfg) {
@@ -241,15 +355,26 @@ function fill(cfg) {
     const v = cfg[section][name];
     $(`f-${section}-${name}`).value = kind === "list" ? v.join(",") : (v ?? "");
   }
+  updateVisibility();
+}
+
+// Only the fields the chosen activation, init and optimizer read are shown.
+function updateVisibility() {
+  const now = { model: { activation: $("f-model-activation").value }, init: { name: $("f-init-name").value },
+                optim: { optimizer: $("f-optim-optimizer").value } };
+  for (const [section, name, , when] of FIELDS) {
+    $(`row-f-${section}-${name}`).hidden = when ? !when(now) : false;
+  }
 }
 
 function readForm() {
-  const cfg = JSON.parse(JSON.stringify(schema.presets[$("preset").value]));
+  const cfg = JSON.parse(JSON.stringify(schema.presets[currentPreset]));
   const numbers = (text) => text.split(",").map((s) => s.trim()).filter(Boolean).map(Number);
   const pool = $("f-pool").value;
   cfg.model.blocks = numbers($("f-blocks").value).map((c, i) => ({
     ...(cfg.model.blocks[i] || {}), out_channels: c, pool }));
   for (const [section, name, kind] of FIELDS) {
+    if ($(`row-f-${section}-${name}`).hidden) continue;  // unused: the preset's value stands
     const raw = $(`f-${section}-${name}`).value;
     const prop = fieldSchema(section, name);
     if (kind === "list") cfg[section][name] = numbers(raw);
@@ -291,6 +416,7 @@ async function cancelJob(id) {
   }
 }
 
+// ---- jobs ------------------------------------------------------------------
 async function refreshJobs() {
   let page;
   try {
@@ -301,18 +427,23 @@ async function refreshJobs() {
   }
   const body = $("jobs").querySelector("tbody");
   body.replaceChildren();
+  $("no-jobs").hidden = page.jobs.length > 0;
   for (const job of page.jobs) {
     const tr = document.createElement("tr");
     tr.dataset.id = job.id;
     tr.dataset.status = job.status;
     const p = job.progress;
     const acc = job.metrics.val_accuracy;
-    tr.innerHTML = `<td></td><td class="status"></td><td></td><td></td><td></td><td></td>`;
-    const [idCell, statusCell, progressCell, accCell, verdictCell, actions] = tr.children;
-    idCell.textContent = job.id.slice(0, 8);
+    tr.innerHTML = `<td class="id"></td><td class="status"></td><td></td><td></td><td class="model"></td><td></td><td class="actions"></td>`;
+    const [idCell, statusCell, progressCell, accCell, modelCell, verdictCell, actions] = tr.children;
+    const code = document.createElement("span");
+    code.className = "mono";
+    code.textContent = job.id.slice(0, 8);
+    idCell.appendChild(code);
     if (job.links.mlflow) {
       const a = document.createElement("a");
-      a.href = job.links.mlflow; a.textContent = " MLflow run"; a.target = "_blank";
+      a.href = job.links.mlflow; a.textContent = "MLflow run"; a.target = "_blank";
+      a.setAttribute("aria-label", `MLflow run of job ${job.id.slice(0, 8)}`);
       idCell.appendChild(a);
     }
     statusCell.textContent = job.status + (job.error ? `: ${job.error}` : "");
@@ -320,9 +451,22 @@ async function refreshJobs() {
       const bar = document.createElement("progress");
       bar.max = p.total; bar.value = p.step || 0;
       bar.setAttribute("aria-label", `step ${p.step || 0} of ${p.total}`);
-      progressCell.append(bar, ` epoch ${p.epoch ?? 0}`);
+      const words = document.createElement("div");
+      words.className = "hint";
+      // The epoch a job reports is the last one finished: none during the first.
+      words.textContent = `step ${p.step || 0} of ${p.total}` + (p.epoch ? `, epoch ${p.epoch} done` : "");
+      progressCell.append(bar, words);
     }
     accCell.textContent = acc === undefined ? "" : acc.toFixed(3);
+    if (job.registered_version) {
+      modelCell.textContent = `v${job.registered_version} `;
+      if (job.promoted) {
+        const badge = document.createElement("span");
+        badge.className = "badge ok";
+        badge.textContent = "champion";
+        modelCell.appendChild(badge);
+      }
+    }
     showDiagnosis(verdictCell, job.diagnosis);
     if (job.status === "scheduled" || job.status === "running") {
       const b = document.createElement("button");
@@ -336,6 +480,7 @@ async function refreshJobs() {
     watch.setAttribute("aria-label", `Diagnose job ${job.id.slice(0, 8)}`);
     watch.addEventListener("click", () => {
       $("diag-a").value = job.id;
+      $("diag-a").dataset.chosen = "1";
       refreshDiagnosis();
       $("diagnose").scrollIntoView({ behavior: "smooth" });
     });
