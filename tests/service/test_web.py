@@ -58,7 +58,8 @@ TILE_COLOURS = """() => {
 # what sticks out past the screen's right edge, for the message when something does
 WIDE_ELEMENTS = """() => [...document.querySelectorAll("body *")]
   .filter((e) => e.getBoundingClientRect().right > window.innerWidth + 1 && !e.closest(".scroll"))
-  .slice(0, 12).map((e) => `${e.tagName}#${e.id}.${e.className} ${e.getBoundingClientRect().right}`)"""
+  .slice(0, 12)
+  .map((e) => `${e.tagName}#${e.id}.${e.className} ${e.getBoundingClientRect().right}`)"""
 
 
 def assert_accessible(page, where: str) -> None:
@@ -135,7 +136,8 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         grid = page.locator("#maps").bounding_box()
         zoom = page.locator("#zoom").bounding_box()
         assert tile["width"] >= 64, tile
-        assert zoom["x"] >= grid["x"] + grid["width"] and zoom["y"] < DESKTOP["height"], (zoom, grid)
+        beside = zoom["x"] >= grid["x"] + grid["width"] and zoom["y"] < DESKTOP["height"]
+        assert beside, (zoom, grid)
         grey = page.evaluate(TILE_COLOURS)
         page.select_option("#colormap", "viridis")
         expect(page.locator("#maps .tile")).to_have_count(6 + 8)
