@@ -234,6 +234,10 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         cards = page.locator("#diag-view .diag-card")
         expect(cards).to_have_count(2)
         expect(cards.nth(1)).to_have_attribute("data-id", first_id)
+        # the version served now is the champion; the first job's version was promoted before
+        expect(second.locator("td.model")).to_have_text("v3 champion")
+        first_row = page.locator(f"#jobs tbody tr[data-id='{first_id}']")
+        expect(first_row.locator("td.model")).to_have_text("v2 promoted")
         # each statistic is a row: the two jobs' charts side by side, on one scale
         expect(page.locator("#diag-view figure[data-stat=grad_std] svg")).to_have_count(2)
         expect(page.locator("#diag-view figure[data-stat=act_std] svg")).to_have_count(2)
@@ -251,7 +255,20 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         width = page.evaluate("document.documentElement.scrollWidth")
         wide = page.evaluate(WIDE_ELEMENTS)
         assert width <= 400, wide
+        table = page.locator("#jobs-section .scroll")
+        assert table.evaluate("e => e.scrollWidth <= e.clientWidth"), "the jobs overflow"
+        page.locator("#jobs-section").scroll_into_view_if_needed()
+        page.screenshot(path=str(SHOTS / "5-phone-jobs.png"))
         page.screenshot(path=str(SHOTS / "5-phone.png"), full_page=True)
         page.screenshot(path=str(SHOTS / "5-phone-top.png"))
         assert_accessible(page, "everything, 390x844")
+
+        # 6. dark: the same page in the system's dark colour scheme, as readable
+        page.emulate_media(color_scheme="dark")
+        page.set_viewport_size(DESKTOP)
+        page.evaluate("window.scrollTo(0, 0)")
+        background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert background == "rgb(15, 20, 27)", background
+        page.screenshot(path=str(SHOTS / "6-dark.png"))
+        assert_accessible(page, "dark, 1280x800")
         browser.close()

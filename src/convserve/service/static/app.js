@@ -436,6 +436,9 @@ async function refreshJobs() {
     const acc = job.metrics.val_accuracy;
     tr.innerHTML = `<td class="id"></td><td class="status"></td><td></td><td></td><td class="model"></td><td></td><td class="actions"></td>`;
     const [idCell, statusCell, progressCell, accCell, modelCell, verdictCell, actions] = tr.children;
+    // Labels for the stacked layout of narrow screens, where the header row is not shown.
+    const labels = ["Job", "Status", "Progress", "Val acc", "Model", "Diagnosis", ""];
+    [...tr.children].forEach((td, i) => { td.dataset.label = labels[i]; });
     const code = document.createElement("span");
     code.className = "mono";
     code.textContent = job.id.slice(0, 8);
@@ -460,10 +463,12 @@ async function refreshJobs() {
     accCell.textContent = acc === undefined ? "" : acc.toFixed(3);
     if (job.registered_version) {
       modelCell.textContent = `v${job.registered_version} `;
-      if (job.promoted) {
+      // The champion is the version being served now; an earlier champion says "promoted".
+      const serving = model && model.name === job.registered_model && model.version === job.registered_version;
+      if (serving || job.promoted) {
         const badge = document.createElement("span");
-        badge.className = "badge ok";
-        badge.textContent = "champion";
+        badge.className = serving ? "badge ok" : "badge";
+        badge.textContent = serving ? "champion" : "promoted";
         modelCell.appendChild(badge);
       }
     }
