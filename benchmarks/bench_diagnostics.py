@@ -19,7 +19,13 @@ import torch
 from convserve.training.config import TrainConfig
 from convserve.training.data import DataBundle, load_data
 from convserve.training.diagnostics import Diagnostics
-from convserve.training.loop import _measured_step, _step, make_optimizer, train_one_epoch
+from convserve.training.loop import (
+    Recipe,
+    _measured_step,
+    _step,
+    make_optimizer,
+    train_one_epoch,
+)
 from convserve.training.run import build_for, seed_everything
 
 
@@ -58,9 +64,9 @@ def step_cost(cfg: TrainConfig, data: DataBundle, pairs: int = 20) -> tuple[floa
     plain, measured = [], []
     for i in range(pairs + 3):
         start = time.perf_counter()
-        _step(model, optimizer, x, y, i, None)
+        _step(model, optimizer, x, y, i, Recipe())
         middle = time.perf_counter()
-        _measured_step(model, optimizer, x, y, i, None, diag)
+        _measured_step(model, optimizer, x, y, i, Recipe(), diag)
         end = time.perf_counter()
         if i >= 3:  # the first steps warm up allocators and hooks
             plain.append(middle - start)

@@ -121,7 +121,7 @@ def test_numbers_refuse_true_and_false():
         load_config(None, ["model.dropout=false"])
     with pytest.raises(ConfigError, match=r"optim\.epochs"):
         load_config(None, ["optim.epochs=true"])
-    assert load_config(None, ["data.augment=true"]).data.augment is True  # a real bool
+    assert load_config(None, ["data.permute_pixels=true"]).data.permute_pixels is True
     assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0  # an int for a float is fine
 
 
@@ -139,3 +139,16 @@ def test_values_have_the_schemas_types():
         load_config(None, ['optim.epochs="3"'])
     with pytest.raises(ConfigError, match=r"diagnostics\.enabled: Value error, true or false"):
         load_config(None, ["diagnostics.enabled=1"])
+
+
+def test_augment_is_a_section_and_off_by_default():
+    assert not load_config(None, []).data.augment.enabled
+    cfg = load_config(None, ["data.augment.rotation=10", "data.augment.crop_scale=[0.8, 1.0]"])
+    assert cfg.data.augment.enabled and cfg.data.augment.crop_scale == (0.8, 1.0)
+    assert not load_config(None, ["data.augment=false"]).data.augment.enabled
+    with pytest.raises(ConfigError, match="data.augment is a section"):
+        load_config(None, ["data.augment=true"])
+    with pytest.raises(ConfigError, match="crop_scale needs 0 < low <= high <= 1"):
+        load_config(None, ["data.augment.crop_scale=[0.9, 0.5]"])
+    with pytest.raises(ConfigError, match="data.balance"):
+        load_config(None, ["data.balance=oversample"])

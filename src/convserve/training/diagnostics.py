@@ -118,6 +118,9 @@ class Diagnostics:
             self.probes.append(_Probe(layer, module, model.layer_activation[layer]))
         self._active = False
         self._keep_values = False
+        # Mixed precision in fp16 scales the loss, so every gradient, by this factor: the
+        # statistics divide it out and stay comparable with full-precision runs.
+        self.grad_scale = 1.0
         self._before: dict[str, Tensor] = {}
         self._handles = [p.module.register_forward_hook(self._hook(p)) for p in self.probes]
 
@@ -152,7 +155,7 @@ class Diagnostics:
 
     def _grad_hook(self, probe: _Probe):  # type: ignore[no-untyped-def]
         def hook(grad: Tensor) -> None:
-            g = grad.detach()
+            g = grad.detach().float() / self.grad_scale
             probe.stats["grad_std"] = float(g.std()) if g.numel() > 1 else 0.0
             if self._keep_values:
                 probe.values["gradient"] = g.flatten().cpu()
@@ -175,7 +178,8 @@ class Diagnostics:
         for probe in self.probes:
             weight = self.layers[probe.layer].weight
             grad = weight.grad
-            probe.stats["weight_grad_norm"] = float(grad.norm()) if grad is not None else 0.0
+            norm = float(grad.float().norm()) / self.grad_scale if grad is not None else 0.0
+            probe.stats["weight_grad_norm"] = norm
             self._before[probe.layer] = weight.detach().clone()
 
     def after_step(self, step: int) -> Snapshot:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from convserve.training.config import OptimConfig
 from convserve.training.data import Split
+from convserve.training.data.augment import Transform
 from convserve.training.diagnostics import Diagnostics, Snapshot, find_nonfinite
 
 
@@ -40,6 +42,39 @@ class StepCallbacks:
     on_step: Callable[[int, float, float], None] | None = None  # (step, loss, accuracy)
     on_snapshot: Callable[[Snapshot], None] | None = None
     should_stop: Callable[[], bool] | None = None
+
+
+@dataclass
+class Recipe:
+    """How each optimizer step is taken, beyond the model and the batch: gradient clipping,
+    per-class loss weights, mixed precision and the memory format."""
+
+    grad_clip: float | None = None
+    loss_weights: Tensor | None = None  # one per class: a weighted cross-entropy
+    device_type: str = "cpu"
+    autocast_dtype: torch.dtype | None = None  # None: full precision
+    scaler: torch.amp.GradScaler | None = None  # fp16: keeps small gradients representable
+    channels_last: bool = False  # NHWC batches, what CUDA convolutions run fastest on
+
+    @classmethod
+    def build(
+        cls, cfg: OptimConfig, device: torch.device, loss_weights: Tensor | None = None
+    ) -> Recipe:
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+        scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+        return cls(
+            cfg.grad_clip,
+            None if loss_weights is None else loss_weights.to(device),
+            device.type,
+            dtype,
+            scaler,
+            channels_last=device.type == "cuda",
+        )
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
 
 
 @dataclass
@@ -116,35 +151,50 @@ def train_one_epoch(
     seed: int,
     start_step: int,
     max_steps: int | None = None,
-    grad_clip: float | None = None,
+    recipe: Recipe | None = None,
     diagnostics: Diagnostics | None = None,
     diag_every: int = 50,
     callbacks: StepCallbacks | None = None,
+    transform: Transform | None = None,
+    sample_weights: Tensor | None = None,
 ) -> EpochResult:
     """Train over ``split`` once (or until ``max_steps``); raises ``Diverged`` or ``Stopped``.
 
     Every ``diag_every`` steps, the step is measured: activations and back-propagated
     gradients are recorded on the way, weights before and after the update compared.
+    ``transform`` augments each training image; ``sample_weights`` (one per example) draws
+    the batches in proportion to them.
     """
     cb = callbacks or StepCallbacks()
+    recipe = recipe or Recipe()
     model.train()
     step, total_loss, correct, seen = start_step, 0.0, 0, 0
     snapshots: list[Snapshot] = []
-    for x, y in split.batches(batch_size, shuffle=True, seed=seed):
+    batches = split.batches(
+        batch_size,
+        shuffle=True,
+        seed=seed,
+        transform=transform,
+        weights=sample_weights,
+        pin_memory=device.type == "cuda",
+    )
+    for x, y in batches:
         if max_steps is not None and step >= max_steps:
             break
         if cb.should_stop is not None and cb.should_stop():
             raise Stopped(step)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if recipe.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if diagnostics is not None and step % diag_every == 0:
             logits, loss_value, snap = _measured_step(
-                model, optimizer, x, y, step, grad_clip, diagnostics
+                model, optimizer, x, y, step, recipe, diagnostics
             )
             snapshots.append(snap)
             if cb.on_snapshot is not None:
                 cb.on_snapshot(snap)
         else:
-            logits, loss_value = _step(model, optimizer, x, y, step, grad_clip)
+            logits, loss_value = _step(model, optimizer, x, y, step, recipe)
         step += 1
         batch_correct = int((logits.argmax(1) == y).sum())
         total_loss += loss_value * y.size(0)
@@ -161,21 +211,31 @@ def train_one_epoch(
     )
 
 
-def _forward_backward(model: nn.Module, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, float]:
+def _forward_backward(
+    model: nn.Module, x: Tensor, y: Tensor, step: int, recipe: Recipe
+) -> tuple[Tensor, float]:
     """Logits and the loss after ``backward``; a non-finite loss raises ``Diverged``."""
-    logits = model(x)
-    loss = F.cross_entropy(logits, y)
+    with recipe.autocast():
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, weight=recipe.loss_weights)
     loss_value = float(loss.detach())
     if not math.isfinite(loss_value):
         raise Diverged(step, find_nonfinite(model, x), loss_value)
-    loss.backward()
+    (recipe.scaler.scale(loss) if recipe.scaler is not None else loss).backward()
     return logits.detach(), loss_value
 
 
-def _update(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
-    if grad_clip is not None:
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+def _update(model: nn.Module, optimizer: torch.optim.Optimizer, recipe: Recipe) -> None:
+    scaler = recipe.scaler
+    if recipe.grad_clip is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+        scaler.update()
+    else:
+        optimizer.step()
 
 
 def _step(
@@ -184,11 +244,11 @@ def _step(
     x: Tensor,
     y: Tensor,
     step: int,
-    grad_clip: float | None,
+    recipe: Recipe,
 ) -> tuple[Tensor, float]:
     optimizer.zero_grad(set_to_none=True)
-    logits, loss_value = _forward_backward(model, x, y, step)
-    _update(model, optimizer, grad_clip)
+    logits, loss_value = _forward_backward(model, x, y, step, recipe)
+    _update(model, optimizer, recipe)
     return logits, loss_value
 
 
@@ -198,15 +258,16 @@ def _measured_step(
     x: Tensor,
     y: Tensor,
     step: int,
-    grad_clip: float | None,
+    recipe: Recipe,
     diagnostics: Diagnostics,
 ) -> tuple[Tensor, float, Snapshot]:
     """One step with the diagnostics' hooks on; the snapshot is taken after the update."""
     optimizer.zero_grad(set_to_none=True)
+    diagnostics.grad_scale = float(recipe.scaler.get_scale()) if recipe.scaler is not None else 1.0
     with diagnostics.measure():
-        logits, loss_value = _forward_backward(model, x, y, step)
+        logits, loss_value = _forward_backward(model, x, y, step, recipe)
     diagnostics.before_step()
-    _update(model, optimizer, grad_clip)
+    _update(model, optimizer, recipe)
     return logits, loss_value, diagnostics.after_step(step + 1)
 
 

@@ -17,12 +17,14 @@ import torch
 from convserve.training import plots
 from convserve.training.checkpoint import ModelSpec, read_checkpoint, save_checkpoint
 from convserve.training.config import TrainConfig
-from convserve.training.data import DataBundle, load_data
+from convserve.training.data import DataBundle, Split, load_data
+from convserve.training.data.augment import build_augment, describe
 from convserve.training.diagnosis import Diagnosis, diagnose
 from convserve.training.diagnostics import Diagnostics, Snapshot, capture_values
 from convserve.training.init import initialize
 from convserve.training.loop import (
     Diverged,
+    Recipe,
     StepCallbacks,
     Stopped,
     evaluate,
@@ -87,6 +89,20 @@ def build_for(cfg: TrainConfig, data: DataBundle) -> ConvNet:
     batch = data.train.sample(256)[0]  # what data-dependent initialisers (lsuv) measure on
     initialize(model, cfg.init, model.layer_activation, cfg.model.negative_slope, batch)
     return model
+
+
+def class_balance(
+    balance: str, train: Split, counts: list[int]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(per-class loss weights, per-example sampling weights) for ``data.balance``: each
+    class weighted by the inverse of its share, so every class counts alike on average."""
+    if balance == "none":
+        return None, None
+    present = torch.tensor(counts, dtype=torch.float64)
+    per_class = torch.where(present > 0, present.sum() / (len(counts) * present.clamp_min(1)), 0.0)
+    if balance == "weights":
+        return per_class.float(), None
+    return None, per_class[train.labels]
 
 
 def _checkpoint_dir(cfg: TrainConfig, run_id: str | None) -> Path:
@@ -177,6 +193,13 @@ class _Session:
         self.history: list[dict[str, float]] = []
         self.snapshots: list[Snapshot] = []
         self.diag = Diagnostics(model, cfg.diagnostics) if cfg.diagnostics.enabled else None
+        counts = data.train.class_counts(data.num_classes)
+        self.transform = build_augment(cfg.data.augment, data.channels, data.image_size)
+        loss_weights, self.sample_weights = class_balance(cfg.data.balance, data.train, counts)
+        self.recipe = Recipe.build(cfg.optim, device, loss_weights)
+        if self.recipe.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.class_counts = dict(zip(data.classes, counts, strict=True))
         self.plot_dir = ckpt_dir / "plots"
         self.best = -math.inf
         self.best_path: Path | None = None
@@ -281,6 +304,15 @@ class _Session:
             total = min(total, cfg.optim.max_steps)
         if self.cb.on_start is not None:
             self.cb.on_start(total)
+        # What the run trained on: images per class, and the augmentation in words.
+        self.tracker.log_dict(self.class_counts, "class_counts.json")
+        counts = ", ".join(f"{k}: {v}" for k, v in self.class_counts.items())
+        self.tracker.set_tags(
+            {
+                "convserve.class_counts": counts[:5000],
+                "convserve.augment": describe(cfg.data.augment),
+            }
+        )
         if self.diag is not None and cfg.diagnostics.plots:
             x, y = self.data.train.sample(256)
             plots.value_histograms(
@@ -301,7 +333,9 @@ class _Session:
             seed=cfg.seed * 1000 + epoch,
             start_step=step,
             max_steps=cfg.optim.max_steps,
-            grad_clip=cfg.optim.grad_clip,
+            recipe=self.recipe,
+            transform=self.transform,
+            sample_weights=self.sample_weights,
             diagnostics=self.diag,
             diag_every=cfg.diagnostics.every,
             callbacks=StepCallbacks(self._on_step, self._on_snapshot, self.cb.should_stop),

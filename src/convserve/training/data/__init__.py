@@ -13,13 +13,38 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, WeightedRandomSampler
 
 from convserve.contract import Fit
 from convserve.training.config import DataConfig
+from convserve.training.data.augment import Transform
 from convserve.training.data.sources import DATASETS, Source, get_source
 
 __all__ = ["DATASETS", "DataBundle", "Split", "load_data"]
+
+
+class _Images(Dataset[tuple[Tensor, int]]):
+    """In-memory uint8 images or a lazy data set, each image passed through ``transform``."""
+
+    def __init__(
+        self,
+        labels: Tensor,
+        images: Tensor | None,
+        lazy: Dataset[tuple[Tensor, int]] | None,
+        transform: Transform | None,
+    ) -> None:
+        self.labels, self.images, self.lazy, self.transform = labels, images, lazy, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        if self.images is not None:
+            image, label = self.images[index], int(self.labels[index])
+        else:
+            assert self.lazy is not None
+            image, label = self.lazy[index]
+        return (self.transform(image) if self.transform is not None else image), label
 
 
 @dataclass
@@ -34,11 +59,25 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def class_counts(self, num_classes: int) -> list[int]:
+        return torch.bincount(self.labels, minlength=num_classes).tolist()
+
     def batches(
-        self, batch_size: int, shuffle: bool = False, seed: int = 0
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        *,
+        transform: Transform | None = None,
+        weights: Tensor | None = None,
+        pin_memory: bool = False,
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Float ``[B, C, H, W]`` in [0, 1] and int64 labels; the order is fixed by ``seed``."""
-        if self.images is not None:
+        """Float ``[B, C, H, W]`` in [0, 1] and int64 labels; the order is fixed by ``seed``.
+
+        ``transform``: applied to each uint8 image (augmentation); ``weights``: one per
+        example, batches drawn with replacement in proportion to them (class balance)."""
+        if self.images is not None and transform is None and weights is None:
+            # The fast path: whole batches indexed out of one tensor.
             order = (
                 torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
                 if shuffle
@@ -48,13 +87,23 @@ class Split:
                 idx = order[start : start + batch_size]
                 yield self.images[idx].float().div_(255.0), self.labels[idx]
             return
-        assert self.lazy is not None
+        generator = torch.Generator().manual_seed(seed)
+        sampler = (
+            WeightedRandomSampler(
+                weights.tolist(), len(self), replacement=True, generator=generator
+            )
+            if weights is not None
+            else None
+        )
         loader = DataLoader(
-            self.lazy,
+            _Images(self.labels, self.images, self.lazy, transform),
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(seed),
+            pin_memory=pin_memory,
+            persistent_workers=False,
+            generator=generator,
         )
         for x, y in loader:
             yield x.float().div_(255.0), y
@@ -173,7 +222,7 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
         images = _prepare(source.images, cfg, seed)
 
         def make(idx: Tensor) -> Split:
-            return Split(source.labels[idx], images=images[idx])
+            return Split(source.labels[idx], images=images[idx], num_workers=cfg.num_workers)
 
         train, val = make(train_idx), make(val_idx)
         test = make(test_idx) if n_test else None
@@ -182,7 +231,7 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
             if cfg.limit is not None:
                 keep = max(1, round(cfg.limit * cfg.test_fraction))
                 test_x, test_y = test_x[:keep], test_y[:keep]
-            test = Split(test_y, images=_prepare(test_x, cfg, seed))
+            test = Split(test_y, images=_prepare(test_x, cfg, seed), num_workers=cfg.num_workers)
         channels, size = images.size(1), (images.size(2), images.size(3))
     else:
         if cfg.permute_pixels:
