@@ -206,22 +206,27 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         page.select_option("#f-data-name", "digits")
         page.fill("#f-blocks", "8")
         page.fill("#f-optim-epochs", "12")
+        # other tests' jobs may be listed too (one MLflow server): find the new one by id
+        listed = "() => [...document.querySelectorAll('#jobs tbody tr')].map(r => r.dataset.id)"
+        before = page.evaluate(listed)
         page.click("#train-form button[type=submit]")
-        expect(page.locator("#jobs tbody tr")).to_have_count(2)
-        second = page.locator("#jobs tbody tr").first
-        second_id = second.get_attribute("data-id")
-        assert second_id != first_id
+        page.wait_for_function(
+            f"before => ({listed})().some(id => !before.includes(id))", arg=before
+        )
+        (second_id,) = [i for i in page.evaluate(listed) if i not in before]
+        second = page.locator(f"#jobs tbody tr[data-id='{second_id}']")
         card = page.locator(f"#diag-view .diag-card[data-id='{second_id}']")
         grad_lines = page.locator("#diag-view figure[data-stat=grad_std] polyline")
         # charted while it still runs: the page follows the newest running job by itself
         try:
             page.wait_for_function(
-                """() => {
-                    const card = document.querySelector("#diag-view .diag-card");
+                """id => {
+                    const card = document.querySelector(`#diag-view .diag-card[data-id='${id}']`);
                     const line = document.querySelector(
                         "#diag-view figure[data-stat=grad_std] polyline");
                     return card && card.textContent.includes("(running)") && line;
                 }""",
+                arg=second_id,
                 timeout=120_000,
             )
         finally:
