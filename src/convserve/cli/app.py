@@ -51,7 +51,16 @@ def _version(value: bool) -> None:
 
 # Commands that track runs or run jobs; with no MLFLOW_TRACKING_URI they share one store in
 # the folder they start in, ./runs, beside the runs' checkpoints.
-_TRACKING_COMMANDS = {"train", "sweep", "export", "bootstrap", "experiments", "worker", "serve"}
+_TRACKING_COMMANDS = {
+    "train",
+    "sweep",
+    "export",
+    "bootstrap",
+    "experiments",
+    "worker",
+    "serve",
+    "data",
+}
 LOCAL_STORE = Path("runs")
 
 

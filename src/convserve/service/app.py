@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from convserve import __version__
 from convserve.pipelines.queue import JobSettings, make_queue
-from convserve.service.api import docs, jobs, predict, status, ui, v2
+from convserve.service.api import datasets, docs, jobs, predict, status, ui, v2
 from convserve.service.api.deps import new_request_id
 from convserve.service.decoding import Decoder
 from convserve.service.manager import ModelManager
@@ -44,7 +44,15 @@ class EdgeMiddleware:
     metrics."""
 
     def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
-        self.app, self.limit, self.metrics = app, settings.max_upload_bytes, metrics
+        self.app, self.metrics = app, metrics
+        self.upload_limit = (settings.max_upload_bytes, "CONVSERVE_MAX_UPLOAD_BYTES")
+        self.dataset_limit = (settings.max_dataset_bytes, "CONVSERVE_MAX_DATASET_BYTES")
+
+    def _limit(self, scope: Scope) -> tuple[int, str]:
+        """Data set archives have their own, larger limit; every other body the upload's."""
+        if scope["path"] == "/datasets" and scope.get("method") == "POST":
+            return self.dataset_limit
+        return self.upload_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -54,16 +62,19 @@ class EdgeMiddleware:
         headers = dict(scope["headers"])
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
+        limit = self._limit(scope)
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            await self._reject(scope, send, request_id, int(length))
+        if length is not None and length.isdigit() and int(length) > limit[0]:
+            await self._reject(scope, send, request_id, int(length), limit)
             await _linger(receive, min(int(length), LINGER_BYTES))
             self._observe(scope, 413, start)
             return
-        status_code = await self._limited(scope, receive, send, request_id)
+        status_code = await self._limited(scope, receive, send, request_id, limit)
         self._observe(scope, status_code, start)
 
-    async def _limited(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> int:
+    async def _limited(
+        self, scope: Scope, receive: Receive, send: Send, request_id: str, limit: tuple[int, str]
+    ) -> int:
         """Run the app on a body counted as it streams (chunked uploads have no length): past
         the limit the app sees the body end, and its answer is replaced by the 413."""
         received, too_large, status_code = 0, False, 500
@@ -75,7 +86,7 @@ class EdgeMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
+                if received > limit[0]:
                     too_large = True
                     return {"type": "http.request", "body": b"", "more_body": False}
             return message
@@ -91,16 +102,18 @@ class EdgeMiddleware:
 
         await self.app(scope, limited_receive, send_wrapper)
         if too_large:
-            await self._reject(scope, send, request_id, received)
+            await self._reject(scope, send, request_id, received, limit)
             await _linger(receive, LINGER_BYTES)
             status_code = 413
         return status_code
 
-    async def _reject(self, scope: Scope, send: Send, request_id: str, size: int) -> None:
+    async def _reject(
+        self, scope: Scope, send: Send, request_id: str, size: int, limit: tuple[int, str]
+    ) -> None:
         response = JSONResponse(
             {
-                "detail": f"the request body is {size} bytes or more; the limit is {self.limit} "
-                "bytes (CONVSERVE_MAX_UPLOAD_BYTES)"
+                "detail": f"the request body is {size} bytes or more; the limit is {limit[0]} "
+                f"bytes ({limit[1]})"
             },
             status_code=413,
             headers={"x-request-id": request_id, "connection": "close"},
@@ -232,6 +245,7 @@ def create_app(settings: Settings, job_settings: JobSettings | None = None) -> F
     app.include_router(status.router)
     app.include_router(v2.router)
     app.include_router(jobs.router)
+    app.include_router(datasets.router)
     app.include_router(ui.router)
     app.include_router(docs.router)
     app.mount("/static", StaticFiles(directory=ui.STATIC), name="static")

@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(2.0, ge=0.0, le=1000.0)
 
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)  # per request body
+    # POST /datasets: the archive, what it may unpack to, its files and classes
+    max_dataset_bytes: int = Field(2 << 30, ge=1024)
+    max_dataset_expanded_bytes: int = Field(8 << 30, ge=1024)
+    max_dataset_files: int = Field(500_000, ge=1)
+    max_dataset_classes: int = Field(1_000, ge=2)
     max_pixels: int = Field(40_000_000, ge=1)  # width * height of one image, checked first
     # images above 65,536 pixels decoded at once, in their own threads; more wait, then 503
     max_large_decodes: int = Field(2, ge=1, le=64)

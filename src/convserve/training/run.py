@@ -33,7 +33,7 @@ from convserve.training.loop import (
     train_one_epoch,
 )
 from convserve.training.model import ConvNet, build_model, count_parameters
-from convserve.training.tracking import Tracker
+from convserve.training.tracking import Tracker, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def train(
     cb = callbacks or Callbacks()
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    data = load_data(cfg.data, cfg.seed)
+    data = load_data(cfg.data, cfg.seed, tracking_uri(cfg.tracking))
     spec = ModelSpec(data.classes, data.channels, data.image_size, data.mean, data.std, data.name)
     model = build_for(cfg, data).to(device)
     optimizer = make_optimizer(model, cfg.optim)
@@ -158,6 +158,10 @@ def train(
         },
     )
     try:
+        if data.uploaded is not None and tracker.run_id is not None:
+            from convserve.pipelines.datasets import log_input
+
+            log_input(tracker.client, tracker.run_id, *data.uploaded, "training")
         ckpt_dir = _checkpoint_dir(cfg, run_id)
         session = _Session(
             cfg, data, spec, model, optimizer, scheduler, tracker, device, ckpt_dir, cb

