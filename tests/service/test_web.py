@@ -164,6 +164,29 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         expect(page.locator("#row-f-optim-lr")).to_contain_text("Learning rate")
         expect(page.locator("#row-f-optim-lr")).to_contain_text("too large diverges")
 
+        # your own images: upload an archive, read its report, find it in the data set picker
+        from tests.pipelines.test_datasets import _archive
+
+        archive = tmp_path / "colours.zip"
+        archive.write_bytes(_archive())
+        page.fill("#token", "web-token")
+        page.click("#upload-box summary")
+        page.set_input_files("#ds-file", str(archive))
+        page.fill("#ds-name", "colours")
+        page.click("#ds-upload")
+        expect(page.locator("#ds-report")).to_contain_text("colours: 36 images in 4 classes")
+        violet = page.locator("#ds-report tr", has_text="violet")
+        expect(violet).to_contain_text("too few images to split")
+        expect(page.locator("#ds-report tr", has_text="green")).to_contain_text("cannot be decoded")
+        expect(page.locator("#ds-report tr", has_text="red")).to_contain_text("duplicates kept once")
+        expect(page.locator("#f-data-name")).to_have_value(re.compile("^dataset:"))
+        expect(page.locator("#f-data-name optgroup[label=Uploaded] option")).to_contain_text(
+            ["colours (36 images, 4 classes)"]
+        )
+        page.locator("#upload-box").scroll_into_view_if_needed()
+        page.screenshot(path=str(SHOTS / "2-upload.png"))
+        assert_accessible(page, "upload report, 1280x800")
+
         # 3. a tiny training job: it runs, finishes and its champion is announced
         page.fill("#token", "web-token")
         page.click("#presets button[data-preset='He + ReLU']")

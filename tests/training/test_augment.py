@@ -85,3 +85,23 @@ def test_a_run_records_its_class_counts_and_augmentation(tiny, sqlite_uri):
     with open(path) as f:
         counts = json.load(f)
     assert list(counts) == [str(i) for i in range(10)] and sum(counts.values()) > 1000
+
+
+def test_own_images_are_split_class_by_class(tmp_path):
+    """An image folder with one class of 40 and one of 5: both are in every split, in
+    proportion (a plain random split could leave the small one out of validation)."""
+    from PIL import Image
+
+    from convserve.training.config import DataConfig
+    from convserve.training.data import load_data
+
+    for name, count in (("big", 40), ("small", 5)):
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            Image.new("L", (8, 8), 10 * i % 255).save(tmp_path / name / f"{i}.png")
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), val_fraction=0.2, test_fraction=0.2)
+    data = load_data(cfg, seed=0)
+    counts = {s: getattr(data, s).class_counts(2) for s in ("train", "val", "test")}
+    assert counts == {"train": [24, 3], "val": [8, 1], "test": [8, 1]}
+    again = load_data(cfg, seed=0)
+    assert torch.equal(again.train.labels, data.train.labels)  # deterministic by seed

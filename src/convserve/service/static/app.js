@@ -255,6 +255,7 @@ function setupPredict() {
 const FIELDS = [
   ["data", "name"],
   ["data", "limit"],
+  ["data", "balance"],
   ["model", "activation"],
   ["model", "negative_slope", "number", (c) => c.model.activation === "leaky_relu"],
   ["model", "hidden", "list"],
@@ -319,7 +320,8 @@ function buildForm() {
     let input;
     if (prop.enum) {
       input = document.createElement("select");
-      for (const v of prop.enum) input.appendChild(new Option(v, v));
+      // "dataset" is chosen through its uploads, listed by name below the built-in sets
+      for (const v of prop.enum) if (v !== "dataset") input.appendChild(new Option(v, v));
     } else {
       input = document.createElement("input");
       input.type = kind === "list" ? "text" : (prop.type === "integer" || prop.type === "number") ? "number" : "text";
@@ -342,6 +344,77 @@ function buildForm() {
   choosePreset(Object.keys(schema.presets)[0]);
 }
 
+// The data set picker: the built-in sets, then the uploaded ones (value "dataset:<id>").
+let uploaded = [];
+async function loadDatasets() {
+  try {
+    uploaded = (await api("/datasets")).datasets;
+  } catch { uploaded = []; }
+  const select = $("f-data-name");
+  const current = select.value;
+  select.querySelector("optgroup")?.remove();
+  if (uploaded.length) {
+    const group = document.createElement("optgroup");
+    group.label = "Uploaded";
+    for (const d of uploaded) {
+      group.appendChild(new Option(`${d.name} (${d.images} images, ${Object.keys(d.classes).length} classes)`, `dataset:${d.id}`));
+    }
+    select.appendChild(group);
+  }
+  if ([...select.options].some((o) => o.value === current)) select.value = current;
+}
+
+function reportTable(r) {
+  const wrap = document.createElement("div");
+  const title = document.createElement("p");
+  title.innerHTML = "<strong></strong> <span class='hint'></span>";
+  title.querySelector("strong").textContent = `${r.name}: ${r.images} images in ${Object.keys(r.classes).length} classes`;
+  title.querySelector(".hint").textContent = `id ${r.id}${r.created === false ? ", already stored" : ""}`;
+  const table = document.createElement("table");
+  table.innerHTML = "<thead><tr><th scope='col'>Class</th><th scope='col'>Images</th><th scope='col'>Problems</th></tr></thead><tbody></tbody>";
+  const body = table.querySelector("tbody");
+  const problems = {};
+  const note = (path, text) => {
+    const cls = path.split("/")[0];
+    (problems[cls] = problems[cls] || []).push(text);
+  };
+  for (const s of r.skipped) note(s.path, `${s.path.split("/").slice(1).join("/")}: ${s.reason}`);
+  for (const group of r.duplicates) note(group[0], `duplicates kept once: ${group.join(" = ")}`);
+  for (const [cls, count] of Object.entries(r.classes)) {
+    const tr = document.createElement("tr");
+    tr.innerHTML = "<td></td><td></td><td></td>";
+    tr.children[0].textContent = cls;
+    tr.children[1].textContent = count;
+    const list = [...(r.too_small.includes(cls) ? ["too few images to split"] : []), ...(problems[cls] || [])];
+    tr.children[2].textContent = list.join("; ");
+    body.appendChild(tr);
+  }
+  wrap.append(title, table);
+  return wrap;
+}
+
+async function uploadDataset() {
+  show("ds-error", "");
+  const file = $("ds-file").files[0];
+  const name = $("ds-name").value.trim();
+  if (!file || !name) { show("ds-error", "Choose an archive and give it a name."); return; }
+  sessionStorage.setItem("convserve-token", token());
+  $("ds-upload").disabled = true;
+  try {
+    const report = await api(`/datasets?name=${encodeURIComponent(name)}`, {
+      method: "POST", body: file,
+      headers: { "Content-Type": "application/octet-stream", Authorization: `Bearer ${token()}` },
+    });
+    $("ds-report").replaceChildren(reportTable(report));
+    await loadDatasets();
+    $("f-data-name").value = `dataset:${report.id}`;
+  } catch (err) {
+    show("ds-error", `The upload was refused: ${err.message}`);
+  } finally {
+    $("ds-upload").disabled = false;
+  }
+}
+
 function choosePreset(name) {
   currentPreset = name;
   for (const b of $("presets").children) b.setAttribute("aria-pressed", String(b.dataset.preset === name));
@@ -349,6 +422,11 @@ function choosePreset(name) {
 }
 
 function fill(cfg) {
+  const a = cfg.data.augment || {};
+  $("aug-crop").checked = Boolean(a.crop_scale);
+  $("aug-flip").checked = (a.hflip || 0) > 0;
+  $("aug-rotation").value = a.rotation || 0;
+  $("aug-jitter").value = a.color_jitter || 0;
   $("f-blocks").value = cfg.model.blocks.map((b) => b.out_channels).join(",");
   $("f-pool").value = cfg.model.blocks.length ? cfg.model.blocks[0].pool : "max";
   for (const [section, name, kind] of FIELDS) {
@@ -381,6 +459,16 @@ function readForm() {
     else if (raw === "") cfg[section][name] = null;
     else cfg[section][name] = (prop.type === "integer" || prop.type === "number") ? Number(raw) : raw;
   }
+  if (cfg.data.name.startsWith("dataset:")) {
+    cfg.data.id = cfg.data.name.slice("dataset:".length);
+    cfg.data.name = "dataset";
+  }
+  cfg.data.augment = {
+    ...($("aug-crop").checked ? { crop_scale: [0.8, 1.0] } : {}),
+    ...($("aug-flip").checked ? { hflip: 0.5 } : {}),
+    rotation: Number($("aug-rotation").value) || 0,
+    color_jitter: Number($("aug-jitter").value) || 0,
+  };
   delete cfg.tracking;
   return cfg;
 }
@@ -753,6 +841,8 @@ async function main() {
   }
   $("token").value = sessionStorage.getItem("convserve-token") || "";
   $("train-form").addEventListener("submit", submitJob);
+  $("ds-upload").addEventListener("click", uploadDataset);
+  if (schema) await loadDatasets();
   // Jobs that ended before the page opened do not announce themselves.
   try {
     const page = await api("/jobs?page_size=20");

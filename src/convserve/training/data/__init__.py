@@ -201,6 +201,37 @@ def fit_for(cfg: DataConfig) -> Fit:
     return _FITS.get(cfg.name, Fit())
 
 
+# The user's own images are split class by class, so that a small class is in every split
+# in proportion; the lecture's data sets keep the plain split their figures were measured on.
+STRATIFIED = {"dataset", "imagefolder"}
+
+
+def _stratified(
+    order: Tensor, labels: Tensor, val_fraction: float, test_fraction: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(test, validation, training) indices: each class's examples, in the seeded ``order``,
+    split by the fractions (at least one for validation and one for training where a class
+    has three or more)."""
+    parts: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+    ordered_labels = labels[order]
+    for label in torch.unique(ordered_labels).tolist():
+        members = order[ordered_labels == label]
+        n = len(members)
+        n_test = round(n * test_fraction)
+        n_val = max(1 if n >= 3 else 0, round(n * val_fraction))
+        n_test = min(n_test, max(n - n_val - 1, 0))
+        parts[0].append(members[:n_test])
+        parts[1].append(members[n_test : n_test + n_val])
+        parts[2].append(members[n_test + n_val :])
+    test, val, train = (torch.cat(p) if p else torch.zeros(0, dtype=torch.long) for p in parts)
+    # one seeded order across classes, so that batches mix them
+    return (
+        test,
+        val,
+        train[torch.randperm(len(train), generator=torch.Generator().manual_seed(len(train)))],
+    )
+
+
 def load_data(cfg: DataConfig, seed: int = 0, tracking_uri: str | None = None) -> DataBundle:
     """Load ``cfg.name`` and split it into train, validation and test by ``seed``
     (``tracking_uri``: the MLflow that holds uploaded data sets)."""
@@ -215,11 +246,17 @@ def load_data(cfg: DataConfig, seed: int = 0, tracking_uri: str | None = None) -
     n_test = 0 if has_own_test else round(n * cfg.test_fraction)
     if n - n_val - n_test < 1:
         raise ValueError(f"{cfg.name}: {n} examples are too few for the requested splits")
-    test_idx, val_idx, train_idx = (
-        order[:n_test],
-        order[n_test : n_test + n_val],
-        order[n_test + n_val :],
-    )
+    if cfg.name in STRATIFIED:
+        test_idx, val_idx, train_idx = _stratified(
+            order, source.labels, cfg.val_fraction, 0.0 if has_own_test else cfg.test_fraction
+        )
+        n_test = len(test_idx)
+    else:
+        test_idx, val_idx, train_idx = (
+            order[:n_test],
+            order[n_test : n_test + n_val],
+            order[n_test + n_val :],
+        )
 
     if isinstance(source.images, Tensor):
         images = _prepare(source.images, cfg, seed)
