@@ -105,3 +105,14 @@ def test_own_images_are_split_class_by_class(tmp_path):
     assert counts == {"train": [24, 3], "val": [8, 1], "test": [8, 1]}
     again = load_data(cfg, seed=0)
     assert torch.equal(again.train.labels, data.train.labels)  # deterministic by seed
+
+
+@pytest.mark.slow
+def test_a_compiled_model_trains_and_keeps_its_diagnostics(tiny):
+    eager = train(tiny("optim.max_steps=25"))
+    compiled = train(tiny("optim.max_steps=25", "optim.compile=true"))
+    assert compiled.status == "finished" and compiled.diagnosis.verdict == "healthy"
+    assert len(compiled.snapshots) == len(eager.snapshots) == 3  # steps 1, 11, 21
+    assert compiled.metrics["val_accuracy"] == pytest.approx(
+        eager.metrics["val_accuracy"], abs=0.05
+    )

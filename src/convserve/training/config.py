@@ -310,6 +310,12 @@ class OptimConfig(StrictModel):
     max_steps: int | None = Field(None, ge=1)  # stop after this many optimizer steps
     grad_clip: float | None = Field(None, gt=0.0)  # clip the global gradient norm
     early_stopping: int | None = Field(None, ge=1)  # epochs without improvement before stopping
+    compile: bool = Field(
+        False,
+        title="Compile",
+        description="torch.compile the model for the training steps (a warm-up of tens of "
+        "seconds, then faster steps on large models); diagnostic steps run it uncompiled",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
         title="Precision",

@@ -202,6 +202,7 @@ class Diagnostics:
 
 def find_nonfinite(model: nn.Module, x: Tensor) -> str | None:
     """The first parameter or module output (forward order) that is NaN or infinite."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the names inside
     for name, param in model.named_parameters():
         if not torch.isfinite(param).all():
             return name.rpartition(".")[0] or name

@@ -157,13 +157,15 @@ def train_one_epoch(
     callbacks: StepCallbacks | None = None,
     transform: Transform | None = None,
     sample_weights: Tensor | None = None,
+    compiled: nn.Module | None = None,
 ) -> EpochResult:
     """Train over ``split`` once (or until ``max_steps``); raises ``Diverged`` or ``Stopped``.
 
     Every ``diag_every`` steps, the step is measured: activations and back-propagated
     gradients are recorded on the way, weights before and after the update compared.
     ``transform`` augments each training image; ``sample_weights`` (one per example) draws
-    the batches in proportion to them.
+    the batches in proportion to them; ``compiled`` (``torch.compile(model)``) takes the
+    unmeasured steps, the hooks of the measured ones stay on the eager ``model``.
     """
     cb = callbacks or StepCallbacks()
     recipe = recipe or Recipe()
@@ -194,7 +196,8 @@ def train_one_epoch(
             if cb.on_snapshot is not None:
                 cb.on_snapshot(snap)
         else:
-            logits, loss_value = _step(model, optimizer, x, y, step, recipe)
+            plain = compiled if compiled is not None else model
+            logits, loss_value = _step(plain, optimizer, x, y, step, recipe)
         step += 1
         batch_correct = int((logits.argmax(1) == y).sum())
         total_loss += loss_value * y.size(0)

@@ -204,6 +204,8 @@ class _Session:
         if self.recipe.channels_last:
             model.to(memory_format=torch.channels_last)
         self.class_counts = dict(zip(data.classes, counts, strict=True))
+        # The same parameters, traced: plain steps run it, measured steps the eager module.
+        self.compiled = torch.compile(model) if cfg.optim.compile else None
         self.plot_dir = ckpt_dir / "plots"
         self.best = -math.inf
         self.best_path: Path | None = None
@@ -340,6 +342,7 @@ class _Session:
             recipe=self.recipe,
             transform=self.transform,
             sample_weights=self.sample_weights,
+            compiled=self.compiled,
             diagnostics=self.diag,
             diag_every=cfg.diagnostics.every,
             callbacks=StepCallbacks(self._on_step, self._on_snapshot, self.cb.should_stop),
