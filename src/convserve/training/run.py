@@ -205,7 +205,9 @@ class _Session:
             model.to(memory_format=torch.channels_last)
         self.class_counts = dict(zip(data.classes, counts, strict=True))
         # The same parameters, traced: plain steps run it, measured steps the eager module.
-        self.compiled = torch.compile(model) if cfg.optim.compile else None
+        self.compiled: torch.nn.Module | None = (
+            torch.compile(model) if cfg.optim.compile else None  # type: ignore[assignment]
+        )
         self.plot_dir = ckpt_dir / "plots"
         self.best = -math.inf
         self.best_path: Path | None = None
