@@ -175,7 +175,8 @@ def test_upload_train_serve_and_predict_on_an_uploaded_set(mlflow_url, tmp_path)
         assert again.status_code == 200 and again.json()["id"] == report["id"]
         assert http.get(f"/datasets/{report['id']}").json()["name"] == "colours"
         assert http.get("/datasets/colours").json()["id"] == report["id"]  # by name
-        # a job trains on it by id through the queue, registers, promotes; it is served
+        # a job trains on it by id through the queue, registers, promotes; it is served, and
+        # one of its own images (blue/3.png) is read as blue
         with worker_process(env, tmp_path):
             r = http.post("/jobs", json=_job(report["id"], experiment, model), headers=AUTH)
             assert r.status_code == 202, r.text
@@ -184,7 +185,7 @@ def test_upload_train_serve_and_predict_on_an_uploaded_set(mlflow_url, tmp_path)
         assert job["promoted"] is True and job["metrics"]["val_accuracy"] >= 0.8
         end = time.monotonic() + 30
         while time.monotonic() < end:
-            p = http.post("/predict", files={"file": ("b.png", _png(COLOURS["blue"], 99))})
+            p = http.post("/predict", files={"file": ("3.png", _png(COLOURS["blue"], 3))})
             if p.status_code == 200:
                 break
             time.sleep(0.3)
