@@ -27,12 +27,20 @@ ALLOWED = {
         "convserve.training.config",
         "convserve.training.configfiles",
         "convserve.training.overrides",
+        "convserve.training.uploads",
+        "convserve.training.tracking",
         "convserve.pipelines.queue",
         "convserve",
     ],
     "convserve.cli": ["convserve"],
 }
-NO_TORCH = ("convserve.contract", "convserve.service", "convserve.pipelines.queue")
+NO_TORCH = (
+    "convserve.contract",
+    "convserve.service",
+    "convserve.pipelines.queue",
+    "convserve.training.uploads",
+    "convserve.training.tracking",
+)
 
 
 def _module_name(path: Path) -> str:

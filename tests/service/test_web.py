@@ -165,7 +165,7 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         expect(page.locator("#row-f-optim-lr")).to_contain_text("too large diverges")
 
         # your own images: upload an archive, read its report, find it in the data set picker
-        from tests.pipelines.test_datasets import _archive
+        from tests.training.test_uploads import _archive
 
         archive = tmp_path / "colours.zip"
         archive.write_bytes(_archive())

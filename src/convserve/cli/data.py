@@ -40,15 +40,15 @@ def add(
     report: images per class, sizes, duplicates, skipped files, classes too small to split."""
     import re
 
-    from convserve.pipelines import datasets
+    from convserve.training import uploads
 
     if not re.fullmatch(r"[\w.-]{1,100}", name):
         raise fail(f"--name {name!r}: use letters, digits, _ . - (at most 100)")
     try:
-        run, report, created = datasets.add(source, name, _client())
-    except datasets.DatasetError as err:
+        run, report, created = uploads.add(source, name, _client())
+    except uploads.DatasetError as err:
         raise fail(str(err)) from None
-    console.print(datasets.report_table(report.to_dict()))
+    console.print(uploads.report_table(report.to_dict()))
     state = "stored" if created else "already stored (same images)"
     console.print(f"{state}: MLflow run {run.info.run_id}")
     console.print(f"train on it: convserve train --set data.name=dataset --set data.id={report.id}")
@@ -57,13 +57,13 @@ def add(
 @data_app.command("list")
 def list_() -> None:
     """Uploaded data sets, newest first."""
-    from convserve.pipelines import datasets
+    from convserve.training import uploads
 
-    runs = datasets.listing(_client())
+    runs = uploads.listing(_client())
     if not runs:
         console.print("no data set yet: convserve data add FOLDER_OR_ARCHIVE --name NAME")
     for run in runs:
-        r = datasets.report_of(run)
+        r = uploads.report_of(run)
         console.print(f"{r['id']}  {r['name']}  {r['images']} images, {len(r['classes'])} classes")
 
 
@@ -72,12 +72,12 @@ def show(
     dataset: Annotated[str, typer.Argument(help="Its id, or its name (newest version)")],
 ) -> None:
     """One data set's report."""
-    from convserve.pipelines import datasets
+    from convserve.training import uploads
 
-    run = datasets.find(_client(), dataset)
+    run = uploads.find(_client(), dataset)
     if run is None:
         raise fail(f"no data set {dataset!r} (convserve data list)", 1)
-    console.print(datasets.report_table(datasets.report_of(run)))
+    console.print(uploads.report_table(uploads.report_of(run)))
 
 
 @data_app.command("delete")
@@ -85,9 +85,9 @@ def delete(
     dataset: Annotated[str, typer.Argument(help="Its id, or its name (newest version)")],
 ) -> None:
     """Delete it from MLflow (runs that trained on it keep their record of it)."""
-    from convserve.pipelines import datasets
+    from convserve.training import uploads
 
-    run = datasets.delete(_client(), dataset)
+    run = uploads.delete(_client(), dataset)
     if run is None:
         raise fail(f"no data set {dataset!r} (convserve data list)", 1)
-    console.print(f"deleted {datasets.report_of(run)['name']} ({datasets.report_of(run)['id']})")
+    console.print(f"deleted {uploads.report_of(run)['name']} ({uploads.report_of(run)['id']})")

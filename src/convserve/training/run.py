@@ -159,7 +159,7 @@ def train(
     )
     try:
         if data.uploaded is not None and tracker.run_id is not None:
-            from convserve.pipelines.datasets import log_input
+            from convserve.training.uploads import log_input
 
             log_input(tracker.client, tracker.run_id, *data.uploaded, "training")
         ckpt_dir = _checkpoint_dir(cfg, run_id)

@@ -1,5 +1,5 @@
 """``/datasets``: upload a labelled image set, read its report, list and delete data sets.
-Each is an MLflow run in the ``convserve-datasets`` experiment (``pipelines/datasets.py``)."""
+Each is an MLflow run in the ``convserve-datasets`` experiment (``training/uploads.py``)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from convserve.pipelines import datasets
 from convserve.service.api.deps import SettingsDep, TokenDep
 from convserve.service.api.errors import errors
+from convserve.training import uploads
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -50,7 +50,7 @@ class DatasetReport(BaseModel):
         description="Files that are not images or cannot be decoded, with why (never fatal)"
     )
     too_small: list[str] = Field(
-        description=f"Classes with fewer than {datasets.MIN_PER_CLASS} images, too few to split"
+        description=f"Classes with fewer than {uploads.MIN_PER_CLASS} images, too few to split"
     )
     bytes: int = Field(description="Size of the stored images")
     created: bool | None = Field(
@@ -73,7 +73,7 @@ def _client(request: Request) -> Any:
 
 
 def _report(run: Any, created: bool | None = None) -> DatasetReport:
-    return DatasetReport(**datasets.report_of(run), created=created, run_id=run.info.run_id)
+    return DatasetReport(**uploads.report_of(run), created=created, run_id=run.info.run_id)
 
 
 @router.post(
@@ -122,7 +122,7 @@ async def create_dataset(
     fine). It is streamed to disk, unpacked safely and checked image by image; the report
     says what was kept, skipped and duplicated. Answers 201, or 200 when the same images were
     stored already (the id is their content hash)."""
-    limits = datasets.Limits(
+    limits = uploads.Limits(
         settings.max_dataset_bytes,
         settings.max_dataset_expanded_bytes,
         settings.max_dataset_files,
@@ -139,9 +139,9 @@ async def create_dataset(
             raise HTTPException(422, "send the archive as the request body (zip or tar)")
         try:
             run, _stored, created = await asyncio.to_thread(
-                datasets.add, archive, name, _client(request), limits
+                uploads.add, archive, name, _client(request), limits
             )
-        except datasets.DatasetError as err:
+        except uploads.DatasetError as err:
             raise HTTPException(err.status, str(err)) from None
         except Exception as err:
             raise HTTPException(503, f"could not store the data set: {err}") from err
@@ -153,7 +153,7 @@ async def create_dataset(
 async def list_datasets(request: Request) -> DatasetPage:
     """Every data set uploaded (``POST /datasets`` or ``convserve data add``), with its
     report."""
-    runs = await asyncio.to_thread(datasets.listing, _client(request))
+    runs = await asyncio.to_thread(uploads.listing, _client(request))
     return DatasetPage(datasets=[_report(run) for run in runs])
 
 
@@ -166,7 +166,7 @@ async def list_datasets(request: Request) -> DatasetPage:
 async def get_dataset(dataset: DatasetId, request: Request) -> DatasetReport:
     """Its classes and counts, image sizes and modes, duplicates, skipped files and classes
     too small to split. Train on it with ``data: {name: dataset, id: ID}``."""
-    run = await asyncio.to_thread(datasets.find, _client(request), dataset)
+    run = await asyncio.to_thread(uploads.find, _client(request), dataset)
     if run is None:
         raise HTTPException(404, f"no data set {dataset}")
     return _report(run)
@@ -181,7 +181,7 @@ async def get_dataset(dataset: DatasetId, request: Request) -> DatasetReport:
 async def delete_dataset(dataset: DatasetId, request: Request, _: TokenDep) -> DatasetReport:
     """Its MLflow run is deleted (MLflow's garbage collection removes the files). Runs that
     trained on it keep their record of it as an input; workers' caches keep their copy."""
-    run = await asyncio.to_thread(datasets.delete, _client(request), dataset)
+    run = await asyncio.to_thread(uploads.delete, _client(request), dataset)
     if run is None:
         raise HTTPException(404, f"no data set {dataset}")
     return _report(run)

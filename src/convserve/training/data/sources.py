@@ -215,7 +215,7 @@ def load_uploaded(cfg: DataConfig, seed: int, tracking_uri: str | None = None) -
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from convserve.pipelines.datasets import fetch
+    from convserve.training.uploads import fetch
 
     assert cfg.id is not None
     client = MlflowClient(tracking_uri or mlflow.get_tracking_uri())

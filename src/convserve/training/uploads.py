@@ -9,7 +9,7 @@ the artifacts of one MLflow run (experiment ``convserve-datasets``) with the dat
 registered as the run's input (``mlflow.data``); training runs that use it log it as their
 input too, with the same digest. Workers download it once and keep it by id.
 
-Torch-free: the service imports it.
+Torch-free, like ``config.py``: the service imports it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Uploaded data sets: safe unpacking, the report, MLflow storage, and training, exporting,
-serving and predicting on one, with real processes (a real MLflow server, uvicorn, a worker)."""
+"""Uploaded data sets (``training/uploads.py``): safe unpacking, the report, MLflow storage,
+and training, exporting, serving and predicting on one, with real processes (a real MLflow
+server, uvicorn, a worker)."""
 
 import io
 import os
@@ -15,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from convserve.pipelines import datasets
+from convserve.training import uploads
 from tests.servers import uvicorn_server, worker_process
 
 TOKEN = "datasets-token"
@@ -52,16 +53,16 @@ def test_unpacking_refuses_escapes_and_bombs_and_skips_links(tmp_path):
     bad = tmp_path / "bad.zip"
     for evil in ("../evil.png", "/etc/evil.png", "a/../../evil.png", "C:/evil.png"):
         bad.write_bytes(_archive({evil: b"x"}))
-        with pytest.raises(datasets.DatasetError, match="outside the archive") as err:
-            datasets.unpack(bad, tmp_path / "out")
+        with pytest.raises(uploads.DatasetError, match="outside the archive") as err:
+            uploads.unpack(bad, tmp_path / "out")
         assert err.value.status == 422
     assert not (tmp_path / "evil.png").exists()
     bomb = tmp_path / "bomb.zip"
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("a/zeros.png", b"\0" * 5_000_000)  # 5 MB in a few kB
     assert bomb.stat().st_size < 50_000
-    with pytest.raises(datasets.DatasetError, match="expands beyond 1,000,000 bytes") as err:
-        datasets.unpack(bomb, tmp_path / "bomb", datasets.Limits(expanded_bytes=1_000_000))
+    with pytest.raises(uploads.DatasetError, match="expands beyond 1,000,000 bytes") as err:
+        uploads.unpack(bomb, tmp_path / "bomb", uploads.Limits(expanded_bytes=1_000_000))
     assert err.value.status == 413
     linked = tmp_path / "links.tar.gz"
     with tarfile.open(linked, "w:gz") as tar:
@@ -72,20 +73,20 @@ def test_unpacking_refuses_escapes_and_bombs_and_skips_links(tmp_path):
         info = tarfile.TarInfo("a/real.png")
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
-    datasets.unpack(linked, tmp_path / "links")
+    uploads.unpack(linked, tmp_path / "links")
     assert sorted(p.name for p in (tmp_path / "links" / "a").iterdir()) == ["real.png"]
     text = tmp_path / "notes.zip"
     text.write_bytes(b"not an archive at all")
-    with pytest.raises(datasets.DatasetError, match="not a zip or tar archive"):
-        datasets.unpack(text, tmp_path / "text")
+    with pytest.raises(uploads.DatasetError, match="not a zip or tar archive"):
+        uploads.unpack(text, tmp_path / "text")
 
 
 def test_the_report_and_the_id(tmp_path):
     archive = tmp_path / "set.zip"
     archive.write_bytes(_archive())
     folder = tmp_path / "files"
-    datasets.unpack(archive, folder)
-    report = datasets.build(folder, "colours", tmp_path / "a.tar")
+    uploads.unpack(archive, folder)
+    report = uploads.build(folder, "colours", tmp_path / "a.tar")
     assert report.classes == {"blue": 12, "green": 12, "red": 12, "violet": 0}
     assert report.images == 36 and report.sizes == {"16x16": 36} and report.modes == {"RGB": 36}
     assert report.duplicates == [["red/0.png", "red/copy.png"]]
@@ -95,16 +96,16 @@ def test_the_report_and_the_id(tmp_path):
     }
     assert report.too_small == ["violet"]
     # the same images give the same id, whatever the archive looked like around them
-    again = datasets.build(folder, "other-name", tmp_path / "b.tar")
+    again = uploads.build(folder, "other-name", tmp_path / "b.tar")
     assert (
         again.id == report.id
         and (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
     )
-    with pytest.raises(datasets.DatasetError, match="at least two class folders"):
+    with pytest.raises(uploads.DatasetError, match="at least two class folders"):
         one = tmp_path / "one" / "only"
         one.mkdir(parents=True)
         (one / "x.png").write_bytes(_png(COLOURS["red"], 2))
-        datasets.build(tmp_path / "one", "x", tmp_path / "c.tar")
+        uploads.build(tmp_path / "one", "x", tmp_path / "c.tar")
 
 
 def _env(mlflow_url: str, tmp: Path, model: str, cache: str) -> dict[str, str]:
