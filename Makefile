@@ -24,23 +24,21 @@ run: venv
 # What the tests need beyond the venv: Debian's chromium for the browser tests, and axe-core
 # (from the npm registry, into .tools/) for their accessibility audit.
 AXE_VERSION := 4.14.1
+# $(call debian,COMMAND,PACKAGE,WHAT FOR): install PACKAGE when COMMAND is missing (as root)
+define debian
+@command -v $(1) >/dev/null || { \
+  if [ "$$(id -u)" = 0 ]; then \
+    echo "installing Debian's $(2) for $(3)"; \
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; \
+  else \
+    echo "Debian's $(2) is needed for $(3). Run: sudo apt-get install -y $(2)"; \
+    exit 1; \
+  fi; }
+endef
+
 test-deps:
-	@command -v chromium >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing Debian's chromium for the browser tests"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else \
-	    echo "The browser tests need Debian's chromium. Run: sudo apt-get install -y chromium"; \
-	    exit 1; \
-	  fi; }
-	@command -v npm >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing Debian's npm for the accessibility audit"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; \
-	  else \
-	    echo "The accessibility audit needs npm. Run: sudo apt-get install -y npm"; \
-	    exit 1; \
-	  fi; }
+	$(call debian,chromium,chromium,the browser tests)
+	$(call debian,npm,npm,the accessibility audit)
 	@test -f .tools/node_modules/axe-core/axe.min.js || \
 	  npm install --silent --no-audit --no-fund --no-save --prefix .tools axe-core@$(AXE_VERSION)
 

@@ -23,6 +23,17 @@ def _plain(depth: int, width: int = 8, pool: str = "none") -> list[dict[str, obj
     return [{"out_channels": width, "pool": pool}] * depth
 
 
+def gradient_axes(
+    ax: Axes,
+    title: str = "back-propagated gradients at initialisation",
+    xlabel: str = "layer (input to output)",
+    legend_size: int = 8,
+) -> None:
+    """The axes of a gradient-by-layer figure: the std of dL/d(pre-activation), log scale."""
+    ax.set(yscale="log", xlabel=xlabel, ylabel="std of dL/d(pre-activation)", title=title)
+    ax.legend(fontsize=legend_size)
+
+
 def _layer_curve(ax: Axes, snap: Snapshot, key: str, label: str) -> None:
     values = [max(s.get(key, 0.0), 1e-30) for s in snap.layers.values()]
     ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label)
@@ -104,13 +115,7 @@ def vanishing(ctx: Context) -> Finding:
         snap = train(cfg).snapshots[0]
         grad_ratio[name] = ratios(snap)["grad_ratio"]
         _layer_curve(ax, snap, "grad_std", name)
-    ax.set(
-        yscale="log",
-        xlabel="layer (input to output)",
-        ylabel="std of dL/d(pre-activation)",
-        title="back-propagated gradients at initialisation",
-    )
-    ax.legend(fontsize=7)
+    gradient_axes(ax, legend_size=7)
     figures = [save_figure(fig, ctx.folder / "gradient_by_depth.png")]
     steps = ctx.steps(600, 120)
     errors = {}
@@ -186,13 +191,7 @@ def exploding(ctx: Context) -> Finding:
         growth[scale] = ratios(snap)["act_growth"]
         outcome[scale] = (result.status, result.metrics.get("train_loss", math.nan))
         _layer_curve(ax, snap, "grad_std", f"He x{scale:g}")
-    ax.set(
-        yscale="log",
-        xlabel="layer (input to output)",
-        ylabel="std of dL/d(pre-activation)",
-        title="back-propagated gradients at initialisation",
-    )
-    ax.legend(fontsize=8)
+    gradient_axes(ax)
     gain = grad[2.0] / grad[1.0]
     expected = 2.0 ** (hidden - 1)
     he_loss = outcome[1.0][1]

@@ -6,6 +6,7 @@ import math
 from itertools import pairwise
 
 from convserve.pipelines.experiments import Context, Finding, experiment
+from convserve.pipelines.experiments.claims import gradient_axes
 from convserve.training.diagnostics import ratios
 from convserve.training.plots import save_figure, subplots
 from convserve.training.run import train
@@ -29,13 +30,11 @@ def glorot_normalised(ctx: Context) -> Finding:
         grads[name] = [snap.layers[n]["grad_std"] for n in hidden]
         ratio[name] = ratios(snap)["grad_ratio"]
         ax.plot(range(1, layers + 1), grads[name], marker="o", label=f"tanh, {name} init")
-    ax.set(
-        yscale="log",
-        xlabel="hidden layer (input to output)",
-        ylabel="std of dL/d(pre-activation)",
-        title=f"back-propagated gradients, {layers} x {width} tanh, at initialisation",
+    gradient_axes(
+        ax,
+        f"back-propagated gradients, {layers} x {width} tanh, at initialisation",
+        "hidden layer (input to output)",
     )
-    ax.legend(fontsize=8)
     standard, normalised = ratio["standard U(±1/√n)"], ratio["normalised"]
     by_layer = grads["standard U(±1/√n)"]
     shrink = all(a < b for a, b in pairwise(by_layer))
