@@ -48,7 +48,6 @@ EXPLAINS: dict[str, dict[str, str]] = {
     "saturated": {"vanishing": "a saturated unit passes under 0.02 of its gradient"},
     "dying": {"vanishing": "a dead unit passes no gradient"},
 }
-PHASES = ("initialisation", "training", "end", "latest")
 
 
 @dataclass(frozen=True)

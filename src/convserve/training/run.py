@@ -226,8 +226,8 @@ class _Session:
 
     def _on_snapshot(self, snap: Snapshot) -> None:
         self.snapshots.append(snap)
-        self.tracker.log_metrics(snap.metrics(), snap.step)
-        self.tracker.set_tags(self._diagnosis_tags(self._diagnose(running=True)))
+        tags = self._diagnosis_tags(self._diagnose(running=True))
+        self.tracker.log_metrics(snap.metrics(), snap.step, tags)
 
     def _diagnose(self, running: bool = False) -> Diagnosis:
         cfg = self.cfg

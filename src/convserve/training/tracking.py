@@ -111,17 +111,23 @@ class Tracker:
             self.set_tags(all_tags)
         return self.run_id
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if not self.enabled or self.run_id is None or not metrics:
+    def log_metrics(
+        self, metrics: dict[str, float], step: int, tags: dict[str, str] | None = None
+    ) -> None:
+        """``metrics`` at ``step``, and ``tags`` in the same request (MLflow takes 1,000
+        metrics a batch)."""
+        if not self.enabled or self.run_id is None or not (metrics or tags):
             return
         import time
 
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+        extra = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        for i in range(0, max(len(items), 1), 1000):
+            batch_tags, extra = extra, []
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000], tags=batch_tags)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if not self.enabled or self.run_id is None:

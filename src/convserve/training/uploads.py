@@ -240,9 +240,10 @@ def _experiment(client: Any) -> str:
 
 def find(client: Any, dataset: str) -> Any | None:
     """The run holding data set ``dataset``: its id, or its name (the newest version)."""
+    experiment = _experiment(client)
     for tag in ("convserve.dataset_id", "convserve.dataset_name"):
         runs = client.search_runs(
-            [_experiment(client)],
+            [experiment],
             f"tags.`{tag}` = '{_quote(dataset)}'",
             order_by=["attributes.start_time DESC"],
             max_results=1,

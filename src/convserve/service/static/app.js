@@ -718,18 +718,7 @@ function diagnosisCard(run) {
     p.append(b, ` (${d.summary})`);
   }
   card.appendChild(p);
-  if (d) {
-    const list = document.createElement("ul");
-    for (const [label, text] of [["evidence", d.evidence], ...d.consequences.map((c) => ["consequence", c]), ["advice", d.advice]]) {
-      if (!text) continue;
-      const li = document.createElement("li");
-      const b = document.createElement("b");
-      b.textContent = `${label}: `;
-      li.append(b, text);
-      list.appendChild(li);
-    }
-    card.appendChild(list);
-  }
+  if (d) card.appendChild(diagnosisList(d, false));
   return card;
 }
 
@@ -799,21 +788,24 @@ function showDiagnosis(cell, d) {
   const verdict = document.createElement("strong");
   verdict.textContent = d.verdict;
   summary.append(verdict, ` (${d.summary})`);
-  details.appendChild(summary);
+  details.append(summary, diagnosisList(d, true));
+  cell.appendChild(details);
+}
+
+// Evidence, consequences and advice as a list (and each phase, when asked).
+function diagnosisList(d, phases) {
   const list = document.createElement("ul");
-  const add = (label, text) => {
+  const rows = [["evidence", d.evidence], ...d.consequences.map((c) => ["consequence", c]), ["advice", d.advice]];
+  if (phases) rows.push(...d.phases.map((p) => [p.name, p.verdict + (p.evidence ? ` - ${p.evidence}` : "")]));
+  for (const [label, text] of rows) {
+    if (!text) continue;
     const li = document.createElement("li");
     const b = document.createElement("b");
     b.textContent = `${label}: `;
     li.append(b, text);
     list.appendChild(li);
-  };
-  if (d.evidence) add("evidence", d.evidence);
-  for (const c of d.consequences) add("consequence", c);
-  if (d.advice) add("advice", d.advice);
-  for (const p of d.phases) add(p.name, p.verdict + (p.evidence ? ` - ${p.evidence}` : ""));
-  details.appendChild(list);
-  cell.appendChild(details);
+  }
+  return list;
 }
 
 async function announce(job) {

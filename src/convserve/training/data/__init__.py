@@ -224,12 +224,7 @@ def _stratified(
         parts[1].append(members[n_test : n_test + n_val])
         parts[2].append(members[n_test + n_val :])
     test, val, train = (torch.cat(p) if p else torch.zeros(0, dtype=torch.long) for p in parts)
-    # one seeded order across classes, so that batches mix them
-    return (
-        test,
-        val,
-        train[torch.randperm(len(train), generator=torch.Generator().manual_seed(len(train)))],
-    )
+    return test, val, train  # training batches are shuffled by seed every epoch
 
 
 def load_data(cfg: DataConfig, seed: int = 0, tracking_uri: str | None = None) -> DataBundle:
