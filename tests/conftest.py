@@ -51,6 +51,21 @@ def mlflow_url(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
         yield url
 
 
+@pytest.fixture
+def postgres_database():  # type: ignore[no-untyped-def]
+    """A new database on this machine's PostgreSQL (trust auth), dropped afterwards."""
+    import uuid
+
+    psycopg2 = pytest.importorskip("psycopg2")
+    name = f"convserve_test_{uuid.uuid4().hex[:8]}"
+    conn = psycopg2.connect(host="127.0.0.1", user="postgres", dbname="postgres")
+    conn.autocommit = True
+    conn.cursor().execute(f"CREATE DATABASE {name}")
+    yield name
+    conn.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    conn.close()
+
+
 @pytest.fixture(autouse=True)
 def _tracking_uri_as_it_was():  # type: ignore[no-untyped-def]
     """A test that points MLflow somewhere (``mlflow.set_tracking_uri`` also sets

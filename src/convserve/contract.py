@@ -178,6 +178,7 @@ def _json(key: str, text: str) -> Any:
 
 # The job queue.
 RUN_JOB_TASK = "convserve.run_job"  # Huey task name: one training job (a train or a sweep)
+RUN_TRIAL_TASK = "convserve.run_trial"  # one trial of a sweep job's study (payload: the sweep's)
 
 
 class JobPayload(BaseModel):

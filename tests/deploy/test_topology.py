@@ -44,19 +44,8 @@ def _swap(argv: list[str], flag: str, value: str) -> list[str]:
     return [*argv[: i + 1], value, *argv[i + 2 :]]
 
 
-@pytest.fixture
-def database():
-    psycopg2 = pytest.importorskip("psycopg2")
-    name = f"convserve_topology_{uuid.uuid4().hex[:8]}"
-    conn = psycopg2.connect(host="127.0.0.1", user="postgres", dbname="postgres")
-    conn.autocommit = True
-    conn.cursor().execute(f"CREATE DATABASE {name}")
-    yield name
-    conn.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    conn.close()
-
-
-def test_compose_services_as_local_processes(tmp_path, database):
+def test_compose_services_as_local_processes(tmp_path, postgres_database):
+    database = postgres_database
     env_file = {
         **read_env(ROOT / ".env.example"),
         "POSTGRES_USER": "postgres",

@@ -336,36 +336,158 @@ def test_a_registered_job_says_whether_it_was_promoted(sqlite_uri, tmp_path, dec
     assert tags["convserve.promoted"] == ("true" if decision else "false")
 
 
-def test_a_lost_sweep_runs_again_keeping_the_points_it_finished(mlflow_url, tmp_path):
-    model = f"sweep-{uuid.uuid4().hex[:6]}"
-    experiment = f"sweep-{uuid.uuid4().hex[:6]}"
-    env = _env(mlflow_url, tmp_path, True, model)
-    client = MlflowClient(mlflow_url)
+def _sweep_env(mlflow_url: str, tmp: Path, database: str) -> tuple[dict[str, str], str]:
+    model = f"study-{uuid.uuid4().hex[:6]}"
+    env = _env(mlflow_url, tmp, True, model)
+    env["CONVSERVE_STUDY_STORAGE"] = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}"
+    return env, model
+
+
+def _sweep_body(experiment: str, model: str, grid: dict, epochs: int, **sweep) -> dict:
     base = {**TINY, "tracking": {"experiment": experiment}}
-    base["optim"] = {**TINY["optim"], "epochs": 3}
-    body = {"sweep": {"base": base, "grid": {"seed": [0, 1, 2]}}, "model_name": model}
+    base["optim"] = {**TINY["optim"], "epochs": epochs}
+    return {"sweep": {"base": base, "grid": grid, **sweep}, "model_name": model}
 
-    def children(parent: str) -> list:
-        experiment_id = client.get_experiment_by_name(experiment).experiment_id
-        return client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
 
-    with uvicorn_server(env, tmp_path) as url, httpx.Client(base_url=url, timeout=30) as http:
-        job_id = http.post("/jobs", json=body, headers=AUTH).json()["id"]
-        with worker_process(env, tmp_path, "doomed") as doomed:
-            end = time.monotonic() + 120
-            while not any(r.info.status == "FINISHED" for r in children(job_id)):
-                assert time.monotonic() < end
-                time.sleep(0.2)
-            os.killpg(doomed.pid, signal.SIGKILL)
-            doomed.wait()
-        finished_before = {r.info.run_id for r in children(job_id) if r.info.status == "FINISHED"}
-        with worker_process(env, tmp_path, "second"):
-            done = _wait(http, job_id, {"succeeded", "failed", "cancelled"}, timeout=180)
+def _children(client: MlflowClient, experiment: str, parent: str) -> list:
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    return client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+
+
+def _study(env: dict[str, str], parent: str):
+    import optuna
+
+    return optuna.load_study(
+        study_name=f"convserve-{parent}", storage=env["CONVSERVE_STUDY_STORAGE"]
+    )
+
+
+def test_a_grid_on_two_workers_runs_each_point_once_and_publishes_once(
+    mlflow_url, tmp_path, postgres_database
+):
+    """A 6-point grid as an Optuna study on PostgreSQL, its trials on Redis, two workers."""
+    env, model = _sweep_env(mlflow_url, tmp_path, postgres_database)
+    experiment = f"study-{uuid.uuid4().hex[:6]}"
+    client = MlflowClient(mlflow_url)
+    grid = {"seed": [0, 1, 2], "optim.lr": [0.01, 0.02]}
+    body = _sweep_body(experiment, model, grid, 2, parallelism=2)
+    with (
+        uvicorn_server(env, tmp_path) as url,
+        httpx.Client(base_url=url, timeout=30) as http,
+        worker_process(env, tmp_path, "w1") as w1,
+        worker_process(env, tmp_path, "w2") as w2,
+    ):
+        r = http.post("/jobs", json=body, headers=AUTH)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        done = _wait(http, job_id, {"succeeded", "failed", "cancelled"}, timeout=240)
     assert done["status"] == "succeeded", done
-    assert [a["attempt"] for a in done["attempts"]] == [1, 2]
-    runs = children(job_id)
+    assert done["progress"]["trials"] == {
+        "trials": 6,
+        "waiting": 0,
+        "running": 0,
+        "finished": 6,
+        "pruned": 0,
+        "failed": 0,
+    }
+    runs = _children(client, experiment, job_id)
+    assert len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs)
+    points = sorted(r.data.tags["convserve.point"] for r in runs)
+    assert points == sorted(
+        json.dumps({"optim.lr": lr, "seed": seed}, sort_keys=True)
+        for seed in (0, 1, 2)
+        for lr in (0.01, 0.02)
+    )
+    takers = {r.data.tags["convserve.worker"].split(":")[1] for r in runs}
+    assert takers == {str(w1.pid), str(w2.pid)}  # both workers took trials
+    study = _study(env, job_id)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 6
+    assert {t.user_attrs["run_id"] for t in study.trials} == {r.info.run_id for r in runs}
+    (version,) = client.search_model_versions(f"name = '{model}'")  # published once
+    best = max(runs, key=lambda r: r.data.metrics["best_val_accuracy"])
+    assert version.run_id == best.info.run_id and done["registered_version"] == version.version
+    parent = client.get_run(job_id)
+    assert parent.data.tags["convserve.best_run_id"] == version.run_id
+    summary = Path(client.download_artifacts(job_id, "summary/sweep.csv", str(tmp_path)))
+    assert len(summary.read_text().strip().splitlines()) == 1 + 6
+    # one parent run: the job; the trials are its children only
+    assert (
+        len(client.search_runs([parent.info.experiment_id], "tags.`convserve.kind` = 'job'")) == 1
+    )
+
+
+def test_a_worker_killed_mid_trial_leaves_the_study_consistent(
+    mlflow_url, tmp_path, postgres_database
+):
+    """The killed worker's trial is failed once its heartbeat is stale, its child run says
+    "worker lost", a retry with the same point finishes on the other worker, and the best
+    trial is published once."""
+    env, model = _sweep_env(mlflow_url, tmp_path, postgres_database)
+    experiment = f"study-{uuid.uuid4().hex[:6]}"
+    client = MlflowClient(mlflow_url)
+    body = _sweep_body(experiment, model, {"seed": [0, 1, 2]}, 4, parallelism=2)
+    with (
+        uvicorn_server(env, tmp_path) as url,
+        httpx.Client(base_url=url, timeout=30) as http,
+        worker_process(env, tmp_path, "doomed") as doomed,
+    ):
+        job_id = http.post("/jobs", json=body, headers=AUTH).json()["id"]
+        end, held = time.monotonic() + 120, None
+        while held is None:
+            assert time.monotonic() < end
+            for run in _children(client, experiment, job_id):
+                if run.info.status == "RUNNING" and f":{doomed.pid}:" in run.data.tags.get(
+                    "convserve.worker", ""
+                ):
+                    held = run
+            time.sleep(0.1)
+        os.killpg(doomed.pid, signal.SIGKILL)
+        doomed.wait()
+        with worker_process(env, tmp_path, "second"):
+            done = _wait(http, job_id, {"succeeded", "failed", "cancelled"}, timeout=240)
+    assert done["status"] == "succeeded", done
+    lost = client.get_run(held.info.run_id)
+    assert lost.info.status == "FAILED" and "worker lost" in lost.data.tags["convserve.error"]
+    runs = _children(client, experiment, job_id)
     finished = [r for r in runs if r.info.status == "FINISHED"]
-    points = sorted(json.loads(r.data.tags["convserve.point"])["seed"] for r in finished)
-    assert points == [0, 1, 2]  # each point finished once
-    assert finished_before <= {r.info.run_id for r in finished}  # kept, not trained again
-    assert len(client.search_model_versions(f"name = '{model}'")) == 1  # published once
+    assert sorted(json.loads(r.data.tags["convserve.point"])["seed"] for r in finished) == [0, 1, 2]
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    study = _study(env, job_id)
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 3 and states.count("FAIL") == 1, states
+    (failed,) = [t for t in study.trials if t.state.name == "FAIL"]
+    assert failed.user_attrs["run_id"] == held.info.run_id
+    (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == failed.number]
+    assert retry.params == failed.params and retry.state.name == "COMPLETE"
+    assert done["progress"]["trials"]["failed"] == 1 and done["progress"]["trials"]["trials"] == 3
+    assert len(client.search_model_versions(f"name = '{model}'")) == 1
+
+
+def test_cancelling_a_sweep_stops_its_trials_and_publishes_nothing(
+    mlflow_url, tmp_path, postgres_database
+):
+    env, model = _sweep_env(mlflow_url, tmp_path, postgres_database)
+    experiment = f"study-{uuid.uuid4().hex[:6]}"
+    client = MlflowClient(mlflow_url)
+    body = _sweep_body(experiment, model, {"seed": [0, 1, 2, 3, 4]}, 3)
+    with (
+        uvicorn_server(env, tmp_path) as url,
+        httpx.Client(base_url=url, timeout=30) as http,
+        worker_process(env, tmp_path),
+    ):
+        job_id = http.post("/jobs", json=body, headers=AUTH).json()["id"]
+        end = time.monotonic() + 120
+        while not any(r.info.status == "FINISHED" for r in _children(client, experiment, job_id)):
+            assert time.monotonic() < end
+            time.sleep(0.2)
+        assert http.delete(f"/jobs/{job_id}", headers=AUTH).status_code in (200, 202)
+        done = _wait(http, job_id, {"succeeded", "failed", "cancelled"}, timeout=120)
+    assert done["status"] == "cancelled", done
+    runs = _children(client, experiment, job_id)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert len([r for r in runs if r.info.status == "FINISHED"]) < 5
+    study = _study(env, job_id)
+    assert not [t for t in study.trials if t.state.name in ("WAITING", "RUNNING")]
+    cancelled = [t for t in study.trials if t.user_attrs.get("status") == "cancelled"]
+    assert cancelled
+    assert client.search_model_versions(f"name = '{model}'") == []

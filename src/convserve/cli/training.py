@@ -89,8 +89,10 @@ def sweep(
     model_name: ModelNameOption = "convserve",
     margin: MarginOption = 0.0,
 ) -> None:
-    """Train every point of a grid as nested MLflow runs, then export, register and promote
-    the best. Exits 1 when no point finished or the best export fails its checks."""
+    """Run a sweep's Optuna study here, one trial after another (every grid point, or
+    `trials` points drawn by the random or TPE sampler, with pruning), each a nested MLflow
+    run; then export, register and promote the best. To spread trials over workers, POST the
+    sweep to /jobs. Exits 1 when no trial finished or the best export fails its checks."""
     from convserve.pipelines.sweep import label, run_sweep
     from convserve.training.config import ConfigError
     from convserve.training.configfiles import load_sweep
@@ -102,12 +104,12 @@ def sweep(
         raise fail(str(err)) from None
     policy = _policy(register, promote, model_name, spec.metric, spec.direction, margin)
 
-    def on_child(index: int, total: int, point: dict[str, object]) -> None:
+    def on_trial(number: int, total: int, point: dict[str, object]) -> None:
         text = ", ".join(f"{k}={label(v)}" for k, v in point.items())
-        console.print(f"[bold]{index + 1}/{total}[/bold] {text}")
+        console.print(f"[bold]trial {number + 1}/{total}[/bold] {text}")
 
     try:
-        result = run_sweep(spec, policy=policy if register else None, on_child=on_child)
+        result = run_sweep(spec, policy=policy if register else None, on_trial=on_trial)
     except ExportCheckFailed as err:
         err_console.print(f"[red]export refused:[/red] {err}")
         raise typer.Exit(1) from None
@@ -116,7 +118,7 @@ def sweep(
     if result.parent_run_id:
         console.print(f"MLflow parent run id: {result.parent_run_id}")
     if result.best_run_id is None:
-        err_console.print("[red]no grid point finished[/red]")
+        err_console.print("[red]no trial finished[/red]")
         raise typer.Exit(1)
     console.print(f"best run: {result.best_run_id}")
     report_published(result.published)

@@ -50,6 +50,9 @@ class JobSettings(BaseSettings):
     # where a worker writes its jobs' checkpoints, plots and exports (one folder per run),
     # whatever tracking.output_dir the request says: that path is the client's, not the worker's
     runs_dir: str = "runs"
+    # Optuna's storage for sweeps (a SQLAlchemy URL: the stack's PostgreSQL); unset: a SQLite
+    # file beside the local queue file
+    study_storage: str | None = None
     # a training job lost with its worker is run again, from its last checkpoint, this often
     job_retries: int = Field(1, ge=0, le=10)
 
@@ -122,14 +125,15 @@ def make_queue(settings: JobSettings) -> Any:
     return SqliteHuey(settings.queue_name, filename=settings.queue_path, results=False)
 
 
-def enqueue(huey: Any, payload: JobPayload) -> None:
-    """Put one job message on the queue by task name, as ``huey.enqueue`` would for a
-    registered task, without the function being importable here."""
+def enqueue(huey: Any, payload: JobPayload, task: str = RUN_JOB_TASK) -> None:
+    """Put one message for ``task`` (a job, or a trial of a sweep job's study) on the queue
+    by task name, as ``huey.enqueue`` would for a registered task, without the function being
+    importable here."""
     from huey.registry import Message
 
     message = Message(
         id=str(uuid.uuid4()),
-        name=RUN_JOB_TASK,
+        name=task,
         retries=0,
         retry_delay=0,
         args=(payload.run_id,),

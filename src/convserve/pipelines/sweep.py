@@ -1,5 +1,10 @@
-"""Grid sweeps: one MLflow parent run, a nested child run per grid point, a summary, and the
-best child exported, registered and promoted."""
+"""Sweeps: one MLflow parent run, an Optuna study whose trials are its nested child runs, a
+summary that grows as trials end, and the best trial exported, registered and promoted once.
+
+``run_sweep`` trains a study's trials one after another in this process (``convserve
+sweep``); ``run_trial`` trains one, and is what a worker runs for each trial task on the queue
+(``worker.py``). The study itself is in ``study.py``.
+"""
 
 from __future__ import annotations
 
@@ -7,34 +12,34 @@ import csv
 import json
 import logging
 import math
+import os
+import socket
+import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convserve.pipelines.registry import Policy, Published, publish, select_best
-from convserve.training.config import SweepConfig, TrainConfig
+from optuna.trial import TrialState
+
+from convserve.pipelines import study as studies
+from convserve.pipelines.lease import GuardedClient, Lease
+from convserve.pipelines.queue import JobSettings
+from convserve.pipelines.registry import Policy, Published, publish
+from convserve.pipelines.study import TrialRow
+from convserve.training.config import Range, SweepConfig, TrainConfig
 from convserve.training.plots import save_figure, subplots
-from convserve.training.run import Callbacks, TrainResult, train
-from convserve.training.tracking import Tracker, get_or_create_experiment
+from convserve.training.run import Callbacks, train
+from convserve.training.tracking import Tracker, get_or_create_experiment, log_params
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Row:
-    point: dict[str, Any]
-    status: str  # finished, diverged, cancelled, failed
-    value: float | None
-    diagnosis: str  # the run's diagnosis (its cause), "" when it failed
-    run_id: str | None
-    error: str = ""
-
-
-@dataclass
 class SweepResult:
     parent_run_id: str | None
-    rows: list[Row]
+    rows: list[TrialRow]
     best_run_id: str | None
     published: Published | None = None
     folder: Path | None = None
@@ -46,6 +51,8 @@ def label(value: Any) -> str:
     if isinstance(value, dict):
         rest = ", ".join(f"{k}={v}" for k, v in value.items() if k != "name")
         return f"{value.get('name', '')}({rest})" if rest else str(value.get("name", value))
+    if isinstance(value, float) and len(str(value)) > 8:  # a drawn value: 0.0031622776...
+        return f"{value:.4g}"
     return str(value)
 
 
@@ -66,176 +73,273 @@ def run_sweep(
     sweep: SweepConfig,
     *,
     policy: Policy | None = None,
-    on_child: Callable[[int, int, dict[str, Any]], Callable[..., Any] | None] | None = None,
+    on_trial: Callable[[int, int, dict[str, Any]], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    parent_run_id: str | None = None,
-    proceed: Callable[[], bool] | None = None,
-    client: Any = None,
+    settings: JobSettings | None = None,
 ) -> SweepResult:
-    """Train every grid point; a failed or diverged child is recorded and the sweep goes on.
-
-    With a ``policy`` the best finished child is exported, checked, registered and promoted.
-    ``on_child(index, total, point)`` may return a per-step callback for progress.
-    ``parent_run_id`` continues an existing run as the parent (a sweep job); ``client`` is the
-    MLflow client every run writes through, and ``proceed`` is asked before publishing (both
-    from a job's lease).
-    """
-    parent = _start_parent(sweep, parent_run_id, client)
-    folder = Path(sweep.base.tracking.output_dir) / (parent.run_id or "sweep")
+    """Train the study's trials one after another in this process; a failed, diverged or
+    pruned trial is recorded and the sweep goes on. With a ``policy`` the best finished trial
+    is exported, checked, registered and promoted. ``on_trial(number, total, point)`` is
+    called as each trial starts."""
+    settings = settings or JobSettings()
+    parent = start_parent(sweep)
+    parent_id = parent.run_id or uuid.uuid4().hex  # untracked: the study still needs a name
+    storage = studies.open_storage(settings)
     try:
-        rows = _train_children(sweep, parent.run_id, on_child, should_stop, client)
+        study = studies.ensure(sweep, parent_id, storage)
+        worker = worker_id()
+        while not (should_stop is not None and should_stop()):
+            trial = run_trial(
+                sweep,
+                parent_id if parent.run_id else None,
+                study,
+                storage,
+                parent.client if parent.enabled else None,
+                worker=worker,
+                settings=settings,
+                on_start=on_trial,
+                parent_cancelled=should_stop,
+            )
+            if trial is None:
+                break
+            if parent.run_id:
+                record_progress(parent.client, parent.run_id, sweep, study)
+        if should_stop is not None and should_stop():
+            studies.fail_waiting(study, studies.CANCELLED)
     except BaseException:
         parent.end("KILLED")
         raise
-    result = SweepResult(parent.run_id, rows, None, folder=folder)
-    result.summary = write_summary(sweep, rows, folder)
-    parent.log_artifacts(folder, "summary")
-    finished = [r for r in rows if r.status == "finished" and r.value is not None]
-    if parent.run_id is not None and finished:
-        _select_and_publish(sweep, parent, policy, result, proceed)
-    parent.end("FINISHED" if finished or not rows else "FAILED")
+    result = finish(sweep, parent_id, study, parent.client if parent.run_id else None, policy)
+    parent.end("FINISHED" if result.best_run_id else "FAILED")
     return result
 
 
-def _start_parent(sweep: SweepConfig, parent_run_id: str | None, client: Any) -> Tracker:
-    """The parent run (new, or the job's own run), tagged with the grid and the metric."""
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+def start_parent(sweep: SweepConfig, client: Any = None) -> Tracker:
+    """A new parent run, tagged with the search and the metric."""
     base = sweep.base
     parent_cfg = base.model_copy(
         update={"tracking": base.tracking.model_copy(update={"run_name": sweep.parent_name()})}
     )
-    # A job's own run is ended by its worker, after publishing.
-    parent = Tracker(parent_cfg.tracking, client, end_run=parent_run_id is None)
-    parent_id = parent.start(
-        parent_cfg, parent_run_id, tags={"convserve.kind": "sweep"} if parent_run_id is None else {}
-    )
-    if parent_id is not None:
-        parent.set_tags(
-            {
-                "convserve.grid": json.dumps(sweep.grid)[:5000],
-                "convserve.metric": f"{sweep.direction} {sweep.metric}",
-            }
-        )
+    parent = Tracker(parent_cfg.tracking, client)
+    if parent.start(parent_cfg, tags={"convserve.kind": "sweep"}) is not None:
+        parent.set_tags(search_tags(sweep))
     return parent
 
 
-def _train_children(
+def search_tags(sweep: SweepConfig) -> dict[str, str]:
+    """What the parent run says about its search."""
+    space = {k: v.model_dump() if isinstance(v, Range) else v for k, v in sweep.grid.items()}
+    return {
+        "convserve.grid": json.dumps(space)[:5000],
+        "convserve.metric": f"{sweep.direction} {sweep.metric}",
+        "convserve.sampler": sweep.sampler,
+        "convserve.pruner": sweep.pruner.name,
+        "convserve.trials": str(sweep.size()),
+    }
+
+
+def run_trial(
     sweep: SweepConfig,
     parent_id: str | None,
-    on_child: Callable[[int, int, dict[str, Any]], Callable[..., Any] | None] | None,
-    should_stop: Callable[[], bool] | None,
-    client: Any = None,
-) -> list[Row]:
-    combos = sweep.combinations()
-    done = _finished_children(sweep, parent_id, client)
-    rows: list[Row] = []
-    for index, (point, cfg) in enumerate(combos):
-        if should_stop is not None and should_stop():
-            break
-        if _point_key(point) in done:  # trained by an earlier attempt of this sweep job
-            rows.append(done[_point_key(point)])
-            continue
-        step_cb = on_child(index, len(combos), point) if on_child else None
-        callbacks = Callbacks(on_step=step_cb, should_stop=should_stop)
-        rows.append(_child(cfg, point, parent_id, sweep.metric, callbacks, client))
-    return rows
+    study: Any,
+    storage: Any,
+    client: Any,
+    *,
+    worker: str,
+    settings: JobSettings,
+    on_start: Callable[[int, int, dict[str, Any]], None] | None = None,
+    on_step: Callable[..., Any] | None = None,
+    parent_cancelled: Callable[[], bool] | None = None,
+) -> TrialRow | None:
+    """Take one waiting trial and train it as a child run of ``parent_id``; None when no
+    trial waits. The child's writes go through a lease (``lease.py``): a worker whose trial
+    was failed as stale while it was stopped writes nothing more when it resumes."""
+    trial = studies.take(study)
+    if trial is None:
+        return None
+    study.sampler = studies.make_sampler(sweep, trial.number)
+    point = studies.suggest(trial, sweep)
+    trial.set_user_attr("point", json.dumps(point, sort_keys=True, default=str))
+    for key in ("status", "error", "diagnosis", "run_id"):
+        trial.set_user_attr(key, "")  # a retry carries its lost trial's attributes
+    if on_start is not None:
+        on_start(trial.number, sweep.size(), point)
+    status, value, diagnosis, note = studies.FAILED, None, "", ""
+    run_id: str | None = None
+    writer: Any = None
+    reporter = studies.Reporter(trial, sweep.metric, sweep.direction)
+    with studies.heartbeat(storage, trial, settings.heartbeat_interval):
+        try:
+            cfg = sweep.point_config(point)
+            cfg = cfg.model_copy(
+                update={
+                    "tracking": cfg.tracking.model_copy(
+                        update={"run_name": f"#{trial.number} {child_name(cfg, point)}"}
+                    )
+                }
+            )
+            run_id, writer, lease = _child_run(
+                cfg, point, parent_id, trial.number, client, worker, settings
+            )
+            if run_id is not None:
+                trial.set_user_attr("run_id", run_id)
+
+            def stop() -> bool:
+                lost = lease is not None and not lease.held()
+                return reporter.pruned() or lost or bool(parent_cancelled and parent_cancelled())
+
+            callbacks = Callbacks(on_step=on_step, on_epoch=reporter.on_epoch, should_stop=stop)
+            outcome = train(cfg, run_id=run_id, callbacks=callbacks, client=writer)
+            diagnosis, note = outcome.diagnosis.verdict, outcome.message
+            if outcome.status == "finished":
+                value = outcome.metrics.get(sweep.metric)
+                status = studies.FINISHED if value is not None else studies.FAILED
+                if value is None:
+                    note = f"the run has no metric {sweep.metric!r}"
+            elif outcome.status == "cancelled":
+                status = studies.PRUNED if reporter.pruned() else studies.CANCELLED
+            else:
+                status = outcome.status  # diverged
+        except Exception as err:  # a trial's failure is recorded; the study goes on
+            log.warning("trial %s (%s) failed: %s", trial.number, point, err)
+            note = f"{type(err).__name__}: {err}"
+            if writer is not None and run_id is not None:
+                _failed(writer, run_id, note)
+        if status == studies.PRUNED and writer is not None and run_id is not None:
+            writer.set_tag(run_id, "convserve.trial_state", "pruned")
+        _tell(study, trial, status, value, diagnosis, note)
+    return TrialRow(trial.number, point, status, value, diagnosis, run_id, note)
 
 
-def _point_key(point: dict[str, Any]) -> str:
-    return json.dumps(point, sort_keys=True)[:5000]
-
-
-def _finished_children(sweep: SweepConfig, parent_id: str | None, client: Any) -> dict[str, Row]:
-    """Grid points an earlier attempt of the same parent run already finished (a sweep job
-    run again after its worker was lost), by point."""
-    if parent_id is None or client is None:
-        return {}
-    experiment = get_or_create_experiment(client, sweep.base.tracking.experiment)
-    runs = client.search_runs(
-        [experiment],
-        f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FINISHED'",
-        max_results=1000,
-    )
-    done = {}
-    for run in runs:
-        key = run.data.tags.get("convserve.point")
-        if key is not None:
-            diagnosis = run.data.tags.get("convserve.diagnosis", "")
-            value = run.data.metrics.get(sweep.metric)
-            point = json.loads(key)
-            done[key] = Row(point, "finished", value, diagnosis, run.info.run_id)
-    return done
-
-
-def _select_and_publish(
-    sweep: SweepConfig,
-    parent: Tracker,
-    policy: Policy | None,
-    result: SweepResult,
-    proceed: Callable[[], bool] | None = None,
-) -> None:
-    """Record the best child on the parent; with a ``policy``, publish it."""
-    client = parent.client
-    experiment = get_or_create_experiment(client, sweep.base.tracking.experiment)
-    best = select_best(
-        client,
-        [experiment],
-        sweep.metric,
-        sweep.direction,
-        f"tags.mlflow.parentRunId = '{parent.run_id}'",
-    )
-    if best is None:
-        return
-    result.best_run_id = best.info.run_id
-    parent.log_metrics({f"best_{sweep.metric}": best.data.metrics[sweep.metric]}, 0)
-    parent.set_tags({"convserve.best_run_id": best.info.run_id})
-    if policy is not None:
-        result.published = publish(
-            run_id=best.info.run_id, policy=policy, proceed=proceed, client=client
-        )
-
-
-def _child(
+def _child_run(
     cfg: TrainConfig,
     point: dict[str, Any],
     parent_id: str | None,
-    metric: str,
-    callbacks: Callbacks,
-    client: Any = None,
-) -> Row:
-    name = child_name(cfg, point)
-    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_name": name})})
-    tags = {"convserve.point": _point_key(point)}
+    number: int,
+    client: Any,
+    worker: str,
+    settings: JobSettings,
+) -> tuple[str | None, Any, Lease | None]:
+    """The trial's child run, created ``RUNNING`` under this worker, and the lease-guarded
+    client its training writes through; (None, None, None) when the sweep is untracked."""
+    if client is None or not cfg.tracking.enabled:
+        return None, None, None
+    experiment = get_or_create_experiment(client, cfg.tracking.experiment)
+    tags = {
+        "convserve.point": json.dumps(point, sort_keys=True, default=str)[:5000],
+        "convserve.trial": str(number),
+        "convserve.worker": worker,
+        "convserve.attempt": "1",
+    }
     if parent_id:
         tags["mlflow.parentRunId"] = parent_id
+    run = client.create_run(experiment, run_name=cfg.tracking.run_name, tags=tags)
+    run_id = run.info.run_id
+    log_params(client, run_id, cfg)
+    lease = Lease(client, run_id, worker, 1, settings.cancel_check_interval)
+    return run_id, GuardedClient(client, lease), lease
+
+
+def _failed(client: Any, run_id: str, error: str) -> None:
+    """A child run that failed before its training started (a config the model cannot be
+    built from) ends ``FAILED`` with the error, like one that failed while training."""
+    from mlflow.entities import RunTag
+
+    if client.get_run(run_id).info.status == "RUNNING":
+        tags = [RunTag("convserve.status", "failed"), RunTag("convserve.message", error[:5000])]
+        client.log_batch(run_id, tags=tags)
+        client.set_terminated(run_id, status="FAILED")
+
+
+def _tell(
+    study: Any, trial: Any, status: str, value: float | None, diagnosis: str, note: str
+) -> None:
+    """The trial's outcome into the study; a trial that a reaper already failed (its worker
+    was stopped past the limit) keeps that ending."""
     try:
-        outcome: TrainResult = train(cfg, tags=tags, callbacks=callbacks, client=client)
-    except Exception as err:  # a child's failure is recorded; the sweep goes on
-        log.warning("sweep point %s failed: %s", name, err)
-        return Row(point, "failed", None, "", None, f"{type(err).__name__}: {err}")
-    value = outcome.metrics.get(metric)
-    return Row(
-        point,
-        outcome.status,
-        value if outcome.status == "finished" else None,
-        outcome.diagnosis.verdict,
-        outcome.run_id,
-        outcome.message,
-    )
+        trial.set_user_attr("status", status)
+        trial.set_user_attr("diagnosis", diagnosis)
+        trial.set_user_attr("error", note[:2000])
+        if status == studies.FINISHED:
+            study.tell(trial, value)
+        else:
+            study.tell(
+                trial, state=TrialState.PRUNED if status == studies.PRUNED else TrialState.FAIL
+            )
+    except Exception as err:  # UpdateFinishedTrialError, or the storage's refusal
+        log.warning("trial %s: its outcome (%s) was not recorded: %s", trial.number, status, err)
 
 
-def write_summary(sweep: SweepConfig, rows: list[Row], folder: Path) -> list[str]:
-    """``sweep.csv``, ``sweep.md`` and ``heatmap.png`` (1- or 2-field grids) in ``folder``."""
+def record_progress(client: Any, parent_id: str, sweep: SweepConfig, study: Any) -> None:
+    """The parent's progress tag and summary, rewritten as trials end (each writer uploads a
+    whole table, so the last one written is a complete one)."""
+    try:
+        client.set_tag(
+            parent_id, "convserve.progress", json.dumps({"trials": studies.progress(study)})
+        )
+        folder = Path(sweep.base.tracking.output_dir) / parent_id / "summary"
+        write_summary(sweep, studies.rows(study), folder)
+        client.log_artifacts(parent_id, str(folder), "summary")
+    except Exception as err:  # a progress write may fail; the next trial writes it again
+        log.warning("sweep %s: progress not written: %s", parent_id, err)
+
+
+def finish(
+    sweep: SweepConfig,
+    parent_id: str,
+    study: Any,
+    client: Any,
+    policy: Policy | None,
+    proceed: Callable[[], bool] | None = None,
+) -> SweepResult:
+    """The summary, the best finished trial on the parent and, with a ``policy``, published.
+    Called once per sweep, by the one that took the publish ticket (or by ``run_sweep``)."""
+    rows = studies.rows(study)
+    folder = Path(sweep.base.tracking.output_dir) / parent_id / "summary"
+    result = SweepResult(parent_id if client else None, rows, None, folder=folder)
+    result.summary = write_summary(sweep, rows, folder)
+    finished = [r for r in rows if r.status == studies.FINISHED and r.value is not None]
+    if client is not None:
+        client.set_tag(
+            parent_id, "convserve.progress", json.dumps({"trials": studies.progress(study)})
+        )
+        client.log_artifacts(parent_id, str(folder), "summary")
+    if not finished:
+        return result
+    pick = max if sweep.direction == "maximize" else min
+    best = pick(finished, key=lambda r: r.value)  # type: ignore[arg-type,return-value]
+    result.best_run_id = best.run_id
+    if client is None or best.run_id is None:
+        return result
+    client.log_metric(parent_id, f"best_{sweep.metric}", float(best.value), step=0)  # type: ignore[arg-type]
+    client.set_tag(parent_id, "convserve.best_run_id", best.run_id)
+    client.set_tag(parent_id, "convserve.best_trial", str(best.number))
+    if policy is not None:
+        result.published = publish(
+            run_id=best.run_id, policy=policy, proceed=proceed, client=client
+        )
+    return result
+
+
+def write_summary(sweep: SweepConfig, rows: list[TrialRow], folder: Path) -> list[str]:
+    """``sweep.csv``, ``sweep.md`` and a figure in ``folder``: ``heatmap.png`` for a grid over
+    one or two fields, ``trials.png`` (the metric by trial, and the best so far) otherwise."""
     folder.mkdir(parents=True, exist_ok=True)
     keys = list(sweep.grid)
-    header = [*keys, "status", sweep.metric, "diagnosis", "run_id", "note"]
+    header = ["trial", *keys, "status", sweep.metric, "diagnosis", "run_id", "note"]
     table = [
         [
-            *(label(r.point[k]) for k in keys),
+            str(r.number),
+            *(label(r.point[k]) if k in r.point else "" for k in keys),
             r.status,
             "" if r.value is None else f"{r.value:.4f}",
             r.diagnosis,
             r.run_id or "",
-            r.error.replace("\n", " ")[:200],
+            r.note.replace("\n", " ")[:200],
         ]
         for r in rows
     ]
@@ -243,37 +347,44 @@ def write_summary(sweep: SweepConfig, rows: list[Row], folder: Path) -> list[str
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(table)
+    counted = {s: sum(r.status == s for r in rows) for s in ("finished", "pruned")}
     lines = [
         f"# Sweep {sweep.name or ''}".rstrip(),
         "",
-        f"{sweep.direction} `{sweep.metric}` over {len(rows)} runs.",
+        f"{sweep.sampler} search, {sweep.direction} `{sweep.metric}`: {len(rows)} of "
+        f"{sweep.size()} trials ran, {counted['finished']} finished, {counted['pruned']} pruned.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + " --- |" * len(header),
     ]
     lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in table]
     (folder / "sweep.md").write_text("\n".join(lines) + "\n")
-    if 1 <= len(keys) <= 2:
+    if sweep.sampler == "grid" and 1 <= len(keys) <= 2:
         _heatmap(sweep, rows, folder / "heatmap.png")
+    elif rows:
+        _history(sweep, rows, folder / "trials.png")
     return lines
 
 
-def _heatmap(sweep: SweepConfig, rows: list[Row], path: Path) -> None:
+def _heatmap(sweep: SweepConfig, rows: list[TrialRow], path: Path) -> None:
     import numpy as np
 
     keys = list(sweep.grid)
-    ys = [label(v) for v in sweep.grid[keys[0]]]
-    xs = [label(v) for v in sweep.grid[keys[1]]] if len(keys) == 2 else [sweep.metric]
+    values = [v for v in sweep.grid.values() if isinstance(v, list)]
+    ys = [label(v) for v in values[0]]
+    xs = [label(v) for v in values[1]] if len(keys) == 2 else [sweep.metric]
     grid = np.full((len(ys), len(xs)), np.nan)
     notes = np.full((len(ys), len(xs)), "", dtype=object)
     for r in rows:
+        if r.status in ("running", "lost") or keys[0] not in r.point:
+            continue  # a lost trial's retry has its own row
         i = ys.index(label(r.point[keys[0]]))
         j = xs.index(label(r.point[keys[1]])) if len(keys) == 2 else 0
         grid[i, j] = math.nan if r.value is None else r.value
         notes[i, j] = (
             (f"{r.value:.3f}" if r.value is not None else r.status)
             + "\n"
-            + ("" if r.diagnosis == "healthy" else r.diagnosis)
+            + ("" if r.diagnosis in ("healthy", "") else r.diagnosis)
         )
     fig, ax = subplots(figsize=(1.6 + 1.9 * len(xs), 1.0 + 0.8 * len(ys)))
     ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto")
@@ -287,4 +398,30 @@ def _heatmap(sweep: SweepConfig, rows: list[Row], path: Path) -> None:
         ylabel=keys[0],
         title=f"{sweep.metric} ({sweep.direction})",
     )
+    save_figure(fig, path)
+
+
+def _history(sweep: SweepConfig, rows: list[TrialRow], path: Path) -> None:
+    """The metric of each finished trial by trial number, pruned trials at the value they
+    were stopped with, and the best so far."""
+    fig, ax = subplots(figsize=(6.4, 3.6))
+    done = [r for r in rows if r.value is not None]
+    ax.scatter([r.number for r in done], [r.value for r in done], s=18, label="finished")
+    pruned = [r for r in rows if r.status == "pruned" and r.reported is not None]
+    if pruned:
+        ax.scatter(
+            [r.number for r in pruned],
+            [r.reported for r in pruned],
+            marker="x",
+            label="pruned (last value reported)",
+        )
+    best, line = None, []
+    pick = max if sweep.direction == "maximize" else min
+    for r in sorted(done, key=lambda r: r.number):
+        best = r.value if best is None else pick(best, r.value)  # type: ignore[type-var]
+        line.append((r.number, best))
+    if line:
+        ax.step(*zip(*line, strict=True), where="post", label="best so far")
+    ax.set(xlabel="trial", ylabel=sweep.metric, title=f"{sweep.sampler} search")
+    ax.legend(fontsize=8)
     save_figure(fig, path)

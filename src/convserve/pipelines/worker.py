@@ -1,12 +1,17 @@
-"""``convserve worker``: take jobs from the queue and run them to their end.
+"""``convserve worker``: take jobs and sweep trials from the queue and run them to their end.
 
-The worker registers the job task under its contract name (``convserve.contract.RUN_JOB_TASK``)
-and runs each job: train or sweep, then export, register and promote, writing only while it
-holds the job's lease (``lease.py``). It heartbeats on the job's run while it works; its
+The worker registers the job task and the trial task under their contract names
+(``convserve.contract.RUN_JOB_TASK``, ``RUN_TRIAL_TASK``) and runs each job: train, then
+export, register and promote, writing only while it holds the job's lease (``lease.py``). A
+sweep job creates its Optuna study and puts ``parallelism`` trial tasks on the queue, which any
+worker takes; each trial task trains one trial and queues the next while trials wait, and the
+one that ends the study hands the sweep job back to the queue to publish the best trial
+(``study.py``). It heartbeats on the job's run while it works; its
 reaper thread takes jobs whose heartbeat is too old from their worker: a job is scheduled
 again while it has attempts left (``CONVSERVE_JOB_RETRIES``; a training job resumes from its
-last checkpoint, a sweep keeps the grid points it finished), else failed ("worker lost").
-The API never imports this module.
+last checkpoint), else failed ("worker lost"). For a sweep's trials it fails those whose Optuna
+heartbeat is too old (and queues a retry with the same values while retries are left), and
+queues a trial task when trials wait and none runs. The API never imports this module.
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from convserve.contract import RUN_JOB_TASK, JobPayload
+import optuna
+
+from convserve.contract import RUN_JOB_TASK, RUN_TRIAL_TASK, JobPayload
+from convserve.pipelines import study as studies
 from convserve.pipelines.lease import GuardedClient, Lease
 from convserve.pipelines.queue import (
     REQUEST_ARTIFACT,
@@ -34,23 +42,29 @@ from convserve.pipelines.queue import (
     search_jobs,
 )
 from convserve.pipelines.registry import Policy, PublishCancelled, publish
-from convserve.pipelines.sweep import run_sweep
-from convserve.training.config import TrainConfig
+from convserve.pipelines.sweep import finish, record_progress, run_trial, search_tags, worker_id
+from convserve.training.config import SweepConfig, TrainConfig
 from convserve.training.run import Callbacks, train
 
 log = logging.getLogger(__name__)
 
 
 def register_task(huey: Any, settings: JobSettings) -> Any:
-    """Register ``execute_job`` on ``huey`` under the name the API enqueues by."""
-    module, name = RUN_JOB_TASK.rsplit(".", 1)
+    """Register ``execute_job`` and ``execute_trial`` on ``huey`` under the names they are
+    enqueued by."""
 
     def run_job(run_id: str) -> None:
-        execute_job(run_id, settings)
+        execute_job(run_id, settings, huey)
 
-    # Huey names a task "<function module>.<task name>": make that the contract's name.
-    run_job.__module__ = module
-    return huey.task(name=name)(run_job)
+    def run_trial(run_id: str) -> None:
+        execute_trial(run_id, settings, huey)
+
+    for task, function in ((RUN_TRIAL_TASK, run_trial), (RUN_JOB_TASK, run_job)):
+        module, name = task.rsplit(".", 1)
+        # Huey names a task "<function module>.<task name>": make that the contract's name.
+        function.__module__ = module
+        registered = huey.task(name=name)(function)
+    return registered
 
 
 def run_worker(settings: JobSettings, say: Any = log.info) -> None:
@@ -65,7 +79,11 @@ def run_worker(settings: JobSettings, say: Any = log.info) -> None:
     ).start()
     queue = f"redis {settings.queue_name}" if settings.redis_url else settings.queue_path
     say(f"convserve worker: queue {queue}, tracking {MlflowClient().tracking_uri}")
-    consumer = huey.create_consumer(workers=1, worker_type="thread", periodic=False)
+    # An idle worker looks at the queue at least every second (Huey's default backs off to
+    # ten): a sweep's trial tasks are taken by whichever worker is free.
+    consumer = huey.create_consumer(
+        workers=1, worker_type="thread", periodic=False, max_delay=1.0
+    )
     try:
         consumer.run()
     finally:
@@ -80,6 +98,7 @@ def _reaper(settings: JobSettings, stop: threading.Event, huey: Any) -> None:
         try:
             for run_id in reap(client, settings, huey):
                 log.warning("job %s: worker lost", run_id)
+            tend_studies(client, settings, huey)
         except Exception as err:  # the tracking server may be down for a moment
             log.warning("reaper pass failed: %s", err)
         if stop.wait(settings.reaper_interval):
@@ -95,6 +114,8 @@ def reap(client: Any, settings: JobSettings, huey: Any = None) -> list[str]:
     now, reaped = time.time(), []
     for run in runs:
         tags = run.data.tags
+        if tags.get("convserve.phase") == "trials":
+            continue  # a sweep between setup and publishing: its trials beat (tend_studies)
         beat = float(tags.get("convserve.heartbeat", run.info.start_time / 1000))
         if now - beat <= settings.worker_lost_after:
             continue
@@ -190,7 +211,7 @@ class _Heartbeat:
         return not self.lease.held() or self.lease.cancelled
 
 
-def execute_job(run_id: str, settings: JobSettings) -> None:
+def execute_job(run_id: str, settings: JobSettings, huey: Any = None) -> None:
     """The Huey task: run one job to its end, whatever happens, writing only while its lease
     is held."""
     from mlflow.tracking import MlflowClient
@@ -214,7 +235,12 @@ def execute_job(run_id: str, settings: JobSettings) -> None:
             request = JobRequest.model_validate_json(f.read())
         resume = _last_checkpoint(raw, run_id, settings.runs_dir) if attempt > 1 else None
         with _Heartbeat(client, lease, settings) as beat:
-            status = _run(request, run_id, client, beat, settings.runs_dir, resume)
+            if request.sweep is not None:
+                status = _sweep(request, run_id, client, beat, settings, huey)
+            else:
+                status = _run(request, run_id, client, beat, settings.runs_dir, resume)
+        if status == "running":
+            return  # a sweep's trials are on the queue; the one that ends the study returns it
         client.set_tag(run_id, "convserve.job_status", status)
         client.set_terminated(run_id, status=TO_MLFLOW.get(status, "FINISHED"))
     except Exception as err:
@@ -287,18 +313,46 @@ def _run(
                 return "cancelled"
             _record_publication(client, run_id, published)
         return "succeeded" if beat.lease.may_publish() else "cancelled"
-    assert request.sweep is not None
-    sweep = request.sweep.model_copy(
-        update={"base": _tracked(request.sweep.base, tracking_uri, runs_dir)}
+    raise ValueError("a sweep job runs through _sweep")
+
+
+def _sweep(
+    request: JobRequest,
+    run_id: str,
+    client: Any,
+    beat: _Heartbeat,
+    settings: JobSettings,
+    huey: Any,
+) -> str:
+    """A sweep job: create its study and queue its trials ("running": the trial tasks carry
+    it on), or, when every trial has ended, publish the best one."""
+    sweep = _tracked_sweep(request, client.tracking_uri, settings.runs_dir)
+    storage = studies.open_storage(settings)
+    study = studies.ensure(sweep, run_id, storage)
+    if not beat.lease.may_publish():  # cancelled (or no longer this worker's)
+        studies.fail_waiting(study, studies.CANCELLED)
+    if not studies.done(study):
+        from mlflow.entities import RunTag
+
+        tags = {**search_tags(sweep), "convserve.phase": "trials"}
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        record_progress(client, run_id, sweep, study)
+        waiting = studies.counts(study)["waiting"]
+        for _ in range(min(sweep.parallelism, waiting)):
+            enqueue(huey, JobPayload(run_id=run_id), RUN_TRIAL_TASK)
+        return "running"
+    client.set_tag(run_id, "convserve.phase", "publish")
+    policy = Policy(
+        request.model_name, request.register_model, request.promote, margin=request.margin
     )
     try:
-        outcome = run_sweep(
+        outcome = finish(
             sweep,
-            policy=policy if request.register_model else None,
-            should_stop=beat.should_stop,
-            parent_run_id=run_id,
+            run_id,
+            study,
+            client,
+            policy if request.register_model and not beat.lease.cancelled else None,
             proceed=beat.lease.may_publish,
-            client=client,
         )
     except PublishCancelled:
         return "cancelled"
@@ -307,6 +361,157 @@ def _run(
     if outcome.published is not None:
         _record_publication(client, run_id, outcome.published)
     return "succeeded" if outcome.best_run_id else "failed"
+
+
+def _tracked_sweep(request: JobRequest, tracking_uri: str, runs_dir: str) -> SweepConfig:
+    assert request.sweep is not None
+    return request.sweep.model_copy(
+        update={"base": _tracked(request.sweep.base, tracking_uri, runs_dir)}
+    )
+
+
+_requests: dict[str, JobRequest] = {}  # a sweep's request, read once per worker process
+
+
+def _request(client: Any, run_id: str) -> JobRequest:
+    if run_id not in _requests:
+        with open(client.download_artifacts(run_id, REQUEST_ARTIFACT)) as f:
+            _requests[run_id] = JobRequest.model_validate_json(f.read())
+    return _requests[run_id]
+
+
+def execute_trial(run_id: str, settings: JobSettings, huey: Any) -> None:
+    """The trial task: train one waiting trial of the sweep job ``run_id``, then queue the
+    next one while trials wait, or, when the study has ended, hand the job back to the queue
+    to publish (once, whichever worker ends the study)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    parent = client.get_run(run_id)
+    if parent.info.status != "RUNNING" or parent.data.tags.get("convserve.phase") != "trials":
+        log.info("sweep %s is %s: trial task dropped", run_id, job_status(parent))
+        return
+    sweep = _tracked_sweep(_request(client, run_id), client.tracking_uri, settings.runs_dir)
+    storage = studies.open_storage(settings)
+    study = studies.load(sweep, run_id, storage)
+    cancel = _ParentCancel(client, run_id, settings.cancel_check_interval)
+    if cancel():
+        studies.fail_waiting(study, studies.CANCELLED)
+    else:
+        row = run_trial(
+            sweep,
+            run_id,
+            study,
+            storage,
+            client,
+            worker=worker_id(),
+            settings=settings,
+            parent_cancelled=cancel,
+        )
+        if row is not None:
+            log.info("sweep %s: trial %s %s (%s)", run_id, row.number, row.status, row.value)
+        if cancel():
+            studies.fail_waiting(study, studies.CANCELLED)
+    record_progress(client, run_id, sweep, study)
+    if studies.counts(study)["waiting"] > 0:
+        enqueue(huey, JobPayload(run_id=run_id), RUN_TRIAL_TASK)
+    else:
+        _publish_when_done(client, sweep, run_id, storage, huey)
+
+
+def _publish_when_done(
+    client: Any, sweep: SweepConfig, run_id: str, storage: Any, huey: Any
+) -> bool:
+    """When no trial waits or runs, the one caller that takes the study's publish ticket
+    schedules the sweep job again: the job path publishes under a lease, like any job."""
+    if not studies.take_publish_ticket(sweep, run_id, storage):
+        return False
+    from mlflow.entities import RunTag
+
+    client.log_batch(
+        run_id,
+        tags=[RunTag("convserve.phase", "publish"), RunTag("convserve.job_status", "scheduled")],
+    )
+    client.update_run(run_id, status="SCHEDULED")
+    enqueue(huey, JobPayload(run_id=run_id))
+    log.info("sweep %s: every trial ended; publishing", run_id)
+    return True
+
+
+class _ParentCancel:
+    """Whether the sweep a trial belongs to was cancelled (or ended), read again every
+    ``interval`` seconds."""
+
+    def __init__(self, client: Any, run_id: str, interval: float) -> None:
+        self.client, self.run_id, self.interval = client, run_id, interval
+        self._checked, self._cancelled = -float("inf"), False
+
+    def __call__(self) -> bool:
+        if not self._cancelled and time.monotonic() - self._checked > self.interval:
+            self._checked = time.monotonic()
+            try:
+                run = self.client.get_run(self.run_id)
+            except Exception as err:  # the tracking server blinked: ask again later
+                log.warning("cancel check of sweep %s failed: %s", self.run_id, err)
+                return False
+            tags = run.data.tags
+            self._cancelled = (
+                tags.get("convserve.cancel_requested") == "1" or run.info.status != "RUNNING"
+            )
+        return self._cancelled
+
+
+def tend_studies(client: Any, settings: JobSettings, huey: Any) -> None:
+    """For every sweep whose trials are on the queue: fail the trials whose worker is gone
+    (their child run too) and queue a retry while retries are left; queue a trial task when
+    trials wait and none runs (a task lost with its worker); publish when the study ended."""
+    runs = search_jobs(
+        client, "attributes.status = 'RUNNING' and tags.`convserve.phase` = 'trials'"
+    )
+    for run in runs:
+        run_id = run.info.run_id
+        sweep = _tracked_sweep(_request(client, run_id), client.tracking_uri, settings.runs_dir)
+        storage = studies.open_storage(settings, on_stale=_on_stale(client, run_id, settings))
+        study = studies.load(sweep, run_id, storage)
+        optuna.storages.fail_stale_trials(study)
+        counts = studies.counts(study)
+        if counts["waiting"] and not counts["running"] and not _queued_trials(huey, run_id):
+            enqueue(huey, JobPayload(run_id=run_id), RUN_TRIAL_TASK)
+        elif not counts["waiting"] and not counts["running"]:
+            record_progress(client, run_id, sweep, study)
+            _publish_when_done(client, sweep, run_id, storage, huey)
+
+
+def _on_stale(client: Any, run_id: str, settings: JobSettings) -> Any:
+    """What happens to a trial whose worker is gone, once, in whichever reaper failed it: its
+    child run fails ("worker lost"), and a copy with the same values waits for a worker while
+    the trial has retries left (``CONVSERVE_JOB_RETRIES``)."""
+    from mlflow.entities import RunTag
+
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=settings.job_retries)
+
+    def on_stale(study: Any, trial: Any) -> None:
+        child = trial.user_attrs.get("run_id")
+        if child:
+            error = f"worker lost: trial {trial.number}'s heartbeat stopped"
+            client.log_batch(child, tags=[RunTag("convserve.error", error)])
+            client.set_terminated(child, status="FAILED")
+        log.warning("sweep %s: trial %s lost with its worker", run_id, trial.number)
+        retry(study, trial)
+
+    return on_stale
+
+
+def _queued_trials(huey: Any, run_id: str) -> bool:
+    """Whether a trial task of this sweep waits on the queue."""
+    try:
+        return any(
+            getattr(task, "name", "").endswith("run_trial") and tuple(task.args) == (run_id,)
+            for task in huey.pending()
+        )
+    except Exception as err:  # a message this worker cannot read: assume one waits
+        log.warning("could not read the queue: %s", err)
+        return True
 
 
 def _tracked(cfg: TrainConfig, tracking_uri: str, runs_dir: str) -> TrainConfig:

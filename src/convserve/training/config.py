@@ -382,26 +382,117 @@ class TrainConfig(StrictModel):
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class Range(StrictModel):
+    """An interval for ``random`` and ``tpe`` searches: integers when ``low`` and ``high`` are
+    both integers (``{low: 1, high: 4}``), else real numbers; ``log`` samples on a log scale."""
+
+    low: int | float
+    high: int | float
+    log: bool = False
+    step: int | float | None = None  # a grid inside the interval (not with log)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        if self.log and self.step is not None:
+            raise ValueError("give step or log, not both")
+        return self
+
+    @property
+    def integer(self) -> bool:
+        return isinstance(self.low, int) and isinstance(self.high, int)
+
+
+PrunerName = Literal["none", "median", "hyperband"]
+
+
+class PrunerConfig(StrictModel):
+    """Stops hopeless trials early from the validation metric they report after each epoch
+    (Optuna's ``MedianPruner`` or ``HyperbandPruner``)."""
+
+    name: PrunerName = "none"
+    # median: trials that must finish before any is pruned, and epochs every trial runs
+    startup_trials: int = Field(5, ge=0)
+    warmup_epochs: int = Field(0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
 class SweepConfig(StrictModel):
-    """A base training config and a grid over any of its fields (dotted paths)."""
+    """A base training config and a search over any of its fields (dotted paths).
+
+    ``sampler: grid`` (the default) trains every combination of ``grid`` once; ``random`` and
+    ``tpe`` draw ``trials`` points, where a field may also be a ``Range``. Every sweep is an
+    Optuna study whose trials are child runs of one MLflow parent run.
+    """
 
     name: str | None = None  # name of the parent MLflow run
     base: TrainConfig = Field(default_factory=TrainConfig)
     # e.g. {"init.name": ["xavier_uniform", "he_normal"], "model.activation": ["tanh", "relu"]};
-    # a value may be a whole section: {"init": [{"name": "normal", "std": 0.01}, ...]}
-    grid: dict[str, list[Any]] = Field(min_length=1)
+    # a value may be a whole section: {"init": [{"name": "normal", "std": 0.01}, ...]};
+    # random and tpe also take intervals: {"optim.lr": {"low": 1e-4, "high": 0.1, "log": true}}
+    grid: dict[str, list[Any] | Range] = Field(min_length=1)
     metric: str = "best_val_accuracy"  # what selects the best child run
     direction: Literal["maximize", "minimize"] = "maximize"
+    sampler: Literal["grid", "random", "tpe"] = "grid"
+    trials: int | None = Field(None, ge=1, le=1000)  # random and tpe: how many points
+    pruner: PrunerConfig = Field(default_factory=PrunerConfig)
+    # trials trained at once: as many queue tasks (one job's workers); 1 in `convserve sweep`
+    parallelism: int = Field(1, ge=1, le=64)
 
     @model_validator(mode="after")
     def _grid_is_valid(self) -> SweepConfig:
-        sizes = [len(v) for v in self.grid.values()]
-        if any(n == 0 for n in sizes):
+        lists = [v for v in self.grid.values() if isinstance(v, list)]
+        if any(len(v) == 0 for v in lists):
             raise ValueError("every grid field needs at least one value")
-        if math.prod(sizes) > 256:
-            raise ValueError(f"the grid has {math.prod(sizes)} combinations; at most 256")
-        self.combinations()  # raises on the first grid point that is not a valid config
+        if self.sampler == "grid":
+            ranges = [k for k, v in self.grid.items() if isinstance(v, Range)]
+            if ranges:
+                raise ValueError(
+                    f"{', '.join(ranges)}: a range needs sampler random or tpe; "
+                    "a grid takes lists of values"
+                )
+            if self.trials is not None:
+                raise ValueError(
+                    "trials is for sampler random or tpe; a grid trains each of its points once"
+                )
+            if self.size() > 256:
+                raise ValueError(f"the grid has {self.size()} combinations; at most 256")
+            self.combinations()  # raises on the first grid point that is not a valid config
+        else:
+            if self.trials is None:
+                raise ValueError(f"sampler {self.sampler} needs trials (how many points to draw)")
+            self._check_values()
+        if self.pruner.name != "none" and not self.metric.startswith(("best_val_", "val_")):
+            raise ValueError(
+                f"a pruner compares the validation metric after each epoch; metric "
+                f"{self.metric!r} is not one (use best_val_accuracy or val_loss, ...)"
+            )
         return self
+
+    def _check_values(self) -> None:
+        """Each value of each field (a range's ends) is valid alone on ``base``."""
+        base = self.base.model_dump(mode="json")
+        for key, values in self.grid.items():
+            options = [values.low, values.high] if isinstance(values, Range) else values
+            for value in options:
+                (_, data), *_ = expand_grid(base, {key: [value]})
+                try:
+                    TrainConfig.model_validate(data)
+                except ValidationError as err:
+                    raise ValueError(f"{key}={value!r}: {format_validation_error(err)}") from None
+
+    def size(self) -> int:
+        """How many trials the study has: the grid's combinations, or ``trials``."""
+        if self.trials is not None:
+            return self.trials
+        return math.prod(len(v) for v in self.grid.values() if isinstance(v, list))
 
     def parent_name(self) -> str:
         """``name``, else ``sweep-`` and the fields the grid varies: ``sweep-name-activation``."""
@@ -409,13 +500,21 @@ class SweepConfig(StrictModel):
 
     def combinations(self) -> list[tuple[dict[str, Any], TrainConfig]]:
         """Every grid point with its training config, in row-major order of ``grid``."""
+        lists = {k: v for k, v in self.grid.items() if isinstance(v, list)}
         out = []
-        for point, data in expand_grid(self.base.model_dump(mode="json"), self.grid):
-            try:
-                out.append((point, TrainConfig.model_validate(data)))
-            except ValidationError as err:
-                raise ValueError(f"grid point {point}: {format_validation_error(err)}") from None
+        for point, _ in expand_grid({}, lists):
+            out.append((point, self.point_config(point)))
         return out
+
+    def point_config(self, point: dict[str, Any]) -> TrainConfig:
+        """``base`` with the point's values set; raises ``ValueError`` saying which field."""
+        ((_, data),) = expand_grid(
+            self.base.model_dump(mode="json"), {k: [v] for k, v in point.items()}
+        )
+        try:
+            return TrainConfig.model_validate(data)
+        except ValidationError as err:
+            raise ValueError(f"grid point {point}: {format_validation_error(err)}") from None
 
 
 class ConfigError(ValueError):

@@ -23,10 +23,22 @@ from convserve.service.api.errors import errors
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
+class TrialsProgress(BaseModel):
+    """A sweep's Optuna study: trials planned, and how many are in each state."""
+
+    trials: int = Field(description="Trials the study plans (grid points, or `trials`)")
+    waiting: int
+    running: int
+    finished: int
+    pruned: int
+    failed: int = Field(description="Failed, diverged, cancelled or lost with a worker")
+
+
 class Progress(BaseModel):
     epoch: int | None = None
     step: int | None = None
     total: int | None = Field(None, description="Total optimizer steps of the run")
+    trials: TrialsProgress | None = Field(None, description="A sweep's trials")
 
 
 _JOB_EXAMPLE: dict[str, Any] = {
