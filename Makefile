@@ -21,12 +21,13 @@ venv: $(STAMP)
 run: venv
 	$(BIN)/convserve up
 
-# What the tests need beyond the venv: Debian's chromium for the browser tests, and axe-core
-# (from the npm registry, into .tools/) for their accessibility audit.
+# What the tests need beyond the venv: Debian's chromium for the browser tests, axe-core (from
+# the npm registry, into .tools/) for their accessibility audit, Debian's nginx for the load
+# balancer's test and docker-compose (1.29) to validate the compose files without an engine.
 AXE_VERSION := 4.14.1
 # $(call debian,COMMAND,PACKAGE,WHAT FOR): install PACKAGE when COMMAND is missing (as root)
 define debian
-@command -v $(1) >/dev/null || { \
+@{ command -v $(1) || test -x /usr/sbin/$(1); } >/dev/null || { \
   if [ "$$(id -u)" = 0 ]; then \
     echo "installing Debian's $(2) for $(3)"; \
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; \
@@ -39,6 +40,8 @@ endef
 test-deps:
 	$(call debian,chromium,chromium,the browser tests)
 	$(call debian,npm,npm,the accessibility audit)
+	$(call debian,nginx,nginx,the load balancer test)
+	$(call debian,docker-compose,docker-compose,checking the compose files)
 	@test -f .tools/node_modules/axe-core/axe.min.js || \
 	  npm install --silent --no-audit --no-fund --no-save --prefix .tools axe-core@$(AXE_VERSION)
 

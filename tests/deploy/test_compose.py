@@ -6,7 +6,7 @@ import pytest
 
 from tests.deploy.compose import ROOT, interpolate, load, read_env
 
-SERVICES = {"postgres", "redis", "mlflow", "api", "worker", "bootstrap"}
+SERVICES = {"postgres", "redis", "mlflow", "api", "lb", "worker", "bootstrap"}
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +37,50 @@ def test_stateful_services_have_volumes(compose):
     assert any(v.endswith(":/data") for v in services["redis"]["volumes"])
     assert "--appendonly" in services["redis"]["command"]
     assert any(v.endswith(":/mlartifacts") for v in services["mlflow"]["volumes"])
-    named = {v.split(":")[0] for s in services.values() for v in s.get("volumes", [])}
+    mounts = {v.split(":")[0] for s in services.values() for v in s.get("volumes", [])}
+    named = {m for m in mounts if not m.startswith("./")}  # ./...: files of this repository
     assert named <= set(compose["volumes"])
+    assert all((ROOT / m).exists() for m in mounts - named)
 
 
-def test_only_the_api_and_mlflow_publish_ports(compose):
+def test_only_the_load_balancer_and_mlflow_publish_ports(compose):
+    """So that `docker compose up --scale api=3` works: replicas publish nothing."""
     services = compose["services"]
-    assert {n for n, s in services.items() if s.get("ports")} == {"api", "mlflow"}
+    assert {n for n, s in services.items() if s.get("ports")} == {"lb", "mlflow"}
+    assert services["lb"]["ports"] == ["8000:8080"]
+    assert services["api"]["expose"] == ["8000"]
+    assert services["lb"]["image"].startswith("nginx:")
+    mount = "./deploy/nginx/convserve.conf:/etc/nginx/conf.d/default.conf:ro"
+    assert mount in services["lb"]["volumes"]
+    assert (ROOT / "deploy" / "nginx" / "convserve.conf").read_text().count("server api:8000") == 1
+
+
+def test_sweeps_keep_their_studies_in_a_second_postgres_database(compose):
+    services = compose["services"]
+    storage = services["worker"]["environment"]["CONVSERVE_STUDY_STORAGE"]
+    assert storage == "postgresql+psycopg2://convserve:change-me@postgres:5432/optuna"
+    assert services["postgres"]["environment"]["OPTUNA_DB"] == "optuna"
+    assert "./deploy/postgres:/docker-entrypoint-initdb.d:ro" in services["postgres"]["volumes"]
+    script = ROOT / "deploy" / "postgres" / "10-optuna.sh"
+    assert script.stat().st_mode & 0o111 and "CREATE DATABASE" in script.read_text()
+
+
+def test_docker_compose_accepts_the_files(tmp_path):
+    """Debian's docker-compose validates the stack and the GPU override without an engine."""
+    import shutil
+    import subprocess
+
+    if shutil.which("docker-compose") is None:
+        pytest.fail("docker-compose is missing: `make test-deps` installs Debian's")
+    env_file = tmp_path / ".env"
+    env_file.write_text((ROOT / ".env.example").read_text())
+    for files in (["docker-compose.yml"], ["docker-compose.yml", "deploy/compose.gpu.yml"]):
+        argv = ["docker-compose", "--env-file", str(env_file)]
+        for f in files:
+            argv += ["-f", str(ROOT / f)]
+        out = subprocess.run([*argv, "config"], capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 0, out.stderr
+        assert "lb:" in out.stdout
 
 
 def test_each_program_gets_the_environment_it_needs(compose):

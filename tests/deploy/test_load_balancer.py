@@ -1,0 +1,180 @@
+"""API replicas behind a load balancer: the compose stack's own nginx configuration file
+(deploy/nginx/convserve.conf, the service name pointed at local ports), run by Debian's nginx
+in front of two real ``convserve serve`` processes that follow one alias on a real MLflow
+server."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import httpx
+import mlflow
+import onnx
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from tests.deploy.compose import ROOT
+from tests.servers import free_port, process, wait_http
+
+pytestmark = pytest.mark.slow
+CONF = ROOT / "deploy" / "nginx" / "convserve.conf"
+
+
+def nginx_config(folder: Path, upstreams: list[int], port: int) -> Path:
+    """The compose file's nginx configuration with ``api:8000`` as the given local ports,
+    inside a main configuration that keeps every path under ``folder``."""
+    text = CONF.read_text()
+    (line,) = [x for x in text.splitlines() if "server api:8000" in x]
+    params = line.split("server api:8000", 1)[1]
+    servers = "\n".join(f"    server 127.0.0.1:{p}{params}" for p in upstreams)
+    text = text.replace(line, servers).replace("listen 8080;", f"listen 127.0.0.1:{port};")
+    (folder / "convserve.conf").write_text(text)
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    temp = "".join(
+        f"    {kind}_temp_path {folder / kind};\n"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    main = folder / "nginx.conf"
+    main.write_text(
+        f"{user}worker_processes 1;\npid {folder / 'nginx.pid'};\n"
+        f"error_log {folder / 'nginx-error.log'} info;\n"
+        "events { worker_connections 1024; }\n"
+        f"http {{\n    access_log {folder / 'nginx-access.log'};\n{temp}"
+        f"    include {folder / 'convserve.conf'};\n}}\n"
+    )
+    return main
+
+
+@contextmanager
+def nginx(folder: Path, upstreams: list[int]) -> Iterator[str]:
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        pytest.fail("nginx is missing: `make test-deps` installs Debian's")
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    main = nginx_config(folder, upstreams, port)
+    check = subprocess.run([binary, "-t", "-c", str(main)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    argv = [binary, "-c", str(main), "-g", "daemon off;"]
+    with process(argv, folder / "nginx.log", dict(os.environ)) as proc:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/healthz", proc, timeout=30)
+        yield url
+
+
+def _replica(stack: ExitStack, env: dict[str, str], folder: Path, port: int):
+    cli = str(Path(sys.executable).parent / "convserve")
+    full = {**os.environ, **env, "CONVSERVE_PORT": str(port), "CONVSERVE_HOST": "127.0.0.1"}
+    proc = stack.enter_context(process([cli, "serve"], folder / f"serve-{port}.log", full))
+    wait_http(f"http://127.0.0.1:{port}/readyz", proc, timeout=90)
+    return proc
+
+
+def _register(client: MlflowClient, name: str, proto: onnx.ModelProto) -> str:
+    mlflow.set_tracking_uri(client.tracking_uri)
+    with mlflow.start_run():
+        info = mlflow.onnx.log_model(
+            proto, name="model", registered_model_name=name, save_as_external_data=False
+        )
+    return str(info.registered_model_version)
+
+
+def _predictions(port: int) -> float:
+    """``POST /predict`` answered 200 by one replica, from its own Prometheus metrics."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    pattern = r'convserve_http_requests_total\{[^}]*route="/predict"[^}]*status="200"[^}]*\} (\S+)'
+    return sum(float(v) for v in re.findall(pattern, text))
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (8, 8), 120).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_two_replicas_behind_nginx(onnx_path, mlflow_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_url)
+    client = MlflowClient(mlflow_url)
+    name = f"lb-{uuid.uuid4().hex[:6]}"
+    proto = onnx.load(str(onnx_path))
+    first, second = _register(client, name, proto), _register(client, name, proto)
+    client.set_registered_model_alias(name, "champion", first)
+    env = {
+        "CONVSERVE_MODEL_URI": f"models:/{name}@champion",
+        "MLFLOW_TRACKING_URI": mlflow_url,
+        "CONVSERVE_POLL_INTERVAL": "0.3",
+        "CONVSERVE_CACHE_DIR": str(tmp_path / "cache"),
+        "CONVSERVE_API_TOKEN": "tok",
+        "CONVSERVE_WORKERS": "1",
+    }
+    ports = [free_port(), free_port()]
+    image = _png()
+    with ExitStack() as stack:
+        replicas = [_replica(stack, env, tmp_path, p) for p in ports]
+        url = stack.enter_context(nginx(tmp_path / "nginx", ports))
+        http = stack.enter_context(httpx.Client(base_url=url, timeout=30))
+        assert http.get("/readyz").status_code == 200
+
+        # the load is spread over both replicas
+        for _ in range(100):
+            r = http.post("/predict", files={"file": ("x.png", image)})
+            assert r.status_code == 200 and r.json()["model"]["version"] == first
+        counts = [_predictions(p) for p in ports]
+        assert sum(counts) == 100 and min(counts) >= 30, counts
+
+        # both replicas follow the alias: after it moves, every answer is the new champion
+        client.set_registered_model_alias(name, "champion", second)
+        deadline = time.monotonic() + 30
+        for port in ports:
+            while httpx.get(f"http://127.0.0.1:{port}/v1/model").json()["version"] != second:
+                assert time.monotonic() < deadline, f"replica {port} kept version {first}"
+                time.sleep(0.2)
+        versions = {
+            http.post("/predict", files={"file": ("x.png", image)}).json()["model"]["version"]
+            for _ in range(20)
+        }
+        assert versions == {second}
+
+        # one replica stops under load: no request fails
+        failures: list[str] = []
+        answered = [0]
+        stop = threading.Event()
+
+        def load() -> None:
+            with httpx.Client(base_url=url, timeout=30) as own:
+                while not stop.is_set():
+                    try:
+                        r = own.post("/predict", files={"file": ("x.png", image)})
+                    except httpx.HTTPError as err:
+                        failures.append(repr(err))
+                        continue
+                    if r.status_code != 200:
+                        failures.append(f"{r.status_code} {r.text[:200]}")
+                    answered[0] += 1
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        before = answered[0]
+        replicas[0].terminate()  # uvicorn finishes what it holds, then exits
+        replicas[0].wait(timeout=30)
+        time.sleep(2.0)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert failures == []
+        assert before > 0 and answered[0] - before > 20  # the survivor kept answering
+        assert replicas[1].poll() is None
