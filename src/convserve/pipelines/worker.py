@@ -81,9 +81,7 @@ def run_worker(settings: JobSettings, say: Any = log.info) -> None:
     say(f"convserve worker: queue {queue}, tracking {MlflowClient().tracking_uri}")
     # An idle worker looks at the queue at least every second (Huey's default backs off to
     # ten): a sweep's trial tasks are taken by whichever worker is free.
-    consumer = huey.create_consumer(
-        workers=1, worker_type="thread", periodic=False, max_delay=1.0
-    )
+    consumer = huey.create_consumer(workers=1, worker_type="thread", periodic=False, max_delay=1.0)
     try:
         consumer.run()
     finally:
