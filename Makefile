@@ -42,6 +42,8 @@ test-deps:
 	$(call debian,npm,npm,the accessibility audit)
 	$(call debian,nginx,nginx,the load balancer test)
 	$(call debian,docker-compose,docker-compose,checking the compose files)
+	@command -v kustomize >/dev/null || kubectl kustomize --help >/dev/null 2>&1 || \
+	  echo "the Kubernetes tests render deploy/k8s with kustomize or kubectl 1.21+; neither is here"
 	@test -f .tools/node_modules/axe-core/axe.min.js || \
 	  npm install --silent --no-audit --no-fund --no-save --prefix .tools axe-core@$(AXE_VERSION)
 
