@@ -161,10 +161,25 @@ def providers_for(device: str) -> list[str]:
                 "CONVSERVE_DEVICE=cuda, but this onnxruntime build has no CUDA provider "
                 f"(available: {', '.join(available)}); install onnxruntime-gpu or use cpu"
             )
+        _preload_cuda()
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "auto" and has_cuda:
+        _preload_cuda()
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+_cuda_preloaded = False
+
+
+def _preload_cuda() -> None:
+    """Load the CUDA and cuDNN libraries that ``onnxruntime-gpu[cuda,cudnn]`` installs as
+    Python packages (the GPU image), once; an image with the libraries on the system path
+    (a CUDA base image) loads them from there anyway."""
+    global _cuda_preloaded
+    if not _cuda_preloaded and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+        _cuda_preloaded = True
 
 
 def _session(path: Path, settings: Settings) -> ort.InferenceSession:
