@@ -110,6 +110,28 @@ def test_job_trains_registers_promotes_and_is_served(mlflow_url, tmp_path, redis
     assert TOKEN not in logs
 
 
+def test_a_job_trains_on_two_data_parallel_processes(mlflow_url, tmp_path):
+    model = f"ddp-{uuid.uuid4().hex[:6]}"
+    env = _env(mlflow_url, tmp_path, False, model)
+    with uvicorn_server(env, tmp_path) as url, worker_process(env, tmp_path):
+        with httpx.Client(base_url=url, timeout=30) as http:
+            body = _job("ddp-jobs", model, optim={"epochs": 2}, nproc_per_node=2)
+            r = http.post("/jobs", json=body, headers=AUTH)
+            assert r.status_code == 202, r.text
+            done = _wait(http, r.json()["id"], {"succeeded", "failed"}, timeout=180)
+            assert done["status"] == "succeeded", done
+            assert done["registered_version"] == "1" and done["progress"]["epoch"] == 2
+            odd = _job("ddp-jobs", model, nproc_per_node=3)  # 32 images a step
+            r = http.post("/jobs", json=odd, headers=AUTH)
+            assert r.status_code == 422 and "split evenly" in r.text
+    client = MlflowClient(mlflow_url)
+    run = client.get_run(done["id"])
+    assert run.info.status == "FINISHED" and run.data.metrics["val_accuracy"] > 0.3
+    assert [m.step for m in client.get_metric_history(done["id"], "epoch")] != []
+    logs = (tmp_path / "worker.log").read_text()
+    assert "training on 2 processes" in logs
+
+
 def test_invalid_body_auth_and_queue_limit(mlflow_url, tmp_path):
     env = {**_env(mlflow_url, tmp_path, False, "auth-model"), "CONVSERVE_MAX_QUEUED_JOBS": "1"}
     with uvicorn_server(env, tmp_path) as url, httpx.Client(base_url=url) as http:

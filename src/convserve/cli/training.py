@@ -27,6 +27,14 @@ def train(
             "and its MLflow run is continued."
         ),
     ] = None,
+    nproc_per_node: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Data-parallel processes on this machine (torchrun; gloo on CPUs, NCCL on "
+            "GPUs): data.batch_size stays the global batch, split evenly among them.",
+        ),
+    ] = 1,
 ) -> None:
     """Train one model; print the final metrics, the diagnosis and the run id.
 
@@ -46,6 +54,9 @@ def train(
     except (ConfigError, FileNotFoundError, ValueError) as err:
         raise fail(str(err)) from None
 
+    if nproc_per_node > 1:
+        raise typer.Exit(_torchrun(nproc_per_node, config, set_ or [], resume, cfg.device))
+
     from convserve.training.run import train as run_training
 
     try:
@@ -56,6 +67,43 @@ def train(
     report_run(result)
     if result.status != "finished":
         raise typer.Exit(1)
+
+
+def _torchrun(
+    nproc: int, config: str, overrides: list[str], resume: Path | None, device: str
+) -> int:
+    """``torchrun --standalone`` with ``nproc`` processes of ``python -m convserve.training``;
+    its exit code."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cuda and torch.cuda.device_count() < nproc:
+        raise fail(
+            f"--nproc-per-node {nproc} needs {nproc} GPUs; torch sees {torch.cuda.device_count()}"
+        )
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "convserve.training",
+        *(["--resume", str(resume)] if resume is not None else ["--config", config]),
+        *(arg for override in overrides for arg in ("--set", override)),
+    ]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    # the cores shared among the processes (torchrun would set 1 and say so)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, (cores or 1) // nproc)),
+    }
+    console.print(f"training on {nproc} processes (torchrun, {'NCCL' if cuda else 'gloo'})")
+    return subprocess.call(argv, env=env)
 
 
 def _policy(

@@ -97,11 +97,20 @@ class JobRequest(NumbersRefuseBooleans):
     promote: bool = True  # move the champion alias if the result beats the champion
     model_name: str = Field("convserve", min_length=1)
     margin: float = Field(0.0, ge=0.0)
+    # a train job on several data-parallel processes of its worker's machine (torchrun)
+    nproc_per_node: int = Field(1, ge=1, le=64)
 
     @model_validator(mode="after")
     def _one_kind(self) -> JobRequest:
         if (self.train is None) == (self.sweep is None):
             raise ValueError("give exactly one of 'train' (a training config) and 'sweep'")
+        if self.sweep is not None and self.nproc_per_node > 1:
+            raise ValueError("nproc_per_node is for train jobs; a sweep spreads its trials")
+        if self.train is not None and self.train.data.batch_size % self.nproc_per_node:
+            raise ValueError(
+                f"train.data.batch_size {self.train.data.batch_size} is the global batch: it "
+                f"must split evenly over nproc_per_node={self.nproc_per_node} processes"
+            )
         return self
 
     @property

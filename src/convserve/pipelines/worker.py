@@ -294,13 +294,19 @@ def _run(
         cfg = _tracked(request.train, tracking_uri, runs_dir)
         if resume is not None:
             client.set_tag(run_id, "convserve.resumed_from", "checkpoints/last.pt")
-        result = train(
-            cfg, run_id=run_id, callbacks=callbacks, client=client, resume=resume, end_run=False
-        )
-        if result.status == "cancelled":
+        if request.nproc_per_node > 1:
+            status, message = _train_processes(
+                cfg, request.nproc_per_node, run_id, tracking_uri, beat, resume
+            )
+        else:
+            result = train(
+                cfg, run_id=run_id, callbacks=callbacks, client=client, resume=resume, end_run=False
+            )
+            status, message = result.status, result.message
+        if status == "cancelled":
             return "cancelled"
-        if result.status != "finished":
-            client.set_tag(run_id, "convserve.error", result.message[:5000])
+        if status != "finished":
+            client.set_tag(run_id, "convserve.error", message[:5000])
             return "failed"
         if request.register_model:
             try:
@@ -510,6 +516,81 @@ def _queued_trials(huey: Any, run_id: str) -> bool:
     except Exception as err:  # a message this worker cannot read: assume one waits
         log.warning("could not read the queue: %s", err)
         return True
+
+
+def _train_processes(
+    cfg: TrainConfig,
+    nproc: int,
+    run_id: str,
+    tracking_uri: str,
+    beat: _Heartbeat,
+    resume: Path | None,
+) -> tuple[str, str]:
+    """A train job on ``nproc`` data-parallel processes: ``torchrun`` runs ``python -m
+    convserve.training`` on the job's run (rank 0 logs to it and uploads its checkpoints),
+    while this worker beats, publishes the progress and stops the processes (SIGTERM: they
+    keep ``last.pt``) when the job is cancelled or its lease is lost. (status, message)."""
+    import signal
+    import subprocess
+    import sys
+
+    folder = Path(cfg.tracking.output_dir) / run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "config.json"
+    config.write_text(cfg.model_dump_json())
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "convserve.training",
+        *(["--resume", str(resume)] if resume is not None else ["--config", str(config)]),
+        *(["--set", f"tracking.output_dir={cfg.tracking.output_dir}"] if resume else []),
+        "--run-id",
+        run_id,
+        "--keep-run-open",
+    ]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "OMP_NUM_THREADS": str(max(1, (cores or 1) // nproc)),
+    }
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    result: dict[str, Any] = {}
+    tail: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.info("job %s: %s", run_id, line.rstrip())
+            tail[:] = [*tail[-20:], line.rstrip()]
+            if line.startswith("epoch "):
+                beat.on_epoch(int(line.split()[1].rstrip(":")), {})
+            elif line.startswith("result: "):
+                result.update(json.loads(line.removeprefix("result: ")))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    stopping = False
+    while proc.poll() is None:
+        if not stopping and beat.should_stop():
+            os.killpg(proc.pid, signal.SIGTERM)  # torchrun passes it to every rank
+            stopping = True
+        time.sleep(0.2)
+    reader.join(timeout=10)
+    if "status" in result:
+        return str(result["status"]), str(result.get("message", ""))
+    return "failed", f"torchrun exited {proc.returncode}: " + " / ".join(tail[-5:])
 
 
 def _tracked(cfg: TrainConfig, tracking_uri: str, runs_dir: str) -> TrainConfig:

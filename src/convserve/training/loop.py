@@ -16,6 +16,7 @@ from convserve.training.config import OptimConfig
 from convserve.training.data import Split
 from convserve.training.data.augment import Transform
 from convserve.training.diagnostics import Diagnostics, Snapshot, find_nonfinite
+from convserve.training.distributed import Dist
 
 
 class Diverged(Exception):
@@ -55,10 +56,15 @@ class Recipe:
     autocast_dtype: torch.dtype | None = None  # None: full precision
     scaler: torch.amp.GradScaler | None = None  # fp16: keeps small gradients representable
     channels_last: bool = False  # NHWC batches, what CUDA convolutions run fastest on
+    dist: Dist | None = None  # a data-parallel run: the ranks agree on divergence and stops
 
     @classmethod
     def build(
-        cls, cfg: OptimConfig, device: torch.device, loss_weights: Tensor | None = None
+        cls,
+        cfg: OptimConfig,
+        device: torch.device,
+        loss_weights: Tensor | None = None,
+        dist: Dist | None = None,
     ) -> Recipe:
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
         scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
@@ -69,6 +75,7 @@ class Recipe:
             dtype,
             scaler,
             channels_last=device.type == "cuda",
+            dist=dist,
         )
 
     def autocast(self) -> AbstractContextManager[Any]:
@@ -158,6 +165,7 @@ def train_one_epoch(
     transform: Transform | None = None,
     sample_weights: Tensor | None = None,
     compiled: nn.Module | None = None,
+    wrapped: nn.Module | None = None,
 ) -> EpochResult:
     """Train over ``split`` once (or until ``max_steps``); raises ``Diverged`` or ``Stopped``.
 
@@ -165,13 +173,18 @@ def train_one_epoch(
     gradients are recorded on the way, weights before and after the update compared.
     ``transform`` augments each training image; ``sample_weights`` (one per example) draws
     the batches in proportion to them; ``compiled`` (``torch.compile(model)``) takes the
-    unmeasured steps, the hooks of the measured ones stay on the eager ``model``.
+    unmeasured steps, the hooks of the measured ones stay on the eager ``model``. In a
+    data-parallel run (``recipe.dist``) ``batch_size`` is this rank's part of the batch, every
+    step runs through ``wrapped`` (``DistributedDataParallel``), and the epoch's loss and
+    accuracy and each snapshot are those of every rank together.
     """
     cb = callbacks or StepCallbacks()
     recipe = recipe or Recipe()
     model.train()
     step, total_loss, correct, seen = start_step, 0.0, 0, 0
     snapshots: list[Snapshot] = []
+    dist = recipe.dist
+    stepper = wrapped if wrapped is not None else model
     batches = split.batches(
         batch_size,
         shuffle=True,
@@ -179,25 +192,29 @@ def train_one_epoch(
         transform=transform,
         weights=sample_weights,
         pin_memory=device.type == "cuda",
+        shard=None if dist is None else (dist.rank, dist.world),
     )
     for x, y in batches:
         if max_steps is not None and step >= max_steps:
             break
-        if cb.should_stop is not None and cb.should_stop():
+        stop = cb.should_stop is not None and cb.should_stop()
+        if stop and dist is None:
             raise Stopped(step)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if recipe.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if diagnostics is not None and step % diag_every == 0:
             logits, loss_value, snap = _measured_step(
-                model, optimizer, x, y, step, recipe, diagnostics
+                stepper, optimizer, x, y, step, recipe, diagnostics, stop
             )
+            if dist is not None:
+                snap = dist.mean_snapshot(snap)
             snapshots.append(snap)
             if cb.on_snapshot is not None:
                 cb.on_snapshot(snap)
         else:
-            plain = compiled if compiled is not None else model
-            logits, loss_value = _step(plain, optimizer, x, y, step, recipe)
+            plain = compiled if compiled is not None else stepper
+            logits, loss_value = _step(plain, optimizer, x, y, step, recipe, stop)
         step += 1
         batch_correct = int((logits.argmax(1) == y).sum())
         total_loss += loss_value * y.size(0)
@@ -205,6 +222,8 @@ def train_one_epoch(
         seen += y.size(0)
         if cb.on_step is not None:
             cb.on_step(step, loss_value, batch_correct / y.size(0))
+    if dist is not None:
+        total_loss, correct, seen = dist.total([total_loss, correct, seen])  # type: ignore[assignment]
     return EpochResult(
         loss=total_loss / max(seen, 1),
         accuracy=correct / max(seen, 1),
@@ -215,15 +234,25 @@ def train_one_epoch(
 
 
 def _forward_backward(
-    model: nn.Module, x: Tensor, y: Tensor, step: int, recipe: Recipe
+    model: nn.Module, x: Tensor, y: Tensor, step: int, recipe: Recipe, stop: bool = False
 ) -> tuple[Tensor, float]:
-    """Logits and the loss after ``backward``; a non-finite loss raises ``Diverged``."""
+    """Logits and the loss after ``backward``; a non-finite loss raises ``Diverged`` (on every
+    rank of a data-parallel run, as does a stop asked of rank 0, before the backward pass
+    whose gradients the ranks exchange)."""
     with recipe.autocast():
         logits = model(x)
         loss = F.cross_entropy(logits, y, weight=recipe.loss_weights)
     loss_value = float(loss.detach())
-    if not math.isfinite(loss_value):
-        raise Diverged(step, find_nonfinite(model, x), loss_value)
+    nonfinite = not math.isfinite(loss_value)
+    inner = getattr(model, "module", model)  # DistributedDataParallel's replica
+    if recipe.dist is not None:
+        anywhere, stopped = recipe.dist.agree(nonfinite, stop)
+        if stopped:
+            raise Stopped(step)
+        if anywhere:
+            raise Diverged(step, find_nonfinite(inner, x) if nonfinite else None, loss_value)
+    elif nonfinite:
+        raise Diverged(step, find_nonfinite(inner, x), loss_value)
     (recipe.scaler.scale(loss) if recipe.scaler is not None else loss).backward()
     return logits.detach(), loss_value
 
@@ -248,9 +277,10 @@ def _step(
     y: Tensor,
     step: int,
     recipe: Recipe,
+    stop: bool = False,
 ) -> tuple[Tensor, float]:
     optimizer.zero_grad(set_to_none=True)
-    logits, loss_value = _forward_backward(model, x, y, step, recipe)
+    logits, loss_value = _forward_backward(model, x, y, step, recipe, stop)
     _update(model, optimizer, recipe)
     return logits, loss_value
 
@@ -263,12 +293,13 @@ def _measured_step(
     step: int,
     recipe: Recipe,
     diagnostics: Diagnostics,
+    stop: bool = False,
 ) -> tuple[Tensor, float, Snapshot]:
     """One step with the diagnostics' hooks on; the snapshot is taken after the update."""
     optimizer.zero_grad(set_to_none=True)
     diagnostics.grad_scale = float(recipe.scaler.get_scale()) if recipe.scaler is not None else 1.0
     with diagnostics.measure():
-        logits, loss_value = _forward_backward(model, x, y, step, recipe)
+        logits, loss_value = _forward_backward(model, x, y, step, recipe, stop)
     diagnostics.before_step()
     _update(model, optimizer, recipe)
     return logits, loss_value, diagnostics.after_step(step + 1)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from convserve.training import plots
+from convserve.training import distributed, plots
 from convserve.training.checkpoint import ModelSpec, read_checkpoint, save_checkpoint
 from convserve.training.config import TrainConfig
 from convserve.training.data import DataBundle, Split, load_data
@@ -63,7 +63,8 @@ class Callbacks:
     should_stop: Callable[[], bool] | None = None
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, dist: distributed.Dist | None = None) -> torch.device:
+    """The device ``name`` says; in a data-parallel run on GPUs, this rank's GPU."""
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(
             "device=cuda was asked for, but torch sees no CUDA device "
@@ -71,7 +72,9 @@ def resolve_device(name: str) -> torch.device:
             "use device=cpu or device=auto"
         )
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and dist is not None:
+        return torch.device("cuda", dist.local_rank)
     return torch.device(name)
 
 
@@ -129,8 +132,13 @@ def train(
     never with an exception; any other error marks the MLflow run ``FAILED`` and is raised.
     """
     cb = callbacks or Callbacks()
+    dist = distributed.from_env(cfg.device)  # started by torchrun: one rank of several
+    if dist is not None:
+        distributed.check(
+            cfg.data.batch_size, dist.world, balance=cfg.data.balance, compile=cfg.optim.compile
+        )
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, dist)
     data = load_data(cfg.data, cfg.seed, tracking_uri(cfg.tracking))
     spec = ModelSpec(data.classes, data.channels, data.image_size, data.mean, data.std, data.name)
     model = build_for(cfg, data).to(device)
@@ -147,6 +155,11 @@ def train(
         best = payload["best_metric"]
         run_id = run_id or payload["run_id"]
 
+    if dist is not None and not dist.main:  # rank 0 alone logs and keeps checkpoints
+        cfg = cfg.model_copy(
+            update={"tracking": cfg.tracking.model_copy(update={"enabled": False})}
+        )
+        run_id = None
     tracker = Tracker(cfg.tracking, client, end_run)
     run_id = tracker.start(
         cfg,
@@ -164,7 +177,7 @@ def train(
             log_input(tracker.client, tracker.run_id, *data.uploaded, "training")
         ckpt_dir = _checkpoint_dir(cfg, run_id)
         session = _Session(
-            cfg, data, spec, model, optimizer, scheduler, tracker, device, ckpt_dir, cb
+            cfg, data, spec, model, optimizer, scheduler, tracker, device, ckpt_dir, cb, dist
         )
         return session.run(start_epoch, step, best)
     except BaseException as err:
@@ -190,17 +203,28 @@ class _Session:
         device: torch.device,
         ckpt_dir: Path,
         cb: Callbacks,
+        dist: distributed.Dist | None = None,
     ) -> None:
         self.cfg, self.data, self.spec, self.model = cfg, data, spec, model
         self.optimizer, self.scheduler, self.tracker = optimizer, scheduler, tracker
         self.device, self.ckpt_dir, self.cb = device, ckpt_dir, cb
+        self.dist = dist
+        self.main = dist is None or dist.main  # logs, checkpoints and plots
+        # this rank's part of the global batch, and the replica that exchanges gradients
+        self.batch_size = cfg.data.batch_size // (dist.world if dist else 1)
+        self.wrapped: torch.nn.Module | None = None
+        if dist is not None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.wrapped = DistributedDataParallel(model, device_ids=ids)
         self.history: list[dict[str, float]] = []
         self.snapshots: list[Snapshot] = []
         self.diag = Diagnostics(model, cfg.diagnostics) if cfg.diagnostics.enabled else None
         counts = data.train.class_counts(data.num_classes)
         self.transform = build_augment(cfg.data.augment, data.channels, data.image_size)
         loss_weights, self.sample_weights = class_balance(cfg.data.balance, data.train, counts)
-        self.recipe = Recipe.build(cfg.optim, device, loss_weights)
+        self.recipe = Recipe.build(cfg.optim, device, loss_weights, dist)
         if self.recipe.channels_last:
             model.to(memory_format=torch.channels_last)
         self.class_counts = dict(zip(data.classes, counts, strict=True))
@@ -256,7 +280,9 @@ class _Session:
 
     def _save(
         self, name: str, epoch: int, step: int, best: float, metrics: dict[str, float]
-    ) -> Path:
+    ) -> Path | None:
+        if not self.main:
+            return None
         return save_checkpoint(
             self.ckpt_dir / name,
             model=self.model,
@@ -321,7 +347,7 @@ class _Session:
                 "convserve.augment": describe(cfg.data.augment),
             }
         )
-        if self.diag is not None and cfg.diagnostics.plots:
+        if self.diag is not None and cfg.diagnostics.plots and self.main:
             x, y = self.data.train.sample(256)
             plots.value_histograms(
                 capture_values(self.model, self.diag, x.to(self.device), y.to(self.device)),
@@ -337,7 +363,7 @@ class _Session:
             self.data.train,
             self.optimizer,
             device=self.device,
-            batch_size=cfg.data.batch_size,
+            batch_size=self.batch_size,
             seed=cfg.seed * 1000 + epoch,
             start_step=step,
             max_steps=cfg.optim.max_steps,
@@ -345,6 +371,7 @@ class _Session:
             transform=self.transform,
             sample_weights=self.sample_weights,
             compiled=self.compiled,
+            wrapped=self.wrapped,
             diagnostics=self.diag,
             diag_every=cfg.diagnostics.every,
             callbacks=StepCallbacks(self._on_step, self._on_snapshot, self.cb.should_stop),
@@ -378,6 +405,8 @@ class _Session:
         improved = metrics["val_accuracy"] > self.best
         self.best = max(self.best, metrics["val_accuracy"])
         self.last_path = self._save("last.pt", epoch, step, self.best, metrics)
+        if self.last_path is None:  # not rank 0: it keeps no checkpoint
+            return improved
         # In the run's artifacts too: a job lost with its worker resumes from it elsewhere.
         self.tracker.log_artifact(self.last_path, "checkpoints")
         if improved or self.best_path is None:
@@ -390,7 +419,8 @@ class _Session:
         done = self.history[-1] if self.history else {}
         epoch = int(done.get("epoch", start_epoch - 1))
         self.last_path = self._save("last.pt", epoch, step, self.best, done)
-        self.tracker.log_artifact(self.last_path, "checkpoints")
+        if self.last_path is not None:
+            self.tracker.log_artifact(self.last_path, "checkpoints")
 
     def _finish(
         self, status: Status, message: str, best_path: Path | None, last_path: Path | None
@@ -446,7 +476,7 @@ class _Session:
         )
 
     def _write_plots(self, status: Status, confusion: torch.Tensor) -> None:
-        if not self.cfg.diagnostics.plots:
+        if not self.cfg.diagnostics.plots or not self.main:
             return
         folder = self.plot_dir
         if self.history:

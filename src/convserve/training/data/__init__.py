@@ -14,7 +14,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset, WeightedRandomSampler
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    Sampler,
+    Subset,
+    WeightedRandomSampler,
+)
 
 from convserve.contract import Fit
 from convserve.training.config import DataConfig
@@ -72,30 +79,43 @@ class Split:
         transform: Transform | None = None,
         weights: Tensor | None = None,
         pin_memory: bool = False,
+        shard: tuple[int, int] | None = None,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Float ``[B, C, H, W]`` in [0, 1] and int64 labels; the order is fixed by ``seed``.
 
         ``transform``: applied to each uint8 image (augmentation); ``weights``: one per
-        example, batches drawn with replacement in proportion to them (class balance)."""
+        example, batches drawn with replacement in proportion to them (class balance);
+        ``shard``: (rank, world) of a data-parallel run, whose ``DistributedSampler`` takes
+        every world-th image of the same shuffled order, so that the ranks' batches together
+        are the batch of ``batch_size * world`` one process takes."""
+        sampler: Sampler[int] | None = None
+        if shard is not None:
+            rank, world = shard
+            # the sampler needs only the split's length
+            sampler = DistributedSampler(
+                self,  # type: ignore[arg-type]
+                num_replicas=world,
+                rank=rank,
+                shuffle=shuffle,
+                seed=seed,  # the permutation is randperm(n) from this seed, as below
+            )
         if self.images is not None and transform is None and weights is None:
             # The fast path: whole batches indexed out of one tensor.
-            order = (
-                torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
-                if shuffle
-                else torch.arange(len(self))
-            )
-            for start in range(0, len(self), batch_size):
+            if sampler is not None:
+                order = torch.tensor(list(sampler))
+            elif shuffle:
+                order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+            else:
+                order = torch.arange(len(self))
+            for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 yield self.images[idx].float().div_(255.0), self.labels[idx]
             return
         generator = torch.Generator().manual_seed(seed)
-        sampler = (
-            WeightedRandomSampler(
+        if weights is not None:
+            sampler = WeightedRandomSampler(
                 weights.tolist(), len(self), replacement=True, generator=generator
             )
-            if weights is not None
-            else None
-        )
         loader = DataLoader(
             _Images(self.labels, self.images, self.lazy, transform),
             batch_size=batch_size,

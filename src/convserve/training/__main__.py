@@ -1,0 +1,103 @@
+"""``python -m convserve.training``: one training run, in every process ``torchrun`` starts.
+
+On one machine, ``convserve train --nproc-per-node N`` runs it for you. On several, start
+the same command on each node with a c10d rendezvous::
+
+    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d \\
+        --rdzv-endpoint node0.example:29400 --rdzv-id my-run \\
+        -m convserve.training --config default --set optim.epochs=5
+
+Rank 0 prints each epoch and the result, logs to MLflow and keeps the checkpoints. SIGTERM
+stops every rank at the next step, keeping ``last.pt`` (``--resume`` continues from it).
+Exits 0 when training finishes, 1 when it diverges or is stopped, 2 on a bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m convserve.training",
+        description="One training run; under torchrun, one rank of a data-parallel run.",
+    )
+    parser.add_argument("--config", default="default", help="a YAML file or a shipped name")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="FIELD=VALUE, repeatable"
+    )
+    parser.add_argument("--resume", help="a checkpoint (last.pt) to continue from")
+    parser.add_argument("--run-id", help="continue this MLflow run (a queued job's)")
+    parser.add_argument(
+        "--keep-run-open", action="store_true", help="leave the MLflow run for its job to end"
+    )
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+
+    def say(text: str, err: bool = False) -> None:
+        if rank == 0:
+            print(text, file=sys.stderr if err else sys.stdout, flush=True)
+
+    from convserve.training.config import ConfigError
+    from convserve.training.configfiles import apply_overrides, load_config, validate_config
+
+    try:
+        if args.resume:
+            from convserve.training.checkpoint import read_checkpoint
+
+            base = read_checkpoint(args.resume)["config"]
+            cfg = validate_config(apply_overrides(base, args.overrides))
+        else:
+            cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        say(f"error: {err}", err=True)
+        return 2
+
+    from convserve.training import distributed
+    from convserve.training.run import Callbacks, train
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+        say(f"epoch {epoch}: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys))
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    say(f"training on {world} process{'es' if world > 1 else ''}: {cfg.run_name()}")
+    try:
+        result = train(
+            cfg,
+            resume=args.resume,
+            run_id=args.run_id,
+            callbacks=Callbacks(on_epoch=on_epoch, should_stop=stop.is_set),
+            end_run=not args.keep_run_open,
+        )
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        say(f"error: {err}", err=True)
+        return 2
+    finally:
+        distributed.leave()
+    for key in ("val_accuracy", "best_val_accuracy", "test_accuracy"):
+        if key in result.metrics:
+            say(f"{key}: {result.metrics[key]:.4f}")
+    say(f"diagnosis: {result.diagnosis.verdict} ({result.diagnosis.summary})")
+    if result.message:
+        say(f"note: {result.message}")
+    if result.best_checkpoint is not None:
+        say(f"best checkpoint: {result.best_checkpoint}")
+    if result.run_id:
+        say(f"MLflow run id: {result.run_id}")
+    say(f"status: {result.status}")
+    summary = {"status": result.status, "run_id": result.run_id, "message": result.message}
+    say("result: " + json.dumps(summary))
+    return 0 if result.status == "finished" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
