@@ -513,3 +513,29 @@ def test_cancelling_a_sweep_stops_its_trials_and_publishes_nothing(
     cancelled = [t for t in study.trials if t.user_attrs.get("status") == "cancelled"]
     assert cancelled
     assert client.search_model_versions(f"name = '{model}'") == []
+
+
+def test_convserve_sweep_queue_follows_its_trials_on_the_workers(mlflow_url, tmp_path):
+    import subprocess
+    import sys
+
+    model = f"cli-sweep-{uuid.uuid4().hex[:6]}"
+    env = _env(mlflow_url, tmp_path, False, model)
+    base = {**TINY, "tracking": {"experiment": f"cli-{uuid.uuid4().hex[:6]}"}}
+    sweep = {"base": base, "grid": {"seed": [0, 1, 2]}, "parallelism": 2}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(json.dumps(sweep))
+    cli = str(Path(sys.executable).parent / "convserve")
+    with worker_process(env, tmp_path):
+        out = subprocess.run(
+            [cli, "sweep", "--queue", "--config", str(path), "--model-name", model],
+            env={**os.environ, **env},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "3 trials, 2 at a time" in out.stdout
+    assert "trials: 3 finished, 0 pruned, 0 failed, 0 running, 0 waiting" in out.stdout
+    assert f"registered {model} version 1 (champion)" in out.stdout

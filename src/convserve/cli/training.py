@@ -14,6 +14,7 @@ from convserve.cli.report import TrainProgress, report_published, report_run
 if TYPE_CHECKING:
     from convserve.pipelines.experiments import Finding
     from convserve.pipelines.registry import Policy
+    from convserve.training.config import SweepConfig
 
 
 @app.command()
@@ -136,11 +137,20 @@ def sweep(
     ] = True,
     model_name: ModelNameOption = "convserve",
     margin: MarginOption = 0.0,
+    queue: Annotated[
+        bool,
+        typer.Option(
+            "--queue",
+            help="Put the sweep on the job queue (REDIS_URL, else CONVSERVE_QUEUE_PATH) for "
+            "`convserve worker` processes to train its trials, `parallelism` at a time, and "
+            "follow it here; Ctrl-C cancels it.",
+        ),
+    ] = False,
 ) -> None:
-    """Run a sweep's Optuna study here, one trial after another (every grid point, or
-    `trials` points drawn by the random or TPE sampler, with pruning), each a nested MLflow
-    run; then export, register and promote the best. To spread trials over workers, POST the
-    sweep to /jobs. Exits 1 when no trial finished or the best export fails its checks."""
+    """Run a sweep's Optuna study (every grid point, or `trials` points drawn by the random
+    or TPE sampler, with pruning), each trial a nested MLflow run; then export, register and
+    promote the best. Here, one trial after another; with --queue, on the workers. Exits 1
+    when no trial finished or the best export fails its checks."""
     from convserve.pipelines.sweep import label, run_sweep
     from convserve.training.config import ConfigError
     from convserve.training.configfiles import load_sweep
@@ -151,6 +161,8 @@ def sweep(
     except ConfigError as err:
         raise fail(str(err)) from None
     policy = _policy(register, promote, model_name, spec.metric, spec.direction, margin)
+    if queue:
+        raise typer.Exit(_queued_sweep(spec, register, promote, model_name, margin))
 
     def on_trial(number: int, total: int, point: dict[str, object]) -> None:
         text = ", ".join(f"{k}={label(v)}" for k, v in point.items())
@@ -170,6 +182,67 @@ def sweep(
         raise typer.Exit(1)
     console.print(f"best run: {result.best_run_id}")
     report_published(result.published)
+
+
+def _queued_sweep(
+    spec: SweepConfig, register: bool, promote: bool, model_name: str, margin: float
+) -> int:
+    """Submit the sweep as a job and follow its trials until it ends; its exit code."""
+    import json
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from convserve.pipelines.queue import JobRequest, JobSettings, cancel, job_status, make_queue
+    from convserve.pipelines.queue import submit as submit_job
+    from convserve.training.tracking import tracking_uri
+
+    settings = JobSettings()
+    client = MlflowClient(tracking_uri(spec.base.tracking))
+    request = JobRequest(
+        sweep=spec, register_model=register, promote=promote, model_name=model_name, margin=margin
+    )
+    job_id = submit_job(request, client, make_queue(settings))
+    where = f"redis {settings.queue_name}" if settings.redis_url else settings.queue_path
+    console.print(
+        f"sweep job {job_id}: {spec.size()} trials, {spec.parallelism} at a time, on the "
+        f"workers of {where} (tracking {client.tracking_uri})"
+    )
+    last = ""
+    try:
+        while True:
+            run = client.get_run(job_id)
+            status = job_status(run)
+            trials = json.loads(run.data.tags.get("convserve.progress", "{}")).get("trials")
+            if trials:
+                line = (
+                    f"trials: {trials['finished']} finished, {trials['pruned']} pruned, "
+                    f"{trials['failed']} failed, {trials['running']} running, "
+                    f"{trials['waiting']} waiting"
+                )
+                if line != last:
+                    console.print(line)
+                    last = line
+            if status in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        cancel(client, client.get_run(job_id))
+        err_console.print(f"[yellow]sweep job {job_id} cancelled[/yellow]")
+        return 1
+    tags = run.data.tags
+    console.print(f"sweep job {job_id}: {status}")
+    if "convserve.best_run_id" in tags:
+        console.print(f"best run: {tags['convserve.best_run_id']}")
+    if "convserve.registered_version" in tags:
+        promoted = tags.get("convserve.promoted") == "true"
+        console.print(
+            f"registered {tags.get('convserve.registered_model')} version "
+            f"{tags['convserve.registered_version']}" + (" (champion)" if promoted else "")
+        )
+    if status == "failed":
+        err_console.print(f"[red]{tags.get('convserve.error', 'no trial finished')}[/red]")
+    return 0 if status == "succeeded" else 1
 
 
 @app.command()
