@@ -547,6 +547,19 @@ async function refreshJobs() {
       // The epoch a job reports is the last one finished: none during the first.
       words.textContent = `step ${p.step || 0} of ${p.total}` + (p.epoch ? `, epoch ${p.epoch} done` : "");
       progressCell.append(bar, words);
+    } else if (p.trials) {
+      // A sweep: its trials, ended (finished, pruned or failed) out of planned.
+      const t = p.trials;
+      const ended = t.finished + t.pruned + t.failed;
+      const bar = document.createElement("progress");
+      bar.max = Math.max(t.trials, ended); bar.value = ended;
+      bar.setAttribute("aria-label", `${ended} of ${t.trials} trials ended`);
+      const words = document.createElement("div");
+      words.className = "hint";
+      words.textContent = `${ended} of ${t.trials} trials: ${t.finished} finished` +
+        (t.pruned ? `, ${t.pruned} pruned` : "") + (t.failed ? `, ${t.failed} failed` : "") +
+        (t.running ? `, ${t.running} running` : "");
+      progressCell.append(bar, words);
     }
     accCell.textContent = acc === undefined ? "" : acc.toFixed(3);
     if (job.registered_version) {
