@@ -51,6 +51,9 @@ def main() -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--steps", type=int, default=300, help="training steps")
     parser.add_argument("--seconds", type=float, default=3.0, help="per throughput figure")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="a config override"
+    )
     args = parser.parse_args()
 
     import onnxruntime as ort
@@ -81,6 +84,7 @@ def main() -> int:
             f"optim.max_steps={args.steps}",
             "tracking.enabled=false",
             f"tracking.output_dir={work}",
+            *args.overrides,
         ],
     )
     start = time.perf_counter()

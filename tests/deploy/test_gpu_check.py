@@ -23,6 +23,8 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu():
             "30",
             "--seconds",
             "0.3",
+            "--set",
+            "data.limit=1500",
         ],
         capture_output=True,
         text=True,
