@@ -12,7 +12,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from convserve.pipelines.registry import Policy, publish, publish_onnx, select_best
+from convserve.pipelines.registry import Policy, publish, publish_onnx
 from convserve.pipelines.sweep import run_sweep
 from convserve.training.checkpoint import load_model
 from convserve.training.config import SweepConfig
@@ -130,21 +130,6 @@ def test_sweep_register_promote_on_a_postgresql_server(tmp_path):
     finally:
         conn.cursor().execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
         conn.close()
-
-
-def test_select_best_is_a_query_over_finished_runs(tmp_path, sqlite_uri):
-    client = MlflowClient(sqlite_uri)
-    exp = client.create_experiment("select")
-    for value, status in [(0.5, "FINISHED"), (0.9, "FINISHED"), (0.99, "FAILED"), (0.7, None)]:
-        run = client.create_run(exp)
-        client.log_metric(run.info.run_id, "best_val_accuracy", value)
-        if status:
-            client.set_terminated(run.info.run_id, status)
-    best = select_best(client, [exp], "best_val_accuracy")
-    assert best.data.metrics["best_val_accuracy"] == 0.9
-    worst = select_best(client, [exp], "best_val_accuracy", "minimize")
-    assert worst.data.metrics["best_val_accuracy"] == 0.5
-    assert select_best(client, [exp], "no_such_metric") is None
 
 
 @pytest.mark.parametrize("answers", [[False], [True, False], [True, True, False]])

@@ -49,27 +49,6 @@ class Published:
     decision: Decision | None = None
 
 
-def select_best(
-    client: MlflowClient,
-    experiment_ids: list[str],
-    metric: str,
-    direction: Direction = "maximize",
-    filter_string: str = "",
-) -> Any | None:
-    """The finished run with the best ``metric`` (a pure query over MLflow's search)."""
-    clauses = ["attributes.status = 'FINISHED'", f"metrics.`{metric}` > -1e308"]
-    if filter_string:
-        clauses.append(f"({filter_string})" if " or " in filter_string.lower() else filter_string)
-    order = "DESC" if direction == "maximize" else "ASC"
-    runs = client.search_runs(
-        experiment_ids,
-        " and ".join(clauses),
-        order_by=[f"metrics.`{metric}` {order}"],
-        max_results=1,
-    )
-    return runs[0] if runs else None
-
-
 def champion_version(client: MlflowClient, model_name: str) -> Any | None:
     """The version the ``champion`` alias names, or None (no such model or alias)."""
     try:

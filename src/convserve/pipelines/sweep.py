@@ -315,7 +315,8 @@ def finish(
     result.best_run_id = best.run_id
     if client is None or best.run_id is None:
         return result
-    client.log_metric(parent_id, f"best_{sweep.metric}", float(best.value), step=0)  # type: ignore[arg-type]
+    # the best trial's figure, under its own name: parents compare as their children do
+    client.log_metric(parent_id, sweep.metric, float(best.value), step=0)  # type: ignore[arg-type]
     client.set_tag(parent_id, "convserve.best_run_id", best.run_id)
     client.set_tag(parent_id, "convserve.best_trial", str(best.number))
     if policy is not None:
