@@ -133,6 +133,7 @@ def test_two_replicas_behind_nginx(onnx_path, mlflow_url, tmp_path, monkeypatch)
             assert r.status_code == 200 and r.json()["model"]["version"] == first
         counts = [_predictions(p) for p in ports]
         assert sum(counts) == 100 and min(counts) >= 30, counts
+        print(f"100 predictions through nginx: {counts[0]:.0f} / {counts[1]:.0f} per replica")
 
         # both replicas follow the alias: after it moves, every answer is the new champion
         client.set_registered_model_alias(name, "champion", second)
@@ -177,4 +178,5 @@ def test_two_replicas_behind_nginx(onnx_path, mlflow_url, tmp_path, monkeypatch)
             t.join()
         assert failures == []
         assert before > 0 and answered[0] - before > 20  # the survivor kept answering
+        print(f"one replica stopped under load: {answered[0]} answered, {len(failures)} failed")
         assert replicas[1].poll() is None
