@@ -63,13 +63,23 @@ def storage_url(settings: JobSettings) -> str:
     return f"sqlite:///{os.path.join(folder, 'studies.db')}"
 
 
+StaleCallback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
+_storages: dict[tuple[str, StaleCallback | None], optuna.storages.RDBStorage] = {}
+
+
 def open_storage(
-    settings: JobSettings,
-    on_stale: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+    settings: JobSettings, on_stale: StaleCallback | None = None
 ) -> optuna.storages.RDBStorage:
     """The study storage, with heartbeats: a running trial whose heartbeat is older than
     ``worker_lost_after`` seconds is stale (its worker is gone), and ``on_stale`` is called
-    for it by whoever fails it."""
+    for it by whoever fails it. One per process (a pool of database connections)."""
+    key = (storage_url(settings), on_stale)
+    if key not in _storages:
+        _storages[key] = _storage(settings, on_stale)
+    return _storages[key]
+
+
+def _storage(settings: JobSettings, on_stale: StaleCallback | None) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(
         storage_url(settings),
         engine_kwargs={"pool_pre_ping": True},

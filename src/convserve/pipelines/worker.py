@@ -331,7 +331,7 @@ def _sweep(
     """A sweep job: create its study and queue its trials ("running": the trial tasks carry
     it on), or, when every trial has ended, publish the best one."""
     sweep = _tracked_sweep(request, client.tracking_uri, settings.runs_dir)
-    storage = studies.open_storage(settings)
+    storage = studies.open_storage(settings, on_stale=_on_stale(settings))
     study = studies.ensure(sweep, run_id, storage)
     if not beat.lease.may_publish():  # cancelled (or no longer this worker's)
         studies.fail_waiting(study, studies.CANCELLED)
@@ -396,7 +396,7 @@ def execute_trial(run_id: str, settings: JobSettings, huey: Any) -> None:
         log.info("sweep %s is %s: trial task dropped", run_id, job_status(parent))
         return
     sweep = _tracked_sweep(_request(client, run_id), client.tracking_uri, settings.runs_dir)
-    storage = studies.open_storage(settings)
+    storage = studies.open_storage(settings, on_stale=_on_stale(settings))
     study = studies.load(sweep, run_id, storage)
     cancel = _ParentCancel(client, run_id, settings.cancel_check_interval)
     if cancel():
@@ -475,7 +475,7 @@ def tend_studies(client: Any, settings: JobSettings, huey: Any) -> None:
     for run in runs:
         run_id = run.info.run_id
         sweep = _tracked_sweep(_request(client, run_id), client.tracking_uri, settings.runs_dir)
-        storage = studies.open_storage(settings, on_stale=_on_stale(client, run_id, settings))
+        storage = studies.open_storage(settings, on_stale=_on_stale(settings))
         study = studies.load(sweep, run_id, storage)
         optuna.storages.fail_stale_trials(study)
         counts = studies.counts(study)
@@ -486,23 +486,32 @@ def tend_studies(client: Any, settings: JobSettings, huey: Any) -> None:
             _publish_when_done(client, sweep, run_id, storage, huey)
 
 
-def _on_stale(client: Any, run_id: str, settings: JobSettings) -> Any:
+_stale_callbacks: dict[int, Any] = {}
+
+
+def _on_stale(settings: JobSettings) -> Any:
     """What happens to a trial whose worker is gone, once, in whichever reaper failed it: its
     child run fails ("worker lost"), and a copy with the same values waits for a worker while
-    the trial has retries left (``CONVSERVE_JOB_RETRIES``)."""
+    the trial has retries left (``CONVSERVE_JOB_RETRIES``). One callback per process, so that
+    the study storage is opened once."""
+    if id(settings) in _stale_callbacks:
+        return _stale_callbacks[id(settings)]
     from mlflow.entities import RunTag
+    from mlflow.tracking import MlflowClient
 
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=settings.job_retries)
 
     def on_stale(study: Any, trial: Any) -> None:
         child = trial.user_attrs.get("run_id")
         if child:
+            client = MlflowClient()
             error = f"worker lost: trial {trial.number}'s heartbeat stopped"
             client.log_batch(child, tags=[RunTag("convserve.error", error)])
             client.set_terminated(child, status="FAILED")
-        log.warning("sweep %s: trial %s lost with its worker", run_id, trial.number)
+        log.warning("%s: trial %s lost with its worker", study.study_name, trial.number)
         retry(study, trial)
 
+    _stale_callbacks[id(settings)] = on_stale
     return on_stale
 
 
