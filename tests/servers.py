@@ -83,3 +83,55 @@ def worker_process(
     cli = str(Path(sys.executable).parent / "convserve")
     with process([cli, "worker"], cwd / f"{name}.log", {**os.environ, **env}, cwd) as proc:
         yield proc
+
+
+class PredictLoad:
+    """``clients`` threads posting one image to ``url/predict`` until the block ends; keeps
+    the version of each answer and every failure (an error, or a status other than 200)."""
+
+    def __init__(self, url: str, image: bytes, clients: int) -> None:
+        import threading
+
+        self.url, self.image = url, image
+        self.versions: list[str] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._post) for _ in range(clients)]
+
+    def _post(self) -> None:
+        import httpx
+
+        with httpx.Client(base_url=self.url, timeout=30) as http:
+            while not self._stop.is_set():
+                try:
+                    r = http.post("/predict", files={"file": ("x.png", self.image)})
+                except httpx.HTTPError as err:
+                    self.failures.append(repr(err))
+                    continue
+                if r.status_code != 200:
+                    self.failures.append(f"{r.status_code} {r.text[:200]}")
+                else:
+                    self.versions.append(r.json()["model"]["version"])
+
+    def __enter__(self) -> PredictLoad:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+
+def register_onnx(client, name: str, proto) -> str:  # type: ignore[no-untyped-def]
+    """Log ``proto`` (an ``onnx.ModelProto``) to a new run of ``client``'s tracking server and
+    register it as a new version of ``name``; the version."""
+    import mlflow
+
+    mlflow.set_tracking_uri(client.tracking_uri)
+    with mlflow.start_run():
+        info = mlflow.onnx.log_model(
+            proto, name="model", registered_model_name=name, save_as_external_data=False
+        )
+    return str(info.registered_model_version)

@@ -11,7 +11,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,14 +18,13 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
-import mlflow
 import onnx
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from tests.deploy.compose import ROOT
-from tests.servers import free_port, process, wait_http
+from tests.servers import PredictLoad, free_port, process, register_onnx, wait_http
 
 pytestmark = pytest.mark.slow
 CONF = ROOT / "deploy" / "nginx" / "convserve.conf"
@@ -82,15 +80,6 @@ def _replica(stack: ExitStack, env: dict[str, str], folder: Path, port: int):
     return proc
 
 
-def _register(client: MlflowClient, name: str, proto: onnx.ModelProto) -> str:
-    mlflow.set_tracking_uri(client.tracking_uri)
-    with mlflow.start_run():
-        info = mlflow.onnx.log_model(
-            proto, name="model", registered_model_name=name, save_as_external_data=False
-        )
-    return str(info.registered_model_version)
-
-
 def _predictions(port: int) -> float:
     """``POST /predict`` answered 200 by one replica, from its own Prometheus metrics."""
     text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
@@ -109,7 +98,7 @@ def test_two_replicas_behind_nginx(onnx_path, mlflow_url, tmp_path, monkeypatch)
     client = MlflowClient(mlflow_url)
     name = f"lb-{uuid.uuid4().hex[:6]}"
     proto = onnx.load(str(onnx_path))
-    first, second = _register(client, name, proto), _register(client, name, proto)
+    first, second = register_onnx(client, name, proto), register_onnx(client, name, proto)
     client.set_registered_model_alias(name, "champion", first)
     env = {
         "CONVSERVE_MODEL_URI": f"models:/{name}@champion",
@@ -149,34 +138,13 @@ def test_two_replicas_behind_nginx(onnx_path, mlflow_url, tmp_path, monkeypatch)
         assert versions == {second}
 
         # one replica stops under load: no request fails
-        failures: list[str] = []
-        answered = [0]
-        stop = threading.Event()
-
-        def load() -> None:
-            with httpx.Client(base_url=url, timeout=30) as own:
-                while not stop.is_set():
-                    try:
-                        r = own.post("/predict", files={"file": ("x.png", image)})
-                    except httpx.HTTPError as err:
-                        failures.append(repr(err))
-                        continue
-                    if r.status_code != 200:
-                        failures.append(f"{r.status_code} {r.text[:200]}")
-                    answered[0] += 1
-
-        threads = [threading.Thread(target=load) for _ in range(4)]
-        for t in threads:
-            t.start()
-        time.sleep(1.0)
-        before = answered[0]
-        replicas[0].terminate()  # uvicorn finishes what it holds, then exits
-        replicas[0].wait(timeout=30)
-        time.sleep(2.0)
-        stop.set()
-        for t in threads:
-            t.join()
-        assert failures == []
-        assert before > 0 and answered[0] - before > 20  # the survivor kept answering
-        print(f"one replica stopped under load: {answered[0]} answered, {len(failures)} failed")
+        with PredictLoad(url, image, clients=4) as load:
+            time.sleep(1.0)
+            before = len(load.versions)
+            replicas[0].terminate()  # uvicorn finishes what it holds, then exits
+            replicas[0].wait(timeout=30)
+            time.sleep(2.0)
+        assert load.failures == []
+        assert before > 0 and len(load.versions) - before > 20  # the survivor kept answering
+        print(f"one replica stopped under load: {len(load.versions)} answered, 0 failed")
         assert replicas[1].poll() is None

@@ -2,29 +2,18 @@
 MLflow server while concurrent clients keep predicting and the alias moves several times."""
 
 import io
-import threading
 import time
 import uuid
 
 import httpx
-import mlflow
 import onnx
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tests.servers import uvicorn_server
+from tests.servers import PredictLoad, register_onnx, uvicorn_server
 
 pytestmark = pytest.mark.slow
-
-
-def _register(client: MlflowClient, name: str, proto: onnx.ModelProto) -> str:
-    mlflow.set_tracking_uri(client.tracking_uri)
-    with mlflow.start_run():
-        info = mlflow.onnx.log_model(
-            proto, name="model", registered_model_name=name, save_as_external_data=False
-        )
-    return str(info.registered_model_version)
 
 
 def test_alias_moves_under_load_without_a_failed_request(
@@ -34,10 +23,10 @@ def test_alias_moves_under_load_without_a_failed_request(
     client = MlflowClient(mlflow_url)
     name = f"reload-{uuid.uuid4().hex[:6]}"
     proto = onnx.load(str(onnx_path))
-    versions = [_register(client, name, proto) for _ in range(3)]
+    versions = [register_onnx(client, name, proto) for _ in range(3)]
     broken = onnx.load(str(onnx_path))
     del broken.metadata_props[:]  # no convserve metadata: must be refused
-    broken_version = _register(client, name, broken)
+    broken_version = register_onnx(client, name, broken)
     client.set_registered_model_alias(name, "champion", versions[0])
 
     env = {
@@ -56,26 +45,6 @@ def test_alias_moves_under_load_without_a_failed_request(
         while httpx.get(f"{url}/readyz").status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        seen: list[str] = []
-        failures: list[str] = []
-        stop = threading.Event()
-
-        def worker() -> None:
-            with httpx.Client(base_url=url, timeout=30) as http:
-                while not stop.is_set():
-                    try:
-                        r = http.post("/predict", files={"file": ("x.png", image)})
-                    except httpx.HTTPError as err:
-                        failures.append(repr(err))
-                        continue
-                    if r.status_code != 200:
-                        failures.append(f"{r.status_code} {r.text}")
-                    else:
-                        seen.append(r.json()["model"]["version"])
-
-        threads = [threading.Thread(target=worker) for _ in range(6)]
-        for t in threads:
-            t.start()
 
         def wait_for(version: str) -> None:
             end = time.monotonic() + 30
@@ -85,7 +54,7 @@ def test_alias_moves_under_load_without_a_failed_request(
                 time.sleep(0.1)
             raise AssertionError(f"version {version} was never served")
 
-        try:
+        with PredictLoad(url, image, clients=6) as load:
             for target in (versions[1], versions[2], versions[0], versions[2]):
                 client.set_registered_model_alias(name, "champion", target)
                 wait_for(target)
@@ -93,10 +62,7 @@ def test_alias_moves_under_load_without_a_failed_request(
             client.set_registered_model_alias(name, "champion", broken_version)
             time.sleep(2.0)  # several polls: the broken version is refused
             assert httpx.get(f"{url}/v1/model").json()["version"] == versions[2]
-        finally:
-            stop.set()
-            for t in threads:
-                t.join()
+        seen, failures = load.versions, load.failures
         assert failures == []
         assert len(seen) > 50
         changes = [v for i, v in enumerate(seen) if i == 0 or seen[i - 1] != v]
@@ -129,7 +95,7 @@ def test_an_artifact_store_hiccup_is_retried_not_refused(onnx_path, tmp_path, mo
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         client = MlflowClient(url)
         name = f"hiccup-{uuid.uuid4().hex[:6]}"
-        version = _register(client, name, onnx.load(str(onnx_path)))
+        version = register_onnx(client, name, onnx.load(str(onnx_path)))
         client.set_registered_model_alias(name, "champion", version)
         store = tmp_path / "server" / "artifacts"
         store.rename(tmp_path / "away")  # the artifact store is down

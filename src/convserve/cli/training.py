@@ -75,9 +75,7 @@ def _torchrun(
 ) -> int:
     """``torchrun --standalone`` with ``nproc`` processes of ``python -m convserve.training``;
     its exit code."""
-    import os
     import subprocess
-    import sys
 
     import torch
 
@@ -86,23 +84,15 @@ def _torchrun(
         raise fail(
             f"--nproc-per-node {nproc} needs {nproc} GPUs; torch sees {torch.cuda.device_count()}"
         )
-    argv = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "convserve.training",
-        *(["--resume", str(resume)] if resume is not None else ["--config", config]),
-        *(arg for override in overrides for arg in ("--set", override)),
-    ]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    # the cores shared among the processes (torchrun would set 1 and say so)
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, (cores or 1) // nproc)),
-    }
+    from convserve.training.distributed import torchrun
+
+    argv, env = torchrun(
+        nproc,
+        [
+            *(["--resume", str(resume)] if resume is not None else ["--config", config]),
+            *(arg for override in overrides for arg in ("--set", override)),
+        ],
+    )
     console.print(f"training on {nproc} processes (torchrun, {'NCCL' if cuda else 'gloo'})")
     return subprocess.call(argv, env=env)
 

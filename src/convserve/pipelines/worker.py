@@ -541,32 +541,24 @@ def _train_processes(
     keep ``last.pt``) when the job is cancelled or its lease is lost. (status, message)."""
     import signal
     import subprocess
-    import sys
+
+    from convserve.training.distributed import torchrun
 
     folder = Path(cfg.tracking.output_dir) / run_id
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "config.json"
     config.write_text(cfg.model_dump_json())
-    argv = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "convserve.training",
-        *(["--resume", str(resume)] if resume is not None else ["--config", str(config)]),
-        *(["--set", f"tracking.output_dir={cfg.tracking.output_dir}"] if resume else []),
-        "--run-id",
-        run_id,
-        "--keep-run-open",
-    ]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "OMP_NUM_THREADS": str(max(1, (cores or 1) // nproc)),
-    }
+    argv, env = torchrun(
+        nproc,
+        [
+            *(["--resume", str(resume)] if resume is not None else ["--config", str(config)]),
+            *(["--set", f"tracking.output_dir={cfg.tracking.output_dir}"] if resume else []),
+            "--run-id",
+            run_id,
+            "--keep-run-open",
+        ],
+    )
+    env["MLFLOW_TRACKING_URI"] = tracking_uri
     proc = subprocess.Popen(
         argv,
         env=env,

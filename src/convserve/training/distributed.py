@@ -13,6 +13,7 @@ statistics are averaged over the ranks.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -91,3 +92,22 @@ def check(batch_size: int, world: int, *, balance: str, compile: bool) -> None:
         )
     if compile:
         raise ValueError("optim.compile is for one process; leave it off with processes")
+
+
+def torchrun(nproc: int, args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that run ``python -m convserve.training *args`` on
+    ``nproc`` processes of this machine (``torchrun --standalone``), with the cores shared
+    among them (torchrun would give each one thread, and say so)."""
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "convserve.training",
+        *args,
+    ]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (cores or 1) // nproc))
+    return argv, {**os.environ, "OMP_NUM_THREADS": threads}
