@@ -89,9 +89,9 @@ class ModelManager:
 
     def client(self) -> Any:
         if self._client is None:
-            from mlflow.tracking import MlflowClient
+            from convserve.service.registry import registry_for
 
-            self._client = MlflowClient()
+            self._client = registry_for()
         return self._client
 
     def _load(self, pinned: Source) -> LoadedModel:

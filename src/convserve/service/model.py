@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -20,6 +20,9 @@ import onnxruntime as ort
 from convserve import contract
 from convserve.contract import MetadataError, ModelMetadata
 from convserve.service.settings import Settings
+
+if TYPE_CHECKING:
+    from convserve.service.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +109,7 @@ def parse_uri(uri: str) -> Source:
     return Source(uri, path.stem, version="file", path=path)
 
 
-def resolve(source: Source, client: Any) -> Source:
+def resolve(source: Source, client: Registry) -> Source:
     """Pin an alias to its current version (one registry call)."""
     if source.alias is None:
         return source
@@ -114,7 +117,7 @@ def resolve(source: Source, client: Any) -> Source:
     return replace(source, version=str(mv.version), path=None, run_id=mv.run_id)
 
 
-def download(source: Source, client: Any, cache_dir: Path) -> Source:
+def download(source: Source, client: Registry, cache_dir: Path) -> Source:
     """The local ``model.onnx`` of a registered version (downloaded once, kept in the cache).
     A failure to fetch it is a ``TransientLoadError``."""
     if source.path is not None:
@@ -123,9 +126,9 @@ def download(source: Source, client: Any, cache_dir: Path) -> Source:
     onnx_file = target / "model.onnx"
     uri = f"models:/{source.name}/{source.version}"
     try:
-        run_id = source.run_id or client.get_model_version(source.name, source.version).run_id
+        run_id = source.run_id or client.get_model_version(source.name, str(source.version)).run_id
         if not onnx_file.exists():
-            _fetch(uri, client, target)
+            _fetch(source, client, target)
     except ModelLoadError:
         raise
     except Exception as err:  # network, artifact store, disk: any of them may recover
@@ -133,19 +136,19 @@ def download(source: Source, client: Any, cache_dir: Path) -> Source:
     return replace(source, path=onnx_file, run_id=run_id)
 
 
-def _fetch(uri: str, client: Any, target: Path) -> None:
+def _fetch(source: Source, client: Registry, target: Path) -> None:
     """Download into a fresh partial folder of this process, then move the ``.onnx`` into
     place: a broken download never leaves a file in the cache, and worker processes fetching
     the same version at once do not meet in one folder."""
-    import mlflow
-
     tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp), tracking_uri=client.tracking_uri)
+    client.download_onnx(source.name, str(source.version), tmp)
     found = next(tmp.rglob("*.onnx"), None)
     if found is None:  # an artifact store that answers with nothing: may be back later
-        raise TransientLoadError(f"{uri} has no .onnx file in the artifact store")
+        raise TransientLoadError(
+            f"models:/{source.name}/{source.version} has no .onnx file in the artifact store"
+        )
     target.mkdir(parents=True, exist_ok=True)
     found.replace(target / "model.onnx")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,168 @@
+"""The MLflow model registry as the service follows it: an alias's version, a version's run,
+and the version's ``.onnx`` file.
+
+With an ``http(s)`` tracking server this speaks MLflow's REST API itself (the registry calls,
+``get-download-uri`` and the proxied artifacts of ``mlflow server --serve-artifacts``), so that
+the serving process does not import the MLflow client (over a second of start-up and tens of
+megabytes that the predict path never uses). It honours MLflow's own settings for such a
+server: ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` (basic auth), ``MLFLOW_TRACKING_TOKEN``
+(bearer), ``MLFLOW_TRACKING_INSECURE_TLS``, ``MLFLOW_TRACKING_SERVER_CERT_PATH``,
+``MLFLOW_TRACKING_CLIENT_CERT_PATH`` and ``MLFLOW_HTTP_REQUEST_TIMEOUT``. Artifacts the
+server does not proxy (``s3://``, ``gs://``, ...) and any other tracking URI (a SQLite file,
+Databricks) go through the MLflow client, imported then.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote, unquote, urlparse
+
+
+class RegistryError(RuntimeError):
+    """The registry's answer to a request it refused: ``CODE: message``, as MLflow says it."""
+
+
+@dataclass(frozen=True)
+class Version:
+    version: str
+    run_id: str
+
+
+class Registry(Protocol):
+    tracking_uri: str
+
+    def get_model_version_by_alias(self, name: str, alias: str) -> Version: ...
+
+    def get_model_version(self, name: str, version: str) -> Version: ...
+
+    def download_onnx(self, name: str, version: str, folder: Path) -> None:
+        """The version's ``.onnx`` file(s) into ``folder``."""
+
+
+def registry_for(tracking_uri: str | None = None) -> Registry:
+    """REST for an ``http(s)`` tracking URI (``MLFLOW_TRACKING_URI`` by default), the MLflow
+    client otherwise."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith(("http://", "https://")):
+        return RestRegistry(uri)
+    return ClientRegistry(uri or None)
+
+
+class RestRegistry:
+    def __init__(self, tracking_uri: str) -> None:
+        import httpx
+
+        self.tracking_uri = tracking_uri.rstrip("/")
+        env = os.environ.get
+        headers, auth = {}, None
+        if env("MLFLOW_TRACKING_TOKEN"):
+            headers["Authorization"] = f"Bearer {env('MLFLOW_TRACKING_TOKEN')}"
+        elif env("MLFLOW_TRACKING_USERNAME") and env("MLFLOW_TRACKING_PASSWORD"):
+            auth = (env("MLFLOW_TRACKING_USERNAME", ""), env("MLFLOW_TRACKING_PASSWORD", ""))
+        verify: bool | str = True
+        if env("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+            verify = False
+        elif env("MLFLOW_TRACKING_SERVER_CERT_PATH"):
+            verify = env("MLFLOW_TRACKING_SERVER_CERT_PATH", "")
+        self.http = httpx.Client(
+            base_url=self.tracking_uri,
+            headers=headers,
+            auth=auth,
+            verify=verify,
+            cert=env("MLFLOW_TRACKING_CLIENT_CERT_PATH") or None,
+            timeout=float(env("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")),
+        )
+
+    def _get(self, path: str, **params: str) -> Any:
+        r = self.http.get(f"/api/2.0/mlflow/{path}", params=params)
+        if r.status_code != 200:
+            raise RegistryError(_error(r))
+        return r.json()
+
+    def get_model_version_by_alias(self, name: str, alias: str) -> Version:
+        mv = self._get("registered-models/alias", name=name, alias=alias)["model_version"]
+        return Version(str(mv["version"]), mv.get("run_id", ""))
+
+    def get_model_version(self, name: str, version: str) -> Version:
+        mv = self._get("model-versions/get", name=name, version=version)["model_version"]
+        return Version(str(mv["version"]), mv.get("run_id", ""))
+
+    def download_onnx(self, name: str, version: str, folder: Path) -> None:
+        uri = self._get("model-versions/get-download-uri", name=name, version=version)
+        artifact_uri = uri["artifact_uri"]
+        parsed = urlparse(artifact_uri)
+        if parsed.scheme == "mlflow-artifacts":  # proxied by the tracking server
+            root = unquote(parsed.path).lstrip("/")
+            for path in self._onnx_files(root):
+                self._fetch(f"{root}/{path}", folder / path)
+        elif parsed.scheme in ("", "file") and Path(unquote(parsed.path)).is_dir():
+            # a store on this machine's disk (a server started without --serve-artifacts)
+            for local in Path(unquote(parsed.path)).rglob("*.onnx"):
+                shutil.copyfile(local, folder / local.name)
+        else:  # s3://, gs://, ...: the MLflow client knows them
+            import mlflow.artifacts
+
+            mlflow.artifacts.download_artifacts(artifact_uri, dst_path=str(folder))
+
+    def _onnx_files(self, root: str, below: str = "") -> list[str]:
+        """The ``.onnx`` files under ``root`` in the proxied store, relative to it."""
+        listing = self.http.get(
+            "/api/2.0/mlflow-artifacts/artifacts", params={"path": f"{root}/{below}".rstrip("/")}
+        )
+        if listing.status_code != 200:
+            raise RegistryError(_error(listing))
+        found = []
+        for entry in listing.json().get("files", []):
+            path = f"{below}/{entry['path']}".lstrip("/") if below else entry["path"]
+            if entry.get("is_dir"):
+                found += self._onnx_files(root, path)
+            elif path.endswith(".onnx"):
+                found.append(path)
+        return found
+
+    def _fetch(self, path: str, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with self.http.stream("GET", f"/api/2.0/mlflow-artifacts/artifacts/{quote(path)}") as r:
+            if r.status_code != 200:
+                r.read()
+                raise RegistryError(_error(r))
+            with open(target, "wb") as f:
+                for chunk in r.iter_bytes(1 << 20):
+                    f.write(chunk)
+
+
+def _error(response: Any) -> str:
+    try:
+        body = response.json()
+        return f"{body['error_code']}: {body['message']}"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code} from {response.request.url}: {response.text[:200]}"
+
+
+class ClientRegistry:
+    """The same, through the MLflow client (any tracking URI MLflow knows)."""
+
+    def __init__(self, tracking_uri: str | None) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri)
+        self.tracking_uri = str(self.client.tracking_uri)
+
+    def get_model_version_by_alias(self, name: str, alias: str) -> Version:
+        mv = self.client.get_model_version_by_alias(name, alias)
+        return Version(str(mv.version), mv.run_id or "")
+
+    def get_model_version(self, name: str, version: str) -> Version:
+        mv = self.client.get_model_version(name, version)
+        return Version(str(mv.version), mv.run_id or "")
+
+    def download_onnx(self, name: str, version: str, folder: Path) -> None:
+        import mlflow.artifacts
+
+        mlflow.artifacts.download_artifacts(
+            f"models:/{name}/{version}", dst_path=str(folder), tracking_uri=self.tracking_uri
+        )

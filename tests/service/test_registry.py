@@ -1,0 +1,87 @@
+"""The service's registry client against a real MLflow tracking server: REST for http(s),
+the MLflow client for a SQLite file; the same answers either way."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+
+import onnx
+import pytest
+from mlflow.tracking import MlflowClient
+
+from convserve.service.registry import (
+    ClientRegistry,
+    RegistryError,
+    RestRegistry,
+    registry_for,
+)
+from tests.servers import register_onnx
+
+
+@pytest.fixture
+def registered(onnx_path, mlflow_url, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_url)
+    client = MlflowClient(mlflow_url)
+    name = f"rest-{uuid.uuid4().hex[:6]}"
+    proto = onnx.load(str(onnx_path))
+    first, second = register_onnx(client, name, proto), register_onnx(client, name, proto)
+    client.set_registered_model_alias(name, "champion", second)
+    return client, name, first, second
+
+
+def test_rest_and_client_give_the_same_answers(registered, onnx_path, tmp_path):
+    client, name, first, second = registered
+    rest = registry_for(client.tracking_uri)
+    assert isinstance(rest, RestRegistry)
+    via_client = ClientRegistry(client.tracking_uri)
+    for registry in (rest, via_client):
+        champion = registry.get_model_version_by_alias(name, "champion")
+        assert champion.version == second
+        assert champion.run_id == client.get_model_version(name, second).run_id
+        assert registry.get_model_version(name, first).version == first
+    folder = tmp_path / "rest"
+    folder.mkdir()
+    rest.download_onnx(name, second, folder)
+    (got,) = folder.rglob("*.onnx")
+    assert got.read_bytes() == onnx.load(str(onnx_path)).SerializeToString()
+    assert [p.name for p in folder.rglob("*") if p.is_file()] == ["model.onnx"]  # only it
+
+
+def test_rest_errors_say_what_mlflow_says(registered):
+    client, name, _, _ = registered
+    rest = RestRegistry(client.tracking_uri)
+    with pytest.raises(RegistryError, match="RESOURCE_DOES_NOT_EXIST: Registered Model"):
+        rest.get_model_version_by_alias("no-such-model", "champion")
+    with pytest.raises(RegistryError, match="alias nope not found"):
+        rest.get_model_version_by_alias(name, "nope")
+
+
+def test_mlflow_credentials_travel_with_every_request(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "t0k3n")
+    assert RestRegistry("https://mlflow.example").http.headers["Authorization"] == "Bearer t0k3n"
+    monkeypatch.delenv("MLFLOW_TRACKING_TOKEN")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "ann")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "secret")
+    basic = RestRegistry("https://mlflow.example").http.auth
+    assert basic is not None and basic._auth_header.startswith("Basic ")  # type: ignore[attr-defined]
+
+
+def test_a_sqlite_tracking_uri_goes_through_the_mlflow_client(tmp_path):
+    assert isinstance(registry_for(f"sqlite:///{tmp_path / 'm.db'}"), ClientRegistry)
+
+
+def test_following_an_alias_over_http_does_not_import_the_mlflow_client(registered, tmp_path):
+    """What keeps the serving process small and quick to start."""
+    _, name, _, second = registered
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from convserve.service.model import download, parse_uri, resolve\n"
+        "from convserve.service.registry import registry_for\n"
+        f"r = registry_for(); s = resolve(parse_uri('models:/{name}@champion'), r)\n"
+        f"s = download(s, r, Path(r'{tmp_path / 'cache'}'))\n"
+        "print(s.version, s.path.exists(), 'mlflow' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.split() == [second, "True", "False"], out.stderr
