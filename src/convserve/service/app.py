@@ -161,18 +161,22 @@ class JobQueue:
         self.settings = settings
         self._huey: Any = None
         self._client: Any = None
-        self._lock = threading.Lock()
+        # one lock each: the event loop reads the queue, while a worker thread may be
+        # importing MLflow for the client (a second or more) under its lock
+        self._huey_lock = threading.Lock()
+        self._client_lock = threading.Lock()
 
     @property
     def huey(self) -> Any:
-        with self._lock:
+        with self._huey_lock:
             if self._huey is None:
                 self._huey = make_queue(self.settings)
             return self._huey
 
     @property
     def client(self) -> Any:
-        with self._lock:
+        """Read it in a worker thread: its first use imports MLflow."""
+        with self._client_lock:
             if self._client is None:
                 from mlflow.tracking import MlflowClient
 

@@ -69,6 +69,7 @@ DatasetId = Annotated[str, Path(description="The data set's id, or its name (new
 
 
 def _client(request: Request) -> Any:
+    """The MLflow client; read it in a worker thread (its first use imports MLflow)."""
     return request.app.state.jobs.client
 
 
@@ -139,7 +140,7 @@ async def create_dataset(
             raise HTTPException(422, "send the archive as the request body (zip or tar)")
         try:
             run, _stored, created = await asyncio.to_thread(
-                uploads.add, archive, name, _client(request), limits
+                lambda: uploads.add(archive, name, _client(request), limits)
             )
         except uploads.DatasetError as err:
             raise HTTPException(err.status, str(err)) from None
@@ -153,7 +154,7 @@ async def create_dataset(
 async def list_datasets(request: Request) -> DatasetPage:
     """Every data set uploaded (``POST /datasets`` or ``convserve data add``), with its
     report."""
-    runs = await asyncio.to_thread(uploads.listing, _client(request))
+    runs = await asyncio.to_thread(lambda: uploads.listing(_client(request)))
     return DatasetPage(datasets=[_report(run) for run in runs])
 
 
@@ -166,7 +167,7 @@ async def list_datasets(request: Request) -> DatasetPage:
 async def get_dataset(dataset: DatasetId, request: Request) -> DatasetReport:
     """Its classes and counts, image sizes and modes, duplicates, skipped files and classes
     too small to split. Train on it with ``data: {name: dataset, id: ID}``."""
-    run = await asyncio.to_thread(uploads.find, _client(request), dataset)
+    run = await asyncio.to_thread(lambda: uploads.find(_client(request), dataset))
     if run is None:
         raise HTTPException(404, f"no data set {dataset}")
     return _report(run)
@@ -181,7 +182,7 @@ async def get_dataset(dataset: DatasetId, request: Request) -> DatasetReport:
 async def delete_dataset(dataset: DatasetId, request: Request, _: TokenDep) -> DatasetReport:
     """Its MLflow run is deleted (MLflow's garbage collection removes the files). Runs that
     trained on it keep their record of it as an input; workers' caches keep their copy."""
-    run = await asyncio.to_thread(uploads.delete, _client(request), dataset)
+    run = await asyncio.to_thread(lambda: uploads.delete(_client(request), dataset))
     if run is None:
         raise HTTPException(404, f"no data set {dataset}")
     return _report(run)

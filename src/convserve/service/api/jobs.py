@@ -265,7 +265,8 @@ def _state(request: Request) -> Any:
 
 
 async def _run(fn: Any, *args: Any) -> Any:
-    """MLflow's client is blocking: keep it off the event loop."""
+    """MLflow's client is blocking, and so is its first use (the import takes a second or
+    more): keep both off the event loop (``jobs.client`` is read inside ``fn``)."""
     return await asyncio.to_thread(fn, *args)
 
 
@@ -302,10 +303,10 @@ async def create_job(
             headers={"Retry-After": "30"},
         )
     try:
-        run_id = await _run(submit, body, jobs.client, jobs.huey)
+        run_id = await _run(lambda: submit(body, jobs.client, jobs.huey))
     except Exception as err:
         raise HTTPException(503, f"could not queue the job: {err}") from err
-    run = await _run(jobs.client.get_run, run_id)
+    run = await _run(lambda: jobs.client.get_run(run_id))
     job = to_job(run, request, settings.mlflow_ui_url)
     return JSONResponse(job.model_dump(), status_code=202, headers={"Location": job.links["self"]})
 
@@ -462,6 +463,10 @@ async def delete_job(job_id: JobId, request: Request, _: TokenDep, settings: Set
     """A queued job never starts; a running job stops at the next step boundary, keeps its
     last checkpoint and ends ``cancelled``. Ended jobs are left as they are."""
     jobs = _state(request)
-    await _run(cancel, jobs.client, await _run(_get, jobs, job_id))
-    run = await _run(jobs.client.get_run, job_id)
+
+    def cancelled() -> Any:
+        cancel(jobs.client, _get(jobs, job_id))
+        return jobs.client.get_run(job_id)
+
+    run = await _run(cancelled)
     return to_job(run, request, settings.mlflow_ui_url)

@@ -479,6 +479,7 @@ function token() {
 
 async function submitJob(e) {
   e.preventDefault();
+  if (!schema) return;  // the form is not built yet
   show("train-error", "");
   sessionStorage.setItem("convserve-token", token());
   try {
@@ -836,16 +837,19 @@ async function announce(job) {
 
 async function main() {
   setupPredict();
+  // Before anything is awaited: a click while the form is being built never submits the
+  // bare HTML form (its button is disabled until then).
+  $("train-form").addEventListener("submit", submitJob);
+  $("token").value = sessionStorage.getItem("convserve-token") || "";
   await loadModel();
   try {
     schema = await api("/v1/train-schema");
     buildForm();
+    $("train-submit").disabled = false;
     if (schema.mlflow_ui) { $("mlflow-link").href = schema.mlflow_runs || schema.mlflow_ui; $("mlflow-link").hidden = false; }
   } catch (err) {
     show("train-error", `The training form could not be built: ${err.message}`);
   }
-  $("token").value = sessionStorage.getItem("convserve-token") || "";
-  $("train-form").addEventListener("submit", submitJob);
   $("ds-upload").addEventListener("click", uploadDataset);
   if (schema) await loadDatasets();
   // Jobs that ended before the page opened do not announce themselves.
