@@ -387,22 +387,38 @@ def _study(env: dict[str, str], parent: str):
 def test_a_grid_on_two_workers_runs_each_point_once_and_publishes_once(
     mlflow_url, tmp_path, postgres_database
 ):
-    """A 6-point grid as an Optuna study on PostgreSQL, its trials on Redis, two workers."""
+    """A 6-point grid as an Optuna study on PostgreSQL, its trials on Redis, two workers;
+    submitted and followed by `convserve sweep --queue`."""
+    import subprocess
+    import sys
+
     env, model = _sweep_env(mlflow_url, tmp_path, postgres_database)
     experiment = f"study-{uuid.uuid4().hex[:6]}"
     client = MlflowClient(mlflow_url)
     grid = {"seed": [0, 1, 2], "optim.lr": [0.01, 0.02]}
-    body = _sweep_body(experiment, model, grid, 1, parallelism=2)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(json.dumps(_sweep_body(experiment, model, grid, 1, parallelism=2)["sweep"]))
+    cli = str(Path(sys.executable).parent / "convserve")
     with (
         uvicorn_server(env, tmp_path) as url,
         httpx.Client(base_url=url, timeout=30) as http,
         worker_process(env, tmp_path, "w1") as w1,
         worker_process(env, tmp_path, "w2") as w2,
     ):
-        r = http.post("/jobs", json=body, headers=AUTH)
-        assert r.status_code == 202, r.text
-        job_id = r.json()["id"]
-        done = _wait(http, job_id, {"succeeded", "failed", "cancelled"}, timeout=240)
+        out = subprocess.run(
+            [cli, "sweep", "--queue", "--config", str(path), "--model-name", model],
+            env={**os.environ, **env},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        job_id = out.stdout.split("sweep job ", 1)[1].split(":", 1)[0]
+        done = http.get(f"/jobs/{job_id}").json()
+    assert "6 trials, 2 at a time" in out.stdout
+    assert "trials: 6 finished, 0 pruned, 0 failed, 0 running, 0 waiting" in out.stdout
+    assert f"registered {model} version 1 (champion)" in out.stdout
     assert done["status"] == "succeeded", done
     assert done["progress"]["trials"] == {
         "trials": 6,
@@ -516,29 +532,3 @@ def test_cancelling_a_sweep_stops_its_trials_and_publishes_nothing(
     cancelled = [t for t in study.trials if t.user_attrs.get("status") == "cancelled"]
     assert cancelled
     assert client.search_model_versions(f"name = '{model}'") == []
-
-
-def test_convserve_sweep_queue_follows_its_trials_on_the_workers(mlflow_url, tmp_path):
-    import subprocess
-    import sys
-
-    model = f"cli-sweep-{uuid.uuid4().hex[:6]}"
-    env = _env(mlflow_url, tmp_path, False, model)
-    base = {**TINY, "tracking": {"experiment": f"cli-{uuid.uuid4().hex[:6]}"}}
-    sweep = {"base": base, "grid": {"seed": [0, 1, 2]}, "parallelism": 2}
-    path = tmp_path / "sweep.yaml"
-    path.write_text(json.dumps(sweep))
-    cli = str(Path(sys.executable).parent / "convserve")
-    with worker_process(env, tmp_path):
-        out = subprocess.run(
-            [cli, "sweep", "--queue", "--config", str(path), "--model-name", model],
-            env={**os.environ, **env},
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "3 trials, 2 at a time" in out.stdout
-    assert "trials: 3 finished, 0 pruned, 0 failed, 0 running, 0 waiting" in out.stdout
-    assert f"registered {model} version 1 (champion)" in out.stdout

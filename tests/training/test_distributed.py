@@ -49,54 +49,35 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
-def test_two_processes_hold_the_weights_one_process_holds(tmp_path):
-    """Ten steps with a global batch of 32 (16 a rank), diagnostics measured every 5 steps:
-    the same weights as one process with a batch of 32 and the same seed, within 1e-5; rank 0
-    alone logs to MLflow."""
-    single = _config(tmp_path, "single", max_steps=10)
-    out = _train(single)
-    assert out.returncode == 0, out.stdout + out.stderr
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    two = _config(tmp_path, "two", max_steps=10)
-    out = _train(
-        two,
-        "--set",
-        "tracking.enabled=true",
-        "--set",
-        f"tracking.tracking_uri={uri}",
-        "--set",
-        "tracking.experiment=ddp",
-        nproc=2,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "training on 2 processes" in out.stdout and "status: finished" in out.stdout
-    assert out.stdout.count("status: finished") == 1  # rank 0 alone reports
-    assert _max_diff(_weights(tmp_path / "single"), _weights(tmp_path / "two")) <= 1e-5
-    client = MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
-    assert run.info.status == "FINISHED"
-    assert run.data.metrics["val_accuracy"] > 0.3
-    # a snapshot averaged over the ranks, at steps 0 and 5 (logged as steps 1 and 6)
-    grad = client.get_metric_history(run.info.run_id, "diag.block1.conv.grad_std")
-    assert [m.step for m in grad] == [1, 6] and all(m.value > 0 for m in grad)
-    assert len(list((tmp_path / "two").glob("*/last.pt"))) == 1  # rank 0's checkpoints only
-
-
-def test_a_data_parallel_run_resumes_where_it_stopped(tmp_path):
-    """One epoch on two processes, then a resume to the second: the weights one process
-    holds after the two epochs in one go, within 1e-5 (the epochs' last batches too)."""
-    whole = _config(tmp_path, "whole", limit=400, epochs=2)  # short epochs
+def test_two_processes_and_a_resume_hold_the_weights_one_process_holds(tmp_path):
+    """A global batch of 32 (16 a rank), diagnostics every 5 steps: one epoch on two
+    processes, then a resume to the second, end with the weights one process holds after two
+    epochs in one go, within 1e-5 (the epochs' last batches too); rank 0 alone logs to MLflow
+    and keeps checkpoints, and the resume continues its run."""
+    whole = _config(tmp_path, "whole", limit=400, epochs=2)  # 400 images: short epochs
     out = _train(whole)
     assert out.returncode == 0, out.stdout + out.stderr
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracked = ["--set", "tracking.enabled=true", "--set", f"tracking.tracking_uri={uri}"]
     first = _config(tmp_path, "first", limit=400, epochs=1)
-    assert _train(first, nproc=2).returncode == 0
-    (last,) = (tmp_path / "first").glob("*/last.pt")
+    out = _train(first, *tracked, "--set", "tracking.experiment=ddp", nproc=2)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "training on 2 processes" in out.stdout
+    assert out.stdout.count("status: finished") == 1  # rank 0 alone reports
+    (last,) = (tmp_path / "first").glob("*/last.pt")  # rank 0's checkpoints only
     out = _train(first, "--resume", str(last), "--set", "optim.epochs=2", nproc=2)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "epoch 2:" in out.stdout and "epoch 1:" not in out.stdout
-    (resumed,) = [p for p in (tmp_path / "first").glob("*/last.pt") if p != last]
-    resumed_weights = torch.load(resumed, weights_only=False)["model"]
-    assert _max_diff(_weights(tmp_path / "whole"), resumed_weights) <= 1e-5
+    resumed = torch.load(last, weights_only=False)  # the run's folder: the same last.pt
+    assert resumed["epoch"] == 2
+    assert _max_diff(_weights(tmp_path / "whole"), resumed["model"]) <= 1e-5
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.metrics["val_accuracy"] > 0.3
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "epoch")] == [1, 2]
+    # snapshots averaged over the ranks, at steps 0, 5, ... (logged as steps 1, 6, ...)
+    grad = client.get_metric_history(run.info.run_id, "diag.block1.conv.grad_std")
+    assert sorted(m.step for m in grad)[:2] == [1, 6] and all(m.value > 0 for m in grad)
 
 
 def test_a_diverging_data_parallel_run_ends_on_every_rank(tmp_path):
