@@ -124,6 +124,24 @@ class PredictLoad:
             t.join()
 
 
+def follow_env(mlflow_url: str, name: str, cache: Path, **extra: str) -> dict[str, str]:
+    """``convserve serve`` following ``models:/NAME@champion`` on ``mlflow_url``, polling
+    every 0.3 s; ``extra`` settings added."""
+    return {
+        "CONVSERVE_MODEL_URI": f"models:/{name}@champion",
+        "MLFLOW_TRACKING_URI": mlflow_url,
+        "CONVSERVE_POLL_INTERVAL": "0.3",
+        "CONVSERVE_CACHE_DIR": str(cache),
+        "CONVSERVE_API_TOKEN": "tok",
+        **extra,
+    }
+
+
+def register_versions(client, name: str, proto, count: int) -> list[str]:  # type: ignore[no-untyped-def]
+    """``count`` versions of ``name``, each ``proto``."""
+    return [register_onnx(client, name, proto) for _ in range(count)]
+
+
 def register_onnx(client, name: str, proto) -> str:  # type: ignore[no-untyped-def]
     """Log ``proto`` (an ``onnx.ModelProto``) to a new run of ``client``'s tracking server and
     register it as a new version of ``name``; the version."""

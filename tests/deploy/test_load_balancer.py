@@ -24,7 +24,14 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from tests.deploy.compose import ROOT
-from tests.servers import PredictLoad, free_port, process, register_onnx, wait_http
+from tests.servers import (
+    PredictLoad,
+    follow_env,
+    free_port,
+    process,
+    register_versions,
+    wait_http,
+)
 
 pytestmark = pytest.mark.slow
 CONF = ROOT / "deploy" / "nginx" / "convserve.conf"
@@ -98,16 +105,9 @@ def test_two_replicas_behind_nginx(onnx_path, mlflow_url, tmp_path, monkeypatch)
     client = MlflowClient(mlflow_url)
     name = f"lb-{uuid.uuid4().hex[:6]}"
     proto = onnx.load(str(onnx_path))
-    first, second = register_onnx(client, name, proto), register_onnx(client, name, proto)
+    first, second = register_versions(client, name, proto, 2)
     client.set_registered_model_alias(name, "champion", first)
-    env = {
-        "CONVSERVE_MODEL_URI": f"models:/{name}@champion",
-        "MLFLOW_TRACKING_URI": mlflow_url,
-        "CONVSERVE_POLL_INTERVAL": "0.3",
-        "CONVSERVE_CACHE_DIR": str(tmp_path / "cache"),
-        "CONVSERVE_API_TOKEN": "tok",
-        "CONVSERVE_WORKERS": "1",
-    }
+    env = follow_env(mlflow_url, name, tmp_path / "cache", CONVSERVE_WORKERS="1")
     ports = [free_port(), free_port()]
     image = _png()
     with ExitStack() as stack:

@@ -11,7 +11,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tests.servers import PredictLoad, register_onnx, uvicorn_server
+from tests.servers import (
+    PredictLoad,
+    follow_env,
+    register_onnx,
+    register_versions,
+    uvicorn_server,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -23,20 +29,14 @@ def test_alias_moves_under_load_without_a_failed_request(
     client = MlflowClient(mlflow_url)
     name = f"reload-{uuid.uuid4().hex[:6]}"
     proto = onnx.load(str(onnx_path))
-    versions = [register_onnx(client, name, proto) for _ in range(3)]
+    versions = register_versions(client, name, proto, 3)
     broken = onnx.load(str(onnx_path))
     del broken.metadata_props[:]  # no convserve metadata: must be refused
     broken_version = register_onnx(client, name, broken)
     client.set_registered_model_alias(name, "champion", versions[0])
 
-    env = {
-        "CONVSERVE_MODEL_URI": f"models:/{name}@champion",
-        "MLFLOW_TRACKING_URI": mlflow_url,
-        "CONVSERVE_POLL_INTERVAL": "0.3",
-        "CONVSERVE_CACHE_DIR": str(tmp_path / "cache"),
-        "CONVSERVE_API_TOKEN": "tok",
-        "CONVSERVE_WORKERS": "2",  # each follows the alias; the metrics add both up
-    }
+    # two workers: each follows the alias; the metrics add both up
+    env = follow_env(mlflow_url, name, tmp_path / "cache", CONVSERVE_WORKERS="2")
     buf = io.BytesIO()
     Image.new("L", (8, 8), 100).save(buf, "PNG")
     image = buf.getvalue()

@@ -17,7 +17,7 @@ from convserve.service.registry import (
     RestRegistry,
     registry_for,
 )
-from tests.servers import register_onnx
+from tests.servers import register_versions
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def registered(onnx_path, mlflow_url, monkeypatch):
     client = MlflowClient(mlflow_url)
     name = f"rest-{uuid.uuid4().hex[:6]}"
     proto = onnx.load(str(onnx_path))
-    first, second = register_onnx(client, name, proto), register_onnx(client, name, proto)
+    first, second = register_versions(client, name, proto, 2)
     client.set_registered_model_alias(name, "champion", second)
     return client, name, first, second
 

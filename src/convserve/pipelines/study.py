@@ -25,7 +25,7 @@ import math
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -63,30 +63,45 @@ def storage_url(settings: JobSettings) -> str:
     return f"sqlite:///{os.path.join(folder, 'studies.db')}"
 
 
-StaleCallback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
-_storages: dict[tuple[str, StaleCallback | None], optuna.storages.RDBStorage] = {}
+_storages: dict[str, optuna.storages.RDBStorage] = {}
 
 
-def open_storage(
-    settings: JobSettings, on_stale: StaleCallback | None = None
-) -> optuna.storages.RDBStorage:
-    """The study storage, with heartbeats: a running trial whose heartbeat is older than
-    ``worker_lost_after`` seconds is stale (its worker is gone), and ``on_stale`` is called
-    for it by whoever fails it. One per process (a pool of database connections)."""
-    key = (storage_url(settings), on_stale)
-    if key not in _storages:
-        _storages[key] = _storage(settings, on_stale)
-    return _storages[key]
+def open_storage(settings: JobSettings) -> optuna.storages.RDBStorage:
+    """The study storage, one per process (a pool of database connections), with heartbeats:
+    a running trial whose heartbeat is older than ``worker_lost_after`` seconds is stale (its
+    worker is gone); whichever reaper fails it (``optuna.storages.fail_stale_trials``) fails
+    its child run too ("worker lost") and puts a copy with the same values back, waiting,
+    while the trial has retries left (``CONVSERVE_JOB_RETRIES``)."""
+    url = storage_url(settings)
+    if url not in _storages:
+        _storages[url] = optuna.storages.RDBStorage(
+            url,
+            engine_kwargs={"pool_pre_ping": True},
+            heartbeat_interval=max(1, math.ceil(settings.heartbeat_interval)),
+            grace_period=max(1, math.ceil(settings.worker_lost_after)),
+            heartbeat_stale_trial_callback=_LostTrial(settings.job_retries),
+        )
+    return _storages[url]
 
 
-def _storage(settings: JobSettings, on_stale: StaleCallback | None) -> optuna.storages.RDBStorage:
-    return optuna.storages.RDBStorage(
-        storage_url(settings),
-        engine_kwargs={"pool_pre_ping": True},
-        heartbeat_interval=max(1, math.ceil(settings.heartbeat_interval)),
-        grace_period=max(1, math.ceil(settings.worker_lost_after)),
-        heartbeat_stale_trial_callback=on_stale,
-    )
+class _LostTrial:
+    """Called once for each stale trial, by the reaper that failed it."""
+
+    def __init__(self, retries: int) -> None:
+        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retries)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        child = trial.user_attrs.get("run_id")
+        if child:
+            from mlflow.entities import RunTag
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient()
+            error = f"worker lost: trial {trial.number}'s heartbeat stopped"
+            client.log_batch(child, tags=[RunTag("convserve.error", error)])
+            client.set_terminated(child, status="FAILED")
+        log.warning("%s: trial %s lost with its worker", study.study_name, trial.number)
+        self.retry(study, trial)
 
 
 def study_name(parent_run_id: str) -> str:
@@ -199,12 +214,12 @@ def done(study: optuna.Study) -> bool:
     return c["waiting"] == 0 and c["running"] == 0
 
 
-def take_publish_ticket(sweep: SweepConfig, parent_run_id: str, storage: Any) -> bool:
+def take_publish_ticket(study: optuna.Study, storage: Any) -> bool:
     """True for the one caller that takes the study's publish ticket; False for every other
     (and for any caller while trials still wait or run)."""
-    if not done(load(sweep, parent_run_id, storage)):
+    if not done(study):
         return False
-    tickets = optuna.load_study(study_name=study_name(parent_run_id) + "-publish", storage=storage)
+    tickets = optuna.load_study(study_name=study.study_name + "-publish", storage=storage)
     ticket = take(tickets)
     if ticket is None:
         return False
@@ -249,8 +264,8 @@ class Reporter:
     """Reports the validation metric to the trial after each epoch and says when the pruner
     stops it (``Callbacks.on_epoch`` and ``should_stop``)."""
 
-    def __init__(self, trial: optuna.Trial, metric: str, direction: str) -> None:
-        self.trial, self.direction = trial, direction
+    def __init__(self, trial: optuna.Trial, metric: str) -> None:
+        self.trial = trial
         # the per-epoch value the sweep's metric is made of: best_val_accuracy <- val_accuracy
         self.metric = metric.removeprefix("best_")
         self.pruned_at: int | None = None

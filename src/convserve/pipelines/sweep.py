@@ -171,7 +171,7 @@ def run_trial(
     status, value, diagnosis, note = studies.FAILED, None, "", ""
     run_id: str | None = None
     writer: Any = None
-    reporter = studies.Reporter(trial, sweep.metric, sweep.direction)
+    reporter = studies.Reporter(trial, sweep.metric)
     with studies.heartbeat(storage, trial, settings.heartbeat_interval):
         try:
             cfg = sweep.point_config(point)
@@ -274,17 +274,28 @@ def _tell(
         log.warning("trial %s: its outcome (%s) was not recorded: %s", trial.number, status, err)
 
 
-def record_progress(client: Any, parent_id: str, sweep: SweepConfig, study: Any) -> None:
-    """The parent's progress tag and summary, rewritten as trials end (each writer uploads a
-    whole table, so the last one written is a complete one)."""
-    try:
-        client.set_tag(
-            parent_id, "convserve.progress", json.dumps({"trials": studies.progress(study)})
-        )
-        folder = Path(sweep.base.tracking.output_dir) / parent_id / "summary"
-        write_summary(sweep, studies.rows(study), folder)
+def summarise(
+    sweep: SweepConfig, parent_id: str, study: Any, client: Any
+) -> tuple[list[TrialRow], list[str], Path]:
+    """The summary of the trials so far in ``<output_dir>/<parent>/summary`` and, with a
+    ``client``, on the parent run (its artifacts, and the progress tag): (rows, the table's
+    lines, the folder)."""
+    rows = studies.rows(study)
+    folder = Path(sweep.base.tracking.output_dir) / parent_id / "summary"
+    lines = write_summary(sweep, rows, folder)
+    if client is not None:
+        progress = json.dumps({"trials": studies.progress(study)})
+        client.set_tag(parent_id, "convserve.progress", progress)
         client.log_artifacts(parent_id, str(folder), "summary")
-    except Exception as err:  # a progress write may fail; the next trial writes it again
+    return rows, lines, folder
+
+
+def record_progress(client: Any, parent_id: str, sweep: SweepConfig, study: Any) -> None:
+    """``summarise`` as trials end (each writer uploads a whole table, so the last one
+    written is a complete one); a failed write is left to the next trial."""
+    try:
+        summarise(sweep, parent_id, study, client)
+    except Exception as err:
         log.warning("sweep %s: progress not written: %s", parent_id, err)
 
 
@@ -298,10 +309,8 @@ def finish(
 ) -> SweepResult:
     """The summary, the best finished trial on the parent and, with a ``policy``, published.
     Called once per sweep, by the one that took the publish ticket (or by ``run_sweep``)."""
-    rows = studies.rows(study)
-    folder = Path(sweep.base.tracking.output_dir) / parent_id / "summary"
-    result = SweepResult(parent_id if client else None, rows, None, folder=folder)
-    result.summary = write_summary(sweep, rows, folder)
+    rows, lines, folder = summarise(sweep, parent_id, study, client)
+    result = SweepResult(parent_id if client else None, rows, None, folder=folder, summary=lines)
     finished = [r for r in rows if r.status == studies.FINISHED and r.value is not None]
     if client is not None:
         client.set_tag(

@@ -49,7 +49,7 @@ from convserve.training.run import Callbacks, train
 log = logging.getLogger(__name__)
 
 
-def register_task(huey: Any, settings: JobSettings) -> Any:
+def register_task(huey: Any, settings: JobSettings) -> None:
     """Register ``execute_job`` and ``execute_trial`` on ``huey`` under the names they are
     enqueued by."""
 
@@ -63,8 +63,7 @@ def register_task(huey: Any, settings: JobSettings) -> Any:
         module, name = task.rsplit(".", 1)
         # Huey names a task "<function module>.<task name>": make that the contract's name.
         function.__module__ = module
-        registered = huey.task(name=name)(function)
-    return registered
+        huey.task(name=name)(function)
 
 
 def run_worker(settings: JobSettings, say: Any = log.info) -> None:
@@ -290,34 +289,33 @@ def _run(
         should_stop=beat.should_stop,
     )
     tracking_uri = client.tracking_uri
-    if request.train is not None:
-        cfg = _tracked(request.train, tracking_uri, runs_dir)
-        if resume is not None:
-            client.set_tag(run_id, "convserve.resumed_from", "checkpoints/last.pt")
-        if request.nproc_per_node > 1:
-            status, message = _train_processes(
-                cfg, request.nproc_per_node, run_id, tracking_uri, beat, resume
+    assert request.train is not None  # a sweep job runs through _sweep
+    cfg = _tracked(request.train, tracking_uri, runs_dir)
+    if resume is not None:
+        client.set_tag(run_id, "convserve.resumed_from", "checkpoints/last.pt")
+    if request.nproc_per_node > 1:
+        status, message = _train_processes(
+            cfg, request.nproc_per_node, run_id, tracking_uri, beat, resume
+        )
+    else:
+        result = train(
+            cfg, run_id=run_id, callbacks=callbacks, client=client, resume=resume, end_run=False
+        )
+        status, message = result.status, result.message
+    if status == "cancelled":
+        return "cancelled"
+    if status != "finished":
+        client.set_tag(run_id, "convserve.error", message[:5000])
+        return "failed"
+    if request.register_model:
+        try:
+            published = publish(
+                run_id=run_id, policy=policy, proceed=beat.lease.may_publish, client=client
             )
-        else:
-            result = train(
-                cfg, run_id=run_id, callbacks=callbacks, client=client, resume=resume, end_run=False
-            )
-            status, message = result.status, result.message
-        if status == "cancelled":
+        except PublishCancelled:
             return "cancelled"
-        if status != "finished":
-            client.set_tag(run_id, "convserve.error", message[:5000])
-            return "failed"
-        if request.register_model:
-            try:
-                published = publish(
-                    run_id=run_id, policy=policy, proceed=beat.lease.may_publish, client=client
-                )
-            except PublishCancelled:
-                return "cancelled"
-            _record_publication(client, run_id, published)
-        return "succeeded" if beat.lease.may_publish() else "cancelled"
-    raise ValueError("a sweep job runs through _sweep")
+        _record_publication(client, run_id, published)
+    return "succeeded" if beat.lease.may_publish() else "cancelled"
 
 
 def _sweep(
@@ -331,7 +329,7 @@ def _sweep(
     """A sweep job: create its study and queue its trials ("running": the trial tasks carry
     it on), or, when every trial has ended, publish the best one."""
     sweep = _tracked_sweep(request, client.tracking_uri, settings.runs_dir)
-    storage = studies.open_storage(settings, on_stale=_on_stale(settings))
+    storage = studies.open_storage(settings)
     study = studies.ensure(sweep, run_id, storage)
     if not beat.lease.may_publish():  # cancelled (or no longer this worker's)
         studies.fail_waiting(study, studies.CANCELLED)
@@ -396,7 +394,7 @@ def execute_trial(run_id: str, settings: JobSettings, huey: Any) -> None:
         log.info("sweep %s is %s: trial task dropped", run_id, job_status(parent))
         return
     sweep = _tracked_sweep(_request(client, run_id), client.tracking_uri, settings.runs_dir)
-    storage = studies.open_storage(settings, on_stale=_on_stale(settings))
+    storage = studies.open_storage(settings)
     study = studies.load(sweep, run_id, storage)
     cancel = _ParentCancel(client, run_id, settings.cancel_check_interval)
     if cancel():
@@ -420,15 +418,13 @@ def execute_trial(run_id: str, settings: JobSettings, huey: Any) -> None:
     if studies.counts(study)["waiting"] > 0:
         enqueue(huey, JobPayload(run_id=run_id), RUN_TRIAL_TASK)
     else:
-        _publish_when_done(client, sweep, run_id, storage, huey)
+        _publish_when_done(client, study, run_id, storage, huey)
 
 
-def _publish_when_done(
-    client: Any, sweep: SweepConfig, run_id: str, storage: Any, huey: Any
-) -> bool:
+def _publish_when_done(client: Any, study: Any, run_id: str, storage: Any, huey: Any) -> bool:
     """When no trial waits or runs, the one caller that takes the study's publish ticket
     schedules the sweep job again: the job path publishes under a lease, like any job."""
-    if not studies.take_publish_ticket(sweep, run_id, storage):
+    if not studies.take_publish_ticket(study, storage):
         return False
     from mlflow.entities import RunTag
 
@@ -475,44 +471,14 @@ def tend_studies(client: Any, settings: JobSettings, huey: Any) -> None:
     for run in runs:
         run_id = run.info.run_id
         sweep = _tracked_sweep(_request(client, run_id), client.tracking_uri, settings.runs_dir)
-        storage = studies.open_storage(settings, on_stale=_on_stale(settings))
+        storage = studies.open_storage(settings)
         study = studies.load(sweep, run_id, storage)
         optuna.storages.fail_stale_trials(study)
         counts = studies.counts(study)
         if counts["waiting"] and not counts["running"] and not _queued_trials(huey, run_id):
             enqueue(huey, JobPayload(run_id=run_id), RUN_TRIAL_TASK)
         elif not counts["waiting"] and not counts["running"]:
-            record_progress(client, run_id, sweep, study)
-            _publish_when_done(client, sweep, run_id, storage, huey)
-
-
-_stale_callbacks: dict[int, Any] = {}
-
-
-def _on_stale(settings: JobSettings) -> Any:
-    """What happens to a trial whose worker is gone, once, in whichever reaper failed it: its
-    child run fails ("worker lost"), and a copy with the same values waits for a worker while
-    the trial has retries left (``CONVSERVE_JOB_RETRIES``). One callback per process, so that
-    the study storage is opened once."""
-    if id(settings) in _stale_callbacks:
-        return _stale_callbacks[id(settings)]
-    from mlflow.entities import RunTag
-    from mlflow.tracking import MlflowClient
-
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=settings.job_retries)
-
-    def on_stale(study: Any, trial: Any) -> None:
-        child = trial.user_attrs.get("run_id")
-        if child:
-            client = MlflowClient()
-            error = f"worker lost: trial {trial.number}'s heartbeat stopped"
-            client.log_batch(child, tags=[RunTag("convserve.error", error)])
-            client.set_terminated(child, status="FAILED")
-        log.warning("%s: trial %s lost with its worker", study.study_name, trial.number)
-        retry(study, trial)
-
-    _stale_callbacks[id(settings)] = on_stale
-    return on_stale
+            _publish_when_done(client, study, run_id, storage, huey)
 
 
 def _queued_trials(huey: Any, run_id: str) -> bool:
