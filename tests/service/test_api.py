@@ -288,3 +288,47 @@ def test_a_wrong_method_is_answered_405_with_the_methods_the_path_takes(client):
     ]:
         r = client.request(method, path)
         assert r.status_code == 405 and r.headers["allow"] == allowed, (method, path)
+
+
+def test_predict_is_served_directly_and_its_failures_answer_500_and_not_the_server(
+    client, monkeypatch, caplog
+):
+    """POST /predict skips FastAPI's routing (``Service.serve_directly``): the declared route's
+    endpoint answers, its errors go through the app's handlers, an unexpected one is a logged
+    500, and the next request is served."""
+    from convserve.service.api import predict
+
+    app = client.app
+    route, _ = app._direct[("POST", "/predict")]
+    assert route.endpoint is predict.predict and route.path == "/predict"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(predict, "_prediction", broken)
+    with caplog.at_level("ERROR", logger="convserve.service.app"):
+        r = client.post("/predict", files={"file": ("x.png", _png(), "image/png")})
+    assert r.status_code == 500 and r.json() == {"detail": "internal server error"}
+    assert r.headers["x-request-id"] and "POST /predict failed" in caplog.text
+    monkeypatch.undo()
+    ok = client.post("/predict", files={"file": ("x.png", _png(), "image/png")})
+    assert ok.status_code == 200 and ok.json()["predictions"][0]["top_k"]
+    text = client.get("/metrics").text
+    assert 'convserve_http_requests_total{method="POST",route="/predict",status="500"} 1.0' in text
+    r = client.post("/predict", params={"top_k": 0}, files={"file": ("x.png", _png())})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "top_k"]
+
+
+def test_a_direct_route_takes_only_the_request(onnx_path):
+    from fastapi import Query
+
+    app = create_app(Settings(model_uri=str(onnx_path)))
+
+    @app.get("/echo")
+    async def echo(text: str = Query("x")) -> dict[str, str]:
+        return {"text": text}
+
+    with pytest.raises(ValueError, match="takes only the request"):
+        app.serve_directly("GET", "/echo", lambda inner: inner)
+    with pytest.raises(ValueError, match="no route POST /nothing"):
+        app.serve_directly("POST", "/nothing", lambda inner: inner)

@@ -58,12 +58,13 @@ def test_sixteen_bit_is_scaled_by_its_full_range():
     assert x.max() > 0.9  # not clipped to 255/65535
 
 
-def test_exif_orientation_is_applied():
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_exif_orientation_is_applied(fmt):
     image = Image.new("L", (20, 10), 0)
     image.paste(255, (0, 0, 10, 10))  # left half white
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    data = _encode(image, "JPEG", exif=exif.tobytes(), quality=95)
+    data = _encode(image, fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
     decoded = decode(data, 10_000)
     assert decoded.size == (10, 20)
     x, _ = to_input(decoded, 1, 20, 10)

@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import inspect
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 # reads the answer instead of a reset connection.
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 64 * 1024 * 1024
+MAX_SERIES = 1024  # labelled request series EdgeMiddleware keeps at hand
 
 
 class EdgeMiddleware:
@@ -45,6 +49,7 @@ class EdgeMiddleware:
 
     def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
+        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.upload_limit = (settings.max_upload_bytes, "CONVSERVE_MAX_UPLOAD_BYTES")
         self.dataset_limit = (settings.max_dataset_bytes, "CONVSERVE_MAX_DATASET_BYTES")
 
@@ -124,8 +129,17 @@ class EdgeMiddleware:
         route = scope.get("route")
         path = getattr(route, "path", None) or "unmatched"
         method = scope.get("method", "")
-        self.metrics.requests.labels(path, method, str(status_code)).inc()
-        self.metrics.latency.labels(path, method).observe(time.perf_counter() - start)
+        key = (path, method, status_code)
+        series = self._series.get(key)
+        if series is None:  # the labelled series, looked up once per route, method and status
+            series = (
+                self.metrics.requests.labels(path, method, str(status_code)),
+                self.metrics.latency.labels(path, method),
+            )
+            if len(self._series) < MAX_SERIES:  # a client's made-up methods are not kept
+                self._series[key] = series
+        series[0].inc()
+        series[1].observe(time.perf_counter() - start)
 
 
 async def _linger(receive: Receive, budget: int) -> None:
@@ -200,11 +214,82 @@ def settle_memory() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+class Service(FastAPI):
+    """The FastAPI app, with a few routes served directly: a request for one of them goes
+    through ``EdgeMiddleware`` (request id, size limit, metrics) to its endpoint, which reads
+    the ``Request`` itself, and an exception it raises is answered by the app's exception
+    handlers, as on every other route. FastAPI's middleware stack, router and dependency
+    resolution are skipped: on ``POST /predict`` of a small model they cost more than the
+    model's inference. The route is declared once, as usual (``APIRouter``): OpenAPI describes
+    it, the endpoint is the declared one, and a route whose endpoint takes anything but the
+    ``Request`` is refused here."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._direct: dict[tuple[str, str], tuple[APIRoute, ASGIApp]] = {}
+
+    def serve_directly(self, method: str, path: str, edge: Callable[[ASGIApp], ASGIApp]) -> None:
+        """Serve ``method path`` directly, through ``edge`` (the middleware to keep)."""
+        route = next(
+            (
+                r
+                for r in _routes(self.router.routes)
+                if isinstance(r, APIRoute) and r.path == path and method in (r.methods or set())
+            ),
+            None,
+        )
+        if route is None:
+            raise ValueError(f"no route {method} {path} to serve directly")
+        if list(inspect.signature(route.endpoint).parameters) != ["request"]:
+            raise ValueError(f"{method} {path}: a direct route's endpoint takes only the request")
+        endpoint: Callable[[Request], Awaitable[Response]] = route.endpoint
+
+        async def direct(scope: Scope, receive: Receive, send: Send) -> None:
+            request = Request(scope, receive)
+            try:
+                response = await endpoint(request)
+            except Exception as err:
+                response = await self._answer_error(request, err)
+            await response(scope, receive, send)
+
+        self._direct[(method, path)] = (route, edge(direct))
+
+    async def _answer_error(self, request: Request, err: Exception) -> Response:
+        for cls in type(err).__mro__:
+            handler = self.exception_handlers.get(cls)
+            if handler is not None:
+                response = handler(request, err)
+                return await response if inspect.isawaitable(response) else response
+        log.exception("%s %s failed", request.method, request.url.path, exc_info=err)
+        return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            direct = self._direct.get((scope["method"], scope["path"]))
+            if direct is not None and not scope.get("root_path"):
+                scope["app"] = self
+                scope["route"] = direct[0]
+                await direct[1](scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+def _routes(routes: list[Any]) -> Iterator[Any]:
+    """Every route, those of included routers too (FastAPI keeps each router included without
+    a prefix as one entry)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _routes(inner.routes)
+        else:
+            yield route
+
+
 def _is_v2(request: Request) -> bool:
     return request.url.path.startswith("/v2")
 
 
-def create_app(settings: Settings, job_settings: JobSettings | None = None) -> FastAPI:
+def create_app(settings: Settings, job_settings: JobSettings | None = None) -> Service:
     """The service; ``job_settings`` None reads the queue's settings from the environment now."""
     metrics = Metrics()
     cuda = "CUDAExecutionProvider" in providers_for(settings.device)  # cuda without CUDA fails
@@ -233,7 +318,7 @@ def create_app(settings: Settings, job_settings: JobSettings | None = None) -> F
             await manager.close()
             app.state.decoder.close()
 
-    app = FastAPI(
+    app = Service(
         title="convserve",
         version=__version__,
         description="Image classification with onnxruntime: class probabilities and the "
@@ -264,6 +349,9 @@ def create_app(settings: Settings, job_settings: JobSettings | None = None) -> F
 
     app.openapi = openapi_with_v2  # type: ignore[method-assign]
     app.add_middleware(EdgeMiddleware, settings=settings, metrics=metrics)
+    app.serve_directly(
+        "POST", "/predict", lambda inner: EdgeMiddleware(inner, settings=settings, metrics=metrics)
+    )
     return app
 
 
@@ -294,16 +382,9 @@ def _handlers(app: FastAPI) -> None:
 
 
 def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
-    """The methods some route answers on this path (routers included without a prefix are
-    walked into: FastAPI keeps them as one entry each)."""
+    """The methods some route answers on this path."""
     methods: set[str] = set()
-    pending = list(app.router.routes)
-    while pending:
-        route = pending.pop()
-        inner = getattr(route, "original_router", None)
-        if inner is not None:
-            pending.extend(inner.routes)
-            continue
+    for route in _routes(app.router.routes):
         match, _ = route.matches({**scope, "method": "GET"})
         if match != Match.NONE:
             methods |= set(getattr(route, "methods", None) or [])

@@ -20,6 +20,10 @@ from convserve.contract import Fit
 from convserve.service.fitting import FitReport, fit_digit, report_for, stretch
 
 FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "MPO", "PPM"}  # PPM: netpbm PBM/PGM/PPM
+# Where Pillow finds an orientation (``Image.getexif``): these formats' own tags, or these
+# ``info`` entries (EXIF, a PNG's EXIF text chunk, XMP) of any format
+TAGGED_FORMATS = {"JPEG", "MPO", "TIFF", "WEBP"}
+ORIENTATION_INFO = {"exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp"}
 
 
 class ImageError(ValueError):
@@ -63,12 +67,13 @@ def load(image: Image.Image, work: int | None = None) -> Image.Image:
     decode at 1/2, 1/4 or 1/8 scale when that is still larger than ``work`` (``draft``), and
     anything larger than twice ``work`` is box-reduced before any conversion or float copy."""
     fmt = image.format
-    with _decode_errors(image.width * image.height):
+    with _decode_errors(image.width * image.height, bombs=False):  # checked when opened
         image.seek(0)
         if work is not None and fmt == "JPEG":
             image.draft(image.mode, (work, work))
         image.load()
-        image = ImageOps.exif_transpose(image) or image
+        if fmt in TAGGED_FORMATS or not ORIENTATION_INFO.isdisjoint(image.info):
+            image = ImageOps.exif_transpose(image) or image
     if work is not None and max(image.size) > 2 * work:
         image = _shrink(image, max(image.size) // work)
     image.format = fmt  # a transposed or reduced copy forgets it; the answer reports it
@@ -85,11 +90,15 @@ def _shrink(image: Image.Image, factor: int) -> Image.Image:
 
 
 @contextlib.contextmanager
-def _decode_errors(max_pixels: int) -> Iterator[None]:
-    """Pillow's errors, and its bomb warning, as ``ImageError`` answers."""
+def _decode_errors(max_pixels: int, bombs: bool = True) -> Iterator[None]:
+    """Pillow's errors, and its bomb warning (where ``bombs``: Pillow checks when it opens
+    an image), as ``ImageError`` answers."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        if bombs:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                yield
+        else:
             yield
     except ImageError:
         raise

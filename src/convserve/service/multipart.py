@@ -5,8 +5,9 @@ file into a spooled temporary file and reads it back: an upload is copied once h
 of the body), and the parse is a few ``bytes.find`` calls, where the event-driven parser costs
 more than decoding a small image. The body's size is bounded before it gets here
 (``CONVSERVE_MAX_UPLOAD_BYTES``), and the uploads are read whole to be decoded anyway.
-Header parameters are read with python-multipart's ``parse_options_header`` (quoting as
-browsers and HTTP clients write it).
+Header parameters are read as python-multipart's ``parse_options_header`` reads them (quoting
+as browsers and HTTP clients write it): plain ``key=value`` and ``key="value"`` parameters
+here, anything with a backslash or a quoted ``;`` by ``parse_options_header`` itself.
 """
 
 from __future__ import annotations
@@ -33,9 +34,32 @@ class Part:
     data: bytes
 
 
+def options_header(value: str | bytes | None) -> tuple[bytes, dict[bytes, bytes]]:
+    """A header's value and its parameters, lower-cased value and names, as python-multipart's
+    ``parse_options_header`` gives them; the common forms (no backslash, no ``;`` inside quotes)
+    are split here, in a fraction of its time."""
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    parts = text.split(";") if text and "\\" not in text else []
+    if not parts or any(part.count('"') % 2 for part in parts):  # a quoted ";", an escape
+        return parse_options_header(value)
+    kind, *segments = parts
+    options: dict[bytes, bytes] = {}
+    for segment in segments:
+        key, equals, item = segment.partition("=")
+        key = key.strip(" \t")
+        if equals:
+            key, item = key.lower(), item.strip(" \t")
+        if "*" in key:  # RFC 7578 forbids the extended (key*=) syntax: ignored
+            continue
+        if len(item) >= 2 and item[0] == '"' and item[-1] == '"':
+            item = item[1:-1]
+        options[key.encode("latin-1")] = item.encode("latin-1")
+    return kind.strip(" \t").lower().encode("latin-1"), options
+
+
 def boundary(content_type: str | None) -> bytes:
     """The boundary of a ``multipart/form-data`` Content-Type."""
-    kind, options = parse_options_header(content_type)
+    kind, options = options_header(content_type)
     if kind != b"multipart/form-data":
         raise NotMultipart(
             f"the body is {kind.decode('latin-1') or 'of no content type'}, not multipart/form-data"
@@ -78,7 +102,7 @@ def _disposition(headers: bytes) -> tuple[str, str | None]:
     for line in headers.split(b"\r\n"):
         key, colon, value = line.partition(b":")
         if colon and key.strip().lower() == b"content-disposition":
-            kind, options = parse_options_header(value.strip())
+            kind, options = options_header(value.strip())
             if kind != b"form-data" or b"name" not in options:
                 raise MultipartError("a part's Content-Disposition is not form-data with a name")
             filename = options.get(b"filename")

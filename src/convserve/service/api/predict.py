@@ -42,7 +42,7 @@ MAX_EXPLAINED = 4  # images per request with explain=occlusion: each costs ~169 
 class PredictQuery(BaseModel):
     """The query parameters of ``POST /predict``."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     top_k: int | None = Field(
         None, ge=1, description="How many top classes to list (default CONVSERVE_DEFAULT_TOP_K)"
@@ -194,7 +194,12 @@ async def predict(request: Request) -> Response:
     return Response(to_json(body), media_type="application/json")
 
 
+DEFAULT_QUERY = PredictQuery()
+
+
 def _query(request: Request) -> PredictQuery:
+    if not request.scope["query_string"]:
+        return DEFAULT_QUERY
     try:
         return PredictQuery.model_validate(dict(request.query_params))
     except ValidationError as err:
