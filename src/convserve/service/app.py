@@ -266,6 +266,7 @@ class Service(FastAPI):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             direct = self._direct.get((scope["method"], scope["path"]))
+            # under a root path (a proxy's prefix), FastAPI's router resolves the path
             if direct is not None and not scope.get("root_path"):
                 scope["app"] = self
                 scope["route"] = direct[0]
