@@ -118,3 +118,12 @@ def test_the_lanczos_filter_is_pillows_within_a_grey_level_or_two():
     d = np.concatenate(differences)
     assert d.mean() < 0.5 and np.percentile(d, 99) <= 6.0
     assert np.array_equal(lanczos(array, *array.shape), array.astype(np.float32))
+
+
+def test_stroke_width_counts_the_mask_border_as_edge():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        mask = rng.random(tuple(rng.integers(1, 30, 2))) > rng.random()
+        assert stroke_width(mask) == stroke_width(np.pad(mask, 1))
+    bar = np.ones((20, 3), bool)  # a bar 3 px wide, touching the border
+    assert 2.0 < stroke_width(bar) < 4.0

@@ -125,7 +125,8 @@ def _median(values: np.ndarray) -> int:
 
 def stroke_width(mask: np.ndarray) -> float:
     """The mean width of the strokes in a boolean ink mask: twice the area over the number of
-    edge pixels (a stroke of width w and length L has area wL and about 2L edge pixels)."""
+    edge pixels (a stroke of width w and length L has area wL and about 2L edge pixels). A
+    pixel on the mask's border is an edge pixel: what lies outside counts as background."""
     inner = mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
     area = int(np.count_nonzero(mask))
     edge = area - int(np.count_nonzero(inner))
@@ -142,9 +143,7 @@ def _thicken(crop: np.ndarray, box: int, report: FitReport) -> np.ndarray:
         ratio = work / max(crop.shape)
         size = (max(1, round(crop.shape[1] * ratio)), max(1, round(crop.shape[0] * ratio)))
         crop = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.BOX))
-    framed = np.zeros((crop.shape[0] + 2, crop.shape[1] + 2), bool)
-    framed[1:-1, 1:-1] = crop > INK_THRESHOLD * int(crop.max())
-    width = stroke_width(framed)
+    width = stroke_width(crop > INK_THRESHOLD * int(crop.max()))
     longer = max(crop.shape)
     target = MNIST_STROKE * longer / box
     if width < 0.75 * target:
