@@ -332,3 +332,31 @@ def test_a_direct_route_takes_only_the_request(onnx_path):
         app.serve_directly("GET", "/echo", lambda inner: inner)
     with pytest.raises(ValueError, match="no route POST /nothing"):
         app.serve_directly("POST", "/nothing", lambda inner: inner)
+
+
+def test_a_client_gone_before_its_upload_arrived_is_not_an_error(onnx_path, caplog):
+    import asyncio
+
+    app = create_app(Settings(model_uri=str(onnx_path)))
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/predict",
+        "raw_path": b"/predict",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"multipart/form-data; boundary=x")],
+    }
+    sent = []
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    with TestClient(app), caplog.at_level("ERROR"):  # the lifespan has loaded the model
+        asyncio.run(app(scope, receive, send))
+    assert sent == [] and "failed" not in caplog.text
+    text = app.state.metrics.exposition().decode()
+    assert 'route="/predict",status="499"} 1.0' in text and 'status="500"' not in text

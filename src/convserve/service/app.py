@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -81,14 +82,17 @@ class EdgeMiddleware:
         self, scope: Scope, receive: Receive, send: Send, request_id: str, limit: tuple[int, str]
     ) -> int:
         """Run the app on a body counted as it streams (chunked uploads have no length): past
-        the limit the app sees the body end, and its answer is replaced by the 413."""
+        the limit the app sees the body end, and its answer is replaced by the 413. A request
+        whose client left before any answer is counted as 499 (nginx's "client closed")."""
         received, too_large, status_code = 0, False, 500
+        started = gone = False
 
         async def limited_receive() -> Message:
-            nonlocal received, too_large
+            nonlocal received, too_large, gone
             if too_large:
                 return {"type": "http.request", "body": b"", "more_body": False}
             message = await receive()
+            gone = gone or message["type"] == "http.disconnect"
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit[0]:
@@ -97,11 +101,11 @@ class EdgeMiddleware:
             return message
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status_code
+            nonlocal status_code, started
             if too_large:
                 return  # the app's answer to a cut body is replaced by the 413 below
             if message["type"] == "http.response.start":
-                status_code = message["status"]
+                status_code, started = message["status"], True
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
             await send(message)
 
@@ -110,6 +114,8 @@ class EdgeMiddleware:
             await self._reject(scope, send, request_id, received, limit)
             await _linger(receive, LINGER_BYTES)
             status_code = 413
+        elif gone and not started:
+            status_code = 499
         return status_code
 
     async def _reject(
@@ -248,6 +254,8 @@ class Service(FastAPI):
             request = Request(scope, receive)
             try:
                 response = await endpoint(request)
+            except ClientDisconnect:  # gone before its body arrived: no one to answer
+                return
             except Exception as err:
                 response = await self._answer_error(request, err)
             await response(scope, receive, send)
