@@ -87,10 +87,10 @@ def pixels(image: Image.Image) -> np.ndarray:
 def lanczos(array: np.ndarray, height: int, width: int) -> np.ndarray:
     """``array`` ``[h, w]`` resized to ``[height, width]`` with Pillow's ``LANCZOS`` filter
     (Lanczos-3, stretched by the scale when reducing, which anti-aliases), computed in float:
-    float32 grey levels clipped to 0..255. Pillow rounds to 8 bits between its two passes;
-    on strokes and their anti-aliased edges the two differ by a grey level or two. As two
-    products with cached filter matrices, it costs a fraction of a round trip through a PIL
-    image."""
+    float32 grey levels clipped to 0..255. Pillow rounds and clips to 8 bits between its two
+    passes: on drawn digits the two agree at the median and differ by about 4 grey levels at
+    the 99th percentile (where Pillow's clipping cuts the filter's ringing). As two products
+    with cached filter matrices, it costs a fraction of a round trip through a PIL image."""
     h, w = array.shape
     out = array.astype(np.float32)
     if width != w:
