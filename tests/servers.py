@@ -137,6 +137,19 @@ def follow_env(mlflow_url: str, name: str, cache: Path, **extra: str) -> dict[st
     }
 
 
+def registered_model(mlflow_url: str, onnx_path: Path, prefix: str, count: int):  # type: ignore[no-untyped-def]
+    """A new registered model ``<prefix>-<random>`` on ``mlflow_url`` with ``count`` versions,
+    each the model at ``onnx_path``: (the client, its name, the versions)."""
+    import uuid
+
+    import onnx
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_url)
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    return client, name, register_versions(client, name, onnx.load(str(onnx_path)), count)
+
+
 def register_versions(client, name: str, proto, count: int) -> list[str]:  # type: ignore[no-untyped-def]
     """``count`` versions of ``name``, each ``proto``."""
     return [register_onnx(client, name, proto) for _ in range(count)]

@@ -12,15 +12,12 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
-import onnx
 import pytest
-from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from tests.deploy.compose import ROOT
@@ -29,7 +26,7 @@ from tests.servers import (
     follow_env,
     free_port,
     process,
-    register_versions,
+    registered_model,
     wait_http,
 )
 
@@ -102,10 +99,7 @@ def _png() -> bytes:
 
 def test_two_replicas_behind_nginx(onnx_path, mlflow_url, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_url)
-    client = MlflowClient(mlflow_url)
-    name = f"lb-{uuid.uuid4().hex[:6]}"
-    proto = onnx.load(str(onnx_path))
-    first, second = register_versions(client, name, proto, 2)
+    client, name, (first, second) = registered_model(mlflow_url, onnx_path, "lb", 2)
     client.set_registered_model_alias(name, "champion", first)
     env = follow_env(mlflow_url, name, tmp_path / "cache", CONVSERVE_WORKERS="1")
     ports = [free_port(), free_port()]

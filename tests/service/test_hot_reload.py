@@ -15,7 +15,7 @@ from tests.servers import (
     PredictLoad,
     follow_env,
     register_onnx,
-    register_versions,
+    registered_model,
     uvicorn_server,
 )
 
@@ -26,10 +26,7 @@ def test_alias_moves_under_load_without_a_failed_request(
     onnx_path, mlflow_url, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_url)
-    client = MlflowClient(mlflow_url)
-    name = f"reload-{uuid.uuid4().hex[:6]}"
-    proto = onnx.load(str(onnx_path))
-    versions = register_versions(client, name, proto, 3)
+    client, name, versions = registered_model(mlflow_url, onnx_path, "reload", 3)
     broken = onnx.load(str(onnx_path))
     del broken.metadata_props[:]  # no convserve metadata: must be refused
     broken_version = register_onnx(client, name, broken)

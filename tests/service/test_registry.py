@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
 
 import onnx
 import pytest
-from mlflow.tracking import MlflowClient
 
 from convserve.service.registry import (
     ClientRegistry,
@@ -17,16 +15,13 @@ from convserve.service.registry import (
     RestRegistry,
     registry_for,
 )
-from tests.servers import register_versions
+from tests.servers import registered_model
 
 
 @pytest.fixture
 def registered(onnx_path, mlflow_url, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_url)
-    client = MlflowClient(mlflow_url)
-    name = f"rest-{uuid.uuid4().hex[:6]}"
-    proto = onnx.load(str(onnx_path))
-    first, second = register_versions(client, name, proto, 2)
+    client, name, (first, second) = registered_model(mlflow_url, onnx_path, "rest", 2)
     client.set_registered_model_alias(name, "champion", second)
     return client, name, first, second
 

@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -359,7 +360,7 @@ def create_app(settings: Settings, job_settings: JobSettings | None = None) -> S
     app.openapi = openapi_with_v2  # type: ignore[method-assign]
     app.add_middleware(EdgeMiddleware, settings=settings, metrics=metrics)
     app.serve_directly(
-        "POST", "/predict", lambda inner: EdgeMiddleware(inner, settings=settings, metrics=metrics)
+        "POST", "/predict", partial(EdgeMiddleware, settings=settings, metrics=metrics)
     )
     return app
 

@@ -84,12 +84,10 @@ class RestRegistry:
         return r.json()
 
     def get_model_version_by_alias(self, name: str, alias: str) -> Version:
-        mv = self._get("registered-models/alias", name=name, alias=alias)["model_version"]
-        return Version(str(mv["version"]), mv.get("run_id", ""))
+        return _version(self._get("registered-models/alias", name=name, alias=alias))
 
     def get_model_version(self, name: str, version: str) -> Version:
-        mv = self._get("model-versions/get", name=name, version=version)["model_version"]
-        return Version(str(mv["version"]), mv.get("run_id", ""))
+        return _version(self._get("model-versions/get", name=name, version=version))
 
     def download_onnx(self, name: str, version: str, folder: Path) -> None:
         uri = self._get("model-versions/get-download-uri", name=name, version=version)
@@ -133,6 +131,11 @@ class RestRegistry:
             with open(target, "wb") as f:
                 for chunk in r.iter_bytes(1 << 20):
                     f.write(chunk)
+
+
+def _version(answer: dict[str, Any]) -> Version:
+    mv = answer["model_version"]
+    return Version(str(mv["version"]), mv.get("run_id", ""))
 
 
 def _error(response: Any) -> str:
