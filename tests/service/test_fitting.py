@@ -19,7 +19,7 @@ MNIST = Fit(method="digit", box=20 / 28, center="mass", background="dark")
 
 def _fit(image: Image.Image, fit: Fit = MNIST) -> tuple[np.ndarray, FitReport]:
     report = FitReport("digit")
-    return np.asarray(fit_digit(image, 28, 28, fit, report), np.float32) / 255, report
+    return fit_digit(image, 28, 28, fit, report), report
 
 
 def test_a_small_off_centre_digit_is_cropped_scaled_and_centred_by_mass():

@@ -49,34 +49,52 @@ def fit_digit(
     image: Image.Image, height: int, width: int, fit: Fit, report: FitReport
 ) -> np.ndarray:
     """A grey (``L``) image of a digit, fitted as MNIST's digits were (see the module doc):
-    ``[height, width]`` float32 grey levels in 0..255. Works on 8-bit arrays, in as few
-    operations as the steps allow: a 28x28 upload costs a few tens of microseconds."""
+    ``[height, width]`` float32 in 0..1, the ink's peak at 1. Works on 8-bit arrays, in as few
+    array operations as the steps allow (each costs about a microsecond whatever its size, and
+    a 28x28 upload needs about thirty)."""
     grey = pixels(image)
-    background = _median(np.concatenate((grey[0], grey[-1], grey[:, 0], grey[:, -1])))
-    if (background > 127) != (fit.background == "light"):
-        grey = 255 - grey
-        background = 255 - background
+    background = _median(grey.ravel().take(_border(*grey.shape)))
+    invert = (background > 127) != (fit.background == "light")
+    if invert:
         report.steps.append("inverted: light background, the model knows a dark one")
-    ink = np.maximum(grey, background) - np.uint8(background)  # uint8, 0 on the background
+    ink = _ink_table(background, invert).take(grey)  # uint8, 0 on the background
     peak = int(ink.max())
     if peak < 32:  # no ink to speak of: nothing to crop or centre
         report.method = "stretch"
         report.steps.append("no ink found: stretched instead")
-        return np.asarray(stretch(image, height, width, report), np.float32)
-    rows, cols = np.nonzero(ink > INK_THRESHOLD * peak)  # the peak's pixel at least
+        return np.asarray(stretch(image, height, width, report), np.float32) * np.float32(1 / 255)
+    mask = ink > INK_THRESHOLD * peak  # the peak's pixel at least
+    rows, cols = np.nonzero(mask)
     top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols.min()), int(cols.max()) + 1
-    crop = ink[top:bottom, left:right]
-    if peak < 255:
-        crop = (crop * (255.0 / peak)).astype(np.uint8)
     report.steps.append(f"cropped to the ink: {right - left}x{bottom - top} at ({left}, {top})")
     box = max(1, round(fit.box * min(height, width)))
-    digit = _thicken(crop, box, report)
+    digit = _thicken(ink[top:bottom, left:right], mask[top:bottom, left:right], box, report)
     scale = box / max(digit.shape)
     size = (max(1, round(digit.shape[1] * scale)), max(1, round(digit.shape[0] * scale)))
     # LANCZOS anti-aliases like the MNIST normalisation, which left grey levels at the edges
-    scaled = lanczos(digit, size[1], size[0])
+    scaled = lanczos(digit, size[1], size[0], high=peak)
     report.steps.append(f"scaled to {size[0]}x{size[1]} (longer side {box} px)")
-    return _centre(scaled, height, width, fit, report)
+    return _centre(scaled, height, width, fit, report, gain=1 / peak)
+
+
+@functools.lru_cache(maxsize=64)
+def _border(height: int, width: int) -> np.ndarray:
+    """The flat indices of an image's border pixels (each once or twice: the median does not
+    care)."""
+    rows, cols = np.arange(height), np.arange(width)
+    index = np.concatenate((cols, (height - 1) * width + cols, rows * width, rows * width + width - 1))
+    index.setflags(write=False)
+    return index
+
+
+@functools.lru_cache(maxsize=512)
+def _ink_table(background: int, invert: bool) -> np.ndarray:
+    """How far each grey level stands out from the background, as ink: ``max(v - background,
+    0)``, or ``max(background - v, 0)`` where a light background is inverted."""
+    levels = np.arange(256) - background
+    table = np.maximum(-levels if invert else levels, 0).astype(np.uint8)
+    table.setflags(write=False)
+    return table
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -84,26 +102,31 @@ def pixels(image: Image.Image) -> np.ndarray:
     return np.frombuffer(image.tobytes(), np.uint8).reshape(image.height, image.width)
 
 
-def lanczos(array: np.ndarray, height: int, width: int) -> np.ndarray:
+def lanczos(array: np.ndarray, height: int, width: int, high: float = 255.0) -> np.ndarray:
     """``array`` ``[h, w]`` resized to ``[height, width]`` with Pillow's ``LANCZOS`` filter
     (Lanczos-3, stretched by the scale when reducing, which anti-aliases), computed in float:
-    float32 grey levels clipped to 0..255. Pillow rounds and clips to 8 bits between its two
-    passes: on drawn digits the two agree at the median and differ by about 4 grey levels at
-    the 99th percentile (where Pillow's clipping cuts the filter's ringing). As two products
-    with cached filter matrices, it costs a fraction of a round trip through a PIL image."""
+    float32 values clipped to 0..``high`` (the filter rings past its input's range). Pillow
+    rounds and clips to 8 bits between its two passes: on drawn digits the two agree at the
+    median and differ by about 4 grey levels at the 99th percentile (where Pillow's clipping
+    cuts the ringing). As two products with cached filter matrices, it costs a fraction of a
+    round trip through a PIL image."""
     h, w = array.shape
-    out = array.astype(np.float32)
+    out = array
     if width != w:
-        out = out @ _lanczos_matrix(w, width).T
+        out = out @ _lanczos_matrix(w, width).T  # 8-bit input: cast inside the product
     if height != h:
         out = _lanczos_matrix(h, height) @ out
-    return np.clip(out, 0.0, 255.0, out=out)
+    if out is array:
+        out = array.astype(np.float32)
+    np.maximum(out, 0.0, out=out)
+    return np.minimum(out, high, out=out)
 
 
 @functools.lru_cache(maxsize=256)
 def _lanczos_matrix(size: int, out: int) -> np.ndarray:
     """The ``[out, size]`` filter matrix: output pixel ``i`` is centred on input coordinate
-    ``(i + 0.5) * size / out``; each row sums to one (Pillow's ``precompute_coeffs``)."""
+    ``(i + 0.5) * size / out``; each row sums to one (Pillow's ``precompute_coeffs``). Stored
+    column-major: its transpose, the row pass's operand, is the contiguous one."""
     scale = size / out
     stretch = max(scale, 1.0)
     centres = (np.arange(out) + 0.5) * scale
@@ -111,7 +134,7 @@ def _lanczos_matrix(size: int, out: int) -> np.ndarray:
     x = offsets / stretch
     weights = np.where(np.abs(x) < 3.0, np.sinc(x) * np.sinc(x / 3.0), 0.0)
     weights /= weights.sum(axis=1, keepdims=True)
-    matrix = weights.astype(np.float32)
+    matrix = np.asfortranarray(weights, np.float32)
     matrix.setflags(write=False)
     return matrix
 
@@ -133,17 +156,18 @@ def stroke_width(mask: np.ndarray) -> float:
     return 2.0 * area / max(edge, 1)
 
 
-def _thicken(crop: np.ndarray, box: int, report: FitReport) -> np.ndarray:
+def _thicken(crop: np.ndarray, mask: np.ndarray, box: int, report: FitReport) -> np.ndarray:
     """Thicken strokes that scaling would thin below MNIST's: its digits' strokes are about
     3.4 px wide in 28 (median of the training set, ``stroke_width``), a pen line across a
-    large canvas would be a fraction of a pixel. Works at four times the box, so the cost does
-    not grow with the upload."""
+    large canvas would be a fraction of a pixel. ``mask`` is the crop's ink. Works at four
+    times the box, so the cost does not grow with the upload."""
     work = 4 * box
     if max(crop.shape) > work:
         ratio = work / max(crop.shape)
         size = (max(1, round(crop.shape[1] * ratio)), max(1, round(crop.shape[0] * ratio)))
         crop = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.BOX))
-    width = stroke_width(crop > INK_THRESHOLD * int(crop.max()))
+        mask = crop > INK_THRESHOLD * int(crop.max())
+    width = stroke_width(mask)
     longer = max(crop.shape)
     target = MNIST_STROKE * longer / box
     if width < 0.75 * target:
@@ -161,30 +185,41 @@ def _dilate(array: np.ndarray, size: int) -> np.ndarray:
     h, w = array.shape
     padded = np.zeros((h + 2 * half, w + 2 * half), array.dtype)
     padded[half : half + h, half : half + w] = array
-    rows = padded[:, :w].copy()
-    for d in range(1, size):
+    rows = np.maximum(padded[:, :w], padded[:, 1 : 1 + w])
+    for d in range(2, size):
         np.maximum(rows, padded[:, d : d + w], out=rows)
-    out = rows[:h].copy()
-    for d in range(1, size):
+    out = np.maximum(rows[:h], rows[1 : 1 + h])
+    for d in range(2, size):
         np.maximum(out, rows[d : d + h], out=out)
     return out
 
 
-def _centre(digit: np.ndarray, height: int, width: int, fit: Fit, report: FitReport) -> np.ndarray:
-    frame = np.zeros((height, width), np.float32)
+def _centre(
+    digit: np.ndarray, height: int, width: int, fit: Fit, report: FitReport, gain: float
+) -> np.ndarray:
+    """``digit`` times ``gain``, placed in a ``[height, width]`` frame by its centre of mass
+    (or of its box)."""
     h, w = digit.shape
-    rows = digit.sum(axis=1)
-    total = float(rows.sum())
-    if fit.center == "mass" and total > 0:
-        cy = float(rows @ np.arange(h, dtype=np.float32)) / total
-        cx = float(digit.sum(axis=0) @ np.arange(w, dtype=np.float32)) / total
-    else:
-        cy, cx = (h - 1) / 2, (w - 1) / 2
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    if fit.center == "mass":
+        # the digit's moments in two products: [[mass, mass * x], [mass * y, mass * x * y]]
+        (mass, mx), (my, _) = (_moments(h) @ digit @ _moments(w).T).tolist()
+        if mass > 0:
+            cy, cx = my / mass, mx / mass
     top = round((height - 1) / 2 - cy)
     left = round((width - 1) / 2 - cx)
     # clip the paste to the frame (a centre of mass far off centre can push ink outside)
     y0, x0 = max(top, 0), max(left, 0)
     y1, x1 = min(top + h, height), min(left + w, width)
-    frame[y0:y1, x0:x1] = digit[y0 - top : y1 - top, x0 - left : x1 - left]
+    frame = np.zeros((height, width), np.float32)
+    np.multiply(digit[y0 - top : y1 - top, x0 - left : x1 - left], gain, out=frame[y0:y1, x0:x1])
     report.steps.append(f"centred by {fit.center} in {width}x{height}")
     return frame
+
+
+@functools.lru_cache(maxsize=64)
+def _moments(size: int) -> np.ndarray:
+    """``[2, size]``: ones, and each position's coordinate."""
+    matrix = np.stack((np.ones(size), np.arange(size))).astype(np.float32)
+    matrix.setflags(write=False)
+    return matrix
