@@ -81,8 +81,8 @@ def fit_digit(
 def _border(height: int, width: int) -> np.ndarray:
     """The flat indices of an image's border pixels (each once or twice: the median does not
     care)."""
-    rows, cols = np.arange(height), np.arange(width)
-    index = np.concatenate((cols, (height - 1) * width + cols, rows * width, rows * width + width - 1))
+    rows, cols = np.arange(height) * width, np.arange(width)
+    index = np.concatenate((cols, rows[-1] + cols, rows, rows + width - 1))
     index.setflags(write=False)
     return index
 
