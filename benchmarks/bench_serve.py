@@ -9,9 +9,11 @@ run, for three servers:
 - floor: the same app only reading the upload and answering a fixed body
   (``baselines/floor_app.py``): the speed of HTTP itself.
 
-For each: start to first answer, idle RSS (per process and for the process tree), and for
-concurrency 1, 8 and 32: requests/s, p50 and p99 latency, p99/p50 and errors (the best of
-``--repeats`` runs by requests/s). Then the ratios the targets are set on:
+For each: start to first answer (started one at a time), idle RSS (per process and for the
+process tree), and for concurrency 1, 8 and 32: requests/s, p50 and p99 latency, p99/p50 and
+errors (the best of ``--repeats`` runs by requests/s). The three servers run side by side and
+take turns: each repeat of a point loads them one after the other, so that a slow spell of a
+shared machine does not fall on one server only. Then the ratios the targets are set on:
 
 - p99/p50 at concurrency 8 and 32 at most 3, and p99 below the minimal app's;
 - requests/s at concurrency 1 at least the minimal app's, at concurrency 32 at least the
@@ -213,6 +215,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs per point, best kept")
     parser.add_argument("--port", type=int, default=8765, help="first of three ports")
     parser.add_argument(
+        "--concurrency",
+        type=int,
+        action="append",
+        help=f"wrk connections per point (repeatable; default {', '.join(map(str, CONCURRENCY))})",
+    )
+    parser.add_argument(
         "--env", action="append", default=[], help="KEY=VALUE for convserve serve (repeatable)"
     )
     parser.add_argument(
@@ -265,8 +273,8 @@ def main() -> None:
             ),
         ]
         servers = [s for s in servers if not args.only or s.name in args.only]
-        for server in servers:
-            try:
+        try:
+            for server in servers:  # one at a time: each start is timed alone
                 answer = server.start(body, folder)
                 if server.name == "convserve":
                     diff = check_answer(answer, expected, labels)
@@ -277,15 +285,19 @@ def main() -> None:
                         sys.exit("convserve's probabilities differ from in-process onnxruntime's")
                 time.sleep(1.0)
                 server.measure_idle()
-                for c in CONCURRENCY:
-                    runs = [
-                        wrk(server.port, lua, c, args.seconds, args.query)
-                        for _ in range(args.repeats)
-                    ]
-                    best = max(runs, key=lambda r: r["rps"])
-                    best["errors"] = sum(r["errors"] for r in runs)
+            # Interleaved: each repeat of a point runs the servers in turn, so that a slow
+            # spell of a shared machine falls on all of them, not on whichever ran then.
+            for c in args.concurrency or CONCURRENCY:
+                runs: dict[str, list[dict[str, float]]] = {s.name: [] for s in servers}
+                for _ in range(args.repeats):
+                    for server in servers:
+                        runs[server.name].append(wrk(server.port, lua, c, args.seconds, args.query))
+                for server in servers:
+                    best = max(runs[server.name], key=lambda r: r["rps"])
+                    best["errors"] = sum(r["errors"] for r in runs[server.name])
                     server.points[c] = best
-            finally:
+        finally:
+            for server in servers:
                 server.stop()
         report(servers)
 
@@ -308,7 +320,9 @@ def report(servers: list[Server]) -> None:
                 f"{r['tail']:8.2f} {r['errors']:7.0f}"
             )
     by = {s.name: s for s in servers}
-    if not {"convserve", "minimal", "floor"} <= by.keys():
+    if not {"convserve", "minimal", "floor"} <= by.keys() or set(CONCURRENCY) - {
+        c for s in servers for c in s.points
+    }:
         return
     cs, mini, floor = by["convserve"], by["minimal"], by["floor"]
     checks = [

@@ -89,6 +89,13 @@ class LoadedModel:
     def output_names(self) -> list[str]:
         return self.meta.output_names()
 
+    @cached_property
+    def reference(self) -> dict[str, str]:
+        """What an answer says about the model: name, version, alias and run where known."""
+        s = self.source
+        ref = {"name": s.name, "version": s.version, "alias": s.alias, "run_id": s.run_id}
+        return {k: v for k, v in ref.items() if v is not None}
+
     def run(self, batch: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
         """One ``session.run`` on ``[N, C, H, W]`` float32; outputs read by name."""
         values = self.session.run(outputs, {contract.INPUT: batch})

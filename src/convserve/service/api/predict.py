@@ -182,7 +182,7 @@ async def predict(request: Request) -> Response:
     end = time.perf_counter()
     body = {
         "request_id": request.scope.get("state", {}).get("request_id") or new_request_id(),
-        "model": _model_ref(model),
+        "model": model.reference,
         "predictions": predictions,
         "time": {
             "decode_ms": (decoded - start) * 1e3,
@@ -229,12 +229,6 @@ async def _uploads(request: Request, settings: Settings) -> list[Part]:
             422, "`file` and `files` must be file uploads (multipart parts with a filename)"
         )
     return uploads
-
-
-def _model_ref(model: LoadedModel) -> dict[str, str]:
-    s = model.source
-    ref = {"name": s.name, "version": s.version, "alias": s.alias, "run_id": s.run_id}
-    return {k: v for k, v in ref.items() if v is not None}
 
 
 def _check_request(
