@@ -50,7 +50,7 @@ def fit_digit(
 ) -> np.ndarray:
     """A grey (``L``) image of a digit, fitted as MNIST's digits were (see the module doc):
     ``[height, width]`` float32 in 0..1, the ink's peak at 1. Works on 8-bit arrays, in as few
-    array operations as the steps allow (each costs about a microsecond whatever its size, and
+    array operations as the steps allow (each costs a microsecond or more whatever its size, and
     a 28x28 upload needs about thirty)."""
     grey = pixels(image)
     background = _median(grey.ravel().take(_border(*grey.shape)))
