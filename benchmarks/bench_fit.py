@@ -21,10 +21,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_serve import upload_png
 from tests.service.digits import corpus
 
 from convserve.contract import Fit
@@ -60,9 +60,8 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=40, help="passes per figure, best kept")
     args = parser.parse_args()
-    noise = np.random.default_rng(0).integers(0, 255, (28, 28), dtype=np.uint8)  # bench_serve's
     inputs = {
-        "bench_serve's 28x28 upload": ([png(Image.fromarray(noise))], 200),
+        "bench_serve's 28x28 upload": ([upload_png()], 200),
         "420 drawn digits, 200x200": ([png(image) for _, _, image in corpus()], 1),
     }
     print(f"{'input':28s} {'step':24s} {'us/image':>9s}")

@@ -147,12 +147,8 @@ def registered_model(mlflow_url: str, onnx_path: Path, prefix: str, count: int):
 
     client = MlflowClient(mlflow_url)
     name = f"{prefix}-{uuid.uuid4().hex[:6]}"
-    return client, name, register_versions(client, name, onnx.load(str(onnx_path)), count)
-
-
-def register_versions(client, name: str, proto, count: int) -> list[str]:  # type: ignore[no-untyped-def]
-    """``count`` versions of ``name``, each ``proto``."""
-    return [register_onnx(client, name, proto) for _ in range(count)]
+    proto = onnx.load(str(onnx_path))
+    return client, name, [register_onnx(client, name, proto) for _ in range(count)]
 
 
 def register_onnx(client, name: str, proto) -> str:  # type: ignore[no-untyped-def]

@@ -38,11 +38,14 @@ def report_for(image: Image.Image) -> FitReport:
     return FitReport("stretch", f"{image.width}x{image.height} {image.mode}", image.format)
 
 
-def stretch(image: Image.Image, height: int, width: int, report: FitReport) -> Image.Image:
+def stretch(image: Image.Image, height: int, width: int, report: FitReport) -> np.ndarray:
+    """The whole image resized to ``[height, width]`` (bilinear): float32 in 0..1."""
     if image.size != (width, height):
         report.steps.append(f"stretched {image.width}x{image.height} to {width}x{height}")
         image = image.resize((width, height), Image.Resampling.BILINEAR)
-    return image
+    array = np.asarray(image, np.float32)
+    array *= 1 / 255.0
+    return array
 
 
 def fit_digit(
@@ -62,7 +65,7 @@ def fit_digit(
     if peak < 32:  # no ink to speak of: nothing to crop or centre
         report.method = "stretch"
         report.steps.append("no ink found: stretched instead")
-        return np.asarray(stretch(image, height, width, report), np.float32) * np.float32(1 / 255)
+        return stretch(image, height, width, report)
     mask = ink > INK_THRESHOLD * peak  # the peak's pixel at least
     rows, cols = np.nonzero(mask)
     top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols.min()), int(cols.max()) + 1

@@ -175,8 +175,7 @@ def to_input(
         report.method = "digit"
         array = fit_digit(converted, height, width, fit, report)
     else:
-        array = np.asarray(stretch(converted, height, width, report), np.float32)
-        array *= 1 / 255.0
+        array = stretch(converted, height, width, report)
     if array.ndim == 2:
         return array[None], report
     return np.ascontiguousarray(array.transpose(2, 0, 1)), report
