@@ -85,6 +85,48 @@ def test_service_never_imports_torch(onnx_path, tmp_path):
     assert out.stdout.strip().endswith("False")
 
 
+SERVING_IMPORTS = """
+import json, sys
+from fastapi.testclient import TestClient
+import convserve.cli
+from convserve.service.app import create_app
+from convserve.service.settings import Settings
+
+args = json.loads(sys.argv[1])
+with TestClient(create_app(Settings(model_uri=args["model"]))) as c:
+    png = {"file": ("x.png", args["png"].encode("latin-1"))}
+    assert c.post("/predict", files=png).status_code == 200
+    r = c.post("/v2/models/model/infer", json=args["v2"])
+    assert r.status_code == 200, r.text
+print(json.dumps(sorted(m for m in args["unused"] if m in sys.modules)))
+"""
+# What a serving process has no use for, left to the commands and routes that need it
+UNUSED_WHILE_SERVING = ["torch", "mlflow", "huey", "redis", "yaml", "websockets", "rich.logging"]
+
+
+def test_a_serving_process_imports_only_what_serving_uses(onnx_path, tmp_path):
+    """The command line, the app and its start-up, a prediction on each protocol: none of
+    these imports the libraries of training, jobs, config files or WebSockets (each one
+    costs the first answer milliseconds, and memory in every worker)."""
+    v2 = {
+        "inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]
+    }
+    args = {
+        "model": str(onnx_path),
+        "png": _png().decode("latin-1"),
+        "v2": v2,
+        "unused": UNUSED_WHILE_SERVING,
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", SERVING_IMPORTS, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
 def test_predict_one_image(client):
     r = client.post(
         "/predict", files={"file": ("seven.png", _png(), "image/png")}, params={"top_k": 3}

@@ -10,7 +10,6 @@ from typing import Annotated, Any
 import typer
 import typer.core
 from rich.console import Console
-from rich.logging import RichHandler
 
 from convserve import __version__
 
@@ -87,10 +86,10 @@ def main(
     _default_tracking(ctx.invoked_subcommand)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
-    handler: logging.Handler = (
-        RichHandler(console=console, show_time=False, show_path=False)
-        if console.is_terminal
-        else logging.StreamHandler()
-    )
+    handler: logging.Handler = logging.StreamHandler()
+    if console.is_terminal:
+        from rich.logging import RichHandler  # imported for terminals only
+
+        handler = RichHandler(console=console, show_time=False, show_path=False)
     handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import logging
 import multiprocessing
 import os
@@ -67,6 +68,9 @@ def run_server(settings: Settings, job_settings: JobSettings) -> None:
     # fresh interpreter takes to import it (uvicorn spawns by default). This process has
     # started no thread and no onnxruntime session: nothing to inherit badly.
     _subprocess.spawn = multiprocessing.get_context("fork")  # type: ignore[assignment]
+    # What the workers inherit goes to the permanent generation first: their collections
+    # then never write to the pages they share with this process (copy-on-write).
+    gc.freeze()
     with shared_metrics(), tempfile.TemporaryDirectory(prefix="convserve-peers-") as peers:
         config = _config(settings.model_copy(update={"peers_dir": peers}), job_settings)
         Multiprocess(config, sockets=[config.bind_socket()]).run()
@@ -82,6 +86,7 @@ def _config(settings: Settings, job_settings: JobSettings) -> uvicorn.Config:
         log_level="info",
         log_config=log_config(),
         access_log=False,
+        ws="none",  # no WebSocket route: a worker need not import a WebSocket library
     )
     cores = available_cores()
     log.info(  # after uvicorn.Config, which configures logging

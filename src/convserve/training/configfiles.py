@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from convserve.training import CONFIG_DIR, shipped_configs
@@ -43,8 +42,10 @@ def read_config_dict(name_or_path: str | Path | None) -> dict[str, Any]:
     if name_or_path is None:
         return {}
     path = resolve_config_path(name_or_path)
+    import yaml
+
     try:
-        data = yaml.load(path.read_text(), _overrides.ConfigLoader) or {}
+        data = _overrides.load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):

@@ -6,24 +6,35 @@ cannot be set, which the loaders turn into a ``ConfigError``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
 from typing import Any
 
-import yaml
 
-
-class ConfigLoader(yaml.SafeLoader):
+def load_yaml(text: str) -> Any:
     """YAML as people write configs: ``2e-3`` and ``1e5`` are numbers (YAML 1.2), not the
-    strings PyYAML's 1.1 rules make of them."""
+    strings PyYAML's 1.1 rules make of them. PyYAML is imported on first use: a serving
+    process never reads a config file."""
+    import yaml
+
+    return yaml.load(text, _config_loader())
 
 
-ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
+@functools.cache
+def _config_loader() -> Any:
+    import yaml
+
+    class ConfigLoader(yaml.SafeLoader):
+        pass
+
+    ConfigLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+        list("-+0123456789."),
+    )
+    return ConfigLoader
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -33,7 +44,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key.strip():
         raise ValueError(f"override {text!r} has an empty key")
-    return key.strip().split("."), yaml.load(raw, ConfigLoader) if raw.strip() else ""
+    return key.strip().split("."), load_yaml(raw) if raw.strip() else ""
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
