@@ -4,8 +4,8 @@ MLflow tracking server, against the same model from a local file, in one run.
 Starts ``mlflow server`` (SQLite, proxied artifacts), registers the default architecture's
 export and gives it the ``champion`` alias; then, ``--repeats`` times each with an empty
 model cache: ``convserve serve`` with the local file, and with the alias, posting until the
-first 200. The download is timed on its own (one GET of the proxied ``model.onnx``). Target
-(#14): start to first answer with the alias at most 2 s plus the download.
+first 200. The download is timed on its own (one GET of the proxied ``model.onnx``). Target:
+start to first answer with the alias at most 2 s plus the download.
 """
 
 from __future__ import annotations
