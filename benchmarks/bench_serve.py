@@ -10,8 +10,9 @@ run, for three servers:
   (``baselines/floor_app.py``): the speed of HTTP itself.
 
 For each: start to first answer (started one at a time), idle RSS (per process and for the
-process tree), and for concurrency 1, 8 and 32: requests/s, p50 and p99 latency, p99/p50 and
-errors (the best of ``--repeats`` runs by requests/s). The three servers run side by side and
+process tree), and for concurrency 1, 8 and 32: requests/s, p50 and p99 latency, p99/p50,
+errors, and the CPU time the server's processes spent per request, every thread counted (the
+best of ``--repeats`` runs by requests/s). The three servers run side by side and
 take turns: each repeat of a point loads them one after the other, so that a slow spell of a
 shared machine does not fall on one server only. Then the ratios the targets are set on:
 
@@ -28,6 +29,7 @@ Needs wrk (Debian: apt-get install wrk). Pass ``--env KEY=VALUE`` to try other s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -117,6 +119,16 @@ def _tree(pid: int) -> list[int]:
     return [pid, *(p for k in kids for p in _tree(int(k)))]
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU time of these processes (every thread), in seconds."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Server:
     name: str
@@ -166,6 +178,16 @@ class Server:
         sizes = [_rss_kb(p) / 1024 for p in pids]
         self.processes = len(pids)
         self.rss_total_mb, self.rss_max_mb = sum(sizes), max(sizes)
+
+    def load(self, lua: Path, connections: int, seconds: int, query: str) -> dict[str, float]:
+        """One wrk run against it, with the CPU time its processes spent per request."""
+        assert self.proc is not None
+        pids = _tree(self.proc.pid)
+        before = _cpu_seconds(pids)
+        result = wrk(self.port, lua, connections, seconds, query)
+        requests = result["rps"] * seconds
+        result["cpu_ms"] = (_cpu_seconds(pids) - before) * 1e3 / max(requests, 1.0)
+        return result
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -296,7 +318,7 @@ def main() -> None:
                 runs: dict[str, list[dict[str, float]]] = {s.name: [] for s in servers}
                 for _ in range(args.repeats):
                     for server in servers:
-                        runs[server.name].append(wrk(server.port, lua, c, args.seconds, args.query))
+                        runs[server.name].append(server.load(lua, c, args.seconds, args.query))
                 for server in servers:
                     best = max(runs[server.name], key=lambda r: r["rps"])
                     best["errors"] = sum(r["errors"] for r in runs[server.name])
@@ -316,13 +338,13 @@ def report(servers: list[Server]) -> None:
         )
     print(
         f"\n{'server':10s} {'c':>3s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} "
-        f"{'p99/p50':>8s} {'errors':>7s}"
+        f"{'p99/p50':>8s} {'errors':>7s} {'CPU ms/req':>10s}"
     )
     for s in servers:
         for c, r in s.points.items():
             print(
                 f"{s.name:10s} {c:3d} {r['rps']:8.0f} {r['p50']:8.2f} {r['p99']:8.2f} "
-                f"{r['tail']:8.2f} {r['errors']:7.0f}"
+                f"{r['tail']:8.2f} {r['errors']:7.0f} {r['cpu_ms']:10.2f}"
             )
     by = {s.name: s for s in servers}
     if not {"convserve", "minimal", "floor"} <= by.keys():
