@@ -15,8 +15,8 @@ from typing import Any
 
 def load_yaml(text: str) -> Any:
     """YAML as people write configs: ``2e-3`` and ``1e5`` are numbers (YAML 1.2), not the
-    strings PyYAML's 1.1 rules make of them. PyYAML is imported on first use: a serving
-    process never reads a config file."""
+    strings PyYAML's 1.1 rules make of them. PyYAML is imported on first use: answering
+    predictions reads no config file."""
     import yaml
 
     return yaml.load(text, _config_loader())
