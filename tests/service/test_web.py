@@ -259,7 +259,16 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         expect(second).to_have_attribute("data-status", "succeeded", timeout=180_000)
         expect(card).to_contain_text("(succeeded)", timeout=30_000)
         expect(card.locator(".verdict")).to_have_text(re.compile(r"^(healthy|\w+)$"))
-        page.select_option("#diag-b", first_id)
+        # a second job chosen while the page is still reading diagnostics is not lost
+        page.evaluate(
+            """id => {
+                refreshDiagnosis();  // a refresh on its way, as the page's timer starts one
+                const b = document.getElementById("diag-b");
+                b.value = id;
+                b.dispatchEvent(new Event("change"));
+            }""",
+            first_id,
+        )
         cards = page.locator("#diag-view .diag-card")
         expect(cards).to_have_count(2)
         expect(cards.nth(1)).to_have_attribute("data-id", first_id)

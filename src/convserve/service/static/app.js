@@ -615,6 +615,7 @@ const RATIOS = [["grad_ratio", "gradient ratio, first / last hidden layer", true
                 ["act_growth", "activation growth, last / first hidden layer", true]];
 let diagTimer = null;
 let diagBusy = false;
+let diagAgain = false;  // a choice made while a refresh was on its way: read it next
 
 let pickerState = "";
 function updatePickers(jobs) {
@@ -643,7 +644,10 @@ function rebuildPickers(jobs) {
 }
 
 async function refreshDiagnosis() {
-  if (diagBusy) return;
+  if (diagBusy) {
+    diagAgain = true;
+    return;
+  }
   const ids = [$("diag-a").value, $("diag-b").value].filter(Boolean);
   if (!ids.length) return;
   diagBusy = true;
@@ -659,6 +663,10 @@ async function refreshDiagnosis() {
     diagTimer = setTimeout(refreshDiagnosis, 5000);
   } finally {
     diagBusy = false;
+    if (diagAgain) {
+      diagAgain = false;
+      refreshDiagnosis();
+    }
   }
 }
 
