@@ -74,15 +74,21 @@ def test_service_never_imports_torch(onnx_path, tmp_path):
         "bodies": bodies,
     }
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    assert _fresh_python(NO_TORCH, args, tmp_path, env) == "False"
+
+
+def _fresh_python(script: str, args: dict, cwd, env=None) -> str:  # type: ignore[no-untyped-def]
+    """The last line ``script`` prints, run in a new interpreter with ``args`` as JSON in
+    ``sys.argv[1]`` (nothing imported before it: what it imports is its own); it must exit 0."""
     out = subprocess.run(
-        [sys.executable, "-c", NO_TORCH, json.dumps(args)],
+        [sys.executable, "-c", script, json.dumps(args)],
         capture_output=True,
         text=True,
         env=env,
-        cwd=tmp_path,
+        cwd=cwd,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().endswith("False")
+    return out.stdout.strip().splitlines()[-1]
 
 
 SERVING_IMPORTS = """
@@ -117,14 +123,7 @@ def test_a_serving_process_imports_only_what_serving_uses(onnx_path, tmp_path):
         "v2": v2,
         "unused": UNUSED_WHILE_SERVING,
     }
-    out = subprocess.run(
-        [sys.executable, "-c", SERVING_IMPORTS, json.dumps(args)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+    assert json.loads(_fresh_python(SERVING_IMPORTS, args, tmp_path)) == []
 
 
 def test_predict_one_image(client):
