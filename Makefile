@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test-deps run test test-fast lint bench clean
+.PHONY: venv test-deps run test test-fast lint lock bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,20 @@ lint: venv
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
+
+# One hashed lock per image environment, resolved from pyproject.toml by uv for the images'
+# Python (3.11, Linux x86_64): `make lock` after changing a dependency; the suite fails while
+# a lock and pyproject.toml disagree. Each image installs only from its own lock.
+LOCKS := deploy/locks
+UV_COMPILE = $(BIN)/uv pip compile --quiet --generate-hashes --python-version 3.11 \
+  --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock"
+lock: venv
+	$(UV_COMPILE) pyproject.toml --extra service --group pyproject.toml:build -o $(LOCKS)/api.txt
+	$(UV_COMPILE) pyproject.toml --extra service-gpu --group pyproject.toml:build \
+	  -o $(LOCKS)/api-gpu.txt
+	$(UV_COMPILE) pyproject.toml --extra training --group pyproject.toml:build \
+	  -o $(LOCKS)/trainer.txt
+	$(UV_COMPILE) --group pyproject.toml:mlflow-server -o $(LOCKS)/mlflow.txt
 
 bench: venv
 	@command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null 2>&1 || \

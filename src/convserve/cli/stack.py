@@ -59,20 +59,40 @@ def serve(
 
 
 @app.command()
-def worker() -> None:
+def worker(
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Run no worker: exit 0 when the worker of this machine or container wrote "
+            "its liveness file (CONVSERVE_WORKER_LIVENESS_FILE) within "
+            "CONVSERVE_WORKER_ALIVE_AFTER seconds, else 1. The container health check.",
+        ),
+    ] = False,
+) -> None:
     """Consume training jobs, one at a time, from the queue: RedisHuey when REDIS_URL is set
     (any number of workers on any machines), else SqliteHuey (CONVSERVE_QUEUE_PATH). Also
     fails jobs whose worker died (no heartbeat for CONVSERVE_WORKER_LOST_AFTER seconds)."""
     from pydantic import ValidationError
 
     from convserve.pipelines.queue import JobSettings
-    from convserve.pipelines.worker import run_worker
 
-    logging.getLogger().setLevel(logging.INFO)
     try:
         settings = JobSettings()
     except ValidationError as err:
         raise fail(f"bad setting:\n{err}") from None
+    if check:
+        from convserve.pipelines.liveness import check as check_liveness
+
+        problem = check_liveness(Path(settings.worker_liveness_file), settings.worker_alive_after)
+        if problem:
+            raise fail(problem, code=1)
+        console.print("the worker is alive")
+        return
+
+    from convserve.pipelines.worker import run_worker
+
+    logging.getLogger().setLevel(logging.INFO)
     run_worker(settings, console.print)
 
 

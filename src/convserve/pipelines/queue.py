@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import uuid
 from typing import Any, Literal, get_args
 
@@ -55,6 +56,12 @@ class JobSettings(BaseSettings):
     study_storage: str | None = None
     # a training job lost with its worker is run again, from its last checkpoint, this often
     job_retries: int = Field(1, ge=0, le=10)
+    # written by a running worker every heartbeat_interval while its queue answers; read by
+    # `convserve worker --check`, the container health check
+    worker_liveness_file: str = Field(
+        default_factory=lambda: os.path.join(tempfile.gettempdir(), "convserve-worker.alive")
+    )
+    worker_alive_after: float = Field(60.0, gt=0)  # liveness file age that fails the check
 
 
 class JobRequest(NumbersRefuseBooleans):

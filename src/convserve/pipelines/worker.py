@@ -28,6 +28,7 @@ from typing import Any
 import optuna
 
 from convserve.contract import RUN_JOB_TASK, RUN_TRIAL_TASK, JobPayload
+from convserve.pipelines import liveness
 from convserve.pipelines import study as studies
 from convserve.pipelines.lease import GuardedClient, Lease
 from convserve.pipelines.queue import (
@@ -76,6 +77,9 @@ def run_worker(settings: JobSettings, say: Any = log.info) -> None:
     threading.Thread(
         target=_reaper, args=(settings, stop, huey), daemon=True, name="convserve-reaper"
     ).start()
+    liveness.keep_alive(
+        Path(settings.worker_liveness_file), settings.heartbeat_interval, huey.pending_count, stop
+    )
     queue = f"redis {settings.queue_name}" if settings.redis_url else settings.queue_path
     say(f"convserve worker: queue {queue}, tracking {MlflowClient().tracking_uri}")
     # An idle worker looks at the queue at least every second (Huey's default backs off to
