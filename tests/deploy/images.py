@@ -40,7 +40,9 @@ def _digest(*parts: bytes) -> str:
 
 def _source_digest() -> str:
     files = [ROOT / "pyproject.toml", ROOT / "README.md"]
-    files += sorted(p for p in (ROOT / "src").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    files += sorted(
+        p for p in (ROOT / "src").rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    )
     return _digest(*(str(p.relative_to(ROOT)).encode() + p.read_bytes() for p in files))
 
 
@@ -60,7 +62,9 @@ def _run(argv: list[str | Path], log: Path) -> None:
     with open(log, "ab") as out:
         done = subprocess.run([str(a) for a in argv], stdout=out, stderr=subprocess.STDOUT)
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, argv))} failed; see {log}:\n{log.read_text()[-3000:]}")
+        raise RuntimeError(
+            f"{' '.join(map(str, argv))} failed; see {log}:\n{log.read_text()[-3000:]}"
+        )
 
 
 def lock_path(image: str) -> Path:
@@ -79,8 +83,20 @@ def image_env(image: str) -> Path:
             log = root / f"{image}.log"
             log.write_text("")
             _run([PYTHON, "-m", "venv", env], log)
-            _run([env / "bin" / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                  "--require-hashes", "-r", lock], log)
+            _run(
+                [
+                    env / "bin" / "python",
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "--disable-pip-version-check",
+                    "--require-hashes",
+                    "-r",
+                    lock,
+                ],
+                log,
+            )
             (env / ".complete").write_text(lock.read_text())
             # the other environments of this image (older locks) go
             for old in root.glob(f"{image}-*"):
@@ -103,7 +119,22 @@ def _install_app(env: Path, log: Path) -> None:
         copy.mkdir()
         for name in ("pyproject.toml", "README.md"):
             shutil.copy(ROOT / name, copy / name)
-        shutil.copytree(ROOT / "src", copy / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        _run([env / "bin" / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check",
-              "--no-deps", "--no-build-isolation", "--force-reinstall", copy], log)
+        shutil.copytree(
+            ROOT / "src", copy / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+        )
+        _run(
+            [
+                env / "bin" / "python",
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--no-build-isolation",
+                "--force-reinstall",
+                copy,
+            ],
+            log,
+        )
     stamp.write_text(digest)

@@ -181,9 +181,10 @@ def _serves_the_champion_then_the_jobs_version(d: Deployment, lb: str) -> None:
             return r.status_code == 200 and r.json()["model"]["version"] == "2"
 
         _wait("the API serves the job's version", serving_v2, 120, d)
-        assert http.post("/predict", files={"file": ("x.png", _png())}).json()["model"][
-            "run_id"
-        ] == job_id
+        assert (
+            http.post("/predict", files={"file": ("x.png", _png())}).json()["model"]["run_id"]
+            == job_id
+        )
 
 
 def _mlflow_serves_its_ui_and_the_artifacts(d: Deployment) -> None:
