@@ -23,8 +23,12 @@ run: venv
 
 # What the tests need beyond the venv: Debian's chromium for the browser tests, axe-core (from
 # the npm registry, into .tools/) for their accessibility audit, Debian's nginx for the load
-# balancer's test and docker-compose (1.29) to validate the compose files without an engine.
+# balancer's test, docker-compose (1.29) to validate the compose files without an engine, and
+# checkov.
 AXE_VERSION := 4.14.1
+# checkov (the manifests' and Dockerfiles' static analysis) in a venv of its own under .tools/:
+# its pins clash with the test tools'
+CHECKOV_VERSION := 3.3.30
 # $(call debian,COMMAND,PACKAGE,WHAT FOR): install PACKAGE when COMMAND is missing (as root)
 define debian
 @{ command -v $(1) || test -x /usr/sbin/$(1); } >/dev/null || { \
@@ -44,6 +48,8 @@ test-deps:
 	$(call debian,docker-compose,docker-compose,checking the compose files)
 	@command -v kustomize >/dev/null || kubectl kustomize --help >/dev/null 2>&1 || \
 	  echo "the Kubernetes tests render deploy/k8s with kustomize or kubectl 1.21+; neither is here"
+	@test -x .tools/checkov/bin/checkov || { echo "installing checkov $(CHECKOV_VERSION) into .tools/checkov"; \
+	  $(PYTHON) -m venv .tools/checkov && .tools/checkov/bin/pip install -q checkov==$(CHECKOV_VERSION); }
 	@test -f .tools/node_modules/axe-core/axe.min.js || \
 	  npm install --silent --no-audit --no-fund --no-save --prefix .tools axe-core@$(AXE_VERSION)
 
