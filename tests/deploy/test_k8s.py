@@ -147,7 +147,8 @@ def test_secrets_come_from_the_generated_secret_and_every_key_is_documented():
     assert "secret.env" in (ROOT / ".gitignore").read_text()  # the real one stays out of git
 
 
-# The Pod Security Standard "restricted" (kubernetes.io/docs/concepts/security/pod-security-standards)
+# The Pod Security Standard "restricted"
+# (kubernetes.io/docs/concepts/security/pod-security-standards)
 _RESTRICTED_VOLUMES = {
     "configMap",
     "csi",
@@ -206,7 +207,7 @@ def test_mlflow_answers_its_in_cluster_names_on_any_port_and_no_other():
         assert is_allowed_host_header(allowed, host), host
     for host in ("evil.example", "mlflow.evil.example:5000", "mlflow.other.svc:5000"):
         assert not is_allowed_host_header(allowed, host), host
-    assert [e for e in mlflow["env"] if e["name"] == "MLFLOW_BACKEND_STORE_URI"][0]["valueFrom"]
+    assert next(e for e in mlflow["env"] if e["name"] == "MLFLOW_BACKEND_STORE_URI")["valueFrom"]
 
 
 def test_network_policies_let_only_convserve_reach_mlflow_redis_and_postgresql():
