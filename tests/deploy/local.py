@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.deploy.images import image_env
+from tests.deploy.images import ROOT, image_env
 from tests.servers import free_port
 
 
@@ -53,7 +53,7 @@ class Deployment:
             value = re.sub(
                 rf"(?<=[/@]){re.escape(name)}:{port}\b", f"127.0.0.1:{self.ports[name]}", value
             )
-        if value.startswith(str(self.folder)):  # a path of this machine already
+        if value.startswith((str(self.folder), str(ROOT))):  # a path of this machine already
             return value
         for path in sorted(container.mounts, key=len, reverse=True):
             if value == path or value.startswith(path + "/"):
