@@ -67,6 +67,12 @@ def _run(argv: list[str | Path], log: Path) -> None:
         )
 
 
+def _pip(env: Path, log: Path, *args: str | Path) -> None:
+    """``pip install`` inside ``env``, as a Dockerfile's RUN step does."""
+    python = env / "bin" / "python"
+    _run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *args], log)
+
+
 def lock_path(image: str) -> Path:
     return LOCKS / f"{image}.txt"
 
@@ -83,20 +89,7 @@ def image_env(image: str) -> Path:
             log = root / f"{image}.log"
             log.write_text("")
             _run([PYTHON, "-m", "venv", env], log)
-            _run(
-                [
-                    env / "bin" / "python",
-                    "-m",
-                    "pip",
-                    "install",
-                    "-q",
-                    "--disable-pip-version-check",
-                    "--require-hashes",
-                    "-r",
-                    lock,
-                ],
-                log,
-            )
+            _pip(env, log, "--require-hashes", "-r", lock)
             (env / ".complete").write_text(lock.read_text())
             # the other environments of this image (older locks) go
             for old in root.glob(f"{image}-*"):
@@ -122,19 +115,5 @@ def _install_app(env: Path, log: Path) -> None:
         shutil.copytree(
             ROOT / "src", copy / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
         )
-        _run(
-            [
-                env / "bin" / "python",
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "--disable-pip-version-check",
-                "--no-deps",
-                "--no-build-isolation",
-                "--force-reinstall",
-                copy,
-            ],
-            log,
-        )
+        _pip(env, log, "--no-deps", "--no-build-isolation", "--force-reinstall", copy)
     stamp.write_text(digest)

@@ -13,8 +13,14 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
 
 from tests.deploy.images import ROOT, image_env
 from tests.servers import free_port
@@ -97,35 +103,38 @@ class Deployment:
         return env
 
     # processes ------------------------------------------------------------------------------
-    def start(self, container: Container) -> subprocess.Popen[bytes]:
-        env = self.environment(container)
-        log = open(self.folder / f"{container.name}.log", "ab")  # noqa: SIM115
-        proc = subprocess.Popen(
-            self.argv(container, container.argv),
-            env=env,
-            cwd=self.workdir(container),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.procs[container.name] = proc
+    def _launch(self, container: Container) -> dict[str, Any]:
+        """What both a service and a one-shot container start with."""
         self.containers[container.name] = container
+        return {
+            "args": self.argv(container, container.argv),
+            "env": self.environment(container),
+            "cwd": self.workdir(container),
+            "stderr": subprocess.STDOUT,
+        }
+
+    def start(self, container: Container) -> subprocess.Popen[bytes]:
+        log = open(self.folder / f"{container.name}.log", "ab")  # noqa: SIM115
+        proc = subprocess.Popen(stdout=log, start_new_session=True, **self._launch(container))
+        self.procs[container.name] = proc
         return proc
 
     def run(self, container: Container, timeout: float) -> subprocess.CompletedProcess[str]:
         """A one-shot container (a Job, compose's bootstrap) to its end."""
-        self.containers[container.name] = container
-        env = self.environment(container)
         with open(self.folder / f"{container.name}.log", "ab") as log:
-            done = subprocess.run(
-                self.argv(container, container.argv),
-                env=env,
-                cwd=self.workdir(container),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=timeout,
-            )
+            done = subprocess.run(stdout=log, timeout=timeout, **self._launch(container))
         return subprocess.CompletedProcess(done.args, done.returncode, self.log(container.name))
+
+    def wait(self, what: str, condition: Callable[[], Any], timeout: float) -> Any:
+        """``condition()``'s first true value, polled until ``timeout``; else the test fails
+        with every container's log."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = condition()
+            if value:
+                return value
+            time.sleep(0.3)
+        pytest.fail(f"{what} within {timeout:.0f} s\n{self.logs()}")
 
     def check(self, name: str, argv: list[str], shell: bool = False) -> tuple[int, str]:
         """A health check or exec probe inside ``name``'s container: its environment, its
@@ -180,3 +189,11 @@ class Deployment:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def http_ok(url: str) -> bool:
+    """``url`` answers 200 (a readiness probe, a health check over HTTP)."""
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -10,39 +10,20 @@ every health check passes."""
 
 from __future__ import annotations
 
-import io
-import time
 import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
-from PIL import Image
 
 from tests.conftest import TINY
 from tests.deploy.compose import ROOT, load, read_env
-from tests.deploy.local import Container, Deployment
-from tests.deploy.test_load_balancer import nginx
+from tests.deploy.local import Container, Deployment, http_ok
+from tests.deploy.test_load_balancer import _png, nginx
 
 pytestmark = pytest.mark.slow
 TOKEN = "compose-token"
-
-
-def _png() -> bytes:
-    buf = io.BytesIO()
-    Image.new("L", (8, 8), 128).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _wait(what: str, condition, timeout: float, deployment: Deployment):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.3)
-    pytest.fail(f"{what} within {timeout:.0f} s\n{deployment.logs()}")
 
 
 def _mounts(service: dict, volumes: Path) -> dict[str, Path]:
@@ -108,7 +89,7 @@ def test_docker_compose_up_as_the_images_run_it(tmp_path, postgres_database, opt
         d.start(redis)
 
         mlflow = d.start(container("mlflow", "mlflow"))
-        _wait("MLflow answers /health", lambda: _ok(f"{d.url('mlflow')}/health"), 180, d)
+        d.wait("MLflow answers /health", lambda: http_ok(f"{d.url('mlflow')}/health"), 180)
         assert mlflow.poll() is None
 
         bootstrap = container("bootstrap", "trainer")
@@ -120,7 +101,7 @@ def test_docker_compose_up_as_the_images_run_it(tmp_path, postgres_database, opt
 
         d.start(container("worker", "trainer"))
         d.start(container("api", "api"))
-        _wait("the API is ready", lambda: _ok(f"{d.url('api')}/readyz"), 180, d)
+        d.wait("the API is ready", lambda: http_ok(f"{d.url('api')}/readyz"), 180)
         with nginx(tmp_path / "lb", [d.ports["api"]]) as lb:
             d.ports["lb"] = int(lb.rsplit(":", 1)[1])
             d.containers["lb"] = Container("lb", None, [], {})
@@ -131,13 +112,6 @@ def test_docker_compose_up_as_the_images_run_it(tmp_path, postgres_database, opt
             assert d.written(name) == [], name
     finally:
         d.stop()
-
-
-def _ok(url: str, **kwargs) -> bool:  # type: ignore[no-untyped-def]
-    try:
-        return httpx.get(url, timeout=5, **kwargs).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _every_health_check_passes(d: Deployment, services: dict) -> None:
@@ -151,7 +125,7 @@ def _every_health_check_passes(d: Deployment, services: dict) -> None:
         def passes(name: str = name, kind: str = kind, argv: list[str] = argv) -> bool:
             return d.check(name, argv, shell=kind == "CMD-SHELL")[0] == 0
 
-        _wait(f"{name}'s health check passes: {argv}", passes, retries * 3, d)
+        d.wait(f"{name}'s health check passes: {argv}", passes, retries * 3)
         checked.append(name)
     assert set(checked) == {"postgres", "redis", "mlflow", "worker", "api", "lb"}
 
@@ -173,14 +147,14 @@ def _serves_the_champion_then_the_jobs_version(d: Deployment, lb: str) -> None:
             state = http.get(f"/jobs/{job_id}").json()
             return state if state["status"] in ("succeeded", "failed", "cancelled") else None
 
-        state = _wait("the job ends", done, 600, d)
+        state = d.wait("the job ends", done, 600)
         assert state["status"] == "succeeded" and state["promoted"] is True, state
 
         def serving_v2() -> bool:
             r = http.post("/predict", files={"file": ("x.png", _png())})
             return r.status_code == 200 and r.json()["model"]["version"] == "2"
 
-        _wait("the API serves the job's version", serving_v2, 120, d)
+        d.wait("the API serves the job's version", serving_v2, 120)
         assert (
             http.post("/predict", files={"file": ("x.png", _png())}).json()["model"]["run_id"]
             == job_id

@@ -11,18 +11,16 @@ system is read-only in the pods)."""
 from __future__ import annotations
 
 import base64
-import io
 import re
 import shutil
-import time
 import uuid
 
 import httpx
 import pytest
-from PIL import Image
 
-from tests.deploy.local import Container, Deployment
+from tests.deploy.local import Container, Deployment, http_ok
 from tests.deploy.test_k8s import render
+from tests.deploy.test_load_balancer import _png
 
 pytestmark = pytest.mark.slow
 NAMESPACE = "convserve-test"
@@ -50,26 +48,10 @@ def _environment(c: dict, config: dict[str, str], secret: dict[str, str]) -> dic
     return env
 
 
-def _wait(what: str, condition, timeout: float, d: Deployment) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.3)
-    pytest.fail(f"{what} within {timeout:.0f} s\n{d.logs()}")
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def test_the_kubernetes_base_as_its_pods_run_it(tmp_path, postgres_database):
     import psycopg2
 
-    redis_port, optuna = None, f"convserve_optuna_{uuid.uuid4().hex[:8]}"
+    optuna = f"convserve_optuna_{uuid.uuid4().hex[:8]}"
     d = Deployment(tmp_path, {"mlflow": 5000, "convserve-api": 8000, "redis": 6379})
     redis_port = d.ports["redis"]
     conn = psycopg2.connect(host="127.0.0.1", user="postgres", dbname="postgres")
@@ -111,7 +93,7 @@ def test_the_kubernetes_base_as_its_pods_run_it(tmp_path, postgres_database):
         mlflow, spec = container("mlflow")
         d.start(mlflow)
         probe = spec["readinessProbe"]["httpGet"]["path"]
-        _wait("MLflow is ready", lambda: _http_ok(d.url("mlflow") + probe), 180, d)
+        d.wait("MLflow is ready", lambda: http_ok(d.url("mlflow") + probe), 180)
 
         job, _ = container("convserve-bootstrap")
         first = d.run(job, timeout=900)
@@ -126,14 +108,12 @@ def test_the_kubernetes_base_as_its_pods_run_it(tmp_path, postgres_database):
         api_url = d.url("convserve-api")
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             path = api_spec[kind]["httpGet"]["path"]
-            _wait(f"the API's {kind} passes", lambda p=path: _http_ok(api_url + p), 180, d)
+            d.wait(f"the API's {kind} passes", lambda p=path: http_ok(api_url + p), 180)
         for kind in ("startupProbe", "livenessProbe"):
             argv = worker_spec[kind]["exec"]["command"]
-            _wait(f"the worker's {kind}", lambda a=argv: d.check(worker.name, a)[0] == 0, 120, d)
+            d.wait(f"the worker's {kind}", lambda a=argv: d.check(worker.name, a)[0] == 0, 120)
 
-        buf = io.BytesIO()
-        Image.new("L", (28, 28), 0).save(buf, "PNG")
-        r = httpx.post(f"{api_url}/predict", files={"file": ("x.png", buf.getvalue())}, timeout=30)
+        r = httpx.post(f"{api_url}/predict", files={"file": ("x.png", _png())}, timeout=30)
         assert r.status_code == 200, r.text
         assert r.json()["model"] == {
             "name": "convserve",

@@ -28,15 +28,15 @@ def keep_alive(
     (a call that reaches the queue) answers, until ``stop`` is set; the file goes then."""
 
     def beat() -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             try:
                 probe()
+                path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(f".{path.name}.{os.getpid()}")
                 tmp.write_text(f"{time.time():.3f}\n")
                 tmp.replace(path)  # a reader never sees a half-written file
             except Exception as err:  # the queue is away: the file ages, the check fails
-                log.warning("liveness: the queue did not answer: %s", err)
+                log.warning("liveness: %s", err)
             if stop.wait(interval):
                 path.unlink(missing_ok=True)
                 return
