@@ -74,13 +74,6 @@ def test_missing_and_malformed_metadata_say_what_is_wrong():
         ModelMetadata.from_props(props)
 
 
-def test_job_payload_and_task_name():
-    assert contract.RUN_JOB_TASK == "convserve.run_job"
-    assert contract.JobPayload(run_id="r1").run_id == "r1"
-    with pytest.raises(ValueError):
-        contract.JobPayload(run_id="")
-
-
 def test_contract_imports_only_pydantic():
     code = (
         "import sys, convserve.contract; "

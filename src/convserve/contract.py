@@ -1,4 +1,4 @@
-"""The contracts between training, serving and the job queue, in one torch-free module.
+"""The contract between training and serving, in one torch-free module.
 
 The ONNX serving contract: an exported model takes ``image`` (float32 ``[batch, channels,
 height, width]``, pixels in [0, 1]; normalisation and softmax are inside the graph) and
@@ -6,8 +6,7 @@ answers ``probabilities`` ``[batch, classes]`` and ``features.<block>`` for ever
 convolutional block. Everything the service needs to serve it travels in the file's
 ``metadata_props`` under ``convserve.*`` keys, written and read through ``ModelMetadata``.
 
-The job queue's contract: the Huey task name a job is enqueued under and the payload it
-carries. The API enqueues by name; only ``convserve worker`` registers the function.
+The job queue's contract (task names, payloads, the job run's tags) is ``convserve.jobs``.
 """
 
 from __future__ import annotations
@@ -177,13 +176,3 @@ def _json(key: str, text: str) -> Any:
 
 
 # The job queue.
-RUN_JOB_TASK = "convserve.run_job"  # Huey task name: one training job (a train or a sweep)
-RUN_TRIAL_TASK = "convserve.run_trial"  # one trial of a sweep job's study (payload: the sweep's)
-
-
-class JobPayload(BaseModel):
-    """What a queued job message carries: the run id. The request itself is on the run."""
-
-    model_config = ConfigDict(frozen=True)
-
-    run_id: str = Field(min_length=1)

@@ -3,7 +3,7 @@ import json
 
 from mlflow.tracking import MlflowClient
 
-from convserve.pipelines.queue import JobSettings
+from convserve.jobs import JobSettings
 from convserve.pipelines.sweep import child_name, label, run_sweep
 from convserve.training.config import SweepConfig
 from convserve.training.configfiles import load_sweep

@@ -36,7 +36,7 @@ import json, sys
 from fastapi.testclient import TestClient
 from convserve.service.app import create_app
 from convserve.service.settings import Settings
-from convserve.pipelines.queue import JobSettings
+from convserve.jobs import JobSettings
 
 args = json.loads(sys.argv[1])
 app = create_app(

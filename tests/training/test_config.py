@@ -126,7 +126,7 @@ def test_numbers_refuse_true_and_false():
 
 
 def test_a_job_is_exactly_one_of_train_and_sweep_in_its_schema():
-    from convserve.pipelines.queue import JobRequest
+    from convserve.jobs import JobRequest
 
     schema = JobRequest.model_json_schema()
     assert [one["required"] for one in schema["oneOf"]] == [["train"], ["sweep"]]

@@ -39,7 +39,7 @@ def serve(
     Every other setting is a CONVSERVE_* environment variable (see the README)."""
     from pydantic import ValidationError
 
-    from convserve.pipelines.queue import JobSettings
+    from convserve.jobs import JobSettings
     from convserve.service.model import ModelLoadError, providers_for
     from convserve.service.server import run_server
     from convserve.service.settings import Settings
@@ -75,7 +75,7 @@ def worker(
     fails jobs whose worker died (no heartbeat for CONVSERVE_WORKER_LOST_AFTER seconds)."""
     from pydantic import ValidationError
 
-    from convserve.pipelines.queue import JobSettings
+    from convserve.jobs import JobSettings
 
     try:
         settings = JobSettings()

@@ -183,8 +183,8 @@ def _queued_sweep(
 
     from mlflow.tracking import MlflowClient
 
-    from convserve.pipelines.queue import JobRequest, JobSettings, cancel, job_status, make_queue
-    from convserve.pipelines.queue import submit as submit_job
+    from convserve.jobs import JobQueue, JobRequest, JobSettings, Tag, cancel, job_status
+    from convserve.jobs import submit as submit_job
     from convserve.training.tracking import tracking_uri
 
     settings = JobSettings()
@@ -192,7 +192,7 @@ def _queued_sweep(
     request = JobRequest(
         sweep=spec, register_model=register, promote=promote, model_name=model_name, margin=margin
     )
-    job_id = submit_job(request, client, make_queue(settings))
+    job_id = submit_job(request, client, JobQueue(settings))
     where = f"redis {settings.queue_name}" if settings.redis_url else settings.queue_path
     console.print(
         f"sweep job {job_id}: {spec.size()} trials, {spec.parallelism} at a time, on the "
@@ -203,7 +203,7 @@ def _queued_sweep(
         while True:
             run = client.get_run(job_id)
             status = job_status(run)
-            trials = json.loads(run.data.tags.get("convserve.progress", "{}")).get("trials")
+            trials = json.loads(run.data.tags.get(Tag.PROGRESS, "{}")).get("trials")
             if trials:
                 line = (
                     f"trials: {trials['finished']} finished, {trials['pruned']} pruned, "

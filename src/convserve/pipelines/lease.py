@@ -17,30 +17,32 @@ import threading
 import time
 from typing import Any
 
+from convserve.jobs import Tag
+
 log = logging.getLogger(__name__)
 
-# MlflowClient methods that write to a run or the registry.
-_WRITES = {
-    "set_tag",
-    "set_tags",
-    "log_batch",
-    "log_metric",
-    "log_param",
-    "log_text",
-    "log_dict",
-    "log_artifact",
-    "log_artifacts",
-    "log_figure",
-    "log_image",
-    "set_terminated",
-    "update_run",
-    "delete_tag",
-    "create_registered_model",
-    "create_model_version",
-    "set_registered_model_alias",
-    "set_model_version_tag",
-    "delete_model_version",
-}
+# The MlflowClient attributes that only read: they pass. Every other attribute, a write that
+# a newer MLflow adds included, goes through the lease (fails closed).
+READS = frozenset(
+    {
+        "tracking_uri",
+        "download_artifacts",
+        "get_experiment",
+        "get_experiment_by_name",
+        "get_metric_history",
+        "get_model_version",
+        "get_model_version_by_alias",
+        "get_model_version_download_uri",
+        "get_parent_run",
+        "get_registered_model",
+        "get_run",
+        "list_artifacts",
+        "search_experiments",
+        "search_model_versions",
+        "search_registered_models",
+        "search_runs",
+    }
+)
 
 
 class Lease:
@@ -74,17 +76,17 @@ class Lease:
         self._checked = time.monotonic()
         self._held = (
             run.info.status == "RUNNING"
-            and tags.get("convserve.worker") == self.worker
-            and tags.get("convserve.attempt", "1") == str(self.attempt)
+            and tags.get(Tag.WORKER) == self.worker
+            and tags.get(Tag.ATTEMPT, "1") == str(self.attempt)
         )
-        self.cancelled = tags.get("convserve.cancel_requested") == "1"
+        self.cancelled = tags.get(Tag.CANCEL_REQUESTED) == "1"
         if not self._held:
             log.warning(
                 "job %s: lease lost (run %s, worker %s, attempt %s): writing nothing more",
                 self.run_id,
                 run.info.status,
-                tags.get("convserve.worker"),
-                tags.get("convserve.attempt"),
+                tags.get(Tag.WORKER),
+                tags.get(Tag.ATTEMPT),
             )
 
     def may_publish(self) -> bool:
@@ -94,14 +96,15 @@ class Lease:
 
 
 class GuardedClient:
-    """An ``MlflowClient`` whose writes happen only while ``lease`` is held; reads pass."""
+    """An ``MlflowClient`` whose reads (``READS``) pass and whose every other call happens
+    only while ``lease`` is held (else it is skipped and answers None)."""
 
     def __init__(self, client: Any, lease: Lease) -> None:
         self._client, self._lease = client, lease
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._client, name)
-        if name not in _WRITES:
+        if name in READS:
             return attr
 
         def guarded(*args: Any, **kwargs: Any) -> Any:

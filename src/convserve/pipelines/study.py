@@ -36,9 +36,11 @@ from optuna.trial import TrialState
 from convserve.training.config import Range, SweepConfig
 
 if TYPE_CHECKING:
-    from convserve.pipelines.queue import JobSettings
+    from convserve.jobs import JobSettings
 
 log = logging.getLogger(__name__)
+# the study storage a worker opens (``open_storage``): a database, with trial heartbeats
+Storage = optuna.storages.RDBStorage
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # heartbeats are "experimental" in Optuna's words; they are what makes a lost trial visible
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -66,7 +68,7 @@ def storage_url(settings: JobSettings) -> str:
 _storages: dict[str, optuna.storages.RDBStorage] = {}
 
 
-def open_storage(settings: JobSettings) -> optuna.storages.RDBStorage:
+def open_storage(settings: JobSettings) -> Storage:
     """The study storage, one per process (a pool of database connections), with heartbeats:
     a running trial whose heartbeat is older than ``worker_lost_after`` seconds is stale (its
     worker is gone); whichever reaper fails it (``optuna.storages.fail_stale_trials``) fails
@@ -136,7 +138,7 @@ def _choice(value: Any) -> Any:
     return json.dumps(value, sort_keys=True)
 
 
-def load(sweep: SweepConfig, parent_run_id: str, storage: Any, number: int = 0) -> optuna.Study:
+def load(sweep: SweepConfig, parent_run_id: str, storage: Storage, number: int = 0) -> optuna.Study:
     return optuna.load_study(
         study_name=study_name(parent_run_id),
         storage=storage,
@@ -145,7 +147,7 @@ def load(sweep: SweepConfig, parent_run_id: str, storage: Any, number: int = 0) 
     )
 
 
-def ensure(sweep: SweepConfig, parent_run_id: str, storage: Any) -> optuna.Study:
+def ensure(sweep: SweepConfig, parent_run_id: str, storage: Storage) -> optuna.Study:
     """The sweep's study and its publish ticket, with one ``WAITING`` trial per point to
     train. Safe to call again (a sweep job run again after its worker was lost): it adds only
     the trials that are missing."""
@@ -214,7 +216,7 @@ def done(study: optuna.Study) -> bool:
     return c["waiting"] == 0 and c["running"] == 0
 
 
-def take_publish_ticket(study: optuna.Study, storage: Any) -> bool:
+def take_publish_ticket(study: optuna.Study, storage: Storage) -> bool:
     """True for the one caller that takes the study's publish ticket; False for every other
     (and for any caller while trials still wait or run)."""
     if not done(study):
@@ -238,7 +240,7 @@ def fail_waiting(study: optuna.Study, status: str) -> int:
 
 
 @contextmanager
-def heartbeat(storage: Any, trial: optuna.Trial, interval: float) -> Iterator[None]:
+def heartbeat(storage: Storage, trial: optuna.Trial, interval: float) -> Iterator[None]:
     """Records the trial's heartbeat every ``interval`` seconds while the block runs."""
     stop = threading.Event()
 

@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
 from optuna.trial import TrialState
 
+from convserve.jobs import JobSettings, Tag
 from convserve.pipelines import study as studies
 from convserve.pipelines.lease import GuardedClient, Lease
-from convserve.pipelines.queue import JobSettings
 from convserve.pipelines.registry import Policy, Published, publish
 from convserve.pipelines.study import TrialRow
 from convserve.training.config import Range, SweepConfig, TrainConfig
@@ -145,8 +146,8 @@ def search_tags(sweep: SweepConfig) -> dict[str, str]:
 def run_trial(
     sweep: SweepConfig,
     parent_id: str | None,
-    study: Any,
-    storage: Any,
+    study: optuna.Study,
+    storage: studies.Storage,
     client: Any,
     *,
     worker: str,
@@ -232,8 +233,8 @@ def _child_run(
     tags = {
         "convserve.point": json.dumps(point, sort_keys=True, default=str)[:5000],
         "convserve.trial": str(number),
-        "convserve.worker": worker,
-        "convserve.attempt": "1",
+        Tag.WORKER: worker,
+        Tag.ATTEMPT: "1",
     }
     if parent_id:
         tags["mlflow.parentRunId"] = parent_id
@@ -256,7 +257,12 @@ def _failed(client: Any, run_id: str, error: str) -> None:
 
 
 def _tell(
-    study: Any, trial: Any, status: str, value: float | None, diagnosis: str, note: str
+    study: optuna.Study,
+    trial: optuna.Trial,
+    status: str,
+    value: float | None,
+    diagnosis: str,
+    note: str,
 ) -> None:
     """The trial's outcome into the study; a trial that a reaper already failed (its worker
     was stopped past the limit) keeps that ending."""
@@ -275,7 +281,7 @@ def _tell(
 
 
 def summarise(
-    sweep: SweepConfig, parent_id: str, study: Any, client: Any
+    sweep: SweepConfig, parent_id: str, study: optuna.Study, client: Any
 ) -> tuple[list[TrialRow], list[str], Path]:
     """The summary of the trials so far in ``<output_dir>/<parent>/summary`` and, with a
     ``client``, on the parent run (its artifacts, and the progress tag): (rows, the table's
@@ -285,12 +291,12 @@ def summarise(
     lines = write_summary(sweep, rows, folder)
     if client is not None:
         progress = json.dumps({"trials": studies.progress(study)})
-        client.set_tag(parent_id, "convserve.progress", progress)
+        client.set_tag(parent_id, Tag.PROGRESS, progress)
         client.log_artifacts(parent_id, str(folder), "summary")
     return rows, lines, folder
 
 
-def record_progress(client: Any, parent_id: str, sweep: SweepConfig, study: Any) -> None:
+def record_progress(client: Any, parent_id: str, sweep: SweepConfig, study: optuna.Study) -> None:
     """``summarise`` as trials end (each writer uploads a whole table, so the last one
     written is a complete one); a failed write is left to the next trial."""
     try:
@@ -302,7 +308,7 @@ def record_progress(client: Any, parent_id: str, sweep: SweepConfig, study: Any)
 def finish(
     sweep: SweepConfig,
     parent_id: str,
-    study: Any,
+    study: optuna.Study,
     client: Any,
     policy: Policy | None,
     proceed: Callable[[], bool] | None = None,
@@ -313,9 +319,7 @@ def finish(
     result = SweepResult(parent_id if client else None, rows, None, folder=folder, summary=lines)
     finished = [r for r in rows if r.status == studies.FINISHED and r.value is not None]
     if client is not None:
-        client.set_tag(
-            parent_id, "convserve.progress", json.dumps({"trials": studies.progress(study)})
-        )
+        client.set_tag(parent_id, Tag.PROGRESS, json.dumps({"trials": studies.progress(study)}))
         client.log_artifacts(parent_id, str(folder), "summary")
     if not finished:
         return result

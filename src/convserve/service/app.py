@@ -25,7 +25,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from convserve import __version__
-from convserve.pipelines.queue import JobSettings, make_queue
+from convserve.jobs import JobQueue, JobSettings
 from convserve.service.api import datasets, docs, jobs, predict, status, ui, v2
 from convserve.service.api.deps import new_request_id
 from convserve.service.decoding import Decoder
@@ -172,7 +172,7 @@ async def _empty_receive() -> Message:
     return {"type": "http.request", "body": b"", "more_body": False}
 
 
-class JobQueue:
+class Jobs:
     """The job queue and the MLflow client, as the API sees them. Both are made on the first
     jobs request: a server that only predicts never imports Huey, Redis's client or MLflow,
     never opens the tracking store, and its worker processes do not race to create a SQLite
@@ -180,19 +180,19 @@ class JobQueue:
 
     def __init__(self, settings: JobSettings) -> None:
         self.settings = settings
-        self._huey: Any = None
+        self._queue: JobQueue | None = None
         self._client: Any = None
         # one lock each: the event loop reads the queue, while a worker thread may be
         # importing MLflow for the client (a second or more) under its lock
-        self._huey_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
         self._client_lock = threading.Lock()
 
     @property
-    def huey(self) -> Any:
-        with self._huey_lock:
-            if self._huey is None:
-                self._huey = make_queue(self.settings)
-            return self._huey
+    def queue(self) -> JobQueue:
+        with self._queue_lock:
+            if self._queue is None:
+                self._queue = JobQueue(self.settings)
+            return self._queue
 
     @property
     def client(self) -> Any:
@@ -316,7 +316,7 @@ def create_app(settings: Settings, job_settings: JobSettings | None = None) -> S
         manager = ModelManager(settings, metrics)
         app.state.manager = manager
         app.state.decoder = Decoder(settings)
-        app.state.jobs = JobQueue(job_settings)
+        app.state.jobs = Jobs(job_settings)
         outcome = await manager.check()
         if manager.model is None:
             log.warning("starting without a model: %s", outcome.message)

@@ -26,7 +26,7 @@ from uvicorn import _subprocess
 from uvicorn.config import LOGGING_CONFIG
 from uvicorn.supervisors import Multiprocess
 
-from convserve.pipelines.queue import JobSettings
+from convserve.jobs import JobSettings
 from convserve.service.app import create_app
 from convserve.service.metrics import MULTIPROCESS_DIR
 from convserve.service.model import providers_for

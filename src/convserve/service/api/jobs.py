@@ -16,7 +16,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from convserve.pipelines.queue import JobRequest, JobStatus, cancel, job_status, search_jobs, submit
+from convserve.jobs import JobRequest, JobStatus, Tag, cancel, job_status, search_jobs, submit
 from convserve.service.api.deps import SettingsDep, TokenDep
 from convserve.service.api.errors import errors
 
@@ -216,7 +216,7 @@ def _links(request: Request, run: Any, ui: str | None) -> dict[str, str]:
 def to_job(run: Any, request: Request, ui: str | None) -> Job:
     tags = run.data.tags
     try:
-        progress = Progress(**json.loads(tags.get("convserve.progress", "{}")))
+        progress = Progress(**json.loads(tags.get(Tag.PROGRESS, "{}")))
     except (ValueError, TypeError):
         progress = Progress()
     promoted = tags.get("convserve.promoted")
@@ -225,12 +225,12 @@ def to_job(run: Any, request: Request, ui: str | None) -> Job:
     return Job(
         id=run.info.run_id,
         status=status,
-        kind=tags.get("convserve.job_kind"),
+        kind=tags.get(Tag.JOB_KIND),
         created_at=datetime.fromtimestamp(run.info.start_time / 1000, UTC).isoformat(),
         progress=progress,
         metrics={k: v for k, v in run.data.metrics.items() if k in _SUMMARY},
         diagnosis=_diagnosis(tags),
-        error=(tags.get("convserve.error") or tags.get("convserve.message")) if failed else None,
+        error=(tags.get(Tag.ERROR) or tags.get("convserve.message")) if failed else None,
         registered_model=tags.get("convserve.registered_model"),
         registered_version=tags.get("convserve.registered_version"),
         promoted=None if promoted is None else promoted == "true",
@@ -250,13 +250,13 @@ def _attempts(tags: dict[str, str]) -> list[Attempt]:
     """The lost attempts recorded by the reaper, then the current one (once a worker took
     the job)."""
     try:
-        past = [Attempt(**a) for a in json.loads(tags.get("convserve.attempts", "[]"))]
+        past = [Attempt(**a) for a in json.loads(tags.get(Tag.ATTEMPTS, "[]"))]
     except (ValueError, TypeError):
         past = []
-    if tags.get("convserve.worker"):
-        current = int(tags.get("convserve.attempt", "1"))
+    if tags.get(Tag.WORKER):
+        current = int(tags.get(Tag.ATTEMPT, "1"))
         if not any(a.attempt == current for a in past):
-            past.append(Attempt(attempt=current, worker=tags["convserve.worker"]))
+            past.append(Attempt(attempt=current, worker=tags[Tag.WORKER]))
     return past
 
 
@@ -293,7 +293,7 @@ async def create_job(
     the same schema as the CLI's YAML files, plus ``register``, ``promote``, ``model_name``
     and ``margin``. Answers 202 with the job; the job id is the MLflow run id."""
     jobs = _state(request)
-    pending = await _run(jobs.huey.pending_count)
+    pending = await _run(jobs.queue.pending_count)
     if pending >= jobs.settings.max_queued_jobs:
         raise HTTPException(
             429,
@@ -303,7 +303,7 @@ async def create_job(
             headers={"Retry-After": "30"},
         )
     try:
-        run_id = await _run(lambda: submit(body, jobs.client, jobs.huey))
+        run_id = await _run(lambda: submit(body, jobs.client, jobs.queue))
     except Exception as err:
         raise HTTPException(503, f"could not queue the job: {err}") from err
     run = await _run(lambda: jobs.client.get_run(run_id))
@@ -370,7 +370,7 @@ def _get(jobs: Any, job_id: str) -> Any:
         run = jobs.client.get_run(job_id)
     except MlflowException:
         raise HTTPException(404, f"no job {job_id}") from None
-    if run.data.tags.get("convserve.kind") != "job":
+    if run.data.tags.get(Tag.KIND) != "job":
         raise HTTPException(404, f"run {job_id} is not a job")
     return run
 

@@ -1,9 +1,12 @@
-"""The job queue as the API sees it: a job *is* an MLflow run, queued with Huey.
+"""The job queue's contract, shared by the API and ``convserve worker``, and torch-free.
 
-``submit`` creates the run ``SCHEDULED`` with the request as an artifact and enqueues its id
-by task name (``convserve.contract.RUN_JOB_TASK``); ``convserve worker``
-(``pipelines/worker.py``) registers the task and runs it. Torch-free, and registers no task:
-the API process imports this module and nothing that trains.
+A job *is* an MLflow run, queued with Huey. This module holds what both sides must agree on:
+the task names a job is enqueued under and the payload a message carries, the request stored
+on the run, the run's tags (its status, and the worker's lease: worker, attempt, heartbeat),
+the settings of the queue, and the operations both sides use. ``submit`` creates the run
+``SCHEDULED`` with the request as an artifact and enqueues its id through a task registered
+under its contract name; in the API that task is a stub, which no process runs: only
+``convserve worker`` (``pipelines/worker.py``) registers the functions that do the work.
 """
 
 from __future__ import annotations
@@ -11,18 +14,47 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import uuid
-from typing import Any, Literal, get_args
+from collections.abc import Callable
+from typing import Any, Literal, Protocol, get_args
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from convserve.contract import RUN_JOB_TASK, JobPayload
 from convserve.training.config import NumbersRefuseBooleans, SweepConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
-REQUEST_ARTIFACT = "job/request.json"
+RUN_JOB_TASK = "convserve.run_job"  # Huey task name: one training job (a train or a sweep)
+RUN_TRIAL_TASK = "convserve.run_trial"  # one trial of a sweep job's study (payload: the sweep's)
+TASKS = (RUN_JOB_TASK, RUN_TRIAL_TASK)
+REQUEST_ARTIFACT = "job/request.json"  # the JobRequest, on the job's run
+
+
+class JobPayload(BaseModel):
+    """What a queued job message carries: the run id. The request itself is on the run."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str = Field(min_length=1)
+
+
+class Tag:
+    """The tags of a job's run. ``WORKER``, ``ATTEMPT`` and the run's ``RUNNING`` status are
+    the lease: the one worker that may write the job's result (``pipelines/lease.py``)."""
+
+    KIND = "convserve.kind"  # "job" on every job's run
+    JOB_KIND = "convserve.job_kind"  # "train" or "sweep"
+    STATUS = "convserve.job_status"  # a JobStatus (the run's status says when it ended)
+    ERROR = "convserve.error"
+    PROGRESS = "convserve.progress"  # JSON: epoch, step, total (and a sweep's trials)
+    CANCEL_REQUESTED = "convserve.cancel_requested"  # "1": stop at the next step boundary
+    WORKER = "convserve.worker"  # host:pid:thread of the worker holding the lease
+    ATTEMPT = "convserve.attempt"  # 1, 2, ...: a rescheduled job's new attempt ends the lease
+    ATTEMPTS = "convserve.attempts"  # JSON: the attempts that ended without a result
+    HEARTBEAT = "convserve.heartbeat"  # epoch seconds of the holder's last beat
+    PHASE = "convserve.phase"  # a sweep job: "trials" while its trials run, then "publish"
+
+
 JobStatus = Literal["scheduled", "running", "succeeded", "failed", "cancelled"]
 JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
 _FROM_MLFLOW = {
@@ -130,35 +162,69 @@ class JobRequest(NumbersRefuseBooleans):
         return self.train if self.train is not None else self.sweep.base  # type: ignore[union-attr]
 
 
-def make_queue(settings: JobSettings) -> Any:
-    """The Huey instance: ``RedisHuey`` when ``REDIS_URL`` is set, else ``SqliteHuey``. No task
-    is registered here; the worker registers the one it runs."""
-    from huey import RedisHuey, SqliteHuey
+class Huey(Protocol):
+    """The part of ``huey.Huey`` the queue uses (``RedisHuey`` and ``SqliteHuey`` have it)."""
 
-    if settings.redis_url:
-        return RedisHuey(settings.queue_name, url=settings.redis_url, results=False)
-    os.makedirs(os.path.dirname(os.path.abspath(settings.queue_path)), exist_ok=True)
-    return SqliteHuey(settings.queue_name, filename=settings.queue_path, results=False)
+    def task(self, *, name: str) -> Callable[[Callable[[str], None]], Any]: ...
+    def pending_count(self) -> int: ...
+    def pending(self, limit: int | None = None) -> list[Any]: ...
+    def create_consumer(self, **options: Any) -> Any: ...
 
 
-def enqueue(huey: Any, payload: JobPayload, task: str = RUN_JOB_TASK) -> None:
-    """Put one message for ``task`` (a job, or a trial of a sweep job's study) on the queue
-    by task name, as ``huey.enqueue`` would for a registered task, without the function being
-    importable here."""
-    from huey.registry import Message
-
-    message = Message(
-        id=str(uuid.uuid4()),
-        name=task,
-        retries=0,
-        retry_delay=0,
-        args=(payload.run_id,),
-        kwargs={},
-    )
-    huey.storage.enqueue(huey.serializer.serialize(message), None)
+def _runs_on_a_worker(run_id: str) -> None:
+    raise RuntimeError(f"job {run_id}: this process only enqueues; `convserve worker` runs jobs")
 
 
-def submit(request: JobRequest, client: Any, huey: Any) -> str:
+class JobQueue:
+    """The Huey queue with the job and trial tasks registered under their contract names:
+    ``RedisHuey`` when ``REDIS_URL`` is set, else ``SqliteHuey``. The API passes no functions
+    and so registers stubs, with which it enqueues; the worker passes the functions it runs."""
+
+    def __init__(
+        self,
+        settings: JobSettings,
+        run_job: Callable[[str], None] = _runs_on_a_worker,
+        run_trial: Callable[[str], None] = _runs_on_a_worker,
+    ) -> None:
+        from huey import RedisHuey, SqliteHuey
+
+        self.huey: Huey
+        if settings.redis_url:
+            self.huey = RedisHuey(settings.queue_name, url=settings.redis_url, results=False)
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(settings.queue_path)), exist_ok=True)
+            self.huey = SqliteHuey(settings.queue_name, filename=settings.queue_path, results=False)
+        self._tasks = {
+            RUN_JOB_TASK: self._register(RUN_JOB_TASK, run_job),
+            RUN_TRIAL_TASK: self._register(RUN_TRIAL_TASK, run_trial),
+        }
+
+    def _register(self, task: str, function: Callable[[str], None]) -> Any:
+        module, name = task.rsplit(".", 1)
+
+        def run(run_id: str) -> None:
+            function(run_id)
+
+        run.__module__ = module  # Huey names a task "<function module>.<name>": the contract's
+        return self.huey.task(name=name)(run)
+
+    def enqueue(self, run_id: str, task: str = RUN_JOB_TASK) -> None:
+        """One message for ``task`` (a job, or a trial of a sweep job's study) with the run's
+        id."""
+        self._tasks[task](JobPayload(run_id=run_id).run_id)
+
+    def pending_count(self) -> int:
+        return self.huey.pending_count()
+
+    def waiting(self, task: str, run_id: str) -> bool:
+        """Whether a message of ``task`` for ``run_id`` waits on the queue."""
+        return any(
+            f"{type(m).__module__}.{type(m).__name__}" == task and tuple(m.args) == (run_id,)
+            for m in self.huey.pending()
+        )
+
+
+def submit(request: JobRequest, client: Any, queue: JobQueue) -> str:
     """Create the job's run ``SCHEDULED``, store the request on it and enqueue it."""
     from convserve.training.tracking import get_or_create_experiment, log_params
 
@@ -169,9 +235,9 @@ def submit(request: JobRequest, client: Any, huey: Any) -> str:
         experiment,
         run_name=name,
         tags={
-            "convserve.kind": "job",
-            "convserve.job_kind": request.kind,
-            "convserve.job_status": "scheduled",
+            Tag.KIND: "job",
+            Tag.JOB_KIND: request.kind,
+            Tag.STATUS: "scheduled",
         },
     )
     run_id = run.info.run_id
@@ -179,7 +245,7 @@ def submit(request: JobRequest, client: Any, huey: Any) -> str:
     log_params(client, run_id, cfg)
     client.log_text(run_id, request.model_dump_json(indent=1, by_alias=True), REQUEST_ARTIFACT)
     try:
-        enqueue(huey, JobPayload(run_id=run_id))
+        queue.enqueue(run_id)
     except Exception as err:
         fail(client, run_id, f"could not enqueue the job: {err}")
         raise
@@ -191,13 +257,13 @@ def fail(client: Any, run_id: str, error: str, tags: dict[str, str] | None = Non
     its error."""
     from mlflow.entities import RunTag
 
-    all_tags = {**(tags or {}), "convserve.error": error[:5000], "convserve.job_status": "failed"}
+    all_tags = {**(tags or {}), Tag.ERROR: error[:5000], Tag.STATUS: "failed"}
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in all_tags.items()])
     client.set_terminated(run_id, status="FAILED")
 
 
 def job_status(run: Any) -> str:
-    tag = run.data.tags.get("convserve.job_status")
+    tag = run.data.tags.get(Tag.STATUS)
     status = _FROM_MLFLOW.get(run.info.status, "running")
     # The run's own status is the truth once it has ended; the tag tells "still exporting".
     if run.info.status in ("FAILED", "KILLED"):
@@ -210,11 +276,11 @@ def cancel(client: Any, run: Any) -> str:
     run_id = run.info.run_id
     status = job_status(run)
     if status == "scheduled":
-        client.set_tag(run_id, "convserve.job_status", "cancelled")
+        client.set_tag(run_id, Tag.STATUS, "cancelled")
         client.set_terminated(run_id, status="KILLED")
         return "cancelled"
     if status == "running":
-        client.set_tag(run_id, "convserve.cancel_requested", "1")
+        client.set_tag(run_id, Tag.CANCEL_REQUESTED, "1")
     return status
 
 
@@ -226,5 +292,5 @@ def search_jobs(client: Any, where: str = "", **kwargs: Any) -> Any:
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:
         return PagedList([], None)
-    query = "tags.`convserve.kind` = 'job'" + (f" and {where}" if where else "")
+    query = f"tags.`{Tag.KIND}` = 'job'" + (f" and {where}" if where else "")
     return client.search_runs(experiments, query, **kwargs)

@@ -1,0 +1,89 @@
+"""What a running job and a running trial watch while they train: the job's heartbeat (its
+lease kept alive, its progress published, its cancel request heard) and a trial's parent
+sweep."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from convserve.jobs import JobSettings, Tag
+from convserve.pipelines.lease import Lease
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """Beats on the run from a thread while the lease is held, publishes progress, and tells
+    training to stop when the job is cancelled or the lease is lost."""
+
+    def __init__(self, client: Any, lease: Lease, settings: JobSettings) -> None:
+        self.client, self.lease, self.settings = client, lease, settings
+        self.run_id = lease.run_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._last_progress = 0.0
+        self.progress: dict[str, Any] = {}
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_interval):
+            if not self.lease.held(fresh=True):
+                return  # someone else owns the job now: no more beats
+            try:
+                self.client.set_tag(self.run_id, Tag.HEARTBEAT, f"{time.time():.3f}")
+            except Exception as err:  # the tracking server may blink; try again next beat
+                log.warning("heartbeat of %s failed: %s", self.run_id, err)
+
+    def on_start(self, total: int) -> None:
+        self.progress["total"] = total
+        self._publish(force=True)
+
+    def on_step(self, step: int, loss: float, accuracy: float) -> None:
+        self.progress["step"] = step
+        self._publish()
+
+    def on_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.progress["epoch"] = epoch
+        self._publish(force=True)
+
+    def _publish(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_progress > 2.0:
+            self._last_progress = now
+            self.client.set_tag(self.run_id, Tag.PROGRESS, json.dumps(self.progress))
+
+    def should_stop(self) -> bool:
+        """At every step: cancelled, or the lease lost (checked every few seconds)."""
+        return not self.lease.held() or self.lease.cancelled
+
+
+class ParentCancel:
+    """Whether the sweep a trial belongs to was cancelled (or ended), read again every
+    ``interval`` seconds."""
+
+    def __init__(self, client: Any, run_id: str, interval: float) -> None:
+        self.client, self.run_id, self.interval = client, run_id, interval
+        self._checked, self._cancelled = -float("inf"), False
+
+    def __call__(self) -> bool:
+        if not self._cancelled and time.monotonic() - self._checked > self.interval:
+            self._checked = time.monotonic()
+            try:
+                run = self.client.get_run(self.run_id)
+            except Exception as err:  # the tracking server blinked: ask again later
+                log.warning("cancel check of sweep %s failed: %s", self.run_id, err)
+                return False
+            tags = run.data.tags
+            self._cancelled = tags.get(Tag.CANCEL_REQUESTED) == "1" or run.info.status != "RUNNING"
+        return self._cancelled

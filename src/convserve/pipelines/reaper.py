@@ -1,0 +1,151 @@
+"""The reaper: a thread of every worker that takes jobs from workers that stopped beating.
+
+A running job whose heartbeat is older than ``CONVSERVE_WORKER_LOST_AFTER`` is scheduled
+again while it has attempts left (``CONVSERVE_JOB_RETRIES``; a training job resumes from its
+last checkpoint), else failed ("worker lost"); either ends the lost worker's lease. For a
+sweep's trials it fails those whose Optuna heartbeat is too old, queues a trial task when
+trials wait and none runs or waits on the queue, and hands a sweep whose study has ended back
+to the queue to publish.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import optuna
+
+from convserve.jobs import RUN_TRIAL_TASK, JobQueue, JobSettings, Tag, fail, search_jobs
+from convserve.pipelines import study as studies
+from convserve.pipelines.runs import read_request, tracked_sweep
+
+log = logging.getLogger(__name__)
+PAGE = 200  # running jobs read per search
+
+
+def run_reaper(settings: JobSettings, stop: threading.Event, queue: JobQueue) -> None:
+    """A pass every ``reaper_interval`` seconds until ``stop`` is set."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    while True:
+        try:
+            for run_id in reap(client, settings, queue):
+                log.warning("job %s: worker lost", run_id)
+            tend_studies(client, settings, queue)
+        except Exception as err:  # the tracking server may be down for a moment
+            log.warning("reaper pass failed: %s", err)
+        if stop.wait(settings.reaper_interval):
+            return
+
+
+def running_jobs(client: Any, where: str = "") -> Iterator[Any]:
+    """Every running job, page by page."""
+    query = "attributes.status = 'RUNNING'" + (f" and {where}" if where else "")
+    token = None
+    while True:
+        page = search_jobs(client, query, max_results=PAGE, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def reap(client: Any, settings: JobSettings, queue: JobQueue | None = None) -> list[str]:
+    """Take every running job whose heartbeat is older than ``worker_lost_after`` seconds
+    from its worker: a job with attempts left is scheduled again (a training job resumes from
+    its last checkpoint, a sweep keeps the grid points it finished), one without is failed
+    ("worker lost"). Either ends the lost worker's lease."""
+    now, lost = time.time(), []
+    for run in running_jobs(client):
+        tags = run.data.tags
+        if tags.get(Tag.PHASE) == "trials":
+            continue  # a sweep between setup and publishing: its trials beat (tend_studies)
+        beat = float(tags.get(Tag.HEARTBEAT, run.info.start_time / 1000))
+        if now - beat > settings.worker_lost_after:
+            lost.append((run, now - beat))
+    for run, age in lost:  # after the search: a reaped job leaves the pages being read
+        tags = run.data.tags
+        reason = f"worker lost: no heartbeat for {age:.0f} s (last from {_worker(tags)})"
+        attempt = int(tags.get(Tag.ATTEMPT, "1"))
+        history = [*json.loads(tags.get(Tag.ATTEMPTS, "[]")), _attempt(tags, reason)]
+        if attempt <= settings.job_retries and queue is not None:
+            _schedule_again(client, queue, run.info.run_id, attempt + 1, history)
+        else:
+            fail(client, run.info.run_id, reason, {Tag.ATTEMPTS: json.dumps(history)[:5000]})
+    return [run.info.run_id for run, _ in lost]
+
+
+def _worker(tags: dict[str, str]) -> str:
+    return tags.get(Tag.WORKER, "unknown")
+
+
+def _attempt(tags: dict[str, str], ended: str) -> dict[str, Any]:
+    return {"attempt": int(tags.get(Tag.ATTEMPT, "1")), "worker": _worker(tags), "ended": ended}
+
+
+def _schedule_again(
+    client: Any, queue: JobQueue, run_id: str, attempt: int, history: list[dict[str, Any]]
+) -> None:
+    from mlflow.entities import RunTag
+
+    client.log_batch(
+        run_id,
+        tags=[
+            RunTag(Tag.ATTEMPT, str(attempt)),  # ends the lost worker's lease
+            RunTag(Tag.ATTEMPTS, json.dumps(history)[:5000]),
+            RunTag(Tag.STATUS, "scheduled"),
+        ],
+    )
+    client.update_run(run_id, status="SCHEDULED")
+    queue.enqueue(run_id)
+
+
+def tend_studies(client: Any, settings: JobSettings, queue: JobQueue) -> None:
+    """For every sweep whose trials are on the queue: fail the trials whose worker is gone
+    (their child run too) and queue a retry while retries are left; queue a trial task when
+    trials wait and none runs (a task lost with its worker); publish when the study ended."""
+    for run in running_jobs(client, f"tags.`{Tag.PHASE}` = 'trials'"):
+        run_id = run.info.run_id
+        request = read_request(client, run_id, cache=True)
+        sweep = tracked_sweep(request, client.tracking_uri, settings.runs_dir)
+        storage = studies.open_storage(settings)
+        study = studies.load(sweep, run_id, storage)
+        optuna.storages.fail_stale_trials(study)
+        counts = studies.counts(study)
+        if counts["waiting"] and not counts["running"] and not _trial_queued(queue, run_id):
+            queue.enqueue(run_id, RUN_TRIAL_TASK)
+        elif not counts["waiting"] and not counts["running"]:
+            publish_when_done(client, study, run_id, storage, queue)
+
+
+def _trial_queued(queue: JobQueue, run_id: str) -> bool:
+    try:
+        return queue.waiting(RUN_TRIAL_TASK, run_id)
+    except Exception as err:  # a message this worker cannot read: assume one waits
+        log.warning("could not read the queue: %s", err)
+        return True
+
+
+def publish_when_done(
+    client: Any,
+    study: optuna.Study,
+    run_id: str,
+    storage: studies.Storage,
+    queue: JobQueue,
+) -> bool:
+    """When no trial waits or runs, the one caller that takes the study's publish ticket
+    schedules the sweep job again: the job path publishes under a lease, like any job."""
+    if not studies.take_publish_ticket(study, storage):
+        return False
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(Tag.PHASE, "publish"), RunTag(Tag.STATUS, "scheduled")])
+    client.update_run(run_id, status="SCHEDULED")
+    queue.enqueue(run_id)
+    log.info("sweep %s: every trial ended; publishing", run_id)
+    return True
