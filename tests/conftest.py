@@ -1,7 +1,11 @@
-"""Shared fixtures: tiny configs that train in about a second, and an MLflow store per test."""
+"""Shared fixtures (tiny configs that train in about a second, an MLflow store per test, a
+tracking server per test process) and the suite's rules: how many processes run it, every
+test's time limit scaled by ``CONVSERVE_TEST_SLOWDOWN``, and a run that writes into the
+checkout fails."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +87,78 @@ def _tracking_uri_as_it_was():  # type: ignore[no-untyped-def]
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+# --- the suite's rules ------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+# What a test run may leave in the checkout: the venv, caches, and the tools `make test`
+# installs (.tools/, README "Tests").
+MAY_WRITE = {".git", ".venv", ".tools", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
+MAY_WRITE_NAMES = {"__pycache__", "convserve.egg-info"}
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: ``CONVSERVE_TEST_WORKERS``, else one process per core, and at least two
+    (most tests wait on servers and subprocesses more than they compute)."""
+    if os.environ.get("CONVSERVE_TEST_WORKERS"):
+        return int(os.environ["CONVSERVE_TEST_WORKERS"])
+    return max(2, len(os.sched_getaffinity(0)))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test's time limit (its ``timeout`` mark, else the ini's) times the slowdown."""
+    from tests.waiting import limit
+
+    default = float(config.getini("timeout") or 0)
+    for item in items:
+        mark = item.get_closest_marker("timeout")
+        seconds = float(mark.args[0]) if mark is not None and mark.args else default
+        if seconds:
+            item.add_marker(pytest.mark.timeout(limit(seconds)))
+
+
+def _checkout_files() -> set[str]:
+    found = set()
+    for folder, dirs, files in os.walk(REPO):
+        rel = Path(folder).relative_to(REPO)
+        dirs[:] = [
+            d
+            for d in dirs
+            if not (rel == Path(".") and d in MAY_WRITE) and d not in MAY_WRITE_NAMES
+        ]
+        found.update(str(rel / f) for f in files)
+    return found
+
+
+def _controller(config: pytest.Config) -> bool:
+    return not hasattr(config, "workerinput")  # not a pytest-xdist worker
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if _controller(session.config):
+        session.config.stash[_BEFORE] = _checkout_files()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when it left a new file in the checkout."""
+    if not _controller(session.config) or _BEFORE not in session.config.stash:
+        return
+    new = sorted(_checkout_files() - session.config.stash[_BEFORE])
+    if new:
+        shown = "\n  ".join(new[:20]) + ("\n  ..." if len(new) > 20 else "")
+        session.config.stash[_WROTE] = shown
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if _WROTE in config.stash:
+        terminalreporter.section("files written into the checkout", sep="=", red=True)
+        terminalreporter.line(
+            "the tests must write under their tmp_path; the run fails on:\n  "
+            + config.stash[_WROTE]
+        )
+
+
+_BEFORE = pytest.StashKey[set[str]]()
+_WROTE = pytest.StashKey[str]()

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from convserve.pipelines.stack import MLFLOW_SERVER_ENV, mlflow_server_argv, wait_ready
+from tests.waiting import limit
 
 
 def free_port() -> int:
@@ -20,8 +21,9 @@ def free_port() -> int:
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) -> None:
-    """Until ``url`` answers 200; fails early if ``proc`` exits (the product's own helper)."""
-    wait_ready(url, proc, timeout)
+    """Until ``url`` answers 200, within ``limit(timeout)``; fails early if ``proc`` exits
+    (the product's own helper)."""
+    wait_ready(url, proc, limit(timeout))
 
 
 @contextmanager
@@ -43,7 +45,7 @@ def process(
             if proc.poll() is None:
                 proc.terminate()
                 try:
-                    proc.wait(timeout=stop_timeout)
+                    proc.wait(timeout=limit(stop_timeout))
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()

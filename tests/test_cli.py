@@ -9,6 +9,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import TINY
+from tests.waiting import limit
 
 CLI = str(Path(sys.executable).parent / "convserve")
 
@@ -22,7 +23,7 @@ def _run(*args, cwd, env=None):
     }
     env = {**clean, **(env or {})}
     return subprocess.run(
-        [CLI, *args], capture_output=True, text=True, cwd=cwd, timeout=300, env=env
+        [CLI, *args], capture_output=True, text=True, cwd=cwd, timeout=limit(300), env=env
     )
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 
 from tests.deploy.images import ROOT, image_env
 from tests.servers import free_port
+from tests.waiting import limit, wait_until
 
 
 @dataclass
@@ -122,19 +122,16 @@ class Deployment:
     def run(self, container: Container, timeout: float) -> subprocess.CompletedProcess[str]:
         """A one-shot container (a Job, compose's bootstrap) to its end."""
         with open(self.folder / f"{container.name}.log", "ab") as log:
-            done = subprocess.run(stdout=log, timeout=timeout, **self._launch(container))
+            done = subprocess.run(stdout=log, timeout=limit(timeout), **self._launch(container))
         return subprocess.CompletedProcess(done.args, done.returncode, self.log(container.name))
 
     def wait(self, what: str, condition: Callable[[], Any], timeout: float) -> Any:
         """``condition()``'s first true value, polled until ``timeout``; else the test fails
         with every container's log."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = condition()
-            if value:
-                return value
-            time.sleep(0.3)
-        pytest.fail(f"{what} within {timeout:.0f} s\n{self.logs()}")
+        try:
+            return wait_until(condition, timeout, what, 0.3)
+        except AssertionError as err:
+            pytest.fail(f"{err}\n{self.logs()}")
 
     def check(self, name: str, argv: list[str], shell: bool = False) -> tuple[int, str]:
         """A health check or exec probe inside ``name``'s container: its environment, its
@@ -155,7 +152,7 @@ class Deployment:
             cwd=self.workdir(container),
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=limit(60),
         )
         return done.returncode, done.stdout + done.stderr
 
@@ -185,7 +182,7 @@ class Deployment:
                 proc.terminate()
         for proc in self.procs.values():
             try:
-                proc.wait(timeout=20)
+                proc.wait(timeout=limit(20))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

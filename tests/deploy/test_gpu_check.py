@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.compose import ROOT
+from tests.waiting import limit
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +30,7 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu():
         capture_output=True,
         text=True,
         env=env,
-        timeout=300,
+        timeout=limit(300),
     )
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.splitlines()
@@ -50,6 +51,6 @@ def test_the_gpu_check_refuses_a_machine_without_a_gpu():
         capture_output=True,
         text=True,
         env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
-        timeout=120,
+        timeout=limit(120),
     )
     assert out.returncode == 1 and "torch sees no CUDA device" in out.stdout

@@ -11,7 +11,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -29,6 +28,7 @@ from tests.servers import (
     registered_model,
     wait_http,
 )
+from tests.waiting import limit, wait_until
 
 pytestmark = pytest.mark.slow
 CONF = ROOT / "deploy" / "nginx" / "convserve.conf"
@@ -120,11 +120,15 @@ def test_two_replicas_behind_nginx(onnx_path, mlflow_url, tmp_path, monkeypatch)
 
         # both replicas follow the alias: after it moves, every answer is the new champion
         client.set_registered_model_alias(name, "champion", second)
-        deadline = time.monotonic() + 30
         for port in ports:
-            while httpx.get(f"http://127.0.0.1:{port}/v1/model").json()["version"] != second:
-                assert time.monotonic() < deadline, f"replica {port} kept version {first}"
-                time.sleep(0.2)
+            wait_until(
+                lambda port=port: (
+                    httpx.get(f"http://127.0.0.1:{port}/v1/model").json()["version"] == second
+                ),
+                30,
+                f"replica {port} serves version {second}",
+                0.2,
+            )
         versions = {
             http.post("/predict", files={"file": ("x.png", image)}).json()["model"]["version"]
             for _ in range(20)
@@ -133,11 +137,12 @@ def test_two_replicas_behind_nginx(onnx_path, mlflow_url, tmp_path, monkeypatch)
 
         # one replica stops under load: no request fails
         with PredictLoad(url, image, clients=4) as load:
-            time.sleep(1.0)
+            wait_until(lambda: len(load.versions) >= 20, 30, "20 answers under load")
             before = len(load.versions)
             replicas[0].terminate()  # uvicorn finishes what it holds, then exits
-            replicas[0].wait(timeout=30)
-            time.sleep(2.0)
+            replicas[0].wait(timeout=limit(30))
+            # the survivor keeps answering
+            wait_until(lambda: len(load.versions) - before > 40, 30, "40 more answers")
         assert load.failures == []
         assert before > 0 and len(load.versions) - before > 20  # the survivor kept answering
         print(f"one replica stopped under load: {len(load.versions)} answered, 0 failed")

@@ -12,6 +12,7 @@ import pytest
 
 from tests.deploy.compose import ROOT
 from tests.deploy.test_k8s import render
+from tests.waiting import limit
 
 DOCKERFILES = sorted((ROOT / "deploy").glob("Dockerfile.*"))
 CHECKOV = ROOT / ".tools" / "checkov" / "bin" / "checkov"
@@ -28,7 +29,7 @@ def _checkov(*args: str) -> subprocess.CompletedProcess[str]:
     if not CHECKOV.exists():
         pytest.fail("checkov is missing: `make test-deps` installs it into .tools/checkov")
     argv = [str(CHECKOV), "--config-file", str(ROOT / ".checkov.yaml"), *args]
-    return subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=limit(300))
 
 
 def test_hadolint_finds_nothing_in_the_dockerfiles():

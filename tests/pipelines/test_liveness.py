@@ -10,22 +10,14 @@ from typer.testing import CliRunner
 
 from convserve.cli import app
 from convserve.pipelines.liveness import check, keep_alive
-
-
-def _wait_for(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
+from tests.waiting import wait_until
 
 
 def test_the_file_is_written_while_the_queue_answers_and_goes_when_the_worker_stops(tmp_path):
     path = tmp_path / "state" / "worker.alive"
     stop = threading.Event()
     thread = keep_alive(path, 0.05, lambda: 0, stop)
-    assert _wait_for(path.exists)
+    wait_until(path.exists, 10, "the liveness file", 0.02)
     assert check(path, alive_after=5) is None
     stop.set()
     thread.join(5)
@@ -43,7 +35,7 @@ def test_a_queue_that_does_not_answer_lets_the_file_age(tmp_path):
 
     stop = threading.Event()
     thread = keep_alive(path, 0.02, away, stop)
-    assert _wait_for(lambda: len(calls) >= 3)
+    wait_until(lambda: len(calls) >= 3, 10, "three beats", 0.02)
     stop.set()
     thread.join(5)
     assert not path.exists()

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,6 +16,7 @@ from PIL import Image
 
 from tests.conftest import TINY
 from tests.servers import free_port
+from tests.waiting import limit, wait_until
 
 pytestmark = pytest.mark.slow
 CLI = str(Path(sys.executable).parent / "convserve")
@@ -51,19 +51,17 @@ def _up(
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], log: Path, timeout: float = 240) -> str:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
+    def ready() -> str | None:
         text = log.read_text(errors="replace")
-        if "convserve is ready" in text:
-            return text
-        assert proc.poll() is None, text
-        time.sleep(0.5)
-    raise AssertionError(log.read_text(errors="replace"))
+        assert "convserve is ready" in text or proc.poll() is None, text
+        return text if "convserve is ready" in text else None
+
+    return wait_until(ready, timeout, "convserve up is ready", 0.5)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=60)
+    proc.wait(timeout=limit(60))
 
 
 def test_up_trains_the_first_model_serves_it_stops_cleanly_and_reuses_its_state(tmp_path):
@@ -98,10 +96,12 @@ def test_up_trains_the_first_model_serves_it_stops_cleanly_and_reuses_its_state(
         job = {"train": {**TINY, "optim": {**TINY["optim"], "max_steps": 5}}, "register": False}
         auth = {"Authorization": f"Bearer {token}"}
         job_id = httpx.post(f"{api}/jobs", json=job, headers=auth).json()["id"]
-        end = time.monotonic() + 120
-        while httpx.get(f"{api}/jobs/{job_id}").json()["status"] not in ("succeeded", "failed"):
-            assert time.monotonic() < end
-            time.sleep(0.5)
+        wait_until(
+            lambda: httpx.get(f"{api}/jobs/{job_id}").json()["status"] in ("succeeded", "failed"),
+            120,
+            "the job ends",
+            0.5,
+        )
         assert httpx.get(f"{api}/jobs/{job_id}").json()["status"] == "succeeded"
         assert (home / "runs" / job_id / "best.pt").exists()
     finally:

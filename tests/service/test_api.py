@@ -347,7 +347,7 @@ def test_predict_is_served_directly_and_its_failures_answer_500_and_not_the_serv
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(predict, "_prediction", broken)
-    with caplog.at_level("ERROR", logger="convserve.service.app"):
+    with caplog.at_level("ERROR", logger="convserve.service.direct"):
         r = client.post("/predict", files={"file": ("x.png", _png(), "image/png")})
     assert r.status_code == 500 and r.json() == {"detail": "internal server error"}
     assert r.headers["x-request-id"] and "POST /predict failed" in caplog.text

@@ -11,6 +11,7 @@ import pytest
 
 from tests.servers import uvicorn_server
 from tests.service.test_web import ARGS, CHROMIUM, SHOTS
+from tests.waiting import limit_ms
 
 pytestmark = pytest.mark.slow
 
@@ -51,13 +52,13 @@ def test_swagger_ui_and_redoc_list_the_operations_without_internet(server):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = _offline_page(browser, blocked)
         page.goto(f"{server}/docs")
-        expect(page.locator(".opblock").first).to_be_visible(timeout=20_000)
+        expect(page.locator(".opblock").first).to_be_visible(timeout=limit_ms(20))
         assert page.locator(".opblock").count() == operations
         expect(page.locator(".opblock-summary-path", has_text="/predict").first).to_be_visible()
         page.screenshot(path=str(SHOTS / "docs-swagger.png"))
         page = _offline_page(browser, blocked)
         page.goto(f"{server}/redoc")
-        expect(page.get_by_text("Classify one image").first).to_be_attached(timeout=20_000)
+        expect(page.get_by_text("Classify one image").first).to_be_attached(timeout=limit_ms(20))
         page.screenshot(path=str(SHOTS / "docs-redoc.png"))
         browser.close()
     # Nothing the pages need comes from elsewhere. ReDoc asks once for the Redocly logo in its

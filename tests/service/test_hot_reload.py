@@ -18,6 +18,7 @@ from tests.servers import (
     registered_model,
     uvicorn_server,
 )
+from tests.waiting import limit, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -38,26 +39,23 @@ def test_alias_moves_under_load_without_a_failed_request(
     Image.new("L", (8, 8), 100).save(buf, "PNG")
     image = buf.getvalue()
     with uvicorn_server(env, tmp_path) as url:
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{url}/readyz").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-
-        def wait_for(version: str) -> None:
-            end = time.monotonic() + 30
-            while time.monotonic() < end:
-                if httpx.get(f"{url}/v1/model").json()["version"] == version:
-                    return
-                time.sleep(0.1)
-            raise AssertionError(f"version {version} was never served")
+        wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, "ready", 0.2)
 
         with PredictLoad(url, image, clients=6) as load:
             for target in (versions[1], versions[2], versions[0], versions[2]):
                 client.set_registered_model_alias(name, "champion", target)
-                wait_for(target)
-                time.sleep(0.5)
+                # both workers serve it: the last ten answers are all the new version
+                wait_until(
+                    lambda target=target: load.versions[-10:] == [target] * 10,
+                    30,
+                    f"version {target} served",
+                )
             client.set_registered_model_alias(name, "champion", broken_version)
-            time.sleep(2.0)  # several polls: the broken version is refused
+            wait_until(  # both workers polled and refused the broken version
+                lambda: "convserve_model_refused_total 2.0" in httpx.get(f"{url}/metrics").text,
+                30,
+                "the broken version refused by both workers",
+            )
             assert httpx.get(f"{url}/v1/model").json()["version"] == versions[2]
         seen, failures = load.versions, load.failures
         assert failures == []
@@ -113,8 +111,10 @@ def test_an_artifact_store_hiccup_is_retried_not_refused(onnx_path, tmp_path, mo
             assert manager.retrying[version].attempts == 1
             assert not list((tmp_path / "cache").rglob("*.onnx"))  # nothing half-written
             (tmp_path / "away").rename(store)  # the store is back
-            await asyncio.sleep(0.4)
-            served = await manager.check()
+            deadline = time.monotonic() + limit(10)  # past the retry's backoff, it is served
+            while not (served := await manager.check()).changed:
+                assert time.monotonic() < deadline, served.message
+                await asyncio.sleep(0.05)
             assert served.changed and manager.model.source.version == version
             assert manager.problems() == {}
             await manager.close()

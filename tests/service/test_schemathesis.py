@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.servers import uvicorn_server
+from tests.waiting import limit
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +55,7 @@ def test_the_live_api_holds_up_to_schemathesis(onnx_path, tmp_path):
             ],
             capture_output=True,
             text=True,
-            timeout=600,
+            timeout=limit(600),
             env={**os.environ, "SCHEMATHESIS_HOOKS": ""},
         )
         serve_log = next(tmp_path.glob("serve-*.log")).read_text()

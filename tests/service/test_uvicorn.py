@@ -15,6 +15,7 @@ from PIL import Image
 
 from tests.servers import free_port, process, uvicorn_server, wait_http
 from tests.service.test_imaging import png_bomb
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -244,10 +245,7 @@ def test_serve_options_reach_every_worker_process(onnx_path, tmp_path):
     with process(argv, tmp_path / "serve.log", env, tmp_path) as proc:
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/readyz", proc, timeout=60)
-        end = time.monotonic() + 30
-        while len(_server_processes(proc.pid)) < 2 and time.monotonic() < end:
-            time.sleep(0.2)
-        assert len(_server_processes(proc.pid)) == 2
+        wait_until(lambda: len(_server_processes(proc.pid)) == 2, 30, "two server processes", 0.2)
         log = (tmp_path / "serve.log").read_text()
         assert "2 worker processes, " in log and "onnxruntime thread" in log
         for _ in range(20):  # whichever process answers, it serves the file it was given
@@ -271,13 +269,11 @@ def test_serve_options_reach_every_worker_process(onnx_path, tmp_path):
         auth = {"Authorization": "Bearer tok"}
         r = httpx.post(f"{url}/admin/reload", params={"force": True}, headers=auth)
         assert r.status_code == 200 and r.json()["changed"]
-        end = time.monotonic() + 5
-        while time.monotonic() < end:
-            reloads = _sample(httpx.get(f"{url}/metrics").text, "convserve_model_reloads_total")
-            if reloads == 4:
-                break
-            time.sleep(0.1)
-        assert reloads == 4
+        wait_until(
+            lambda: _sample(httpx.get(f"{url}/metrics").text, "convserve_model_reloads_total") == 4,
+            5,
+            "both processes reloaded",
+        )
         (folder,) = (tmp_path / "tmp").glob("convserve-metrics-*")  # made by serve
         assert len(list(folder.glob("counter_*.db"))) == 2  # both processes counted requests
     assert not folder.exists()  # removed at the end

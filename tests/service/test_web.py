@@ -18,6 +18,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from tests.servers import uvicorn_server, worker_process
+from tests.waiting import limit_ms
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -199,8 +200,8 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         page.fill("#f-optim-epochs", "1")
         page.click("#train-form button[type=submit]")
         row = page.locator("#jobs tbody tr").first
-        expect(row).to_have_attribute("data-status", "succeeded", timeout=120_000)
-        expect(page.locator("#banner")).to_contain_text("new champion", timeout=60_000)
+        expect(row).to_have_attribute("data-status", "succeeded", timeout=limit_ms(120))
+        expect(page.locator("#banner")).to_contain_text("new champion", timeout=limit_ms(60))
         expect(page.locator("#model-line")).to_contain_text("version 2")
         expect(row.locator("td.model")).to_have_text("v2 champion")
         assert "epoch 0" not in page.locator("#jobs").inner_text()
@@ -219,8 +220,8 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         )
         run_page = browser.new_page(viewport={"width": 1280, "height": 800})
         run_page.goto(href)
-        expect(run_page.get_by_text("relu-he_normal-8").first).to_be_visible(timeout=30_000)
-        expect(run_page.get_by_text("Parameters").first).to_be_visible(timeout=30_000)
+        expect(run_page.get_by_text("relu-he_normal-8").first).to_be_visible(timeout=limit_ms(30))
+        expect(run_page.get_by_text("Parameters").first).to_be_visible(timeout=limit_ms(30))
         run_page.screenshot(path=str(SHOTS / "3-mlflow-run.png"))
         run_page.close()
 
@@ -251,13 +252,13 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
                     return card && card.textContent.includes("(running)") && line;
                 }""",
                 arg=second_id,
-                timeout=120_000,
+                timeout=limit_ms(120),
             )
         finally:
             page.screenshot(path=str(SHOTS / "4-diagnosis-live.png"), full_page=True)
         expect(card).to_contain_text("running")
-        expect(second).to_have_attribute("data-status", "succeeded", timeout=180_000)
-        expect(card).to_contain_text("(succeeded)", timeout=30_000)
+        expect(second).to_have_attribute("data-status", "succeeded", timeout=limit_ms(180))
+        expect(card).to_contain_text("(succeeded)", timeout=limit_ms(30))
         expect(card.locator(".verdict")).to_have_text(re.compile(r"^(healthy|\w+)$"))
         # a second job chosen while the page is still reading diagnostics is not lost
         page.evaluate(

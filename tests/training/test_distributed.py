@@ -13,6 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import TINY
+from tests.waiting import limit
 
 pytestmark = pytest.mark.slow
 CLI = str(Path(sys.executable).parent / "convserve")
@@ -36,7 +37,9 @@ def _train(config: Path, *extra: str, nproc: int = 1, timeout: float = 180):
     argv = [CLI, "train", "--config", str(config), *extra]
     if nproc > 1:
         argv += ["--nproc-per-node", str(nproc)]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=config.parent)
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=limit(timeout), cwd=config.parent
+    )
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -5,7 +5,6 @@ server, uvicorn, a worker)."""
 import io
 import os
 import tarfile
-import time
 import uuid
 import zipfile
 from pathlib import Path
@@ -18,6 +17,7 @@ from PIL import Image
 
 from convserve.training import uploads
 from tests.servers import uvicorn_server, worker_process
+from tests.waiting import wait_until
 
 TOKEN = "datasets-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -123,13 +123,11 @@ def _env(mlflow_url: str, tmp: Path, model: str, cache: str) -> dict[str, str]:
 
 
 def _wait(http: httpx.Client, job_id: str, timeout: float = 180) -> dict:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
+    def ended() -> dict | None:
         job = http.get(f"/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.3)
-    raise AssertionError(f"job {job_id} stayed {job['status']}")
+        return job if job["status"] in ("succeeded", "failed", "cancelled") else None
+
+    return wait_until(ended, timeout, f"job {job_id} ends", 0.3)
 
 
 def _job(dataset_id: str, experiment: str, model: str) -> dict:
@@ -184,13 +182,16 @@ def test_upload_train_serve_and_predict_on_an_uploaded_set(mlflow_url, tmp_path)
             job = _wait(http, r.json()["id"])
         assert job["status"] == "succeeded", job
         assert job["promoted"] is True and job["metrics"]["val_accuracy"] >= 0.8
-        end = time.monotonic() + 30
-        while time.monotonic() < end:
-            p = http.post("/predict", files={"file": ("3.png", _png(COLOURS["blue"], 3))})
-            if p.status_code == 200:
-                break
-            time.sleep(0.3)
-        assert p.status_code == 200, p.text
+        image = _png(COLOURS["blue"], 3)
+        p = wait_until(
+            lambda: (
+                (p := http.post("/predict", files={"file": ("3.png", image)})).status_code == 200
+                and p
+            ),
+            30,
+            "the new champion is served",
+            0.3,
+        )
         assert p.json()["predictions"][0]["top_k"][0]["label"] == "blue"
         assert p.json()["model"]["run_id"] == job["id"]
         # the run shows the data set as its input, with its digest

@@ -175,14 +175,7 @@ def run_trial(
     reporter = studies.Reporter(trial, sweep.metric)
     with studies.heartbeat(storage, trial, settings.heartbeat_interval):
         try:
-            cfg = sweep.point_config(point)
-            cfg = cfg.model_copy(
-                update={
-                    "tracking": cfg.tracking.model_copy(
-                        update={"run_name": f"#{trial.number} {child_name(cfg, point)}"}
-                    )
-                }
-            )
+            cfg = _trial_config(sweep, point, trial.number)
             run_id, writer, lease = _child_run(
                 cfg, point, parent_id, trial.number, client, worker, settings
             )
@@ -195,16 +188,8 @@ def run_trial(
 
             callbacks = Callbacks(on_step=on_step, on_epoch=reporter.on_epoch, should_stop=stop)
             outcome = train(cfg, run_id=run_id, callbacks=callbacks, client=writer)
-            diagnosis, note = outcome.diagnosis.verdict, outcome.message
-            if outcome.status == "finished":
-                value = outcome.metrics.get(sweep.metric)
-                status = studies.FINISHED if value is not None else studies.FAILED
-                if value is None:
-                    note = f"the run has no metric {sweep.metric!r}"
-            elif outcome.status == "cancelled":
-                status = studies.PRUNED if reporter.pruned() else studies.CANCELLED
-            else:
-                status = outcome.status  # diverged
+            diagnosis = outcome.diagnosis.verdict
+            status, value, note = _trial_outcome(outcome, sweep.metric, reporter.pruned())
         except Exception as err:  # a trial's failure is recorded; the study goes on
             log.warning("trial %s (%s) failed: %s", trial.number, point, err)
             note = f"{type(err).__name__}: {err}"
@@ -214,6 +199,25 @@ def run_trial(
             writer.set_tag(run_id, "convserve.trial_state", "pruned")
         _tell(study, trial, status, value, diagnosis, note)
     return TrialRow(trial.number, point, status, value, diagnosis, run_id, note)
+
+
+def _trial_config(sweep: SweepConfig, point: dict[str, Any], number: int) -> TrainConfig:
+    """The point's training config, its run named after the trial."""
+    cfg = sweep.point_config(point)
+    name = f"#{number} {child_name(cfg, point)}"
+    return cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_name": name})})
+
+
+def _trial_outcome(outcome: Any, metric: str, pruned: bool) -> tuple[str, float | None, str]:
+    """A trained trial's status, value and note, from its run's outcome."""
+    if outcome.status == "finished":
+        value = outcome.metrics.get(metric)
+        if value is None:
+            return studies.FAILED, None, f"the run has no metric {metric!r}"
+        return studies.FINISHED, value, outcome.message
+    if outcome.status == "cancelled":
+        return (studies.PRUNED if pruned else studies.CANCELLED), None, outcome.message
+    return outcome.status, None, outcome.message  # diverged
 
 
 def _child_run(

@@ -1,175 +1,38 @@
-"""``create_app(settings)``: the FastAPI inference service."""
+"""``create_app(settings)``: the FastAPI inference service, put together: its routers, its
+error handlers, the edge middleware (``edge.py``) around it and ``POST /predict`` served
+directly (``direct.py``), the model manager and the job queue made at start-up."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import gc
-import inspect
 import logging
 import threading
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
-from starlette.responses import Response
 from starlette.routing import Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from convserve import __version__
 from convserve.jobs import JobQueue, JobSettings
 from convserve.service.api import datasets, docs, jobs, predict, status, ui, v2
-from convserve.service.api.deps import new_request_id
 from convserve.service.decoding import Decoder
+from convserve.service.direct import Service, all_routes
+from convserve.service.edge import EdgeMiddleware
 from convserve.service.manager import ModelManager
 from convserve.service.metrics import Metrics
 from convserve.service.model import providers_for
 from convserve.service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-# An over-limit upload is answered 413 at once, then its body is read and discarded for up to
-# this long or this many bytes (nginx's "lingering close"), so that a client still writing it
-# reads the answer instead of a reset connection.
-LINGER_SECONDS = 2.0
-LINGER_BYTES = 64 * 1024 * 1024
-MAX_SERIES = 1024  # labelled request series EdgeMiddleware keeps at hand
-
-
-class EdgeMiddleware:
-    """Request ids, the upload size limit (413, with or without Content-Length) and HTTP
-    metrics."""
-
-    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
-        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-        self.upload_limit = (settings.max_upload_bytes, "CONVSERVE_MAX_UPLOAD_BYTES")
-        self.dataset_limit = (settings.max_dataset_bytes, "CONVSERVE_MAX_DATASET_BYTES")
-
-    def _limit(self, scope: Scope) -> tuple[int, str]:
-        """Data set archives have their own, larger limit; every other body the upload's."""
-        if scope["path"] == "/datasets" and scope.get("method") == "POST":
-            return self.dataset_limit
-        return self.upload_limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        headers = dict(scope["headers"])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or new_request_id()
-        scope.setdefault("state", {})["request_id"] = request_id
-        limit = self._limit(scope)
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit[0]:
-            await self._reject(scope, send, request_id, int(length), limit)
-            await _linger(receive, min(int(length), LINGER_BYTES))
-            self._observe(scope, 413, start)
-            return
-        status_code = await self._limited(scope, receive, send, request_id, limit)
-        self._observe(scope, status_code, start)
-
-    async def _limited(
-        self, scope: Scope, receive: Receive, send: Send, request_id: str, limit: tuple[int, str]
-    ) -> int:
-        """Run the app on a body counted as it streams (chunked uploads have no length): past
-        the limit the app sees the body end, and its answer is replaced by the 413. A request
-        whose client left before any answer is counted as 499 (nginx's "client closed")."""
-        received, too_large, status_code = 0, False, 500
-        started = gone = False
-
-        async def limited_receive() -> Message:
-            nonlocal received, too_large, gone
-            if too_large:
-                return {"type": "http.request", "body": b"", "more_body": False}
-            message = await receive()
-            gone = gone or message["type"] == "http.disconnect"
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit[0]:
-                    too_large = True
-                    return {"type": "http.request", "body": b"", "more_body": False}
-            return message
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status_code, started
-            if too_large:
-                return  # the app's answer to a cut body is replaced by the 413 below
-            if message["type"] == "http.response.start":
-                status_code, started = message["status"], True
-                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
-            await send(message)
-
-        await self.app(scope, limited_receive, send_wrapper)
-        if too_large:
-            await self._reject(scope, send, request_id, received, limit)
-            await _linger(receive, LINGER_BYTES)
-            status_code = 413
-        elif gone and not started:
-            status_code = 499
-        return status_code
-
-    async def _reject(
-        self, scope: Scope, send: Send, request_id: str, size: int, limit: tuple[int, str]
-    ) -> None:
-        response = JSONResponse(
-            {
-                "detail": f"the request body is {size} bytes or more; the limit is {limit[0]} "
-                f"bytes ({limit[1]})"
-            },
-            status_code=413,
-            headers={"x-request-id": request_id, "connection": "close"},
-        )
-        await response(scope, _empty_receive, send)
-
-    def _observe(self, scope: Scope, status_code: int, start: float) -> None:
-        route = scope.get("route")
-        path = getattr(route, "path", None) or "unmatched"
-        method = scope.get("method", "")
-        key = (path, method, status_code)
-        series = self._series.get(key)
-        if series is None:  # the labelled series, looked up once per route, method and status
-            series = (
-                self.metrics.requests.labels(path, method, str(status_code)),
-                self.metrics.latency.labels(path, method),
-            )
-            if len(self._series) < MAX_SERIES:  # a client's made-up methods are not kept
-                self._series[key] = series
-        series[0].inc()
-        series[1].observe(time.perf_counter() - start)
-
-
-async def _linger(receive: Receive, budget: int) -> None:
-    """Read and discard what the client still sends, for a bounded time and size."""
-    deadline = time.monotonic() + LINGER_SECONDS
-    drained = 0
-    while drained < budget:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return
-        try:
-            message = await asyncio.wait_for(receive(), remaining)
-        except TimeoutError:
-            return
-        if message["type"] != "http.request":
-            return
-        drained += len(message.get("body", b""))
-        if not message.get("more_body", False):
-            return
-
-
-async def _empty_receive() -> Message:
-    return {"type": "http.request", "body": b"", "more_body": False}
 
 
 class Jobs:
@@ -222,80 +85,6 @@ def settle_memory() -> None:
     gc.collect(1)
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-
-
-class Service(FastAPI):
-    """The FastAPI app, with a few routes served directly: a request for one of them goes
-    through ``EdgeMiddleware`` (request id, size limit, metrics) to its endpoint, which reads
-    the ``Request`` itself, and an exception it raises is answered by the app's exception
-    handlers, as on every other route. FastAPI's middleware stack, router and dependency
-    resolution are skipped: on ``POST /predict`` of a small model they cost more than the
-    model's inference. The route is declared once, as usual (``APIRouter``): OpenAPI describes
-    it, the endpoint is the declared one, and a route whose endpoint takes anything but the
-    ``Request`` is refused here."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._direct: dict[tuple[str, str], tuple[APIRoute, ASGIApp]] = {}
-
-    def serve_directly(self, method: str, path: str, edge: Callable[[ASGIApp], ASGIApp]) -> None:
-        """Serve ``method path`` directly, through ``edge`` (the middleware to keep)."""
-        route = next(
-            (
-                r
-                for r in _routes(self.router.routes)
-                if isinstance(r, APIRoute) and r.path == path and method in (r.methods or set())
-            ),
-            None,
-        )
-        if route is None:
-            raise ValueError(f"no route {method} {path} to serve directly")
-        if list(inspect.signature(route.endpoint).parameters) != ["request"]:
-            raise ValueError(f"{method} {path}: a direct route's endpoint takes only the request")
-        endpoint: Callable[[Request], Awaitable[Response]] = route.endpoint
-
-        async def direct(scope: Scope, receive: Receive, send: Send) -> None:
-            request = Request(scope, receive)
-            try:
-                response = await endpoint(request)
-            except ClientDisconnect:  # gone before its body arrived: no one to answer
-                return
-            except Exception as err:
-                response = await self._answer_error(request, err)
-            await response(scope, receive, send)
-
-        self._direct[(method, path)] = (route, edge(direct))
-
-    async def _answer_error(self, request: Request, err: Exception) -> Response:
-        for cls in type(err).__mro__:
-            handler = self.exception_handlers.get(cls)
-            if handler is not None:
-                response = handler(request, err)
-                return await response if inspect.isawaitable(response) else response
-        log.exception("%s %s failed", request.method, request.url.path, exc_info=err)
-        return JSONResponse({"detail": "internal server error"}, status_code=500)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            direct = self._direct.get((scope["method"], scope["path"]))
-            # under a root path (a proxy's prefix), FastAPI's router resolves the path
-            if direct is not None and not scope.get("root_path"):
-                scope["app"] = self
-                scope["route"] = direct[0]
-                await direct[1](scope, receive, send)
-                return
-        await super().__call__(scope, receive, send)
-
-
-def _routes(routes: list[Any]) -> Iterator[Any]:
-    """Every route, those of included routers too (FastAPI keeps each router included without
-    a prefix as one entry)."""
-    for route in routes:
-        inner = getattr(route, "original_router", None)
-        if inner is not None:
-            yield from _routes(inner.routes)
-        else:
-            yield route
 
 
 def _is_v2(request: Request) -> bool:
@@ -397,7 +186,7 @@ def _handlers(app: FastAPI) -> None:
 def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
     """The methods some route answers on this path."""
     methods: set[str] = set()
-    for route in _routes(app.router.routes):
+    for route in all_routes(app.router.routes):
         match, _ = route.matches({**scope, "method": "GET"})
         if match != Match.NONE:
             methods |= set(getattr(route, "methods", None) or [])

@@ -20,9 +20,14 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from convserve.training.run import TrainResult
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m convserve.training",
         description="One training run; under torchrun, one rank of a data-parallel run.",
@@ -36,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep-run-open", action="store_true", help="leave the MLflow run for its job to end"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
 
     def say(text: str, err: bool = False) -> None:
@@ -83,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         distributed.leave()
+    _report(result, say)
+    return 0 if result.status == "finished" else 1
+
+
+def _report(result: TrainResult, say: Callable[[str], None]) -> None:
+    """The run's outcome in lines; the last, ``result: {...}``, is read by the worker."""
     for key in ("val_accuracy", "best_val_accuracy", "test_accuracy"):
         if key in result.metrics:
             say(f"{key}: {result.metrics[key]:.4f}")
@@ -96,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     say(f"status: {result.status}")
     summary = {"status": result.status, "run_id": result.run_id, "message": result.message}
     say("result: " + json.dumps(summary))
-    return 0 if result.status == "finished" else 1
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -121,100 +122,144 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}" if math.isfinite(x) else str(x)
 
 
+@dataclass(frozen=True)
+class _Reading:
+    """One snapshot as the rules read it: its hidden layers (first to last) and their
+    ratios."""
+
+    snap: Snapshot
+    cfg: DiagnosticsConfig
+    hidden: dict[str, dict[str, float]]
+    ratios: dict[str, float]
+
+    @property
+    def step(self) -> int:
+        return self.snap.step
+
+    @property
+    def span(self) -> str:
+        names = list(self.hidden)
+        return f"{names[0]} to {names[-1]}"
+
+    @property
+    def ends(self) -> tuple[str, str]:
+        names = list(self.hidden)
+        return names[0], names[-1]
+
+
+Rule = Callable[[_Reading], "Finding | None"]
+# verdict -> the rule that finds it, in the order findings are reported; which one explains
+# which is PRECEDENCE's order
+RULES: dict[str, Rule] = {}
+
+
+def rule(verdict: str) -> Callable[[Rule], Rule]:
+    def register(fn: Rule) -> Rule:
+        RULES[verdict] = fn
+        return fn
+
+    return register
+
+
+@rule("symmetric")
+def _symmetric(r: _Reading) -> Finding | None:
+    """Too few of a layer's units (filters or weight rows) are distinct."""
+    worst = min(r.hidden, key=lambda k: r.hidden[k].get("distinct", 1.0))
+    share, limit = r.hidden[worst].get("distinct", 1.0), r.cfg.symmetric_distinct
+    if not share <= limit:  # NaN included
+        return None
+    return Finding(
+        "symmetric",
+        "distinct",
+        share,
+        limit,
+        r.step,
+        worst,
+        f"only {share:.1%} of {worst}'s units (filters or weight rows) are distinct "
+        f"(at most {limit:.0%} is symmetric) at step {r.step}",
+    )
+
+
+@rule("exploding")
+def _exploding(r: _Reading) -> Finding | None:
+    """A statistic is not finite, or the activations grow (or the gradients shrink towards
+    the output) beyond the ratio."""
+    bad = [(layer, k) for layer, s in r.snap.layers.items() for k, v in s.items()]
+    bad = [(layer, k) for layer, k in bad if not math.isfinite(r.snap.layers[layer][k])]
+    if bad:
+        layer, key = bad[0]
+        evidence = f"{layer}'s {key} is not finite at step {r.step}"
+        return Finding("exploding", key, math.inf, math.inf, r.step, layer, evidence)
+    limit, (first, last) = r.cfg.exploding_ratio, r.ends
+    growth, grad = r.ratios["act_growth"], r.ratios["grad_ratio"]
+    if not (growth > limit or grad > limit):
+        return None
+    key = "act_growth" if growth >= grad else "grad_ratio"
+    what = {
+        "act_growth": f"the activation std grows {_fmt(growth)}x from {r.span}",
+        "grad_ratio": f"the gradient std at {first} is {_fmt(grad)}x that at {last}",
+    }[key]
+    return Finding(
+        "exploding",
+        key,
+        r.ratios[key],
+        limit,
+        r.step,
+        None,
+        f"{what} (over {_fmt(limit)}x is exploding) at step {r.step}",
+    )
+
+
+@rule("vanishing")
+def _vanishing(r: _Reading) -> Finding | None:
+    """The gradient at the first hidden layer is a small share of that at the last."""
+    grad, limit, (first, last) = r.ratios["grad_ratio"], r.cfg.vanishing_ratio, r.ends
+    if not grad < limit:
+        return None
+    return Finding(
+        "vanishing",
+        "grad_ratio",
+        grad,
+        limit,
+        r.step,
+        None,
+        f"the gradient std at {first} is {_fmt(grad)} of that at {last} "
+        f"(under {_fmt(limit)} is vanishing) at step {r.step}",
+    )
+
+
+def _share_rule(verdict: str, key: str, threshold: str, unit: str) -> Rule:
+    """A verdict when, in some layer, the share ``key`` of units is over ``cfg.threshold``."""
+
+    def find(r: _Reading) -> Finding | None:
+        layer = max(r.hidden, key=lambda k: r.hidden[k].get(key, 0.0))
+        value, limit = r.hidden[layer].get(key, 0.0), getattr(r.cfg, threshold)
+        if not value > limit:
+            return None
+        return Finding(
+            verdict,
+            key,
+            value,
+            limit,
+            r.step,
+            layer,
+            f"{value:.0%} of {layer}'s {unit} (over {limit:.0%} is {verdict}) at step {r.step}",
+        )
+
+    return rule(verdict)(find)
+
+
+_share_rule("saturated", "saturated", "saturated_fraction", "outputs are within 1% of an asymptote")
+_share_rule("dying", "dead", "dead_fraction", "units output zero for the whole batch")
+assert set(RULES) == set(PRECEDENCE), "every verdict has one rule and a place in PRECEDENCE"
+
+
 def findings(snap: Snapshot, cfg: DiagnosticsConfig) -> list[Finding]:
     """Every verdict that one snapshot supports, with its evidence (one finding per verdict:
     the worst layer)."""
-    found: list[Finding] = []
     hidden = {k: snap.layers[k] for k in hidden_layers(snap)}
-    step = snap.step
-    worst = min(hidden, key=lambda k: hidden[k].get("distinct", 1.0))
-    share = hidden[worst].get("distinct", 1.0)
-    if share <= cfg.symmetric_distinct:
-        found.append(
-            Finding(
-                "symmetric",
-                "distinct",
-                share,
-                cfg.symmetric_distinct,
-                step,
-                worst,
-                f"only {share:.1%} of {worst}'s units (filters or weight rows) are distinct "
-                f"(at most {cfg.symmetric_distinct:.0%} is symmetric) at step {step}",
-            )
-        )
-    bad = [
-        (layer, key)
-        for layer, s in snap.layers.items()
-        for key, v in s.items()
-        if not math.isfinite(v)
-    ]
-    r = ratios(snap)
-    names = list(hidden)
-    span = f"{names[0]} to {names[-1]}"
-    if bad:
-        layer, key = bad[0]
-        found.append(
-            Finding(
-                "exploding",
-                key,
-                math.inf,
-                math.inf,
-                step,
-                layer,
-                f"{layer}'s {key} is not finite at step {step}",
-            )
-        )
-    elif r["act_growth"] > cfg.exploding_ratio or r["grad_ratio"] > cfg.exploding_ratio:
-        key = "act_growth" if r["act_growth"] >= r["grad_ratio"] else "grad_ratio"
-        what = {
-            "act_growth": f"the activation std grows {_fmt(r['act_growth'])}x from {span}",
-            "grad_ratio": f"the gradient std at {names[0]} is {_fmt(r['grad_ratio'])}x that "
-            f"at {names[-1]}",
-        }[key]
-        found.append(
-            Finding(
-                "exploding",
-                key,
-                r[key],
-                cfg.exploding_ratio,
-                step,
-                None,
-                f"{what} (over {_fmt(cfg.exploding_ratio)}x is exploding) at step {step}",
-            )
-        )
-    if r["grad_ratio"] < cfg.vanishing_ratio:
-        found.append(
-            Finding(
-                "vanishing",
-                "grad_ratio",
-                r["grad_ratio"],
-                cfg.vanishing_ratio,
-                step,
-                None,
-                f"the gradient std at {names[0]} is {_fmt(r['grad_ratio'])} of that at "
-                f"{names[-1]} (under {_fmt(cfg.vanishing_ratio)} is vanishing) at step {step}",
-            )
-        )
-    for verdict, key, threshold, unit in (
-        ("saturated", "saturated", cfg.saturated_fraction, "outputs are within 1% of an asymptote"),
-        ("dying", "dead", cfg.dead_fraction, "units output zero for the whole batch"),
-    ):
-        layer = max(hidden, key=lambda k: hidden[k].get(key, 0.0))
-        value = hidden[layer].get(key, 0.0)
-        if value > threshold:
-            found.append(
-                Finding(
-                    verdict,
-                    key,
-                    value,
-                    threshold,
-                    step,
-                    layer,
-                    f"{value:.0%} of {layer}'s {unit} (over {threshold:.0%} is {verdict}) at "
-                    f"step {step}",
-                )
-            )
-    return found
+    reading = _Reading(snap, cfg, hidden, ratios(snap))
+    return [f for find in RULES.values() if (f := find(reading)) is not None]
 
 
 def _phase(name: str, found: list[Finding], steps: tuple[int, int]) -> Phase:

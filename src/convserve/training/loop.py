@@ -181,7 +181,7 @@ def train_one_epoch(
     cb = callbacks or StepCallbacks()
     recipe = recipe or Recipe()
     model.train()
-    step, total_loss, correct, seen = start_step, 0.0, 0, 0
+    step, tally = start_step, _Tally()
     snapshots: list[Snapshot] = []
     dist = recipe.dist
     stepper = wrapped if wrapped is not None else model
@@ -200,37 +200,78 @@ def train_one_epoch(
         stop = cb.should_stop is not None and cb.should_stop()
         if stop and dist is None:
             raise Stopped(step)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if recipe.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if diagnostics is not None and step % diag_every == 0:
-            logits, loss_value, snap = _measured_step(
-                stepper, optimizer, x, y, step, recipe, diagnostics, stop
-            )
-            if dist is not None:
-                snap = dist.mean_snapshot(snap)
+        x, y = _to_device(x, y, device, recipe)
+        measure = diagnostics if step % diag_every == 0 else None
+        logits, loss_value, snap = _train_step(
+            stepper, compiled, optimizer, x, y, step, recipe, measure, stop
+        )
+        if snap is not None:
             snapshots.append(snap)
             if cb.on_snapshot is not None:
                 cb.on_snapshot(snap)
-        else:
-            plain = compiled if compiled is not None else stepper
-            logits, loss_value = _step(plain, optimizer, x, y, step, recipe, stop)
         step += 1
-        batch_correct = int((logits.argmax(1) == y).sum())
-        total_loss += loss_value * y.size(0)
-        correct += batch_correct
-        seen += y.size(0)
+        accuracy = tally.add(logits, y, loss_value)
         if cb.on_step is not None:
-            cb.on_step(step, loss_value, batch_correct / y.size(0))
-    if dist is not None:
-        total_loss, correct, seen = dist.total([total_loss, correct, seen])  # type: ignore[assignment]
-    return EpochResult(
-        loss=total_loss / max(seen, 1),
-        accuracy=correct / max(seen, 1),
-        steps=step,
-        budget_spent=max_steps is not None and step >= max_steps,
-        snapshots=snapshots,
+            cb.on_step(step, loss_value, accuracy)
+    spent = max_steps is not None and step >= max_steps
+    return EpochResult(*tally.result(dist), steps=step, budget_spent=spent, snapshots=snapshots)
+
+
+@dataclass
+class _Tally:
+    """An epoch's summed loss and correct answers over the examples seen."""
+
+    loss: float = 0.0
+    correct: int = 0
+    seen: int = 0
+
+    def add(self, logits: Tensor, y: Tensor, loss: float) -> float:
+        """Count a batch; its accuracy."""
+        correct = int((logits.argmax(1) == y).sum())
+        self.loss, self.correct, self.seen = (
+            self.loss + loss * y.size(0),
+            self.correct + correct,
+            self.seen + y.size(0),
+        )
+        return correct / y.size(0)
+
+    def result(self, dist: Any) -> tuple[float, float]:
+        """The epoch's mean loss and accuracy (over every rank of a data-parallel run)."""
+        loss, correct, seen = self.loss, self.correct, self.seen
+        if dist is not None:
+            loss, correct, seen = dist.total([loss, correct, seen])
+        return loss / max(seen, 1), correct / max(seen, 1)
+
+
+def _to_device(x: Tensor, y: Tensor, device: torch.device, recipe: Recipe) -> tuple[Tensor, Tensor]:
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if recipe.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
+
+
+def _train_step(
+    model: nn.Module,
+    compiled: nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    step: int,
+    recipe: Recipe,
+    diagnostics: Diagnostics | None,
+    stop: bool,
+) -> tuple[Tensor, float, Snapshot | None]:
+    """One step, measured by ``diagnostics`` when given (on the eager ``model``; in a
+    data-parallel run its snapshot is every rank's together), else through ``compiled``."""
+    if diagnostics is None:
+        plain = compiled if compiled is not None else model
+        return (*_step(plain, optimizer, x, y, step, recipe, stop), None)
+    logits, loss_value, snap = _measured_step(
+        model, optimizer, x, y, step, recipe, diagnostics, stop
     )
+    if recipe.dist is not None:
+        snap = recipe.dist.mean_snapshot(snap)
+    return logits, loss_value, snap
 
 
 def _forward_backward(

@@ -113,6 +113,22 @@ def _checkpoint_dir(cfg: TrainConfig, run_id: str | None) -> Path:
     return Path(cfg.tracking.output_dir) / name
 
 
+def _restore(
+    resume: str | Path,
+    model: ConvNet,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> tuple[int, int, float, str | None]:
+    """Load the checkpoint ``resume`` into the model, optimizer and scheduler: (the epoch to
+    start, the step reached, the best metric, the run it belongs to)."""
+    payload = read_checkpoint(resume)
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    if scheduler is not None and payload["scheduler"] is not None:
+        scheduler.load_state_dict(payload["scheduler"])
+    return payload["epoch"] + 1, payload["step"], payload["best_metric"], payload["run_id"]
+
+
 def train(
     cfg: TrainConfig,
     *,
@@ -146,15 +162,8 @@ def train(
     scheduler = make_scheduler(optimizer, cfg.optim)
     start_epoch, step, best = 1, 0, -math.inf
     if resume is not None:
-        payload = read_checkpoint(resume)
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        if scheduler is not None and payload["scheduler"] is not None:
-            scheduler.load_state_dict(payload["scheduler"])
-        start_epoch, step = payload["epoch"] + 1, payload["step"]
-        best = payload["best_metric"]
-        run_id = run_id or payload["run_id"]
-
+        start_epoch, step, best, saved_run = _restore(resume, model, optimizer, scheduler)
+        run_id = run_id or saved_run
     if dist is not None and not dist.main:  # rank 0 alone logs and keeps checkpoints
         cfg = cfg.model_copy(
             update={"tracking": cfg.tracking.model_copy(update={"enabled": False})}

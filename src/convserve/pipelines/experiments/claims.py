@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 from matplotlib.axes import Axes
@@ -94,9 +96,9 @@ def symmetry(ctx: Context) -> Finding:
     )
 
 
-@experiment("vanishing")
-def vanishing(ctx: Context) -> Finding:
-    depths = [2, 5, 10]
+def _gradient_by_depth(ctx: Context, depths: list[int]) -> tuple[dict[str, float], Path]:
+    """First/last hidden gradient std at initialisation, sigmoid at each depth and the
+    healthy controls at the deepest; the figure."""
     grad_ratio: dict[str, float] = {}
     fig, ax = subplots(figsize=(6, 3.5))
     # Glorot & Bengio's "standard" init: U(-1/sqrt(n), 1/sqrt(n)) is PyTorch's default; the
@@ -116,8 +118,12 @@ def vanishing(ctx: Context) -> Finding:
         grad_ratio[name] = ratios(snap)["grad_ratio"]
         _layer_curve(ax, snap, "grad_std", name)
     gradient_axes(ax, legend_size=7)
-    figures = [save_figure(fig, ctx.folder / "gradient_by_depth.png")]
-    steps = ctx.steps(600, 120)
+    return grad_ratio, save_figure(fig, ctx.folder / "gradient_by_depth.png")
+
+
+def _shapeset_errors(ctx: Context, steps: int) -> dict[str, float]:
+    """Test error on Shapeset-3x2 after ``steps``: sigmoid with the standard init, tanh with
+    the normalised one."""
     errors = {}
     for name, act, init in (
         ("sigmoid + standard init", "sigmoid", "default"),
@@ -134,6 +140,15 @@ def vanishing(ctx: Context) -> Finding:
             optim={"optimizer": "sgd", "lr": 0.05, "epochs": 100, "max_steps": steps},
         )
         errors[name] = 1.0 - train(cfg).metrics["test_accuracy"]
+    return errors
+
+
+@experiment("vanishing")
+def vanishing(ctx: Context) -> Finding:
+    depths = [2, 5, 10]
+    grad_ratio, figure = _gradient_by_depth(ctx, depths)
+    steps = ctx.steps(600, 120)
+    errors = _shapeset_errors(ctx, steps)
     sig = [grad_ratio[f"sigmoid + standard, {d} layers"] for d in depths]
     controls = [v for k, v in grad_ratio.items() if not k.startswith("sigmoid")]
     ok = (
@@ -164,7 +179,7 @@ def vanishing(ctx: Context) -> Finding:
         + ", ".join(f"{k} {v:.1%}" for k, v in errors.items())
         + ".",
         ok,
-        figures,
+        [figure],
         {
             **{f"grad_ratio_{k}": r for k, r in grad_ratio.items()},
             **{f"test_error_{k.split()[0]}": v for k, v in errors.items()},
@@ -229,12 +244,10 @@ def exploding(ctx: Context) -> Finding:
     )
 
 
-@experiment("xavier_he")
-def xavier_he(ctx: Context) -> Finding:
-    depth = 30
-    model = {"blocks": [], "hidden": [64] * (depth - 1)}
+def _activation_scale(ctx: Context, model: dict[str, Any], ax: Axes) -> dict[str, float]:
+    """Last/first hidden activation std at initialisation for tanh + Xavier, ReLU + Xavier
+    and ReLU + He, drawn on ``ax``."""
     snaps = {}
-    fig, (ax, ax_loss) = subplots(1, 2, figsize=(11, 3.8))
     for name, act, init in (
         ("tanh + Xavier", "tanh", "xavier_normal"),
         ("ReLU + Xavier", "relu", "xavier_normal"),
@@ -249,6 +262,7 @@ def xavier_he(ctx: Context) -> Finding:
         )
         snaps[name] = train(cfg).snapshots[0]
         _layer_curve(ax, snaps[name], "act_std", name)
+    depth = len(model["hidden"]) + 1
     ax.set(
         yscale="log",
         xlabel="layer",
@@ -256,11 +270,15 @@ def xavier_he(ctx: Context) -> Finding:
         title=f"{depth}-layer plain network: activation scale by layer",
     )
     ax.legend(fontsize=8)
-    growth = {k: ratios(s)["act_growth"] for k, s in snaps.items()}
-    # Training: ReLU with each init over a learning-rate grid, SGD with momentum 0.9, as
-    # He et al. train both inits alike.
-    steps = ctx.steps(1000, 600)
-    grid = [0.001, 0.003, 0.01, 0.03] if not ctx.quick else [0.001, 0.003, 0.01]
+    return {k: ratios(s)["act_growth"] for k, s in snaps.items()}
+
+
+def _relu_training(
+    ctx: Context, model: dict[str, Any], grid: list[float], steps: int
+) -> tuple[dict[str, dict[float, float]], dict[tuple[str, float], list[float]]]:
+    """ReLU with He and with Xavier init over a learning-rate grid, SGD with momentum 0.9 (as
+    He et al. train both inits alike): final training loss (inf when it diverged) and the
+    loss curves."""
     loss: dict[str, dict[float, float]] = {"He": {}, "Xavier": {}}
     curves: dict[tuple[str, float], list[float]] = {}
     for name, init in (("He", "he_normal"), ("Xavier", "xavier_normal")):
@@ -281,6 +299,18 @@ def xavier_he(ctx: Context) -> Finding:
             final = result.metrics.get("train_loss", math.nan)
             loss[name][lr] = final if result.status == "finished" else math.inf
             curves[(name, lr)] = [h["train_loss"] for h in result.history]
+    return loss, curves
+
+
+@experiment("xavier_he")
+def xavier_he(ctx: Context) -> Finding:
+    depth = 30
+    model = {"blocks": [], "hidden": [64] * (depth - 1)}
+    fig, (ax, ax_loss) = subplots(1, 2, figsize=(11, 3.8))
+    growth = _activation_scale(ctx, model, ax)
+    steps = ctx.steps(1000, 600)
+    grid = [0.001, 0.003, 0.01, 0.03] if not ctx.quick else [0.001, 0.003, 0.01]
+    loss, curves = _relu_training(ctx, model, grid, steps)
     best_lr = min(grid, key=lambda lr: loss["He"][lr])
     best = {k: min(v.values()) for k, v in loss.items()}
     chance = math.log(10)
@@ -420,11 +450,10 @@ def born_dead(width: int, depth: int, activation: str, seeds: int, inputs: int =
     return dead / seeds
 
 
-@experiment("dying_relu")
-def dying_relu(ctx: Context) -> Finding:
-    # (a) at initialisation, over many seeds: narrow deep networks are born dead
-    seeds = ctx.steps(400, 150)
-    widths, depths = [2, 3, 4], [5, 10, 20, 40]
+def _born_dead_grid(
+    ctx: Context, seeds: int, widths: list[int], depths: list[int]
+) -> tuple[dict[tuple[str, int, int], float], Path]:
+    """The probability of a network born dead, by activation, width and depth; the figure."""
     born = {
         (act, w, d): born_dead(w, d, act, seeds)
         for act in ("relu", "leaky_relu")
@@ -450,11 +479,12 @@ def dying_relu(ctx: Context) -> Finding:
         title=f"born dead at He initialisation ({seeds} seeds)",
     )
     ax.legend(fontsize=8)
-    relu = {(w, d): born[("relu", w, d)] for w in widths for d in depths}
-    grows = all(relu[(w, depths[0])] < relu[(w, depths[-1])] for w in widths)
-    narrower = all(relu[(widths[0], d)] >= relu[(widths[-1], d)] for d in depths)
-    leaky_never = all(born[("leaky_relu", w, d)] == 0.0 for w in widths for d in depths)
-    # (b) in training: units driven below zero die, Leaky ReLU units do not
+    return born, save_figure(fig, ctx.folder / "born_dead.png")
+
+
+def _dead_after_training(ctx: Context) -> tuple[dict[str, float], dict[str, float]]:
+    """Biases started at -0.5: the worst hidden layer's dead share at the end, and the
+    validation accuracy, for ReLU and Leaky ReLU."""
     steps = ctx.steps(300, 100)
     results = {}
     for act in ("relu", "leaky_relu"):
@@ -473,7 +503,21 @@ def dying_relu(ctx: Context) -> Finding:
         k: max(v.get("dead", 0.0) for n, v in r.snapshots[-1].layers.items() if n != "head.out")
         for k, r in results.items()
     }
-    acc = {k: r.metrics["val_accuracy"] for k, r in results.items()}
+    return dead, {k: r.metrics["val_accuracy"] for k, r in results.items()}
+
+
+@experiment("dying_relu")
+def dying_relu(ctx: Context) -> Finding:
+    # (a) at initialisation, over many seeds: narrow deep networks are born dead
+    seeds = ctx.steps(400, 150)
+    widths, depths = [2, 3, 4], [5, 10, 20, 40]
+    born, figure = _born_dead_grid(ctx, seeds, widths, depths)
+    relu = {(w, d): born[("relu", w, d)] for w in widths for d in depths}
+    grows = all(relu[(w, depths[0])] < relu[(w, depths[-1])] for w in widths)
+    narrower = all(relu[(widths[0], d)] >= relu[(widths[-1], d)] for d in depths)
+    leaky_never = all(born[("leaky_relu", w, d)] == 0.0 for w in widths for d in depths)
+    # (b) in training: units driven below zero die, Leaky ReLU units do not
+    dead, acc = _dead_after_training(ctx)
     trained = dead["relu"] >= 0.3 and dead["leaky_relu"] == 0.0 and acc["leaky_relu"] >= acc["relu"]
     ok = grows and narrower and leaky_never and relu[(2, 40)] > 0.5 and trained
     return Finding(
@@ -505,7 +549,7 @@ def dying_relu(ctx: Context) -> Finding:
         f"leaky_relu {dead['leaky_relu']:.2f}; val accuracy relu {acc['relu']:.3f}, "
         f"leaky_relu {acc['leaky_relu']:.3f}.",
         ok,
-        [save_figure(fig, ctx.folder / "born_dead.png")],
+        [figure],
         {
             **{f"born_dead_w{w}_d{d}": v for (w, d), v in relu.items()},
             **{f"dead_{k}": v for k, v in dead.items()},
