@@ -115,7 +115,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         mark = item.get_closest_marker("timeout")
         seconds = float(mark.args[0]) if mark is not None and mark.args else default
         if seconds:
-            item.add_marker(pytest.mark.timeout(limit(seconds)))
+            item.add_marker(pytest.mark.timeout(limit(seconds)), append=False)
 
 
 def _checkout_files() -> set[str]:

@@ -22,7 +22,7 @@ from tests.deploy.compose import ROOT, load, read_env
 from tests.deploy.local import Container, Deployment, http_ok
 from tests.deploy.test_load_balancer import _png, nginx
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 TOKEN = "compose-token"
 
 

@@ -22,7 +22,7 @@ from tests.deploy.local import Container, Deployment, http_ok
 from tests.deploy.test_k8s import render
 from tests.deploy.test_load_balancer import _png
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 NAMESPACE = "convserve-test"
 IMAGES = {"convserve/api": "api", "convserve/trainer": "trainer", "convserve/mlflow": "mlflow"}
 

@@ -30,7 +30,7 @@ from tests.servers import (
 )
 from tests.waiting import limit, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 CONF = ROOT / "deploy" / "nginx" / "convserve.conf"
 
 

@@ -5,7 +5,7 @@ from mlflow.tracking import MlflowClient
 
 from convserve.pipelines.experiments import log_report, run_experiments, write_report
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 # Pooling is "usually" better, by a point or so either way (Boureau et al. 2010): the report
 # states what it sees, and the test does not pin that verdict.

@@ -12,6 +12,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from convserve.jobs import JobSettings
 from convserve.pipelines.registry import Policy, publish, publish_onnx
 from convserve.pipelines.sweep import run_sweep
 from convserve.training.checkpoint import load_model
@@ -43,7 +44,9 @@ def _walk(url: str, tmp_path: Path) -> None:
         },
     )
     policy = Policy(model_name=name)
-    result = run_sweep(sweep, policy=policy)
+    result = run_sweep(
+        sweep, policy=policy, settings=JobSettings(queue_path=str(tmp_path / "q.db"))
+    )
     client = MlflowClient(url)
 
     # every child is nested under the parent; the summary is on the parent

@@ -18,7 +18,7 @@ from tests.conftest import TINY
 from tests.servers import free_port
 from tests.waiting import limit, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 CLI = str(Path(sys.executable).parent / "convserve")
 
 

@@ -21,7 +21,7 @@ from tests.conftest import TINY
 from tests.servers import uvicorn_server, worker_process
 from tests.waiting import limit, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 TOKEN = "job-token-" + uuid.uuid4().hex[:8]
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 

@@ -13,7 +13,7 @@ from tests.servers import uvicorn_server
 from tests.service.test_web import ARGS, CHROMIUM, SHOTS
 from tests.waiting import limit_ms
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from tests.servers import (
 )
 from tests.waiting import limit, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 def test_alias_moves_under_load_without_a_failed_request(

@@ -15,7 +15,7 @@ import pytest
 from tests.servers import uvicorn_server
 from tests.waiting import limit
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 # Two checks assume what this API does not: that every schema-valid value is accepted (an
 # upload that is not an image, a tensor of the wrong shape or a page token the server never

@@ -20,7 +20,7 @@ from sklearn.datasets import load_digits
 from tests.servers import uvicorn_server, worker_process
 from tests.waiting import limit_ms
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "web"
 ARGS = [

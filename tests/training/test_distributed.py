@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import TINY
 from tests.waiting import limit
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 CLI = str(Path(sys.executable).parent / "convserve")
 
 
