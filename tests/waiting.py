@@ -5,8 +5,10 @@ work: ``CONVSERVE_TEST_SLOWDOWN=3 make test``."""
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -24,6 +26,11 @@ def _slowdown() -> float:
 
 
 SLOWDOWN = _slowdown()
+# What tests keep for a person to look at (the web page's screenshots), outside the checkout
+ARTIFACTS = Path(
+    os.environ.get("CONVSERVE_TEST_ARTIFACTS")
+    or Path(tempfile.gettempdir()) / "convserve-test-artifacts"
+)
 
 
 def limit(seconds: float) -> float:

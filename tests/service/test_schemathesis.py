@@ -57,6 +57,7 @@ def test_the_live_api_holds_up_to_schemathesis(onnx_path, tmp_path):
             text=True,
             timeout=limit(600),
             env={**os.environ, "SCHEMATHESIS_HOOKS": ""},
+            cwd=tmp_path,  # its .hypothesis/ and .schemathesis/ folders
         )
         serve_log = next(tmp_path.glob("serve-*.log")).read_text()
     assert out.returncode == 0, out.stdout[-6000:]

@@ -1,7 +1,8 @@
 """The web page in headless Chromium (Debian's package, driven by Playwright with the system
 executable): predict and see feature maps, train a tiny job and see it finish and promote,
 watch a job's diagnostics live and beside another job's, and see API errors in words.
-Screenshots go to test-artifacts/web/."""
+Screenshots go to $CONVSERVE_TEST_ARTIFACTS/web/ (default: convserve-test-artifacts/web/ in
+the system's temporary folder), outside the checkout."""
 
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from tests.servers import uvicorn_server, worker_process
-from tests.waiting import limit_ms
+from tests.waiting import ARTIFACTS, limit_ms
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-SHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "web"
+SHOTS = ARTIFACTS / "web"
 ARGS = [
     "--headless",
     "--no-sandbox",
