@@ -54,14 +54,11 @@ def _job(experiment: str, model: str, **changes) -> dict:
 
 
 def _wait(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 120) -> dict:
-    seen: list[str] = []
-
     def ended() -> dict | None:
         job = client.get(f"/jobs/{job_id}").json()
-        seen.append(job["status"])
         return job if job["status"] in statuses else None
 
-    return wait_until(ended, timeout, f"job {job_id} not {statuses} (last {seen[-1:]})", 0.3)
+    return wait_until(ended, timeout, f"job {job_id} reaches {sorted(statuses)}", 0.3)
 
 
 def _progress(client: httpx.Client, job_id: str) -> dict:
