@@ -107,8 +107,15 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every test's time limit (its ``timeout`` mark, else the ini's) times the slowdown."""
+    """The longest tests first (``e2e``, then ``slow``; a module's tests stay together), so
+    that the parallel processes finish together; every test's time limit (its ``timeout``
+    mark, else the ini's) times the slowdown."""
     from tests.waiting import limit
+
+    def weight(item: pytest.Item) -> int:
+        return 0 if item.get_closest_marker("e2e") else 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=weight)  # stable: the order within each weight is the collection's
 
     default = float(config.getini("timeout") or 0)
     for item in items:

@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from torch import Tensor
-from torchvision.transforms import v2
 
 from convserve.training.config import AugmentConfig
 
@@ -18,6 +17,10 @@ def build_augment(cfg: AugmentConfig, channels: int, size: tuple[int, int]) -> T
     """The transform ``cfg`` describes for images of ``channels`` and ``size``; None when off."""
     if not cfg.enabled:
         return None
+    # imported here: torchvision loads its models (and torch._dynamo) on import, a second
+    # or more of every training process's start that a run without augmentation never uses
+    from torchvision.transforms import v2
+
     steps: list[Callable[..., Tensor]] = []
     if cfg.pad_crop:
         steps.append(v2.RandomCrop(size, padding=cfg.pad_crop))
