@@ -173,3 +173,28 @@ def test_a_range_needs_a_sampler_that_draws(tmp_path):
         SweepConfig(grid={"optim.lr": {"low": 1, "high": 0.1}}, sampler="random", trials=2)
     with pytest.raises(ValueError, match="not one"):
         SweepConfig(grid={"seed": [0, 1]}, metric="test_accuracy", pruner="median")
+
+
+def test_a_trial_lost_before_it_recorded_its_run_fails_that_run(sqlite_uri, monkeypatch):
+    """The worker died between creating the trial's child run and recording it on the trial:
+    the reaper's callback finds the run by the parent and the trial number."""
+    import optuna
+
+    from convserve.pipelines import study as studies
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri)
+    client = MlflowClient(sqlite_uri)
+    experiment = client.create_experiment("lost-trial")
+    parent = client.create_run(experiment).info.run_id
+    study = optuna.create_study(study_name=studies.study_name(parent))
+    number = study.ask().number
+
+    def child(trial: int) -> str:
+        tags = {"mlflow.parentRunId": parent, "convserve.trial": str(trial)}
+        return client.create_run(experiment, tags=tags).info.run_id
+
+    lost, other = child(number), child(number + 1)
+    studies._LostTrial(retries=0)(study, study.trials[number])
+    run = client.get_run(lost)
+    assert run.info.status == "FAILED" and "worker lost" in run.data.tags["convserve.error"]
+    assert client.get_run(other).info.status == "RUNNING"

@@ -93,17 +93,30 @@ class _LostTrial:
         self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retries)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        child = trial.user_attrs.get("run_id")
-        if child:
-            from mlflow.entities import RunTag
-            from mlflow.tracking import MlflowClient
+        from mlflow.entities import RunTag
+        from mlflow.tracking import MlflowClient
 
-            client = MlflowClient()
-            error = f"worker lost: trial {trial.number}'s heartbeat stopped"
+        client = MlflowClient()
+        error = f"worker lost: trial {trial.number}'s heartbeat stopped"
+        for child in _trial_runs(client, study.study_name, trial):
             client.log_batch(child, tags=[RunTag("convserve.error", error)])
             client.set_terminated(child, status="FAILED")
         log.warning("%s: trial %s lost with its worker", study.study_name, trial.number)
         self.retry(study, trial)
+
+
+def _trial_runs(client: Any, name: str, trial: optuna.trial.FrozenTrial) -> list[str]:
+    """The trial's child run: the one it recorded, else (its worker was lost between creating
+    the run and recording it) the parent's running child tagged with the trial's number."""
+    if trial.user_attrs.get("run_id"):
+        return [trial.user_attrs["run_id"]]
+    parent = name.removeprefix(study_name(""))
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    query = (
+        f"tags.mlflow.parentRunId = '{parent}' and tags.`convserve.trial` = '{trial.number}' "
+        "and attributes.status = 'RUNNING'"
+    )
+    return [r.info.run_id for r in client.search_runs(experiments, query)] if experiments else []
 
 
 def study_name(parent_run_id: str) -> str:

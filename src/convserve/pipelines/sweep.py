@@ -177,10 +177,8 @@ def run_trial(
         try:
             cfg = _trial_config(sweep, point, trial.number)
             run_id, writer, lease = _child_run(
-                cfg, point, parent_id, trial.number, client, worker, settings
+                cfg, point, parent_id, trial, client, worker, settings
             )
-            if run_id is not None:
-                trial.set_user_attr("run_id", run_id)
 
             def stop() -> bool:
                 lost = lease is not None and not lease.held()
@@ -224,19 +222,20 @@ def _child_run(
     cfg: TrainConfig,
     point: dict[str, Any],
     parent_id: str | None,
-    number: int,
+    trial: optuna.Trial,
     client: Any,
     worker: str,
     settings: JobSettings,
 ) -> tuple[str | None, Any, Lease | None]:
-    """The trial's child run, created ``RUNNING`` under this worker, and the lease-guarded
-    client its training writes through; (None, None, None) when the sweep is untracked."""
+    """The trial's child run, created ``RUNNING`` under this worker and recorded on the trial
+    at once, and the lease-guarded client its training writes through; (None, None, None)
+    when the sweep is untracked."""
     if client is None or not cfg.tracking.enabled:
         return None, None, None
     experiment = get_or_create_experiment(client, cfg.tracking.experiment)
     tags = {
         "convserve.point": json.dumps(point, sort_keys=True, default=str)[:5000],
-        "convserve.trial": str(number),
+        "convserve.trial": str(trial.number),
         Tag.WORKER: worker,
         Tag.ATTEMPT: "1",
     }
@@ -244,6 +243,7 @@ def _child_run(
         tags["mlflow.parentRunId"] = parent_id
     run = client.create_run(experiment, run_name=cfg.tracking.run_name, tags=tags)
     run_id = run.info.run_id
+    trial.set_user_attr("run_id", run_id)  # the reaper fails this run if the worker is lost
     log_params(client, run_id, cfg)
     lease = Lease(client, run_id, worker, 1, settings.cancel_check_interval)
     return run_id, GuardedClient(client, lease), lease
