@@ -106,6 +106,17 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(2, len(os.sched_getaffinity(0)))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """In each of several test processes, torch and its subprocesses (workers, ``train``,
+    torchrun's ranks) use this process's share of the cores: with more threads than that, an
+    OpenMP thread spins waiting for a core that another process holds."""
+    workers = getattr(config, "workerinput", {}).get("workercount")
+    if workers:
+        share = max(1, len(os.sched_getaffinity(0)) // int(workers))
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(name, str(share))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The longest tests first (``e2e``, then ``slow``; a module's tests stay together), so
     that the parallel processes finish together; every test's time limit (its ``timeout``
