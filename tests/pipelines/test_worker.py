@@ -31,12 +31,15 @@ def _env(mlflow_url: str, tmp: Path, redis: bool, model: str) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": mlflow_url,
         "CONVSERVE_API_TOKEN": TOKEN,
         "CONVSERVE_MODEL_URI": f"models:/{model}@champion",
-        "CONVSERVE_POLL_INTERVAL": "0.5",
+        # short enough that a lost worker is noticed in seconds, long enough that the polls
+        # (each a request to the tracking server) cost little; a busy machine's late
+        # heartbeat is not a lost worker
+        "CONVSERVE_POLL_INTERVAL": "1",
         "CONVSERVE_CACHE_DIR": str(tmp / "cache"),
-        "CONVSERVE_HEARTBEAT_INTERVAL": "0.5",
-        "CONVSERVE_WORKER_LOST_AFTER": "4",
-        "CONVSERVE_REAPER_INTERVAL": "1",
-        "CONVSERVE_CANCEL_CHECK_INTERVAL": "0.3",
+        "CONVSERVE_HEARTBEAT_INTERVAL": "1",
+        "CONVSERVE_WORKER_LOST_AFTER": str(round(limit(6))),
+        "CONVSERVE_REAPER_INTERVAL": "2",
+        "CONVSERVE_CANCEL_CHECK_INTERVAL": "0.5",
         "CONVSERVE_QUEUE_NAME": f"q-{uuid.uuid4().hex[:8]}",
         "CONVSERVE_QUEUE_PATH": str(tmp / "queue.db"),
     }
