@@ -67,9 +67,11 @@ def mlflow_server(folder: Path, backend_uri: str | None = None) -> Iterator[str]
 
 @contextmanager
 def uvicorn_server(env: dict[str, str], cwd: Path) -> Iterator[str]:
-    """``convserve serve`` as a real process; yields its base URL."""
+    """``convserve serve`` as a real process; yields its base URL. One server process unless
+    ``env`` asks for more (``CONVSERVE_WORKERS``): the tests that need several say so."""
     port = free_port()
-    full = {**os.environ, **env, "CONVSERVE_PORT": str(port), "CONVSERVE_HOST": "127.0.0.1"}
+    full = {**os.environ, "CONVSERVE_WORKERS": "1", **env}
+    full.update({"CONVSERVE_PORT": str(port), "CONVSERVE_HOST": "127.0.0.1"})
     cli = str(Path(sys.executable).parent / "convserve")
     with process([cli, "serve"], cwd / f"serve-{port}.log", full, cwd) as proc:
         url = f"http://127.0.0.1:{port}"

@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.sh, the check run on machines with a GPU, kept working here: with
 ``--device cpu`` it runs every step (train, export, provider parity, serve) on the CPU."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ pytestmark = pytest.mark.slow
 
 def test_the_gpu_check_runs_end_to_end_on_the_cpu():
     env = {"PYTHON": sys.executable, "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
+    # this test process's share of the cores (tests/conftest.py), as every other test's
+    env.update({k: v for k, v in os.environ.items() if k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")})
     out = subprocess.run(
         [
             str(ROOT / "benchmarks" / "gpu_check.sh"),
