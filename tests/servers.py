@@ -6,12 +6,18 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from convserve.pipelines.stack import MLFLOW_SERVER_ENV, mlflow_server_argv, wait_ready
-from tests.waiting import limit
+from tests.waiting import limit, wait_until
+
+if TYPE_CHECKING:
+    import httpx
+
+ENDED = frozenset({"succeeded", "failed", "cancelled"})
 
 
 def free_port() -> int:
@@ -166,3 +172,25 @@ def register_onnx(client, name: str, proto) -> str:  # type: ignore[no-untyped-d
             proto, name="model", registered_model_name=name, save_as_external_data=False
         )
     return str(info.registered_model_version)
+
+
+def wait_for_job(
+    http: httpx.Client, job_id: str, statuses: Collection[str] = ENDED, timeout: float = 120
+) -> dict[str, Any]:
+    """``GET /jobs/{job_id}`` until its status is one of ``statuses``; the job."""
+
+    def reached() -> dict[str, Any] | None:
+        job: dict[str, Any] = http.get(f"/jobs/{job_id}").json()
+        return job if job["status"] in statuses else None
+
+    return wait_until(reached, timeout, f"job {job_id} reaches {sorted(statuses)}", 0.3)
+
+
+def wait_for_prediction(http: httpx.Client, image: bytes, timeout: float = 30) -> httpx.Response:
+    """``POST /predict`` with ``image`` until it is answered 200 (a new champion served)."""
+
+    def answered() -> httpx.Response | None:
+        r = http.post("/predict", files={"file": ("x.png", image)})
+        return r if r.status_code == 200 else None
+
+    return wait_until(answered, timeout, "the API serves the champion", 0.3)

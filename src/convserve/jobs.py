@@ -11,7 +11,6 @@ under its contract name; in the API that task is a stub, which no process runs: 
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -22,11 +21,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from convserve.training.config import NumbersRefuseBooleans, SweepConfig, TrainConfig
 
-log = logging.getLogger(__name__)
-
 RUN_JOB_TASK = "convserve.run_job"  # Huey task name: one training job (a train or a sweep)
 RUN_TRIAL_TASK = "convserve.run_trial"  # one trial of a sweep job's study (payload: the sweep's)
-TASKS = (RUN_JOB_TASK, RUN_TRIAL_TASK)
 REQUEST_ARTIFACT = "job/request.json"  # the JobRequest, on the job's run
 
 
@@ -284,13 +280,27 @@ def cancel(client: Any, run: Any) -> str:
     return status
 
 
-def search_jobs(client: Any, where: str = "", **kwargs: Any) -> Any:
-    """Job runs across every experiment (a page with its ``token``), ``where`` added to the
-    filter; ``kwargs`` go to ``search_runs`` (paging, order)."""
+def experiment_ids(client: Any) -> list[str]:
+    return [e.experiment_id for e in client.search_experiments()]
+
+
+def search_everywhere(
+    client: Any, query: str, experiments: list[str] | None = None, **kwargs: Any
+) -> Any:
+    """Runs matching ``query`` in every experiment (``experiments``: their ids, where the
+    caller read them already), a page with its ``token``; ``kwargs`` go to ``search_runs``
+    (paging, order)."""
     from mlflow.store.entities.paged_list import PagedList
 
-    experiments = [e.experiment_id for e in client.search_experiments()]
+    experiments = experiment_ids(client) if experiments is None else experiments
     if not experiments:
         return PagedList([], None)
-    query = f"tags.`{Tag.KIND}` = 'job'" + (f" and {where}" if where else "")
     return client.search_runs(experiments, query, **kwargs)
+
+
+def search_jobs(
+    client: Any, where: str = "", experiments: list[str] | None = None, **kwargs: Any
+) -> Any:
+    """Job runs across every experiment, ``where`` added to the filter."""
+    query = f"tags.`{Tag.KIND}` = 'job'" + (f" and {where}" if where else "")
+    return search_everywhere(client, query, experiments, **kwargs)

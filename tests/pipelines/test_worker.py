@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from tests.conftest import TINY
-from tests.servers import uvicorn_server, worker_process
+from tests.servers import uvicorn_server, wait_for_job, wait_for_prediction, worker_process
 from tests.waiting import limit, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -56,14 +56,6 @@ def _job(experiment: str, model: str, **changes) -> dict:
     return {"train": train, "model_name": model, **changes}
 
 
-def _wait(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 120) -> dict:
-    def ended() -> dict | None:
-        job = client.get(f"/jobs/{job_id}").json()
-        return job if job["status"] in statuses else None
-
-    return wait_until(ended, timeout, f"job {job_id} reaches {sorted(statuses)}", 0.3)
-
-
 def _progress(client: httpx.Client, job_id: str) -> dict:
     return client.get(f"/jobs/{job_id}").json()["progress"]
 
@@ -90,21 +82,12 @@ def test_job_trains_registers_promotes_and_is_served(mlflow_url, tmp_path, redis
             assert r.status_code == 202, r.text
             job = r.json()
             assert job["status"] == "scheduled" and r.headers["location"].endswith(job["id"])
-            done = _wait(http, job["id"], {"succeeded", "failed"})
+            done = wait_for_job(http, job["id"], {"succeeded", "failed"})
             assert done["status"] == "succeeded", done
             assert done["registered_version"] == "1" and done["promoted"] is True
             assert done["metrics"]["val_accuracy"] > 0.3 and done["diagnosis"]["verdict"]
             assert done["progress"]["epoch"] == 1
-            r = wait_until(
-                lambda: (
-                    (r := http.post("/predict", files={"file": ("x.png", _png())})).status_code
-                    == 200
-                    and r
-                ),
-                30,
-                "the API serves the new champion",
-                0.3,
-            )
+            r = wait_for_prediction(http, _png())
             assert r.json()["model"]["version"] == "1"
             assert r.json()["model"]["run_id"] == job["id"]
             listed = http.get("/jobs", params={"status": "succeeded"}).json()["jobs"]
@@ -132,7 +115,7 @@ def test_a_job_trains_on_two_data_parallel_processes(mlflow_url, tmp_path):
             body = _job("ddp-jobs", model, optim={"epochs": 2}, nproc_per_node=2)
             r = http.post("/jobs", json=body, headers=AUTH)
             assert r.status_code == 202, r.text
-            done = _wait(http, r.json()["id"], {"succeeded", "failed"}, timeout=180)
+            done = wait_for_job(http, r.json()["id"], {"succeeded", "failed"}, timeout=180)
             assert done["status"] == "succeeded", done
             assert done["registered_version"] == "1" and done["progress"]["epoch"] == 2
             odd = _job("ddp-jobs", model, nproc_per_node=3)  # 32 images a step
@@ -185,11 +168,11 @@ def test_cancel_queued_and_running_jobs(mlflow_url, tmp_path):
         queued = http.post("/jobs", json=_job("cancel", "cancel-model"), headers=AUTH).json()
         assert http.delete(f"/jobs/{queued['id']}", headers=AUTH).json()["status"] == "cancelled"
         with worker_process(env, tmp_path):
-            _wait(http, running["id"], {"running"})
+            wait_for_job(http, running["id"], {"running"})
             wait_until(lambda: _progress(http, running["id"]).get("step"), 60, "a step trained")
             start = time.monotonic()
             http.delete(f"/jobs/{running['id']}", headers=AUTH)
-            job = _wait(http, running["id"], {"cancelled", "failed", "succeeded"}, timeout=20)
+            job = wait_for_job(http, running["id"], timeout=20)
             assert job["status"] == "cancelled" and time.monotonic() - start < limit(10)
             # the worker takes the queued job next, and does not start it
             _log_says(tmp_path / "worker.log", f"job {queued['id']} is cancelled: not started")
@@ -212,14 +195,14 @@ def test_killed_worker_fails_its_job_when_no_retry_is_left(mlflow_url, tmp_path)
             "/jobs", json=_job("kill", "kill-model", register=False), headers=AUTH
         ).json()
         with worker_process(env, tmp_path, "doomed") as doomed:
-            _wait(http, long["id"], {"running"})
+            wait_for_job(http, long["id"], {"running"})
             os.killpg(doomed.pid, signal.SIGKILL)
             doomed.wait()
         start = time.monotonic()
         with worker_process(env, tmp_path, "second"):
-            job = _wait(http, long["id"], {"failed"}, timeout=30)
+            job = wait_for_job(http, long["id"], {"failed"}, timeout=30)
             assert "worker lost" in job["error"] and time.monotonic() - start < limit(15)
-            assert _wait(http, nxt["id"], {"succeeded"})["status"] == "succeeded"
+            assert wait_for_job(http, nxt["id"], {"succeeded"})["status"] == "succeeded"
 
 
 def test_a_killed_workers_job_resumes_from_its_checkpoint_and_is_published_once(
@@ -236,7 +219,7 @@ def test_a_killed_workers_job_resumes_from_its_checkpoint_and_is_published_once(
             os.killpg(doomed.pid, signal.SIGKILL)
             doomed.wait()
         with worker_process(env, tmp_path, "second"):
-            done = _wait(http, job_id, {"succeeded", "failed", "cancelled"}, timeout=120)
+            done = wait_for_job(http, job_id, timeout=120)
     assert done["status"] == "succeeded", done
     assert [a["attempt"] for a in done["attempts"]] == [1, 2]
     assert "worker lost" in done["attempts"][0]["ended"] and done["attempts"][1]["ended"] is None
@@ -260,11 +243,11 @@ def test_a_stopped_worker_that_resumes_writes_nothing(mlflow_url, tmp_path):
             "/jobs", json=_job("stopped", model, optim={"epochs": 3}), headers=AUTH
         ).json()["id"]
         with worker_process(env, tmp_path, "sleeper") as sleeper:
-            _wait(http, job_id, {"running"})
+            wait_for_job(http, job_id, {"running"})
             wait_until(lambda: _progress(http, job_id).get("step"), 60, "a step trained")
             os.killpg(sleeper.pid, signal.SIGSTOP)
             with worker_process(env, tmp_path, "reaper"):  # its reaper takes the job
-                failed = _wait(http, job_id, {"failed"}, timeout=30)
+                failed = wait_for_job(http, job_id, {"failed"}, timeout=30)
                 assert "worker lost" in failed["error"]
                 before = client.get_run(job_id)
                 os.killpg(sleeper.pid, signal.SIGCONT)
@@ -293,7 +276,7 @@ def test_a_cancel_after_the_last_step_publishes_nothing(mlflow_url, tmp_path):
         with worker_process(env, tmp_path):
             wait_until(lambda: _progress(http, job_id).get("step") == 5, 60, "step 5", 0.02)
             http.delete(f"/jobs/{job_id}", headers=AUTH)
-            done = _wait(http, job_id, {"succeeded", "failed", "cancelled"}, timeout=60)
+            done = wait_for_job(http, job_id, timeout=60)
     if done["status"] == "succeeded":  # published before the cancel arrived: it is a race
         assert done["registered_version"] == "1"
         pytest.skip("the job was published before the cancel reached the run")
@@ -336,7 +319,10 @@ def test_twenty_jobs_two_workers_one_killed_none_lost_none_twice(mlflow_url, tmp
         w1.wait()
         with worker_process(env, tmp_path, "w3"):
             for job_id in ids:
-                assert _wait(http, job_id, {"succeeded", "failed"}, 240)["status"] == "succeeded"
+                assert (
+                    wait_for_job(http, job_id, {"succeeded", "failed"}, 240)["status"]
+                    == "succeeded"
+                )
     # the job w1 held when it died (it may have finished the one seen above just before)
     lost = [i for i in ids if "convserve.attempts" in client.get_run(i).data.tags]
     assert len(lost) == 1
@@ -495,7 +481,7 @@ def test_a_worker_killed_mid_trial_leaves_the_study_consistent(
         os.killpg(doomed.pid, signal.SIGKILL)
         doomed.wait()
         with worker_process(env, tmp_path, "second"):
-            done = _wait(http, job_id, {"succeeded", "failed", "cancelled"}, timeout=240)
+            done = wait_for_job(http, job_id, timeout=240)
     assert done["status"] == "succeeded", done
     lost = client.get_run(held.info.run_id)
     assert lost.info.status == "FAILED" and "worker lost" in lost.data.tags["convserve.error"]
@@ -534,7 +520,7 @@ def test_cancelling_a_sweep_stops_its_trials_and_publishes_nothing(
             0.2,
         )
         assert http.delete(f"/jobs/{job_id}", headers=AUTH).status_code in (200, 202)
-        done = _wait(http, job_id, {"succeeded", "failed", "cancelled"}, timeout=120)
+        done = wait_for_job(http, job_id, timeout=120)
     assert done["status"] == "cancelled", done
     runs = _children(client, experiment, job_id)
     assert not [r for r in runs if r.info.status == "RUNNING"]

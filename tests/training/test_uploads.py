@@ -16,8 +16,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from convserve.training import uploads
-from tests.servers import uvicorn_server, worker_process
-from tests.waiting import wait_until
+from tests.servers import uvicorn_server, wait_for_job, wait_for_prediction, worker_process
 
 TOKEN = "datasets-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -122,14 +121,6 @@ def _env(mlflow_url: str, tmp: Path, model: str, cache: str) -> dict[str, str]:
     }
 
 
-def _wait(http: httpx.Client, job_id: str, timeout: float = 180) -> dict:
-    def ended() -> dict | None:
-        job = http.get(f"/jobs/{job_id}").json()
-        return job if job["status"] in ("succeeded", "failed", "cancelled") else None
-
-    return wait_until(ended, timeout, f"job {job_id} ends", 0.3)
-
-
 def _job(dataset_id: str, experiment: str, model: str) -> dict:
     return {
         "train": {
@@ -179,19 +170,10 @@ def test_upload_train_serve_and_predict_on_an_uploaded_set(mlflow_url, tmp_path)
         with worker_process(env, tmp_path):
             r = http.post("/jobs", json=_job(report["id"], experiment, model), headers=AUTH)
             assert r.status_code == 202, r.text
-            job = _wait(http, r.json()["id"])
+            job = wait_for_job(http, r.json()["id"], timeout=180)
         assert job["status"] == "succeeded", job
         assert job["promoted"] is True and job["metrics"]["val_accuracy"] >= 0.8
-        image = _png(COLOURS["blue"], 3)
-        p = wait_until(
-            lambda: (
-                (p := http.post("/predict", files={"file": ("3.png", image)})).status_code == 200
-                and p
-            ),
-            30,
-            "the new champion is served",
-            0.3,
-        )
+        p = wait_for_prediction(http, _png(COLOURS["blue"], 3))
         assert p.json()["predictions"][0]["top_k"][0]["label"] == "blue"
         assert p.json()["model"]["run_id"] == job["id"]
         # the run shows the data set as its input, with its digest
@@ -204,7 +186,7 @@ def test_upload_train_serve_and_predict_on_an_uploaded_set(mlflow_url, tmp_path)
         other = {**env, "CONVSERVE_DATA_CACHE": str(tmp_path / "cache-2")}
         with worker_process(other, tmp_path, name="worker-2"):
             r = http.post("/jobs", json=_job(report["id"], experiment, model), headers=AUTH)
-            assert _wait(http, r.json()["id"])["status"] == "succeeded"
+            assert wait_for_job(http, r.json()["id"], timeout=180)["status"] == "succeeded"
         assert sorted(p.name for p in (tmp_path / "cache-2" / report["id"]).iterdir()) == [
             ".complete",
             "blue",

@@ -19,7 +19,15 @@ from typing import Any
 
 import optuna
 
-from convserve.jobs import RUN_TRIAL_TASK, JobQueue, JobSettings, Tag, fail, search_jobs
+from convserve.jobs import (
+    RUN_TRIAL_TASK,
+    JobQueue,
+    JobSettings,
+    Tag,
+    experiment_ids,
+    fail,
+    search_jobs,
+)
 from convserve.pipelines import study as studies
 from convserve.pipelines.runs import read_request, tracked_sweep
 
@@ -46,9 +54,9 @@ def run_reaper(settings: JobSettings, stop: threading.Event, queue: JobQueue) ->
 def running_jobs(client: Any, where: str = "") -> Iterator[Any]:
     """Every running job, page by page."""
     query = "attributes.status = 'RUNNING'" + (f" and {where}" if where else "")
-    token = None
+    experiments, token = experiment_ids(client), None
     while True:
-        page = search_jobs(client, query, max_results=PAGE, page_token=token)
+        page = search_jobs(client, query, experiments, max_results=PAGE, page_token=token)
         yield from page
         token = page.token
         if not token:
@@ -73,10 +81,14 @@ def reap(client: Any, settings: JobSettings, queue: JobQueue | None = None) -> l
         reason = f"worker lost: no heartbeat for {age:.0f} s (last from {_worker(tags)})"
         attempt = int(tags.get(Tag.ATTEMPT, "1"))
         history = [*json.loads(tags.get(Tag.ATTEMPTS, "[]")), _attempt(tags, reason)]
+        record = {Tag.ATTEMPTS: json.dumps(history)[:5000]}
         if attempt <= settings.job_retries and queue is not None:
-            _schedule_again(client, queue, run.info.run_id, attempt + 1, history)
+            # the next attempt's number ends the lost worker's lease
+            _schedule_again(
+                client, queue, run.info.run_id, {**record, Tag.ATTEMPT: str(attempt + 1)}
+            )
         else:
-            fail(client, run.info.run_id, reason, {Tag.ATTEMPTS: json.dumps(history)[:5000]})
+            fail(client, run.info.run_id, reason, record)
     return [run.info.run_id for run, _ in lost]
 
 
@@ -88,19 +100,13 @@ def _attempt(tags: dict[str, str], ended: str) -> dict[str, Any]:
     return {"attempt": int(tags.get(Tag.ATTEMPT, "1")), "worker": _worker(tags), "ended": ended}
 
 
-def _schedule_again(
-    client: Any, queue: JobQueue, run_id: str, attempt: int, history: list[dict[str, Any]]
-) -> None:
+def _schedule_again(client: Any, queue: JobQueue, run_id: str, tags: dict[str, str]) -> None:
+    """Hand the job back to the queue: ``tags`` and its status ``scheduled`` in one write, the
+    run ``SCHEDULED``, its message enqueued."""
     from mlflow.entities import RunTag
 
-    client.log_batch(
-        run_id,
-        tags=[
-            RunTag(Tag.ATTEMPT, str(attempt)),  # ends the lost worker's lease
-            RunTag(Tag.ATTEMPTS, json.dumps(history)[:5000]),
-            RunTag(Tag.STATUS, "scheduled"),
-        ],
-    )
+    tags = {**tags, Tag.STATUS: "scheduled"}
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     client.update_run(run_id, status="SCHEDULED")
     queue.enqueue(run_id)
 
@@ -113,6 +119,7 @@ def tend_studies(client: Any, settings: JobSettings, queue: JobQueue) -> None:
         run_id = run.info.run_id
         request = read_request(client, run_id, cache=True)
         sweep = tracked_sweep(request, client.tracking_uri, settings.runs_dir)
+        # opened only while a sweep runs (one per process): most workers never touch it
         storage = studies.open_storage(settings)
         study = studies.load(sweep, run_id, storage)
         optuna.storages.fail_stale_trials(study)
@@ -142,10 +149,6 @@ def publish_when_done(
     schedules the sweep job again: the job path publishes under a lease, like any job."""
     if not studies.take_publish_ticket(study, storage):
         return False
-    from mlflow.entities import RunTag
-
-    client.log_batch(run_id, tags=[RunTag(Tag.PHASE, "publish"), RunTag(Tag.STATUS, "scheduled")])
-    client.update_run(run_id, status="SCHEDULED")
-    queue.enqueue(run_id)
+    _schedule_again(client, queue, run_id, {Tag.PHASE: "publish"})
     log.info("sweep %s: every trial ended; publishing", run_id)
     return True

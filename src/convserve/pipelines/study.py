@@ -110,13 +110,14 @@ def _trial_runs(client: Any, name: str, trial: optuna.trial.FrozenTrial) -> list
     the run and recording it) the parent's running child tagged with the trial's number."""
     if trial.user_attrs.get("run_id"):
         return [trial.user_attrs["run_id"]]
+    from convserve.jobs import search_everywhere
+
     parent = name.removeprefix(study_name(""))
-    experiments = [e.experiment_id for e in client.search_experiments()]
     query = (
         f"tags.mlflow.parentRunId = '{parent}' and tags.`convserve.trial` = '{trial.number}' "
         "and attributes.status = 'RUNNING'"
     )
-    return [r.info.run_id for r in client.search_runs(experiments, query)] if experiments else []
+    return [r.info.run_id for r in search_everywhere(client, query)]
 
 
 def study_name(parent_run_id: str) -> str:

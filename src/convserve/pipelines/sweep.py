@@ -31,7 +31,7 @@ from convserve.pipelines.registry import Policy, Published, publish
 from convserve.pipelines.study import TrialRow
 from convserve.training.config import Range, SweepConfig, TrainConfig
 from convserve.training.plots import save_figure, subplots
-from convserve.training.run import Callbacks, train
+from convserve.training.run import Callbacks, TrainResult, train
 from convserve.training.tracking import Tracker, get_or_create_experiment, log_params
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,9 @@ def _trial_config(sweep: SweepConfig, point: dict[str, Any], number: int) -> Tra
     return cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_name": name})})
 
 
-def _trial_outcome(outcome: Any, metric: str, pruned: bool) -> tuple[str, float | None, str]:
+def _trial_outcome(
+    outcome: TrainResult, metric: str, pruned: bool
+) -> tuple[str, float | None, str]:
     """A trained trial's status, value and note, from its run's outcome."""
     if outcome.status == "finished":
         value = outcome.metrics.get(metric)

@@ -137,11 +137,6 @@ class _Reading:
         return self.snap.step
 
     @property
-    def span(self) -> str:
-        names = list(self.hidden)
-        return f"{names[0]} to {names[-1]}"
-
-    @property
     def ends(self) -> tuple[str, str]:
         names = list(self.hidden)
         return names[0], names[-1]
@@ -184,8 +179,12 @@ def _symmetric(r: _Reading) -> Finding | None:
 def _exploding(r: _Reading) -> Finding | None:
     """A statistic is not finite, or the activations grow (or the gradients shrink towards
     the output) beyond the ratio."""
-    bad = [(layer, k) for layer, s in r.snap.layers.items() for k, v in s.items()]
-    bad = [(layer, k) for layer, k in bad if not math.isfinite(r.snap.layers[layer][k])]
+    bad = [
+        (layer, k)
+        for layer, s in r.snap.layers.items()
+        for k, v in s.items()
+        if not math.isfinite(v)
+    ]
     if bad:
         layer, key = bad[0]
         evidence = f"{layer}'s {key} is not finite at step {r.step}"
@@ -196,7 +195,7 @@ def _exploding(r: _Reading) -> Finding | None:
         return None
     key = "act_growth" if growth >= grad else "grad_ratio"
     what = {
-        "act_growth": f"the activation std grows {_fmt(growth)}x from {r.span}",
+        "act_growth": f"the activation std grows {_fmt(growth)}x from {first} to {last}",
         "grad_ratio": f"the gradient std at {first} is {_fmt(grad)}x that at {last}",
     }[key]
     return Finding(

@@ -228,11 +228,9 @@ class _Tally:
     def add(self, logits: Tensor, y: Tensor, loss: float) -> float:
         """Count a batch; its accuracy."""
         correct = int((logits.argmax(1) == y).sum())
-        self.loss, self.correct, self.seen = (
-            self.loss + loss * y.size(0),
-            self.correct + correct,
-            self.seen + y.size(0),
-        )
+        self.loss += loss * y.size(0)
+        self.correct += correct
+        self.seen += y.size(0)
         return correct / y.size(0)
 
     def result(self, dist: Any) -> tuple[float, float]:
