@@ -80,3 +80,39 @@ def test_following_an_alias_over_http_does_not_import_the_mlflow_client(register
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.split() == [second, "True", "False"], out.stderr
+
+
+def test_a_version_registered_from_a_run_is_read_over_rest(onnx_path, mlflow_url, tmp_path):
+    """``convserve export`` registers ``runs:/RUN_ID/model``, a source the registry's
+    ``get-download-uri`` answers unresolved: the follower resolves it through the run and
+    downloads only the ``.onnx``, without the MLflow client."""
+    import uuid
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_url)
+    run_id = client.create_run(client.create_experiment(f"exp-{uuid.uuid4().hex[:6]}")).info.run_id
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(onnx_path.read_bytes())
+    (folder / "MLmodel").write_text("flavors: {}\n")  # what else a model folder holds
+    (folder / "input_example.json").write_text("{}")
+    client.log_artifacts(run_id, str(folder), "model")
+    name = f"runs-{uuid.uuid4().hex[:6]}"
+    client.create_registered_model(name)
+    version = client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id).version
+    client.set_registered_model_alias(name, "champion", version)
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from convserve.service.model import download, parse_uri, resolve\n"
+        "from convserve.service.registry import registry_for\n"
+        f"r = registry_for('{mlflow_url}'); s = resolve(parse_uri('models:/{name}@champion'), r)\n"
+        f"s = download(s, r, Path(r'{tmp_path / 'cache'}'))\n"
+        f"print(s.version, s.path.read_bytes() == Path(r'{onnx_path}').read_bytes(), "
+        "'mlflow' in sys.modules)\n"
+        f"print(*sorted(p.name for p in Path(r'{tmp_path / 'cache'}').rglob('*') if p.is_file()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == [str(version), "True", "False"], out.stderr
+    assert lines[1].split() == ["model.onnx"], out.stdout

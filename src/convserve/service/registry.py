@@ -2,7 +2,7 @@
 and the version's ``.onnx`` file.
 
 With an ``http(s)`` tracking server this speaks MLflow's REST API itself (the registry calls,
-``get-download-uri`` and the proxied artifacts of ``mlflow server --serve-artifacts``), so that
+``get-download-uri``, a ``runs:/`` source's run, and the proxied artifacts of ``mlflow server --serve-artifacts``), so that
 the serving process does not import the MLflow client (over a second of start-up and tens of
 megabytes that the predict path never uses). It honours MLflow's own settings for such a
 server: ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` (basic auth), ``MLFLOW_TRACKING_TOKEN``
@@ -91,7 +91,7 @@ class RestRegistry:
 
     def download_onnx(self, name: str, version: str, folder: Path) -> None:
         uri = self._get("model-versions/get-download-uri", name=name, version=version)
-        artifact_uri = uri["artifact_uri"]
+        artifact_uri = self._resolve(uri["artifact_uri"])
         parsed = urlparse(artifact_uri)
         if parsed.scheme == "mlflow-artifacts":  # proxied by the tracking server
             root = unquote(parsed.path).lstrip("/")
@@ -105,6 +105,16 @@ class RestRegistry:
             import mlflow.artifacts
 
             mlflow.artifacts.download_artifacts(artifact_uri, dst_path=str(folder))
+
+    def _resolve(self, artifact_uri: str) -> str:
+        """A ``runs:/RUN_ID/PATH`` source (what ``convserve export`` and MLflow's
+        ``create_model_version`` register) as the store's URI: the run's artifact root, then
+        the path. The registry answers ``get-download-uri`` with such a source unresolved."""
+        if not artifact_uri.startswith("runs:/"):
+            return artifact_uri
+        run_id, _, path = artifact_uri.removeprefix("runs:/").lstrip("/").partition("/")
+        root = self._get("runs/get", run_id=run_id)["run"]["info"]["artifact_uri"]
+        return f"{root.rstrip('/')}/{path}" if path else root
 
     def _onnx_files(self, root: str, below: str = "") -> list[str]:
         """The ``.onnx`` files under ``root`` in the proxied store, relative to it."""
