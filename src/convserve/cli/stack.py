@@ -24,6 +24,13 @@ def serve(
     ] = None,
     host: Annotated[str | None, typer.Option(help="Default: CONVSERVE_HOST or 127.0.0.1.")] = None,
     port: Annotated[int | None, typer.Option(help="Default: CONVSERVE_PORT or 8000.")] = None,
+    grpc_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Also serve KServe v2 over gRPC on this port. Default: CONVSERVE_GRPC_PORT, "
+            "else no gRPC."
+        ),
+    ] = None,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -35,7 +42,8 @@ def serve(
         str | None, typer.Option(help="auto, cpu or cuda. Default: CONVSERVE_DEVICE or auto.")
     ] = None,
 ) -> None:
-    """Serve the model over HTTP: /predict, KServe v2, /metrics, hot reload of the alias.
+    """Serve the model over HTTP (/predict, KServe v2, /metrics) and, with --grpc-port, KServe
+    v2 over gRPC; hot reload of the alias.
     Every other setting is a CONVSERVE_* environment variable (see the README)."""
     from pydantic import ValidationError
 
@@ -44,7 +52,14 @@ def serve(
     from convserve.service.server import run_server
     from convserve.service.settings import Settings
 
-    given = dict(model_uri=model_uri, host=host, port=port, workers=workers, device=device)
+    given = dict(
+        model_uri=model_uri,
+        host=host,
+        port=port,
+        grpc_port=grpc_port,
+        workers=workers,
+        device=device,
+    )
     try:
         # Options given on the command line win over CONVSERVE_* variables.
         settings = Settings(**{k: v for k, v in given.items() if v is not None})  # type: ignore[arg-type]

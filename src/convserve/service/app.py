@@ -27,6 +27,7 @@ from convserve.service.api import datasets, docs, jobs, predict, status, ui, v2
 from convserve.service.decoding import Decoder
 from convserve.service.direct import Service, all_routes
 from convserve.service.edge import EdgeMiddleware
+from convserve.service.inference import V2Error
 from convserve.service.manager import ModelManager
 from convserve.service.metrics import Metrics
 from convserve.service.model import providers_for
@@ -72,6 +73,7 @@ class Jobs:
 # request allocates a few hundred objects, and a collection costs the same whether it finds
 # garbage or not.
 GC_THRESHOLDS = (20_000, 20, 100)
+GRPC_GRACE_SECONDS = 10.0  # at shutdown, how long gRPC calls in flight may take to finish
 
 
 def settle_memory() -> None:
@@ -109,11 +111,18 @@ def create_app(settings: Settings, job_settings: JobSettings | None = None) -> S
         outcome = await manager.check()
         if manager.model is None:
             log.warning("starting without a model: %s", outcome.message)
+        grpc_server = None
+        if settings.grpc_port:  # imported only then: a process without gRPC never loads it
+            from convserve.service.grpc_v2 import start_grpc
+
+            grpc_server = await start_grpc(settings, manager, metrics)
         poller = asyncio.create_task(manager.poll())
         settle_memory()
         try:
             yield
         finally:
+            if grpc_server is not None:  # calls in flight finish first, as HTTP's do
+                await grpc_server.stop(GRPC_GRACE_SECONDS)
             poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await poller
@@ -158,8 +167,8 @@ def create_app(settings: Settings, job_settings: JobSettings | None = None) -> S
 
 
 def _handlers(app: FastAPI) -> None:
-    @app.exception_handler(v2.V2Error)
-    async def v2_error(request: Request, err: v2.V2Error) -> JSONResponse:
+    @app.exception_handler(V2Error)
+    async def v2_error(request: Request, err: V2Error) -> JSONResponse:
         return v2.error_response(err)
 
     @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's own (404, 405)

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # KServe v2 over gRPC on this port (every worker process binds it); unset: no gRPC
+    grpc_port: int | None = Field(None, ge=1, le=65535)
     # uvicorn worker processes; 0: one per core the process may use (at most MAX_AUTO_WORKERS),
     # one with a GPU
     workers: int = Field(0, ge=0, le=64)

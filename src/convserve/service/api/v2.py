@@ -16,7 +16,7 @@ from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from convserve import __version__, contract
+from convserve import contract
 from convserve.service.api.deps import ManagerDep
 from convserve.service.api.errors import errors
 from convserve.service.api.v2_schemas import (
@@ -30,38 +30,27 @@ from convserve.service.api.v2_schemas import (
     V2ModelMetadata,
 )
 from convserve.service.engine import Engine
-from convserve.service.manager import ModelManager
+from convserve.service.inference import (
+    V2Error,
+    check_input,
+    find_engine,
+    from_bytes,
+    from_values,
+    metadata,
+    outputs_wanted,
+)
+from convserve.service.inference import (
+    server_metadata as describe_server,
+)
 from convserve.training.config import format_validation_error
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
-_DTYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16}
 HEADER_LENGTH = "Inference-Header-Content-Length"
-
-
-class V2Error(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
 
 
 def error_response(err: V2Error) -> JSONResponse:
     return JSONResponse({"error": err.message}, status_code=err.status)
-
-
-def _engine(manager: ModelManager, name: str, version: str | None) -> Engine:
-    engine = manager.engine
-    if engine is None:
-        raise V2Error(503, "no model is loaded yet")
-    source = engine.model.source
-    if name != source.name:
-        raise V2Error(404, f"unknown model {name!r}; this server serves {source.name!r}")
-    if version is not None and version != source.version:
-        raise V2Error(
-            404,
-            f"version {version!r} of {name!r} is not loaded; serving version {source.version!r}",
-        )
-    return engine
 
 
 Name = Annotated[str, Path(description="The model's name (GET /v1/model: name)")]
@@ -97,7 +86,7 @@ _INFER_BODY = {
 @router.get("", summary="Server metadata", response_model=ServerMetadata)
 async def server_metadata() -> dict[str, Any]:
     """The server's name, version and protocol extensions (KServe v2)."""
-    return {"name": "convserve", "version": __version__, "extensions": ["binary_tensor_data"]}
+    return describe_server(["binary_tensor_data"])
 
 
 @router.get("/health/live", summary="Server live", response_model=Live)
@@ -128,28 +117,6 @@ def add_schemas(openapi: dict[str, Any]) -> dict[str, Any]:
     return openapi
 
 
-def _metadata(engine: Engine) -> dict[str, Any]:
-    m = engine.model
-    outputs = [{"name": contract.PROBABILITIES, "datatype": "FP32", "shape": [-1, len(m.labels)]}]
-    outputs += [
-        {"name": contract.feature_output(b), "datatype": "FP32", "shape": [-1, *shape]}
-        for b, shape in m.feature_shapes.items()
-    ]
-    return {
-        "name": m.source.name,
-        "versions": [m.source.version],
-        "platform": "onnxruntime_onnx",
-        "inputs": [
-            {
-                "name": contract.INPUT,
-                "datatype": "FP32",
-                "shape": [-1, m.channels, m.height, m.width],
-            }
-        ],
-        "outputs": outputs,
-    }
-
-
 def _ready(engine: Engine) -> dict[str, Any]:
     return {"name": engine.model.source.name, "ready": True}
 
@@ -163,7 +130,7 @@ def _ready(engine: Engine) -> dict[str, Any]:
 async def model_metadata(name: Name, manager: ManagerDep) -> Any:
     """The input (``image``) and outputs (``probabilities``, ``features.<block>``) with their
     datatypes and shapes."""
-    return _metadata(_engine(manager, name, None))
+    return metadata(find_engine(manager, name, None))
 
 
 @router.get(
@@ -174,7 +141,7 @@ async def model_metadata(name: Name, manager: ManagerDep) -> Any:
 )
 async def version_metadata(name: Name, version: Version, manager: ManagerDep) -> Any:
     """As the model's metadata, for the version being served."""
-    return _metadata(_engine(manager, name, version))
+    return metadata(find_engine(manager, name, version))
 
 
 @router.get(
@@ -185,7 +152,7 @@ async def version_metadata(name: Name, version: Version, manager: ManagerDep) ->
 )
 async def model_ready(name: Name, manager: ManagerDep) -> Any:
     """Whether the model is loaded and answers."""
-    return _ready(_engine(manager, name, None))
+    return _ready(find_engine(manager, name, None))
 
 
 @router.get(
@@ -196,7 +163,7 @@ async def model_ready(name: Name, manager: ManagerDep) -> Any:
 )
 async def version_ready(name: Name, version: Version, manager: ManagerDep) -> Any:
     """Whether this version is loaded and answers."""
-    return _ready(_engine(manager, name, version))
+    return _ready(find_engine(manager, name, version))
 
 
 _INFER_DOC = {
@@ -214,7 +181,7 @@ async def infer(name: Name, request: Request, manager: ManagerDep) -> Response:
     """One FP32 input ``image`` ``[N, C, H, W]`` with values in [0, 1]; every output unless
     ``outputs`` names some. JSON tensors, or binary ones with the binary tensor data extension
     (what Triton's clients send by default)."""
-    return await _infer(_engine(manager, name, None), request)
+    return await _infer(find_engine(manager, name, None), request)
 
 
 @router.post(
@@ -226,7 +193,7 @@ async def infer_version(
     name: Name, version: Version, request: Request, manager: ManagerDep
 ) -> Response:
     """As inference, on the version being served (404 for another one)."""
-    return await _infer(_engine(manager, name, version), request)
+    return await _infer(find_engine(manager, name, version), request)
 
 
 def _parse(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
@@ -248,39 +215,21 @@ def _parse(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]
         raise V2Error(400, f"invalid inference request: {problems}") from None
 
 
-def _input_array(tensor: TensorIn, binary: bytes, expected: list[int]) -> np.ndarray:
-    if tensor.name != contract.INPUT:
-        raise V2Error(400, f"unknown input {tensor.name!r}; the model takes {contract.INPUT!r}")
-    dtype = _DTYPES.get(tensor.datatype)
-    if dtype is None:
-        raise V2Error(400, f"input datatype {tensor.datatype!r} is not accepted; send FP32")
-    shape = tensor.shape
-    if len(shape) != 4 or shape[1:] != expected or shape[0] < 1:
-        raise V2Error(
-            400, f"input shape {shape} does not match [N, {', '.join(map(str, expected))}]"
-        )
-    count = math.prod(shape)
+def _input_array(engine: Engine, tensor: TensorIn, binary: bytes) -> np.ndarray:
+    dtype = check_input(engine, tensor.name, tensor.datatype, tensor.shape)
     size = tensor.parameters.get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size != count * np.dtype(dtype).itemsize:
+        if not isinstance(size, int) or size != math.prod(tensor.shape) * np.dtype(dtype).itemsize:
             raise V2Error(
-                400, f"binary_data_size {size} does not match shape {shape} of {tensor.datatype}"
+                400,
+                f"binary_data_size {size} does not match shape {tensor.shape} of {tensor.datatype}",
             )
-        chunk = binary[:size]
-        if len(chunk) != size:
+        if len(binary) < size:
             raise V2Error(400, "the binary data is shorter than binary_data_size")
-        return np.frombuffer(chunk, dtype=dtype).reshape(shape).astype(np.float32)
+        return from_bytes(binary[:size], dtype, tensor.datatype, tensor.shape)
     if tensor.data is None:
         raise V2Error(400, "the input has neither data nor binary_data_size")
-    try:
-        array = np.asarray(tensor.data, dtype=np.float64)
-    except (ValueError, TypeError):
-        raise V2Error(400, "input data must be numbers, flat or nested row-major") from None
-    if array.size != count:
-        raise V2Error(400, f"input data holds {array.size} values, shape {shape} needs {count}")
-    if not np.all(np.isfinite(array)):
-        raise V2Error(400, "input data holds NaN or infinite values")
-    return array.reshape(shape).astype(np.float32)
+    return from_values(tensor.data, tensor.shape)
 
 
 async def _infer(engine: Engine, request: Request) -> Response:
@@ -290,14 +239,9 @@ async def _infer(engine: Engine, request: Request) -> Response:
         raise V2Error(
             400, f"expected exactly one input ({contract.INPUT!r}), got {len(req.inputs)}"
         )
-    images = _input_array(req.inputs[0], binary, [model.channels, model.height, model.width])
-    wanted = [o.name for o in req.outputs] if req.outputs else model.output_names
-    unknown = [n for n in wanted if n not in model.output_names]
-    if unknown:
-        raise V2Error(
-            400, f"unknown output(s) {', '.join(unknown)}; valid: {', '.join(model.output_names)}"
-        )
-    result = await engine.infer(images, list(dict.fromkeys(wanted)))
+    images = _input_array(engine, req.inputs[0], binary)
+    wanted = outputs_wanted(engine, [o.name for o in req.outputs or []])
+    result = await engine.infer(images, wanted)
     as_binary = {o.name for o in req.outputs or [] if o.parameters.get("binary_data")}
     if req.parameters.get("binary_data_output"):
         as_binary = set(wanted)

@@ -1,0 +1,128 @@
+"""The KServe v2 (Open Inference Protocol) rules that do not depend on the transport: which
+engine a model name and version address, the model's metadata, the checks on the input tensor
+and the requested outputs. The REST routes (``api/v2.py``) and the gRPC service (``grpc.py``)
+both answer through these, so that the two give the same answers and the same errors."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from convserve import __version__, contract
+from convserve.service.engine import Engine
+from convserve.service.manager import ModelManager
+
+DTYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16}
+SERVER_NAME = "convserve"
+
+
+class V2Error(Exception):
+    """A refused request: ``status`` is the HTTP status (the gRPC service maps it to a code)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def server_metadata(extensions: list[str]) -> dict[str, Any]:
+    return {"name": SERVER_NAME, "version": __version__, "extensions": extensions}
+
+
+def find_engine(manager: ModelManager, name: str, version: str | None) -> Engine:
+    """The engine serving ``name`` (and ``version``, when given); 404 for another model or
+    version, 503 before any model is loaded."""
+    engine = manager.engine
+    if engine is None:
+        raise V2Error(503, "no model is loaded yet")
+    source = engine.model.source
+    if name != source.name:
+        raise V2Error(404, f"unknown model {name!r}; this server serves {source.name!r}")
+    if version and version != source.version:
+        raise V2Error(
+            404,
+            f"version {version!r} of {name!r} is not loaded; serving version {source.version!r}",
+        )
+    return engine
+
+
+def metadata(engine: Engine) -> dict[str, Any]:
+    m = engine.model
+    outputs = [{"name": contract.PROBABILITIES, "datatype": "FP32", "shape": [-1, len(m.labels)]}]
+    outputs += [
+        {"name": contract.feature_output(b), "datatype": "FP32", "shape": [-1, *shape]}
+        for b, shape in m.feature_shapes.items()
+    ]
+    return {
+        "name": m.source.name,
+        "versions": [m.source.version],
+        "platform": "onnxruntime_onnx",
+        "inputs": [
+            {
+                "name": contract.INPUT,
+                "datatype": "FP32",
+                "shape": [-1, m.channels, m.height, m.width],
+            }
+        ],
+        "outputs": outputs,
+    }
+
+
+def check_input(engine: Engine, name: str, datatype: str, shape: list[int]) -> Any:
+    """The numpy dtype of the input tensor described, once its name, datatype and shape fit
+    the model."""
+    model = engine.model
+    if name != contract.INPUT:
+        raise V2Error(400, f"unknown input {name!r}; the model takes {contract.INPUT!r}")
+    dtype = DTYPES.get(datatype)
+    if dtype is None:
+        raise V2Error(400, f"input datatype {datatype!r} is not accepted; send FP32")
+    expected = [model.channels, model.height, model.width]
+    if len(shape) != 4 or list(shape[1:]) != expected or shape[0] < 1:
+        raise V2Error(
+            400, f"input shape {list(shape)} does not match [N, {', '.join(map(str, expected))}]"
+        )
+    return dtype
+
+
+def from_bytes(raw: bytes, dtype: Any, datatype: str, shape: list[int]) -> np.ndarray:
+    """The input tensor from its row-major bytes, as float32."""
+    size = math.prod(shape) * np.dtype(dtype).itemsize
+    if len(raw) != size:
+        raise V2Error(
+            400, f"{len(raw)} bytes of input data do not match shape {list(shape)} of {datatype}"
+        )
+    return _finite(np.frombuffer(raw, dtype=dtype).reshape(shape).astype(np.float32))
+
+
+def from_values(values: Any, shape: list[int]) -> np.ndarray:
+    """The input tensor from its values (flat or nested, row-major), as float32."""
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise V2Error(400, "input data must be numbers, flat or nested row-major") from None
+    count = math.prod(shape)
+    if array.size != count:
+        raise V2Error(
+            400, f"input data holds {array.size} values, shape {list(shape)} needs {count}"
+        )
+    return _finite(array.reshape(shape).astype(np.float32))
+
+
+def _finite(array: np.ndarray) -> np.ndarray:
+    if not np.all(np.isfinite(array)):
+        raise V2Error(400, "input data holds NaN or infinite values")
+    return array
+
+
+def outputs_wanted(engine: Engine, names: list[str]) -> list[str]:
+    """The outputs named (every output when none is), each once, in the order asked."""
+    model = engine.model
+    wanted = names or model.output_names
+    unknown = [n for n in wanted if n not in model.output_names]
+    if unknown:
+        raise V2Error(
+            400, f"unknown output(s) {', '.join(unknown)}; valid: {', '.join(model.output_names)}"
+        )
+    return list(dict.fromkeys(wanted))
