@@ -4,12 +4,13 @@ and the version's ``.onnx`` file.
 With an ``http(s)`` tracking server this speaks MLflow's REST API itself (the registry calls,
 ``get-download-uri``, a ``runs:/`` source's run, and the proxied artifacts of ``mlflow server
 --serve-artifacts``), so that the serving process does not import the MLflow client (over a
-second of start-up and tens of megabytes that the predict path never uses). It honours
-MLflow's own settings for such a server: ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` (basic auth), ``MLFLOW_TRACKING_TOKEN``
-(bearer), ``MLFLOW_TRACKING_INSECURE_TLS``, ``MLFLOW_TRACKING_SERVER_CERT_PATH``,
-``MLFLOW_TRACKING_CLIENT_CERT_PATH`` and ``MLFLOW_HTTP_REQUEST_TIMEOUT``. Artifacts the
-server does not proxy (``s3://``, ``gs://``, ...) and any other tracking URI (a SQLite file,
-Databricks) go through the MLflow client, imported then.
+second of start-up and tens of megabytes that the predict path never uses). It honours MLflow's
+own settings for such a server: ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` (basic auth),
+``MLFLOW_TRACKING_TOKEN`` (bearer), ``MLFLOW_TRACKING_INSECURE_TLS``,
+``MLFLOW_TRACKING_SERVER_CERT_PATH``, ``MLFLOW_TRACKING_CLIENT_CERT_PATH`` and
+``MLFLOW_HTTP_REQUEST_TIMEOUT``. Artifacts the server does not proxy (``s3://``, ``gs://``, ...)
+and any other tracking URI (a SQLite file, Databricks) go through the MLflow client, imported
+then.
 """
 
 from __future__ import annotations
