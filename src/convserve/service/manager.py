@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from convserve.service.engine import Engine
+from convserve.service.engine import BatchPlan, Engine, plan_batches
 from convserve.service.metrics import Metrics
 from convserve.service.model import (
     LoadedModel,
@@ -94,14 +94,16 @@ class ModelManager:
             self._client = registry_for()
         return self._client
 
-    def _load(self, pinned: Source) -> LoadedModel:
-        """Blocking: download (registry) and open the model; runs in a worker thread."""
+    def _load(self, pinned: Source) -> tuple[LoadedModel, BatchPlan]:
+        """Blocking: download (registry) and open the model, and measure its batches; runs in
+        a worker thread."""
         local = (
             download(pinned, self.client(), Path(self.settings.cache_dir))
             if pinned.path is None
             else pinned
         )
-        return open_model(local, self.settings)
+        model = open_model(local, self.settings)
+        return model, plan_batches(model, self.settings)
 
     def _target(self) -> Source:
         return resolve(self.source, self.client()) if self.follows_alias else self.source
@@ -132,14 +134,14 @@ class ModelManager:
                     False, self._version(), f"version {key}: next try in {wait:.0f} s"
                 )
             try:
-                model = await loop.run_in_executor(self.executor, self._load, target)
+                model, plan = await loop.run_in_executor(self.executor, self._load, target)
             except TransientLoadError as err:
                 return self._retry_later(key, str(err))
             except (ModelLoadError, ValueError) as err:  # the version itself is bad
                 return self._refuse(key, str(err))
             except Exception as err:  # anything else on the way (network, disk) may recover
                 return self._retry_later(key, f"{type(err).__name__}: {err}")
-            await self._swap(model)
+            await self._swap(model, plan)
             self.refused.pop(key, None)
             self.retrying.pop(key, None)
             return ReloadOutcome(True, model.source.version, f"serving version {key}")
@@ -171,16 +173,15 @@ class ModelManager:
     def _version(self) -> str | None:
         return self.model.source.version if self.model is not None else None
 
-    async def _swap(self, model: LoadedModel) -> None:
-        s = self.settings
+    async def _swap(self, model: LoadedModel, plan: BatchPlan) -> None:
         old = self.engine
         self.engine = Engine(
             model,
             self.executor,
             self.metrics,
-            batching=s.batching,
-            max_batch_size=s.max_batch_size,
-            max_batch_wait_ms=s.max_batch_wait_ms,
+            batching=self.settings.batching,
+            max_batch_size=plan.size,
+            max_batch_wait_ms=plan.wait_ms,
         )
         self.metrics.reloads.inc()
         src = model.source
@@ -191,6 +192,8 @@ class ModelManager:
         log.info(
             "serving %s version %s%s on %s", src.name, src.version, was, ",".join(model.providers)
         )
+        if self.settings.batching:
+            log.info("%s version %s: %s", src.name, src.version, plan.describe())
         if old is not None:  # drains in the background; kept referenced until done
             task = asyncio.create_task(old.close())
             self._closing.add(task)

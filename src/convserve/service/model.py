@@ -233,6 +233,39 @@ def open_model(source: Source, settings: Settings) -> LoadedModel:
     return model
 
 
+BATCH_SIZES = tuple(2**i for i in range(13))  # 1 to 4096
+MEASURE_SECONDS = 0.5  # at most about this long measuring a model's batches at load
+
+
+def batch_costs(model: LoadedModel, largest: int) -> dict[int, float]:
+    """Seconds per image of a warm ``session.run`` of the probabilities at batch sizes 1, 2,
+    4, ... up to ``largest``: the best of three runs at each. Stops before a size whose runs
+    would take the measuring past ``MEASURE_SECONDS`` (a size takes about twice the last)."""
+    rng = np.random.default_rng(0)
+    costs: dict[int, float] = {}
+    spent = 0.0
+    for size in (s for s in BATCH_SIZES if s <= largest):
+        x = rng.random((size, model.channels, model.height, model.width), np.float32)
+        model.run(x, [contract.PROBABILITIES])  # this size's first run allocates
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            model.run(x, [contract.PROBABILITIES])
+            elapsed = time.perf_counter() - start
+            best, spent = min(best, elapsed), spent + elapsed
+        costs[size] = best / size
+        if spent + 2 * 4 * best > MEASURE_SECONDS:
+            break
+    # the memory arena grew to the largest batch measured: one run of one image that hands
+    # the arena's free chunks back, so that a process serving small batches does not keep it
+    arenas = "cpu:0;gpu:0" if "CUDAExecutionProvider" in model.providers else "cpu:0"
+    shrink = ort.RunOptions()
+    shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
+    one = np.zeros((1, model.channels, model.height, model.width), np.float32)
+    model.session.run([contract.PROBABILITIES], {contract.INPUT: one}, shrink)
+    return costs
+
+
 def self_check(model: LoadedModel) -> None:
     """Warm up and check on known inputs: outputs named, shaped and valid as the metadata says."""
     names = [o.name for o in model.session.get_outputs()]

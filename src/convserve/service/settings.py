@@ -26,8 +26,10 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = None  # bearer token for admin endpoints and job writes
 
     batching: bool = True  # gather concurrent requests into one session.run
-    max_batch_size: int = Field(32, ge=1, le=4096)
-    max_batch_wait_ms: float = Field(2.0, ge=0.0, le=1000.0)
+    # unset: chosen when a model is loaded, from its measured cost per image at each batch
+    # size (engine.plan_batches)
+    max_batch_size: int | None = Field(None, ge=1, le=4096)
+    max_batch_wait_ms: float | None = Field(None, ge=0.0, le=1000.0)
 
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)  # per request body
     # POST /datasets: the archive, what it may unpack to, its files and classes
