@@ -65,7 +65,7 @@ def test_a_message_carries_a_run_id(tmp_path):
 
 
 def test_the_worker_registers_its_functions_under_the_contract_names(tmp_path):
-    from convserve.pipelines.worker import job_queue
+    from convserve.pipelines.tasks import job_queue
 
     queue = job_queue(_settings(tmp_path))
     assert set(queue.huey._registry._registry) == {RUN_JOB_TASK, RUN_TRIAL_TASK}

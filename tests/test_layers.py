@@ -113,3 +113,18 @@ def test_the_rule_catches_an_upward_import(tmp_path):
     assert not _allowed("convserve.service.app", ALLOWED["convserve.pipelines"])
     assert not _allowed("convserve.pipelines.worker", ALLOWED["convserve.service"])
     assert not _allowed("convserve.pipelines.worker", ALLOWED["convserve.jobs"])
+
+
+def test_the_worker_process_never_imports_torch():
+    """``convserve worker`` runs its jobs in a job process (``pipelines/tasks.py``): the
+    worker itself, its reaper and its liveness file hold no torch while it waits."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import convserve.pipelines.worker, convserve.cli.stack\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

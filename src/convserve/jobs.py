@@ -90,6 +90,24 @@ class JobSettings(BaseSettings):
         default_factory=lambda: os.path.join(tempfile.gettempdir(), "convserve-worker.alive")
     )
     worker_alive_after: float = Field(60.0, gt=0)  # liveness file age that fails the check
+    # a worker's job process (the one that imports torch) exits after this many seconds
+    # without a task, and the next task starts a new one; 0: one after each task
+    worker_idle_exit: float = Field(30.0, ge=0)
+
+
+# Set by `convserve worker` for the job process it starts: the worker's pid, which names the
+# worker on the runs it takes (Tag.WORKER), whichever of its processes does the work.
+WORKER_PID = "CONVSERVE_WORKER_PID"
+
+
+def worker_id() -> str:
+    """``host:pid:thread`` of the worker running this code: the pid is the worker process's
+    (``WORKER_PID`` in its job process), so that a supervisor's pid names its jobs."""
+    import socket
+    import threading
+
+    pid = os.environ.get(WORKER_PID) or str(os.getpid())
+    return f"{socket.gethostname()}:{pid}:{threading.get_ident()}"
 
 
 class JobRequest(NumbersRefuseBooleans):
@@ -164,7 +182,8 @@ class Huey(Protocol):
     def task(self, *, name: str) -> Callable[[Callable[[str], None]], Any]: ...
     def pending_count(self) -> int: ...
     def pending(self, limit: int | None = None) -> list[Any]: ...
-    def create_consumer(self, **options: Any) -> Any: ...
+    def dequeue(self) -> Any: ...
+    def execute(self, task: Any, timestamp: Any = None) -> Any: ...
 
 
 def _runs_on_a_worker(run_id: str) -> None:

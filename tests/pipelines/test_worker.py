@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from tests.conftest import TINY
-from tests.servers import uvicorn_server, wait_for_job, wait_for_prediction, worker_process
+from tests.servers import ENDED, uvicorn_server, wait_for_job, wait_for_prediction, worker_process
 from tests.waiting import limit, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -249,7 +249,16 @@ def test_a_stopped_worker_that_resumes_writes_nothing(mlflow_url, tmp_path):
             with worker_process(env, tmp_path, "reaper"):  # its reaper takes the job
                 failed = wait_for_job(http, job_id, {"failed"}, timeout=30)
                 assert "worker lost" in failed["error"]
-                before = client.get_run(job_id)
+                # what the stopped worker sent before it stopped may still be landing on a
+                # busy tracking server: the metrics are read once they stay the same for 1 s
+                reads = [client.get_run(job_id)]
+
+                def settled() -> bool:
+                    reads.append(client.get_run(job_id))
+                    return reads[-1].data.metrics == reads[-2].data.metrics
+
+                wait_until(settled, 30, "the metrics sent before the stop landed", 1.0)
+                before = reads[-1]
                 os.killpg(sleeper.pid, signal.SIGCONT)
                 # it notices at its next lease check and ends the job, writing nothing
                 _log_says(tmp_path / "sleeper.log", " executed in ", 60)
@@ -339,7 +348,7 @@ def test_twenty_jobs_two_workers_one_killed_none_lost_none_twice(mlflow_url, tmp
 @pytest.mark.parametrize("decision", [None, True, False], ids=["no-decision", "won", "lost"])
 def test_a_registered_job_says_whether_it_was_promoted(sqlite_uri, tmp_path, decision):
     from convserve.pipelines.registry import Decision, Published
-    from convserve.pipelines.worker import _record_publication
+    from convserve.pipelines.tasks import _record_publication
     from convserve.training.export import ParityReport
 
     client = MlflowClient(sqlite_uri)
@@ -530,3 +539,58 @@ def test_cancelling_a_sweep_stops_its_trials_and_publishes_nothing(
     cancelled = [t for t in study.trials if t.user_attrs.get("status") == "cancelled"]
     assert cancelled
     assert client.search_model_versions(f"name = '{model}'") == []
+
+
+def _tree(pid: int) -> list[int]:
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [pid, *(p for k in kids for p in _tree(int(k)))]
+
+
+def _holds_torch(pid: int) -> bool:
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:  # gone meanwhile
+        return False
+
+
+def test_an_idle_worker_holds_no_torch(mlflow_url, tmp_path):
+    """The worker process never imports torch: each job runs in its job process, which exits
+    once idle (CONVSERVE_WORKER_IDLE_EXIT) and is started again by the next task."""
+    model = f"idle-{uuid.uuid4().hex[:6]}"
+    env = {**_env(mlflow_url, tmp_path, False, model), "CONVSERVE_WORKER_IDLE_EXIT": "1"}
+    with uvicorn_server(env, tmp_path) as url, httpx.Client(base_url=url, timeout=30) as http:
+        with worker_process(env, tmp_path) as worker:
+            _log_says(tmp_path / "worker.log", "convserve worker: queue")
+            assert _tree(worker.pid) == [worker.pid] and not _holds_torch(worker.pid)
+            for n in (1, 2):
+                job_id = http.post("/jobs", json=_job("idle", model), headers=AUTH).json()["id"]
+                running = wait_for_job(http, job_id, {"running", "succeeded"})
+                assert running["status"] in ("running", "succeeded")
+                assert wait_for_job(http, job_id, ENDED)["status"] == "succeeded"
+                wait_until(lambda: _tree(worker.pid) == [worker.pid], 60, "the job process exited")
+                assert not any(_holds_torch(p) for p in _tree(worker.pid))
+                log = (tmp_path / "worker.log").read_text()
+                assert log.count("job process") >= 2 * n  # started, then idle and exiting
+    assert log.count("1 task run, idle: exiting") == 2
+
+
+def test_ctrl_c_lets_the_running_job_finish_and_takes_no_other(mlflow_url, tmp_path):
+    """SIGINT to the worker: its job process finishes the job it runs, takes no other, and
+    the worker exits with its liveness file gone."""
+    model = f"sigint-{uuid.uuid4().hex[:6]}"
+    alive = tmp_path / "worker.alive"
+    env = {**_env(mlflow_url, tmp_path, False, model), "CONVSERVE_WORKER_LIVENESS_FILE": str(alive)}
+    with uvicorn_server(env, tmp_path) as url, httpx.Client(base_url=url, timeout=30) as http:
+        body = _job("sigint", model, optim={"epochs": 3})
+        first, second = (http.post("/jobs", json=body, headers=AUTH).json()["id"] for _ in "12")
+        with worker_process(env, tmp_path) as worker:
+            wait_until(lambda: _progress(http, first).get("step"), 60, "a step trained")
+            worker.send_signal(signal.SIGINT)
+            assert worker.wait(timeout=limit(120)) == 0
+        assert wait_for_job(http, first, ENDED)["status"] == "succeeded"
+        assert http.get(f"/jobs/{second}").json()["status"] == "scheduled"
+    assert not alive.exists()
+    assert "1 task run, stopped: exiting" in (tmp_path / "worker.log").read_text()

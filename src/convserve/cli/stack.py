@@ -86,8 +86,11 @@ def worker(
     ] = False,
 ) -> None:
     """Consume training jobs, one at a time, from the queue: RedisHuey when REDIS_URL is set
-    (any number of workers on any machines), else SqliteHuey (CONVSERVE_QUEUE_PATH). Also
-    fails jobs whose worker died (no heartbeat for CONVSERVE_WORKER_LOST_AFTER seconds)."""
+    (any number of workers on any machines), else SqliteHuey (CONVSERVE_QUEUE_PATH). Jobs run
+    in a job process that exits after CONVSERVE_WORKER_IDLE_EXIT idle seconds, so an idle
+    worker holds no torch. Also fails jobs whose worker died (no heartbeat for
+    CONVSERVE_WORKER_LOST_AFTER seconds). Ctrl-C lets the running job finish; SIGTERM stops
+    it."""
     from pydantic import ValidationError
 
     from convserve.jobs import JobSettings

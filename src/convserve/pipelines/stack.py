@@ -92,12 +92,13 @@ def mlflow_server_argv(backend_uri: str, artifacts: Path, host: str, port: int) 
 MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGTERM if ``convserve up`` itself dies, even by SIGKILL."""
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """Linux: this process gets ``signum`` when its parent dies, even by SIGKILL (elsewhere,
+    nothing)."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signum)  # PR_SET_PDEATHSIG
     except OSError:
         pass
 
@@ -119,7 +120,7 @@ class Child:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
 
     def stop(self, timeout: float = 15.0) -> None:

@@ -12,9 +12,6 @@ import csv
 import json
 import logging
 import math
-import os
-import socket
-import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +21,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from convserve.jobs import JobSettings, Tag
+from convserve.jobs import JobSettings, Tag, worker_id
 from convserve.pipelines import study as studies
 from convserve.pipelines.lease import GuardedClient, Lease
 from convserve.pipelines.registry import Policy, Published, publish
@@ -113,10 +110,6 @@ def run_sweep(
     result = finish(sweep, parent_id, study, parent.client if parent.run_id else None, policy)
     parent.end("FINISHED" if result.best_run_id else "FAILED")
     return result
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
 
 def start_parent(sweep: SweepConfig, client: Any = None) -> Tracker:

@@ -1,291 +1,117 @@
 """``convserve worker``: take jobs and sweep trials from the queue and run them to their end.
 
-The worker registers the job task and the trial task under their contract names
-(``convserve.jobs.RUN_JOB_TASK``, ``RUN_TRIAL_TASK``) and runs each job: train, then
-export, register and promote, writing only while it holds the job's lease (``lease.py``) and
-beating on the job's run while it works (``heartbeat.py``; a job on several processes runs
-under ``torchrun``, ``launch.py``). A sweep job creates its Optuna study and puts
-``parallelism`` trial tasks on the queue, which any worker takes; each trial task trains one
-trial and queues the next while trials wait, and the one that ends the study hands the sweep
-job back to the queue to publish the best trial (``study.py``). A thread of every worker,
-the reaper (``reaper.py``), takes jobs and trials from workers that stopped beating. The API
-never imports this module.
+The worker process watches the queue and, while tasks wait, keeps one job process running
+(``python -m convserve.pipelines.tasks``, ``tasks.py``): that process imports torch, takes the
+tasks one at a time, and exits once none has come for ``CONVSERVE_WORKER_IDLE_EXIT`` seconds,
+so that torch, the data sets and the allocator's caches of the last job are not held by an
+idle worker. It dies with the worker (a killed worker leaves no job running). A thread of the
+worker, the reaper (``reaper.py``), takes jobs and trials from workers that stopped beating;
+another writes the liveness file (``liveness.py``). Nothing here imports torch. The API never
+imports this module.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
+import signal
+import subprocess
+import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
-from convserve.jobs import (
-    RUN_TRIAL_TASK,
-    TO_MLFLOW,
-    JobQueue,
-    JobRequest,
-    JobSettings,
-    Tag,
-    fail,
-    job_status,
-)
+from convserve.jobs import WORKER_PID, JobQueue, JobSettings
 from convserve.pipelines import liveness
-from convserve.pipelines import study as studies
-from convserve.pipelines.heartbeat import Heartbeat, ParentCancel
-from convserve.pipelines.launch import train_processes
-from convserve.pipelines.lease import GuardedClient, Lease
-from convserve.pipelines.reaper import publish_when_done, run_reaper
-from convserve.pipelines.registry import Policy, PublishCancelled, publish
-from convserve.pipelines.runs import read_request, tracked, tracked_sweep
-from convserve.pipelines.sweep import finish, record_progress, run_trial, search_tags, worker_id
-from convserve.training.run import Callbacks, train
+from convserve.pipelines.reaper import run_reaper
 
 log = logging.getLogger(__name__)
 
-
-def job_queue(settings: JobSettings) -> JobQueue:
-    """The queue with ``execute_job`` and ``execute_trial`` registered under the names they
-    are enqueued by."""
-    queue: JobQueue
-
-    def run_job(run_id: str) -> None:
-        execute_job(run_id, settings, queue)
-
-    def run_trial(run_id: str) -> None:
-        execute_trial(run_id, settings, queue)
-
-    queue = JobQueue(settings, run_job=run_job, run_trial=run_trial)
-    return queue
+LOOK_SECONDS = 1.0  # how often an idle worker looks at the queue
 
 
 def run_worker(settings: JobSettings, say: Any = log.info) -> None:
-    """Consume jobs one at a time until interrupted, with the reaper in a thread."""
+    """Run jobs until SIGTERM or SIGINT: a job process while tasks wait, the reaper and the
+    liveness file in threads. SIGTERM stops the job process at once (its job is taken over
+    when its heartbeat goes stale, as for a killed worker); SIGINT (Ctrl-C) lets it finish
+    the task it runs, and a second SIGINT stops it at once."""
     from mlflow.tracking import MlflowClient
 
-    queue = job_queue(settings)
+    queue = JobQueue(settings)  # this process enqueues (the reaper) but runs nothing
     stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        received.append(signum)
+        stop.set()
+        if signum == signal.SIGINT and len(received) > 1:
+            jobs.stop(graceful=False)
+
     threading.Thread(
         target=run_reaper, args=(settings, stop, queue), daemon=True, name="convserve-reaper"
     ).start()
-    liveness.keep_alive(
+    alive = liveness.keep_alive(
         Path(settings.worker_liveness_file), settings.heartbeat_interval, queue.pending_count, stop
     )
     where = f"redis {settings.queue_name}" if settings.redis_url else settings.queue_path
     say(f"convserve worker: queue {where}, tracking {MlflowClient().tracking_uri}")
-    # An idle worker looks at the queue at least every second (Huey's default backs off to
-    # ten): a sweep's trial tasks are taken by whichever worker is free.
-    consumer = queue.huey.create_consumer(
-        workers=1, worker_type="thread", periodic=False, max_delay=1.0
-    )
+    jobs = JobProcess()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
     try:
-        consumer.run()
+        while not stop.wait(LOOK_SECONDS):
+            if not jobs.running() and _pending(queue):
+                jobs.start()
     finally:
         stop.set()
+        jobs.stop(graceful=received[:1] == [signal.SIGINT])
+        alive.join(timeout=5)  # the liveness file goes with the worker
 
 
-def execute_job(run_id: str, settings: JobSettings, queue: JobQueue | None = None) -> None:
-    """The Huey task: run one job to its end, whatever happens, writing only while its lease
-    is held."""
-    from mlflow.tracking import MlflowClient
-
-    raw = MlflowClient()
-    run = raw.get_run(run_id)
-    if run.info.status != "SCHEDULED" or job_status(run) != "scheduled":
-        log.info("job %s is %s: not started", run_id, job_status(run))
-        return
-    attempt = int(run.data.tags.get(Tag.ATTEMPT, "1"))
-    worker = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
-    # A heartbeat before RUNNING, so that no reaper takes a starting job for a lost one.
-    raw.set_tag(run_id, Tag.HEARTBEAT, f"{time.time():.3f}")
-    _take(raw, run_id, worker, attempt)
-    lease = Lease(raw, run_id, worker, attempt, settings.cancel_check_interval)
-    client = GuardedClient(raw, lease)
-    client.log_metric(run_id, "job.started", 1.0)  # one point per execution
+def _pending(queue: JobQueue) -> bool:
     try:
-        request = read_request(raw, run_id)
-        resume = _last_checkpoint(raw, run_id, settings.runs_dir) if attempt > 1 else None
-        with Heartbeat(client, lease, settings) as beat:
-            if request.sweep is not None:
-                status = _sweep(request, run_id, client, beat, settings, queue)
-            else:
-                status = _run(request, run_id, client, beat, settings.runs_dir, resume)
-        if status == "running":
-            return  # a sweep's trials are on the queue; the one that ends the study returns it
-        client.set_tag(run_id, Tag.STATUS, status)
-        client.set_terminated(run_id, status=TO_MLFLOW.get(status, "FINISHED"))
-    except Exception as err:
-        log.exception("job %s failed", run_id)
-        if lease.held(fresh=True):
-            fail(client, run_id, f"{type(err).__name__}: {err}")
+        return queue.pending_count() > 0
+    except Exception as err:  # the queue is away: the liveness file ages, the check fails
+        log.warning("cannot read the queue: %s", err)
+        return False
 
 
-def _take(client: Any, run_id: str, worker: str, attempt: int) -> None:
-    from mlflow.entities import RunTag
+class JobProcess:
+    """The worker's one job process: started while tasks wait, gone when idle."""
 
-    client.update_run(run_id, status="RUNNING")
-    client.log_batch(
-        run_id,
-        tags=[
-            RunTag(Tag.STATUS, "running"),
-            RunTag(Tag.WORKER, worker),
-            RunTag(Tag.ATTEMPT, str(attempt)),
-        ],
-    )
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
 
+    def running(self) -> bool:
+        if self.proc is None:
+            return False
+        code = self.proc.poll()
+        if code is None:
+            return True
+        if code != 0:
+            log.warning("job process %d exited with %d", self.proc.pid, code)
+        self.proc = None
+        return False
 
-def _last_checkpoint(client: Any, run_id: str, runs_dir: str) -> Path | None:
-    """The lost attempt's ``last.pt`` from the run's artifacts (None: start over)."""
-    folder = Path(runs_dir) / run_id / "resume"
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        return Path(client.download_artifacts(run_id, "checkpoints/last.pt", str(folder)))
-    except Exception as err:  # lost before its first epoch ended: nothing to resume from
-        log.info("job %s: no checkpoint to resume from (%s); starting over", run_id, err)
-        return None
+    def start(self) -> None:
+        env = {**os.environ, WORKER_PID: str(os.getpid())}
+        argv = [sys.executable, "-m", "convserve.pipelines.tasks"]
+        self.proc = subprocess.Popen(argv, env=env)  # its output is the worker's
+        log.info("job process %d started", self.proc.pid)
 
-
-def _run(
-    request: JobRequest,
-    run_id: str,
-    client: Any,
-    beat: Heartbeat,
-    runs_dir: str,
-    resume: Path | None = None,
-) -> str:
-    policy = Policy(
-        request.model_name, request.register_model, request.promote, margin=request.margin
-    )
-    callbacks = Callbacks(
-        on_start=beat.on_start,
-        on_step=beat.on_step,
-        on_epoch=beat.on_epoch,
-        should_stop=beat.should_stop,
-    )
-    tracking_uri = client.tracking_uri
-    assert request.train is not None  # a sweep job runs through _sweep
-    cfg = tracked(request.train, tracking_uri, runs_dir)
-    if resume is not None:
-        client.set_tag(run_id, "convserve.resumed_from", "checkpoints/last.pt")
-    if request.nproc_per_node > 1:
-        status, message = train_processes(
-            cfg, request.nproc_per_node, run_id, tracking_uri, beat, resume
-        )
-    else:
-        result = train(
-            cfg, run_id=run_id, callbacks=callbacks, client=client, resume=resume, end_run=False
-        )
-        status, message = result.status, result.message
-    if status == "cancelled":
-        return "cancelled"
-    if status != "finished":
-        client.set_tag(run_id, Tag.ERROR, message[:5000])
-        return "failed"
-    if request.register_model:
+    def stop(self, graceful: bool) -> None:
+        """At the worker's exit: ``graceful``, the job process finishes its task first (it got
+        SIGINT); else it stops now."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        if graceful:
+            proc.send_signal(signal.SIGINT)  # a terminal's Ctrl-C has sent it already
+            proc.wait()  # a second SIGINT to the worker stops it at once
+            return
+        proc.terminate()
         try:
-            published = publish(
-                run_id=run_id, policy=policy, proceed=beat.lease.may_publish, client=client
-            )
-        except PublishCancelled:
-            return "cancelled"
-        _record_publication(client, run_id, published)
-    return "succeeded" if beat.lease.may_publish() else "cancelled"
-
-
-def _sweep(
-    request: JobRequest,
-    run_id: str,
-    client: Any,
-    beat: Heartbeat,
-    settings: JobSettings,
-    queue: JobQueue | None,
-) -> str:
-    """A sweep job: create its study and queue its trials ("running": the trial tasks carry
-    it on), or, when every trial has ended, publish the best one."""
-    sweep = tracked_sweep(request, client.tracking_uri, settings.runs_dir)
-    storage = studies.open_storage(settings)
-    study = studies.ensure(sweep, run_id, storage)
-    if not beat.lease.may_publish():  # cancelled (or no longer this worker's)
-        studies.fail_waiting(study, studies.CANCELLED)
-    if not studies.done(study):
-        from mlflow.entities import RunTag
-
-        tags = {**search_tags(sweep), Tag.PHASE: "trials"}
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        record_progress(client, run_id, sweep, study)
-        waiting = studies.counts(study)["waiting"]
-        for _ in range(min(sweep.parallelism, waiting)):
-            assert queue is not None, "a sweep job runs on a worker's queue"
-            queue.enqueue(run_id, RUN_TRIAL_TASK)
-        return "running"
-    client.set_tag(run_id, Tag.PHASE, "publish")
-    policy = Policy(
-        request.model_name, request.register_model, request.promote, margin=request.margin
-    )
-    try:
-        outcome = finish(
-            sweep,
-            run_id,
-            study,
-            client,
-            policy if request.register_model and not beat.lease.cancelled else None,
-            proceed=beat.lease.may_publish,
-        )
-    except PublishCancelled:
-        return "cancelled"
-    if beat.should_stop():
-        return "cancelled"
-    if outcome.published is not None:
-        _record_publication(client, run_id, outcome.published)
-    return "succeeded" if outcome.best_run_id else "failed"
-
-
-def execute_trial(run_id: str, settings: JobSettings, queue: JobQueue) -> None:
-    """The trial task: train one waiting trial of the sweep job ``run_id``, then queue the
-    next one while trials wait, or, when the study has ended, hand the job back to the queue
-    to publish (once, whichever worker ends the study)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    parent = client.get_run(run_id)
-    if parent.info.status != "RUNNING" or parent.data.tags.get(Tag.PHASE) != "trials":
-        log.info("sweep %s is %s: trial task dropped", run_id, job_status(parent))
-        return
-    request = read_request(client, run_id, cache=True)
-    sweep = tracked_sweep(request, client.tracking_uri, settings.runs_dir)
-    storage = studies.open_storage(settings)
-    study = studies.load(sweep, run_id, storage)
-    cancel = ParentCancel(client, run_id, settings.cancel_check_interval)
-    if cancel():
-        studies.fail_waiting(study, studies.CANCELLED)
-    else:
-        row = run_trial(
-            sweep,
-            run_id,
-            study,
-            storage,
-            client,
-            worker=worker_id(),
-            settings=settings,
-            parent_cancelled=cancel,
-        )
-        if row is not None:
-            log.info("sweep %s: trial %s %s (%s)", run_id, row.number, row.status, row.value)
-        if cancel():
-            studies.fail_waiting(study, studies.CANCELLED)
-    record_progress(client, run_id, sweep, study)
-    if studies.counts(study)["waiting"] > 0:
-        queue.enqueue(run_id, RUN_TRIAL_TASK)
-    else:
-        publish_when_done(client, study, run_id, storage, queue)
-
-
-def _record_publication(client: Any, run_id: str, published: Any) -> None:
-    if published.version is not None:
-        client.set_tag(run_id, "convserve.registered_version", str(published.version))
-        client.set_tag(run_id, "convserve.registered_model", str(published.model_name))
-        # Registered without a promotion decision (promote=false) is "not promoted" too.
-        promoted = published.decision is not None and published.decision.promoted
-        client.set_tag(run_id, "convserve.promoted", str(promoted).lower())
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
