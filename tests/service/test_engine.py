@@ -225,3 +225,41 @@ def test_measuring_batches_stops_within_its_budget(onnx_path, monkeypatch):
     assert list(model_module.batch_costs(model, 32)) == [1]  # over budget after the first
     monkeypatch.setattr(model_module, "MEASURE_SECONDS", 10.0)
     assert list(model_module.batch_costs(model, 8)) == [1, 2, 4, 8]  # never past the largest
+
+
+def test_a_model_on_one_core_runs_on_the_loop_up_to_its_limit(onnx_path):
+    """One CPU thread: runs that take up to ONE_CORE_INLINE_SECONDS stay on the event loop
+    (the thread would share the loop's core); longer ones, and any run of a model with more
+    threads than that, go to the inference threads."""
+
+    async def scenario():
+        manager = ModelManager(Settings(model_uri=str(onnx_path)), Metrics())
+        await manager.check()
+        model = manager.model
+        ran_on: list[int] = []
+        run = model.run
+
+        def recorded(*args):
+            ran_on.append(threading.get_ident())
+            return run(*args)
+
+        model.run = recorded
+        x = np.zeros((1, 1, 8, 8), np.float32)
+        loop_thread = threading.get_ident()
+        cases = [(True, 0.005, True), (True, 0.5, False), (False, 0.005, False)]
+        for one_core, typical, on_loop in cases:
+            engine = Engine(
+                model,
+                manager.executor,
+                manager.metrics,
+                batching=False,
+                max_batch_size=1,
+                max_batch_wait_ms=0,
+                one_core=one_core,
+            )
+            engine.typical_run = typical  # as if measured
+            await engine.infer(x, ["probabilities"])
+            assert (ran_on[-1] == loop_thread) is on_loop, (one_core, typical)
+        await manager.close()
+
+    asyncio.run(scenario())

@@ -5,9 +5,11 @@ An ``Engine`` belongs to one loaded model. Concurrent requests are gathered into
 for company. Each image's result is the same as its unbatched result (onnxruntime computes
 every image of a batch independently). A model whose ``session.run`` takes less than
 ``INLINE_SECONDS`` runs on the event loop itself: the hop to a thread and back (a wake-up and
-two GIL hand-overs) would cost more than the run. Slower ones (large models, large batches, a
-GPU's copies) run in the inference threads while the loop goes on parsing requests; the choice
-follows a moving average of the measured run time. When the model is swapped, the old engine drains
+two GIL hand-overs) would cost more than the run; so does one that runs on one CPU thread in
+less than ``ONE_CORE_INLINE_SECONDS`` (the loop would share its core with the thread anyway).
+Slower ones (large models, large batches, several operator threads, a GPU's copies) run in the
+inference threads while the loop goes on parsing requests; the choice follows a moving average
+of the measured run time. When the model is swapped, the old engine drains
 its queue before it closes, so requests in flight finish on the old session.
 """
 
@@ -28,6 +30,12 @@ from convserve.service.settings import Settings
 log = logging.getLogger(__name__)
 
 INLINE_SECONDS = 0.001
+# A process whose model runs on one core (one onnxruntime thread, on the CPU: a worker of the
+# default one-per-core layout) runs it on the event loop up to this long: the loop and an
+# inference thread would share that core anyway, so the hop only adds its cost (0.24 ms of CPU
+# a request on bench_serve.py's 60 M multiply-add model, 12% of it), while the limit keeps the
+# loop from holding other requests longer than about a batch of that model takes.
+ONE_CORE_INLINE_SECONDS = 0.02
 # Batching's defaults, chosen per model (plan_batches): the smallest batch whose cost per
 # image is within NEAR_BEST of the cheapest measured, up to LARGEST_BATCH; a wait for company
 # of at most MAX_WAIT_MS, and never longer than a full batch takes to run.
@@ -92,8 +100,10 @@ class Engine:
         batching: bool,
         max_batch_size: int,
         max_batch_wait_ms: float,
+        one_core: bool = False,
     ) -> None:
         self.model, self.executor, self.metrics = model, executor, metrics
+        self.one_core = one_core  # the model runs on one CPU thread: see ONE_CORE_INLINE_SECONDS
         self.batching = batching
         self.max_batch_size = max_batch_size
         self.max_wait = max_batch_wait_ms / 1000.0
@@ -135,7 +145,10 @@ class Engine:
         # A batch larger than the batcher makes (an occlusion map's copies) is not typical:
         # it runs in a thread and leaves the typical run time alone.
         typical = images.shape[0] <= self.max_batch_size
-        if typical and self.typical_run < INLINE_SECONDS:
+        inline_up_to = (
+            max(INLINE_SECONDS, ONE_CORE_INLINE_SECONDS) if self.one_core else INLINE_SECONDS
+        )
+        if typical and self.typical_run < inline_up_to:
             result = self.model.run(images, outputs)
         else:
             loop = asyncio.get_running_loop()

@@ -182,6 +182,8 @@ class ModelManager:
             batching=self.settings.batching,
             max_batch_size=plan.size,
             max_batch_wait_ms=plan.wait_ms,
+            one_core=self.settings.intra_op_threads == 1
+            and model.providers == ["CPUExecutionProvider"],
         )
         self.metrics.reloads.inc()
         src = model.source
