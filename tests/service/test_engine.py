@@ -13,6 +13,19 @@ from convserve.service.metrics import Metrics
 from convserve.service.settings import Settings
 
 
+def _unbatched(manager: ModelManager, one_core: bool = False) -> Engine:
+    """An engine of the manager's model that runs each request alone."""
+    return Engine(
+        manager.model,
+        manager.executor,
+        manager.metrics,
+        batching=False,
+        max_batch_size=1,
+        max_batch_wait_ms=0,
+        one_core=one_core,
+    )
+
+
 def _run_count(metrics: Metrics) -> float:
     samples = metrics.batch_size.collect()[0].samples
     return next(s.value for s in samples if s.name.endswith("_count"))
@@ -38,14 +51,7 @@ def test_batched_results_equal_unbatched(onnx_path, threaded):
             *(manager.engine.infer(images[i : i + 1], outputs) for i in range(40))
         )
         assert _run_count(manager.metrics) <= 5  # forty requests, a few session.run calls
-        single = Engine(
-            model,
-            manager.executor,
-            manager.metrics,
-            batching=False,
-            max_batch_size=1,
-            max_batch_wait_ms=0,
-        )
+        single = _unbatched(manager)
         for i in range(40):
             alone = await single.infer(images[i : i + 1], outputs)
             for name in outputs:
@@ -248,15 +254,7 @@ def test_a_model_on_one_core_runs_on_the_loop_up_to_its_limit(onnx_path):
         loop_thread = threading.get_ident()
         cases = [(True, 0.005, True), (True, 0.5, False), (False, 0.005, False)]
         for one_core, typical, on_loop in cases:
-            engine = Engine(
-                model,
-                manager.executor,
-                manager.metrics,
-                batching=False,
-                max_batch_size=1,
-                max_batch_wait_ms=0,
-                one_core=one_core,
-            )
+            engine = _unbatched(manager, one_core=one_core)
             engine.typical_run = typical  # as if measured
             await engine.infer(x, ["probabilities"])
             assert (ran_on[-1] == loop_thread) is on_loop, (one_core, typical)

@@ -28,16 +28,8 @@ import grpc
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from convserve.service.inference import (
-    V2Error,
-    check_input,
-    find_engine,
-    from_bytes,
-    from_values,
-    metadata,
-    outputs_wanted,
-    server_metadata,
-)
+from convserve.service import inference as v2
+from convserve.service.inference import V2Error
 from convserve.service.manager import ModelManager
 from convserve.service.metrics import Metrics
 from convserve.service.settings import Settings
@@ -204,21 +196,21 @@ class InferenceService:
         return MESSAGES["ServerReadyResponse"](ready=self.manager.engine is not None)
 
     async def ModelReady(self, request: Any, context: Any) -> Any:
-        find_engine(self.manager, request.name, request.version)
+        v2.find_engine(self.manager, request.name, request.version)
         return MESSAGES["ModelReadyResponse"](ready=True)
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
-        return MESSAGES["ServerMetadataResponse"](**server_metadata([]))
+        return MESSAGES["ServerMetadataResponse"](**v2.server_metadata([]))
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
         return MESSAGES["ModelMetadataResponse"](
-            **metadata(find_engine(self.manager, request.name, request.version))
+            **v2.metadata(v2.find_engine(self.manager, request.name, request.version))
         )
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        engine = find_engine(self.manager, request.model_name, request.model_version)
+        engine = v2.find_engine(self.manager, request.model_name, request.model_version)
         images = _images(engine, request)
-        wanted = outputs_wanted(engine, [o.name for o in request.outputs])
+        wanted = v2.outputs_wanted(engine, [o.name for o in request.outputs])
         result = await engine.infer(images, wanted)
         source = engine.model.source
         answer = MESSAGES["ModelInferResponse"](
@@ -237,16 +229,16 @@ def _images(engine: Any, request: Any) -> np.ndarray:
         raise V2Error(400, f"expected exactly one input ('image'), got {len(request.inputs)}")
     tensor = request.inputs[0]
     shape = list(tensor.shape)
-    dtype = check_input(engine, tensor.name, tensor.datatype, shape)
+    dtype = v2.check_input(engine, tensor.name, tensor.datatype, shape)
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:
             raise V2Error(400, "raw_input_contents must hold one entry per input (one)")
-        return from_bytes(request.raw_input_contents[0], dtype, tensor.datatype, shape)
+        return v2.from_bytes(request.raw_input_contents[0], dtype, tensor.datatype, shape)
     contents = tensor.contents
     values = contents.fp32_contents if tensor.datatype == "FP32" else contents.fp64_contents
     if tensor.datatype == "FP16" or not values:
         raise V2Error(400, f"the input has no {tensor.datatype} contents; send raw_input_contents")
-    return from_values(np.asarray(values), shape)
+    return v2.from_values(np.asarray(values), shape)
 
 
 def _method(name: str, call: Handler, metrics: Metrics) -> grpc.RpcMethodHandler:
