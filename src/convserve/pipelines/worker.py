@@ -45,7 +45,7 @@ def run_worker(settings: JobSettings, say: Any = log.info) -> None:
         received.append(signum)
         stop.set()
         if signum == signal.SIGINT and len(received) > 1:
-            jobs.stop(graceful=False)
+            jobs.interrupt()  # the graceful stop below waits on it: no wait here
 
     threading.Thread(
         target=run_reaper, args=(settings, stop, queue), daemon=True, name="convserve-reaper"
@@ -64,7 +64,10 @@ def run_worker(settings: JobSettings, say: Any = log.info) -> None:
                 jobs.start()
     finally:
         stop.set()
-        jobs.stop(graceful=received[:1] == [signal.SIGINT])
+        graceful = received[:1] == [signal.SIGINT]
+        if graceful and jobs.running():
+            say("stopping: the running task finishes first (Ctrl-C again to stop it now)")
+        jobs.stop(graceful=graceful)
         alive.join(timeout=5)  # the liveness file goes with the worker
 
 
@@ -98,6 +101,11 @@ class JobProcess:
         argv = [sys.executable, "-m", "convserve.pipelines.tasks"]
         self.proc = subprocess.Popen(argv, env=env)  # its output is the worker's
         log.info("job process %d started", self.proc.pid)
+
+    def interrupt(self) -> None:
+        """Stop the job process now (SIGTERM), without waiting for it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
 
     def stop(self, graceful: bool) -> None:
         """At the worker's exit: ``graceful``, the job process finishes its task first (it got

@@ -93,6 +93,38 @@ def _is_v2(request: Request) -> bool:
     return request.url.path.startswith("/v2")
 
 
+@contextlib.asynccontextmanager
+async def _lifespan(
+    settings: Settings, job_settings: JobSettings, metrics: Metrics, app: FastAPI
+) -> AsyncIterator[None]:
+    """A worker process's start-up and shutdown: the model manager (the model loaded, then
+    followed), the decoder, the job queue, gRPC when asked for."""
+    manager = ModelManager(settings, metrics)
+    app.state.manager = manager
+    app.state.decoder = Decoder(settings)
+    app.state.jobs = Jobs(job_settings)
+    outcome = await manager.check()
+    if manager.model is None:
+        log.warning("starting without a model: %s", outcome.message)
+    grpc_server = None
+    if settings.grpc_port:  # imported only then: a process without gRPC never loads it
+        from convserve.service.grpc_v2 import start_grpc
+
+        grpc_server = await start_grpc(settings, manager, metrics)
+    poller = asyncio.create_task(manager.poll())
+    settle_memory()
+    try:
+        yield
+    finally:
+        if grpc_server is not None:  # calls in flight finish first, as HTTP's do
+            await grpc_server.stop(GRPC_GRACE_SECONDS)
+        poller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await poller
+        await manager.close()
+        app.state.decoder.close()
+
+
 def create_app(settings: Settings, job_settings: JobSettings | None = None) -> Service:
     """The service; ``job_settings`` None reads the queue's settings from the environment now."""
     metrics = Metrics()
@@ -102,33 +134,7 @@ def create_app(settings: Settings, job_settings: JobSettings | None = None) -> S
     settings = settings.model_copy(update={"workers": settings.workers or 1}).resolved(cuda)
     job_settings = job_settings if job_settings is not None else JobSettings()
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        manager = ModelManager(settings, metrics)
-        app.state.manager = manager
-        app.state.decoder = Decoder(settings)
-        app.state.jobs = Jobs(job_settings)
-        outcome = await manager.check()
-        if manager.model is None:
-            log.warning("starting without a model: %s", outcome.message)
-        grpc_server = None
-        if settings.grpc_port:  # imported only then: a process without gRPC never loads it
-            from convserve.service.grpc_v2 import start_grpc
-
-            grpc_server = await start_grpc(settings, manager, metrics)
-        poller = asyncio.create_task(manager.poll())
-        settle_memory()
-        try:
-            yield
-        finally:
-            if grpc_server is not None:  # calls in flight finish first, as HTTP's do
-                await grpc_server.stop(GRPC_GRACE_SECONDS)
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
-            await manager.close()
-            app.state.decoder.close()
-
+    lifespan = partial(_lifespan, settings, job_settings, metrics)
     app = Service(
         title="convserve",
         version=__version__,
