@@ -106,6 +106,19 @@ def stack(onnx_path, mlflow_url, tmp_path):
         yield url, name
 
 
+def _failed_job(mlflow_url: str, tmp_path: Path, error: str) -> str:
+    """A job that failed with ``error``, as a worker records it (queued on a queue of its own,
+    which no worker reads)."""
+    from convserve.jobs import JobQueue, JobRequest, JobSettings, fail, submit
+
+    client = MlflowClient(mlflow_url)
+    queue = JobQueue(JobSettings(queue_path=str(tmp_path / "unread-queue.db")))
+    request = JobRequest.model_validate({"train": {"data": {"name": "digits"}}})
+    run_id = submit(request, client, queue)
+    fail(client, run_id, error)
+    return run_id
+
+
 def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
     from playwright.sync_api import expect, sync_playwright
 
@@ -200,12 +213,18 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         page.fill("#f-blocks", "8")
         page.fill("#f-optim-epochs", "1")
         page.click("#train-form button[type=submit]")
-        row = page.locator("#jobs tbody tr").first
+        row = page.locator("#jobs tbody tr[data-id]").first
         expect(row).to_have_attribute("data-status", "succeeded", timeout=limit_ms(120))
+        row = page.locator(f"#jobs tbody tr[data-id='{row.get_attribute('data-id')}']")  # pinned
         expect(page.locator("#banner")).to_contain_text("new champion", timeout=limit_ms(60))
         expect(page.locator("#model-line")).to_contain_text("version 2")
         expect(row.locator("td.model")).to_have_text("v2 champion")
         assert "epoch 0" not in page.locator("#jobs").inner_text()
+        # a failed job whose error is a long unbroken path: it wraps inside its cell
+        failed = _failed_job(mlflow_url, tmp_path, "FileNotFoundError: /" + "d/" * 150 + "x.pt")
+        expect(page.locator(f"#jobs tr[data-error-for='{failed}'] .job-error")).to_contain_text(
+            "FileNotFoundError", timeout=limit_ms(30)
+        )
         table = page.locator("#jobs-section .scroll")
         assert table.evaluate("e => e.scrollWidth <= e.clientWidth"), "the jobs table overflows"
         page.locator("#jobs-section").scroll_into_view_if_needed()
@@ -233,7 +252,9 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         page.fill("#f-blocks", "8")
         page.fill("#f-optim-epochs", "12")
         # other tests' jobs may be listed too (one MLflow server): find the new one by id
-        listed = "() => [...document.querySelectorAll('#jobs tbody tr')].map(r => r.dataset.id)"
+        listed = (
+            "() => [...document.querySelectorAll('#jobs tbody tr[data-id]')].map(r => r.dataset.id)"
+        )
         before = page.evaluate(listed)
         page.click("#train-form button[type=submit]")
         page.wait_for_function(

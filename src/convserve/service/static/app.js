@@ -538,7 +538,7 @@ async function refreshJobs() {
       a.setAttribute("aria-label", `MLflow run of job ${job.id.slice(0, 8)}`);
       idCell.appendChild(a);
     }
-    statusCell.textContent = job.status + (job.error ? `: ${job.error}` : "");
+    statusCell.textContent = job.status;
     if (p.total) {
       const bar = document.createElement("progress");
       bar.max = p.total; bar.value = p.step || 0;
@@ -593,6 +593,20 @@ async function refreshJobs() {
     });
     actions.appendChild(watch);
     body.appendChild(tr);
+    if (job.error) {
+      // the error on a row of its own, across the table: a long one wraps at its width
+      const row = document.createElement("tr");
+      row.className = "error-row";
+      row.dataset.errorFor = job.id;
+      const cell = document.createElement("td");
+      cell.colSpan = tr.children.length;
+      cell.className = "job-error";
+      cell.textContent = job.error;
+      cell.dataset.label = "Error";
+      row.appendChild(cell);
+      tr.classList.add("has-error");
+      body.appendChild(row);
+    }
     if (job.promoted && job.registered_version && !seenPromotions.has(job.id)) {
       seenPromotions.add(job.id);
       announce(job);
