@@ -106,16 +106,21 @@ def stack(onnx_path, mlflow_url, tmp_path):
         yield url, name
 
 
-def _failed_job(mlflow_url: str, tmp_path: Path, error: str) -> str:
-    """A job that failed with ``error``, as a worker records it (queued on a queue of its own,
-    which no worker reads)."""
-    from convserve.jobs import JobQueue, JobRequest, JobSettings, fail, submit
+def _queued_job(mlflow_url: str, tmp_path: Path) -> str:
+    """A job queued on a queue of its own, which no worker reads."""
+    from convserve.jobs import JobQueue, JobRequest, JobSettings, submit
 
-    client = MlflowClient(mlflow_url)
     queue = JobQueue(JobSettings(queue_path=str(tmp_path / "unread-queue.db")))
     request = JobRequest.model_validate({"train": {"data": {"name": "digits"}}})
-    run_id = submit(request, client, queue)
-    fail(client, run_id, error)
+    return submit(request, MlflowClient(mlflow_url), queue)
+
+
+def _failed_job(mlflow_url: str, tmp_path: Path, error: str) -> str:
+    """A job that failed with ``error``, as a worker records it."""
+    from convserve.jobs import fail
+
+    run_id = _queued_job(mlflow_url, tmp_path)
+    fail(MlflowClient(mlflow_url), run_id, error)
     return run_id
 
 
@@ -222,11 +227,18 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         assert "epoch 0" not in page.locator("#jobs").inner_text()
         # a failed job whose error is a long unbroken path: it wraps inside its cell
         failed = _failed_job(mlflow_url, tmp_path, "FileNotFoundError: /" + "d/" * 150 + "x.pt")
+        # and one still waiting (its Cancel and Diagnose buttons): the table still fits
+        waiting = _queued_job(mlflow_url, tmp_path)
+        expect(page.locator(f"#jobs tr[data-id='{waiting}'] button")).to_have_count(2)
         expect(page.locator(f"#jobs tr[data-error-for='{failed}'] .job-error")).to_contain_text(
             "FileNotFoundError", timeout=limit_ms(30)
         )
         table = page.locator("#jobs-section .scroll")
-        assert table.evaluate("e => e.scrollWidth <= e.clientWidth"), "the jobs table overflows"
+        widths = table.evaluate("e => [e.scrollWidth, e.clientWidth]")
+        assert widths[0] <= widths[1], f"the jobs table overflows: {widths}"
+        from convserve.jobs import fail
+
+        fail(MlflowClient(mlflow_url), waiting, "ended by the test")  # never taken by a worker
         page.locator("#jobs-section").scroll_into_view_if_needed()
         page.screenshot(path=str(SHOTS / "3-trained.png"))
 

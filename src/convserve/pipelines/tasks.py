@@ -131,7 +131,6 @@ def execute_job(run_id: str, settings: JobSettings, queue: JobQueue | None = Non
     _take(raw, run_id, worker, attempt)
     lease = Lease(raw, run_id, worker, attempt, settings.cancel_check_interval)
     client = GuardedClient(raw, lease)
-    client.log_metric(run_id, "job.started", 1.0)  # one point per execution
     try:
         request = read_request(raw, run_id)
         resume = _last_checkpoint(raw, run_id, settings.runs_dir) if attempt > 1 else None
@@ -151,11 +150,14 @@ def execute_job(run_id: str, settings: JobSettings, queue: JobQueue | None = Non
 
 
 def _take(client: Any, run_id: str, worker: str, attempt: int) -> None:
-    from mlflow.entities import RunTag
+    """``RUNNING``, then in one write the worker, the attempt and one ``job.started`` point
+    (one per execution): no reader sees the job taken by a worker without its start counted."""
+    from mlflow.entities import Metric, RunTag
 
     client.update_run(run_id, status="RUNNING")
     client.log_batch(
         run_id,
+        metrics=[Metric("job.started", 1.0, int(time.time() * 1000), 0)],
         tags=[
             RunTag(Tag.STATUS, "running"),
             RunTag(Tag.WORKER, worker),
