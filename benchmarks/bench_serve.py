@@ -198,13 +198,12 @@ class Server:
     rss_max_mb: float = float("nan")
     pss_total_mb: float = float("nan")
     processes: int = 0
-    path: str = "/predict"  # what start() posts to until the first 200
-    start_answer: bytes = b""
+    start_answer: bytes = b""  # the first 200's body
     log: Path | None = None
     points: dict[int, dict[str, float]] = field(default_factory=dict)
 
-    def start(self, body: bytes, folder: Path) -> bytes:
-        """Start it and post until the first 200; the answer's body."""
+    def start(self, body: bytes, folder: Path) -> None:
+        """Start it and post ``body`` to /predict until the first 200 (``start_answer``)."""
         self.log = folder / f"{self.name}.log"
         start = time.perf_counter()
         self.proc = subprocess.Popen(
@@ -214,7 +213,7 @@ class Server:
             stderr=subprocess.STDOUT,
         )
         request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{self.path}",
+            f"http://127.0.0.1:{self.port}/predict",
             data=body,
             headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
         )
@@ -223,7 +222,7 @@ class Server:
                 with urllib.request.urlopen(request, timeout=5) as r:
                     self.start_answer = r.read()
                     self.first_answer_s = time.perf_counter() - start
-                    return self.start_answer
+                    return
             except OSError:
                 if self.proc.poll() is not None:
                     log = self.log.read_text()[-2000:]
@@ -342,6 +341,7 @@ def main() -> None:
         help="query string for every request, e.g. fit=none (the baselines ignore it)",
     )
     args = parser.parse_args()
+    args.env = dict(kv.split("=", 1) for kv in args.env)  # for every convserve it starts
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install wrk")
     parts = args.part or PARTS
@@ -416,7 +416,7 @@ def small_model(args: argparse.Namespace, folder: Path) -> list[Target]:
     lua = _post_lua(folder, "post", body, f"multipart/form-data; boundary={BOUNDARY}")
     expected = expected_probabilities(model, png)
     labels = [str(i) for i in range(10)]
-    extra = dict(kv.split("=", 1) for kv in args.env)
+    extra = args.env
     bin_dir = Path(sys.executable).parent
     uvicorn = [str(bin_dir / "uvicorn"), "--app-dir", str(HERE / "baselines")]
     quiet = ["--log-level", "warning", "--no-access-log"]
@@ -450,8 +450,9 @@ def small_model(args: argparse.Namespace, folder: Path) -> list[Target]:
     servers = [s for s in servers if not args.only or s.name in args.only]
     try:
         _started(servers, body, folder)
-        if any(s.name == "convserve" for s in servers):
-            answer = servers[0].start_answer
+        convserve = next((s for s in servers if s.name == "convserve"), None)
+        if convserve is not None:
+            answer = convserve.start_answer
             diff = check_answer(answer, expected, labels)
             print(f"convserve's answer against in-process onnxruntime: max |diff| {diff:.2e}")
             if diff > 1e-5:
@@ -579,7 +580,7 @@ def compute_bound(args: argparse.Namespace, folder: Path) -> list[Target]:
     body = multipart(png)
     lua = _post_lua(folder, "large", body, f"multipart/form-data; boundary={BOUNDARY}")
     cli = str(Path(sys.executable).parent / "convserve")
-    env = {"CONVSERVE_MODEL_URI": str(path), **dict(kv.split("=", 1) for kv in args.env)}
+    env = {"CONVSERVE_MODEL_URI": str(path), **args.env}
     one = {"CONVSERVE_WORKERS": "1"}
     ports = {"defaults": args.port + 4, "1 process": args.port + 5}
     servers = [
@@ -667,7 +668,7 @@ def grpc_against_http(args: argparse.Namespace, folder: Path) -> list[Target]:
     )
     (folder / "grpc.bin").write_bytes(grpc_request)
     port, grpc_port = args.port + 6, args.port + 7
-    env = {"CONVSERVE_MODEL_URI": str(model), "CONVSERVE_PORT": str(port)}
+    env = {**args.env, "CONVSERVE_MODEL_URI": str(model), "CONVSERVE_PORT": str(port)}
     env["CONVSERVE_GRPC_PORT"] = str(grpc_port)
     cli = str(Path(sys.executable).parent / "convserve")
     server = Server("convserve", [cli, "serve"], env, port)
@@ -676,7 +677,7 @@ def grpc_against_http(args: argparse.Namespace, folder: Path) -> list[Target]:
     results: dict[str, list[dict[str, float]]] = {"HTTP v2": [], "gRPC": []}
     try:
         server.start(multipart(png), folder)
-        http = httpx_post(port, http_body, header_length)
+        http = _http_v2_answer(port, http_body, header_length)
         grpc_probs = _grpc_answer(address, grpc_request)
         print(
             f"\ngRPC against HTTP v2, same tensor: max |diff| {np.abs(http - grpc_probs).max():.1e}"
@@ -711,7 +712,7 @@ def _grpc_load(argv: list[str]) -> dict[str, float]:
     return result
 
 
-def httpx_post(port: int, body: bytes, header_length: int) -> np.ndarray:
+def _http_v2_answer(port: int, body: bytes, header_length: int) -> np.ndarray:
     """The probabilities of one HTTP v2 request with the binary extension."""
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/v2/models/model/infer",

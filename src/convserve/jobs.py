@@ -12,7 +12,9 @@ under its contract name; in the API that task is a stub, which no process runs: 
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
+import threading
 from collections.abc import Callable
 from typing import Any, Literal, Protocol, get_args
 
@@ -103,9 +105,6 @@ WORKER_PID = "CONVSERVE_WORKER_PID"
 def worker_id() -> str:
     """``host:pid:thread`` of the worker running this code: the pid is the worker process's
     (``WORKER_PID`` in its job process), so that a supervisor's pid names its jobs."""
-    import socket
-    import threading
-
     pid = os.environ.get(WORKER_PID) or str(os.getpid())
     return f"{socket.gethostname()}:{pid}:{threading.get_ident()}"
 

@@ -103,7 +103,11 @@ class Engine:
         one_core: bool = False,
     ) -> None:
         self.model, self.executor, self.metrics = model, executor, metrics
-        self.one_core = one_core  # the model runs on one CPU thread: see ONE_CORE_INLINE_SECONDS
+        # a model on one CPU thread stays on the event loop for longer runs: see
+        # ONE_CORE_INLINE_SECONDS
+        self.inline_up_to = (
+            max(INLINE_SECONDS, ONE_CORE_INLINE_SECONDS) if one_core else INLINE_SECONDS
+        )
         self.batching = batching
         self.max_batch_size = max_batch_size
         self.max_wait = max_batch_wait_ms / 1000.0
@@ -145,10 +149,7 @@ class Engine:
         # A batch larger than the batcher makes (an occlusion map's copies) is not typical:
         # it runs in a thread and leaves the typical run time alone.
         typical = images.shape[0] <= self.max_batch_size
-        inline_up_to = (
-            max(INLINE_SECONDS, ONE_CORE_INLINE_SECONDS) if self.one_core else INLINE_SECONDS
-        )
-        if typical and self.typical_run < inline_up_to:
+        if typical and self.typical_run < self.inline_up_to:
             result = self.model.run(images, outputs)
         else:
             loop = asyncio.get_running_loop()

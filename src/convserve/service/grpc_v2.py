@@ -238,7 +238,7 @@ def _images(engine: Any, request: Any) -> np.ndarray:
     values = contents.fp32_contents if tensor.datatype == "FP32" else contents.fp64_contents
     if tensor.datatype == "FP16" or not values:
         raise V2Error(400, f"the input has no {tensor.datatype} contents; send raw_input_contents")
-    return v2.from_values(np.asarray(values), shape)
+    return v2.from_values(values, shape)
 
 
 def _method(name: str, call: Handler, metrics: Metrics) -> grpc.RpcMethodHandler:
