@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol, get_args
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from convserve.redact import redact
 from convserve.training.config import NumbersRefuseBooleans, SweepConfig, TrainConfig
 
 RUN_JOB_TASK = "convserve.run_job"  # Huey task name: one training job (a train or a sweep)
@@ -189,6 +190,9 @@ def _runs_on_a_worker(run_id: str) -> None:
     raise RuntimeError(f"job {run_id}: this process only enqueues; `convserve worker` runs jobs")
 
 
+REDIS_TIMEOUT_SECONDS = 10
+
+
 class JobQueue:
     """The Huey queue with the job and trial tasks registered under their contract names:
     ``RedisHuey`` when ``REDIS_URL`` is set, else ``SqliteHuey``. The API passes no functions
@@ -204,7 +208,14 @@ class JobQueue:
 
         self.huey: Huey
         if settings.redis_url:
-            self.huey = RedisHuey(settings.queue_name, url=settings.redis_url, results=False)
+            self.huey = RedisHuey(
+                settings.queue_name,
+                url=settings.redis_url,
+                results=False,
+                # a Redis that does not answer fails a call in seconds (503), not never
+                socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+                socket_timeout=REDIS_TIMEOUT_SECONDS,
+            )
         else:
             os.makedirs(os.path.dirname(os.path.abspath(settings.queue_path)), exist_ok=True)
             self.huey = SqliteHuey(settings.queue_name, filename=settings.queue_path, results=False)
@@ -272,7 +283,7 @@ def fail(client: Any, run_id: str, error: str, tags: dict[str, str] | None = Non
     from mlflow.entities import RunTag
 
     all_tags = {**(tags or {}), Tag.ERROR: error[:5000], Tag.STATUS: "failed"}
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in all_tags.items()])
+    client.log_batch(run_id, tags=[RunTag(k, redact(v)) for k, v in all_tags.items()])
     client.set_terminated(run_id, status="FAILED")
 
 

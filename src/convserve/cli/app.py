@@ -11,7 +11,7 @@ import typer
 import typer.core
 from rich.console import Console
 
-from convserve import __version__
+from convserve import __version__, logs
 
 app = typer.Typer(
     help="Train CNNs whose initialisation and activations come from a config, see why they "
@@ -86,10 +86,14 @@ def main(
     _default_tracking(ctx.invoked_subcommand)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
-    handler: logging.Handler = logging.StreamHandler()
-    if console.is_terminal:
+    try:
+        handler = logs.handler()
+    except ValueError as err:  # CONVSERVE_LOG_FORMAT
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    if console.is_terminal and logs.log_format() == "text":
         from rich.logging import RichHandler  # imported for terminals only
 
-        handler = RichHandler(console=console, show_time=False, show_path=False)
-    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        handler = RichHandler(console=console, show_path=False)
+        handler.setFormatter(logs.Formatter(kind="message"))
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])

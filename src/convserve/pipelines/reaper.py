@@ -30,6 +30,7 @@ from convserve.jobs import (
 )
 from convserve.pipelines import study as studies
 from convserve.pipelines.runs import read_request, tracked_sweep
+from convserve.redact import redact
 
 log = logging.getLogger(__name__)
 PAGE = 200  # running jobs read per search
@@ -106,7 +107,7 @@ def _schedule_again(client: Any, queue: JobQueue, run_id: str, tags: dict[str, s
     from mlflow.entities import RunTag
 
     tags = {**tags, Tag.STATUS: "scheduled"}
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    client.log_batch(run_id, tags=[RunTag(k, redact(v)) for k, v in tags.items()])
     client.update_run(run_id, status="SCHEDULED")
     queue.enqueue(run_id)
 

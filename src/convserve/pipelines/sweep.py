@@ -26,6 +26,7 @@ from convserve.pipelines import study as studies
 from convserve.pipelines.lease import GuardedClient, Lease
 from convserve.pipelines.registry import Policy, Published, publish
 from convserve.pipelines.study import TrialRow
+from convserve.redact import redact
 from convserve.training.config import Range, SweepConfig, TrainConfig
 from convserve.training.plots import save_figure, subplots
 from convserve.training.run import Callbacks, TrainResult, train
@@ -250,7 +251,10 @@ def _failed(client: Any, run_id: str, error: str) -> None:
     from mlflow.entities import RunTag
 
     if client.get_run(run_id).info.status == "RUNNING":
-        tags = [RunTag("convserve.status", "failed"), RunTag("convserve.message", error[:5000])]
+        tags = [
+            RunTag("convserve.status", "failed"),
+            RunTag("convserve.message", redact(error)[:5000]),
+        ]
         client.log_batch(run_id, tags=tags)
         client.set_terminated(run_id, status="FAILED")
 

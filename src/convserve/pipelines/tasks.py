@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from convserve import logs
 from convserve.jobs import (
     RUN_TRIAL_TASK,
     TO_MLFLOW,
@@ -48,6 +49,7 @@ from convserve.pipelines.registry import Policy, PublishCancelled, publish
 from convserve.pipelines.runs import read_request, tracked, tracked_sweep
 from convserve.pipelines.stack import die_with_parent
 from convserve.pipelines.sweep import finish, record_progress, run_trial, search_tags
+from convserve.redact import redact
 from convserve.training.run import Callbacks, train
 
 log = logging.getLogger(__name__)
@@ -101,7 +103,7 @@ def main() -> None:
     parent = int(os.environ.get(WORKER_PID, "0"))
     if parent:
         _die_with(parent)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    logs.configure(logging.INFO)
     # Ctrl-C (the terminal's SIGINT reaches the worker and this process) and the worker's
     # SIGINT: the task being run finishes, and no other is taken. SIGTERM stops at once.
     stopping = threading.Event()
@@ -243,7 +245,7 @@ def _sweep(
         from mlflow.entities import RunTag
 
         tags = {**search_tags(sweep), Tag.PHASE: "trials"}
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        client.log_batch(run_id, tags=[RunTag(k, redact(v)) for k, v in tags.items()])
         record_progress(client, run_id, sweep, study)
         waiting = studies.counts(study)["waiting"]
         for _ in range(min(sweep.parallelism, waiting)):

@@ -24,6 +24,7 @@ from typing import Any
 from convserve.jobs import WORKER_PID, JobQueue, JobSettings
 from convserve.pipelines import liveness
 from convserve.pipelines.reaper import run_reaper
+from convserve.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def run_worker(settings: JobSettings, say: Any = log.info) -> None:
         Path(settings.worker_liveness_file), settings.heartbeat_interval, queue.pending_count, stop
     )
     where = f"redis {settings.queue_name}" if settings.redis_url else settings.queue_path
-    say(f"convserve worker: queue {where}, tracking {MlflowClient().tracking_uri}")
+    say(redact(f"convserve worker: queue {where}, tracking {MlflowClient().tracking_uri}"))
     jobs = JobProcess()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)

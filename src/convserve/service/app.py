@@ -9,9 +9,9 @@ import contextlib
 import gc
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,7 +23,9 @@ from starlette.types import Scope
 
 from convserve import __version__
 from convserve.jobs import JobQueue, JobSettings
+from convserve.redact import redacted
 from convserve.service.api import datasets, docs, jobs, predict, status, ui, v2
+from convserve.service.api.backends import Backends, bound_mlflow_client
 from convserve.service.decoding import Decoder
 from convserve.service.direct import Service, all_routes
 from convserve.service.edge import EdgeMiddleware
@@ -34,6 +36,9 @@ from convserve.service.model import providers_for
 from convserve.service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+T = TypeVar("T")
 
 
 class Jobs:
@@ -50,6 +55,11 @@ class Jobs:
         # importing MLflow for the client (a second or more) under its lock
         self._queue_lock = threading.Lock()
         self._client_lock = threading.Lock()
+        self.backends = Backends()  # where the routes call the queue and MLflow
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` off the event loop, bounded; MLflow or the queue failing: 503."""
+        return await self.backends.call(fn, *args)
 
     @property
     def queue(self) -> JobQueue:
@@ -63,6 +73,11 @@ class Jobs:
         """Read it in a worker thread: its first use imports MLflow."""
         with self._client_lock:
             if self._client is None:
+                bound_mlflow_client()
+                # the whole package, under the lock: its first request would import it from
+                # whichever threads make one, and concurrent imports of a partly initialised
+                # package fail ("partially initialized module 'mlflow'")
+                import mlflow  # noqa: F401
                 from mlflow.tracking import MlflowClient
 
                 self._client = MlflowClient()
@@ -123,6 +138,7 @@ async def _lifespan(
             await poller
         await manager.close()
         app.state.decoder.close()
+        app.state.jobs.backends.shutdown()
 
 
 def create_app(settings: Settings, job_settings: JobSettings | None = None) -> Service:
@@ -182,10 +198,11 @@ def _handlers(app: FastAPI) -> None:
         headers = dict(err.headers or {})
         if err.status_code == 405:  # every method of the path, not only the first route's
             headers["Allow"] = ", ".join(_allowed_methods(app, request.scope))
+        detail = redacted(err.detail)  # an error may quote a backend's URI
         if _is_v2(request):
-            body: dict[str, Any] = {"error": str(err.detail)}
+            body: dict[str, Any] = {"error": str(detail)}
             return JSONResponse(body, status_code=err.status_code, headers=headers)
-        return JSONResponse({"detail": err.detail}, status_code=err.status_code, headers=headers)
+        return JSONResponse({"detail": detail}, status_code=err.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:

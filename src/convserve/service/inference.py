@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from convserve import __version__, contract
+from convserve.redact import redact
 from convserve.service.engine import Engine
 from convserve.service.manager import ModelManager
 
@@ -22,6 +23,7 @@ class V2Error(Exception):
     """A refused request: ``status`` is the HTTP status (the gRPC service maps it to a code)."""
 
     def __init__(self, status: int, message: str) -> None:
+        message = redact(message)  # it may quote a backend's URI
         super().__init__(message)
         self.status, self.message = status, message
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from convserve.redact import redact
 from convserve.service.engine import BatchPlan, Engine, plan_batches
 from convserve.service.metrics import Metrics
 from convserve.service.model import (
@@ -116,7 +117,7 @@ class ModelManager:
             try:
                 target = await loop.run_in_executor(self.executor, self._target)
             except Exception as err:  # registry down, alias missing: keep serving
-                self.last_error = f"cannot resolve {self.source.uri}: {err}"
+                self.last_error = redact(f"cannot resolve {self.source.uri}: {err}")
                 log.warning(self.last_error)
                 return ReloadOutcome(False, self._version(), self.last_error)
             current = self.model
@@ -147,7 +148,7 @@ class ModelManager:
             return ReloadOutcome(True, model.source.version, f"serving version {key}")
 
     def _refuse(self, version: str, reason: str) -> ReloadOutcome:
-        self.refused[version] = reason
+        self.refused[version] = reason = redact(reason)
         self.last_error = f"version {version} refused: {reason}"
         self.metrics.refused.inc()
         log.error(self.last_error)
@@ -155,6 +156,7 @@ class ModelManager:
 
     def _retry_later(self, version: str, reason: str) -> ReloadOutcome:
         """Back off: the poll interval, doubled at each failure, at most ``MAX_BACKOFF``."""
+        reason = redact(reason)
         attempts = self.retrying[version].attempts + 1 if version in self.retrying else 1
         delay = min(self.settings.poll_interval * 2 ** (attempts - 1), MAX_BACKOFF)
         self.retrying[version] = Retry(attempts, reason, time.time() + delay)

@@ -75,7 +75,9 @@ class RestRegistry:
             auth=auth,
             verify=verify,
             cert=env("MLFLOW_TRACKING_CLIENT_CERT_PATH") or None,
-            timeout=float(env("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")),
+            # MLflow's setting; 10 s by default here (MLflow's is 120): an answer of
+            # /admin/reload or /readyz never waits minutes on a tracking server that hangs
+            timeout=float(env("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")),
         )
 
     def _get(self, path: str, **params: str) -> Any:

@@ -36,15 +36,15 @@ log = logging.getLogger("convserve.service")
 
 
 def log_config() -> dict[str, Any]:
-    """uvicorn's logging, plus the service's own INFO lines (model loads and swaps, refused
-    versions) on the same handler."""
+    """uvicorn's logging in convserve's line format (``logs.py``: time, level, logger,
+    redacted message; JSON with ``CONVSERVE_LOG_FORMAT=json``), plus the service's own INFO
+    lines (model loads and swaps, refused versions) on the same handler."""
     config = copy.deepcopy(LOGGING_CONFIG)
-    config["formatters"]["convserve"] = {
-        "()": "uvicorn.logging.DefaultFormatter",
-        "fmt": "%(levelprefix)s %(name)s: %(message)s",
-    }
+    for formatter in config["formatters"].values():
+        formatter.clear()
+        formatter["()"] = "convserve.logs.Formatter"
     config["handlers"]["convserve"] = {
-        "formatter": "convserve",
+        "formatter": "default",
         "class": "logging.StreamHandler",
         "stream": "ext://sys.stderr",
     }
@@ -53,12 +53,15 @@ def log_config() -> dict[str, Any]:
         "level": "INFO",
         "propagate": False,
     }
+    # everything else (urllib3, MLflow, Python's warnings) in the same format
+    config["root"] = {"handlers": ["convserve"], "level": "WARNING"}
     return config
 
 
 def run_server(settings: Settings, job_settings: JobSettings) -> None:
     """Serve until interrupted, on ``settings.host:settings.port`` with ``settings.workers``
     processes (0: one per core, see ``Settings.resolved``)."""
+    logging.captureWarnings(True)
     cuda = "CUDAExecutionProvider" in providers_for(settings.device)
     settings = settings.resolved(cuda)
     if settings.workers == 1:

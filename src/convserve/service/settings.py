@@ -7,8 +7,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from convserve.redact import redact
 
 
 class Settings(BaseSettings):
@@ -54,6 +56,12 @@ class Settings(BaseSettings):
     mlflow_ui_url: str | None = None  # shown on the web page and in job links
     # set by `convserve serve` for its worker processes: where one passes /admin/reload on
     peers_dir: str | None = None
+
+    @field_validator("mlflow_ui_url")
+    @classmethod
+    def _no_password(cls, url: str | None) -> str | None:
+        """Shown to anyone who opens the page: never with its credentials."""
+        return None if url is None else redact(url)
 
     def resolved(self, cuda: bool = False) -> Settings:
         """These settings with ``workers`` and ``intra_op_threads`` chosen where they are 0:

@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from convserve.redact import redact
 from convserve.training.config import TrackingConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def log_params(client: Any, run_id: str, config: TrainConfig) -> None:
     """The config's flattened fields as the run's params, in batches MLflow accepts."""
     from mlflow.entities import Param
 
-    params = [Param(k, v) for k, v in config.flat().items()]
+    params = [Param(k, redact(v)) for k, v in config.flat().items()]
     for i in range(0, len(params), _BATCH):
         client.log_batch(run_id, params=params[i : i + _BATCH])
 
@@ -124,7 +125,7 @@ class Tracker:
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        extra = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        extra = [RunTag(k, redact(str(v))) for k, v in (tags or {}).items()]
         for i in range(0, max(len(items), 1), 1000):
             batch_tags, extra = extra, []
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000], tags=batch_tags)
@@ -134,7 +135,9 @@ class Tracker:
             return
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(
+            self.run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()]
+        )
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.enabled and self.run_id is not None:

@@ -3,8 +3,8 @@ Each is an MLflow run in the ``convserve-datasets`` experiment (``training/uploa
 
 from __future__ import annotations
 
-import asyncio
 import tempfile
+from collections.abc import Callable
 from pathlib import Path as FilePath
 from typing import Annotated, Any
 
@@ -66,6 +66,11 @@ class DatasetPage(BaseModel):
 
 
 DatasetId = Annotated[str, Path(description="The data set's id, or its name (newest version)")]
+
+
+async def _call(request: Request, fn: Callable[[], Any]) -> Any:
+    """``fn()`` off the event loop, bounded; MLflow failing answers 503 (``backends.py``)."""
+    return await request.app.state.jobs.call(fn)
 
 
 def _client(request: Request) -> Any:
@@ -139,13 +144,11 @@ async def create_dataset(
         if size == 0:
             raise HTTPException(422, "send the archive as the request body (zip or tar)")
         try:
-            run, _stored, created = await asyncio.to_thread(
-                lambda: uploads.add(archive, name, _client(request), limits)
+            run, _stored, created = await _call(
+                request, lambda: uploads.add(archive, name, _client(request), limits)
             )
         except uploads.DatasetError as err:
             raise HTTPException(err.status, str(err)) from None
-        except Exception as err:
-            raise HTTPException(503, f"could not store the data set: {err}") from err
     report = _report(run, created)
     return JSONResponse(report.model_dump(), status_code=201 if created else 200)
 
@@ -154,7 +157,7 @@ async def create_dataset(
 async def list_datasets(request: Request) -> DatasetPage:
     """Every data set uploaded (``POST /datasets`` or ``convserve data add``), with its
     report."""
-    runs = await asyncio.to_thread(lambda: uploads.listing(_client(request)))
+    runs = await _call(request, lambda: uploads.listing(_client(request)))
     return DatasetPage(datasets=[_report(run) for run in runs])
 
 
@@ -167,7 +170,7 @@ async def list_datasets(request: Request) -> DatasetPage:
 async def get_dataset(dataset: DatasetId, request: Request) -> DatasetReport:
     """Its classes and counts, image sizes and modes, duplicates, skipped files and classes
     too small to split. Train on it with ``data: {name: dataset, id: ID}``."""
-    run = await asyncio.to_thread(lambda: uploads.find(_client(request), dataset))
+    run = await _call(request, lambda: uploads.find(_client(request), dataset))
     if run is None:
         raise HTTPException(404, f"no data set {dataset}")
     return _report(run)
@@ -182,7 +185,7 @@ async def get_dataset(dataset: DatasetId, request: Request) -> DatasetReport:
 async def delete_dataset(dataset: DatasetId, request: Request, _: TokenDep) -> DatasetReport:
     """Its MLflow run is deleted (MLflow's garbage collection removes the files). Runs that
     trained on it keep their record of it as an input; workers' caches keep their copy."""
-    run = await asyncio.to_thread(lambda: uploads.delete(_client(request), dataset))
+    run = await _call(request, lambda: uploads.delete(_client(request), dataset))
     if run is None:
         raise HTTPException(404, f"no data set {dataset}")
     return _report(run)

@@ -8,7 +8,6 @@ import base64
 import json
 import math
 import re
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -17,6 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from convserve.jobs import JobRequest, JobStatus, Tag, cancel, job_status, search_jobs, submit
+from convserve.service.api.backends import not_found
 from convserve.service.api.deps import SettingsDep, TokenDep
 from convserve.service.api.errors import errors
 
@@ -264,10 +264,11 @@ def _state(request: Request) -> Any:
     return request.app.state.jobs
 
 
-async def _run(fn: Any, *args: Any) -> Any:
+async def _run(request: Request, fn: Any, *args: Any) -> Any:
     """MLflow's client is blocking, and so is its first use (the import takes a second or
-    more): keep both off the event loop (``jobs.client`` is read inside ``fn``)."""
-    return await asyncio.to_thread(fn, *args)
+    more): keep both off the event loop (``jobs.client`` is read inside ``fn``), bounded in
+    time; MLflow or the queue failing answers 503 (``backends.py``)."""
+    return await _state(request).call(fn, *args)
 
 
 @router.post(
@@ -293,7 +294,7 @@ async def create_job(
     the same schema as the CLI's YAML files, plus ``register``, ``promote``, ``model_name``
     and ``margin``. Answers 202 with the job; the job id is the MLflow run id."""
     jobs = _state(request)
-    pending = await _run(jobs.queue.pending_count)
+    pending = await _run(request, lambda: jobs.queue.pending_count())
     if pending >= jobs.settings.max_queued_jobs:
         raise HTTPException(
             429,
@@ -302,11 +303,8 @@ async def create_job(
             "try again when some have started",
             headers={"Retry-After": "30"},
         )
-    try:
-        run_id = await _run(lambda: submit(body, jobs.client, jobs.queue))
-    except Exception as err:
-        raise HTTPException(503, f"could not queue the job: {err}") from err
-    run = await _run(lambda: jobs.client.get_run(run_id))
+    run_id = await _run(request, lambda: submit(body, jobs.client, jobs.queue))
+    run = await _run(request, lambda: jobs.client.get_run(run_id))
     job = to_job(run, request, settings.mlflow_ui_url)
     return JSONResponse(job.model_dump(), status_code=202, headers={"Location": job.links["self"]})
 
@@ -344,7 +342,7 @@ async def list_jobs(
             raise
         return list(page), page.token
 
-    runs, token = await _run(search)
+    runs, token = await _run(request, search)
     found = [to_job(r, request, settings.mlflow_ui_url) for r in runs]
     if status is not None:  # the tag lags the run's status after a reaper or cancel
         found = [j for j in found if j.status == status]
@@ -368,8 +366,10 @@ def _get(jobs: Any, job_id: str) -> Any:
 
     try:
         run = jobs.client.get_run(job_id)
-    except MlflowException:
-        raise HTTPException(404, f"no job {job_id}") from None
+    except MlflowException as err:
+        if not_found(err) or "invalid" in str(err).lower():  # an id MLflow never made
+            raise HTTPException(404, f"no job {job_id}") from None
+        raise  # MLflow unwell: 503 (backends.py)
     if run.data.tags.get(Tag.KIND) != "job":
         raise HTTPException(404, f"run {job_id} is not a job")
     return run
@@ -388,7 +388,7 @@ JobId = Annotated[str, Path(description="The job id, which is its MLflow run id"
 async def get_job(job_id: JobId, request: Request, settings: SettingsDep) -> Job:
     """The job's status, progress, latest metrics, the diagnosis, its error if it
     failed, the registered version and whether it became the champion."""
-    run = await _run(_get, _state(request), job_id)
+    run = await _run(request, _get, _state(request), job_id)
     return to_job(run, request, settings.mlflow_ui_url)
 
 
@@ -398,10 +398,11 @@ def _layer_order(layer: str) -> tuple[int, int]:
     return (0 if layer.startswith("block") else 2 if layer == "head.out" else 1, number)
 
 
-def _diagnostics(jobs: Any, job_id: str) -> tuple[Any, dict[str, Series]]:
+async def _diagnostics(request: Request, job_id: str) -> tuple[Any, dict[str, Series]]:
     """The job's run and the history of each of its ``diag.*`` metrics, read from MLflow a
-    few at a time."""
-    run = _get(jobs, job_id)
+    few at a time (as many as the backends' threads)."""
+    jobs = _state(request)
+    run = await _run(request, _get, jobs, job_id)
     keys = sorted(k for k in run.data.metrics if k.startswith("diag."))
 
     def history(key: str) -> Series:
@@ -411,8 +412,8 @@ def _diagnostics(jobs: Any, job_id: str) -> tuple[Any, dict[str, Series]]:
             values=[m.value if math.isfinite(m.value) else None for m in points],
         )
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return run, dict(zip(keys, pool.map(history, keys), strict=True))
+    histories = await asyncio.gather(*(_run(request, history, key) for key in keys))
+    return run, dict(zip(keys, histories, strict=True))
 
 
 @router.get(
@@ -426,7 +427,7 @@ async def get_job_diagnostics(job_id: JobId, request: Request) -> JobDiagnostics
     current diagnosis: what the web page charts while the job trains, and what it compares
     between two jobs. Read from the run's metrics in MLflow. A sweep job's statistics are
     on its child runs, so its own lists are empty."""
-    run, series = await _run(_diagnostics, _state(request), job_id)
+    run, series = await _diagnostics(request, job_id)
     statistics: dict[str, dict[str, Series]] = {}
     ratios: dict[str, Series] = {}
     for key, values in series.items():
@@ -468,5 +469,5 @@ async def delete_job(job_id: JobId, request: Request, _: TokenDep, settings: Set
         cancel(jobs.client, _get(jobs, job_id))
         return jobs.client.get_run(job_id)
 
-    run = await _run(cancelled)
+    run = await _run(request, cancelled)
     return to_job(run, request, settings.mlflow_ui_url)

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from convserve.redact import redact
 from convserve.service.api.deps import EngineDep, ManagerDep, MetricsDep, TokenDep
 from convserve.service.api.errors import errors
 from convserve.service.schemas import Health, ModelInfo, ReloadResult
@@ -62,7 +63,7 @@ async def model_info(engine: EngineDep, manager: ManagerDep) -> ModelInfo:
         version=s.version,
         alias=s.alias,
         run_id=s.run_id,
-        uri=s.uri,
+        uri=redact(s.uri),
         labels=m.labels,
         input={
             "name": m.meta.input.name,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -62,7 +61,7 @@ async def train_schema(request: Request, settings: SettingsDep) -> dict[str, Any
     default experiment's runs table there."""
     schema, presets = _schema_and_presets()
     ui = settings.mlflow_ui_url
-    runs = await asyncio.to_thread(_runs_table, request, ui) if ui else None
+    runs = await request.app.state.jobs.call(_runs_table, request, ui) if ui else None
     return {"schema": schema, "presets": presets, "mlflow_ui": ui, "mlflow_runs": runs}
 
 
