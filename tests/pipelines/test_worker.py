@@ -625,3 +625,47 @@ def test_a_second_ctrl_c_stops_the_running_job_at_once(mlflow_url, tmp_path):
     from convserve.jobs import fail
 
     fail(MlflowClient(mlflow_url), job, "worker lost: stopped by the test")
+
+
+@pytest.mark.parametrize(
+    ("setting", "unusable"),
+    [
+        ({"REDIS_URL": "redis://127.0.0.1:{port}/0"}, "the queue, Redis"),
+        ({"MLFLOW_TRACKING_URI": "http://127.0.0.1:{port}"}, "MLflow, http://127.0.0.1"),
+        (
+            {"CONVSERVE_STUDY_STORAGE": "postgresql://postgres:pw@127.0.0.1:{port}/optuna"},
+            "the study storage, postgresql+psycopg2://postgres:***@127.0.0.1",
+        ),
+    ],
+)
+def test_a_worker_with_an_unusable_backend_exits_2_saying_which(
+    mlflow_url, tmp_path, setting, unusable
+):
+    import subprocess
+    import sys
+
+    from tests.servers import free_port
+
+    env = {**os.environ, **_env(mlflow_url, tmp_path, False, "unused")}
+    env.update({k: v.format(port=free_port()) for k, v in setting.items()})
+    cli = str(Path(sys.executable).parent / "convserve")
+    done = subprocess.run(
+        [cli, "worker"], env=env, capture_output=True, text=True, timeout=limit(120), check=False
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    said = " ".join((done.stdout + done.stderr).split())
+    assert "the worker cannot start" in said and unusable in said, said
+
+
+def test_a_plain_postgresql_url_opens_the_study_storage(postgres_database):
+    """``postgresql://`` as PostgreSQL writes it: SQLAlchemy would look for psycopg 3."""
+    import optuna
+
+    from convserve.jobs import JobSettings
+    from convserve.pipelines.study import open_storage, storage_url
+
+    settings = JobSettings(study_storage=f"postgresql://postgres@127.0.0.1/{postgres_database}")
+    assert storage_url(settings).startswith("postgresql+psycopg2://")
+    study = optuna.create_study(storage=open_storage(settings), study_name="plain")
+    assert study.study_name == "plain"
+    assert optuna.load_study(study_name="plain", storage=storage_url(settings)).trials == []

@@ -108,7 +108,11 @@ def worker(
         console.print("the worker is alive")
         return
 
-    from convserve.pipelines.worker import run_worker
+    from convserve.pipelines.worker import run_worker, unusable_backends
+
+    problems = unusable_backends(settings)
+    if problems:
+        raise fail("the worker cannot start; unusable:\n  " + "\n  ".join(problems))
 
     logging.getLogger().setLevel(logging.INFO)
     run_worker(settings, console.print)

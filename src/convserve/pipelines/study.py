@@ -19,6 +19,7 @@ in the compose stack), else a SQLite file next to the local queue.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -57,15 +58,25 @@ FINISHED, PRUNED, DIVERGED, FAILED, CANCELLED, LOST = (
 
 
 def storage_url(settings: JobSettings) -> str:
-    """``CONVSERVE_STUDY_STORAGE``, else ``studies.db`` (SQLite) beside the local queue file."""
+    """``CONVSERVE_STUDY_STORAGE``, else ``studies.db`` (SQLite) beside the local queue file.
+    ``postgresql://`` (as PostgreSQL's own tools write it) means the psycopg2 driver, the
+    one installed: SQLAlchemy would pick psycopg 3 for it."""
     if settings.study_storage:
-        return settings.study_storage
+        return _with_driver(settings.study_storage)
     folder = os.path.dirname(os.path.abspath(settings.queue_path))
     os.makedirs(folder, exist_ok=True)
     return f"sqlite:///{os.path.join(folder, 'studies.db')}"
 
 
+def _with_driver(url: str) -> str:
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain) and importlib.util.find_spec("psycopg") is None:
+            return "postgresql+psycopg2://" + url.removeprefix(plain)
+    return url
+
+
 _storages: dict[str, optuna.storages.RDBStorage] = {}
+CONNECT_TIMEOUT_SECONDS = 10  # a database that does not answer: an error, not a hang
 
 
 def open_storage(settings: JobSettings) -> Storage:
@@ -78,12 +89,19 @@ def open_storage(settings: JobSettings) -> Storage:
     if url not in _storages:
         _storages[url] = optuna.storages.RDBStorage(
             url,
-            engine_kwargs={"pool_pre_ping": True},
+            engine_kwargs=_engine_kwargs(url),
             heartbeat_interval=max(1, math.ceil(settings.heartbeat_interval)),
             grace_period=max(1, math.ceil(settings.worker_lost_after)),
             heartbeat_stale_trial_callback=_LostTrial(settings.job_retries),
         )
     return _storages[url]
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith(("postgresql", "mysql")):  # psycopg2's and the MySQL drivers' name
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+    return kwargs
 
 
 class _LostTrial:

@@ -31,6 +31,47 @@ log = logging.getLogger(__name__)
 LOOK_SECONDS = 1.0  # how often an idle worker looks at the queue
 
 
+def unusable_backends(settings: JobSettings) -> list[str]:
+    """What a worker needs, each tried once, bounded in time: the queue, MLflow (the tracking
+    URI) and the study storage; why each that fails cannot be used."""
+    import mlflow
+
+    from convserve.pipelines import study as studies
+
+    def tracking() -> None:
+        from mlflow.tracking import MlflowClient
+
+        # one try, 10 s: MLflow's client would retry a server that is down for minutes
+        bounded = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+        before = {k: os.environ.get(k) for k in bounded}
+        os.environ.update(bounded)
+        try:
+            MlflowClient().search_experiments(max_results=1)
+        finally:
+            for k, v in before.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    where = f"Redis ({settings.redis_url})" if settings.redis_url else settings.queue_path
+    checks = {
+        f"the queue, {where}": lambda: JobQueue(settings).pending_count(),
+        f"MLflow, {mlflow.get_tracking_uri()}": tracking,
+        f"the study storage, {studies.storage_url(settings)}": lambda: studies.open_storage(
+            settings
+        ),
+    }
+    problems = []
+    for name, check in checks.items():
+        try:
+            check()
+        except Exception as err:
+            reason = (str(err).strip().splitlines() or [""])[0][:300]
+            problems.append(redact(f"{name}: {type(err).__name__}: {reason}"))
+    return problems
+
+
 def run_worker(settings: JobSettings, say: Any = log.info) -> None:
     """Run jobs until SIGTERM or SIGINT: a job process while tasks wait, the reaper and the
     liveness file in threads. SIGTERM stops the job process at once (its job is taken over
