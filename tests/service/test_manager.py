@@ -64,3 +64,32 @@ def test_without_a_model_the_manager_says_why(tmp_path):
         await manager.close()
 
     asyncio.run(scenario())
+
+
+def test_a_version_whose_input_disagrees_with_its_metadata_is_refused_for_good(
+    onnx_path, tmp_path
+):
+    """The graph takes 8x8 images, its metadata says 6x6: refused at once, listed with the
+    reason, and not tried again (it was retried with backoff for ever)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    for prop in model.metadata_props:
+        if prop.key in ("convserve.height", "convserve.width"):
+            prop.value = "6"
+    path = tmp_path / "wrong-size.onnx"
+    onnx.save(model, str(path))
+
+    async def scenario():
+        metrics = Metrics()
+        manager = ModelManager(Settings(model_uri=str(path)), metrics)
+        outcome = await manager.check()
+        assert manager.model is None and "refused" in outcome.message
+        assert "has shape" in manager.refused["file"] and "6, 6" in manager.refused["file"]
+        assert manager.retrying == {} and metrics.refused._value.get() == 1
+        again = await manager.check()
+        assert "was refused" in again.message and metrics.refused._value.get() == 1
+        assert manager.problems()["file"].startswith("refused: ")
+        await manager.close()
+
+    asyncio.run(scenario())

@@ -233,6 +233,24 @@ def open_model(source: Source, settings: Settings) -> LoadedModel:
     return model
 
 
+def _check_input(model: LoadedModel) -> None:
+    """The graph's input is the one the metadata describes: its name and the shape
+    [batch, channels, height, width] (a named dimension matches any size)."""
+    inputs = model.session.get_inputs()
+    announced = model.meta.input.name
+    if [i.name for i in inputs] != [announced]:
+        raise ModelLoadError(
+            f"inputs are {[i.name for i in inputs]}, the metadata announces [{announced!r}]"
+        )
+    expected = [model.channels, model.height, model.width]
+    got = list(inputs[0].shape[1:])
+    if len(got) != 3 or any(isinstance(g, int) and g != e for g, e in zip(got, expected)):
+        raise ModelLoadError(
+            f"the input {announced!r} has shape {inputs[0].shape}, the metadata says "
+            f"[batch, {', '.join(map(str, expected))}] (channels, height, width)"
+        )
+
+
 BATCH_SIZES = tuple(2**i for i in range(13))  # 1 to 4096
 MEASURE_SECONDS = 0.5  # at most about this long measuring a model's batches at load
 
@@ -267,17 +285,25 @@ def batch_costs(model: LoadedModel, largest: int) -> dict[int, float]:
 
 
 def self_check(model: LoadedModel) -> None:
-    """Warm up and check on known inputs: outputs named, shaped and valid as the metadata says."""
+    """Warm up and check on known inputs: input and outputs named, shaped and valid as the
+    metadata says. Every failure is the version's own (``ModelLoadError``: refused for good),
+    a run that onnxruntime refuses included."""
     names = [o.name for o in model.session.get_outputs()]
     if names != model.output_names:
         raise ModelLoadError(f"outputs are {names}, the metadata announces {model.output_names}")
+    _check_input(model)
     rng = np.random.default_rng(0)
     for batch in (
         np.zeros((1, model.channels, model.height, model.width), np.float32),
         rng.random((2, model.channels, model.height, model.width), np.float32),
     ):
         start = time.perf_counter()
-        out = model.run(batch, model.output_names)
+        try:
+            out = model.run(batch, model.output_names)
+        except Exception as err:  # onnxruntime's InvalidArgument, RuntimeException, ...
+            raise ModelLoadError(
+                f"the model does not run on a {list(batch.shape)} input: {err}"
+            ) from err
         model.run_seconds = time.perf_counter() - start
         probs = out[contract.PROBABILITIES]
         if probs.shape != (batch.shape[0], len(model.labels)):
