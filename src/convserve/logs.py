@@ -82,6 +82,12 @@ def configure(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, handlers=[handler()])
 
 
-def stamp(line: str) -> str:
-    """A line of a program's output with a timestamp in front, unless it has one."""
-    return line if STAMPED.match(line) else f"{timestamp()} {line}"
+def stamp(line: str, kind: str = "text", source: str = "") -> str:
+    """A line of a program's output with a timestamp in front, unless it has one; ``json``:
+    as a JSON object from ``source`` (the program)."""
+    if STAMPED.match(line):
+        return line
+    if kind == "json":
+        record = {"time": timestamp(), "level": "INFO", "logger": source, "message": line}
+        return json.dumps(record, ensure_ascii=False)
+    return f"{timestamp()} {line}"

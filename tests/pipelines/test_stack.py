@@ -14,6 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from convserve import logs
 from tests.conftest import TINY
 from tests.servers import free_port
 from tests.waiting import limit, wait_until
@@ -107,6 +108,9 @@ def test_up_trains_the_first_model_serves_it_stops_cleanly_and_reuses_its_state(
     finally:
         _stop(proc)
     assert "stopped" in (tmp_path / "up1.log").read_text()
+    for name in ("api", "worker", "mlflow"):  # every line of every log with its time
+        lines = (home / f"{name}.log").read_text().splitlines()
+        assert lines and [line for line in lines if not logs.STAMPED.match(line)] == [], name
     assert sorted(p.name for p in work.iterdir()) == []  # nothing written outside the home
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{api}/healthz", timeout=2)

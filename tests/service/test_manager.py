@@ -66,9 +66,7 @@ def test_without_a_model_the_manager_says_why(tmp_path):
     asyncio.run(scenario())
 
 
-def test_a_version_whose_input_disagrees_with_its_metadata_is_refused_for_good(
-    onnx_path, tmp_path
-):
+def test_a_version_whose_input_disagrees_with_its_metadata_is_refused_for_good(onnx_path, tmp_path):
     """The graph takes 8x8 images, its metadata says 6x6: refused at once, listed with the
     reason, and not tried again (it was retried with backoff for ever)."""
     import onnx

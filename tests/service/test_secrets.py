@@ -112,3 +112,19 @@ def test_a_password_in_the_tracking_uri_is_shown_nowhere(onnx_path, mlflow_url, 
     leaks = [text[:300] for text in seen if PASSWORD in text]
     assert leaks == []
     assert any("convserve:***@" in text for text in seen)  # the URIs are shown, masked
+
+
+def test_json_logs_are_one_object_a_line(onnx_path, tmp_path):
+    """``CONVSERVE_LOG_FORMAT=json``: every line the service writes, uvicorn's included, is
+    a JSON object with its time, level, logger and message."""
+    import json
+
+    env = {"CONVSERVE_MODEL_URI": str(onnx_path), "CONVSERVE_LOG_FORMAT": "json"}
+    with uvicorn_server(env, tmp_path) as url:
+        assert httpx.get(f"{url}/readyz").status_code == 200
+    lines = next(tmp_path.glob("serve-*.log")).read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    assert any(r["logger"] == "uvicorn.error" for r in records)
+    assert any(r["message"].startswith("serving ") for r in records)
+    assert logs.stamp("plain", "json", "mlflow").startswith('{"time": ')

@@ -12,13 +12,16 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
+from convserve import logs
+from convserve.redact import redact
 from convserve.training.configfiles import load_config
 
 if TYPE_CHECKING:
@@ -103,6 +106,19 @@ def die_with_parent(signum: int = signal.SIGTERM) -> None:
         pass
 
 
+def copy_stamped(pipe: IO[bytes], path: Path, name: str) -> None:
+    """Every line of ``pipe`` to ``path`` as it comes, redacted, each with a timestamp
+    (``logs.stamp``; with ``CONVSERVE_LOG_FORMAT=json``, a JSON object naming ``name``)."""
+    kind = logs.log_format()
+    with open(path, "ab", buffering=0) as out:
+        for raw in iter(pipe.readline, b""):
+            # a progress bar redraws its line after "\r": keep what a terminal would show
+            shown = [part for part in raw.decode(errors="replace").split("\r") if part.strip()]
+            line = redact(shown[-1].rstrip("\n") if shown else "")
+            out.write((logs.stamp(line, kind, name) + "\n").encode())
+    pipe.close()
+
+
 @dataclass
 class Child:
     name: str
@@ -113,15 +129,24 @@ class Child:
     restarts: list[float] = field(default_factory=list)
 
     def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.argv,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
+        """Its output goes to ``log`` through a thread that puts the time in front of every
+        line that has none (MLflow's server, prints, tracebacks; convserve's own log lines
+        carry theirs)."""
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+        assert self.proc.stdout is not None
+        threading.Thread(
+            target=copy_stamped,
+            args=(self.proc.stdout, self.log, self.name),
+            daemon=True,
+            name=f"convserve-log-{self.name}",
+        ).start()
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.proc is None or self.proc.poll() is not None:

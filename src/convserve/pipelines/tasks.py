@@ -104,6 +104,8 @@ def main() -> None:
     if parent:
         _die_with(parent)
     logs.configure(logging.INFO)
+    # a log file, not a terminal: no bar redrawn for every artifact a job downloads
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Ctrl-C (the terminal's SIGINT reaches the worker and this process) and the worker's
     # SIGINT: the task being run finishes, and no other is taken. SIGTERM stops at once.
     stopping = threading.Event()

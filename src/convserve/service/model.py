@@ -244,7 +244,9 @@ def _check_input(model: LoadedModel) -> None:
         )
     expected = [model.channels, model.height, model.width]
     got = list(inputs[0].shape[1:])
-    if len(got) != 3 or any(isinstance(g, int) and g != e for g, e in zip(got, expected)):
+    if len(got) != 3 or any(
+        isinstance(g, int) and g != e for g, e in zip(got, expected, strict=True)
+    ):
         raise ModelLoadError(
             f"the input {announced!r} has shape {inputs[0].shape}, the metadata says "
             f"[batch, {', '.join(map(str, expected))}] (channels, height, width)"
