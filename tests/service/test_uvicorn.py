@@ -334,3 +334,102 @@ def test_an_upload_over_the_limit_is_a_413_the_client_can_read(server, framing):
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b"CONVSERVE_MAX_UPLOAD_BYTES" in answer
     assert httpx.get(f"{server}/readyz").status_code == 200
+
+
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+def test_a_client_that_writes_its_whole_body_before_reading_reads_the_413(server, framing):
+    """8 MiB written in one go, as curl or requests do, then the answer read: the server
+    drains the body before it ends the answer (a reset connection raised here before)."""
+    import socket
+
+    body = b"--b\r\n" + b"x" * (8 * 1024 * 1024)
+    kind = b"Content-Type: multipart/form-data; boundary=b\r\n"
+    if framing == "chunked":
+        head = b"POST /predict HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n" + kind
+        payload = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    else:
+        head = b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n" % len(body) + kind
+        payload = body
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + b"\r\n" + payload)
+        answer = b""
+        while not answer.rstrip().endswith(b"}"):
+            data = sock.recv(65536)
+            assert data, answer
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"CONVSERVE_MAX_UPLOAD_BYTES" in answer
+
+
+def test_too_many_parts_is_a_413(server):
+    """81 parts: more than CONVSERVE_MAX_FILES images and the other fields allowed (a 400
+    "malformed" before)."""
+    files = [("files", (f"{i}.png", b"x", "image/png")) for i in range(81)]
+    answer = httpx.post(f"{server}/predict", files=files)
+    assert answer.status_code == 413, answer.text
+    assert "CONVSERVE_MAX_FILES" in answer.json()["detail"]
+
+
+def _rss_kb(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+
+
+def _stall(port: int, clients: int, head: bytes) -> list[bytes]:
+    """``clients`` connections that send ``head`` and nothing more; what each reads until
+    the server closes it."""
+    import socket
+
+    sockets = []
+    for _ in range(clients):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        sock.sendall(head)
+        sockets.append(sock)
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+    answers = []
+    for sock in sockets:
+        with sock:
+            answer = b""
+            while data := sock.recv(65536):  # to the end: the server closes
+                answer += data
+            answers.append(answer)
+    return answers
+
+
+def test_a_thousand_stalled_uploads_are_answered_408_and_closed(onnx_path, tmp_path):
+    """1,000 clients send their headers and the start of a body, then stall, three times:
+    each is answered 408 and closed after CONVSERVE_BODY_READ_TIMEOUT, the service answers
+    others meanwhile, and the memory they held comes back (the rounds after the first add
+    nothing to what the first left)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2500:  # the server inherits it
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    port = free_port()
+    env = {
+        **os.environ,
+        "CONVSERVE_MODEL_URI": str(onnx_path),
+        "CONVSERVE_WORKERS": "1",
+        "CONVSERVE_PORT": str(port),
+        "CONVSERVE_BODY_READ_TIMEOUT": "2",
+    }
+    cli = str(Path(sys.executable).parent / "convserve")
+    url = f"http://127.0.0.1:{port}"
+    head = (
+        b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Length: 50000\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
+    )
+    with process([cli, "serve"], tmp_path / "serve.log", env, tmp_path) as proc:
+        wait_http(f"{url}/readyz", proc)
+        rss = [_rss_kb(proc.pid)]
+        for _ in range(3):
+            answers = _stall(port, 1000, head)
+            assert {a.split(b"\r\n", 1)[0] for a in answers} == {b"HTTP/1.1 408 Request Timeout"}
+            assert b"CONVSERVE_BODY_READ_TIMEOUT" in answers[0]
+            assert httpx.post(f"{url}/predict", files={"file": ("x.png", _png())}).is_success
+            rss.append(_rss_kb(proc.pid))
+    print(f"RSS (kB) at start and after each round of 1,000 stalled uploads: {rss}")
+    assert rss[3] - rss[1] < 4_000, rss
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()

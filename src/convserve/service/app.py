@@ -18,6 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import Scope
 
@@ -192,6 +194,10 @@ def _handlers(app: FastAPI) -> None:
     @app.exception_handler(V2Error)
     async def v2_error(request: Request, err: V2Error) -> JSONResponse:
         return v2.error_response(err)
+
+    @app.exception_handler(ClientDisconnect)  # gone while its body was read: no one to answer
+    async def client_left(request: Request, err: ClientDisconnect) -> Response:
+        return Response(status_code=499)
 
     @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's own (404, 405)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:

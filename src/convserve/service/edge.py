@@ -4,10 +4,10 @@ request metrics, as ASGI middleware around the app and around each directly serv
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
-from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from convserve.service.api.deps import new_request_id
@@ -29,6 +29,7 @@ class EdgeMiddleware:
     def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
         self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self.body_timeout = settings.body_read_timeout
         self.upload_limit = (settings.max_upload_bytes, "CONVSERVE_MAX_UPLOAD_BYTES")
         self.dataset_limit = (settings.max_dataset_bytes, "CONVSERVE_MAX_DATASET_BYTES")
 
@@ -49,8 +50,8 @@ class EdgeMiddleware:
         limit = self._limit(scope)
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit[0]:
-            await self._reject(scope, send, request_id, int(length), limit)
-            await _linger(receive, min(int(length), LINGER_BYTES))
+            budget = min(int(length), LINGER_BYTES)
+            await _reject(send, receive, request_id, int(length), limit, budget)
             self._observe(scope, 413, start)
             return
         status_code = await self._limited(scope, receive, send, request_id, limit)
@@ -60,18 +61,29 @@ class EdgeMiddleware:
         self, scope: Scope, receive: Receive, send: Send, request_id: str, limit: tuple[int, str]
     ) -> int:
         """Run the app on a body counted as it streams (chunked uploads have no length): past
-        the limit the app sees the body end, and its answer is replaced by the 413. A request
-        whose client left before any answer is counted as 499 (nginx's "client closed")."""
-        received, too_large, status_code = 0, False, 500
-        started = gone = False
+        the limit the app sees the body end, and its answer is replaced by the 413. A body
+        whose next piece does not come within ``body_timeout`` is a 408 (the app sees the
+        client leave). A request whose client left before any answer is counted as 499
+        (nginx's "client closed")."""
+        received, too_large, timed_out, status_code = 0, False, False, 500
+        started = gone = body_done = False
 
         async def limited_receive() -> Message:
-            nonlocal received, too_large, gone
+            nonlocal received, too_large, timed_out, gone, body_done
             if too_large:
                 return {"type": "http.request", "body": b"", "more_body": False}
-            message = await receive()
+            if body_done:  # after the body, a wait for the client to leave: no timeout
+                message = await receive()
+            else:
+                try:
+                    async with asyncio.timeout(self.body_timeout):
+                        message = await receive()
+                except TimeoutError:
+                    timed_out = True
+                    return {"type": "http.disconnect"}
             gone = gone or message["type"] == "http.disconnect"
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 received += len(message.get("body", b""))
                 if received > limit[0]:
                     too_large = True
@@ -80,8 +92,8 @@ class EdgeMiddleware:
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status_code, started
-            if too_large:
-                return  # the app's answer to a cut body is replaced by the 413 below
+            if too_large or timed_out:
+                return  # the app's answer to a cut body is replaced by the 413 or 408 below
             if message["type"] == "http.response.start":
                 status_code, started = message["status"], True
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
@@ -89,25 +101,18 @@ class EdgeMiddleware:
 
         await self.app(scope, limited_receive, send_wrapper)
         if too_large:
-            await self._reject(scope, send, request_id, received, limit)
-            await _linger(receive, LINGER_BYTES)
+            await _reject(send, receive, request_id, received, limit, LINGER_BYTES)
             status_code = 413
+        elif timed_out and not started:
+            detail = (
+                f"no part of the request body came for {self.body_timeout:g} s "
+                "(CONVSERVE_BODY_READ_TIMEOUT)"
+            )
+            await _answer(send, 408, {"detail": detail}, request_id)
+            status_code = 408
         elif gone and not started:
             status_code = 499
         return status_code
-
-    async def _reject(
-        self, scope: Scope, send: Send, request_id: str, size: int, limit: tuple[int, str]
-    ) -> None:
-        response = JSONResponse(
-            {
-                "detail": f"the request body is {size} bytes or more; the limit is {limit[0]} "
-                f"bytes ({limit[1]})"
-            },
-            status_code=413,
-            headers={"x-request-id": request_id, "connection": "close"},
-        )
-        await response(scope, _empty_receive, send)
 
     def _observe(self, scope: Scope, status_code: int, start: float) -> None:
         route = scope.get("route")
@@ -124,6 +129,35 @@ class EdgeMiddleware:
                 self._series[key] = series
         series[0].inc()
         series[1].observe(time.perf_counter() - start)
+
+
+async def _reject(
+    send: Send, receive: Receive, request_id: str, size: int, limit: tuple[int, str], budget: int
+) -> None:
+    """The 413, then the rest of the body read and discarded (``_linger``) before the answer
+    is ended: the server closes the connection once the answer ends, and a close with unread
+    data in the socket resets it, so that a client that writes its whole body before reading
+    would see a reset instead of the 413."""
+    detail = f"the request body is {size} bytes or more; the limit is {limit[0]} bytes ({limit[1]})"
+    await _answer(send, 413, {"detail": detail}, request_id, ended=False)
+    await _linger(receive, budget)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _answer(
+    send: Send, status: int, content: dict[str, Any], request_id: str, ended: bool = True
+) -> None:
+    """A JSON answer that closes the connection; ``ended=False`` leaves it open for a last
+    (empty) part of the body."""
+    body = json.dumps(content).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": not ended})
 
 
 async def _linger(receive: Receive, budget: int) -> None:
@@ -143,7 +177,3 @@ async def _linger(receive: Receive, budget: int) -> None:
         drained += len(message.get("body", b""))
         if not message.get("more_body", False):
             return
-
-
-async def _empty_receive() -> Message:
-    return {"type": "http.request", "body": b"", "more_body": False}

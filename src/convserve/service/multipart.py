@@ -23,6 +23,10 @@ class MultipartError(ValueError):
     """A body that is not well-formed ``multipart/form-data``."""
 
 
+class TooManyParts(MultipartError):
+    """A well-formed body with more parts than allowed."""
+
+
 class NotMultipart(MultipartError):
     """A body of another content type."""
 
@@ -82,7 +86,7 @@ def parse(body: bytes, boundary: bytes, max_parts: int) -> list[Part]:
     parts: list[Part] = []
     while not body.startswith(b"--", pos):  # "--" after a delimiter closes the body
         if len(parts) == max_parts:
-            raise MultipartError(f"more than {max_parts} parts in one body")
+            raise TooManyParts(f"more than {max_parts} parts in one body")
         line_end = body.find(b"\r\n", pos)
         if line_end < 0 or body[pos:line_end].strip(b" \t"):
             raise MultipartError("a multipart boundary line is malformed or the body is cut")

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float | None = Field(None, ge=0.0, le=1000.0)
 
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)  # per request body
+    # longest wait for the next piece of a request body: a stalled upload is answered 408
+    # and closed (nginx's client_body_timeout)
+    body_read_timeout: float = Field(30.0, gt=0, le=3600)
     # POST /datasets: the archive, what it may unpack to, its files and classes
     max_dataset_bytes: int = Field(2 << 30, ge=1024)
     max_dataset_expanded_bytes: int = Field(8 << 30, ge=1024)

@@ -221,6 +221,12 @@ async def _uploads(request: Request, settings: Settings) -> list[Part]:
         )
     except multipart.NotMultipart as err:
         raise HTTPException(422, f"{SEND_IMAGES} ({err})") from None
+    except multipart.TooManyParts as err:
+        raise HTTPException(
+            413,
+            f"{err}: at most {settings.max_files} images (CONVSERVE_MAX_FILES) and "
+            f"{MAX_OTHER_FIELDS} other fields",
+        ) from None
     except multipart.MultipartError as err:
         raise HTTPException(400, f"malformed multipart body: {err}") from None
     uploads = [p for p in parts if p.name in ("file", "files")]
