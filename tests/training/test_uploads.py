@@ -84,8 +84,9 @@ def test_the_report_and_the_id(tmp_path):
     archive = tmp_path / "set.zip"
     archive.write_bytes(_archive())
     folder = tmp_path / "files"
-    uploads.unpack(archive, folder)
-    report = uploads.build(folder, "colours", tmp_path / "a.tar")
+    skipped = uploads.unpack(archive, folder)
+    assert not (folder / "colours" / "blue" / "notes.txt").exists()  # never written
+    report = uploads.build(folder, "colours", tmp_path / "a.tar", skipped=skipped)
     assert report.classes == {"blue": 12, "green": 12, "red": 12, "violet": 0}
     assert report.images == 36 and report.sizes == {"16x16": 36} and report.modes == {"RGB": 36}
     assert report.duplicates == [["red/0.png", "red/copy.png"]]

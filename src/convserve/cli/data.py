@@ -37,15 +37,17 @@ def add(
     name: Annotated[str, typer.Option(help="What to call it (letters, digits, _ . -)")],
 ) -> None:
     """Check every image, keep the decodable ones once, store them in MLflow and print the
-    report: images per class, sizes, duplicates, skipped files, classes too small to split."""
+    report: images per class, sizes, duplicates, skipped files, classes too small to split.
+    The service's limits apply (CONVSERVE_MAX_DATASET_*, CONVSERVE_MAX_PIXELS)."""
     import re
 
+    from convserve.service.settings import Settings
     from convserve.training import uploads
 
     if not re.fullmatch(r"[\w.-]{1,100}", name):
         raise fail(f"--name {name!r}: use letters, digits, _ . - (at most 100)")
     try:
-        run, report, created = uploads.add(source, name, _client())
+        run, report, created = uploads.add(source, name, _client(), Settings().dataset_limits())
     except uploads.DatasetError as err:
         raise fail(str(err)) from None
     console.print(uploads.report_table(report.to_dict()))

@@ -120,6 +120,7 @@ async def _lifespan(
     app.state.manager = manager
     app.state.decoder = Decoder(settings)
     app.state.jobs = Jobs(job_settings)
+    app.state.ingests = datasets.Ingests()
     outcome = await manager.check()
     if manager.model is None:
         log.warning("starting without a model: %s", outcome.message)

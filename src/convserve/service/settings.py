@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from convserve.redact import redact
+
+if TYPE_CHECKING:
+    from convserve.training.uploads import Limits
 
 
 class Settings(BaseSettings):
@@ -37,11 +40,14 @@ class Settings(BaseSettings):
     # longest wait for the next piece of a request body: a stalled upload is answered 408
     # and closed (nginx's client_body_timeout)
     body_read_timeout: float = Field(30.0, gt=0, le=3600)
-    # POST /datasets: the archive, what it may unpack to, its files and classes
-    max_dataset_bytes: int = Field(2 << 30, ge=1024)
-    max_dataset_expanded_bytes: int = Field(8 << 30, ge=1024)
-    max_dataset_files: int = Field(500_000, ge=1)
+    # POST /datasets: the archive, what it may unpack to, its entries (files and folders)
+    # and classes, sized for a small machine (2 cores, 4 GB of memory, a few GB of disk);
+    # each image's pixels are limited by max_pixels, as on /predict
+    max_dataset_bytes: int = Field(1 << 30, ge=1024)
+    max_dataset_expanded_bytes: int = Field(2 << 30, ge=1024)
+    max_dataset_files: int = Field(100_000, ge=1)
     max_dataset_classes: int = Field(1_000, ge=2)
+    max_dataset_ingests: int = Field(2, ge=1, le=64)  # at once per process; more: 429
     max_pixels: int = Field(40_000_000, ge=1)  # width * height of one image, checked first
     # images above 65,536 pixels decoded at once, in their own threads; more wait, then 503
     max_large_decodes: int = Field(2, ge=1, le=64)
@@ -65,6 +71,18 @@ class Settings(BaseSettings):
     def _no_password(cls, url: str | None) -> str | None:
         """Shown to anyone who opens the page: never with its credentials."""
         return None if url is None else redact(url)
+
+    def dataset_limits(self) -> Limits:
+        """What one data set upload may hold (``POST /datasets``, ``convserve data add``)."""
+        from convserve.training.uploads import Limits
+
+        return Limits(
+            self.max_dataset_bytes,
+            self.max_dataset_expanded_bytes,
+            self.max_dataset_files,
+            self.max_dataset_classes,
+            self.max_pixels,
+        )
 
     def resolved(self, cuda: bool = False) -> Settings:
         """These settings with ``workers`` and ``intra_op_threads`` chosen where they are 0:

@@ -19,10 +19,12 @@ import json
 import shutil
 import tarfile
 import tempfile
+import warnings
 import zipfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
@@ -37,10 +39,20 @@ CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class Limits:
-    archive_bytes: int = 2 << 30  # the upload itself
-    expanded_bytes: int = 8 << 30  # everything it unpacks to (stops zip bombs)
-    files: int = 500_000
+    """What one upload may hold; an upload past one is refused at the first entry that
+    crosses it, while the archive is read. The defaults suit a small machine (2 cores, 4 GB):
+    the service's settings (``CONVSERVE_MAX_DATASET_*``, ``CONVSERVE_MAX_PIXELS``) are the
+    same."""
+
+    archive_bytes: int = 1 << 30  # the upload itself
+    expanded_bytes: int = 2 << 30  # everything it unpacks to (stops zip bombs)
+    files: int = 100_000  # entries: files and folders
     classes: int = 1_000
+    pixels: int = 40_000_000  # width * height of one image
+
+
+MAX_NAME_BYTES = 255  # one component of a path in the archive (most file systems' limit)
+MAX_DEPTH = 32  # folders in a path
 
 
 class DatasetError(ValueError):
@@ -83,58 +95,137 @@ def _safe_name(name: str) -> PurePosixPath | None:
 
 
 def _copy(source: IO[bytes], target: Path, budget: list[int], limits: Limits) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
     with open(target, "wb") as out:
         while chunk := source.read(CHUNK):
             budget[0] += len(chunk)
             if budget[0] > limits.expanded_bytes:
                 raise DatasetError(
                     413,
-                    f"the archive expands beyond {limits.expanded_bytes:,} bytes "
-                    "(CONVSERVE_DATASET_MAX_EXPANDED_BYTES)",
+                    f"{target.name}: the archive expands beyond {limits.expanded_bytes:,} "
+                    "bytes (CONVSERVE_MAX_DATASET_EXPANDED_BYTES)",
                 )
             out.write(chunk)
 
 
-def unpack(archive: Path, into: Path, limits: Limits = Limits()) -> None:
-    """Extract ``archive`` under ``into``, refusing what could escape it or exhaust the disk;
-    links, devices and hidden files are skipped."""
-    budget, files = [0], 0
+class _Unpacker:
+    """One archive's members written under ``into`` as they are read, each counted and
+    checked first: entries, expanded bytes, names, and each image's pixels (read from its
+    header). A member that is not an image is skipped without being written."""
 
-    def count() -> None:
-        nonlocal files
-        files += 1
-        if files > limits.files:
-            raise DatasetError(413, f"the archive holds over {limits.files:,} files")
+    def __init__(self, into: Path, limits: Limits) -> None:
+        self.into, self.limits = into, limits
+        self.entries, self.budget = 0, [0]
+        self.skipped: list[dict[str, str]] = []
 
+    def entry(self, name: str) -> PurePosixPath | None:
+        """Count the member; its path, or None when it is skipped without a word."""
+        self.entries += 1
+        if self.entries > self.limits.files:
+            raise DatasetError(
+                413,
+                f"{name[:200]}: the archive holds over {self.limits.files:,} entries, files "
+                "and folders (CONVSERVE_MAX_DATASET_FILES)",
+            )
+        path = _safe_name(name)
+        if path is not None:
+            if len(path.parts) > MAX_DEPTH:
+                raise DatasetError(422, f"{name[:200]}...: deeper than {MAX_DEPTH} folders")
+            if any(len(p.encode()) > MAX_NAME_BYTES for p in path.parts):
+                raise DatasetError(
+                    422, f"{name[:200]}...: a name longer than {MAX_NAME_BYTES} bytes"
+                )
+        return path
+
+    def folder(self, path: PurePosixPath) -> None:
+        self._on_disk(path, lambda: (self.into / path).mkdir(parents=True, exist_ok=True))
+
+    def file(self, path: PurePosixPath, open_member: Callable[[], IO[bytes]]) -> None:
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            reason = f"not an image ({path.suffix or 'no suffix'})"
+            self.skipped.append({"path": path.as_posix(), "reason": reason})
+            return
+        target = self.into / path
+
+        def write() -> None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open_member() as source:
+                _copy(source, target, self.budget, self.limits)
+
+        self._on_disk(path, write)
+        _check_pixels(target, path.as_posix(), self.limits.pixels)
+
+    def _on_disk(self, path: PurePosixPath, write: Callable[[], None]) -> None:
+        """``write()``; a member the file system refuses (a file and a folder of one name)
+        is a 422 that names it, never the server's path."""
+        try:
+            write()
+        except OSError as err:
+            raise DatasetError(
+                422, f"{path.as_posix()[:200]}: cannot be unpacked ({err.strerror or err})"
+            ) from None
+
+
+def _check_pixels(path: Path, name: str, limit: int) -> None:
+    """From the image's header: over ``limit`` pixels is a 413."""
+    try:
+        with warnings.catch_warnings():  # PIL warns from 89 M pixels: the limit here decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+    except Image.DecompressionBombError:  # over 179 M pixels: PIL will not even open it
+        width = height = limit + 1
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return  # not decodable: checked and reported by ``build``
+    if width * height > limit:
+        raise DatasetError(
+            413,
+            f"{name[:200]}: {width}x{height} is {width * height:,} pixels; the limit is "
+            f"{limit:,} (CONVSERVE_MAX_PIXELS)",
+        )
+
+
+def _member_file(tar: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
+    source = tar.extractfile(member)
+    assert source is not None  # a regular file's
+    return source
+
+
+def unpack(archive: Path, into: Path, limits: Limits = Limits()) -> list[dict[str, str]]:
+    """Extract ``archive`` under ``into``, refusing what could escape it or exhaust the disk
+    or the memory, at the first member that would; links, devices and hidden files are
+    skipped, and so are files that are not images (not written): those are returned as
+    ``{"path", "reason"}``."""
+    u = _Unpacker(into, limits)
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as z:
             for info in z.infolist():
-                path = _safe_name(info.filename)
+                path = u.entry(info.filename)
                 is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
-                if path is not None and info.is_dir():
-                    (into / path).mkdir(parents=True, exist_ok=True)  # an empty class counts
-                if path is None or info.is_dir() or is_link:
+                if path is None:
                     continue
-                count()
-                with z.open(info) as source:
-                    _copy(source, into / path, budget, limits)
-        return
+                if info.is_dir():
+                    u.folder(path)  # an empty class counts
+                elif is_link:
+                    u.skipped.append({"path": path.as_posix(), "reason": "a link"})
+                else:
+                    u.file(path, partial(z.open, info))
+        return u.skipped
     if not tarfile.is_tarfile(archive):
         raise DatasetError(
             422, "not a zip or tar archive (tar may be gzip, bzip2 or xz compressed)"
         )
     with tarfile.open(archive, mode="r:*") as tar:
         for member in tar:
-            path = _safe_name(member.name)
-            if path is not None and member.isdir():
-                (into / path).mkdir(parents=True, exist_ok=True)
-            if path is None or not member.isfile():  # folders, links, devices
+            path = u.entry(member.name)
+            if path is None:
                 continue
-            count()
-            member_file = tar.extractfile(member)
-            assert member_file is not None
-            _copy(member_file, into / path, budget, limits)
+            if member.isdir():
+                u.folder(path)
+            elif not member.isfile():  # links, devices
+                u.skipped.append({"path": path.as_posix(), "reason": "not a regular file"})
+            else:
+                u.file(path, partial(_member_file, tar, member))
+    return u.skipped
 
 
 # ---- checking and repacking ----------------------------------------------------------------
@@ -150,10 +241,11 @@ def _class_root(folder: Path) -> Path:
     return folder
 
 
-def _check(path: Path) -> tuple[str, str] | str:
-    """(size, mode) of a decodable image, or why it is skipped."""
+def _check(path: Path, rel: str, pixels: int) -> tuple[str, str] | str:
+    """(size, mode) of a decodable image, or why it is skipped; over ``pixels`` is a 413."""
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         return f"not an image ({path.suffix or 'no suffix'})"
+    _check_pixels(path, rel, pixels)  # before any pixel is decoded
     try:
         with Image.open(path) as image:
             image.load()  # decodes every pixel: a truncated file fails here
@@ -170,13 +262,24 @@ def _walk(root: Path) -> Iterator[tuple[str, Path]]:
                 yield class_dir.name, path
 
 
-def build(folder: Path, name: str, tar_path: Path, limits: Limits = Limits()) -> Report:
+def build(
+    folder: Path,
+    name: str,
+    tar_path: Path,
+    limits: Limits = Limits(),
+    skipped: list[dict[str, str]] | None = None,
+) -> Report:
     """Check the images under ``folder`` and write the ones kept to ``tar_path`` as a
-    deterministic tar (sorted names, no times or owners): its hash is the id."""
+    deterministic tar (sorted names, no times or owners): its hash is the id. ``skipped``:
+    what unpacking left out already, reported with the rest."""
     root = _class_root(folder)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) > limits.classes:
-        raise DatasetError(413, f"{len(classes)} classes; the limit is {limits.classes}")
+        raise DatasetError(
+            413,
+            f"{len(classes)} classes; the limit is {limits.classes} "
+            "(CONVSERVE_MAX_DATASET_CLASSES)",
+        )
     if len(classes) < 2:
         raise DatasetError(
             422,
@@ -188,11 +291,16 @@ def build(folder: Path, name: str, tar_path: Path, limits: Limits = Limits()) ->
     modes: Counter[str] = Counter()
     seen: dict[str, str] = {}
     duplicates: dict[str, list[str]] = {}
-    skipped: list[dict[str, str]] = []
+    # what unpacking skipped, named as the rest: relative to the class folders' parent
+    top = root.relative_to(folder).as_posix()
+    skipped = [
+        {**s, "path": s["path"].removeprefix(f"{top}/") if top != "." else s["path"]}
+        for s in skipped or []
+    ]
     members: list[tuple[str, Path]] = []
     for label, path in _walk(root):
         rel = path.relative_to(root).as_posix()
-        checked = _check(path)
+        checked = _check(path, rel, limits.pixels)
         if isinstance(checked, str):
             skipped.append({"path": rel, "reason": checked})
             continue
@@ -294,10 +402,22 @@ def log_input(
     )
 
 
+def _stored(client: Any, dataset_id: str, name: str) -> Any | None:
+    """The run that holds these images under this name, if one does."""
+    runs = client.search_runs(
+        [_experiment(client)],
+        f"tags.`convserve.dataset_id` = '{_quote(dataset_id)}' and "
+        f"tags.`convserve.dataset_name` = '{_quote(name)}'",
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
 def store(client: Any, report: Report, tar_path: Path) -> tuple[Any, bool]:
-    """Keep the repacked images and the report in MLflow; (run, created). An upload of images
-    already stored answers with the stored version."""
-    existing = find(client, report.id)
+    """Keep the repacked images and the report in MLflow; (run, created). Images already
+    stored under this name answer with the stored version; under another name, they are
+    stored again under this one (each name its own version, the id the same)."""
+    existing = _stored(client, report.id, report.name)
     if existing is not None:
         return existing, False
     # The report as a tag (what GET /datasets answers without a download), its long lists cut
@@ -339,17 +459,19 @@ def add(
     source: Path | IO[bytes], name: str, client: Any, limits: Limits = Limits()
 ) -> tuple[Any, Report, bool]:
     """An archive (a path or an open file) or a folder, checked, repacked and stored:
-    (run, report, created)."""
+    (run, report, created). The report is this upload's (what it skipped and duplicated),
+    also when the images were stored already."""
     with tempfile.TemporaryDirectory(prefix="convserve-dataset-") as tmp:
         work = Path(tmp)
+        skipped: list[dict[str, str]] = []
         if isinstance(source, Path) and source.is_dir():
             folder = source
         else:
             archive = source if isinstance(source, Path) else _spill(source, work / "upload")
             folder = work / "files"
             folder.mkdir()
-            unpack(archive, folder, limits)
-        report = build(folder, name, work / "images.tar", limits)
+            skipped = unpack(archive, folder, limits)
+        report = build(folder, name, work / "images.tar", limits, skipped)
         tar_path = (work / "images.tar").rename(work / f"{report.id}.tar")
         run, created = store(client, report, tar_path)
     return run, report, created

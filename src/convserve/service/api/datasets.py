@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path as FilePath
 from typing import Annotated, Any
 
@@ -68,6 +69,13 @@ class DatasetPage(BaseModel):
 DatasetId = Annotated[str, Path(description="The data set's id, or its name (newest version)")]
 
 
+@dataclass
+class Ingests:
+    """Uploads being ingested by this process (``CONVSERVE_MAX_DATASET_INGESTS`` at most)."""
+
+    running: int = 0
+
+
 async def _call(request: Request, fn: Callable[[], Any]) -> Any:
     """``fn()`` off the event loop, bounded; MLflow failing answers 503 (``backends.py``)."""
     return await request.app.state.jobs.call(fn)
@@ -91,8 +99,12 @@ def _report(run: Any, created: bool | None = None) -> DatasetReport:
         401,
         413,
         422,
+        429,
         503,
-        e413="The archive, what it unpacks to, or its files or classes exceed a limit",
+        e413="The archive, what it unpacks to, its entries, an image's pixels or its "
+        "classes exceed a limit; refused at the first entry past it",
+        e429="As many data sets as allowed (CONVSERVE_MAX_DATASET_INGESTS) are being "
+        "ingested; try again after Retry-After seconds",
         e422="Not a zip or tar archive, a path outside the archive, fewer than two class "
         "folders, or no decodable image; nothing is stored",
         e503="MLflow cannot be reached; nothing is stored",
@@ -126,14 +138,27 @@ async def create_dataset(
     """The body is the archive itself (zip, or tar optionally gzip/bzip2/xz compressed) of
     class folders: ``class_a/img1.jpg``, ``class_b/img2.png``, ... (one enclosing folder is
     fine). It is streamed to disk, unpacked safely and checked image by image; the report
-    says what was kept, skipped and duplicated. Answers 201, or 200 when the same images were
-    stored already (the id is their content hash)."""
-    limits = uploads.Limits(
-        settings.max_dataset_bytes,
-        settings.max_dataset_expanded_bytes,
-        settings.max_dataset_files,
-        settings.max_dataset_classes,
-    )
+    says what this upload kept, skipped and duplicated. Answers 201, or 200 when the same
+    images were stored already under this name (the id is their content hash; under another
+    name they are stored again as that name's version)."""
+    ingests = request.app.state.ingests
+    if ingests.running >= settings.max_dataset_ingests:
+        raise HTTPException(
+            429,
+            f"{ingests.running} data sets are being ingested by this process (limit "
+            f"{settings.max_dataset_ingests}, CONVSERVE_MAX_DATASET_INGESTS); try again later",
+            headers={"Retry-After": "10"},
+        )
+    ingests.running += 1
+    try:
+        return await _ingest(request, name, settings.dataset_limits())
+    finally:
+        ingests.running -= 1
+
+
+async def _ingest(request: Request, name: str, limits: uploads.Limits) -> JSONResponse:
+    """The body streamed to a temporary file, then unpacked, checked and stored off the event
+    loop; a client that leaves meanwhile leaves nothing behind."""
     with tempfile.TemporaryDirectory(prefix="convserve-upload-") as tmp:
         archive = FilePath(tmp) / "archive"
         size = 0
@@ -144,13 +169,14 @@ async def create_dataset(
         if size == 0:
             raise HTTPException(422, "send the archive as the request body (zip or tar)")
         try:
-            run, _stored, created = await _call(
+            run, report, created = await _call(
                 request, lambda: uploads.add(archive, name, _client(request), limits)
             )
         except uploads.DatasetError as err:
             raise HTTPException(err.status, str(err)) from None
-    report = _report(run, created)
-    return JSONResponse(report.model_dump(), status_code=201 if created else 200)
+    # this upload's report (what it skipped), on the version that holds its images
+    answer = DatasetReport(**report.to_dict(), created=created, run_id=run.info.run_id)
+    return JSONResponse(answer.model_dump(), status_code=201 if created else 200)
 
 
 @router.get("", response_model=DatasetPage, summary="Uploaded data sets, newest first")
