@@ -271,23 +271,31 @@ def _ms(out: str, percentile: str) -> float:
     return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[m.group(2)]
 
 
-def wrk(
-    port: int, lua: Path, connections: int, seconds: int, query: str, path: str = "/predict"
-) -> dict[str, float]:
+def wrk_argv(
+    port: int,
+    lua: Path | None,
+    connections: int,
+    seconds: int,
+    query: str,
+    path: str,
+    timeout: int = 2,
+) -> list[str]:
+    """wrk's command line; ``lua`` None: GET; ``timeout``: seconds before a request counts
+    as a socket error."""
     threads = 1 if connections == 1 else 2
     url = f"http://127.0.0.1:{port}{path}" + (f"?{query}" if query else "")
     argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--latency"]
-    out = subprocess.run(
-        [*argv, "-s", str(lua), url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    argv += ["--timeout", f"{timeout}s"]
+    return [*argv, *(["-s", str(lua)] if lua is not None else []), url]
+
+
+def parse_wrk(out: str) -> dict[str, float]:
+    """Requests, requests/s, p50 and p99 (ms), p99/p50 and errors (non-2xx answers and
+    socket errors) from wrk's report."""
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    errors = int(non2xx.group(1)) if non2xx else 0
-    if socket:
-        errors += sum(int(g) for g in socket.groups())
+    refused = int(non2xx.group(1)) if non2xx else 0
+    broken = sum(int(g) for g in socket.groups()) if socket else 0
     p50, p99 = _ms(out, "50"), _ms(out, "99")
     return {
         "requests": float(re.search(r"(\d+) requests in", out).group(1)),  # type: ignore[union-attr]
@@ -295,8 +303,17 @@ def wrk(
         "p50": p50,
         "p99": p99,
         "tail": p99 / p50,
-        "errors": errors,
+        "errors": refused + broken,
+        "non2xx": refused,
+        "socket_errors": broken,
     }
+
+
+def wrk(
+    port: int, lua: Path, connections: int, seconds: int, query: str, path: str = "/predict"
+) -> dict[str, float]:
+    argv = wrk_argv(port, lua, connections, seconds, query, path)
+    return parse_wrk(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
 
 
 def check_answer(answer: bytes, expected: np.ndarray, labels: list[str]) -> float:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from functools import partial
@@ -26,6 +27,7 @@ from starlette.types import Scope
 from convserve import __version__
 from convserve.jobs import JobQueue, JobSettings
 from convserve.redact import redacted
+from convserve.service.admission import Admission
 from convserve.service.api import datasets, docs, jobs, predict, status, ui, v2
 from convserve.service.api.backends import Backends, bound_mlflow_client
 from convserve.service.decoding import Decoder
@@ -91,6 +93,9 @@ class Jobs:
 # garbage or not.
 GC_THRESHOLDS = (20_000, 20, 100)
 GRPC_GRACE_SECONDS = 10.0  # at shutdown, how long gRPC calls in flight may take to finish
+# How long a thread holding the GIL keeps it once another asks (CPython's default: 5 ms):
+# the event loop waits at most this long for a heavy request's thread (admission.py)
+GIL_SWITCH_SECONDS = 0.0005
 
 
 def settle_memory() -> None:
@@ -118,7 +123,8 @@ async def _lifespan(
     followed), the decoder, the job queue, gRPC when asked for."""
     manager = ModelManager(settings, metrics)
     app.state.manager = manager
-    app.state.decoder = Decoder(settings)
+    app.state.decoder = Decoder(settings, metrics.rejected.labels("image").inc)
+    app.state.admission = Admission(settings.admission_budget_units(), settings.admission_wait)
     app.state.jobs = Jobs(job_settings)
     app.state.ingests = datasets.Ingests()
     outcome = await manager.check()
@@ -128,9 +134,12 @@ async def _lifespan(
     if settings.grpc_port:  # imported only then: a process without gRPC never loads it
         from convserve.service.grpc_v2 import start_grpc
 
-        grpc_server = await start_grpc(settings, manager, metrics)
+        grpc_server = await start_grpc(
+            settings, manager, metrics, app.state.admission, app.state.decoder.heavy
+        )
     poller = asyncio.create_task(manager.poll())
     settle_memory()
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     try:
         yield
     finally:

@@ -13,6 +13,9 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import os
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -34,11 +37,28 @@ class DecoderBusy(Exception):
 
 
 class Decoder:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, on_rejected: Callable[[], None] = lambda: None) -> None:
         self.max_pixels = settings.max_pixels
         self.slots_total = settings.max_large_decodes
         self.pool = ThreadPoolExecutor(self.slots_total, thread_name_prefix="convserve-decode")
         self.slots = asyncio.Semaphore(self.slots_total)
+        # heavy requests' decoding and encoding, one at a time (``admission.py``)
+        self.heavy = ThreadPoolExecutor(
+            1,
+            thread_name_prefix="convserve-heavy",
+            initializer=_lower_priority,
+            initargs=(settings.heavy_niceness,),
+        )
+        self.rejected = on_rejected
+
+    def prepare_now(
+        self, data: bytes, channels: int, height: int, width: int, fit: Fit | None
+    ) -> tuple[np.ndarray, FitReport]:
+        """``prepare`` in the calling thread, whatever the image's size (the heavy thread)."""
+        image = open_image(data, self.max_pixels)
+        if image.width * image.height <= INLINE_PIXELS:
+            return decode_to_input(image, channels, height, width, fit)
+        return _finish_large(image, channels, height, width, fit)
 
     async def prepare(
         self, data: bytes, channels: int, height: int, width: int, fit: Fit | None
@@ -61,6 +81,7 @@ class Decoder:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.heavy.shutdown(wait=False, cancel_futures=True)
 
 
 def _finish_large(
@@ -70,6 +91,14 @@ def _finish_large(
         return decode_to_input(image, channels, height, width, fit)
     finally:
         _trim()
+
+
+def _lower_priority(niceness: int) -> None:
+    """The heavy thread's scheduling priority lowered (Linux: a thread's own nice value), so
+    that when the cores are short, light requests' threads run first
+    (``CONVSERVE_HEAVY_NICENESS``)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
 
 
 def _trim() -> None:

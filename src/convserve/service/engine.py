@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -120,11 +120,18 @@ class Engine:
         self._closing = False
         self.typical_run = model.run_seconds  # moving average of session.run, seconds
 
-    async def infer(self, images: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
-        """Outputs for ``images`` ``[N, C, H, W]``, by name."""
+    async def infer(
+        self, images: np.ndarray, outputs: list[str], heavy: Executor | None = None
+    ) -> dict[str, np.ndarray]:
+        """Outputs for ``images`` ``[N, C, H, W]``, by name. ``heavy``: the executor of a
+        request the admission control calls heavy; its images run there, in runs of at
+        most the batch size, so that light requests' batches run between them and neither
+        the event loop nor the light requests' executor runs them."""
         self._inflight += 1
         self._idle.clear()
         try:
+            if heavy is not None:
+                return await self._run_in_parts(images, outputs, heavy)
             alone = self._inflight == 1  # nothing queued or running: no company to wait for
             if (
                 alone
@@ -143,6 +150,23 @@ class Engine:
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
+
+    async def _run_in_parts(
+        self, images: np.ndarray, outputs: list[str], executor: Executor
+    ) -> dict[str, np.ndarray]:
+        loop = asyncio.get_running_loop()
+        step = max(1, self.max_batch_size)
+        parts = []
+        for i in range(0, images.shape[0], step):
+            start = time.perf_counter()
+            part = images[i : i + step]
+            parts.append(await loop.run_in_executor(executor, self.model.run, part, outputs))
+            self.metrics.inference_time.observe(time.perf_counter() - start)
+            self.metrics.batch_size.observe(part.shape[0])
+            self.metrics.images.inc(part.shape[0])
+        if len(parts) == 1:
+            return parts[0]
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
     async def _run(self, images: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
         start = time.perf_counter()

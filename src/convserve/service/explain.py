@@ -44,6 +44,12 @@ def _starts(size: int, patch: int, stride: int) -> list[int]:
     return starts
 
 
+def occlusions(height: int, width: int) -> int:
+    """How many occluded copies ``occluded`` makes of a ``height`` x ``width`` input."""
+    patch, stride = patch_and_stride(height, width)
+    return len(_starts(height, patch, stride)) * len(_starts(width, patch, stride))
+
+
 def occluded(
     image: np.ndarray, patch: int, stride: int, baseline: np.ndarray
 ) -> tuple[np.ndarray, list[tuple[int, int]]]:

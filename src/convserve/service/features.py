@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -37,18 +38,24 @@ def tile_png(fmap: np.ndarray) -> tuple[str, GridLayout]:
 
 
 def render(fmap: np.ndarray, fmt: str) -> FeatureMap:
+    return FeatureMap.model_validate(render_values(fmap, fmt))
+
+
+def render_values(fmap: np.ndarray, fmt: str) -> dict[str, Any]:
+    """``render``'s answer as plain values, as the response writes them (``FeatureMap``'s
+    fields, none empty): the values of an array format are not validated one by one."""
     shape = list(fmap.shape)
     if fmt == "png":
         png, layout = tile_png(fmap)
-        return FeatureMap(shape=shape, format="png", png=png, grid=layout)
+        return {"shape": shape, "format": "png", "png": png, "grid": layout.model_dump()}
     if fmt == "array":
-        return FeatureMap(shape=shape, format="array", data=fmap.astype(float).tolist())
-    return FeatureMap(
-        shape=shape,
-        format="stats",
-        mean=fmap.mean(axis=(1, 2)).astype(float).tolist(),
-        max=fmap.max(axis=(1, 2)).astype(float).tolist(),
-    )
+        return {"shape": shape, "format": "array", "data": fmap.astype(float).tolist()}
+    return {
+        "shape": shape,
+        "format": "stats",
+        "mean": fmap.mean(axis=(1, 2)).astype(float).tolist(),
+        "max": fmap.max(axis=(1, 2)).astype(float).tolist(),
+    }
 
 
 def estimate_bytes(shapes: list[list[int]], fmt: str, images: int) -> int:

@@ -22,13 +22,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from typing import Any
 
 import grpc
 import numpy as np
+from fastapi import HTTPException
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from convserve.service import inference as v2
+from convserve.service.admission import Admission
 from convserve.service.inference import V2Error
 from convserve.service.manager import ModelManager
 from convserve.service.metrics import Metrics
@@ -186,8 +189,11 @@ Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 class InferenceService:
     """The six calls of the protocol, answered from the model manager's engine."""
 
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(
+        self, manager: ModelManager, admission: Admission, heavy_pool: Executor | None = None
+    ) -> None:
         self.manager = manager
+        self.admission, self.heavy_pool = admission, heavy_pool
 
     async def ServerLive(self, request: Any, context: Any) -> Any:
         return MESSAGES["ServerLiveResponse"](live=True)
@@ -209,9 +215,16 @@ class InferenceService:
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         engine = v2.find_engine(self.manager, request.model_name, request.model_version)
-        images = _images(engine, request)
         wanted = v2.outputs_wanted(engine, [o.name for o in request.outputs])
-        result = await engine.infer(images, wanted)
+        shape = list(request.inputs[0].shape) if len(request.inputs) == 1 else []
+        cost, what = v2.infer_cost(engine, shape[0] if shape else 1, wanted, binary=True)
+        try:
+            async with self.admission.admitted(cost, what) as heavy:
+                images = _images(engine, request)
+                pool = self.heavy_pool if heavy else None
+                result = await engine.infer(images, wanted, pool)
+        except HTTPException as err:  # over the admission budget: UNAVAILABLE
+            raise V2Error(err.status_code, str(err.detail)) from None
         source = engine.model.source
         answer = MESSAGES["ModelInferResponse"](
             model_name=source.name, model_version=source.version or "", id=request.id
@@ -269,10 +282,15 @@ def _method(name: str, call: Handler, metrics: Metrics) -> grpc.RpcMethodHandler
 
 
 async def start_grpc(
-    settings: Settings, manager: ModelManager, metrics: Metrics
+    settings: Settings,
+    manager: ModelManager,
+    metrics: Metrics,
+    admission: Admission | None = None,
+    heavy_pool: Executor | None = None,
 ) -> grpc.aio.Server:
     """The gRPC service, started on ``settings.host:settings.grpc_port`` in this event loop."""
-    service = InferenceService(manager)
+    admission = admission or Admission(settings.admission_budget_units(), settings.admission_wait)
+    service = InferenceService(manager, admission, heavy_pool)
     names = ["ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata"]
     handlers = {n: _method(n, getattr(service, n), metrics) for n in [*names, "ModelInfer"]}
     server = grpc.aio.server(

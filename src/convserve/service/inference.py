@@ -12,6 +12,7 @@ import numpy as np
 
 from convserve import __version__, contract
 from convserve.redact import redact
+from convserve.service import admission
 from convserve.service.engine import Engine
 from convserve.service.manager import ModelManager
 
@@ -128,3 +129,14 @@ def outputs_wanted(engine: Engine, names: list[str]) -> list[str]:
             400, f"unknown output(s) {', '.join(unknown)}; valid: {', '.join(model.output_names)}"
         )
     return list(dict.fromkeys(wanted))
+
+
+def infer_cost(engine: Engine, batch: int, wanted: list[str], binary: bool) -> tuple[int, str]:
+    """An inference request's cost in admission units (``admission.py``): its images, and
+    the outputs it will answer (JSON text, or raw bytes with ``binary``); and in words."""
+    model = engine.model
+    sizes = {contract.PROBABILITIES: len(model.labels)}
+    sizes |= {contract.feature_output(b): math.prod(s) for b, s in model.feature_shapes.items()}
+    answer = batch * sum(sizes[name] for name in wanted) * (4 if binary else 12)
+    what = f"{batch} image{'s' * (batch != 1)}, {len(wanted)} output{'s' * (len(wanted) != 1)}"
+    return admission.request_cost(batch, 1, answer), what

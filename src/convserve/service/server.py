@@ -94,13 +94,15 @@ def _config(settings: Settings, job_settings: JobSettings) -> uvicorn.Config:
     cores = available_cores()
     log.info(  # after uvicorn.Config, which configures logging
         "%d worker process%s, %d onnxruntime thread%s each (%d core%s available; "
-        "CONVSERVE_WORKERS and CONVSERVE_INTRA_OP_THREADS to change)",
+        "CONVSERVE_WORKERS and CONVSERVE_INTRA_OP_THREADS to change); heavy requests up "
+        "to %d units at once each (CONVSERVE_ADMISSION_BUDGET)",
         settings.workers,
         "" if settings.workers == 1 else "es",
         settings.intra_op_threads,
         "" if settings.intra_op_threads == 1 else "s",
         cores,
         "" if cores == 1 else "s",
+        settings.admission_budget_units(),
     )
     return config
 

@@ -53,6 +53,14 @@ class Settings(BaseSettings):
     max_large_decodes: int = Field(2, ge=1, le=64)
     max_files: int = Field(64, ge=1)  # images per /predict request
     max_response_bytes: int = Field(32 * 1024 * 1024, ge=1024)  # estimated, before encoding
+    # heavy requests in flight per process, in units (service/admission.py); 0: from the
+    # process's onnxruntime threads and the machine's memory
+    admission_budget: int = Field(0, ge=0)
+    # how long a heavy request over the budget waits for the ones in flight, then 503
+    admission_wait: float = Field(0.5, ge=0, le=60)
+    # the heavy requests' thread's nice value: 19, light requests first whenever the cores
+    # are short (a heavy request gets what they leave); 0, an equal share
+    heavy_niceness: int = Field(19, ge=0, le=19)
     default_top_k: int = Field(5, ge=1)
 
     host: str = "127.0.0.1"
@@ -71,6 +79,12 @@ class Settings(BaseSettings):
     def _no_password(cls, url: str | None) -> str | None:
         """Shown to anyone who opens the page: never with its credentials."""
         return None if url is None else redact(url)
+
+    def admission_budget_units(self) -> int:
+        """``admission_budget``, or the one chosen from threads and memory."""
+        from convserve.service.admission import auto_budget
+
+        return self.admission_budget or auto_budget(self.intra_op_threads, self.workers)
 
     def dataset_limits(self) -> Limits:
         """What one data set upload may hold (``POST /datasets``, ``convserve data add``)."""

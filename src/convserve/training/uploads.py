@@ -315,18 +315,8 @@ def build(
         members.append((rel, path))
     if not members:
         raise DatasetError(422, "no decodable image in the archive")
-    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for rel, path in members:
-            info = tarfile.TarInfo(rel)
-            info.size, info.mtime, info.mode = path.stat().st_size, 0, 0o644
-            with open(path, "rb") as f:
-                tar.addfile(info, f)
-    sha = hashlib.sha256()
-    with open(tar_path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            sha.update(chunk)
     return Report(
-        id=sha.hexdigest()[:16],
+        id=_write_tar(members, tar_path),
         name=name,
         classes=kept,
         images=len(members),
@@ -337,6 +327,21 @@ def build(
         too_small=[c for c, n in kept.items() if n < MIN_PER_CLASS],
         bytes=tar_path.stat().st_size,
     )
+
+
+def _write_tar(members: list[tuple[str, Path]], tar_path: Path) -> str:
+    """The images as a deterministic tar (sorted names, no times or owners); its id."""
+    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for rel, path in members:
+            info = tarfile.TarInfo(rel)
+            info.size, info.mtime, info.mode = path.stat().st_size, 0, 0o644
+            with open(path, "rb") as f:
+                tar.addfile(info, f)
+    sha = hashlib.sha256()
+    with open(tar_path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            sha.update(chunk)
+    return sha.hexdigest()[:16]
 
 
 # ---- MLflow --------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ so the documentation stays what the code accepts and answers.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from concurrent.futures import Executor
 from typing import Any, Literal
 
 import numpy as np
@@ -20,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import to_json
 
 from convserve import contract
-from convserve.service import explain, features, multipart
+from convserve.service import admission, explain, features, multipart
 from convserve.service.api.deps import current_engine, new_request_id
 from convserve.service.api.errors import errors
 from convserve.service.decoding import Decoder, DecoderBusy
@@ -157,41 +159,123 @@ async def predict(request: Request) -> Response:
     model = engine.model
     uploads = await _uploads(request, settings)
     blocks = _check_request(uploads, model, query, settings)
-    batch, fitted = await _decode_all(
-        uploads, state.decoder, model, state.metrics, query.fit == "model"
-    )
-    decoded = time.perf_counter()
-    result = await engine.infer(
-        batch, [contract.PROBABILITIES, *(contract.feature_output(b) for b in blocks)]
-    )
-    inferred = time.perf_counter()
-    k = min(query.top_k or settings.default_top_k, len(model.labels))
-    predictions = [
-        _prediction(upload.filename, fitted[i], i, result, model, blocks, k, query.format)
-        for i, upload in enumerate(uploads)
-    ]
-    explained = inferred
+    cost, what = _cost(uploads, model, query, blocks)
+    async with state.admission.admitted(cost, what) as heavy:
+        fit = query.fit == "model"
+        if heavy:  # decoding and encoding in the heavy thread, off the event loop
+            batch, fitted = await asyncio.get_running_loop().run_in_executor(
+                state.decoder.heavy, _decode_all_now, uploads, state.decoder, model, fit
+            )
+        else:
+            batch, fitted = await _decode_all(uploads, state.decoder, model, state.metrics, fit)
+        times = [start, time.perf_counter()]
+        pool = state.decoder.heavy if heavy else None
+        result = await engine.infer(
+            batch, [contract.PROBABILITIES, *(contract.feature_output(b) for b in blocks)], pool
+        )
+        times.append(time.perf_counter())
+        explanations = None
+        if query.explain == "occlusion":
+            probs = result[contract.PROBABILITIES]
+            explanations = [
+                await _occlusion(engine, model, batch[i], probs[i], pool) for i in range(len(batch))
+            ]
+        times.append(time.perf_counter())
+        answer = Answer(request, uploads, fitted, batch, result, model, blocks, query, settings)
+        if heavy:
+            answer.heavy = True
+            body = await asyncio.get_running_loop().run_in_executor(
+                state.decoder.heavy, answer.json, explanations, times
+            )
+        else:
+            body = answer.json(explanations, times)
+    return Response(body, media_type="application/json")
+
+
+def _cost(
+    uploads: list[Part], model: LoadedModel, query: PredictQuery, blocks: list[str]
+) -> tuple[int, str]:
+    """The request's cost in admission units (``admission.py``), and what it asks, in words."""
+    n = len(uploads)
+    shapes = [model.feature_shapes[b] for b in blocks]
+    answer = features.estimate_bytes(shapes, query.format, n) + n * 40 * len(model.labels)
+    runs = 1
     if query.explain == "occlusion":
-        probs = result[contract.PROBABILITIES]
-        for i, prediction in enumerate(predictions):
-            prediction["explanation"] = await _occlusion(engine, model, batch[i], probs[i])
-        explained = time.perf_counter()
+        runs += explain.occlusions(model.height, model.width)
+        answer += n * model.height * model.width * 10  # the heat map as JSON
     if query.return_input or query.explain != "none":
-        for i, prediction in enumerate(predictions):
-            prediction["input"]["png"] = explain.input_png(batch[i])
-    end = time.perf_counter()
-    body = {
-        "request_id": request.scope.get("state", {}).get("request_id") or new_request_id(),
-        "model": model.reference,
-        "predictions": predictions,
-        "time": {
+        answer += n * (model.channels * model.height * model.width * 4 // 3 + 200)
+    if blocks:  # rendering maps (PNG tiles most of all) costs more than its bytes say
+        answer += len(blocks) * n * admission.BYTES_PER_UNIT * 4
+    what = f"{n} image{'s' * (n != 1)}"
+    if blocks:
+        what += f", feature maps of {len(blocks)} block{'s' * (len(blocks) != 1)}"
+    if query.explain != "none":
+        what += f", explain={query.explain}"
+    return admission.request_cost(n, runs, answer), what
+
+
+class Answer:
+    """What ``POST /predict`` answers, built from the model's outputs into JSON bytes."""
+
+    def __init__(
+        self,
+        request: Request,
+        uploads: list[Part],
+        fitted: list[FitReport],
+        batch: np.ndarray,
+        result: dict[str, np.ndarray],
+        model: LoadedModel,
+        blocks: list[str],
+        query: PredictQuery,
+        settings: Settings,
+    ) -> None:
+        self.request_id = request.scope.get("state", {}).get("request_id") or new_request_id()
+        self.uploads, self.fitted, self.batch, self.result = uploads, fitted, batch, result
+        self.model, self.blocks, self.query = model, blocks, query
+        self.k = min(query.top_k or settings.default_top_k, len(model.labels))
+        self.heavy = False
+
+    def json(self, explanations: list[dict[str, Any]] | None, times: list[float]) -> bytes:
+        """``times``: the request's start, then when decoding, inference and explaining
+        ended."""
+        query = self.query
+
+        def one(i: int, upload: Part) -> bytes:
+            answer = _prediction(
+                upload.filename, self.fitted[i], i, self.result, self.model, self.blocks,
+                self.k, query.format,
+            )  # fmt: skip
+            if explanations is not None:
+                answer["explanation"] = explanations[i]
+            if query.return_input or query.explain != "none":
+                answer["input"]["png"] = explain.input_png(self.batch[i])
+            text = to_json(answer)
+            if self.heavy:
+                time.sleep(0)  # the GIL to the event loop between two images' answers
+            return text
+
+        start, decoded, inferred, explained = times
+        head = {"request_id": self.request_id, "model": self.model.reference}
+        took = {
             "decode_ms": (decoded - start) * 1e3,
             "inference_ms": (inferred - decoded) * 1e3,
             **({"explain_ms": (explained - inferred) * 1e3} if query.explain != "none" else {}),
-            "total_ms": (end - start) * 1e3,
-        },
-    }
-    return Response(to_json(body), media_type="application/json")
+            "total_ms": (time.perf_counter() - start) * 1e3,
+        }
+        # built and serialised one image at a time: a large answer is written in pieces,
+        # another thread (the event loop) may run between them, and only one image's
+        # values are held as Python objects at once
+        return b"".join(
+            (
+                to_json(head)[:-1],
+                b',"predictions":[',
+                b",".join(one(i, upload) for i, upload in enumerate(self.uploads)),
+                b'],"time":',
+                to_json(took),
+                b"}",
+            )
+        )
 
 
 DEFAULT_QUERY = PredictQuery()
@@ -300,15 +384,38 @@ async def _decode_all(
     return (arrays[0][None] if len(arrays) == 1 else np.stack(arrays)), reports
 
 
+def _decode_all_now(
+    uploads: list[Part], decoder: Decoder, model: LoadedModel, fit: bool
+) -> tuple[np.ndarray, list[FitReport]]:
+    """``_decode_all`` in the calling thread (the heavy one): every upload decoded here."""
+    arrays, reports = [], []
+    for upload in uploads:
+        try:
+            array, report = decoder.prepare_now(
+                upload.data, model.channels, model.height, model.width,
+                model.meta.fit if fit else None,
+            )  # fmt: skip
+        except ImageError as err:
+            decoder.rejected()
+            raise HTTPException(err.status, f"{upload.filename or 'upload'}: {err}") from None
+        arrays.append(array)
+        reports.append(report)
+    return np.stack(arrays), reports
+
+
 async def _occlusion(
-    engine: Any, model: LoadedModel, image: np.ndarray, probs: np.ndarray
+    engine: Any,
+    model: LoadedModel,
+    image: np.ndarray,
+    probs: np.ndarray,
+    heavy: Executor | None = None,
 ) -> dict[str, Any]:
     """The top class's occlusion map for one input ``[C, H, W]`` (``service/explain.py``)."""
     index = int(np.argmax(probs))
     patch, stride = explain.patch_and_stride(model.height, model.width)
     baseline = explain.baseline(model.meta)
     copies, corners = explain.occluded(image, patch, stride, baseline)
-    occluded = (await engine.infer(copies, [contract.PROBABILITIES]))[contract.PROBABILITIES]
+    occluded = (await engine.infer(copies, [contract.PROBABILITIES], heavy))[contract.PROBABILITIES]
     reference = float(probs[index])
     heat = explain.drop_map(reference, occluded[:, index], corners, patch, *image.shape[1:])
     return {
@@ -354,9 +461,6 @@ def _prediction(
     }
     if blocks:
         answer["feature_maps"] = {
-            b: features.render(result[contract.feature_output(b)][i], fmt).model_dump(
-                exclude_none=True
-            )
-            for b in blocks
+            b: features.render_values(result[contract.feature_output(b)][i], fmt) for b in blocks
         }
     return answer

@@ -7,6 +7,7 @@ extension (``Inference-Header-Content-Length``) that Triton's clients use by def
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Annotated, Any
 
@@ -35,6 +36,7 @@ from convserve.service.inference import (
     find_engine,
     from_bytes,
     from_values,
+    infer_cost,
     metadata,
     outputs_wanted,
 )
@@ -228,19 +230,53 @@ def _input_array(engine: Engine, tensor: TensorIn, binary: bytes) -> np.ndarray:
     return from_values(tensor.data, tensor.shape)
 
 
+INLINE_BODY_BYTES = 64 * 1024  # a request body parsed on the event loop; larger: off it
+
+
 async def _infer(engine: Engine, request: Request) -> Response:
-    req, binary = _parse(await request.body(), request.headers.get(HEADER_LENGTH))
-    model = engine.model
+    state = request.app.state
+    heavy_pool = state.decoder.heavy
+    body = await request.body()
+    header_length = request.headers.get(HEADER_LENGTH)
+    if len(body) > INLINE_BODY_BYTES:  # a large JSON tensor: parsed off the event loop
+        req, binary = await asyncio.get_running_loop().run_in_executor(
+            heavy_pool, _parse, body, header_length
+        )
+    else:
+        req, binary = _parse(body, header_length)
     if len(req.inputs) != 1:
         raise V2Error(
             400, f"expected exactly one input ({contract.INPUT!r}), got {len(req.inputs)}"
         )
-    images = _input_array(engine, req.inputs[0], binary)
     wanted = outputs_wanted(engine, [o.name for o in req.outputs or []])
-    result = await engine.infer(images, wanted)
     as_binary = {o.name for o in req.outputs or [] if o.parameters.get("binary_data")}
     if req.parameters.get("binary_data_output"):
         as_binary = set(wanted)
+    batch = req.inputs[0].shape[0] if req.inputs[0].shape else 1
+    cost, what = infer_cost(engine, batch, wanted, as_binary == set(wanted))
+    async with state.admission.admitted(cost, what) as heavy:
+        if heavy:
+            images = await asyncio.get_running_loop().run_in_executor(
+                heavy_pool, _input_array, engine, req.inputs[0], binary
+            )
+        else:
+            images = _input_array(engine, req.inputs[0], binary)
+        result = await engine.infer(images, wanted, heavy_pool if heavy else None)
+        if heavy:
+            return await asyncio.get_running_loop().run_in_executor(
+                heavy_pool, _answer, engine, req, wanted, as_binary, result
+            )
+        return _answer(engine, req, wanted, as_binary, result)
+
+
+def _answer(
+    engine: Engine,
+    req: InferRequest,
+    wanted: list[str],
+    as_binary: set[str],
+    result: dict[str, np.ndarray],
+) -> Response:
+    model = engine.model
     outputs, blobs = [], []
     for name in wanted:
         array = np.ascontiguousarray(result[name], dtype=np.float32)
