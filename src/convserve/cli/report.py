@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from convserve.cli.app import console
+from convserve.redact import redact
 
 if TYPE_CHECKING:
     from convserve.pipelines.registry import Published
@@ -149,4 +150,4 @@ def run_url(run_id: str) -> str | None:
         experiment = MlflowClient(uri).get_run(run_id).info.experiment_id
     except Exception:  # the server may be gone by now; the run id was printed above
         return None
-    return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    return redact(f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}")

@@ -10,6 +10,7 @@ import typer
 from convserve.cli.app import app, console, err_console, fail
 from convserve.cli.options import ConfigOption, MarginOption, ModelNameOption, SetOption
 from convserve.cli.report import TrainProgress, report_published, report_run
+from convserve.redact import redact
 
 if TYPE_CHECKING:
     from convserve.pipelines.experiments import Finding
@@ -196,7 +197,7 @@ def _queued_sweep(
     where = f"redis {settings.queue_name}" if settings.redis_url else settings.queue_path
     console.print(
         f"sweep job {job_id}: {spec.size()} trials, {spec.parallelism} at a time, on the "
-        f"workers of {where} (tracking {client.tracking_uri})"
+        f"workers of {where} (tracking {redact(client.tracking_uri)})"
     )
     last = ""
     try:

@@ -30,6 +30,8 @@ from typing import IO, Any
 
 from PIL import Image, UnidentifiedImageError
 
+from convserve.redact import redact
+
 EXPERIMENT = "convserve-datasets"
 ARTIFACT_DIR = "dataset"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -494,7 +496,7 @@ def fetch(client: Any, dataset: str, cache_dir: Path) -> tuple[Path, dict[str, A
     run = find(client, dataset)
     if run is None:
         raise ValueError(
-            f"no data set {dataset!r} in MLflow ({client.tracking_uri}); add one with "
+            f"no data set {dataset!r} in MLflow ({redact(client.tracking_uri)}); add one with "
             "`convserve data add FOLDER_OR_ARCHIVE --name NAME` or POST /datasets"
         )
     report = report_of(run)
