@@ -29,7 +29,7 @@ from convserve.jobs import JobQueue, JobSettings
 from convserve.redact import redacted
 from convserve.service.admission import Admission
 from convserve.service.api import datasets, docs, jobs, predict, status, ui, v2
-from convserve.service.api.backends import Backends, bound_mlflow_client
+from convserve.service.api.backends import Backends
 from convserve.service.decoding import Decoder
 from convserve.service.direct import Service, all_routes
 from convserve.service.edge import EdgeMiddleware
@@ -77,7 +77,6 @@ class Jobs:
         """Read it in a worker thread: its first use imports MLflow."""
         with self._client_lock:
             if self._client is None:
-                bound_mlflow_client()
                 # the whole package, under the lock: its first request would import it from
                 # whichever threads make one, and concurrent imports of a partly initialised
                 # package fail ("partially initialized module 'mlflow'")

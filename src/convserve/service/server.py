@@ -27,6 +27,7 @@ from uvicorn.config import LOGGING_CONFIG
 from uvicorn.supervisors import Multiprocess
 
 from convserve.jobs import JobSettings
+from convserve.service.api.backends import bound_mlflow_client
 from convserve.service.app import create_app
 from convserve.service.metrics import MULTIPROCESS_DIR
 from convserve.service.model import providers_for
@@ -62,6 +63,7 @@ def run_server(settings: Settings, job_settings: JobSettings) -> None:
     """Serve until interrupted, on ``settings.host:settings.port`` with ``settings.workers``
     processes (0: one per core, see ``Settings.resolved``)."""
     logging.captureWarnings(True)
+    bound_mlflow_client()  # this process's MLflow calls are made for requests: bounded
     cuda = "CUDAExecutionProvider" in providers_for(settings.device)
     settings = settings.resolved(cuda)
     if settings.workers == 1:

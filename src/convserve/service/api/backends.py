@@ -36,7 +36,8 @@ T = TypeVar("T")
 
 def bound_mlflow_client() -> None:
     """This process's MLflow client: ``TIMEOUT_SECONDS`` a request, no retries, a connection
-    pool as large as the thread pool (the settings a user gave are kept)."""
+    pool as large as the thread pool (the settings a user gave are kept). Called by
+    ``convserve serve`` before its workers start: MLflow reads these at every request."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(TIMEOUT_SECONDS))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_POOL_MAXSIZE", str(THREADS))
