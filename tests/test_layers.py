@@ -12,26 +12,30 @@ import convserve
 ROOT = Path(convserve.__file__).parent
 
 # module prefix -> the convserve modules it may import (a prefix allows a whole package)
+BOTTOM = ["convserve.contract", "convserve.redact", "convserve.logs"]  # any layer may use
 ALLOWED = {
     "convserve.contract": [],
+    # credentials out of text, and the log lines' format: used by every layer
+    "convserve.redact": [],
+    "convserve.logs": ["convserve.redact"],
     # the job queue's contract: the request is a training config; its run is tracked as one
     "convserve.jobs": [
-        "convserve.contract",
+        *BOTTOM,
         "convserve.training.config",
         "convserve.training.tracking",
     ],
-    "convserve.training": ["convserve.training", "convserve.contract", "convserve"],
+    "convserve.training": ["convserve.training", *BOTTOM, "convserve"],
     "convserve.pipelines": [
         "convserve.pipelines",
         "convserve.training",
         "convserve.jobs",
-        "convserve.contract",
+        *BOTTOM,
         "convserve",
     ],
     # DESIGN: the contracts, the config schema (and its YAML files), the data-set store
     "convserve.service": [
         "convserve.service",
-        "convserve.contract",
+        *BOTTOM,
         "convserve.jobs",
         "convserve.training.config",
         "convserve.training.configfiles",
@@ -42,6 +46,8 @@ ALLOWED = {
 }
 NO_TORCH = (
     "convserve.contract",
+    "convserve.redact",
+    "convserve.logs",
     "convserve.jobs",
     "convserve.service",
     "convserve.training.config",

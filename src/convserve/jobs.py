@@ -208,14 +208,15 @@ class JobQueue:
 
         self.huey: Huey
         if settings.redis_url:
-            self.huey = RedisHuey(
-                settings.queue_name,
-                url=settings.redis_url,
-                results=False,
-                # a Redis that does not answer fails a call in seconds (503), not never
+            from redis import ConnectionPool
+
+            # a Redis that does not answer fails a call in seconds (503), not never
+            pool = ConnectionPool.from_url(
+                settings.redis_url,
                 socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
                 socket_timeout=REDIS_TIMEOUT_SECONDS,
             )
+            self.huey = RedisHuey(settings.queue_name, connection_pool=pool, results=False)
         else:
             os.makedirs(os.path.dirname(os.path.abspath(settings.queue_path)), exist_ok=True)
             self.huey = SqliteHuey(settings.queue_name, filename=settings.queue_path, results=False)

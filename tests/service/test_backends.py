@@ -35,11 +35,12 @@ def bad_gateway():  # type: ignore[no-untyped-def]
     server.shutdown()
 
 
-def _unavailable(answer: httpx.Response, backend: str) -> None:
+def _unavailable(answer: httpx.Response, backend: str, reason: str) -> None:
     assert answer.status_code == 503, answer.text
     assert answer.headers["content-type"] == "application/json"
     assert int(answer.headers["retry-after"]) > 0
-    assert answer.json()["detail"].startswith(f"{backend} is unavailable"), answer.text
+    detail = answer.json()["detail"]
+    assert detail.startswith(f"{backend} is unavailable") and reason in detail, detail
 
 
 def test_failing_backends_answer_503_naming_them(onnx_path, bad_gateway, tmp_path):
@@ -51,10 +52,11 @@ def test_failing_backends_answer_503_naming_them(onnx_path, bad_gateway, tmp_pat
     }
     auth = {"Authorization": "Bearer tok"}
     with uvicorn_server(env, tmp_path) as url, httpx.Client(base_url=url, timeout=60) as http:
-        _unavailable(http.post("/jobs", json={"train": TINY}, headers=auth), "the job queue")
+        job = http.post("/jobs", json={"train": TINY}, headers=auth)
+        _unavailable(job, "the job queue", "ConnectionError")
         for path in ("/jobs", "/jobs/0123456789abcdef0123456789abcdef", "/datasets"):
-            _unavailable(http.get(path), "MLflow")
-        _unavailable(http.delete("/datasets/digits-1", headers=auth), "MLflow")
+            _unavailable(http.get(path), "MLflow", "502")
+        _unavailable(http.delete("/datasets/digits-1", headers=auth), "MLflow", "502")
         assert http.get("/readyz").status_code == 200  # predicting needs neither
 
 

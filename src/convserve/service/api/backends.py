@@ -64,7 +64,7 @@ def backend_of(err: BaseException) -> str | None:
 
 
 def unavailable(backend: str, err: BaseException) -> HTTPException:
-    reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    reason = str(err).strip().splitlines()[0][:600] if str(err).strip() else type(err).__name__
     return HTTPException(
         503,
         redact(f"{backend} is unavailable ({type(err).__name__}: {reason}); try again later"),
