@@ -669,3 +669,24 @@ def test_a_plain_postgresql_url_opens_the_study_storage(postgres_database):
     study = optuna.create_study(storage=open_storage(settings), study_name="plain")
     assert study.study_name == "plain"
     assert optuna.load_study(study_name="plain", storage=storage_url(settings)).trials == []
+
+
+def test_workers_starting_together_on_a_new_study_database_all_start(postgres_database):
+    """Four processes open the study storage of one new PostgreSQL database at once: all of
+    them get it (the ones that lose the race to create Optuna's tables try again)."""
+    import subprocess
+    import sys
+
+    url = f"postgresql://postgres@127.0.0.1/{postgres_database}"
+    code = (
+        "from convserve.jobs import JobSettings\n"
+        "from convserve.pipelines.study import open_storage\n"
+        f"open_storage(JobSettings(study_storage={url!r}))\n"
+        "print('opened')\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=limit(120))[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4 and outs == ["opened\n"] * 4

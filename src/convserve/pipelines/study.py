@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -87,14 +88,36 @@ def open_storage(settings: JobSettings) -> Storage:
     while the trial has retries left (``CONVSERVE_JOB_RETRIES``)."""
     url = storage_url(settings)
     if url not in _storages:
-        _storages[url] = optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=_engine_kwargs(url),
-            heartbeat_interval=max(1, math.ceil(settings.heartbeat_interval)),
-            grace_period=max(1, math.ceil(settings.worker_lost_after)),
-            heartbeat_stale_trial_callback=_LostTrial(settings.job_retries),
-        )
+        _storages[url] = _new_storage(url, settings)
     return _storages[url]
+
+
+CREATE_TRIES = 5  # workers starting together on a new database race to create its tables
+
+
+def _new_storage(url: str, settings: JobSettings) -> Storage:
+    """Optuna's storage on ``url``, whose tables it creates on a new database: two workers
+    that start together both try, and the loser's ``CREATE`` fails on what the winner just
+    made (PostgreSQL: a unique violation in ``pg_type``); it tries again, and then finds
+    them."""
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    for attempt in range(1, CREATE_TRIES + 1):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=_engine_kwargs(url),
+                heartbeat_interval=max(1, math.ceil(settings.heartbeat_interval)),
+                grace_period=max(1, math.ceil(settings.worker_lost_after)),
+                heartbeat_stale_trial_callback=_LostTrial(settings.job_retries),
+            )
+        except (IntegrityError, ProgrammingError, OperationalError) as err:
+            race = "already exists" in str(err) or "duplicate key" in str(err)
+            if attempt == CREATE_TRIES or not race:
+                raise
+            log.info("the study storage's tables are being created elsewhere; trying again")
+            time.sleep(0.2 * attempt)
+    raise AssertionError("unreachable")
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:

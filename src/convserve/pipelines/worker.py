@@ -79,6 +79,8 @@ def run_worker(settings: JobSettings, say: Any = log.info) -> None:
     the task it runs, and a second SIGINT stops it at once."""
     from mlflow.tracking import MlflowClient
 
+    # a log, not a terminal: no bar redrawn for every artifact (here and in job processes)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     queue = JobQueue(settings)  # this process enqueues (the reaper) but runs nothing
     stop = threading.Event()
     received: list[int] = []
