@@ -19,7 +19,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from tests.servers import uvicorn_server, worker_process
-from tests.waiting import ARTIFACTS, limit_ms
+from tests.waiting import ARTIFACTS, limit_ms, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -217,10 +217,17 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         page.select_option("#f-data-name", "digits")
         page.fill("#f-blocks", "8")
         page.fill("#f-optim-epochs", "1")
+        ids = "rows => rows.map(r => r.dataset.id)"
+        before = set(page.locator("#jobs tbody tr[data-id]").evaluate_all(ids))
         page.click("#train-form button[type=submit]")
-        row = page.locator("#jobs tbody tr[data-id]").first
+        # this job's row: the one that was not there (jobs of earlier tests may be listed)
+        new = wait_until(
+            lambda: set(page.locator("#jobs tbody tr[data-id]").evaluate_all(ids)) - before,
+            30,
+            "the submitted job is listed",
+        )
+        row = page.locator(f"#jobs tbody tr[data-id='{new.pop()}']")
         expect(row).to_have_attribute("data-status", "succeeded", timeout=limit_ms(120))
-        row = page.locator(f"#jobs tbody tr[data-id='{row.get_attribute('data-id')}']")  # pinned
         expect(page.locator("#banner")).to_contain_text("new champion", timeout=limit_ms(60))
         expect(page.locator("#model-line")).to_contain_text("version 2")
         expect(row.locator("td.model")).to_have_text("v2 champion")
