@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import to_json
 
@@ -184,11 +186,16 @@ async def predict(request: Request) -> Response:
         answer = Answer(request, uploads, fitted, batch, result, model, blocks, query, settings)
         if heavy:
             answer.heavy = True
-            body = await asyncio.get_running_loop().run_in_executor(
+            pieces = await asyncio.get_running_loop().run_in_executor(
                 state.decoder.heavy, answer.json, explanations, times
             )
-        else:
-            body = answer.json(explanations, times)
+            # sent piece by piece, never joined: each waits for the socket to drain while
+            # the event loop answers other requests
+            size = str(sum(map(len, pieces)))
+            return StreamingResponse(
+                _pieces(pieces), media_type="application/json", headers={"content-length": size}
+            )
+        body = b"".join(answer.json(explanations, times))
     return Response(body, media_type="application/json")
 
 
@@ -236,9 +243,9 @@ class Answer:
         self.k = min(query.top_k or settings.default_top_k, len(model.labels))
         self.heavy = False
 
-    def json(self, explanations: list[dict[str, Any]] | None, times: list[float]) -> bytes:
-        """``times``: the request's start, then when decoding, inference and explaining
-        ended."""
+    def json(self, explanations: list[dict[str, Any]] | None, times: list[float]) -> list[bytes]:
+        """The JSON in pieces: the head, each image's answer, the tail. ``times``: the
+        request's start, then when decoding, inference and explaining ended."""
         query = self.query
 
         def one(i: int, upload: Part) -> bytes:
@@ -263,19 +270,17 @@ class Answer:
             **({"explain_ms": (explained - inferred) * 1e3} if query.explain != "none" else {}),
             "total_ms": (time.perf_counter() - start) * 1e3,
         }
-        # built and serialised one image at a time: a large answer is written in pieces,
-        # another thread (the event loop) may run between them, and only one image's
-        # values are held as Python objects at once
-        return b"".join(
-            (
-                to_json(head)[:-1],
-                b',"predictions":[',
-                b",".join(one(i, upload) for i, upload in enumerate(self.uploads)),
-                b'],"time":',
-                to_json(took),
-                b"}",
-            )
-        )
+        # built and serialised one image at a time: only one image's values are held as
+        # Python objects at once, and another thread (the event loop) may run between them
+        pieces = [to_json(head)[:-1] + b',"predictions":[']
+        pieces += [b"," * (i > 0) + one(i, upload) for i, upload in enumerate(self.uploads)]
+        pieces.append(b'],"time":' + to_json(took) + b"}")
+        return pieces
+
+
+async def _pieces(pieces: list[bytes]) -> AsyncIterator[bytes]:
+    for piece in pieces:
+        yield piece
 
 
 DEFAULT_QUERY = PredictQuery()
