@@ -144,8 +144,9 @@ def requested_blocks(model: LoadedModel, feature_maps: str | None) -> list[str]:
         e422="Not a usable image (empty, not an image, truncated or corrupt, a format not "
         "accepted), an unknown block, invalid parameters, or feature maps too large for one "
         "answer",
-        e503="No model loaded yet, or CONVSERVE_MAX_LARGE_DECODES large images are being "
-        "decoded already (with Retry-After)",
+        e503="No model loaded yet, CONVSERVE_MAX_LARGE_DECODES large images are being "
+        "decoded already, or busy: heavy requests over CONVSERVE_ADMISSION_BUDGET are being "
+        "answered (with Retry-After)",
     ),
     openapi_extra={"parameters": _query_parameters(), "requestBody": _BODY},
 )
@@ -223,7 +224,7 @@ def _cost(
 
 
 class Answer:
-    """What ``POST /predict`` answers, built from the model's outputs into JSON bytes."""
+    """What ``POST /predict`` answers, built from the model's outputs as JSON."""
 
     def __init__(
         self,

@@ -170,8 +170,15 @@ async def version_ready(name: Name, version: Version, manager: ManagerDep) -> An
 _INFER_DOC = {
     "response_model": InferResponse,
     "responses": {
-        **errors(400, v2=True, e400="Not JSON, a wrong input name, datatype or shape"),
         **_MODEL_ERRORS,
+        **errors(
+            400,
+            503,
+            v2=True,
+            e400="Not JSON, a wrong input name, datatype or shape",
+            e503="No model loaded yet, or busy: heavy requests over CONVSERVE_ADMISSION_BUDGET "
+            "are being answered (with Retry-After)",
+        ),
     },
     "openapi_extra": _INFER_BODY,
 }
