@@ -6,12 +6,12 @@ A request's cost, in units: one per image the model runs on (an occlusion explan
 on one copy of the image per occluded region), plus one per ``BYTES_PER_UNIT`` of the answer
 it will write (feature maps as arrays or PNG tiles, input PNGs, heat maps): an image's
 inference and encoding 64 KB of JSON take about the same CPU time. A request of at most
-``LIGHT_COST`` units (a few images, no feature maps) is light: admitted at once, on the
-fast path. A heavier one is admitted while the heavy requests in flight in this process,
-itself included, cost at most the budget (or when it is the only one: a request within the
-service's limits is never refused for good). Otherwise it waits for the heavy requests in
-flight to finish, at most ``wait`` seconds (``CONVSERVE_ADMISSION_WAIT``, 0.5) and with at most
-``MAX_WAITING`` others, then is
+``LIGHT_COST`` units that asks for no feature maps, input image or explanation (a few images'
+probabilities) is light: admitted at once, on the fast path. Any other is heavy, admitted
+while the heavy requests in flight in this process, itself included, cost at most the budget
+(or when it is the only one: a request within the service's limits is never refused for
+good). Otherwise it waits for the heavy requests in flight to finish, at most ``wait``
+seconds (``CONVSERVE_ADMISSION_WAIT``, 0.5) and with at most ``MAX_WAITING`` others, then is
 answered 503 with ``Retry-After`` and the reason: never left to wait longer. An admitted
 heavy request does its decoding, inference and encoding in this process's heavy thread
 (``decoding.py``: lower scheduling priority than the light requests' threads), off the

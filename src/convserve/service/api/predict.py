@@ -220,7 +220,10 @@ def _cost(
         what += f", feature maps of {len(blocks)} block{'s' * (len(blocks) != 1)}"
     if query.explain != "none":
         what += f", explain={query.explain}"
-    return admission.request_cost(n, runs, answer), what
+    cost = admission.request_cost(n, runs, answer)
+    if blocks or query.return_input or query.explain != "none":  # PNG or array encoding:
+        cost = max(cost, admission.LIGHT_COST + 1)  # never on the event loop
+    return cost, what
 
 
 class Answer:
