@@ -281,10 +281,10 @@ def submit(request: JobRequest, client: Any, queue: JobQueue) -> str:
 def fail(client: Any, run_id: str, error: str, tags: dict[str, str] | None = None) -> None:
     """The error, ``tags`` and the status in one write: no reader sees a failed job without
     its error."""
-    from mlflow.entities import RunTag
+    from convserve.training.tracking import run_tags
 
-    all_tags = {**(tags or {}), Tag.ERROR: error[:5000], Tag.STATUS: "failed"}
-    client.log_batch(run_id, tags=[RunTag(k, redact(v)) for k, v in all_tags.items()])
+    all_tags = {**(tags or {}), Tag.ERROR: redact(error)[:5000], Tag.STATUS: "failed"}
+    client.log_batch(run_id, tags=run_tags(all_tags))
     client.set_terminated(run_id, status="FAILED")
 
 

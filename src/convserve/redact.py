@@ -31,6 +31,12 @@ def redact(text: str) -> str:
     return _QUERY.sub(rf"\g<head>{MASK}", _USERINFO.sub(rf"\g<head>{MASK}@", text))
 
 
+def error_line(err: BaseException, limit: int = 600) -> str:
+    """``err`` in one redacted line: its type and the first line of its message."""
+    lines = str(err).strip().splitlines()
+    return redact(f"{type(err).__name__}: {lines[0][:limit]}" if lines else type(err).__name__)
+
+
 def redacted(value: Any) -> Any:
     """``redact`` through strings, lists and dicts (a JSON-like value)."""
     if isinstance(value, str):

@@ -30,7 +30,7 @@ from convserve.jobs import (
 )
 from convserve.pipelines import study as studies
 from convserve.pipelines.runs import read_request, tracked_sweep
-from convserve.redact import redact
+from convserve.training.tracking import run_tags
 
 log = logging.getLogger(__name__)
 PAGE = 200  # running jobs read per search
@@ -104,10 +104,8 @@ def _attempt(tags: dict[str, str], ended: str) -> dict[str, Any]:
 def _schedule_again(client: Any, queue: JobQueue, run_id: str, tags: dict[str, str]) -> None:
     """Hand the job back to the queue: ``tags`` and its status ``scheduled`` in one write, the
     run ``SCHEDULED``, its message enqueued."""
-    from mlflow.entities import RunTag
-
     tags = {**tags, Tag.STATUS: "scheduled"}
-    client.log_batch(run_id, tags=[RunTag(k, redact(v)) for k, v in tags.items()])
+    client.log_batch(run_id, tags=run_tags(tags))
     client.update_run(run_id, status="SCHEDULED")
     queue.enqueue(run_id)
 

@@ -102,22 +102,24 @@ def _new_storage(url: str, settings: JobSettings) -> Storage:
     them."""
     from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
-    for attempt in range(1, CREATE_TRIES + 1):
+    def create() -> Storage:
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=_engine_kwargs(url),
+            heartbeat_interval=max(1, math.ceil(settings.heartbeat_interval)),
+            grace_period=max(1, math.ceil(settings.worker_lost_after)),
+            heartbeat_stale_trial_callback=_LostTrial(settings.job_retries),
+        )
+
+    for attempt in range(1, CREATE_TRIES):
         try:
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=_engine_kwargs(url),
-                heartbeat_interval=max(1, math.ceil(settings.heartbeat_interval)),
-                grace_period=max(1, math.ceil(settings.worker_lost_after)),
-                heartbeat_stale_trial_callback=_LostTrial(settings.job_retries),
-            )
+            return create()
         except (IntegrityError, ProgrammingError, OperationalError) as err:
-            race = "already exists" in str(err) or "duplicate key" in str(err)
-            if attempt == CREATE_TRIES or not race:
+            if "already exists" not in str(err) and "duplicate key" not in str(err):
                 raise
             log.info("the study storage's tables are being created elsewhere; trying again")
             time.sleep(0.2 * attempt)
-    raise AssertionError("unreachable")
+    return create()
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:

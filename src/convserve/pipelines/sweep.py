@@ -30,7 +30,7 @@ from convserve.redact import redact
 from convserve.training.config import Range, SweepConfig, TrainConfig
 from convserve.training.plots import save_figure, subplots
 from convserve.training.run import Callbacks, TrainResult, train
-from convserve.training.tracking import Tracker, get_or_create_experiment, log_params
+from convserve.training.tracking import Tracker, get_or_create_experiment, log_params, run_tags
 
 log = logging.getLogger(__name__)
 
@@ -248,13 +248,9 @@ def _child_run(
 def _failed(client: Any, run_id: str, error: str) -> None:
     """A child run that failed before its training started (a config the model cannot be
     built from) ends ``FAILED`` with the error, like one that failed while training."""
-    from mlflow.entities import RunTag
-
     if client.get_run(run_id).info.status == "RUNNING":
-        tags = [
-            RunTag("convserve.status", "failed"),
-            RunTag("convserve.message", redact(error)[:5000]),
-        ]
+        message = redact(error)[:5000]  # redacted before it is cut: no half a password
+        tags = run_tags({"convserve.status": "failed", "convserve.message": message})
         client.log_batch(run_id, tags=tags)
         client.set_terminated(run_id, status="FAILED")
 

@@ -49,8 +49,8 @@ from convserve.pipelines.registry import Policy, PublishCancelled, publish
 from convserve.pipelines.runs import read_request, tracked, tracked_sweep
 from convserve.pipelines.stack import die_with_parent
 from convserve.pipelines.sweep import finish, record_progress, run_trial, search_tags
-from convserve.redact import redact
 from convserve.training.run import Callbacks, train
+from convserve.training.tracking import run_tags
 
 log = logging.getLogger(__name__)
 
@@ -244,10 +244,8 @@ def _sweep(
     if not beat.lease.may_publish():  # cancelled (or no longer this worker's)
         studies.fail_waiting(study, studies.CANCELLED)
     if not studies.done(study):
-        from mlflow.entities import RunTag
-
         tags = {**search_tags(sweep), Tag.PHASE: "trials"}
-        client.log_batch(run_id, tags=[RunTag(k, redact(v)) for k, v in tags.items()])
+        client.log_batch(run_id, tags=run_tags(tags))
         record_progress(client, run_id, sweep, study)
         waiting = studies.counts(study)["waiting"]
         for _ in range(min(sweep.parallelism, waiting)):

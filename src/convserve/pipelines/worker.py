@@ -24,7 +24,7 @@ from typing import Any
 from convserve.jobs import WORKER_PID, JobQueue, JobSettings
 from convserve.pipelines import liveness
 from convserve.pipelines.reaper import run_reaper
-from convserve.redact import redact
+from convserve.redact import error_line, redact
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,7 @@ def unusable_backends(settings: JobSettings) -> list[str]:
         try:
             check()
         except Exception as err:
-            reason = (str(err).strip().splitlines() or [""])[0][:300]
-            problems.append(redact(f"{name}: {type(err).__name__}: {reason}"))
+            problems.append(redact(f"{name}: {error_line(err, 300)}"))
     return problems
 
 

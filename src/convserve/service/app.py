@@ -122,7 +122,7 @@ async def _lifespan(
     followed), the decoder, the job queue, gRPC when asked for."""
     manager = ModelManager(settings, metrics)
     app.state.manager = manager
-    app.state.decoder = Decoder(settings, metrics.rejected.labels("image").inc)
+    app.state.decoder = Decoder(settings)
     app.state.admission = Admission(settings.admission_budget_units(), settings.admission_wait)
     app.state.jobs = Jobs(job_settings)
     app.state.ingests = datasets.Ingests()

@@ -15,7 +15,6 @@ import ctypes
 import logging
 import os
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -37,7 +36,7 @@ class DecoderBusy(Exception):
 
 
 class Decoder:
-    def __init__(self, settings: Settings, on_rejected: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.max_pixels = settings.max_pixels
         self.slots_total = settings.max_large_decodes
         self.pool = ThreadPoolExecutor(self.slots_total, thread_name_prefix="convserve-decode")
@@ -49,7 +48,6 @@ class Decoder:
             initializer=_lower_priority,
             initargs=(settings.heavy_niceness,),
         )
-        self.rejected = on_rejected
 
     def prepare_now(
         self, data: bytes, channels: int, height: int, width: int, fit: Fit | None

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from convserve.service.schemas import FeatureMap, GridLayout
+from convserve.service.schemas import GridLayout
 
 
 def grid_shape(channels: int) -> tuple[int, int]:
@@ -37,13 +37,10 @@ def tile_png(fmap: np.ndarray) -> tuple[str, GridLayout]:
     return base64.b64encode(buffer.getvalue()).decode("ascii"), layout
 
 
-def render(fmap: np.ndarray, fmt: str) -> FeatureMap:
-    return FeatureMap.model_validate(render_values(fmap, fmt))
-
-
 def render_values(fmap: np.ndarray, fmt: str) -> dict[str, Any]:
-    """``render``'s answer as plain values, as the response writes them (``FeatureMap``'s
-    fields, none empty): the values of an array format are not validated one by one."""
+    """One block's maps of one image in ``fmt`` as plain values, as the response writes them
+    (``schemas.FeatureMap``'s fields, none empty): an array's values are not validated one by
+    one."""
     shape = list(fmap.shape)
     if fmt == "png":
         png, layout = tile_png(fmap)

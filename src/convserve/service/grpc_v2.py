@@ -189,9 +189,7 @@ Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 class InferenceService:
     """The six calls of the protocol, answered from the model manager's engine."""
 
-    def __init__(
-        self, manager: ModelManager, admission: Admission, heavy_pool: Executor | None = None
-    ) -> None:
+    def __init__(self, manager: ModelManager, admission: Admission, heavy_pool: Executor) -> None:
         self.manager = manager
         self.admission, self.heavy_pool = admission, heavy_pool
 
@@ -285,11 +283,10 @@ async def start_grpc(
     settings: Settings,
     manager: ModelManager,
     metrics: Metrics,
-    admission: Admission | None = None,
-    heavy_pool: Executor | None = None,
+    admission: Admission,
+    heavy_pool: Executor,
 ) -> grpc.aio.Server:
     """The gRPC service, started on ``settings.host:settings.grpc_port`` in this event loop."""
-    admission = admission or Admission(settings.admission_budget_units(), settings.admission_wait)
     service = InferenceService(manager, admission, heavy_pool)
     names = ["ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata"]
     handlers = {n: _method(n, getattr(service, n), metrics) for n in [*names, "ModelInfer"]}

@@ -62,6 +62,14 @@ def get_or_create_experiment(client: Any, name: str) -> str:
         return str(experiment.experiment_id)
 
 
+def run_tags(tags: dict[str, Any]) -> list[Any]:
+    """``tags`` as MLflow ``RunTag``s, every value redacted (``redact.py``): what any
+    writer of a run's tags sends."""
+    from mlflow.entities import RunTag
+
+    return [RunTag(k, redact(str(v))) for k, v in tags.items()]
+
+
 def log_params(client: Any, run_id: str, config: TrainConfig) -> None:
     """The config's flattened fields as the run's params, in batches MLflow accepts."""
     from mlflow.entities import Param
@@ -121,11 +129,11 @@ class Tracker:
             return
         import time
 
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        extra = [RunTag(k, redact(str(v))) for k, v in (tags or {}).items()]
+        extra = run_tags(tags or {})
         for i in range(0, max(len(items), 1), 1000):
             batch_tags, extra = extra, []
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000], tags=batch_tags)
@@ -133,11 +141,7 @@ class Tracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         if not self.enabled or self.run_id is None:
             return
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(
-            self.run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()]
-        )
+        self.client.log_batch(self.run_id, tags=run_tags(tags))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.enabled and self.run_id is not None:

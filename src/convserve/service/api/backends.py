@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from fastapi import HTTPException
 
-from convserve.redact import redact
+from convserve.redact import error_line
 
 THREADS = 8
 TIMEOUT_SECONDS = 10
@@ -64,10 +64,9 @@ def backend_of(err: BaseException) -> str | None:
 
 
 def unavailable(backend: str, err: BaseException) -> HTTPException:
-    reason = str(err).strip().splitlines()[0][:600] if str(err).strip() else type(err).__name__
     return HTTPException(
         503,
-        redact(f"{backend} is unavailable ({type(err).__name__}: {reason}); try again later"),
+        f"{backend} is unavailable ({error_line(err)}); try again later",
         headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
     )
 

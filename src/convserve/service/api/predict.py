@@ -167,7 +167,13 @@ async def predict(request: Request) -> Response:
         fit = query.fit == "model"
         if heavy:  # decoding and encoding in the heavy thread, off the event loop
             batch, fitted = await asyncio.get_running_loop().run_in_executor(
-                state.decoder.heavy, _decode_all_now, uploads, state.decoder, model, fit
+                state.decoder.heavy,
+                _decode_all_now,
+                uploads,
+                state.decoder,
+                model,
+                state.metrics,
+                fit,
             )
         else:
             batch, fitted = await _decode_all(uploads, state.decoder, model, state.metrics, fit)
@@ -186,9 +192,8 @@ async def predict(request: Request) -> Response:
         times.append(time.perf_counter())
         answer = Answer(request, uploads, fitted, batch, result, model, blocks, query, settings)
         if heavy:
-            answer.heavy = True
             pieces = await asyncio.get_running_loop().run_in_executor(
-                state.decoder.heavy, answer.json, explanations, times
+                state.decoder.heavy, answer.json, explanations, times, True
             )
             # sent piece by piece, never joined: each waits for the socket to drain while
             # the event loop answers other requests
@@ -245,11 +250,16 @@ class Answer:
         self.uploads, self.fitted, self.batch, self.result = uploads, fitted, batch, result
         self.model, self.blocks, self.query = model, blocks, query
         self.k = min(query.top_k or settings.default_top_k, len(model.labels))
-        self.heavy = False
 
-    def json(self, explanations: list[dict[str, Any]] | None, times: list[float]) -> list[bytes]:
+    def json(
+        self,
+        explanations: list[dict[str, Any]] | None,
+        times: list[float],
+        yield_gil: bool = False,
+    ) -> list[bytes]:
         """The JSON in pieces: the head, each image's answer, the tail. ``times``: the
-        request's start, then when decoding, inference and explaining ended."""
+        request's start, then when decoding, inference and explaining ended; ``yield_gil``
+        (the heavy thread): the GIL handed to the event loop after each image."""
         query = self.query
 
         def one(i: int, upload: Part) -> bytes:
@@ -262,7 +272,7 @@ class Answer:
             if query.return_input or query.explain != "none":
                 answer["input"]["png"] = explain.input_png(self.batch[i])
             text = to_json(answer)
-            if self.heavy:
+            if yield_gil:
                 time.sleep(0)  # the GIL to the event loop between two images' answers
             return text
 
@@ -378,8 +388,7 @@ async def _decode_all(
                 model.meta.fit if fit else None,
             )
         except ImageError as err:
-            metrics.rejected.labels("image").inc()
-            raise HTTPException(err.status, f"{upload.filename or 'upload'}: {err}") from None
+            raise _unusable(upload, err, metrics) from None
         except DecoderBusy:
             metrics.rejected.labels("busy").inc()
             raise HTTPException(
@@ -393,8 +402,13 @@ async def _decode_all(
     return (arrays[0][None] if len(arrays) == 1 else np.stack(arrays)), reports
 
 
+def _unusable(upload: Part, err: ImageError, metrics: Metrics) -> HTTPException:
+    metrics.rejected.labels("image").inc()
+    return HTTPException(err.status, f"{upload.filename or 'upload'}: {err}")
+
+
 def _decode_all_now(
-    uploads: list[Part], decoder: Decoder, model: LoadedModel, fit: bool
+    uploads: list[Part], decoder: Decoder, model: LoadedModel, metrics: Metrics, fit: bool
 ) -> tuple[np.ndarray, list[FitReport]]:
     """``_decode_all`` in the calling thread (the heavy one): every upload decoded here."""
     arrays, reports = [], []
@@ -405,8 +419,7 @@ def _decode_all_now(
                 model.meta.fit if fit else None,
             )  # fmt: skip
         except ImageError as err:
-            decoder.rejected()
-            raise HTTPException(err.status, f"{upload.filename or 'upload'}: {err}") from None
+            raise _unusable(upload, err, metrics) from None
         arrays.append(array)
         reports.append(report)
     return np.stack(arrays), reports
