@@ -12,12 +12,19 @@ import convserve
 ROOT = Path(convserve.__file__).parent
 
 # module prefix -> the convserve modules it may import (a prefix allows a whole package)
-BOTTOM = ["convserve.contract", "convserve.redact", "convserve.logs"]  # any layer may use
+BOTTOM = [
+    "convserve.contract",
+    "convserve.redact",
+    "convserve.logs",
+    "convserve.processes",
+]  # any layer may use
 ALLOWED = {
     "convserve.contract": [],
     # credentials out of text, and the log lines' format: used by every layer
     "convserve.redact": [],
     "convserve.logs": ["convserve.redact"],
+    # a child that dies with its parent; a process's children
+    "convserve.processes": [],
     # the job queue's contract: the request is a training config; its run is tracked as one
     "convserve.jobs": [
         *BOTTOM,
@@ -48,6 +55,7 @@ NO_TORCH = (
     "convserve.contract",
     "convserve.redact",
     "convserve.logs",
+    "convserve.processes",
     "convserve.jobs",
     "convserve.service",
     "convserve.training.config",

@@ -3,6 +3,7 @@ torchrun with two gloo ranks on the CPU."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,90 @@ def test_what_a_data_parallel_run_cannot_do_is_refused_before_it_starts():
         check(32, 2, balance="sampler", compile=False)
     with pytest.raises(ValueError, match="optim.compile"):
         check(32, 2, balance="none", compile=True)
+
+
+def _snapshot(folder: Path) -> dict[str, dict[str, float]]:
+    (last,) = folder.glob("*/last.pt")
+    return torch.load(last, weights_only=False)["snapshots"][0]["layers"]
+
+
+def test_one_and_two_processes_measure_the_same_step(tmp_path):
+    """Step 1 from the same weights on the same global batch of 32: the diagnostics (sums
+    exchanged, not each rank's statistics) and the step's loss agree; before, grad_std was
+    exactly 2x and a unit silent on one rank's half batch counted as dead."""
+    one = _config(tmp_path, "one", limit=400, max_steps=1)
+    two = _config(tmp_path, "two", limit=400, max_steps=1)
+    every = ["--set", "diagnostics.every=1"]
+    assert _train(one, *every).returncode == 0
+    out = _train(two, *every, nproc=2)
+    assert out.returncode == 0, out.stdout + out.stderr
+    a, b = _snapshot(tmp_path / "one"), _snapshot(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for layer in a:
+        assert a[layer].keys() == b[layer].keys()
+        for stat in a[layer]:
+            assert b[layer][stat] == pytest.approx(a[layer][stat], rel=1e-4, abs=1e-7), (
+                layer,
+                stat,
+            )
+    (la,) = (tmp_path / "one").glob("*/last.pt")
+    (lb,) = (tmp_path / "two").glob("*/last.pt")
+    loss_a = torch.load(la, weights_only=False)["history"][0]["train_loss"]
+    loss_b = torch.load(lb, weights_only=False)["history"][0]["train_loss"]
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+
+
+def test_sigterm_stops_every_rank_and_the_resume_ends_where_an_unstopped_run_ends(tmp_path):
+    """SIGTERM to ``convserve train --nproc-per-node 2`` after its first epoch: the CLI passes
+    it to the ranks, which stop at one step; rank 0 keeps last.pt there and ends the MLflow
+    run ``stopped`` without an error; no process is left. ``--resume`` then ends with the
+    weights of a two-process run that never stopped, bit for bit, and finishes the run."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    whole = _config(tmp_path, "whole", limit=1200, epochs=2)
+    out = _train(whole, nproc=2)
+    assert out.returncode == 0, out.stdout + out.stderr
+    parts = _config(tmp_path, "parts", limit=1200, epochs=2)
+    tracked = ["--set", "tracking.enabled=true", "--set", f"tracking.tracking_uri={uri}"]
+    argv = [CLI, "train", "--config", str(parts), *tracked, "--nproc-per-node", "2"]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
+    )
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("epoch 1:"):
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=limit(60)) == 1, "".join(lines)
+    text = "".join(lines)
+    assert "status: stopped" in text and "Traceback" not in text, text
+    assert not [p for p in _processes() if str(parts) in p], "a rank outlived the CLI"
+    (last,) = (tmp_path / "parts").glob("*/last.pt")
+    saved = torch.load(last, weights_only=False)
+    assert saved["position"]["epoch"] == 2 and not saved["finished"]
+    client = MlflowClient(uri)
+    run = client.get_run(saved["run_id"])
+    assert (
+        run.data.tags["convserve.status"] == "stopped" and "test_accuracy" not in run.data.metrics
+    )
+    out = _train(parts, "--resume", str(last), nproc=2)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert _equal_weights(_weights(tmp_path / "whole"), _weights(tmp_path / "parts"))
+    run = client.get_run(saved["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["convserve.status"] == "finished"
+    assert "convserve.message" not in run.data.tags
+    assert len(client.get_metric_history(run.info.run_id, "test_accuracy")) == 1
+
+
+def _processes() -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            found.append(cmdline.read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            pass
+    return found
+
+
+def _equal_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -40,7 +44,9 @@ def train(
 ) -> None:
     """Train one model; print the final metrics, the diagnosis and the run id.
 
-    Exits 0 when training finishes, 1 when it diverges or is cancelled, 2 on a bad config.
+    SIGTERM or Ctrl-C stop training at the next step and keep ``last.pt`` at that place:
+    ``--resume`` goes on from it as if the run had not stopped (a second Ctrl-C interrupts).
+    Exits 0 when training finishes, 1 when it diverges or is stopped, 2 on a bad config.
     """
     from convserve.training.config import ConfigError
     from convserve.training.configfiles import apply_overrides, load_config, validate_config
@@ -62,8 +68,10 @@ def train(
     from convserve.training.run import train as run_training
 
     try:
-        with TrainProgress("train") as progress:
-            result = run_training(cfg, resume=resume, callbacks=progress.callbacks)
+        with TrainProgress("train") as progress, _stop_on_signals() as stop:
+            callbacks = progress.callbacks
+            callbacks.should_stop, callbacks.stop_status = stop.is_set, lambda: "stopped"
+            result = run_training(cfg, resume=resume, callbacks=callbacks)
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         raise fail(str(err)) from None
     report_run(result)
@@ -71,12 +79,32 @@ def train(
         raise typer.Exit(1)
 
 
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """SIGTERM or a first Ctrl-C set the event: training stops at the next step and keeps
+    ``last.pt`` at that place (``--resume`` goes on from it); a second Ctrl-C interrupts."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def _torchrun(
     nproc: int, config: str, overrides: list[str], resume: Path | None, device: str
 ) -> int:
     """``torchrun --standalone`` with ``nproc`` processes of ``python -m convserve.training``;
-    its exit code."""
-    import subprocess
+    its exit code (1 when SIGINT or SIGTERM stopped it: they are passed to the ranks, which
+    stop together at the next step and keep ``last.pt`` there)."""
+    import time
 
     import torch
 
@@ -85,17 +113,29 @@ def _torchrun(
         raise fail(
             f"--nproc-per-node {nproc} needs {nproc} GPUs; torch sees {torch.cuda.device_count()}"
         )
-    from convserve.training.distributed import torchrun
+    from convserve.training.distributed import Torchrun
 
-    argv, env = torchrun(
-        nproc,
-        [
-            *(["--resume", str(resume)] if resume is not None else ["--config", config]),
-            *(arg for override in overrides for arg in ("--set", override)),
-        ],
-    )
+    args = [
+        *(["--resume", str(resume)] if resume is not None else ["--config", config]),
+        *(arg for override in overrides for arg in ("--set", override)),
+    ]
     console.print(f"training on {nproc} processes (torchrun, {'NCCL' if cuda else 'gloo'})")
-    return subprocess.call(argv, env=env)
+    run = Torchrun(nproc, args)
+
+    def forward(signum: int, frame: object) -> None:
+        run.stop(signum)  # the ranks stop at the next step; rank 0 keeps last.pt there
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while run.poll() is None:
+            time.sleep(0.2)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if run.asked is not None:
+        console.print("stopped by a signal: --resume continues from the step it stopped at")
+        return 1
+    return run.proc.returncode
 
 
 def _policy(

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import subprocess
 import threading
 import time
@@ -14,7 +12,7 @@ from typing import Any
 
 from convserve.pipelines.heartbeat import Heartbeat
 from convserve.training.config import TrainConfig
-from convserve.training.distributed import torchrun
+from convserve.training.distributed import Torchrun
 
 log = logging.getLogger(__name__)
 
@@ -29,24 +27,21 @@ def train_processes(
 ) -> tuple[str, str]:
     """``torchrun`` runs ``python -m convserve.training`` on the job's run (rank 0 logs to it
     and uploads its checkpoints), while this worker beats, publishes the progress and stops
-    the processes (SIGTERM: they keep ``last.pt``) when the job is cancelled or its lease is
-    lost. (status, message)."""
-    argv, env = torchrun(nproc, _arguments(cfg, run_id, resume))
-    env["MLFLOW_TRACKING_URI"] = tracking_uri
-    proc = subprocess.Popen(
-        argv,
-        env=env,
+    the ranks (SIGTERM: they keep ``last.pt``) when the job is cancelled, its lease is
+    lost, or its worker drains. (status, message)."""
+    run = Torchrun(
+        nproc,
+        _arguments(cfg, run_id, resume),
+        env={"MLFLOW_TRACKING_URI": tracking_uri},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        start_new_session=True,
     )
+    proc = run.proc
     output = _Output(proc, run_id, beat)
-    stopping = False
-    while proc.poll() is None:
-        if not stopping and beat.should_stop():
-            os.killpg(proc.pid, signal.SIGTERM)  # torchrun passes it to every rank
-            stopping = True
+    while run.poll() is None:
+        if run.asked is None and beat.should_stop():
+            run.stop()  # every rank stops at the step they agree on; rank 0 keeps last.pt
         time.sleep(0.2)
     output.join()
     if "status" in output.result:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from convserve import logs
+from convserve.processes import die_with_parent
 from convserve.redact import redact
 from convserve.training.configfiles import load_config
 
@@ -93,17 +94,6 @@ def mlflow_server_argv(backend_uri: str, artifacts: Path, host: str, port: int) 
 
 
 MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-
-
-def die_with_parent(signum: int = signal.SIGTERM) -> None:
-    """Linux: this process gets ``signum`` when its parent dies, even by SIGKILL (elsewhere,
-    nothing)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signum)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def copy_stamped(pipe: IO[bytes], path: Path, name: str) -> None:

@@ -47,8 +47,8 @@ from convserve.pipelines.lease import GuardedClient, Lease
 from convserve.pipelines.reaper import publish_when_done
 from convserve.pipelines.registry import Policy, PublishCancelled, publish
 from convserve.pipelines.runs import read_request, tracked, tracked_sweep
-from convserve.pipelines.stack import die_with_parent
 from convserve.pipelines.sweep import finish, record_progress, run_trial, search_tags
+from convserve.processes import die_with_parent
 from convserve.training.run import Callbacks, train
 from convserve.training.tracking import run_tags
 

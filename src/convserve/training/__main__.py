@@ -7,9 +7,11 @@ the same command on each node with a c10d rendezvous::
         --rdzv-endpoint node0.example:29400 --rdzv-id my-run \\
         -m convserve.training --config default --set optim.epochs=5
 
-Rank 0 prints each epoch and the result, logs to MLflow and keeps the checkpoints. SIGTERM
-stops every rank at the next step, keeping ``last.pt`` (``--resume`` continues from it).
-Exits 0 when training finishes, 1 when it diverges or is stopped, 2 on a bad config.
+Rank 0 prints each epoch and the result, logs to MLflow and keeps the checkpoints. SIGTERM or
+SIGINT to any rank stops every rank at the next step they agree on; rank 0 keeps ``last.pt``
+at that exact place (``--resume`` continues from it as if the run had not stopped) and the
+run ends ``stopped``. Exits 0 when training finishes or was stopped so (torchrun would report
+a rank that exits otherwise as failed), 1 when it diverges, 2 on a bad config.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # first of all: a stop asked for while torch loads is kept, not a dead rank
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
 
@@ -70,9 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     from convserve.training import distributed
     from convserve.training.run import Callbacks, train
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
         say(f"epoch {epoch}: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys))
@@ -84,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg,
             resume=args.resume,
             run_id=args.run_id,
-            callbacks=Callbacks(on_epoch=on_epoch, should_stop=stop.is_set),
+            callbacks=Callbacks(
+                on_epoch=on_epoch, should_stop=stop.is_set, stop_status=lambda: "stopped"
+            ),
             end_run=not args.keep_run_open,
         )
     except (ValueError, RuntimeError, FileNotFoundError) as err:
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         distributed.leave()
     _report(result, say)
-    return 0 if result.status == "finished" else 1
+    return 0 if result.status in ("finished", "stopped") else 1
 
 
 def _report(result: TrainResult, say: Callable[[str], None]) -> None:

@@ -18,7 +18,7 @@ Every ``every`` steps, for each conv and linear layer, in forward order:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -91,8 +91,31 @@ class _Probe:
     layer: str
     module: nn.Module
     activation: str
+    sums: dict[str, Tensor] = field(default_factory=dict)  # what the statistics are made of
     stats: LayerStats = field(default_factory=dict)
     values: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _moments(t: Tensor) -> Tensor:
+    """Count, sum and sum of squares (float64): what a mean and a standard deviation over
+    several batches (or ranks) are made of."""
+    d = t.detach().double()
+    return torch.stack(
+        [
+            torch.tensor(float(d.numel()), dtype=torch.float64, device=d.device),
+            d.sum(),
+            (d * d).sum(),
+        ]
+    )
+
+
+def _mean_std(m: Tensor) -> tuple[float, float]:
+    n, total, squares = (float(v) for v in m)
+    if n < 1:
+        return 0.0, 0.0
+    mean = total / n
+    var = (squares - total * total / n) / (n - 1) if n > 1 else 0.0
+    return mean, max(var, 0.0) ** 0.5
 
 
 class Diagnostics:
@@ -100,7 +123,10 @@ class Diagnostics:
 
     Usage per measured step: ``with diag.measure(): forward; backward``, then
     ``diag.before_step()``, ``optimizer.step()``, ``snap = diag.after_step(step)``.
-    The hooks do nothing on other steps.
+    The hooks do nothing on other steps. They keep sums (counts, sums of values and of their
+    squares, the units that fired), from which ``after_step`` makes the statistics; in a
+    data-parallel run the sums of every rank are added first, so the statistics are those of
+    the global batch.
     """
 
     def __init__(self, model: ConvNet, cfg: DiagnosticsConfig) -> None:
@@ -121,6 +147,9 @@ class Diagnostics:
         # Mixed precision in fp16 scales the loss, so every gradient, by this factor: the
         # statistics divide it out and stay comparable with full-precision runs.
         self.grad_scale = 1.0
+        # A rank of a data-parallel run takes the mean loss of its share of the batch: its
+        # gradients are ``ranks`` times those of the global batch's mean loss.
+        self.ranks = 1
         self._before: dict[str, Tensor] = {}
         self._handles = [p.module.register_forward_hook(self._hook(p)) for p in self.probes]
 
@@ -136,16 +165,15 @@ class Diagnostics:
                 return
             pre = output if is_layer else inputs[0]
             out = output.detach()
-            s = probe.stats
-            s["act_mean"] = float(out.mean())
-            s["act_std"] = float(out.std()) if out.numel() > 1 else 0.0
+            sums = probe.sums
+            sums["act"] = _moments(out)
             if probe.activation in SATURATING:
                 low, high = SATURATING[probe.activation]
-                s["saturated"] = float(((out <= low) | (out >= high)).float().mean())
+                sums["saturated"] = ((out <= low) | (out >= high)).sum().double().reshape(1)
             if not is_layer:
                 # A unit is a channel of a conv feature map or a neuron of a linear layer.
                 per_unit = out.transpose(0, 1).flatten(1) if out.dim() > 2 else out.t()
-                s["dead"] = float((per_unit == 0).all(dim=1).float().mean())
+                sums["fired"] = (per_unit != 0).any(dim=1).double()
             if self._keep_values:
                 probe.values["activation"] = out.flatten().cpu()
             if pre.requires_grad:
@@ -155,8 +183,8 @@ class Diagnostics:
 
     def _grad_hook(self, probe: _Probe):  # type: ignore[no-untyped-def]
         def hook(grad: Tensor) -> None:
-            g = grad.detach().float() / self.grad_scale
-            probe.stats["grad_std"] = float(g.std()) if g.numel() > 1 else 0.0
+            g = grad.detach().float() / (self.grad_scale * self.ranks)
+            probe.sums["grad"] = _moments(g)
             if self._keep_values:
                 probe.values["gradient"] = g.flatten().cpu()
 
@@ -166,7 +194,7 @@ class Diagnostics:
     def measure(self, keep_values: bool = False) -> Iterator[None]:
         """Record statistics during the forward and backward pass inside the block."""
         for probe in self.probes:
-            probe.stats, probe.values = {}, {}
+            probe.sums, probe.stats, probe.values = {}, {}, {}
         self._active, self._keep_values = True, keep_values
         try:
             yield
@@ -182,12 +210,23 @@ class Diagnostics:
             probe.stats["weight_grad_norm"] = norm
             self._before[probe.layer] = weight.detach().clone()
 
-    def after_step(self, step: int) -> Snapshot:
+    def after_step(self, step: int, reduce: Callable[[Tensor], Tensor] | None = None) -> Snapshot:
+        """The snapshot of the step just measured; ``reduce`` adds up a tensor of sums over
+        the ranks of a data-parallel run (every rank calls it, in the same order)."""
+        keys = [(p, k) for p in self.probes for k in sorted(p.sums)]
+        flat = torch.cat([p.sums[k].flatten().cpu() for p, k in keys]) if keys else None
+        if flat is not None and reduce is not None:
+            flat = reduce(flat)
+        offset = 0
+        for p, k in keys:
+            size = p.sums[k].numel()
+            p.sums[k] = flat[offset : offset + size] if flat is not None else p.sums[k]
+            offset += size
         layers: dict[str, LayerStats] = {}
         for probe in self.probes:
             weight = self.layers[probe.layer].weight.detach()
             before = self._before.pop(probe.layer, None)
-            s = dict(probe.stats)
+            s = {**_statistics(probe.sums), **probe.stats}
             s.setdefault("grad_std", 0.0)
             if before is not None:
                 s["update_ratio"] = float((weight - before).norm() / before.norm().clamp_min(1e-30))
@@ -198,6 +237,20 @@ class Diagnostics:
     def values(self) -> dict[str, dict[str, Tensor]]:
         """Activation and gradient values kept by the last ``measure(keep_values=True)``."""
         return {p.layer: dict(p.values) for p in self.probes}
+
+
+def _statistics(sums: dict[str, Tensor]) -> LayerStats:
+    """A layer's statistics from its sums (``Diagnostics``' hooks)."""
+    stats: LayerStats = {}
+    if "act" in sums:
+        stats["act_mean"], stats["act_std"] = _mean_std(sums["act"])
+        if "saturated" in sums:
+            stats["saturated"] = float(sums["saturated"][0]) / max(float(sums["act"][0]), 1.0)
+    if "fired" in sums:
+        stats["dead"] = float((sums["fired"] == 0).double().mean())
+    if "grad" in sums:
+        stats["grad_std"] = _mean_std(sums["grad"])[1]
+    return stats
 
 
 def find_nonfinite(model: nn.Module, x: Tensor) -> str | None:

@@ -6,20 +6,25 @@ gradients of every step over the processes (gloo on CPUs, NCCL on GPUs). The glo
 the config's ``data.batch_size``, split evenly: each process takes ``batch_size / world`` images
 per step from its ``DistributedSampler`` shard of the same shuffled order, so a step sees the
 images one process would have seen in the same step. Only rank 0 logs to MLflow and writes
-checkpoints; every rank measures the diagnostics' snapshots on its part of the batch, and the
-statistics are averaged over the ranks.
+checkpoints. Every step's loss and accuracy and the diagnostics' snapshots are the global
+batch's: the ranks exchange sums (of losses, of activations and gradients and their squares,
+of the units that fired), never their own statistics, so one process and several measure the
+same figures for the same batch and weights.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
 
-from convserve.training.diagnostics import Snapshot
+from convserve.processes import die_with_parent, signal_children
 
 
 @dataclass(frozen=True)
@@ -34,28 +39,20 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
-    def agree(self, nonfinite: bool, stop: bool) -> tuple[bool, bool]:
-        """Whether any rank's loss is non-finite, and whether rank 0 was asked to stop: every
-        rank then leaves the step together (no rank waits in a collective for one that
-        left)."""
-        flags = torch.tensor([float(nonfinite), float(stop and self.main)])
-        torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MAX)
-        return bool(flags[0]), bool(flags[1])
-
-    def total(self, values: list[float]) -> list[float]:
-        """``values`` summed over the ranks."""
-        t = torch.tensor(values, dtype=torch.float64)
+    def agree(
+        self, nonfinite: bool, stop: bool, counts: tuple[float, int, int]
+    ) -> tuple[bool, bool, tuple[float, int, int]]:
+        """In one exchange: whether any rank's loss is non-finite, whether any rank was asked
+        to stop (every rank then leaves the step together: none waits in a collective for one
+        that left), and the step's counts (summed loss, correct, examples) over every rank."""
+        t = torch.tensor([float(nonfinite), float(stop), *counts], dtype=torch.float64)
         torch_dist.all_reduce(t)
-        return t.tolist()  # type: ignore[no-any-return]
+        return bool(t[0]), bool(t[1]), (float(t[2]), int(t[3]), int(t[4]))
 
-    def mean_snapshot(self, snap: Snapshot) -> Snapshot:
-        """A snapshot's statistics averaged over the ranks (each measured its own images)."""
-        keys = [(layer, k) for layer, stats in snap.layers.items() for k in sorted(stats)]
-        values = self.total([snap.layers[layer][k] for layer, k in keys])
-        layers: dict[str, dict[str, float]] = {layer: {} for layer in snap.layers}
-        for (layer, k), v in zip(keys, values, strict=True):
-            layers[layer][k] = v / self.world
-        return Snapshot(snap.step, layers)  # type: ignore[arg-type]
+    def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks, in place (a tensor on the CPU)."""
+        torch_dist.all_reduce(t)
+        return t
 
 
 def from_env(device: str) -> Dist | None:
@@ -111,3 +108,36 @@ def torchrun(nproc: int, args: list[str]) -> tuple[list[str], dict[str, str]]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (cores or 1) // nproc))
     return argv, {**os.environ, "OMP_NUM_THREADS": threads}
+
+
+class Torchrun:
+    """``torchrun`` (``torchrun(nproc, args)``) in a session of its own, which gets SIGTERM
+    when its starter dies. ``stop`` signals its ranks, not torchrun: each rank stops at the
+    step they agree on, rank 0 writes ``last.pt`` at that exact place, and every rank exits
+    0, so torchrun ends as for a finished run (signalled itself, it would report its ranks
+    as failed)."""
+
+    def __init__(
+        self, nproc: int, args: list[str], env: dict[str, str] | None = None, **popen: Any
+    ):
+        argv, environ = torchrun(nproc, args)
+        self.proc = subprocess.Popen(
+            argv,
+            env={**environ, **(env or {})},
+            start_new_session=True,  # a terminal's Ctrl-C reaches the ranks through ``stop``
+            preexec_fn=die_with_parent,
+            **popen,
+        )
+        self.asked: int | None = None  # the signal a stop was asked with
+        self.delivered = False
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        """Ask the ranks to stop (again at each ``poll`` until they have started)."""
+        self.asked = signum
+        self.delivered = bool(signal_children(self.proc.pid, signum))
+
+    def poll(self) -> int | None:
+        """torchrun's exit code, None while it runs; passes on a stop the ranks missed."""
+        if self.asked is not None and not self.delivered:
+            self.stop(self.asked)
+        return self.proc.poll()

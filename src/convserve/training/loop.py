@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from convserve.training.checkpoint import rng_state, set_rng_state, torch_rng_state
 from convserve.training.config import OptimConfig
 from convserve.training.data import Split
 from convserve.training.data.augment import Transform
@@ -28,12 +29,24 @@ class Diverged(Exception):
         super().__init__(f"training diverged at step {step}: loss is {loss}; {where}")
 
 
-class Stopped(Exception):
-    """Training was asked to stop (cancelled) between two steps; ``step`` steps were done."""
+@dataclass
+class Position:
+    """Where within an epoch training stopped: the epoch's batches done, its tally so far
+    (summed loss, correct answers, examples seen) and every random generator's state before
+    the next batch; a checkpoint holding it resumes at exactly that batch."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
-        super().__init__(f"cancelled at step {step}")
+    batches: int
+    tally: tuple[float, int, int]
+    rng: dict[str, Any]
+
+
+class Stopped(Exception):
+    """Training was asked to stop between two steps; ``step`` steps were done, and the
+    epoch stopped at ``position``."""
+
+    def __init__(self, step: int, position: Position | None = None) -> None:
+        self.step, self.position = step, position
+        super().__init__(f"stopped at step {step}")
 
 
 @dataclass
@@ -166,6 +179,7 @@ def train_one_epoch(
     sample_weights: Tensor | None = None,
     compiled: nn.Module | None = None,
     wrapped: nn.Module | None = None,
+    resume_at: Position | None = None,
 ) -> EpochResult:
     """Train over ``split`` once (or until ``max_steps``); raises ``Diverged`` or ``Stopped``.
 
@@ -175,13 +189,16 @@ def train_one_epoch(
     the batches in proportion to them; ``compiled`` (``torch.compile(model)``) takes the
     unmeasured steps, the hooks of the measured ones stay on the eager ``model``. In a
     data-parallel run (``recipe.dist``) ``batch_size`` is this rank's part of the batch, every
-    step runs through ``wrapped`` (``DistributedDataParallel``), and the epoch's loss and
-    accuracy and each snapshot are those of every rank together.
+    step runs through ``wrapped`` (``DistributedDataParallel``), and every step's loss and
+    accuracy and each snapshot are those of the global batch. ``resume_at``: the position a
+    stopped epoch was left at (``Stopped.position``); the epoch goes on from its next batch
+    as if it had never stopped.
     """
     cb = callbacks or StepCallbacks()
     recipe = recipe or Recipe()
     model.train()
-    step, tally = start_step, _Tally()
+    done = resume_at.batches if resume_at is not None else 0
+    step, tally = start_step, _Tally(*(resume_at.tally if resume_at is not None else ()))
     snapshots: list[Snapshot] = []
     dist = recipe.dist
     stepper = wrapped if wrapped is not None else model
@@ -193,52 +210,59 @@ def train_one_epoch(
         weights=sample_weights,
         pin_memory=device.type == "cuda",
         shard=None if dist is None else (dist.rank, dist.world),
+        skip=done,
     )
-    for x, y in batches:
-        if max_steps is not None and step >= max_steps:
-            break
+    if resume_at is not None:
+        set_rng_state(resume_at.rng)
+    while max_steps is None or step < max_steps:
+        rng = torch_rng_state()  # before the batch is drawn: what a resume starts from
+        batch = next(batches, None)
+        if batch is None:
+            break  # an epoch whose last batch is done ends (validated, checkpointed) first
         stop = cb.should_stop is not None and cb.should_stop()
         if stop and dist is None:
-            raise Stopped(step)
-        x, y = _to_device(x, y, device, recipe)
+            raise Stopped(step, Position(done, tally.state(), rng_state(rng)))
+        x, y = _to_device(*batch, device, recipe)
         measure = diagnostics if step % diag_every == 0 else None
-        logits, loss_value, snap = _train_step(
-            stepper, compiled, optimizer, x, y, step, recipe, measure, stop
-        )
+        try:
+            counts, snap = _train_step(
+                stepper, compiled, optimizer, x, y, step, recipe, measure, stop
+            )
+        except Stopped:
+            raise Stopped(step, Position(done, tally.state(), rng_state(rng))) from None
         if snap is not None:
             snapshots.append(snap)
             if cb.on_snapshot is not None:
                 cb.on_snapshot(snap)
-        step += 1
-        accuracy = tally.add(logits, y, loss_value)
+        step, done = step + 1, done + 1
+        loss_value, accuracy = tally.add(*counts)
         if cb.on_step is not None:
             cb.on_step(step, loss_value, accuracy)
     spent = max_steps is not None and step >= max_steps
-    return EpochResult(*tally.result(dist), steps=step, budget_spent=spent, snapshots=snapshots)
+    return EpochResult(*tally.result(), steps=step, budget_spent=spent, snapshots=snapshots)
 
 
 @dataclass
 class _Tally:
-    """An epoch's summed loss and correct answers over the examples seen."""
+    """An epoch's summed loss and correct answers over the examples seen (every rank's)."""
 
     loss: float = 0.0
     correct: int = 0
     seen: int = 0
 
-    def add(self, logits: Tensor, y: Tensor, loss: float) -> float:
-        """Count a batch; its accuracy."""
-        correct = int((logits.argmax(1) == y).sum())
-        self.loss += loss * y.size(0)
+    def add(self, loss_sum: float, correct: int, seen: int) -> tuple[float, float]:
+        """Count a batch; its mean loss and accuracy."""
+        self.loss += loss_sum
         self.correct += correct
-        self.seen += y.size(0)
-        return correct / y.size(0)
+        self.seen += seen
+        return loss_sum / max(seen, 1), correct / max(seen, 1)
 
-    def result(self, dist: Any) -> tuple[float, float]:
-        """The epoch's mean loss and accuracy (over every rank of a data-parallel run)."""
-        loss, correct, seen = self.loss, self.correct, self.seen
-        if dist is not None:
-            loss, correct, seen = dist.total([loss, correct, seen])
-        return loss / max(seen, 1), correct / max(seen, 1)
+    def state(self) -> tuple[float, int, int]:
+        return self.loss, self.correct, self.seen
+
+    def result(self) -> tuple[float, float]:
+        """The epoch's mean loss and accuracy."""
+        return self.loss / max(self.seen, 1), self.correct / max(self.seen, 1)
 
 
 def _to_device(x: Tensor, y: Tensor, device: torch.device, recipe: Recipe) -> tuple[Tensor, Tensor]:
@@ -246,6 +270,9 @@ def _to_device(x: Tensor, y: Tensor, device: torch.device, recipe: Recipe) -> tu
     if recipe.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y
+
+
+Counts = tuple[float, int, int]  # a batch's summed loss, correct answers and size
 
 
 def _train_step(
@@ -258,34 +285,31 @@ def _train_step(
     recipe: Recipe,
     diagnostics: Diagnostics | None,
     stop: bool,
-) -> tuple[Tensor, float, Snapshot | None]:
+) -> tuple[Counts, Snapshot | None]:
     """One step, measured by ``diagnostics`` when given (on the eager ``model``; in a
-    data-parallel run its snapshot is every rank's together), else through ``compiled``."""
+    data-parallel run its snapshot is the global batch's), else through ``compiled``."""
     if diagnostics is None:
         plain = compiled if compiled is not None else model
-        return (*_step(plain, optimizer, x, y, step, recipe, stop), None)
-    logits, loss_value, snap = _measured_step(
-        model, optimizer, x, y, step, recipe, diagnostics, stop
-    )
-    if recipe.dist is not None:
-        snap = recipe.dist.mean_snapshot(snap)
-    return logits, loss_value, snap
+        return _step(plain, optimizer, x, y, step, recipe, stop), None
+    return _measured_step(model, optimizer, x, y, step, recipe, diagnostics, stop)
 
 
 def _forward_backward(
     model: nn.Module, x: Tensor, y: Tensor, step: int, recipe: Recipe, stop: bool = False
-) -> tuple[Tensor, float]:
-    """Logits and the loss after ``backward``; a non-finite loss raises ``Diverged`` (on every
-    rank of a data-parallel run, as does a stop asked of rank 0, before the backward pass
-    whose gradients the ranks exchange)."""
+) -> Counts:
+    """The batch's counts after ``backward``; a non-finite loss raises
+    ``Diverged``. In a data-parallel run the counts are the global batch's, and a
+    divergence, or a stop asked of any rank, is agreed before the backward pass whose
+    gradients the ranks exchange: every rank raises at the same step."""
     with recipe.autocast():
         logits = model(x)
         loss = F.cross_entropy(logits, y, weight=recipe.loss_weights)
     loss_value = float(loss.detach())
     nonfinite = not math.isfinite(loss_value)
+    counts: Counts = (loss_value * y.size(0), int((logits.argmax(1) == y).sum()), y.size(0))
     inner = getattr(model, "module", model)  # DistributedDataParallel's replica
     if recipe.dist is not None:
-        anywhere, stopped = recipe.dist.agree(nonfinite, stop)
+        anywhere, stopped, counts = recipe.dist.agree(nonfinite, stop, counts)
         if stopped:
             raise Stopped(step)
         if anywhere:
@@ -293,7 +317,7 @@ def _forward_backward(
     elif nonfinite:
         raise Diverged(step, find_nonfinite(inner, x), loss_value)
     (recipe.scaler.scale(loss) if recipe.scaler is not None else loss).backward()
-    return logits.detach(), loss_value
+    return counts
 
 
 def _update(model: nn.Module, optimizer: torch.optim.Optimizer, recipe: Recipe) -> None:
@@ -317,11 +341,11 @@ def _step(
     step: int,
     recipe: Recipe,
     stop: bool = False,
-) -> tuple[Tensor, float]:
+) -> Counts:
     optimizer.zero_grad(set_to_none=True)
-    logits, loss_value = _forward_backward(model, x, y, step, recipe, stop)
+    counts = _forward_backward(model, x, y, step, recipe, stop)
     _update(model, optimizer, recipe)
-    return logits, loss_value
+    return counts
 
 
 def _measured_step(
@@ -333,15 +357,18 @@ def _measured_step(
     recipe: Recipe,
     diagnostics: Diagnostics,
     stop: bool = False,
-) -> tuple[Tensor, float, Snapshot]:
-    """One step with the diagnostics' hooks on; the snapshot is taken after the update."""
+) -> tuple[Counts, Snapshot]:
+    """One step with the diagnostics' hooks on; the snapshot is taken after the update (in a
+    data-parallel run, from the sums of every rank)."""
     optimizer.zero_grad(set_to_none=True)
     diagnostics.grad_scale = float(recipe.scaler.get_scale()) if recipe.scaler is not None else 1.0
+    diagnostics.ranks = recipe.dist.world if recipe.dist is not None else 1
     with diagnostics.measure():
-        logits, loss_value = _forward_backward(model, x, y, step, recipe, stop)
+        counts = _forward_backward(model, x, y, step, recipe, stop)
     diagnostics.before_step()
     _update(model, optimizer, recipe)
-    return logits, loss_value, diagnostics.after_step(step + 1)
+    reduce = recipe.dist.sum_tensor if recipe.dist is not None else None
+    return counts, diagnostics.after_step(step + 1, reduce)
 
 
 @dataclass

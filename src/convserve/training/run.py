@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from convserve.training import distributed, plots
-from convserve.training.checkpoint import ModelSpec, read_checkpoint, save_checkpoint
+from convserve.training.checkpoint import ModelSpec, read_checkpoint, rng_state, save_checkpoint
 from convserve.training.config import TrainConfig
 from convserve.training.data import DataBundle, Split, load_data
 from convserve.training.data.augment import build_augment, describe
@@ -24,6 +25,7 @@ from convserve.training.diagnostics import Diagnostics, Snapshot, capture_values
 from convserve.training.init import initialize
 from convserve.training.loop import (
     Diverged,
+    Position,
     Recipe,
     StepCallbacks,
     Stopped,
@@ -37,7 +39,8 @@ from convserve.training.tracking import Tracker, tracking_uri
 
 log = logging.getLogger(__name__)
 
-Status = Literal["finished", "diverged", "cancelled"]
+# "stopped": asked to stop (SIGTERM, a draining worker), to be resumed; "cancelled": by its user
+Status = Literal["finished", "diverged", "cancelled", "stopped"]
 
 
 @dataclass
@@ -61,6 +64,8 @@ class Callbacks:
     on_step: Callable[[int, float, float], None] | None = None
     on_epoch: Callable[[int, dict[str, float]], None] | None = None
     should_stop: Callable[[], bool] | None = None
+    # why training stopped when ``should_stop`` said so ("cancelled" when not given)
+    stop_status: Callable[[], Status] | None = None
 
 
 def resolve_device(name: str, dist: distributed.Dist | None = None) -> torch.device:
@@ -82,6 +87,39 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _asks_for_more(cfg: TrainConfig, payload: dict[str, Any]) -> bool:
+    """Whether ``cfg`` trains longer than the finished run of ``payload`` did (more epochs,
+    or a larger step budget): a resume that extends a run."""
+    saved = TrainConfig.model_validate(payload["config"]).optim
+    steps, saved_steps = cfg.optim.max_steps or math.inf, saved.max_steps or math.inf
+    return cfg.optim.epochs > saved.epochs or steps > saved_steps
+
+
+def _already_finished(
+    cfg: TrainConfig, payload: dict[str, Any], start: _Start, path: Path
+) -> TrainResult:
+    """``--resume`` of a run that ended: its outcome as it was, nothing trained or written."""
+    diagnosis = diagnose(
+        start.snapshots,
+        cfg.diagnostics,
+        activation=cfg.model.activation,
+        init=cfg.init.name,
+        scale=cfg.init.scale,
+    )
+    message = f"the run had finished already (epoch {payload['epoch']}, step {payload['step']})"
+    return TrainResult(
+        "finished",
+        payload["run_id"],
+        dict(payload.get("metrics", {})),
+        diagnosis,
+        None,
+        path,
+        message + ": nothing to resume",
+        start.history,
+        start.snapshots,
+    )
 
 
 def build_for(cfg: TrainConfig, data: DataBundle) -> ConvNet:
@@ -113,20 +151,40 @@ def _checkpoint_dir(cfg: TrainConfig, run_id: str | None) -> Path:
     return Path(cfg.tracking.output_dir) / name
 
 
+@dataclass
+class _Start:
+    """Where a run starts: from scratch, or from a checkpoint's exact position."""
+
+    epoch: int = 1
+    step: int = 0
+    best: float = -math.inf
+    position: Position | None = None  # within ``epoch``
+    history: list[dict[str, float]] = field(default_factory=list)
+    snapshots: list[Snapshot] = field(default_factory=list)
+    scaler: dict[str, Any] | None = None
+    finished: bool = False  # the checkpoint's run had ended: nothing is left to train
+    best_epoch: dict[str, Any] | None = None  # the best epoch's weights, epoch, step, metrics
+    since_best: int = 0  # epochs without improvement (early stopping)
+
+
 def _restore(
-    resume: str | Path,
-    model: ConvNet,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-) -> tuple[int, int, float, str | None]:
-    """Load the checkpoint ``resume`` into the model, optimizer and scheduler: (the epoch to
-    start, the step reached, the best metric, the run it belongs to)."""
-    payload = read_checkpoint(resume)
+    payload: dict[str, Any], model: ConvNet, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> _Start:
+    """Load a checkpoint into the model, optimizer and scheduler; where training goes on."""
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     if scheduler is not None and payload["scheduler"] is not None:
         scheduler.load_state_dict(payload["scheduler"])
-    return payload["epoch"] + 1, payload["step"], payload["best_metric"], payload["run_id"]
+    start = _Start(payload["epoch"] + 1, payload["step"], payload["best_metric"])
+    saved = payload.get("position")
+    if saved is not None:  # a checkpoint of this format: the exact place to go on from
+        start.epoch = saved["epoch"]
+        start.position = Position(saved["batches"], tuple(saved["tally"]), saved["rng"])
+    start.history = list(payload.get("history", []))
+    start.snapshots = [Snapshot(s["step"], s["layers"]) for s in payload.get("snapshots", [])]
+    start.scaler, start.finished = payload.get("scaler"), bool(payload.get("finished"))
+    start.best_epoch, start.since_best = payload.get("best_epoch"), payload.get("since_best", 0)
+    return start
 
 
 def train(
@@ -160,10 +218,13 @@ def train(
     model = build_for(cfg, data).to(device)
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim)
-    start_epoch, step, best = 1, 0, -math.inf
+    start = _Start()
     if resume is not None:
-        start_epoch, step, best, saved_run = _restore(resume, model, optimizer, scheduler)
-        run_id = run_id or saved_run
+        payload = read_checkpoint(resume)
+        start = _restore(payload, model, optimizer, scheduler)
+        run_id = run_id or payload["run_id"]
+        if start.finished and not _asks_for_more(cfg, payload):
+            return _already_finished(cfg, payload, start, Path(resume))
     if dist is not None and not dist.main:  # rank 0 alone logs and keeps checkpoints
         cfg = cfg.model_copy(
             update={"tracking": cfg.tracking.model_copy(update={"enabled": False})}
@@ -185,10 +246,12 @@ def train(
 
             log_input(tracker.client, tracker.run_id, *data.uploaded, "training")
         ckpt_dir = _checkpoint_dir(cfg, run_id)
+        if resume is not None:  # what an earlier stop or failure left on the run is gone
+            tracker.clear_tags(["convserve.message", "convserve.status"])
         session = _Session(
             cfg, data, spec, model, optimizer, scheduler, tracker, device, ckpt_dir, cb, dist
         )
-        return session.run(start_epoch, step, best)
+        return session.run(start)
     except BaseException as err:
         if tracker.run_id is not None:
             message = f"{type(err).__name__}: {err}"[:5000]
@@ -244,6 +307,9 @@ class _Session:
         self.plot_dir = ckpt_dir / "plots"
         self.best = -math.inf
         self.best_path: Path | None = None
+        # the best epoch so far, in ``last.pt`` too: a resume elsewhere writes best.pt again
+        self.best_epoch: dict[str, Any] | None = None
+        self.since_best = 0
         self.last_path: Path | None = None
         self.diverged: tuple[int, str | None] | None = None  # (step, first non-finite layer)
         # A few validation images travel in every checkpoint, for the export parity check.
@@ -288,10 +354,22 @@ class _Session:
         }
 
     def _save(
-        self, name: str, epoch: int, step: int, best: float, metrics: dict[str, float]
+        self,
+        name: str,
+        epoch: int,
+        step: int,
+        metrics: dict[str, float],
+        position: Position | None = None,
+        finished: bool = False,
+        weights: dict[str, Any] | None = None,
     ) -> Path | None:
+        """Write ``name`` (rank 0 only) after ``epoch`` complete epochs and ``step`` steps;
+        ``position``: where the next epoch stopped (default: at its start); ``weights``:
+        other than the model's (the best epoch's)."""
         if not self.main:
             return None
+        where = position or Position(0, (0.0, 0, 0), rng_state())
+        scaler = self.recipe.scaler
         return save_checkpoint(
             self.ckpt_dir / name,
             model=self.model,
@@ -301,27 +379,50 @@ class _Session:
             spec=self.spec,
             epoch=epoch,
             step=step,
-            best_metric=best,
+            best_metric=self.best,
             metrics=metrics,
             run_id=self.tracker.run_id,
             sample=self.sample,
+            weights=weights,
+            extra=None
+            if name == "best.pt"
+            else {
+                "position": {"epoch": epoch + 1, **dataclasses.asdict(where)},
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "history": self.history,
+                "snapshots": [{"step": s.step, "layers": s.layers} for s in self.snapshots],
+                "finished": finished,
+                "best_epoch": self.best_epoch,
+                "since_best": self.since_best,
+            },
         )
 
-    def run(self, start_epoch: int, step: int, best: float) -> TrainResult:
-        """Train from ``start_epoch`` to the end, an early stop, a divergence or a cancel."""
-        self._begin()
-        self.best, self.best_path, self.last_path = best, None, None
+    def run(self, start: _Start) -> TrainResult:
+        """Train from ``start`` to the end, an early stop, a divergence or a stop."""
+        self.history, self.snapshots = list(start.history), list(start.snapshots)
+        if start.scaler is not None and self.recipe.scaler is not None:
+            self.recipe.scaler.load_state_dict(start.scaler)
+        self._begin(fresh=start.step == 0)
+        self.best, self.best_path, self.last_path = start.best, None, None
+        self.best_epoch, self.since_best = start.best_epoch, start.since_best
+        if self.best_epoch is not None:
+            b = self.best_epoch
+            self.best_path = self._save(
+                "best.pt", b["epoch"], b["step"], b["metrics"], weights=b["weights"]
+            )
         status: Status = "finished"
         message = ""
-        since_best = 0
+        step, position = start.step, start.position
+        self.step = step
         try:
-            for epoch in range(start_epoch, self.cfg.optim.epochs + 1):
-                step, budget_spent = self._epoch(epoch, step)
-                since_best = 0 if self._checkpoint(epoch, step) else since_best + 1
+            for epoch in range(start.epoch, self.cfg.optim.epochs + 1):
+                step, budget_spent = self._epoch(epoch, step, position)
+                position, self.step = None, step
+                self._checkpoint(epoch, step)
                 if budget_spent:
                     break
                 patience = self.cfg.optim.early_stopping
-                if patience is not None and since_best >= patience:
+                if patience is not None and self.since_best >= patience:
                     message = f"early stopping after epoch {epoch}"
                     break
         except Diverged as err:
@@ -334,12 +435,14 @@ class _Session:
                 }
             )
         except Stopped as err:
-            status, message = "cancelled", str(err)
-            self._keep_where_stopped(start_epoch, err.step)
+            status = self.cb.stop_status() if self.cb.stop_status is not None else "cancelled"
+            message = f"{status} at step {err.step}; --resume continues from that step"
+            self._keep_where_stopped(err)
         return self._finish(status, message, self.best_path, self.last_path)
 
-    def _begin(self) -> None:
-        """Announce the step budget; plot the histograms at initialisation."""
+    def _begin(self, fresh: bool) -> None:
+        """Announce the step budget; plot the histograms at initialisation (``fresh``: a
+        run that starts at step 0)."""
         cfg = self.cfg
         steps_per_epoch = math.ceil(len(self.data.train) / cfg.data.batch_size)
         total = steps_per_epoch * cfg.optim.epochs
@@ -356,7 +459,7 @@ class _Session:
                 "convserve.augment": describe(cfg.data.augment),
             }
         )
-        if self.diag is not None and cfg.diagnostics.plots and self.main:
+        if self.diag is not None and cfg.diagnostics.plots and self.main and fresh:
             x, y = self.data.train.sample(256)
             plots.value_histograms(
                 capture_values(self.model, self.diag, x.to(self.device), y.to(self.device)),
@@ -364,8 +467,9 @@ class _Session:
                 self.plot_dir,
             )
 
-    def _epoch(self, epoch: int, step: int) -> tuple[int, bool]:
-        """Train and validate one epoch, log it; (the global step, step budget spent)."""
+    def _epoch(self, epoch: int, step: int, position: Position | None) -> tuple[int, bool]:
+        """Train (from ``position`` within it) and validate one epoch, log it; (the global
+        step, step budget spent)."""
         cfg = self.cfg
         result = train_one_epoch(
             self.model,
@@ -384,6 +488,7 @@ class _Session:
             diagnostics=self.diag,
             diag_every=cfg.diagnostics.every,
             callbacks=StepCallbacks(self._on_step, self._on_snapshot, self.cb.should_stop),
+            resume_at=position,
         )
         val = evaluate(
             self.model,
@@ -408,26 +513,30 @@ class _Session:
             self.scheduler.step()  # type: ignore[attr-defined]
         return result.steps, result.budget_spent
 
-    def _checkpoint(self, epoch: int, step: int) -> bool:
-        """Save ``last.pt``, and ``best.pt`` when validation accuracy improved (returned)."""
+    def _checkpoint(self, epoch: int, step: int) -> None:
+        """Save ``last.pt``, and ``best.pt`` when validation accuracy improved."""
         metrics = self.history[-1]
         improved = metrics["val_accuracy"] > self.best
         self.best = max(self.best, metrics["val_accuracy"])
-        self.last_path = self._save("last.pt", epoch, step, self.best, metrics)
-        if self.last_path is None:  # not rank 0: it keeps no checkpoint
-            return improved
-        # In the run's artifacts too: a job lost with its worker resumes from it elsewhere.
-        self.tracker.log_artifact(self.last_path, "checkpoints")
+        self.since_best = 0 if improved else self.since_best + 1
+        if not self.main:  # not rank 0: it keeps no checkpoint
+            return
+        if improved or self.best_epoch is None:
+            weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            self.best_epoch = dict(weights=weights, epoch=epoch, step=step, metrics=metrics)
+        self.last_path = self._save("last.pt", epoch, step, metrics)
+        if self.last_path is not None:  # in the artifacts too: a lost job resumes elsewhere
+            self.tracker.log_artifact(self.last_path, "checkpoints")
         if improved or self.best_path is None:
-            self.best_path = self._save("best.pt", epoch, step, self.best, metrics)
-        return improved
+            self.best_path = self._save("best.pt", epoch, step, metrics)
 
-    def _keep_where_stopped(self, start_epoch: int, step: int) -> None:
-        """A cancelled run keeps ``last.pt`` where it stopped: the epoch counts as not done,
-        so a resume repeats it."""
+    def _keep_where_stopped(self, stopped: Stopped) -> None:
+        """A stopped run keeps ``last.pt`` at the exact place it stopped (the epoch's batches
+        done, the random generators' states), from which a resume goes on as if it had never
+        stopped."""
         done = self.history[-1] if self.history else {}
-        epoch = int(done.get("epoch", start_epoch - 1))
-        self.last_path = self._save("last.pt", epoch, step, self.best, done)
+        epoch = int(done["epoch"]) if done else 0
+        self.last_path = self._save("last.pt", epoch, stopped.step, done, stopped.position)
         if self.last_path is not None:
             self.tracker.log_artifact(self.last_path, "checkpoints")
 
@@ -436,28 +545,35 @@ class _Session:
     ) -> TrainResult:
         cfg, data = self.cfg, self.data
         final: dict[str, float] = dict(self.history[-1]) if self.history else {}
-        if best_path is not None:
-            best = read_checkpoint(best_path)
-            final["best_val_accuracy"] = best["best_metric"]
-            self.model.load_state_dict(best["model"])
-        split = data.test if data.test is not None else data.val
-        evaluation = evaluate(
-            self.model,
-            split,
-            device=self.device,
-            batch_size=cfg.data.batch_size,
-            num_classes=data.num_classes,
-        )
-        if status != "diverged":
+        if status == "finished" and self.history:  # a later --resume says so, and does nothing
+            last_path = self._save("last.pt", int(final["epoch"]), self.step, final, finished=True)
+            if last_path is not None:
+                self.tracker.log_artifact(last_path, "checkpoints")
+        evaluation = None
+        if status != "stopped":  # a stopped run is measured when it has finished
+            if best_path is not None:
+                best = read_checkpoint(best_path)
+                final["best_val_accuracy"] = best["best_metric"]
+                self.model.load_state_dict(best["model"])
+            split = data.test if data.test is not None else data.val
+            evaluation = evaluate(
+                self.model,
+                split,
+                device=self.device,
+                batch_size=cfg.data.batch_size,
+                num_classes=data.num_classes,
+            )
+        if evaluation is not None and status != "diverged":
             final.update({"test_accuracy": evaluation.accuracy, "test_loss": evaluation.loss})
             summary = {"test_accuracy": evaluation.accuracy, "test_loss": evaluation.loss}
             if "best_val_accuracy" in final:
                 summary["best_val_accuracy"] = final["best_val_accuracy"]
-            self.tracker.log_metrics(summary, 0)
+            self.tracker.log_metrics(summary, self.step)
         diagnosis = self._diagnose()
         self.tracker.log_dict(diagnosis.to_dict(), "diagnosis.json")
-        self._write_plots(status, evaluation.confusion)
-        self.tracker.log_artifacts(self.plot_dir, "plots")
+        if evaluation is not None:
+            self._write_plots(status, evaluation.confusion)
+            self.tracker.log_artifacts(self.plot_dir, "plots")
         if best_path is not None:
             self.tracker.log_artifact(best_path, "checkpoints")
         self.tracker.set_tags(
@@ -468,7 +584,12 @@ class _Session:
             }
         )
         self.tracker.end(
-            {"finished": "FINISHED", "diverged": "FAILED", "cancelled": "KILLED"}[status]
+            {
+                "finished": "FINISHED",
+                "diverged": "FAILED",
+                "cancelled": "KILLED",
+                "stopped": "KILLED",
+            }[status]
         )
         if self.diag is not None:
             self.diag.close()

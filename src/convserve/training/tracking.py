@@ -143,6 +143,15 @@ class Tracker:
             return
         self.client.log_batch(self.run_id, tags=run_tags(tags))
 
+    def clear_tags(self, names: list[str]) -> None:
+        """Remove the run's tags ``names`` where it has them (what an earlier attempt left)."""
+        if not self.enabled or self.run_id is None:
+            return
+        present = self.client.get_run(self.run_id).data.tags
+        for name in names:
+            if name in present:
+                self.client.delete_tag(self.run_id, name)
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.enabled and self.run_id is not None:
             self.client.log_artifact(self.run_id, str(path), artifact_path)

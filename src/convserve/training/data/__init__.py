@@ -18,9 +18,7 @@ from torch.utils.data import (
     DataLoader,
     Dataset,
     DistributedSampler,
-    Sampler,
     Subset,
-    WeightedRandomSampler,
 )
 
 from convserve.contract import Fit
@@ -80,6 +78,7 @@ class Split:
         weights: Tensor | None = None,
         pin_memory: bool = False,
         shard: tuple[int, int] | None = None,
+        skip: int = 0,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Float ``[B, C, H, W]`` in [0, 1] and int64 labels; the order is fixed by ``seed``.
 
@@ -87,47 +86,55 @@ class Split:
         example, batches drawn with replacement in proportion to them (class balance);
         ``shard``: (rank, world) of a data-parallel run, whose ``DistributedSampler`` takes
         every world-th image of the same shuffled order, so that the ranks' batches together
-        are the batch of ``batch_size * world`` one process takes."""
-        sampler: Sampler[int] | None = None
+        are the batch of ``batch_size * world`` one process takes; ``skip``: the batches of
+        this order to leave out (a run resumed within an epoch), never read."""
+        order = self.order(shuffle, seed, weights=weights, shard=shard)[skip * batch_size :]
+        if self.images is not None and transform is None:
+            # The fast path: whole batches indexed out of one tensor.
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                yield self.images[idx].float().div_(255.0), self.labels[idx]
+            return
+        loader = DataLoader(
+            _Images(self.labels, self.images, self.lazy, transform),
+            batch_size=batch_size,
+            sampler=order.tolist(),  # type: ignore[arg-type]
+            num_workers=self.num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=False,
+            generator=torch.Generator().manual_seed(seed),  # the loader processes' seeds
+        )
+        for x, y in loader:
+            yield x.float().div_(255.0), y
+
+    def order(
+        self,
+        shuffle: bool,
+        seed: int,
+        *,
+        weights: Tensor | None = None,
+        shard: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """The example indices of one pass, in the order ``batches`` reads them: drawn with
+        replacement in proportion to ``weights``, this rank's share of a ``shard``, a
+        permutation fixed by ``seed``, or as stored."""
+        if weights is not None:
+            generator = torch.Generator().manual_seed(seed)
+            return torch.multinomial(weights.double(), len(self), True, generator=generator)
         if shard is not None:
             rank, world = shard
             # the sampler needs only the split's length
-            sampler = DistributedSampler(
+            sampler: DistributedSampler[int] = DistributedSampler(
                 self,  # type: ignore[arg-type]
                 num_replicas=world,
                 rank=rank,
                 shuffle=shuffle,
                 seed=seed,  # the permutation is randperm(n) from this seed, as below
             )
-        if self.images is not None and transform is None and weights is None:
-            # The fast path: whole batches indexed out of one tensor.
-            if sampler is not None:
-                order = torch.tensor(list(sampler))
-            elif shuffle:
-                order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
-            else:
-                order = torch.arange(len(self))
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                yield self.images[idx].float().div_(255.0), self.labels[idx]
-            return
-        generator = torch.Generator().manual_seed(seed)
-        if weights is not None:
-            sampler = WeightedRandomSampler(
-                weights.tolist(), len(self), replacement=True, generator=generator
-            )
-        loader = DataLoader(
-            _Images(self.labels, self.images, self.lazy, transform),
-            batch_size=batch_size,
-            shuffle=shuffle and sampler is None,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=False,
-            generator=generator,
-        )
-        for x, y in loader:
-            yield x.float().div_(255.0), y
+            return torch.tensor(list(sampler), dtype=torch.long)
+        if shuffle:
+            return torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        return torch.arange(len(self))
 
     def sample(self, count: int) -> tuple[Tensor, Tensor]:
         """The first ``count`` examples as one batch (plots, LSUV, export checks)."""

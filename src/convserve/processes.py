@@ -1,0 +1,42 @@
+"""Processes and their signals, for every layer: a child that dies with its parent, and the
+children of a process (the ranks ``torchrun`` started), found in ``/proc``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """Linux: this process gets ``signum`` when its parent dies, even by SIGKILL (elsewhere,
+    nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signum)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux ``/proc``; elsewhere none)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # "pid (name) state ppid ...": the name may hold spaces and parentheses
+            fields = stat.read_text().rpartition(")")[2].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def signal_children(pid: int, signum: int) -> list[int]:
+    """Send ``signum`` to each child of ``pid``; the children it reached."""
+    reached = []
+    for child in children(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signum)
+            reached.append(child)
+    return reached
