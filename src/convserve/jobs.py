@@ -50,6 +50,7 @@ class Tag:
     WORKER = "convserve.worker"  # host:pid:thread of the worker holding the lease
     ATTEMPT = "convserve.attempt"  # 1, 2, ...: a rescheduled job's new attempt ends the lease
     ATTEMPTS = "convserve.attempts"  # JSON: the attempts that ended without a result
+    DRAINS = "convserve.drains"  # attempts handed back by a draining worker: not failures
     HEARTBEAT = "convserve.heartbeat"  # epoch seconds of the holder's last beat
     PHASE = "convserve.phase"  # a sweep job: "trials" while its trials run, then "publish"
 
@@ -96,6 +97,10 @@ class JobSettings(BaseSettings):
     # a worker's job process (the one that imports torch) exits after this many seconds
     # without a task, and the next task starts a new one; 0: one after each task
     worker_idle_exit: float = Field(30.0, ge=0)
+    # on SIGTERM a worker takes no new task; its job or trial stops at the next step, keeps
+    # its place and goes back to the queue; the worker exits within this many seconds (keep
+    # it below compose's stop_grace_period and Kubernetes' terminationGracePeriodSeconds)
+    drain_seconds: float = Field(45.0, gt=0)
 
 
 # Set by `convserve worker` for the job process it starts: the worker's pid, which names the

@@ -3,6 +3,7 @@ torchrun with two gloo ranks on the CPU."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -179,10 +180,8 @@ def test_sigterm_stops_every_rank_and_the_resume_ends_where_an_unstopped_run_end
 def _processes() -> list[str]:
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
+        with contextlib.suppress(OSError):
             found.append(cmdline.read_bytes().replace(b"\0", b" ").decode())
-        except OSError:
-            pass
     return found
 
 

@@ -89,8 +89,9 @@ def worker(
     (any number of workers on any machines), else SqliteHuey (CONVSERVE_QUEUE_PATH). Jobs run
     in a job process that exits after CONVSERVE_WORKER_IDLE_EXIT idle seconds, so an idle
     worker holds no torch. Also fails jobs whose worker died (no heartbeat for
-    CONVSERVE_WORKER_LOST_AFTER seconds). Ctrl-C lets the running job finish; SIGTERM stops
-    it."""
+    CONVSERVE_WORKER_LOST_AFTER seconds). Ctrl-C lets the running job finish; SIGTERM drains:
+    the running job or trial stops at its next step, keeps its exact place in a checkpoint and
+    goes back to the queue, and the worker exits within CONVSERVE_DRAIN_SECONDS (45)."""
     from pydantic import ValidationError
 
     from convserve.jobs import JobSettings

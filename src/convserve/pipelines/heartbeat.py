@@ -15,6 +15,10 @@ from convserve.pipelines.lease import Lease
 
 log = logging.getLogger(__name__)
 
+# Set by the job process on SIGTERM (its worker drains): the running job or trial stops at
+# the next step, keeps its exact place in a checkpoint and goes back to the queue.
+draining = threading.Event()
+
 
 class Heartbeat:
     """Beats on the run from a thread while the lease is held, publishes progress, and tells
@@ -64,8 +68,14 @@ class Heartbeat:
             self.client.set_tag(self.run_id, Tag.PROGRESS, json.dumps(self.progress))
 
     def should_stop(self) -> bool:
-        """At every step: cancelled, or the lease lost (checked every few seconds)."""
-        return not self.lease.held() or self.lease.cancelled
+        """At every step: cancelled, the lease lost (checked every few seconds), or the
+        worker draining."""
+        return not self.lease.held() or self.lease.cancelled or draining.is_set()
+
+    def handing_back(self) -> bool:
+        """Whether a stop is the worker's drain (the job goes back to the queue), not a
+        cancel or a lost lease."""
+        return draining.is_set() and not self.lease.cancelled and self.lease.held(fresh=True)
 
 
 class ParentCancel:

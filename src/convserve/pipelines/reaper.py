@@ -83,7 +83,8 @@ def reap(client: Any, settings: JobSettings, queue: JobQueue | None = None) -> l
         attempt = int(tags.get(Tag.ATTEMPT, "1"))
         history = [*json.loads(tags.get(Tag.ATTEMPTS, "[]")), _attempt(tags, reason)]
         record = {Tag.ATTEMPTS: json.dumps(history)[:5000]}
-        if attempt <= settings.job_retries and queue is not None:
+        failures = attempt - int(tags.get(Tag.DRAINS, "0"))  # a drained attempt is no failure
+        if failures <= settings.job_retries and queue is not None:
             # the next attempt's number ends the lost worker's lease
             _schedule_again(
                 client, queue, run.info.run_id, {**record, Tag.ATTEMPT: str(attempt + 1)}
@@ -99,6 +100,20 @@ def _worker(tags: dict[str, str]) -> str:
 
 def _attempt(tags: dict[str, str], ended: str) -> dict[str, Any]:
     return {"attempt": int(tags.get(Tag.ATTEMPT, "1")), "worker": _worker(tags), "ended": ended}
+
+
+def hand_back(client: Any, queue: JobQueue, run: Any, why: str) -> None:
+    """A draining worker gives its running job back to the queue (through its lease): the
+    next attempt, which resumes from the checkpoint just written, with the drain recorded
+    and not counted against the job's retries."""
+    tags = run.data.tags
+    history = [*json.loads(tags.get(Tag.ATTEMPTS, "[]")), _attempt(tags, why)]
+    record = {
+        Tag.ATTEMPTS: json.dumps(history)[:5000],
+        Tag.ATTEMPT: str(int(tags.get(Tag.ATTEMPT, "1")) + 1),
+        Tag.DRAINS: str(int(tags.get(Tag.DRAINS, "0")) + 1),
+    }
+    _schedule_again(client, queue, run.info.run_id, record)
 
 
 def _schedule_again(client: Any, queue: JobQueue, run_id: str, tags: dict[str, str]) -> None:

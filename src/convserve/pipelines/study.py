@@ -286,6 +286,14 @@ def take_publish_ticket(study: optuna.Study, storage: Storage) -> bool:
     return True
 
 
+def hand_back(trial: optuna.Trial, run_id: str | None) -> None:
+    """A trial stopped by its draining worker waits again, to be taken by any worker, which
+    resumes its child run ``run_id`` from the checkpoint it kept."""
+    trial.set_user_attr("resume_run", run_id or "")
+    trial.set_user_attr("status", "waiting")
+    trial.storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+
+
 def fail_waiting(study: optuna.Study, status: str) -> int:
     """Take every waiting trial and fail it with ``status`` (a cancelled sweep)."""
     n = 0

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 
 from convserve.jobs import JobSettings, Tag, worker_id
 from convserve.pipelines import study as studies
+from convserve.pipelines.heartbeat import draining
 from convserve.pipelines.lease import GuardedClient, Lease
 from convserve.pipelines.registry import Policy, Published, publish
 from convserve.pipelines.study import TrialRow
@@ -157,9 +158,10 @@ def run_trial(
     if trial is None:
         return None
     study.sampler = studies.make_sampler(sweep, trial.number)
-    point = studies.suggest(trial, sweep)
+    point = studies.suggest(trial, sweep)  # a trial handed back keeps its point
     trial.set_user_attr("point", json.dumps(point, sort_keys=True, default=str))
-    for key in ("status", "error", "diagnosis", "run_id"):
+    resume_run = trial.user_attrs.get("resume_run") or None  # handed back by a drain
+    for key in ("status", "error", "diagnosis", "run_id", "resume_run"):
         trial.set_user_attr(key, "")  # a retry carries its lost trial's attributes
     if on_start is not None:
         on_start(trial.number, sweep.size(), point)
@@ -170,16 +172,32 @@ def run_trial(
     with studies.heartbeat(storage, trial, settings.heartbeat_interval):
         try:
             cfg = _trial_config(sweep, point, trial.number)
-            run_id, writer, lease = _child_run(
-                cfg, point, parent_id, trial, client, worker, settings
-            )
+            resume: Path | None = None
+            lease: Lease | None
+            if resume_run is not None and client is not None:
+                run_id, writer, lease, resume = _retake_child(
+                    resume_run, trial, client, worker, settings
+                )
+            else:
+                run_id, writer, lease = _child_run(
+                    cfg, point, parent_id, trial, client, worker, settings
+                )
 
-            def stop() -> bool:
+            def ended() -> bool:
                 lost = lease is not None and not lease.held()
                 return reporter.pruned() or lost or bool(parent_cancelled and parent_cancelled())
 
-            callbacks = Callbacks(on_step=on_step, on_epoch=reporter.on_epoch, should_stop=stop)
-            outcome = train(cfg, run_id=run_id, callbacks=callbacks, client=writer)
+            callbacks = Callbacks(
+                on_step=on_step,
+                on_epoch=reporter.on_epoch,
+                should_stop=lambda: ended() or draining.is_set(),
+                stop_status=lambda: "cancelled" if ended() else "stopped",
+            )
+            outcome = train(cfg, run_id=run_id, callbacks=callbacks, client=writer, resume=resume)
+            if outcome.status == "stopped":  # the worker drains: the trial waits again
+                studies.hand_back(trial, run_id)
+                log.info("trial %s handed back at step %s", trial.number, outcome.message)
+                return TrialRow(trial.number, point, "waiting", None, "", run_id, "")
             diagnosis = outcome.diagnosis.verdict
             status, value, note = _trial_outcome(outcome, sweep.metric, reporter.pruned())
         except Exception as err:  # a trial's failure is recorded; the study goes on
@@ -243,6 +261,26 @@ def _child_run(
     log_params(client, run_id, cfg)
     lease = Lease(client, run_id, worker, 1, settings.cancel_check_interval)
     return run_id, GuardedClient(client, lease), lease
+
+
+def _retake_child(
+    run_id: str, trial: optuna.Trial, client: Any, worker: str, settings: JobSettings
+) -> tuple[str, Any, Lease, Path | None]:
+    """A handed-back trial's child run, taken by this worker (its next attempt: the lease),
+    and the checkpoint it stopped at (None: it had none; it starts over in the same run)."""
+    attempt = int(client.get_run(run_id).data.tags.get(Tag.ATTEMPT, "1")) + 1
+    client.log_batch(run_id, tags=run_tags({Tag.WORKER: worker, Tag.ATTEMPT: str(attempt)}))
+    client.update_run(run_id, status="RUNNING")
+    trial.set_user_attr("run_id", run_id)
+    lease = Lease(client, run_id, worker, attempt, settings.cancel_check_interval)
+    folder = Path(settings.runs_dir) / run_id / "resume"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        resume = Path(client.download_artifacts(run_id, "checkpoints/last.pt", str(folder)))
+    except Exception as err:
+        log.info("trial %s: no checkpoint to resume from (%s)", trial.number, err)
+        resume = None
+    return run_id, GuardedClient(client, lease), lease, resume
 
 
 def _failed(client: Any, run_id: str, error: str) -> None:

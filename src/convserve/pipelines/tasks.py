@@ -41,10 +41,10 @@ from convserve.jobs import (
     worker_id,
 )
 from convserve.pipelines import study as studies
-from convserve.pipelines.heartbeat import Heartbeat, ParentCancel
+from convserve.pipelines.heartbeat import Heartbeat, ParentCancel, draining
 from convserve.pipelines.launch import train_processes
 from convserve.pipelines.lease import GuardedClient, Lease
-from convserve.pipelines.reaper import publish_when_done
+from convserve.pipelines.reaper import hand_back, publish_when_done
 from convserve.pipelines.registry import Policy, PublishCancelled, publish
 from convserve.pipelines.runs import read_request, tracked, tracked_sweep
 from convserve.pipelines.sweep import finish, record_progress, run_trial, search_tags
@@ -107,12 +107,20 @@ def main() -> None:
     # a log file, not a terminal: no bar redrawn for every artifact a job downloads
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Ctrl-C (the terminal's SIGINT reaches the worker and this process) and the worker's
-    # SIGINT: the task being run finishes, and no other is taken. SIGTERM stops at once.
+    # SIGINT: the task being run finishes, and no other is taken. SIGTERM (the worker
+    # drains): no other is taken either, and the running one stops at the next step, keeps
+    # its place and goes back to the queue.
     stopping = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
+
+    def drain(*_: object) -> None:
+        draining.set()
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, drain)
     settings = JobSettings()
     done = run_tasks(settings, stopping)
-    why = "stopped" if stopping.is_set() else "idle"
+    why = "drained" if draining.is_set() else "stopped" if stopping.is_set() else "idle"
     log.info(
         "job process %d: %d task%s run, %s: exiting", os.getpid(), done, "s" * (done != 1), why
     )
@@ -145,6 +153,12 @@ def execute_job(run_id: str, settings: JobSettings, queue: JobQueue | None = Non
                 status = _run(request, run_id, client, beat, settings.runs_dir, resume)
         if status == "running":
             return  # a sweep's trials are on the queue; the one that ends the study returns it
+        if status == "requeue":
+            step = beat.progress.get("step", 0)
+            why = f"handed back by its draining worker at step {step}"
+            hand_back(raw, queue or JobQueue(settings), raw.get_run(run_id), why)
+            log.info("job %s: %s; back on the queue", run_id, why)
+            return
         client.set_tag(run_id, Tag.STATUS, status)
         client.set_terminated(run_id, status=TO_MLFLOW.get(status, "FINISHED"))
     except Exception as err:
@@ -197,6 +211,7 @@ def _run(
         on_step=beat.on_step,
         on_epoch=beat.on_epoch,
         should_stop=beat.should_stop,
+        stop_status=lambda: "stopped" if beat.handing_back() else "cancelled",
     )
     tracking_uri = client.tracking_uri
     assert request.train is not None  # a sweep job runs through _sweep
@@ -212,8 +227,8 @@ def _run(
             cfg, run_id=run_id, callbacks=callbacks, client=client, resume=resume, end_run=False
         )
         status, message = result.status, result.message
-    if status == "cancelled":
-        return "cancelled"
+    if status in ("cancelled", "stopped"):
+        return "requeue" if beat.handing_back() else "cancelled"
     if status != "finished":
         client.set_tag(run_id, Tag.ERROR, message[:5000])
         return "failed"

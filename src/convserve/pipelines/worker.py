@@ -73,9 +73,12 @@ def unusable_backends(settings: JobSettings) -> list[str]:
 
 def run_worker(settings: JobSettings, say: Any = log.info) -> None:
     """Run jobs until SIGTERM or SIGINT: a job process while tasks wait, the reaper and the
-    liveness file in threads. SIGTERM stops the job process at once (its job is taken over
-    when its heartbeat goes stale, as for a killed worker); SIGINT (Ctrl-C) lets it finish
-    the task it runs, and a second SIGINT stops it at once."""
+    liveness file in threads. SIGTERM drains: no task is taken, the running job or trial
+    stops at the next step, keeps its exact place in a checkpoint and goes back to the queue
+    at once (another worker goes on from there), and the worker exits within
+    ``drain_seconds`` (then the job process is killed, and its job taken over when its
+    heartbeat goes stale). SIGINT (Ctrl-C) lets the running task finish, and a second SIGINT
+    stops it at once."""
     from mlflow.tracking import MlflowClient
 
     # a log, not a terminal: no bar redrawn for every artifact (here and in job processes)
@@ -110,7 +113,12 @@ def run_worker(settings: JobSettings, say: Any = log.info) -> None:
         graceful = received[:1] == [signal.SIGINT]
         if graceful and jobs.running():
             say("stopping: the running task finishes first (Ctrl-C again to stop it now)")
-        jobs.stop(graceful=graceful)
+        elif jobs.running():
+            say(
+                f"draining: the running task stops at its next step and goes back to the queue "
+                f"(at most {settings.drain_seconds:g} s)"
+            )
+        jobs.stop(graceful=graceful, limit=settings.drain_seconds)
         alive.join(timeout=5)  # the liveness file goes with the worker
 
 
@@ -150,9 +158,10 @@ class JobProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
 
-    def stop(self, graceful: bool) -> None:
+    def stop(self, graceful: bool, limit: float) -> None:
         """At the worker's exit: ``graceful``, the job process finishes its task first (it got
-        SIGINT); else it stops now."""
+        SIGINT); else it drains (SIGTERM: its task stops at the next step and goes back to
+        the queue), killed after ``limit`` seconds."""
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return
@@ -162,7 +171,8 @@ class JobProcess:
             return
         proc.terminate()
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
+            log.warning("job process %d did not drain in %g s: killed", proc.pid, limit)
             proc.kill()
             proc.wait()
