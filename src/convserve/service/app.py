@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import signal
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -137,6 +138,9 @@ async def _lifespan(
             settings, manager, metrics, app.state.admission, app.state.decoder.heavy
         )
     poller = asyncio.create_task(manager.poll())
+    app.state.draining = False
+    if settings.shutdown_delay > 0:
+        _drain_on_sigterm(app, settings.shutdown_delay)
     settle_memory()
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
     try:
@@ -150,6 +154,27 @@ async def _lifespan(
         await manager.close()
         app.state.decoder.close()
         app.state.jobs.backends.shutdown()
+
+
+def _drain_on_sigterm(app: FastAPI, delay: float) -> None:
+    """Put a drain in front of uvicorn's SIGTERM handler (installed before the lifespan
+    starts): the first SIGTERM makes ``/readyz`` answer 503 "draining" while every other
+    route answers as before; ``delay`` seconds later uvicorn's handler stops listening, lets
+    the requests in flight finish and ends the process. A second SIGTERM stops at once."""
+    loop = asyncio.get_running_loop()
+    uvicorn_handler = signal.getsignal(signal.SIGTERM)
+    if not callable(uvicorn_handler):
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if app.state.draining:
+            uvicorn_handler(signum, frame)
+            return
+        app.state.draining = True
+        log.info("SIGTERM: draining; /readyz answers 503, stopping in %g s", delay)
+        loop.call_soon_threadsafe(loop.call_later, delay, uvicorn_handler, signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def create_app(settings: Settings, job_settings: JobSettings | None = None) -> Service:

@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0)
     inter_op_threads: int = Field(0, ge=0)
     poll_interval: float = Field(10.0, gt=0)  # seconds between registry checks of the alias
+    # on SIGTERM a process answers as before, /readyz excepted (503 "draining"), for this many
+    # seconds, so that a load balancer or a Service stops sending to it before it stops
+    # listening; then it finishes the requests it holds and exits (0: at once)
+    shutdown_delay: float = Field(0.0, ge=0.0, le=120.0)
     cache_dir: str = ".convserve-models"  # where registry versions are downloaded
     api_token: SecretStr | None = None  # bearer token for admin endpoints and job writes
 

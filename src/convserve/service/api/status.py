@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -29,13 +29,17 @@ async def healthz(manager: ManagerDep) -> Health:
     "/readyz",
     response_model=Health,
     tags=["health"],
-    responses={503: {"model": Health, "description": "No model loaded and warmed"}},
+    responses={503: {"model": Health, "description": "No model loaded and warmed, or draining"}},
     summary="Ready once a model is loaded, warmed up and self-checked",
 )
-async def readyz(manager: ManagerDep) -> Response:
+async def readyz(request: Request, manager: ManagerDep) -> Response:
     """200 once a model is loaded, warmed up and self-checked (use it as a readiness probe);
-    503 with the reason before that."""
+    503 with the reason before that, and while the process drains after SIGTERM
+    (``CONVSERVE_SHUTDOWN_DELAY``)."""
     problems = manager.problems() or None
+    if getattr(request.app.state, "draining", False):
+        body = Health(status="not ready", detail="draining: shutting down", not_served=problems)
+        return JSONResponse(body.model_dump(), status_code=503)
     if manager.model is None:
         detail = manager.last_error or "no model loaded yet"
         body = Health(status="not ready", detail=detail, not_served=problems)
