@@ -183,16 +183,7 @@ def run_trial(
                     cfg, point, parent_id, trial, client, worker, settings
                 )
 
-            def ended() -> bool:
-                lost = lease is not None and not lease.held()
-                return reporter.pruned() or lost or bool(parent_cancelled and parent_cancelled())
-
-            callbacks = Callbacks(
-                on_step=on_step,
-                on_epoch=reporter.on_epoch,
-                should_stop=lambda: ended() or draining.is_set(),
-                stop_status=lambda: "cancelled" if ended() else "stopped",
-            )
+            callbacks = _trial_callbacks(reporter, lease, on_step, parent_cancelled)
             outcome = train(cfg, run_id=run_id, callbacks=callbacks, client=writer, resume=resume)
             if outcome.status == "stopped":  # the worker drains: the trial waits again
                 studies.hand_back(trial, run_id)
@@ -209,6 +200,27 @@ def run_trial(
             writer.set_tag(run_id, "convserve.trial_state", "pruned")
         _tell(study, trial, status, value, diagnosis, note)
     return TrialRow(trial.number, point, status, value, diagnosis, run_id, note)
+
+
+def _trial_callbacks(
+    reporter: studies.Reporter,
+    lease: Lease | None,
+    on_step: Callable[..., Any] | None,
+    parent_cancelled: Callable[[], bool] | None,
+) -> Callbacks:
+    """A trial stops when pruned, its lease lost or its sweep cancelled ("cancelled"), or when
+    its worker drains ("stopped": it is handed back)."""
+
+    def ended() -> bool:
+        lost = lease is not None and not lease.held()
+        return reporter.pruned() or lost or bool(parent_cancelled and parent_cancelled())
+
+    return Callbacks(
+        on_step=on_step,
+        on_epoch=reporter.on_epoch,
+        should_stop=lambda: ended() or draining.is_set(),
+        stop_status=lambda: "cancelled" if ended() else "stopped",
+    )
 
 
 def _trial_config(sweep: SweepConfig, point: dict[str, Any], number: int) -> TrainConfig:

@@ -190,28 +190,19 @@ def train_one_epoch(
     unmeasured steps, the hooks of the measured ones stay on the eager ``model``. In a
     data-parallel run (``recipe.dist``) ``batch_size`` is this rank's part of the batch, every
     step runs through ``wrapped`` (``DistributedDataParallel``), and every step's loss and
-    accuracy and each snapshot are those of the global batch. ``resume_at``: the position a
-    stopped epoch was left at (``Stopped.position``); the epoch goes on from its next batch
-    as if it had never stopped.
-    """
-    cb = callbacks or StepCallbacks()
-    recipe = recipe or Recipe()
+    accuracy and each snapshot are the global batch's. ``resume_at``: where a stopped epoch
+    was left (``Stopped.position``); it goes on from there as if it had never stopped."""
+    cb, recipe = callbacks or StepCallbacks(), recipe or Recipe()
     model.train()
     done = resume_at.batches if resume_at is not None else 0
     step, tally = start_step, _Tally(*(resume_at.tally if resume_at is not None else ()))
     snapshots: list[Snapshot] = []
-    dist = recipe.dist
-    stepper = wrapped if wrapped is not None else model
+    dist, stepper = recipe.dist, wrapped if wrapped is not None else model
+    shard = None if dist is None else (dist.rank, dist.world)
     batches = split.batches(
-        batch_size,
-        shuffle=True,
-        seed=seed,
-        transform=transform,
-        weights=sample_weights,
-        pin_memory=device.type == "cuda",
-        shard=None if dist is None else (dist.rank, dist.world),
-        skip=done,
-    )
+        batch_size, True, seed, transform=transform, weights=sample_weights, shard=shard,
+        pin_memory=device.type == "cuda", skip=done,
+    )  # fmt: skip
     if resume_at is not None:
         set_rng_state(resume_at.rng)
     while max_steps is None or step < max_steps:
@@ -220,15 +211,15 @@ def train_one_epoch(
         if batch is None:
             break  # an epoch whose last batch is done ends (validated, checkpointed) first
         stop = cb.should_stop is not None and cb.should_stop()
-        if stop and dist is None:
-            raise Stopped(step, Position(done, tally.state(), rng_state(rng)))
         x, y = _to_device(*batch, device, recipe)
         measure = diagnostics if step % diag_every == 0 else None
         try:
+            if stop and dist is None:
+                raise Stopped(step)
             counts, snap = _train_step(
                 stepper, compiled, optimizer, x, y, step, recipe, measure, stop
             )
-        except Stopped:
+        except Stopped:  # where this epoch goes on: at this batch, its draw included
             raise Stopped(step, Position(done, tally.state(), rng_state(rng))) from None
         if snap is not None:
             snapshots.append(snap)

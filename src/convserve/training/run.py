@@ -187,6 +187,17 @@ def _restore(
     return start
 
 
+def _join(cfg: TrainConfig) -> distributed.Dist | None:
+    """This rank's place when torchrun started the process, after checking what a
+    data-parallel run cannot do; None for one process."""
+    dist = distributed.from_env(cfg.device)
+    if dist is not None:
+        distributed.check(
+            cfg.data.batch_size, dist.world, balance=cfg.data.balance, compile=cfg.optim.compile
+        )
+    return dist
+
+
 def train(
     cfg: TrainConfig,
     *,
@@ -202,15 +213,11 @@ def train(
     ``run_id`` continues an existing MLflow run (a scheduled job); ``tags`` are added to the
     run; ``client`` is the MLflow client to write through (default: one for the config's
     tracking URI); ``end_run=False`` leaves the run open for its owner (a job's worker ends it
-    after publishing). Divergence and cancellation end the run with a status and a message,
-    never with an exception; any other error marks the MLflow run ``FAILED`` and is raised.
-    """
+    after publishing). Divergence, a stop and a cancel end the run with a status and a
+    message, never with an exception; any other error marks the MLflow run ``FAILED`` and is
+    raised. A resume of a finished run returns its outcome, training and writing nothing."""
     cb = callbacks or Callbacks()
-    dist = distributed.from_env(cfg.device)  # started by torchrun: one rank of several
-    if dist is not None:
-        distributed.check(
-            cfg.data.batch_size, dist.world, balance=cfg.data.balance, compile=cfg.optim.compile
-        )
+    dist = _join(cfg)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device, dist)
     data = load_data(cfg.data, cfg.seed, tracking_uri(cfg.tracking))
@@ -218,13 +225,13 @@ def train(
     model = build_for(cfg, data).to(device)
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim)
-    start = _Start()
+    start, payload = _Start(), None
     if resume is not None:
         payload = read_checkpoint(resume)
         start = _restore(payload, model, optimizer, scheduler)
         run_id = run_id or payload["run_id"]
-        if start.finished and not _asks_for_more(cfg, payload):
-            return _already_finished(cfg, payload, start, Path(resume))
+    if payload is not None and start.finished and not _asks_for_more(cfg, payload):
+        return _already_finished(cfg, payload, start, Path(str(resume)))
     if dist is not None and not dist.main:  # rank 0 alone logs and keeps checkpoints
         cfg = cfg.model_copy(
             update={"tracking": cfg.tracking.model_copy(update={"enabled": False})}
