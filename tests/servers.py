@@ -97,12 +97,13 @@ def worker_process(
 
 class PredictLoad:
     """``clients`` threads posting one image to ``url/predict`` until the block ends; keeps
-    the version of each answer and every failure (an error, or a status other than 200)."""
+    the version of each answer and every failure (an error, or a status other than 200).
+    ``keepalive=False``: a new connection for every request."""
 
-    def __init__(self, url: str, image: bytes, clients: int) -> None:
+    def __init__(self, url: str, image: bytes, clients: int, keepalive: bool = True) -> None:
         import threading
 
-        self.url, self.image = url, image
+        self.url, self.image, self.keepalive = url, image, keepalive
         self.versions: list[str] = []
         self.failures: list[str] = []
         self._stop = threading.Event()
@@ -111,7 +112,8 @@ class PredictLoad:
     def _post(self) -> None:
         import httpx
 
-        with httpx.Client(base_url=self.url, timeout=30) as http:
+        limits = httpx.Limits() if self.keepalive else httpx.Limits(max_keepalive_connections=0)
+        with httpx.Client(base_url=self.url, timeout=30, limits=limits) as http:
             while not self._stop.is_set():
                 try:
                     r = http.post("/predict", files={"file": ("x.png", self.image)})

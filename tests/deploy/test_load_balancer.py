@@ -9,6 +9,7 @@ import io
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -34,10 +35,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 CONF = ROOT / "deploy" / "nginx" / "convserve.conf"
 
 
-def nginx_config(folder: Path, upstreams: list[int], port: int) -> Path:
+def nginx_config(folder: Path, upstreams: list[int], port: int, retries: bool = True) -> Path:
     """The compose file's nginx configuration with ``api:8000`` as the given local ports,
-    inside a main configuration that keeps every path under ``folder``."""
+    inside a main configuration that keeps every path under ``folder``; ``retries=False``:
+    a request that fails on one replica is never passed to another."""
     text = CONF.read_text()
+    if not retries:
+        text = re.sub(r"proxy_next_upstream [^;]*;", "proxy_next_upstream off;", text)
     (line,) = [x for x in text.splitlines() if "server api:8000" in x]
     params = line.split("server api:8000", 1)[1]
     servers = "\n".join(f"    server 127.0.0.1:{p}{params}" for p in upstreams)
@@ -60,13 +64,13 @@ def nginx_config(folder: Path, upstreams: list[int], port: int) -> Path:
 
 
 @contextmanager
-def nginx(folder: Path, upstreams: list[int]) -> Iterator[str]:
+def nginx(folder: Path, upstreams: list[int], retries: bool = True) -> Iterator[str]:
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(binary).exists():
         pytest.fail("nginx is missing: `make test-deps` installs Debian's")
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    main = nginx_config(folder, upstreams, port)
+    main = nginx_config(folder, upstreams, port, retries)
     check = subprocess.run([binary, "-t", "-c", str(main)], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
     argv = [binary, "-c", str(main), "-g", "daemon off;"]
@@ -147,3 +151,79 @@ def test_two_replicas_behind_nginx(onnx_path, mlflow_url, tmp_path, monkeypatch)
         assert before > 0 and len(load.versions) - before > 20  # the survivor kept answering
         print(f"one replica stopped under load: {len(load.versions)} answered, 0 failed")
         assert replicas[1].poll() is None
+
+
+class Endpoints:
+    """What a Kubernetes Service does for nginx here: every ``period`` seconds it asks each
+    replica's ``/readyz`` (the readiness probe) and, when one is not ready, rewrites the
+    balancer's upstreams without it and reloads nginx (SIGHUP: its old workers finish what
+    they hold)."""
+
+    def __init__(self, folder: Path, ports: list[int], lb_port: int, lb, period: float = 0.25):  # type: ignore[no-untyped-def]
+        import threading
+
+        self.folder, self.ports, self.lb_port, self.lb = folder, list(ports), lb_port, lb
+        self.period, self.removed = period, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _ready(self, port: int) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.period):
+            for port in [p for p in self.ports if not self._ready(p)]:
+                self.ports.remove(port)
+                nginx_config(self.folder, self.ports, self.lb_port, retries=False)
+                self.lb.send_signal(signal.SIGHUP)
+                self.removed.append(port)
+
+    def __enter__(self) -> Endpoints:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_a_replica_stopping_behind_nginx_without_retries_fails_no_request(onnx_path, tmp_path):
+    """nginx passes no failed request on (its retry is off), in front of two replicas under
+    load; one is SIGTERMed. For CONVSERVE_SHUTDOWN_DELAY it answers as before while its
+    /readyz says 503, the endpoints drop it, and only then does it stop listening: no
+    request fails."""
+    env = {
+        "CONVSERVE_MODEL_URI": str(onnx_path),
+        "CONVSERVE_WORKERS": "1",
+        "CONVSERVE_SHUTDOWN_DELAY": str(round(limit(3), 1)),
+    }
+    ports = [free_port(), free_port()]
+    image = _png()
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        pytest.fail("nginx is missing: `make test-deps` installs Debian's")
+    folder, lb_port = tmp_path / "nginx", free_port()
+    folder.mkdir()
+    main = nginx_config(folder, ports, lb_port, retries=False)
+    assert "proxy_next_upstream off;" in (folder / "convserve.conf").read_text()
+    with ExitStack() as stack:
+        replicas = [_replica(stack, env, tmp_path, p) for p in ports]
+        argv = [binary, "-c", str(main), "-g", "daemon off;"]
+        lb = stack.enter_context(process(argv, folder / "nginx.log", dict(os.environ)))
+        url = f"http://127.0.0.1:{lb_port}"
+        wait_http(f"{url}/healthz", lb, timeout=30)
+        endpoints = stack.enter_context(Endpoints(folder, ports, lb_port, lb))
+        with PredictLoad(url, image, clients=4, keepalive=False) as load:
+            wait_until(lambda: len(load.versions) >= 40, 30, "40 answers under load")
+            assert min(_predictions(p) for p in ports) > 0  # both replicas answer
+            before = len(load.versions)
+            replicas[0].send_signal(signal.SIGTERM)
+            replicas[0].wait(timeout=limit(30))
+            wait_until(lambda: len(load.versions) - before > 80, 30, "80 more answers")
+        assert endpoints.removed == [ports[0]]
+    assert load.failures == [], load.failures[:5]
+    print(f"replica stopped behind nginx without retries: {len(load.versions)} answered, 0 failed")
+    assert "SIGTERM: draining" in (tmp_path / f"serve-{ports[0]}.log").read_text()

@@ -35,8 +35,11 @@ def test_checkpoint_holds_model_optimizer_epoch_best_and_config(tiny):
 def test_resume_continues_where_the_last_checkpoint_stopped(tiny):
     full = train(tiny("optim.epochs=3"))
     first = train(tiny("optim.epochs=2"))
-    resumed = train(tiny("optim.epochs=3"), resume=first.last_checkpoint)
-    assert [h["epoch"] for h in resumed.history] == [3.0]
+    trained: list[int] = []
+    callbacks = Callbacks(on_epoch=lambda epoch, metrics: trained.append(epoch))
+    resumed = train(tiny("optim.epochs=3"), resume=first.last_checkpoint, callbacks=callbacks)
+    assert trained == [3]  # the history carries the epochs before it
+    assert [h["epoch"] for h in resumed.history] == [1.0, 2.0, 3.0]
     assert read_checkpoint(resumed.last_checkpoint)["epoch"] == 3
     assert resumed.history[-1]["val_accuracy"] == pytest.approx(full.history[-1]["val_accuracy"])
 

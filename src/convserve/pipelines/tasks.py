@@ -282,7 +282,7 @@ def _sweep(
         )
     except PublishCancelled:
         return "cancelled"
-    if beat.should_stop():
+    if not beat.lease.may_publish():  # cancelled or taken (a drain lets publishing end)
         return "cancelled"
     if outcome.published is not None:
         _record_publication(client, run_id, outcome.published)

@@ -76,7 +76,9 @@ _JOB_EXAMPLE: dict[str, Any] = {
 class Attempt(BaseModel):
     attempt: int = Field(description="1 for the first run of the job")
     worker: str = Field(description="host:pid:thread of the worker that ran it")
-    ended: str | None = Field(None, description="Why it ended, for an attempt that was lost")
+    ended: str | None = Field(
+        None, description="Why it ended, for an attempt that was handed back or lost"
+    )
 
 
 class DiagnosisPhase(BaseModel):
@@ -128,7 +130,8 @@ class Job(BaseModel):
     )
     attempts: list[Attempt] = Field(
         default_factory=list,
-        description="Every attempt so far: a job lost with its worker runs again "
+        description="Every attempt so far: a job handed back by its draining worker goes on "
+        "from the step it stopped at; one lost with its worker runs again "
         "(CONVSERVE_JOB_RETRIES) from its last checkpoint",
     )
     links: dict[str, str]
@@ -247,8 +250,8 @@ def _diagnosis(tags: dict[str, str]) -> JobDiagnosis | None:
 
 
 def _attempts(tags: dict[str, str]) -> list[Attempt]:
-    """The lost attempts recorded by the reaper, then the current one (once a worker took
-    the job)."""
+    """The attempts handed back by a draining worker or lost (recorded by the reaper), then
+    the current one (once a worker took the job)."""
     try:
         past = [Attempt(**a) for a in json.loads(tags.get(Tag.ATTEMPTS, "[]"))]
     except (ValueError, TypeError):
