@@ -674,13 +674,18 @@ def test_a_plain_postgresql_url_opens_the_study_storage(postgres_database):
     assert optuna.load_study(study_name="plain", storage=storage_url(settings)).trials == []
 
 
-def test_workers_starting_together_on_a_new_study_database_all_start(postgres_database):
-    """Four processes open the study storage of one new PostgreSQL database at once: all of
-    them get it (the ones that lose the race to create Optuna's tables try again)."""
+@pytest.mark.parametrize("kind", ["postgresql", "sqlite"])
+def test_workers_starting_together_on_a_new_study_database_all_start(kind, request, tmp_path):
+    """Four processes open the study storage of one new database (PostgreSQL, or a SQLite
+    file as a local queue's workers do) at once: all of them get it (the ones that lose the
+    race to create Optuna's tables try again)."""
     import subprocess
     import sys
 
-    url = f"postgresql://postgres@127.0.0.1/{postgres_database}"
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'studies.db'}"
+    else:
+        url = f"postgresql://postgres@127.0.0.1/{request.getfixturevalue('postgres_database')}"
     code = (
         "from convserve.jobs import JobSettings\n"
         "from convserve.pipelines.study import open_storage\n"

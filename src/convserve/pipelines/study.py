@@ -93,13 +93,15 @@ def open_storage(settings: JobSettings) -> Storage:
 
 
 CREATE_TRIES = 5  # workers starting together on a new database race to create its tables
+# what the loser's CREATE or first INSERT says: PostgreSQL's and SQLite's words
+_CREATE_RACES = ("already exists", "duplicate key", "UNIQUE constraint failed")
 
 
 def _new_storage(url: str, settings: JobSettings) -> Storage:
     """Optuna's storage on ``url``, whose tables it creates on a new database: two workers
     that start together both try, and the loser's ``CREATE`` fails on what the winner just
-    made (PostgreSQL: a unique violation in ``pg_type``); it tries again, and then finds
-    them."""
+    made (PostgreSQL: a unique violation in ``pg_type``; SQLite: on ``alembic_version``); it
+    tries again, and then finds them."""
     from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     def create() -> Storage:
@@ -115,7 +117,7 @@ def _new_storage(url: str, settings: JobSettings) -> Storage:
         try:
             return create()
         except (IntegrityError, ProgrammingError, OperationalError) as err:
-            if "already exists" not in str(err) and "duplicate key" not in str(err):
+            if not any(race in str(err) for race in _CREATE_RACES):
                 raise
             log.info("the study storage's tables are being created elsewhere; trying again")
             time.sleep(0.2 * attempt)
