@@ -187,7 +187,7 @@ def run_trial(
             outcome = train(cfg, run_id=run_id, callbacks=callbacks, client=writer, resume=resume)
             if outcome.status == "stopped":  # the worker drains: the trial waits again
                 studies.hand_back(trial, run_id)
-                log.info("trial %s handed back at step %s", trial.number, outcome.message)
+                log.info("trial %s handed back: %s", trial.number, outcome.message)
                 return TrialRow(trial.number, point, "waiting", None, "", run_id, "")
             diagnosis = outcome.diagnosis.verdict
             status, value, note = _trial_outcome(outcome, sweep.metric, reporter.pruned())

@@ -444,6 +444,7 @@ class _Session:
         except Stopped as err:
             status = self.cb.stop_status() if self.cb.stop_status is not None else "cancelled"
             message = f"{status} at step {err.step}; --resume continues from that step"
+            self.step = err.step
             self._keep_where_stopped(err)
         return self._finish(status, message, self.best_path, self.last_path)
 
