@@ -214,14 +214,11 @@ class Diagnostics:
         """The snapshot of the step just measured; ``reduce`` adds up a tensor of sums over
         the ranks of a data-parallel run (every rank calls it, in the same order)."""
         keys = [(p, k) for p in self.probes for k in sorted(p.sums)]
-        flat = torch.cat([p.sums[k].flatten().cpu() for p, k in keys]) if keys else None
-        if flat is not None and reduce is not None:
-            flat = reduce(flat)
-        offset = 0
-        for p, k in keys:
-            size = p.sums[k].numel()
-            p.sums[k] = flat[offset : offset + size] if flat is not None else p.sums[k]
-            offset += size
+        if keys and reduce is not None:  # every rank's sums added, in one exchange
+            total = reduce(torch.cat([p.sums[k].flatten().cpu() for p, k in keys]))
+            sizes = [p.sums[k].numel() for p, k in keys]
+            for (p, k), part in zip(keys, torch.split(total, sizes), strict=True):
+                p.sums[k] = part
         layers: dict[str, LayerStats] = {}
         for probe in self.probes:
             weight = self.layers[probe.layer].weight.detach()

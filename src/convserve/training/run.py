@@ -366,17 +366,13 @@ class _Session:
         epoch: int,
         step: int,
         metrics: dict[str, float],
-        position: Position | None = None,
-        finished: bool = False,
         weights: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> Path | None:
         """Write ``name`` (rank 0 only) after ``epoch`` complete epochs and ``step`` steps;
-        ``position``: where the next epoch stopped (default: at its start); ``weights``:
-        other than the model's (the best epoch's)."""
+        ``weights``: other than the model's (the best epoch's)."""
         if not self.main:
             return None
-        where = position or Position(0, (0.0, 0, 0), rng_state())
-        scaler = self.recipe.scaler
         return save_checkpoint(
             self.ckpt_dir / name,
             model=self.model,
@@ -391,18 +387,31 @@ class _Session:
             run_id=self.tracker.run_id,
             sample=self.sample,
             weights=weights,
-            extra=None
-            if name == "best.pt"
-            else {
-                "position": {"epoch": epoch + 1, **dataclasses.asdict(where)},
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "history": self.history,
-                "snapshots": [{"step": s.step, "layers": s.layers} for s in self.snapshots],
-                "finished": finished,
-                "best_epoch": self.best_epoch,
-                "since_best": self.since_best,
-            },
+            extra=extra,
         )
+
+    def _save_last(
+        self,
+        epoch: int,
+        step: int,
+        metrics: dict[str, float],
+        position: Position | None = None,
+        finished: bool = False,
+    ) -> Path | None:
+        """``last.pt``, with what an exact resume needs; ``position``: where the next epoch
+        stopped (default: at its start)."""
+        where = position or Position(0, (0.0, 0, 0), rng_state())
+        scaler = self.recipe.scaler
+        resume = {
+            "position": {"epoch": epoch + 1, **dataclasses.asdict(where)},
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "history": self.history,
+            "snapshots": [{"step": s.step, "layers": s.layers} for s in self.snapshots],
+            "finished": finished,
+            "best_epoch": self.best_epoch,
+            "since_best": self.since_best,
+        }
+        return self._save("last.pt", epoch, step, metrics, extra=resume)
 
     def run(self, start: _Start) -> TrainResult:
         """Train from ``start`` to the end, an early stop, a divergence or a stop."""
@@ -532,7 +541,7 @@ class _Session:
         if improved or self.best_epoch is None:
             weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
             self.best_epoch = dict(weights=weights, epoch=epoch, step=step, metrics=metrics)
-        self.last_path = self._save("last.pt", epoch, step, metrics)
+        self.last_path = self._save_last(epoch, step, metrics)
         if self.last_path is not None:  # in the artifacts too: a lost job resumes elsewhere
             self.tracker.log_artifact(self.last_path, "checkpoints")
         if improved or self.best_path is None:
@@ -544,7 +553,7 @@ class _Session:
         stopped."""
         done = self.history[-1] if self.history else {}
         epoch = int(done["epoch"]) if done else 0
-        self.last_path = self._save("last.pt", epoch, stopped.step, done, stopped.position)
+        self.last_path = self._save_last(epoch, stopped.step, done, stopped.position)
         if self.last_path is not None:
             self.tracker.log_artifact(self.last_path, "checkpoints")
 
@@ -554,7 +563,7 @@ class _Session:
         cfg, data = self.cfg, self.data
         final: dict[str, float] = dict(self.history[-1]) if self.history else {}
         if status == "finished" and self.history:  # a later --resume says so, and does nothing
-            last_path = self._save("last.pt", int(final["epoch"]), self.step, final, finished=True)
+            last_path = self._save_last(int(final["epoch"]), self.step, final, finished=True)
             if last_path is not None:
                 self.tracker.log_artifact(last_path, "checkpoints")
         evaluation = None
