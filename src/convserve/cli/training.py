@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -80,6 +80,17 @@ def train(
 
 
 @contextlib.contextmanager
+def _on_signals(handler: Callable[[int, object], None]) -> Iterator[None]:
+    """``handler`` for SIGINT and SIGTERM inside the block; the earlier handlers after it."""
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, earlier in previous.items():
+            signal.signal(signum, earlier)
+
+
+@contextlib.contextmanager
 def _stop_on_signals() -> Iterator[threading.Event]:
     """SIGTERM or a first Ctrl-C set the event: training stops at the next step and keeps
     ``last.pt`` at that place (``--resume`` goes on from it); a second Ctrl-C interrupts."""
@@ -90,12 +101,8 @@ def _stop_on_signals() -> Iterator[threading.Event]:
             raise KeyboardInterrupt
         stop.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with _on_signals(on_signal):
         yield stop
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def _torchrun(
@@ -122,16 +129,10 @@ def _torchrun(
     console.print(f"training on {nproc} processes (torchrun, {'NCCL' if cuda else 'gloo'})")
     run = Torchrun(nproc, args)
 
-    def forward(signum: int, frame: object) -> None:
-        run.stop(signum)  # the ranks stop at the next step; rank 0 keeps last.pt there
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    # passed to the ranks: they stop at the next step, and rank 0 keeps last.pt there
+    with _on_signals(lambda signum, frame: run.stop(signum)):
         while run.poll() is None:
             time.sleep(0.2)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     if run.asked is not None:
         console.print("stopped by a signal: --resume continues from the step it stopped at")
         return 1

@@ -72,10 +72,10 @@ class Heartbeat:
         worker draining."""
         return not self.lease.held() or self.lease.cancelled or draining.is_set()
 
-    def handing_back(self) -> bool:
+    def handing_back(self, fresh: bool = True) -> bool:
         """Whether a stop is the worker's drain (the job goes back to the queue), not a
-        cancel or a lost lease."""
-        return draining.is_set() and not self.lease.cancelled and self.lease.held(fresh=True)
+        cancel or a lost lease (``fresh``: the lease read again, before the hand-back)."""
+        return draining.is_set() and not self.lease.cancelled and self.lease.held(fresh)
 
 
 class ParentCancel:

@@ -3,6 +3,8 @@ the worker's MLflow server and written under the worker's runs folder."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 from convserve.jobs import REQUEST_ARTIFACT, JobRequest
@@ -37,3 +39,17 @@ def tracked_sweep(request: JobRequest, tracking_uri: str, runs_dir: str) -> Swee
     return request.sweep.model_copy(
         update={"base": tracked(request.sweep.base, tracking_uri, runs_dir)}
     )
+
+
+def last_checkpoint(client: Any, run_id: str, runs_dir: str) -> Path | None:
+    """The ``last.pt`` an earlier attempt left in the run's artifacts (a job or trial handed
+    back or lost), downloaded under ``runs_dir``; None when it left none: start over."""
+    folder = Path(runs_dir) / run_id / "resume"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(client.download_artifacts(run_id, "checkpoints/last.pt", str(folder)))
+    except Exception as err:  # stopped before its first checkpoint: nothing to resume from
+        logging.getLogger(__name__).info(
+            "run %s: no checkpoint to resume from (%s); starting over", run_id, err
+        )
+        return None

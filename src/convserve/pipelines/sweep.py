@@ -26,6 +26,7 @@ from convserve.pipelines import study as studies
 from convserve.pipelines.heartbeat import draining
 from convserve.pipelines.lease import GuardedClient, Lease
 from convserve.pipelines.registry import Policy, Published, publish
+from convserve.pipelines.runs import last_checkpoint
 from convserve.pipelines.study import TrialRow
 from convserve.redact import redact
 from convserve.training.config import Range, SweepConfig, TrainConfig
@@ -285,13 +286,7 @@ def _retake_child(
     client.update_run(run_id, status="RUNNING")
     trial.set_user_attr("run_id", run_id)
     lease = Lease(client, run_id, worker, attempt, settings.cancel_check_interval)
-    folder = Path(settings.runs_dir) / run_id / "resume"
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        resume = Path(client.download_artifacts(run_id, "checkpoints/last.pt", str(folder)))
-    except Exception as err:
-        log.info("trial %s: no checkpoint to resume from (%s)", trial.number, err)
-        resume = None
+    resume = last_checkpoint(client, run_id, settings.runs_dir)
     return run_id, GuardedClient(client, lease), lease, resume
 
 

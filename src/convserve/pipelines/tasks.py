@@ -46,7 +46,7 @@ from convserve.pipelines.launch import train_processes
 from convserve.pipelines.lease import GuardedClient, Lease
 from convserve.pipelines.reaper import hand_back, publish_when_done
 from convserve.pipelines.registry import Policy, PublishCancelled, publish
-from convserve.pipelines.runs import read_request, tracked, tracked_sweep
+from convserve.pipelines.runs import last_checkpoint, read_request, tracked, tracked_sweep
 from convserve.pipelines.sweep import finish, record_progress, run_trial, search_tags
 from convserve.processes import die_with_parent
 from convserve.training.run import Callbacks, train
@@ -145,7 +145,7 @@ def execute_job(run_id: str, settings: JobSettings, queue: JobQueue | None = Non
     client = GuardedClient(raw, lease)
     try:
         request = read_request(raw, run_id)
-        resume = _last_checkpoint(raw, run_id, settings.runs_dir) if attempt > 1 else None
+        resume = last_checkpoint(raw, run_id, settings.runs_dir) if attempt > 1 else None
         with Heartbeat(client, lease, settings) as beat:
             if request.sweep is not None:
                 status = _sweep(request, run_id, client, beat, settings, queue)
@@ -184,17 +184,6 @@ def _take(client: Any, run_id: str, worker: str, attempt: int) -> None:
     )
 
 
-def _last_checkpoint(client: Any, run_id: str, runs_dir: str) -> Path | None:
-    """The lost attempt's ``last.pt`` from the run's artifacts (None: start over)."""
-    folder = Path(runs_dir) / run_id / "resume"
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        return Path(client.download_artifacts(run_id, "checkpoints/last.pt", str(folder)))
-    except Exception as err:  # lost before its first epoch ended: nothing to resume from
-        log.info("job %s: no checkpoint to resume from (%s); starting over", run_id, err)
-        return None
-
-
 def _run(
     request: JobRequest,
     run_id: str,
@@ -211,7 +200,7 @@ def _run(
         on_step=beat.on_step,
         on_epoch=beat.on_epoch,
         should_stop=beat.should_stop,
-        stop_status=lambda: "stopped" if beat.handing_back() else "cancelled",
+        stop_status=lambda: "stopped" if beat.handing_back(fresh=False) else "cancelled",
     )
     tracking_uri = client.tracking_uri
     assert request.train is not None  # a sweep job runs through _sweep
