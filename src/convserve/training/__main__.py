@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             end_run=not args.keep_run_open,
         )
+        distributed.leave(together=True)
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         say(f"error: {err}", err=True)
         return 2

@@ -70,8 +70,13 @@ def from_env(device: str) -> Dist | None:
     return Dist(rank, world, local_rank)
 
 
-def leave() -> None:
+def leave(together: bool = False) -> None:
+    """Leave the process group; ``together`` (every rank ended its run): once all ranks are
+    here, so that none closes its connections while another still uses them (gloo aborts a
+    rank whose peer went away)."""
     if torch_dist.is_initialized():
+        if together:
+            torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 
