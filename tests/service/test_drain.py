@@ -46,6 +46,7 @@ def test_sigterm_reports_not_ready_keeps_answering_then_exits(onnx_path, tmp_pat
     with process([cli, "serve"], tmp_path / "serve.log", env) as proc:
         wait_http(f"{url}/readyz", proc, timeout=90)
         answers: list[int] = []
+        errors: list[tuple[float, str]] = []  # (when, what) of a request that got no answer
         stop = threading.Event()
 
         def load() -> None:  # one client, a new connection per request, until told
@@ -53,8 +54,10 @@ def test_sigterm_reports_not_ready_keeps_answering_then_exits(onnx_path, tmp_pat
                 try:
                     r = httpx.post(f"{url}/predict", files={"file": ("x.png", image)}, timeout=10)
                     answers.append(r.status_code)
-                except httpx.ConnectError:
-                    return  # the port is closed: the process stopped listening
+                except httpx.TransportError as err:  # refused, or reset: no answer
+                    errors.append((time.monotonic(), repr(err)))
+                    if isinstance(err, httpx.ConnectError):
+                        return  # the port is closed: the process stopped listening
 
         client = threading.Thread(target=load)
         client.start()
@@ -75,5 +78,9 @@ def test_sigterm_reports_not_ready_keeps_answering_then_exits(onnx_path, tmp_pat
         client.join(timeout=10)
     assert took >= delay, took
     assert set(answers) == {200}, answers
+    # every request sent during the drain was answered; the first one refused (or reset in
+    # the kernel's queue as the last listener closed) came once the delay was over
+    assert errors and all(when >= asked + delay for when, _ in errors), (asked, errors)
+    assert "ConnectError" in errors[-1][1], errors
     log = (tmp_path / "serve.log").read_text()
     assert "SIGTERM: draining" in log

@@ -4,6 +4,7 @@ the CPU); a finished run's resume trains and writes nothing."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from convserve.training.checkpoint import read_checkpoint
@@ -109,3 +110,59 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(tiny, tmp_path, sql
         resume=done.last_checkpoint,
     )
     assert longer.status == "finished" and [h["epoch"] for h in longer.history] == [1, 2]
+
+
+class _Killed(BaseException):
+    """What the process dying at that point leaves behind: nothing runs after it."""
+
+
+def test_a_run_lost_while_it_finishes_resumes_and_logs_what_was_missing(
+    tiny, tmp_path, sqlite_uri, monkeypatch
+):
+    """A worker dies after the last step, while the run's test metrics, diagnosis and best.pt
+    are being logged. The ``last.pt`` in its artifacts is then the last epoch's, not a finished
+    run's: the next attempt trains nothing more (the step budget is spent) and logs all that
+    was missing."""
+    from mlflow.tracking import MlflowClient
+
+    from convserve.pipelines.runs import last_checkpoint
+    from convserve.training.tracking import Tracker
+
+    cfg = tiny(
+        "tracking.enabled=true",
+        f"tracking.tracking_uri={sqlite_uri}",
+        "optim.epochs=3",
+        "optim.max_steps=12",  # spent inside epoch 1
+    )
+    log_dict = Tracker.log_dict
+
+    def dies_at_the_diagnosis(self, data, name):  # type: ignore[no-untyped-def]
+        if name == "diagnosis.json":
+            raise _Killed
+        return log_dict(self, data, name)
+
+    monkeypatch.setattr(Tracker, "log_dict", dies_at_the_diagnosis)
+    with pytest.raises(_Killed):
+        train(cfg)
+    monkeypatch.setattr(Tracker, "log_dict", log_dict)
+    client = MlflowClient(sqlite_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("convserve").experiment_id])
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
+    assert artifacts == ["checkpoints/last.pt"]  # best.pt comes last, with the run's end
+    saved = last_checkpoint(client, run.info.run_id, str(tmp_path / "downloads"))
+    assert saved is not None and not read_checkpoint(saved)["finished"]
+
+    again = train(cfg, resume=saved, run_id=run.info.run_id)
+    assert again.status == "finished" and "nothing to resume" not in again.message
+    assert [h["epoch"] for h in again.history] == [1]  # no epoch trained after the budget
+    assert read_checkpoint(again.last_checkpoint)["step"] == 12
+    # measured again on the same weights: the same figure at the same step
+    points = client.get_metric_history(run.info.run_id, "test_accuracy")
+    assert {(p.step, p.value) for p in points} == {(12, again.metrics["test_accuracy"])}
+    after = client.get_run(run.info.run_id)
+    assert after.info.status == "FINISHED" and after.data.tags["convserve.status"] == "finished"
+    assert "convserve.message" not in after.data.tags  # the first attempt's error is gone
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert artifacts == {"checkpoints/last.pt", "checkpoints/best.pt"}
+    final = last_checkpoint(client, run.info.run_id, str(tmp_path / "again"))
+    assert final is not None and read_checkpoint(final)["finished"]

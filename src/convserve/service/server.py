@@ -78,7 +78,20 @@ def run_server(settings: Settings, job_settings: JobSettings) -> None:
     gc.freeze()
     with shared_metrics(), tempfile.TemporaryDirectory(prefix="convserve-peers-") as peers:
         config = _config(settings.model_copy(update={"peers_dir": peers}), job_settings)
-        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        _Supervisor(config, sockets=[config.bind_socket()]).run()
+
+
+class _Supervisor(Multiprocess):
+    """uvicorn's process supervisor, which lets go of the listening socket once it has asked
+    its workers to stop: the port closes with the last worker's listener (after their drain,
+    ``CONVSERVE_SHUTDOWN_DELAY``), so a client connecting then is refused and can go
+    elsewhere, where a socket held open by this process alone would queue the connection for
+    no one and reset it at the exit."""
+
+    def terminate_all(self) -> None:
+        super().terminate_all()
+        for sock in self.sockets:  # the workers keep their own copies until they stop
+            sock.close()
 
 
 def _config(settings: Settings, job_settings: JobSettings) -> uvicorn.Config:

@@ -267,6 +267,15 @@ def train(
         raise
 
 
+# how a run's end reads in MLflow
+_MLFLOW_STATUS = {
+    "finished": "FINISHED",
+    "diverged": "FAILED",
+    "cancelled": "KILLED",
+    "stopped": "KILLED",
+}
+
+
 class _Session:
     """The state of one run while it trains; ``train`` builds it, ``run`` drives it."""
 
@@ -397,9 +406,10 @@ class _Session:
         metrics: dict[str, float],
         position: Position | None = None,
         finished: bool = False,
+        name: str = "last.pt",
     ) -> Path | None:
-        """``last.pt``, with what an exact resume needs; ``position``: where the next epoch
-        stopped (default: at its start)."""
+        """``last.pt`` (or ``name``), with what an exact resume needs; ``position``: where
+        the next epoch stopped (default: at its start)."""
         where = position or Position(0, (0.0, 0, 0), rng_state())
         scaler = self.recipe.scaler
         resume = {
@@ -411,7 +421,7 @@ class _Session:
             "best_epoch": self.best_epoch,
             "since_best": self.since_best,
         }
-        return self._save("last.pt", epoch, step, metrics, extra=resume)
+        return self._save(name, epoch, step, metrics, extra=resume)
 
     def run(self, start: _Start) -> TrainResult:
         """Train from ``start`` to the end, an early stop, a divergence or a stop."""
@@ -430,8 +440,11 @@ class _Session:
         message = ""
         step, position = start.step, start.position
         self.step = step
+        # a resume from the last epoch's checkpoint of a run that had ended (lost while it
+        # finished) trains nothing more: it goes on to finish
+        last_epoch = start.epoch - 1 if self._ended(start) else self.cfg.optim.epochs
         try:
-            for epoch in range(start.epoch, self.cfg.optim.epochs + 1):
+            for epoch in range(start.epoch, last_epoch + 1):
                 step, budget_spent = self._epoch(epoch, step, position)
                 position, self.step = None, step
                 self._checkpoint(epoch, step)
@@ -456,6 +469,14 @@ class _Session:
             self.step = err.step
             self._keep_where_stopped(err)
         return self._finish(status, message, self.best_path, self.last_path)
+
+    def _ended(self, start: _Start) -> bool:
+        """Whether ``start``, an epoch's end, is where training ended: the step budget spent
+        or early stopping's patience run out."""
+        optim = self.cfg.optim
+        spent = optim.max_steps is not None and start.step >= optim.max_steps
+        patience = optim.early_stopping
+        return spent or (patience is not None and start.since_best >= patience)
 
     def _begin(self, fresh: bool) -> None:
         """Announce the step budget; plot the histograms at initialisation (``fresh``: a
@@ -562,10 +583,14 @@ class _Session:
     ) -> TrainResult:
         cfg, data = self.cfg, self.data
         final: dict[str, float] = dict(self.history[-1]) if self.history else {}
-        if status == "finished" and self.history:  # a later --resume says so, and does nothing
-            last_path = self._save_last(int(final["epoch"]), self.step, final, finished=True)
-            if last_path is not None:
-                self.tracker.log_artifact(last_path, "checkpoints")
+        # A later --resume of a finished run says so and does nothing: its last.pt says
+        # "finished" once everything below is logged, not before (a job lost in between
+        # resumes from the last epoch's last.pt and logs it all).
+        pending = None
+        if status == "finished" and self.history:  # the last weights, before best.pt's load
+            pending = self._save_last(
+                int(final["epoch"]), self.step, final, finished=True, name="last.finished.pt"
+            )
         evaluation = None
         if status != "stopped":  # a stopped run is measured when it has finished
             if best_path is not None:
@@ -600,14 +625,10 @@ class _Session:
                 **({"convserve.message": message} if message else {}),
             }
         )
-        self.tracker.end(
-            {
-                "finished": "FINISHED",
-                "diverged": "FAILED",
-                "cancelled": "KILLED",
-                "stopped": "KILLED",
-            }[status]
-        )
+        if pending is not None:
+            last_path = pending.replace(pending.with_name("last.pt"))
+            self.tracker.log_artifact(last_path, "checkpoints")
+        self.tracker.end(_MLFLOW_STATUS[status])
         if self.diag is not None:
             self.diag.close()
         return TrainResult(
