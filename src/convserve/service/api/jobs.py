@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -19,6 +20,7 @@ from convserve.jobs import JobRequest, JobStatus, Tag, cancel, job_status, searc
 from convserve.service.api.backends import not_found
 from convserve.service.api.deps import SettingsDep, TokenDep
 from convserve.service.api.errors import errors
+from convserve.training.uploads import find
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -285,7 +287,8 @@ async def _run(request: Request, fn: Any, *args: Any) -> Any:
         429,
         503,
         e400="A body that is not JSON",
-        e422="Invalid body (the detail names each field); nothing is queued",
+        e422="Invalid body, a data set that needs data.root without one, or an uploaded data "
+        "set that does not exist (the detail names each field); nothing is queued",
         e503="MLflow or the queue cannot be reached; nothing is queued",
     ),
     summary="Queue a training run or a sweep",
@@ -306,10 +309,53 @@ async def create_job(
             "try again when some have started",
             headers={"Retry-After": "30"},
         )
+    named = _uploaded_datasets(body)
+    if named:
+        missing = await _run(
+            request, lambda: [(d, loc) for d, loc in named.items() if not find(jobs.client, d)]
+        )
+        if missing:
+            raise RequestValidationError(
+                [
+                    {
+                        "loc": loc,
+                        "msg": f"no uploaded data set {dataset!r} (an id or a name): "
+                        "GET /datasets lists them, POST /datasets adds one",
+                        "type": "value_error",
+                        "input": dataset,
+                    }
+                    for dataset, loc in missing
+                ]
+            )
     run_id = await _run(request, lambda: submit(body, jobs.client, jobs.queue))
     run = await _run(request, lambda: jobs.client.get_run(run_id))
     job = to_job(run, request, settings.mlflow_ui_url)
     return JSONResponse(job.model_dump(), status_code=202, headers={"Location": job.links["self"]})
+
+
+def _uploaded_datasets(body: JobRequest) -> dict[str, tuple[str, ...]]:
+    """The uploaded data sets (ids or names) the job would train on, each with the field of
+    the body that names it: a train job's, or a sweep's base and grid points'."""
+    if body.train is not None:
+        data = body.train.data
+        uploaded = data.id if data.name == "dataset" else None
+        return {uploaded: ("body", "train", "data", "id")} if uploaded else {}
+    sweep = body.sweep
+    assert sweep is not None
+    base = sweep.base.data.id if sweep.base.data.name == "dataset" else None
+    configs = [sweep.base]
+    if sweep.sampler == "grid":
+        configs += [config for _, config in sweep.combinations()]
+    else:  # each value alone on the base, as the study will draw them
+        lists = {k: v for k, v in sweep.grid.items() if isinstance(v, list)}
+        configs += [sweep.point_config({k: v}) for k, vs in lists.items() for v in vs]
+    keys = [k for k in sweep.grid if k in ("data", "data.id", "data.name")]
+    loc: tuple[str, ...] = ("body", "sweep", "base", "data", "id")
+    named = {c.data.id: loc for c in configs if c.data.name == "dataset" and c.data.id}
+    for dataset in named:
+        if dataset != base and keys:  # a grid's value
+            named[dataset] = ("body", "sweep", "grid", keys[0])
+    return named
 
 
 @router.get("", response_model=JobPage, summary="Jobs, newest first", responses=errors(422))

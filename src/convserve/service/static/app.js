@@ -320,8 +320,10 @@ function buildForm() {
     let input;
     if (prop.enum) {
       input = document.createElement("select");
-      // "dataset" is chosen through its uploads, listed by name below the built-in sets
-      for (const v of prop.enum) if (v !== "dataset") input.appendChild(new Option(v, v));
+      // data sets: only those a job can train on from here, the built-in sets that need no
+      // files on the worker; uploads are listed by name below them
+      const values = section === "data" && name === "name" ? schema.builtin_datasets : prop.enum;
+      for (const v of values) input.appendChild(new Option(v, v));
     } else {
       input = document.createElement("input");
       input.type = kind === "list" ? "text" : (prop.type === "integer" || prop.type === "number") ? "number" : "text";
