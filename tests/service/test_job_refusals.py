@@ -85,6 +85,8 @@ def test_an_uploaded_data_set_that_does_not_exist_is_refused(api):
     for ref in ("shades", set_id):
         r = client.post("/jobs", json={"train": _data(name="dataset", id=ref)}, headers=AUTH)
         assert r.status_code == 202, r.text
+        job = r.json()  # named for what it trains, before a worker has read it
+        assert (job["dataset"], job["name"]) == (ref, f"{ref}-relu-he_normal-8")
     sweep = {"base": _data(name="dataset", id="shades"), "grid": {"data.id": [set_id, "gone"]}}
     r = client.post("/jobs", json={"sweep": sweep}, headers=AUTH)
     assert r.status_code == 422, r.text

@@ -234,7 +234,9 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         expect(row).to_have_attribute("data-status", "succeeded", timeout=limit_ms(120))
         expect(page.locator("#banner")).to_contain_text("new champion", timeout=limit_ms(60))
         expect(page.locator("#model-line")).to_contain_text("version 2")
-        expect(row.locator("td.model")).to_have_text("v2 champion")
+        expect(row.locator("td.model")).to_have_text(f"v2 champion{name}")  # name: own line
+        # what it trained, in words: the data set and the run's name
+        expect(row.locator("td.id .job-what")).to_have_text("on digits · digits-relu-he_normal-8")
         assert "epoch 0" not in page.locator("#jobs").inner_text()
         # a failed job whose error is a long unbroken path: it wraps inside its cell
         failed = _failed_job(mlflow_url, tmp_path, "FileNotFoundError: /" + "d/" * 150 + "x.pt")
@@ -263,7 +265,9 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         )
         run_page = browser.new_page(viewport={"width": 1280, "height": 800})
         run_page.goto(href)
-        expect(run_page.get_by_text("relu-he_normal-8").first).to_be_visible(timeout=limit_ms(30))
+        expect(run_page.get_by_text("digits-relu-he_normal-8").first).to_be_visible(
+            timeout=limit_ms(30)
+        )
         expect(run_page.get_by_text("Parameters").first).to_be_visible(timeout=limit_ms(30))
         run_page.screenshot(path=str(SHOTS / "3-mlflow-run.png"))
         run_page.close()
@@ -319,9 +323,9 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         expect(cards).to_have_count(2)
         expect(cards.nth(1)).to_have_attribute("data-id", first_id)
         # the version served now is the champion; the first job's version was promoted before
-        expect(second.locator("td.model")).to_have_text("v3 champion")
+        expect(second.locator("td.model")).to_have_text(f"v3 champion{name}")
         first_row = page.locator(f"#jobs tbody tr[data-id='{first_id}']")
-        expect(first_row.locator("td.model")).to_have_text("v2 promoted")
+        expect(first_row.locator("td.model")).to_have_text(f"v2 promoted{name}")
         # each statistic is a row: the two jobs' charts side by side, on one scale
         expect(page.locator("#diag-view figure[data-stat=grad_std] svg")).to_have_count(2)
         expect(page.locator("#diag-view figure[data-stat=act_std] svg")).to_have_count(2)

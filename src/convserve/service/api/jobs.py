@@ -47,6 +47,8 @@ _JOB_EXAMPLE: dict[str, Any] = {
     "id": "5c0ffee0a1b2c3d4e5f60718293a4b5c",
     "status": "succeeded",
     "kind": "train",
+    "name": "digits-relu-he_normal-16x32",
+    "dataset": "digits",
     "created_at": "2026-11-30T10:00:00+00:00",
     "progress": {"epoch": 3, "step": 213, "total": 213},
     "metrics": {"val_accuracy": 0.962, "best_val_accuracy": 0.962, "test_accuracy": 0.964},
@@ -114,6 +116,14 @@ class Job(BaseModel):
     id: str = Field(description="The MLflow run id")
     status: JobStatus
     kind: str | None = Field(None, description="train or sweep")
+    name: str | None = Field(
+        None,
+        description="The run's name: data set, activation, initialiser, filters per block "
+        "(and hidden layers), unless the config names it; a sweep's own name",
+    )
+    dataset: str | None = Field(
+        None, description="What it trains on: a built-in set's name, or an uploaded set's"
+    )
     created_at: str
     progress: Progress
     metrics: dict[str, float] = Field(description="Latest value of every epoch-level metric")
@@ -231,6 +241,8 @@ def to_job(run: Any, request: Request, ui: str | None) -> Job:
         id=run.info.run_id,
         status=status,
         kind=tags.get(Tag.JOB_KIND),
+        name=run.info.run_name,
+        dataset=_dataset(run),
         created_at=datetime.fromtimestamp(run.info.start_time / 1000, UTC).isoformat(),
         progress=progress,
         metrics={k: v for k, v in run.data.metrics.items() if k in _SUMMARY},
@@ -242,6 +254,17 @@ def to_job(run: Any, request: Request, ui: str | None) -> Job:
         attempts=_attempts(tags),
         links=_links(request, run, ui),
     )
+
+
+def _dataset(run: Any) -> str | None:
+    """The data set's name once training has read it (an upload's name), else the config's
+    (an upload by the id or name it was given)."""
+    read = run.data.tags.get("convserve.dataset", "")  # an upload's: dataset:<name>@<id>
+    if read:
+        return read.removeprefix("dataset:").split("@")[0]
+    params = run.data.params
+    named = params.get("data.id") if params.get("data.name") == "dataset" else None
+    return named or params.get("data.name")
 
 
 def _diagnosis(tags: dict[str, str]) -> JobDiagnosis | None:

@@ -534,6 +534,11 @@ async function refreshJobs() {
     code.className = "mono";
     code.textContent = job.id.slice(0, 8);
     idCell.appendChild(code);
+    // what it trains: the data set, then the run's name (activation, init, filters)
+    const what = document.createElement("div");
+    what.className = "hint job-what";
+    what.textContent = [job.dataset && `on ${job.dataset}`, job.name].filter(Boolean).join(" · ");
+    idCell.appendChild(what);
     if (job.links.mlflow) {
       const a = document.createElement("a");
       a.href = job.links.mlflow; a.textContent = "MLflow run"; a.target = "_blank";
@@ -575,6 +580,10 @@ async function refreshJobs() {
         badge.textContent = serving ? "champion" : "promoted";
         modelCell.appendChild(badge);
       }
+      const registered = document.createElement("div");  // which registered model
+      registered.className = "hint job-what";
+      registered.textContent = job.registered_model;
+      modelCell.appendChild(registered);
     }
     showDiagnosis(verdictCell, job.diagnosis);
     if (job.status === "scheduled" || job.status === "running") {
