@@ -68,6 +68,7 @@ def _walk(url: str, tmp_path: Path) -> None:
     assert float(champ_run.data.metrics["onnx_parity_max_abs_diff"]) < 1e-4
     assert champion.tags["convserve.promotion"] == "champion"
     assert champion.tags["convserve.dataset"] == "digits"
+    assert champion.description == f"Champion: {champion.tags['convserve.promotion_reason']}."
 
     # a deliberately worse run does not take the alias
     worse = train(tiny_config(tmp_path, *overrides, "init.name=constant", "optim.max_steps=3"))
@@ -79,6 +80,9 @@ def _walk(url: str, tmp_path: Path) -> None:
     assert client.get_model_version_by_alias(name, "champion").version == champion.version
     assert client.get_model_version_by_alias(name, "challenger").version == published.version
     assert "does not beat" in client.get_run(worse.run_id).data.tags["convserve.promotion_reason"]
+    described = client.get_model_version(name, published.version).description
+    assert described.startswith("Challenger, not promoted: best_val_accuracy ")
+    assert f"does not beat champion v{champion.version}'s" in described
 
     # models:/NAME@champion downloads an ONNX file that onnxruntime runs like torch (MLflow
     # resolves models:/ through the process's registry URI, whatever the call says)

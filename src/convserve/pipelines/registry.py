@@ -204,6 +204,9 @@ def _record(
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
         client.set_tag(run_id, key, value)
+    # the decision in words where the registry's page shows it first
+    verdict = "Champion" if decision.promoted else "Challenger, not promoted"
+    client.update_model_version(name, version, description=f"{verdict}: {decision.reason}.")
     if decision.value is not None:
         client.log_metric(run_id, "promotion.candidate_value", decision.value)
     if decision.champion_value is not None:
