@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -152,3 +153,20 @@ def test_help_reads_as_sentences(tmp_path):
     assert "RedisHuey when REDIS_URL is set (any number" in worker  # reflowed, not hard-wrapped
     out = _run("sweep", "--help", cwd=tmp_path, env={"COLUMNS": "120"})
     assert "--register" in out.stdout and "<bool>" not in out.stdout
+
+
+def test_experiments_help_lists_every_registered_experiment(tmp_path):
+    """The help reads the registry, and the registry is what the experiment modules define."""
+    import importlib
+
+    from convserve.pipelines.experiments import EXPERIMENTS, REGISTRY, experiment
+
+    for module in set(REGISTRY.values()):
+        importlib.import_module(f"convserve.pipelines.experiments.{module}")
+    assert sorted(EXPERIMENTS) == sorted(REGISTRY) and len(REGISTRY) == 11
+    with pytest.raises(ValueError, match="REGISTRY does not list it"):
+        experiment("unlisted")(lambda context: None)  # type: ignore[arg-type,return-value]
+    out = _run("experiments", "--help", cwd=tmp_path, env={"COLUMNS": "400"})
+    listed = out.stdout.split("several):", 1)[1].split(".", 1)[0]
+    names = [n.strip(" │\n") for n in listed.replace("│", " ").split(",")]
+    assert [" ".join(n.split()) for n in names] == list(REGISTRY), out.stdout

@@ -14,6 +14,7 @@ import typer
 from convserve.cli.app import app, console, err_console, fail
 from convserve.cli.options import ConfigOption, MarginOption, ModelNameOption, SetOption
 from convserve.cli.report import TrainProgress, report_published, report_run
+from convserve.pipelines.experiments import REGISTRY
 from convserve.redact import redact
 
 if TYPE_CHECKING:
@@ -327,9 +328,7 @@ def experiments(
     only: Annotated[
         list[str] | None,
         typer.Option(
-            help="Run only this experiment (repeat "
-            "for several): symmetry, vanishing, exploding, xavier_he, compute_cost, "
-            "dying_relu, dense_vs_cnn, convolution, pooling, hierarchy."
+            help="Run only this experiment (repeat for several): " + ", ".join(REGISTRY) + "."
         ),
     ] = None,
     output: Annotated[Path, typer.Option(help="Folder for report.md and its figures.")] = Path(

@@ -8,6 +8,7 @@ training loop and diagnostics.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 import shutil
@@ -65,11 +66,29 @@ class Finding:
 
 
 Experiment = Callable[[Context], Finding]
-EXPERIMENTS: dict[str, Experiment] = {}
+
+# Every experiment, in the report's order (claims 1-6, 7-10, then 11), with the module of this
+# package that defines it: read without importing torch, so ``convserve experiments --help``
+# lists them from here.
+REGISTRY: dict[str, str] = {
+    **dict.fromkeys(
+        ["symmetry", "vanishing", "exploding", "xavier_he", "compute_cost", "dying_relu"],
+        "claims",
+    ),
+    **dict.fromkeys(["dense_vs_cnn", "convolution", "pooling", "hierarchy"], "cnn_claims"),
+    "glorot_normalised": "normalised_init",
+}
+EXPERIMENTS: dict[str, Experiment] = {}  # filled as REGISTRY's modules are imported
 
 
 def experiment(name: str) -> Callable[[Experiment], Experiment]:
+    """Register ``fn`` as the experiment ``name``, which ``REGISTRY`` must list with the
+    function's module."""
+
     def register(fn: Experiment) -> Experiment:
+        module = fn.__module__.rsplit(".", 1)[-1]
+        if REGISTRY.get(name) != module:
+            raise ValueError(f"experiment {name!r} of {module}: REGISTRY does not list it so")
         EXPERIMENTS[name] = fn
         return fn
 
@@ -82,15 +101,14 @@ def run_experiments(
     quick: bool = False,
     on_done: Callable[[Finding], None] | None = None,
 ) -> list[Finding]:
-    # Importing them registers them, in this order: claims 1-6, then 7-10, then 11.
-    from convserve.pipelines.experiments import claims, cnn_claims, normalised_init  # noqa: F401
-
-    names = only or list(EXPERIMENTS)
-    unknown = [n for n in names if n not in EXPERIMENTS]
+    names = only or list(REGISTRY)
+    unknown = [n for n in names if n not in REGISTRY]
     if unknown:
         raise ValueError(
-            f"unknown experiment(s) {', '.join(unknown)}; choose from: {', '.join(EXPERIMENTS)}"
+            f"unknown experiment(s) {', '.join(unknown)}; choose from: {', '.join(REGISTRY)}"
         )
+    for module in dict.fromkeys(REGISTRY[n] for n in names):  # importing registers them
+        importlib.import_module(f"{__name__}.{module}")
     folder.mkdir(parents=True, exist_ok=True)
     findings = []
     runs = Path(tempfile.mkdtemp(prefix="convserve-experiments-"))
