@@ -8,6 +8,9 @@ steps (no validation, no checkpoint inside the window). convserve runs with diag
 and on. Prints images/s and the ratio to the plain loop, at 64x64 and 128x128.
 Target: at least 0.9x the plain loop with diagnostics off.
 
+First, whole runs: the default config for 2 epochs (diagnostics on, plots as by default, and
+with ``tracking.plots=end``) against the same run as a plain loop. Target: at least 0.9x.
+
     .venv/bin/python benchmarks/bench_train.py --images 4000 --workers 2
 """
 
@@ -27,6 +30,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from convserve.training.configfiles import validate_config
+from convserve.training.data import load_data
 from convserve.training.model import build_model
 from convserve.training.run import Callbacks, train
 
@@ -66,7 +70,7 @@ def convserve_rate(root: Path, size: int, steps: int, workers: int, diagnostics:
                 "batch_size": 64,
                 "test_fraction": 0.0,
             },
-            "diagnostics": {"enabled": diagnostics, "plots": False},
+            "diagnostics": {"enabled": diagnostics},
             "optim": {"optimizer": "sgd", "lr": 0.01, "epochs": 1, "max_steps": steps},
             "tracking": {"enabled": False, "output_dir": str(root.parent / "runs")},
         }
@@ -107,6 +111,74 @@ def plain_rate(root: Path, size: int, steps: int, workers: int) -> float:
     return (steps - WARMUP) * 64 / (stamps[steps] - stamps[WARMUP])
 
 
+def default_run_seconds(plots: str, folder: Path) -> float:
+    """``convserve train`` with the default config (diagnostics on) for 2 epochs, tracking
+    off, ``tracking.plots`` as given: the whole run's wall time."""
+    cfg = validate_config(
+        {
+            "device": "cpu",
+            "optim": {"epochs": 2},
+            "tracking": {"enabled": False, "plots": plots, "output_dir": str(folder)},
+        }
+    )
+    start = time.perf_counter()
+    result = train(cfg)
+    assert result.status == "finished"
+    return time.perf_counter() - start
+
+
+def plain_default_seconds() -> float:
+    """The same run as a plain loop: the same data and model, Adam at the default lr, 2
+    epochs of shuffled batches of 64, validation after each, the test split at the end."""
+    cfg = validate_config({"device": "cpu", "optim": {"epochs": 2}})
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    data = load_data(cfg.data, cfg.seed)
+    model = build_model(cfg.model, data.channels, data.image_size, data.num_classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
+    x, y = data.train.sample(len(data.train))
+
+    def evaluate(images: torch.Tensor, labels: torch.Tensor) -> float:
+        model.eval()
+        with torch.no_grad():
+            right = sum(
+                int((model(images[i : i + 256]).argmax(1) == labels[i : i + 256]).sum())
+                for i in range(0, len(images), 256)
+            )
+        model.train()
+        return right / len(images)
+
+    for _ in range(cfg.optim.epochs):
+        order = torch.randperm(len(x))
+        for i in range(0, len(x), 64):
+            batch = order[i : i + 64]
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+        evaluate(*data.val.sample(len(data.val)))
+    assert data.test is not None
+    evaluate(*data.test.sample(len(data.test)))
+    return time.perf_counter() - start
+
+
+def default_runs(repeats: int) -> None:
+    """The default config's 2-epoch run against the plain loop, plots off (the default) and
+    at the end. Target: at least 0.9x with diagnostics on and the default plots."""
+    times: dict[str, list[float]] = {"plain": [], "none": [], "end": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(repeats):  # alternately, so that noise hits all three alike
+            times["plain"].append(plain_default_seconds())
+            for plots in ("none", "end"):
+                times[plots].append(default_run_seconds(plots, Path(tmp)))
+    best = {k: min(v) for k, v in times.items()}
+    print(
+        f"default config, 2 epochs: plain loop {best['plain']:.2f} s, convserve with "
+        f"diagnostics {best['none']:.2f} s ({best['plain'] / best['none']:.2f}x, target >= "
+        f"0.9), with tracking.plots=end {best['end']:.2f} s "
+        f"({best['plain'] / best['end']:.2f}x)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -119,6 +191,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sizes", type=int, nargs="*", default=[64, 128])
     args = parser.parse_args()
+    default_runs(args.repeats)
     steps = args.steps + WARMUP
     print(
         f"{args.images} JPEGs, 10 classes, batch 64, {args.workers} DataLoader workers, "

@@ -141,7 +141,7 @@ def main() -> None:
                 "model": {**model, "activation": activation},
                 "init": init,
                 "optim": {"optimizer": "sgd", "lr": 0.01, "max_steps": 1},
-                "diagnostics": {"every": 10, "plots": False},
+                "diagnostics": {"every": 10},
                 "tracking": {"enabled": False, "output_dir": "/tmp/convserve-thresholds"},
             }
         )

@@ -21,7 +21,7 @@ TINY: dict[str, Any] = {
     "model": {"blocks": [{"out_channels": 8}], "hidden": [], "activation": "relu"},
     "init": {"name": "he_normal"},
     "optim": {"optimizer": "adam", "lr": 0.01, "epochs": 1},
-    "diagnostics": {"every": 10, "plots": False},
+    "diagnostics": {"every": 10},
     "tracking": {"enabled": False},
 }
 

@@ -55,7 +55,7 @@ def test_train_prints_metrics_diagnosis_and_run_id(tmp_path):
     run = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").get_run(run_id)
     assert run.data.params["model.activation"] == "tanh"
     assert run.data.params["init.name"] == "xavier_uniform"
-    assert run.info.run_name == "tanh-xavier_uniform-8"
+    assert run.info.run_name == "digits-tanh-xavier_uniform-8"
     assert (tmp_path / "runs" / run_id / "best.pt").exists()
     # everything a plain `convserve train` writes is under ./runs: store, artifacts, checkpoints
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "tiny.yaml"]

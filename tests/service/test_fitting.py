@@ -72,7 +72,7 @@ def default_model(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("default-model")
     cfg = load_config(
         "default",
-        ["tracking.enabled=false", "diagnostics.plots=false", f"tracking.output_dir={folder}"],
+        ["tracking.enabled=false", f"tracking.output_dir={folder}"],
     )
     result = train(cfg)
     model, config, spec, _ = load_model(result.best_checkpoint)

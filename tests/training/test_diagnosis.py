@@ -171,7 +171,6 @@ def test_the_shipped_constant_init_config_names_one_cause(tmp_path):
             "data.limit=2000",
             "diagnostics.every=5",
             "tracking.enabled=false",
-            "diagnostics.plots=false",
             f"tracking.output_dir={tmp_path}",
             "optim.epochs=1",
         ],

@@ -25,7 +25,7 @@ def _config(tmp_path: Path, name: str, limit: int | None = None, **optim) -> Pat
     data = {
         **TINY,
         "optim": {**TINY["optim"], **optim},
-        "diagnostics": {"every": 5, "plots": False},
+        "diagnostics": {"every": 5},
     }
     if limit is not None:  # fewer images: shorter epochs
         data["data"] = {**TINY["data"], "limit": limit}

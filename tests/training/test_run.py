@@ -96,7 +96,7 @@ def test_tracking_to_the_default_sqlite_store(tiny, sqlite_uri, tmp_path):
     cfg = tiny(
         "tracking.enabled=true",
         f"tracking.tracking_uri={sqlite_uri}",
-        "diagnostics.plots=true",
+        "tracking.plots=end",
         "optim.epochs=2",
         "tracking.log_every=5",
     )
@@ -153,6 +153,38 @@ def test_tracking_to_the_default_sqlite_store(tiny, sqlite_uri, tmp_path):
     ]
 
 
+def _plots(client: MlflowClient, run_id: str) -> set[str]:
+    return {a.path.removeprefix("plots/") for a in client.list_artifacts(run_id, "plots")}
+
+
+def test_plots_are_written_only_when_asked_for_and_apart_from_the_diagnostics(tiny, sqlite_uri):
+    """none (the default) writes none, with diagnostics on; end without diagnostics writes
+    the figures that need none of them; epoch logs the curves after each epoch."""
+    client = MlflowClient(sqlite_uri)
+    tracked = ("tracking.enabled=true", f"tracking.tracking_uri={sqlite_uri}")
+    plain = train(tiny(*tracked))
+    assert plain.snapshots and _plots(client, plain.run_id) == set()
+    bare = train(tiny(*tracked, "tracking.plots=end", "diagnostics.enabled=false"))
+    assert _plots(client, bare.run_id) == {
+        "learning_curves.png",
+        "confusion_matrix.png",
+        "first_layer_filters.png",
+        *(f"feature_maps_{i}.png" for i in range(4)),
+    }
+    seen: list[set[str]] = []
+    cfg = tiny(*tracked, "tracking.plots=epoch", "optim.epochs=2")
+
+    def after_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        run = client.search_runs([client.get_experiment_by_name("convserve").experiment_id])[0]
+        seen.append(_plots(client, run.info.run_id))
+
+    train(cfg, callbacks=Callbacks(on_epoch=after_epoch))
+    # on_epoch comes before the epoch's plots: epoch 2 sees epoch 1's
+    assert seen[0] == set() and seen[1] >= {"learning_curves.png", "gradient_flow.png"}
+    with pytest.raises(ValueError, match="diagnostics.plots is now tracking.plots"):
+        tiny("diagnostics.plots=false")
+
+
 def test_diverged_run_is_failed_in_mlflow_with_its_step(tiny, sqlite_uri):
     result = train(
         tiny(
@@ -178,7 +210,7 @@ def test_diverged_run_is_failed_in_mlflow_with_its_step(tiny, sqlite_uri):
 def test_tracking_to_a_real_mlflow_server(tiny, mlflow_url, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_url)
     result = train(
-        tiny("tracking.enabled=true", "tracking.experiment=server-test", "diagnostics.plots=true")
+        tiny("tracking.enabled=true", "tracking.experiment=server-test", "tracking.plots=end")
     )
     client = MlflowClient(mlflow_url)
     run = client.get_run(result.run_id)
@@ -198,7 +230,6 @@ def test_default_config_reaches_95_percent_on_the_default_data(tmp_path):
         [
             "tracking.enabled=false",
             f"tracking.output_dir={tmp_path}",
-            "diagnostics.plots=false",
             "device=cpu",
         ],
     )

@@ -129,7 +129,7 @@ def _job(dataset_id: str, experiment: str, model: str) -> dict:
             "data": {"name": "dataset", "id": dataset_id, "batch_size": 8},
             "model": {"blocks": [{"out_channels": 4}], "hidden": []},
             "optim": {"epochs": 3, "lr": 0.01},
-            "diagnostics": {"every": 5, "plots": False},
+            "diagnostics": {"every": 5},
             "tracking": {"experiment": experiment},
         },
         "model_name": model,

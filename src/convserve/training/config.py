@@ -348,7 +348,6 @@ class OptimConfig(StrictModel):
 class DiagnosticsConfig(StrictModel):
     enabled: bool = True
     every: int = Field(50, ge=1)  # optimizer steps between diagnostic snapshots
-    plots: bool = True  # write histogram, gradient-flow, filter and feature-map PNGs
     # Verdict thresholds; docs/diagnostics.md explains each figure. The two ratios compare the
     # first and last hidden layers: a hundredfold change either way, where healthy inits
     # measure 0.05 to 2 and failing ones 1e-4 and below or 600 and above.
@@ -358,6 +357,16 @@ class DiagnosticsConfig(StrictModel):
     saturated_fraction: float = Field(0.5, gt=0.0, le=1.0)
     dead_fraction: float = Field(0.5, gt=0.0, le=1.0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _plots_moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "plots" in data:
+            raise ValueError(
+                "diagnostics.plots is now tracking.plots: none, end or epoch "
+                "(plots are written apart from the diagnostics)"
+            )
+        return data
+
 
 class TrackingConfig(StrictModel):
     enabled: bool = True  # log to MLflow
@@ -366,6 +375,14 @@ class TrackingConfig(StrictModel):
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     output_dir: str = "runs"  # local folder for checkpoints (one sub-folder per run)
     log_every: int = Field(20, ge=1)  # optimizer steps between step-level loss metrics
+    plots: Literal["none", "end", "epoch"] = Field(
+        "none",
+        title="Plots",
+        description="PNG figures logged under plots/: none (MLflow charts every metric "
+        "anyway); end: learning curves, confusion matrix, filters, feature maps and, with "
+        "diagnostics, per-layer histograms and gradient flow (a few seconds); epoch: the "
+        "learning curves and gradient flow after every epoch too",
+    )
 
 
 class TrainConfig(StrictModel):

@@ -448,6 +448,7 @@ class _Session:
                 step, budget_spent = self._epoch(epoch, step, position)
                 position, self.step = None, step
                 self._checkpoint(epoch, step)
+                self._epoch_plots()
                 if budget_spent:
                     break
                 patience = self.cfg.optim.early_stopping
@@ -497,7 +498,7 @@ class _Session:
                 "convserve.augment": describe(cfg.data.augment),
             }
         )
-        if self.diag is not None and cfg.diagnostics.plots and self.main and fresh:
+        if self.diag is not None and cfg.tracking.plots != "none" and self.main and fresh:
             x, y = self.data.train.sample(256)
             plots.value_histograms(
                 capture_values(self.model, self.diag, x.to(self.device), y.to(self.device)),
@@ -643,14 +644,25 @@ class _Session:
             self.snapshots,
         )
 
+    def _epoch_plots(self) -> None:
+        """``tracking.plots: epoch``: the learning curves and gradient flow so far, logged
+        after every epoch."""
+        if self.cfg.tracking.plots != "epoch" or not self.main:
+            return
+        self._progress_plots()
+        self.tracker.log_artifacts(self.plot_dir, "plots")
+
+    def _progress_plots(self) -> None:
+        if self.history:
+            plots.learning_curves(self.history, self.plot_dir / "learning_curves.png")
+        if self.snapshots:
+            plots.gradient_flow(self.snapshots, self.plot_dir / "gradient_flow.png")
+
     def _write_plots(self, status: Status, confusion: torch.Tensor) -> None:
-        if not self.cfg.diagnostics.plots or not self.main:
+        if self.cfg.tracking.plots == "none" or not self.main:
             return
         folder = self.plot_dir
-        if self.history:
-            plots.learning_curves(self.history, folder / "learning_curves.png")
-        if self.snapshots:
-            plots.gradient_flow(self.snapshots, folder / "gradient_flow.png")
+        self._progress_plots()
         if status != "diverged":
             plots.confusion_matrix(confusion, self.data.classes, folder / "confusion_matrix.png")
             plots.first_layer_filters(self.model, folder / "first_layer_filters.png")

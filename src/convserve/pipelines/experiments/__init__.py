@@ -43,7 +43,7 @@ class Context:
             "seed": self.seed,
             "device": "cpu",
             "data": {"name": "digits", "batch_size": 64},
-            "diagnostics": {"every": 10, "plots": False},
+            "diagnostics": {"every": 10},
             "tracking": {"enabled": False, "output_dir": str(self.runs)},
         }
         for key, value in sections.items():
