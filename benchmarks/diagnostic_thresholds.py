@@ -1,5 +1,6 @@
 """The figures behind the diagnostics' thresholds: the hidden-layer gradient ratio, the
-activation growth and the diagnosis at initialisation of networks whose behaviour is known
+activation growth, the largest saturated and dead shares and the smallest distinct share of a
+hidden layer, and the diagnosis at initialisation of networks whose behaviour is known
 (healthy variance-preserving inits, and the failing cases of the lecture), one training step
 each on the digits data. docs/diagnostics.md quotes this table.
 
@@ -10,10 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from convserve.training.attribution import Setup
 from convserve.training.config import DiagnosticsConfig
 from convserve.training.configfiles import validate_config
 from convserve.training.diagnosis import diagnose
-from convserve.training.diagnostics import ratios
+from convserve.training.diagnostics import hidden_layers, ratios
 from convserve.training.run import train
 
 PLAIN = {"out_channels": 8, "pool": "none"}
@@ -120,6 +122,20 @@ CASES: list[tuple[str, str, dict[str, Any], dict[str, Any], str]] = [
         {"name": "constant", "value": 0.05},
         "relu",
     ),
+    (
+        "ReLU + He, bias -1, MLP 3 x 64",
+        "dying",
+        {"blocks": [], "hidden": [64] * 3},
+        {"name": "he_normal", "bias": -1.0},
+        "relu",
+    ),
+    (
+        "sigmoid + N(0, 1), MLP 3 x 64",
+        "saturated",
+        {"blocks": [], "hidden": [64] * 3},
+        {"name": "normal", "std": 1.0},
+        "sigmoid",
+    ),
 ]
 
 
@@ -129,8 +145,16 @@ def main() -> None:
         f"thresholds: vanishing grad_ratio < {thresholds.vanishing_ratio:g}, exploding "
         f"grad_ratio or act_growth > {thresholds.exploding_ratio:g}\n"
     )
-    print("| network | grad_ratio | act_growth | diagnosis at init | expected |")
-    print("| --- | ---: | ---: | --- | --- |")
+    print(
+        f"saturated share > {thresholds.saturated_fraction:g}, dead share > "
+        f"{thresholds.dead_fraction:g}, distinct share <= {thresholds.symmetric_distinct:g} "
+        "(the largest, largest and smallest over the hidden layers)\n"
+    )
+    print(
+        "| network | grad_ratio | act_growth | saturated | dead | distinct | diagnosis at init "
+        "| expected |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     wrong = 0
     for name, expected, model, init, activation in CASES:
         cfg = validate_config(
@@ -146,11 +170,21 @@ def main() -> None:
             }
         )
         result = train(cfg)
-        r = ratios(result.snapshots[0])
-        verdict = diagnose(result.snapshots[:1], cfg.diagnostics).verdict
+        first = result.snapshots[0]
+        r = ratios(first)
+        hidden = [first.layers[k] for k in hidden_layers(first)]
+        saturated = max((layer.get("saturated", 0.0) for layer in hidden), default=0.0)
+        dead = max((layer.get("dead", 0.0) for layer in hidden), default=0.0)
+        distinct = min((layer.get("distinct", 1.0) for layer in hidden), default=1.0)
+        verdict = diagnose(
+            result.snapshots[:1],
+            cfg.diagnostics,
+            setup=Setup.of(cfg),
+        ).verdict
         wrong += verdict != expected
         print(
-            f"| {name} | {r['grad_ratio']:.3g} | {r['act_growth']:.3g} | {verdict} | "
+            f"| {name} | {r['grad_ratio']:.3g} | {r['act_growth']:.3g} | {saturated:.2f} | "
+            f"{dead:.2f} | {distinct:.2f} | {verdict} | "
             f"{expected}{'' if verdict == expected else ' (differs)'} |",
             flush=True,
         )

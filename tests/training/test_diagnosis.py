@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from convserve.training.attribution import Setup
 from convserve.training.config import DiagnosticsConfig
 from convserve.training.configfiles import load_config
 from convserve.training.diagnosis import (
@@ -72,7 +73,9 @@ def test_every_combination_gets_one_cause_and_its_consequences(size):
 
 
 def test_symmetry_explains_degenerate_gradient_statistics():
-    d = diagnose([snap(1, "symmetric", "vanishing", "exploding")], CFG, init="constant")
+    d = diagnose(
+        [snap(1, "symmetric", "vanishing", "exploding")], CFG, setup=Setup(init="constant")
+    )
     assert d.verdict == "symmetric"
     assert [c.split(":")[0] for c in d.consequences] == ["exploding", "vanishing"]
     assert "identical units receive identical gradients" in d.consequences[0]
@@ -80,7 +83,7 @@ def test_symmetry_explains_degenerate_gradient_statistics():
 
 
 def test_saturation_and_dead_units_explain_vanishing():
-    d = diagnose([snap(1, "saturated", "vanishing")], CFG, activation="sigmoid")
+    d = diagnose([snap(1, "saturated", "vanishing")], CFG, setup=Setup(activation="sigmoid"))
     assert d.verdict == "saturated"
     assert d.consequences[0].startswith("vanishing: the gradient std at block1.conv is 0.0001")
     assert d.consequences[0].endswith("because a saturated unit passes under 0.02 of its gradient")
@@ -119,7 +122,7 @@ def test_training_phase_needs_half_of_its_snapshots():
 
 
 def test_divergence_ends_the_run_exploding_with_its_step_and_layer():
-    d = diagnose([snap(1), snap(11)], CFG, diverged=(17, "block2.conv"), scale=6)
+    d = diagnose([snap(1), snap(11)], CFG, diverged=(17, "block2.conv"), setup=Setup(scale=6))
     assert [p.name for p in d.phases] == ["initialisation", "end"]
     assert d.verdict == "exploding"
     assert (
@@ -144,12 +147,15 @@ def test_advice_follows_the_activation():
     vanishing = [snap(1, "vanishing")]
     assert (
         "He init for relu"
-        in diagnose(vanishing, CFG, activation="relu", init="xavier_normal").advice
+        in diagnose(vanishing, CFG, setup=Setup(activation="relu", init="xavier_normal")).advice
     )
-    assert "slope is at most 0.25" in diagnose(vanishing, CFG, activation="sigmoid").advice
+    assert (
+        "slope is at most 0.25"
+        in diagnose(vanishing, CFG, setup=Setup(activation="sigmoid")).advice
+    )
     assert (
         "xavier_normal for tanh"
-        in diagnose(vanishing, CFG, activation="tanh", init="normal").advice
+        in diagnose(vanishing, CFG, setup=Setup(activation="tanh", init="normal")).advice
     )
 
 

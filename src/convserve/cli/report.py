@@ -134,6 +134,8 @@ def report_diagnosis(diagnosis: Diagnosis) -> None:
         console.print(f"  evidence: {escape(diagnosis.evidence)}")
     for consequence in diagnosis.consequences:
         console.print(f"  consequence: {escape(consequence)}")
+    if diagnosis.knob:
+        console.print(f"  knob: {diagnosis.knob}, because {escape(diagnosis.attribution)}")
     if diagnosis.advice:
         console.print(f"  advice: {escape(diagnosis.advice)}")
 

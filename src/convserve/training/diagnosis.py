@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from convserve.training.activations import SATURATING
+from convserve.training.attribution import Setup, attribute
 from convserve.training.config import DiagnosticsConfig
 from convserve.training.diagnostics import Snapshot, hidden_layers, ratios
 
@@ -83,6 +84,8 @@ class Diagnosis:
     advice: str
     consequences: list[str]
     phases: list[Phase]
+    knob: str = ""  # the configuration knob most likely responsible (attribution.KNOBS)
+    attribution: str = ""  # the evidence that separates it from the other candidates
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,6 +112,8 @@ class Diagnosis:
         lines = [f"**Diagnosis: {self.verdict}** ({self.summary})", ""]
         if self.evidence:
             lines += [f"- Evidence: {self.evidence}"]
+        if self.knob:
+            lines += [f"- The knob: `{self.knob}`, because {self.attribution}"]
         lines += [f"- Consequence: {c}" for c in self.consequences]
         if self.advice:
             lines += [f"- Advice: {self.advice}"]
@@ -301,7 +306,8 @@ def _usual(snapshots: list[Snapshot], cfg: DiagnosticsConfig) -> list[Finding]:
 
 
 def advice(verdict: str, activation: str, init: str, scale: float = 1.0) -> str:
-    """What to change, for the cause found in a model with this activation and init."""
+    """What to change for the cause found in a model with this activation and init, whatever
+    the knob behind it (``attribution`` names the knob, whose change comes first)."""
     family = "xavier_normal" if activation in SATURATING else "he_normal"
     if verdict == "symmetric":
         return (
@@ -340,15 +346,14 @@ def diagnose(
     snapshots: list[Snapshot],
     cfg: DiagnosticsConfig,
     *,
-    activation: str = "relu",
-    init: str = "he_normal",
-    scale: float = 1.0,
+    setup: Setup = Setup(),
     diverged: tuple[int, str | None] | None = None,
     running: bool = False,
 ) -> Diagnosis:
-    """The run's diagnosis from its snapshots; ``diverged`` is the (step, first non-finite
-    layer) of a run whose loss became NaN or infinite; ``running``: the run goes on, so its
-    last phase is the latest snapshot, not the end."""
+    """The run's diagnosis from its snapshots, with the knob of ``setup`` (what the run was
+    configured with) behind it; ``diverged`` is the (step, first non-finite layer) of a run
+    whose loss became NaN or infinite; ``running``: the run goes on, so its last phase is the
+    latest snapshot, not the end."""
     phases: list[Phase] = []
     if snapshots:
         first = snapshots[0]
@@ -383,13 +388,22 @@ def diagnose(
     if not unhealthy:
         return Diagnosis("healthy", _summary(phases), "", "", [], phases)
     cause = unhealthy[0]
+    general = advice(cause.verdict, setup.activation, setup.init, setup.scale)
+    turn = next((i for i, s in enumerate(snapshots) if findings(s, cfg)), len(snapshots))
+    knob = attribute(cause.verdict, snapshots, turn, setup, diverged is not None)
+    if knob is None:
+        return Diagnosis(
+            cause.verdict, _summary(phases), cause.evidence, general, cause.consequences, phases
+        )
     return Diagnosis(
         cause.verdict,
         _summary(phases),
         cause.evidence,
-        advice(cause.verdict, activation, init, scale),
+        f"change {knob.knob} first: {knob.advice}; else {general}",
         cause.consequences,
         phases,
+        knob.knob,
+        knob.evidence,
     )
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from convserve.training import distributed, plots
+from convserve.training.attribution import Setup
 from convserve.training.checkpoint import ModelSpec, read_checkpoint, rng_state, save_checkpoint
 from convserve.training.config import TrainConfig
 from convserve.training.data import DataBundle, Split, load_data
@@ -104,9 +105,7 @@ def _already_finished(
     diagnosis = diagnose(
         start.snapshots,
         cfg.diagnostics,
-        activation=cfg.model.activation,
-        init=cfg.init.name,
-        scale=cfg.init.scale,
+        setup=Setup.of(cfg),
     )
     message = f"the run had finished already (epoch {payload['epoch']}, step {payload['step']})"
     return TrainResult(
@@ -349,9 +348,7 @@ class _Session:
         return diagnose(
             self.snapshots,
             cfg.diagnostics,
-            activation=cfg.model.activation,
-            init=cfg.init.name,
-            scale=cfg.init.scale,
+            setup=Setup.of(cfg),
             diverged=self.diverged,
             running=running,
         )
@@ -365,6 +362,7 @@ class _Session:
             "convserve.diagnosis.summary": diagnosis.summary,
             "convserve.diagnosis.evidence": diagnosis.evidence,
             "convserve.diagnosis.advice": diagnosis.advice,
+            "convserve.diagnosis.knob": diagnosis.knob,
             "convserve.diagnosis.json": diagnosis.to_json(),
             "mlflow.note.content": diagnosis.markdown()[:8000],
         }

@@ -105,9 +105,17 @@ class JobDiagnosis(BaseModel):
     )
     summary: str = Field(description="The verdict by phase, e.g. 'symmetric throughout'")
     evidence: str = Field(description="What the cause was read from, in words and figures")
-    advice: str = Field(description="What to change in the config")
+    advice: str = Field(description="What to change in the config, the knob's change first")
     consequences: list[str] = Field(description="Findings that follow from the cause")
     phases: list[DiagnosisPhase]
+    knob: str = Field(
+        "",
+        description="The configuration knob most likely responsible: init.name, init.scale, "
+        "init.bias, optim.lr, model.activation or depth ('' when healthy)",
+    )
+    attribution: str = Field(
+        "", description="The evidence that separates that knob from the other candidates"
+    )
 
 
 class Job(BaseModel):

@@ -842,7 +842,8 @@ function showDiagnosis(cell, d) {
 // Evidence, consequences and advice as a list (and each phase, when asked).
 function diagnosisList(d, phases) {
   const list = document.createElement("ul");
-  const rows = [["evidence", d.evidence], ...d.consequences.map((c) => ["consequence", c]), ["advice", d.advice]];
+  const knob = d.knob ? [["knob", `${d.knob}: ${d.attribution}`]] : [];
+  const rows = [["evidence", d.evidence], ...d.consequences.map((c) => ["consequence", c]), ...knob, ["advice", d.advice]];
   if (phases) rows.push(...d.phases.map((p) => [p.name, p.verdict + (p.evidence ? ` - ${p.evidence}` : "")]));
   for (const [label, text] of rows) {
     if (!text) continue;
