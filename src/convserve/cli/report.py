@@ -111,7 +111,10 @@ def report_run(result: TrainResult) -> None:
     for key in SUMMARY_METRICS:
         if key in result.metrics:
             table.add_row(key, f"{result.metrics[key]:.4f}")
-    console.print(table)
+    if table.row_count:
+        console.print(table)
+    else:  # diverged in its first epoch: no epoch was measured
+        console.print(f"training {result.status}: no epoch finished, so no metric to show")
     report_diagnosis(result.diagnosis)
     if result.message:
         console.print(f"note: {result.message}")
