@@ -148,6 +148,12 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         expect(page.locator("#maps .tile")).to_have_count(6 + 8)
         expect(page.locator("#seen-text")).to_contain_text("Red: hiding the region lowers P(")
         assert page.evaluate(RED_PIXELS) > 0  # the occlusion map is drawn over the input
+        # large, with its colour scale in points of probability
+        assert page.locator("#seen").bounding_box()["width"] >= 320
+        expect(page.locator("#scale-low")).to_have_text(re.compile(r"^hiding raises P\(\d\) by "))
+        expect(page.locator("#scale-high")).to_have_text(
+            re.compile(r"^lowers it by [\d.]+ points$")
+        )
         page.locator("#maps .tile").nth(2).hover()
         expect(page.locator("#zoom-text")).to_contain_text("block1, channel 2: mean")
         page.locator("#maps .tile").nth(3).focus()  # the keyboard, too
@@ -248,7 +254,10 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         )
         table = page.locator("#jobs-section .scroll")
         widths = table.evaluate("e => [e.scrollWidth, e.clientWidth]")
-        assert widths[0] <= widths[1], f"the jobs table overflows: {widths}"
+        columns = page.locator("#jobs thead th").evaluate_all(
+            "cells => cells.map(c => [c.textContent, Math.round(c.getBoundingClientRect().width)])"
+        )
+        assert widths[0] <= widths[1], f"the jobs table overflows: {widths}, columns {columns}"
         from convserve.jobs import fail
 
         fail(MlflowClient(mlflow_url), waiting, "ended by the test")  # never taken by a worker
@@ -335,11 +344,35 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
             "aria-label"
         )
         assert re.search(r"block1\.conv \d", label), label
+        # readable on a desktop: each chart at least 360 px wide, with ticks on both axes
+        for svg in page.locator("#diag-view figure.chart svg").all():
+            box = svg.bounding_box()
+            assert box is not None and box["width"] >= 360, box
+        first_chart = page.locator("#diag-view figure[data-stat=grad_std] svg").first
+        assert first_chart.locator("text.tick").count() >= 6  # y and x ticks, and the label
+        # only what applies to each activation: dead units for ReLU, saturation for tanh
+        dead = page.locator("#diag-view figure[data-stat=dead]")
+        expect(dead.locator("svg")).to_have_count(1)
+        expect(dead.locator(".not-applicable")).to_contain_text("not measured for tanh")
+        saturated = page.locator("#diag-view figure[data-stat=saturated]")
+        expect(saturated.locator("svg")).to_have_count(1)
+        expect(saturated.locator(".not-applicable")).to_contain_text("not measured for relu")
         page.screenshot(path=str(SHOTS / "4-diagnosis-compare.png"), full_page=True)
         assert_accessible(page, "jobs and diagnosis, 1280x800")
 
-        # 5. phone width: still readable, nothing wider than the screen
+        # 5. phone width: still readable, nothing wider than the screen; a tile tapped opens
+        # enlarged right under its row, not below every block
         page.set_viewport_size(PHONE)
+        page.set_input_files("#file", str(digit))
+        # the champion now: the Xavier + tanh job's model, one block of 8 channels
+        expect(page.locator("#maps .tile")).to_have_count(8)
+        tapped = page.locator("#maps .tile").nth(5)  # in the second row at this width
+        tapped.scroll_into_view_if_needed()
+        tapped.click()
+        expect(page.locator("#zoom-text")).to_contain_text("block1, channel 5: mean")
+        at, zoom = tapped.bounding_box(), page.locator("#zoom").bounding_box()
+        assert 0 <= zoom["y"] - (at["y"] + at["height"]) < 40, (at, zoom)
+        page.screenshot(path=str(SHOTS / "5-phone-zoom.png"))
         width = page.evaluate("document.documentElement.scrollWidth")
         wide = page.evaluate(WIDE_ELEMENTS)
         assert width <= 400, wide

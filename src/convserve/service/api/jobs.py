@@ -168,7 +168,8 @@ class JobDiagnostics(BaseModel):
             "examples": [
                 {
                     "id": _JOB_EXAMPLE["id"],
-                    "name": "relu-he_normal-16x32",
+                    "name": "digits-relu-he_normal-16x32",
+                    "activation": "relu",
                     "status": "running",
                     "diagnosis": {
                         **_JOB_EXAMPLE["diagnosis"],
@@ -191,6 +192,11 @@ class JobDiagnostics(BaseModel):
 
     id: str
     name: str | None = Field(None, description="The run's name (activation, init, filters)")
+    activation: str | None = Field(
+        None,
+        description="The model's activation: which statistics apply (dead units to the ReLU "
+        "family, saturation to sigmoid and tanh)",
+    )
     status: JobStatus
     diagnosis: JobDiagnosis | None
     layers: list[str] = Field(description="Measured layers, input to output")
@@ -523,6 +529,7 @@ async def get_job_diagnostics(job_id: JobId, request: Request) -> JobDiagnostics
     return JobDiagnostics(
         id=run.info.run_id,
         name=run.data.tags.get("mlflow.runName"),
+        activation=run.data.params.get("model.activation"),
         status=job_status(run),
         diagnosis=_diagnosis(run.data.tags),
         layers=layers,

@@ -106,6 +106,7 @@ function render(prediction) {
     bars.appendChild(li);
   }
   drawSeen(prediction);
+  placeZoom(null);  // out of the tiles about to be replaced
   const maps = $("maps");
   maps.replaceChildren();
   for (const [block, fmap] of Object.entries(prediction.feature_maps || {})) {
@@ -130,9 +131,13 @@ function drawSeen(prediction) {
     ctx.imageSmoothingEnabled = false;
     ctx.clearRect(0, 0, canvas.width, canvas.height);
     ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
+    $("seen-scale").hidden = !ex;
     if (ex) {
       const h = ex.heatmap.length, w = ex.heatmap[0].length;
       const scale = Math.max(Math.abs(ex.max_drop), ...ex.heatmap.flat().map(Math.abs), 1e-9);
+      const points = `${(100 * scale).toFixed(1)} points`;
+      $("scale-low").textContent = `hiding raises P(${ex.label}) by ${points}`;
+      $("scale-high").textContent = `lowers it by ${points}`;
       const cw = canvas.width / w, ch = canvas.height / h;
       for (let y = 0; y < h; y++) {
         for (let x = 0; x < w; x++) {
@@ -196,10 +201,29 @@ function renderBlock(block, fmap) {
   return wrap;
 }
 
+// On a narrow screen the enlarged tile opens under the row of the tile tapped, across the
+// grid, as galleries do; on a wide one it stays beside the grid.
+const NARROW = window.matchMedia("(max-width: 900px)");
+function placeZoom(tile) {
+  const zoom = $("zoom");
+  if (!NARROW.matches || !tile) {
+    if (zoom.parentElement !== $("maps-layout")) $("maps-layout").appendChild(zoom);
+    return;
+  }
+  const grid = tile.parentElement;
+  const tiles = [...grid.querySelectorAll(".tile")];
+  const columns = getComputedStyle(grid).gridTemplateColumns.split(" ").length;
+  const rowEnd = (Math.floor(tiles.indexOf(tile) / columns) + 1) * columns - 1;
+  const last = tiles[Math.min(tiles.length - 1, rowEnd)];
+  if (last.nextElementSibling !== zoom) last.after(zoom);
+}
+NARROW.addEventListener("change", () => placeZoom(selectedTile));
+
 function showZoom(block, channel, source, tile) {
   if (selectedTile) selectedTile.setAttribute("aria-pressed", "false");
   selectedTile = tile;
   tile.setAttribute("aria-pressed", "true");
+  placeZoom(tile);
   const canvas = $("zoom-canvas");
   const ctx = canvas.getContext("2d");
   ctx.imageSmoothingEnabled = false;
@@ -638,6 +662,15 @@ const CHARTS = [
 ];
 const RATIOS = [["grad_ratio", "gradient ratio, first / last hidden layer", true],
                 ["act_growth", "activation growth, last / first hidden layer", true]];
+// Statistics that mean something for some activations only: a ReLU-family unit is dead when
+// it outputs zero for the whole batch; sigmoid and tanh saturate at their asymptotes.
+const APPLIES = {
+  dead: ["relu", "leaky_relu", "elu", "gelu"],
+  saturated: ["sigmoid", "tanh"],
+};
+function applies(key, run) {
+  return !(key in APPLIES) || !run.activation || APPLIES[key].includes(run.activation);
+}
 let diagTimer = null;
 let diagBusy = false;
 let diagAgain = false;  // a choice made while a refresh was on its way: read it next
@@ -706,7 +739,7 @@ function renderDiagnostics(runs) {
   charts.className = "diag-charts";
   view.append(cards, charts);
   const rows = [...CHARTS, ...RATIOS].filter(([key]) =>
-    runs.some((r) => seriesOf(r, key).some((s) => s.values.length)));
+    runs.some((r) => applies(key, r) && seriesOf(r, key).some((s) => s.values.length)));
   // One cell per statistic, holding each job's chart side by side on one scale.
   const lastStep = Math.max(1, ...runs.flatMap((r) =>
     [...CHARTS, ...RATIOS].flatMap(([key]) => seriesOf(r, key).flatMap((s) => s.steps))));
@@ -720,7 +753,9 @@ function renderDiagnostics(runs) {
     caption.textContent = title;
     const row = document.createElement("div");
     row.className = "diag-row";
-    runs.forEach((run, i) => row.appendChild(chart(title, all[i], range, log, lastStep, run)));
+    runs.forEach((run, i) => row.appendChild(applies(key, run)
+      ? chart(title, all[i], range, log, lastStep, run)
+      : notApplicable(key, run)));
     cell.append(caption, row);
     charts.appendChild(cell);
   }
@@ -729,6 +764,36 @@ function renderDiagnostics(runs) {
 function tick(v) {
   const a = Math.abs(v);
   return a !== 0 && (a < 0.01 || a >= 1000) ? v.toExponential(0) : String(Number(v.toPrecision(2)));
+}
+
+function notApplicable(key, run) {
+  const box = document.createElement("p");
+  box.className = "not-applicable";
+  box.textContent = `${run.id.slice(0, 8)}: not measured for ${run.activation} ` +
+    `(${key === "dead" ? "only ReLU-family units output exactly zero" : "only sigmoid and tanh have asymptotes"})`;
+  return box;
+}
+
+// Round values for an axis from lo to hi: decades on a log scale (every other one when
+// there are many), else 1, 2 or 5 times a power of ten, about five of them.
+function ticks(lo, hi, log) {
+  if (log) {
+    const a = Math.floor(Math.log10(lo)), b = Math.ceil(Math.log10(hi));
+    const inside = (v) => v >= lo * (1 - 1e-9) && v <= hi * (1 + 1e-9);
+    const fine = [];  // 1, 2 and 5 times each power of ten: for ranges of a decade or two
+    for (let e = a; e <= b; e++) for (const m of [1, 2, 5]) if (inside(m * 10 ** e)) fine.push(m * 10 ** e);
+    if (fine.length >= 3 && fine.length <= 7) return fine;
+    const every = Math.max(1, Math.ceil((b - a + 1) / 6));
+    const out = [];
+    for (let e = a; e <= b; e += every) if (inside(10 ** e)) out.push(10 ** e);
+    return out.length >= 2 ? out : [lo, hi];
+  }
+  const raw = (hi - lo) / 4;
+  const power = 10 ** Math.floor(Math.log10(raw || 1));
+  const step = [1, 2, 5, 10].map((m) => m * power).find((m) => m >= raw) || raw;
+  const out = [];
+  for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) out.push(Number(v.toPrecision(6)));
+  return out;
 }
 
 function seriesOf(run, key) {
@@ -776,23 +841,31 @@ function el(name, attrs) {
   return node;
 }
 
-// One small chart: a line per layer over steps, dark (input side) to light (output side).
+// One chart: a line per layer over steps, dark (input side) to light (output side), with
+// ticks and grid lines on both axes.
 function chart(title, series, [lo, hi], log, lastStep, run) {
   const box = document.createElement("div");
-  const W = 300, H = 140, L = 34, R = 6, T = 6, B = 18;
+  const W = 480, H = 220, L = 48, R = 10, T = 8, B = 34;
   const svg = el("svg", { viewBox: `0 0 ${W} ${H}`, role: "img" });
   const x0 = 0, x1 = lastStep;
   const f = log ? Math.log10 : (v) => v;
   const x = (s) => L + ((s - x0) / (x1 - x0 || 1)) * (W - L - R);
   const y = (v) => T + (1 - (f(v) - f(lo)) / (f(hi) - f(lo) || 1)) * (H - T - B);
   svg.appendChild(el("rect", { x: L, y: T, width: W - L - R, height: H - T - B, class: "plot" }));
-  for (const v of [lo, hi]) {
-    const t = el("text", { x: L - 3, y: y(v) + 3, "text-anchor": "end", class: "tick" });
+  for (const v of ticks(lo, hi, log)) {
+    svg.appendChild(el("line", { x1: L, x2: W - R, y1: y(v), y2: y(v), class: "grid" }));
+    const t = el("text", { x: L - 4, y: y(v) + 3.5, "text-anchor": "end", class: "tick" });
     t.textContent = tick(v);
     svg.appendChild(t);
   }
+  for (const st of ticks(x0, x1, false)) {
+    svg.appendChild(el("line", { x1: x(st), x2: x(st), y1: T, y2: H - B, class: "grid" }));
+    const t = el("text", { x: x(st), y: H - B + 13, "text-anchor": "middle", class: "tick" });
+    t.textContent = String(st);
+    svg.appendChild(t);
+  }
   const t = el("text", { x: W - R, y: H - 4, "text-anchor": "end", class: "tick" });
-  t.textContent = `${run.id.slice(0, 8)}, step ${x1}`;
+  t.textContent = `step (${run.id.slice(0, 8)}, ${run.activation || "?"})`;
   svg.appendChild(t);
   series.forEach((s, i) => {
     const points = s.steps.map((st, j) => [st, s.values[j]])
