@@ -135,9 +135,10 @@ function drawSeen(prediction) {
     if (ex) {
       const h = ex.heatmap.length, w = ex.heatmap[0].length;
       const scale = Math.max(Math.abs(ex.max_drop), ...ex.heatmap.flat().map(Math.abs), 1e-9);
-      const points = `${(100 * scale).toFixed(1)} points`;
-      $("scale-low").textContent = `hiding raises P(${ex.label}) by ${points}`;
-      $("scale-high").textContent = `lowers it by ${points}`;
+      const points = (100 * scale).toFixed(1);
+      $("scale-low").textContent = `-${points}`;
+      $("scale-high").textContent = `+${points}`;
+      $("scale-caption").textContent = `drop in P(${ex.label}) when a region is hidden, in points`;
       const cw = canvas.width / w, ch = canvas.height / h;
       for (let y = 0; y < h; y++) {
         for (let x = 0; x < w; x++) {
