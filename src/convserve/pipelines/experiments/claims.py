@@ -13,7 +13,7 @@ from matplotlib.axes import Axes
 
 from convserve.pipelines.experiments import Context, Finding, experiment
 from convserve.training.activations import get_act_layer
-from convserve.training.config import InitConfig, ModelConfig
+from convserve.training.config import DiagnosticsConfig, InitConfig, ModelConfig
 from convserve.training.diagnostics import Snapshot, ratios
 from convserve.training.init import initialize
 from convserve.training.model import build_model
@@ -484,9 +484,11 @@ def _born_dead_grid(
     return born, save_figure(fig, ctx.folder / "born_dead.png")
 
 
-def _dead_after_training(ctx: Context) -> tuple[dict[str, float], dict[str, float]]:
-    """Biases started at -0.5: the worst hidden layer's dead share at the end, and the
-    validation accuracy, for ReLU and Leaky ReLU."""
+def _dead_after_training(
+    ctx: Context,
+) -> tuple[dict[str, float], dict[str, float], dict[str, str]]:
+    """Biases started at -0.5, Adam at lr 0.05: the worst hidden layer's dead share at the
+    end, the validation accuracy and the product's diagnosis, for ReLU and Leaky ReLU."""
     steps = ctx.steps(300, 100)
     results = {}
     for act in ("relu", "leaky_relu"):
@@ -498,14 +500,15 @@ def _dead_after_training(ctx: Context) -> tuple[dict[str, float], dict[str, floa
                 "negative_slope": 0.1,
             },
             init={"name": "he_normal", "bias": -0.5},
-            optim={"optimizer": "adam", "lr": 0.01, "epochs": 100, "max_steps": steps},
+            optim={"optimizer": "adam", "lr": 0.05, "epochs": 100, "max_steps": steps},
         )
         results[act] = train(cfg)
     dead = {
         k: max(v.get("dead", 0.0) for n, v in r.snapshots[-1].layers.items() if n != "head.out")
         for k, r in results.items()
     }
-    return dead, {k: r.metrics["val_accuracy"] for k, r in results.items()}
+    accuracy = {k: r.metrics["val_accuracy"] for k, r in results.items()}
+    return dead, accuracy, {k: r.diagnosis.verdict for k, r in results.items()}
 
 
 @experiment("dying_relu")
@@ -519,8 +522,14 @@ def dying_relu(ctx: Context) -> Finding:
     narrower = all(relu[(widths[0], d)] >= relu[(widths[-1], d)] for d in depths)
     leaky_never = all(born[("leaky_relu", w, d)] == 0.0 for w in widths for d in depths)
     # (b) in training: units driven below zero die, Leaky ReLU units do not
-    dead, acc = _dead_after_training(ctx)
-    trained = dead["relu"] >= 0.3 and dead["leaky_relu"] == 0.0 and acc["leaky_relu"] >= acc["relu"]
+    dead, acc, verdict = _dead_after_training(ctx)
+    limit = DiagnosticsConfig().dead_fraction  # what the diagnosis calls dying
+    trained = (
+        verdict["relu"] == "dying"
+        and dead["relu"] > limit
+        and verdict["leaky_relu"] != "dying"
+        and dead["leaky_relu"] == 0.0
+    )
     ok = grows and narrower and leaky_never and relu[(2, 40)] > 0.5 and trained
     return Finding(
         "dying_relu",
@@ -538,17 +547,21 @@ def dying_relu(ctx: Context) -> Finding:
         "high at width 2 as at width 4 at every depth, and exceeds 0.5 at width 2, depth 40 "
         "(Lu et al.'s limit is 1); for Leaky ReLU it is 0 everywhere (a leaky unit is never "
         "zero on a non-zero input). (b) Same network and data, biases started at -0.5 and "
-        "Adam at lr 0.01: at the end at least 30% of some ReLU layer's units are dead on a "
-        "batch (a third of a layer is far beyond the few percent of a healthy run), no Leaky "
-        "ReLU unit is, and Leaky ReLU's validation accuracy is at least ReLU's.",
+        f"Adam at lr 0.05: the product's diagnosis calls the ReLU run dying (more than "
+        f"{limit:.0%} of a layer's units dead on a batch, diagnostics.dead_fraction, the "
+        "threshold the diagnosis uses everywhere; healthy ReLU networks measure up to 39% "
+        "at initialisation) and its last snapshot still has more than that dead, while no "
+        "Leaky ReLU unit is dead and its run is not dying. The validation accuracies are "
+        "reported, not judged: the claim is about units, not about the score.",
         "born dead (ReLU): "
         + "; ".join(
             f"width {w}: " + ", ".join(f"depth {d} {relu[(w, d)]:.2f}" for d in depths)
             for w in widths
         )
         + f"; Leaky ReLU: {max(born[('leaky_relu', w, d)] for w in widths for d in depths):.2f} "
-        f"at most. Trained: dead share (worst hidden layer) relu {dead['relu']:.2f}, "
-        f"leaky_relu {dead['leaky_relu']:.2f}; val accuracy relu {acc['relu']:.3f}, "
+        f"at most. Trained: dead share (worst hidden layer) relu {dead['relu']:.2f} "
+        f"(diagnosis: {verdict['relu']}), leaky_relu {dead['leaky_relu']:.2f} (diagnosis: "
+        f"{verdict['leaky_relu']}); val accuracy relu {acc['relu']:.3f}, "
         f"leaky_relu {acc['leaky_relu']:.3f}.",
         ok,
         [figure],
