@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from convserve.training.config import TrainConfig
 from convserve.training.configfiles import validate_config
 
@@ -66,6 +68,20 @@ class Finding:
 
 
 Experiment = Callable[[Context], Finding]
+
+
+def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of ``values`` and its ``level`` confidence interval from
+    Student's t (the seeds' spread); the interval is the mean alone for one value."""
+    from scipy import stats
+
+    data = np.asarray(values, dtype=float)
+    mean = float(data.mean())
+    if len(data) < 2:
+        return mean, mean, mean
+    half = float(stats.t.ppf((1 + level) / 2, len(data) - 1) * data.std(ddof=1) / len(data) ** 0.5)
+    return mean, mean - half, mean + half
+
 
 # Every experiment, in the report's order (claims 1-6, 7-10, then 11), with the module of this
 # package that defines it: read without importing torch, so ``convserve experiments --help``
