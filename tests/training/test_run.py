@@ -181,8 +181,10 @@ def test_plots_are_written_only_when_asked_for_and_apart_from_the_diagnostics(ti
     train(cfg, callbacks=Callbacks(on_epoch=after_epoch))
     # on_epoch comes before the epoch's plots: epoch 2 sees epoch 1's
     assert seen[0] == set() and seen[1] >= {"learning_curves.png", "gradient_flow.png"}
-    with pytest.raises(ValueError, match="diagnostics.plots is now tracking.plots"):
-        tiny("diagnostics.plots=false")
+    # earlier configs, checkpoints and queued jobs said diagnostics.plots: read as before
+    assert tiny("diagnostics.plots=true").tracking.plots == "end"
+    assert tiny("diagnostics.plots=false", "tracking.plots=epoch").tracking.plots == "epoch"
+    assert "plots" not in tiny("diagnostics.plots=false").diagnostics.model_dump()
 
 
 def test_diverged_run_is_failed_in_mlflow_with_its_step(tiny, sqlite_uri):

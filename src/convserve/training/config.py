@@ -357,16 +357,6 @@ class DiagnosticsConfig(StrictModel):
     saturated_fraction: float = Field(0.5, gt=0.0, le=1.0)
     dead_fraction: float = Field(0.5, gt=0.0, le=1.0)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _plots_moved(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "plots" in data:
-            raise ValueError(
-                "diagnostics.plots is now tracking.plots: none, end or epoch "
-                "(plots are written apart from the diagnostics)"
-            )
-        return data
-
 
 class TrackingConfig(StrictModel):
     enabled: bool = True  # log to MLflow
@@ -394,6 +384,23 @@ class TrainConfig(StrictModel):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plots_moved(cls, data: Any) -> Any:
+        """``diagnostics.plots`` (true or false), as earlier configs, checkpoints and queued
+        jobs hold it, is read as ``tracking.plots`` (end or none) unless that is set."""
+        diagnostics = data.get("diagnostics") if isinstance(data, dict) else None
+        if not isinstance(diagnostics, dict) or "plots" not in diagnostics:
+            return data
+        diagnostics = dict(diagnostics)
+        plots = diagnostics.pop("plots")
+        tracking = dict(data.get("tracking") or {})
+        if isinstance(plots, bool):
+            tracking.setdefault("plots", "end" if plots else "none")
+        else:  # not a switch: refused where it stands
+            diagnostics["plots"] = plots
+        return {**data, "diagnostics": diagnostics, "tracking": tracking}
 
     def flat(self) -> dict[str, str]:
         """The config as ``{"model.blocks.0.out_channels": "16", ...}`` for MLflow params."""

@@ -191,7 +191,9 @@ class JobDiagnostics(BaseModel):
     }
 
     id: str
-    name: str | None = Field(None, description="The run's name (activation, init, filters)")
+    name: str | None = Field(
+        None, description="The run's name (data set, activation, init, filters)"
+    )
     activation: str | None = Field(
         None,
         description="The model's activation: which statistics apply (dead units to the ReLU "
