@@ -283,13 +283,13 @@ def _phase(name: str, found: list[Finding], steps: tuple[int, int]) -> Phase:
     return Phase(name, steps, "healthy", "")
 
 
-def _usual(snapshots: list[Snapshot], cfg: DiagnosticsConfig) -> list[Finding]:
-    """Findings that hold in at least half of the snapshots, each with its first evidence."""
-    per_snapshot = [findings(s, cfg) for s in snapshots]
+def _usual(per_snapshot: list[list[Finding]]) -> list[Finding]:
+    """Findings that hold in at least half of the snapshots (each snapshot's findings), each
+    with its first evidence."""
     out = []
     for verdict in PRECEDENCE:
         hits = [f for found in per_snapshot for f in found if f.verdict == verdict]
-        if hits and len(hits) * 2 >= len(snapshots):
+        if hits and len(hits) * 2 >= len(per_snapshot):
             first = hits[0]
             out.append(
                 Finding(
@@ -299,7 +299,7 @@ def _usual(snapshots: list[Snapshot], cfg: DiagnosticsConfig) -> list[Finding]:
                     first.threshold,
                     first.step,
                     first.layer,
-                    f"{first.evidence}; in {len(hits)} of {len(snapshots)} snapshots",
+                    f"{first.evidence}; in {len(hits)} of {len(per_snapshot)} snapshots",
                 )
             )
     return out
@@ -355,21 +355,22 @@ def diagnose(
     whose loss became NaN or infinite; ``running``: the run goes on, so its last phase is the
     latest snapshot, not the end."""
     phases: list[Phase] = []
+    found_in = [findings(s, cfg) for s in snapshots]  # each snapshot's, read once
     if snapshots:
         first = snapshots[0]
-        phases.append(_phase("initialisation", findings(first, cfg), (first.step, first.step)))
+        phases.append(_phase("initialisation", found_in[0], (first.step, first.step)))
         middle = snapshots[1:-1]
         if middle:
             steps = (middle[0].step, middle[-1].step)
-            phases.append(_phase("training", _usual(middle, cfg), steps))
+            phases.append(_phase("training", _usual(found_in[1:-1]), steps))
         if len(snapshots) > 1 and diverged is None:
             last = snapshots[-1]
             end = "latest" if running else "end"
-            phases.append(_phase(end, findings(last, cfg), (last.step, last.step)))
+            phases.append(_phase(end, found_in[-1], (last.step, last.step)))
     if diverged is not None:
         step, layer = diverged
         where = f"; the first non-finite values are in {layer}" if layer else ""
-        found = findings(snapshots[-1], cfg) if len(snapshots) > 1 else []
+        found = found_in[-1] if len(snapshots) > 1 else []
         found = [f for f in found if f.verdict == "symmetric"] + [
             Finding(
                 "exploding",
@@ -389,7 +390,7 @@ def diagnose(
         return Diagnosis("healthy", _summary(phases), "", "", [], phases)
     cause = unhealthy[0]
     general = advice(cause.verdict, setup.activation, setup.init, setup.scale)
-    turn = next((i for i, s in enumerate(snapshots) if findings(s, cfg)), len(snapshots))
+    turn = next((i for i, found in enumerate(found_in) if found), len(snapshots))
     knob = attribute(cause.verdict, snapshots, turn, setup, diverged is not None)
     if knob is None:
         return Diagnosis(
