@@ -159,7 +159,8 @@ def test_experiments_help_lists_every_registered_experiment(tmp_path):
     """The help reads the registry, and the registry is what the experiment modules define."""
     import importlib
 
-    from convserve.pipelines.experiments import EXPERIMENTS, REGISTRY, experiment
+    from convserve.pipelines.experiment_names import REGISTRY
+    from convserve.pipelines.experiments import EXPERIMENTS, experiment
 
     for module in set(REGISTRY.values()):
         importlib.import_module(f"convserve.pipelines.experiments.{module}")

@@ -14,7 +14,7 @@ import typer
 from convserve.cli.app import app, console, err_console, fail
 from convserve.cli.options import ConfigOption, MarginOption, ModelNameOption, SetOption
 from convserve.cli.report import TrainProgress, report_published, report_run
-from convserve.pipelines.experiments import REGISTRY
+from convserve.pipelines.experiment_names import REGISTRY
 from convserve.redact import redact
 
 if TYPE_CHECKING:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from convserve.pipelines.experiment_names import REGISTRY
 from convserve.training.config import TrainConfig
 from convserve.training.configfiles import validate_config
 
@@ -83,17 +84,6 @@ def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, floa
     return mean, mean - half, mean + half
 
 
-# Every experiment, in the report's order (claims 1-6, 7-10, then 11), with the module of this
-# package that defines it: read without importing torch, so ``convserve experiments --help``
-# lists them from here.
-REGISTRY: dict[str, str] = {
-    **dict.fromkeys(
-        ["symmetry", "vanishing", "exploding", "xavier_he", "compute_cost", "dying_relu"],
-        "claims",
-    ),
-    **dict.fromkeys(["dense_vs_cnn", "convolution", "pooling", "hierarchy"], "cnn_claims"),
-    "glorot_normalised": "normalised_init",
-}
 EXPERIMENTS: dict[str, Experiment] = {}  # filled as REGISTRY's modules are imported
 
 
