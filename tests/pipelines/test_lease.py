@@ -63,3 +63,28 @@ def test_the_reaper_pages_through_every_running_job(sqlite_uri, monkeypatch):
         assert run.info.status == "FAILED" and "worker lost" in run.data.tags[Tag.ERROR]
     assert client.get_run(alive).info.status == "RUNNING"
     assert reaper.reap(client, settings) == []
+
+
+def test_an_answer_that_arrives_after_a_stall_is_not_taken_as_fresh(sqlite_uri):
+    """A worker stopped (SIGSTOP) while its lease check was on its way wakes up to an answer
+    from before the stop: it may let one write through, and the next call asks again."""
+    client = MlflowClient(sqlite_uri)
+    experiment = client.create_experiment("stall")
+    run_id = _running_job(client, experiment, "w1", time.time())
+    client.update_run(run_id, status="RUNNING")
+
+    class Stalled:
+        stalled = False
+
+        def get_run(self, run_id: str):  # type: ignore[no-untyped-def]
+            if self.stalled:
+                return client.get_run(run_id)
+            self.stalled = True
+            answer = client.get_run(run_id)  # the server answered: still this worker's
+            client.set_tag(run_id, Tag.ATTEMPT, "2")  # meanwhile the reaper took the job
+            time.sleep(0.3)  # and this process stood still before reading the answer
+            return answer
+
+    lease = Lease(Stalled(), run_id, "w1", attempt=1, interval=0.2)
+    assert lease.held()  # the stale answer, once
+    assert not lease.held()  # as old as its question: asked again, and lost

@@ -67,13 +67,17 @@ class Lease:
             return self._held
 
     def _check(self) -> None:
+        # The answer is as old as the question: a process stopped (SIGSTOP, a paused VM)
+        # while the read was on its way gets an answer from before it stopped, which must not
+        # count as fresh when it wakes up.
+        asked = time.monotonic()
         try:
             run = self.client.get_run(self.run_id)
         except Exception as err:  # the tracking server blinked: keep the last answer
             log.warning("lease check of %s failed: %s", self.run_id, err)
             return
         tags = run.data.tags
-        self._checked = time.monotonic()
+        self._checked = asked
         self._held = (
             run.info.status == "RUNNING"
             and tags.get(Tag.WORKER) == self.worker
