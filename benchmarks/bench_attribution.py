@@ -18,6 +18,7 @@ from collections import Counter
 from typing import Any
 
 from convserve.training.attribution import KNOBS
+from convserve.training.config import TrainConfig
 from convserve.training.configfiles import load_config, validate_config
 from convserve.training.run import train
 
@@ -168,42 +169,38 @@ SHIPPED = {
 }
 
 
+def outcome(cfg: TrainConfig) -> tuple[str, str, float]:
+    """(verdict, knob named or "healthy", best validation accuracy) of training ``cfg``."""
+    result = train(cfg)
+    d = result.diagnosis
+    return d.verdict, d.knob or HEALTHY, result.metrics.get("best_val_accuracy", 0.0)
+
+
 def run_case(
     model: dict[str, Any], init: dict[str, Any], activation: str, optim: dict[str, Any], steps: int
 ) -> tuple[str, str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = validate_config(
-            {
-                "seed": 0,
-                "device": "cpu",
-                "data": {"name": "digits", "batch_size": 64},
-                "model": {**model, "activation": activation},
-                "init": {"name": "he_normal", **init},
-                "optim": {**optim, "epochs": 100, "max_steps": steps},
-                "diagnostics": {"every": 10},
-                "tracking": {"enabled": False, "output_dir": tmp},
-            }
+        return outcome(
+            validate_config(
+                {
+                    "seed": 0,
+                    "device": "cpu",
+                    "data": {"name": "digits", "batch_size": 64},
+                    "model": {**model, "activation": activation},
+                    "init": {"name": "he_normal", **init},
+                    "optim": {**optim, "epochs": 100, "max_steps": steps},
+                    "diagnostics": {"every": 10},
+                    "tracking": {"enabled": False, "output_dir": tmp},
+                }
+            )
         )
-        result = train(cfg)
-    d = result.diagnosis
-    return d.verdict, d.knob or HEALTHY, result.metrics.get("best_val_accuracy", 0.0)
 
 
 def run_shipped(name: str, steps: int) -> tuple[str, str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(
-            name,
-            [
-                "device=cpu",
-                "tracking.enabled=false",
-                f"tracking.output_dir={tmp}",
-                f"optim.max_steps={steps}",
-                "diagnostics.every=10",
-            ],
-        )
-        result = train(cfg)
-    d = result.diagnosis
-    return d.verdict, d.knob or HEALTHY, result.metrics.get("best_val_accuracy", 0.0)
+        overrides = ["device=cpu", "tracking.enabled=false", f"tracking.output_dir={tmp}"]
+        overrides += [f"optim.max_steps={steps}", "diagnostics.every=10"]
+        return outcome(load_config(name, overrides))
 
 
 def main() -> None:

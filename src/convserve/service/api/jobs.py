@@ -382,17 +382,19 @@ def _uploaded_datasets(body: JobRequest) -> dict[str, tuple[str, ...]]:
     sweep = body.sweep
     assert sweep is not None
     base = sweep.base.data.id if sweep.base.data.name == "dataset" else None
+    loc: tuple[str, ...] = ("body", "sweep", "base", "data", "id")
+    keys = [k for k in sweep.grid if k in ("data", "data.id", "data.name")]
+    if not keys:  # the grid leaves the data alone: every trial trains on the base's
+        return {base: loc} if base else {}
     configs = [sweep.base]
     if sweep.sampler == "grid":
         configs += [config for _, config in sweep.combinations()]
     else:  # each value alone on the base, as the study will draw them
         lists = {k: v for k, v in sweep.grid.items() if isinstance(v, list)}
         configs += [sweep.point_config({k: v}) for k, vs in lists.items() for v in vs]
-    keys = [k for k in sweep.grid if k in ("data", "data.id", "data.name")]
-    loc: tuple[str, ...] = ("body", "sweep", "base", "data", "id")
     named = {c.data.id: loc for c in configs if c.data.name == "dataset" and c.data.id}
     for dataset in named:
-        if dataset != base and keys:  # a grid's value
+        if dataset != base:  # a grid's value
             named[dataset] = ("body", "sweep", "grid", keys[0])
     return named
 
