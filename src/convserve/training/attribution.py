@@ -186,10 +186,15 @@ def attribute(
         start = f"healthy at initialisation ({gain}); {turned}"
         if diverged or peak > UPDATE_RATIO or cause == "exploding":
             lr = f" (now {setup.lr:g}; try {setup.lr / 10:g})" if setup.lr else ""
+            why = (
+                "the learning rate's signature"
+                if diverged or peak > UPDATE_RATIO
+                else "a scale that grows after a healthy start comes from the updates"
+            )
             return Attribution(
                 "optim.lr",
                 f"{start}, after steps that changed a layer's weights by up to {peak:.3g} of "
-                f"their norm (about 1e-3 is usual): the learning rate's signature",
+                f"their norm (about 1e-3 is usual): {why}",
                 f"a lower optim.lr{lr}, or optim.grad_clip",
             )
         return _after_start(cause, setup, f"{start}, with updates of at most {peak:.3g}")
