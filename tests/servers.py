@@ -74,9 +74,11 @@ def mlflow_server(folder: Path, backend_uri: str | None = None) -> Iterator[str]
 @contextmanager
 def uvicorn_server(env: dict[str, str], cwd: Path) -> Iterator[str]:
     """``convserve serve`` as a real process; yields its base URL. One server process unless
-    ``env`` asks for more (``CONVSERVE_WORKERS``): the tests that need several say so."""
+    ``env`` asks for more (``CONVSERVE_WORKERS``): the tests that need several say so. It
+    serves its default model alone unless ``env`` sets ``CONVSERVE_MODELS``: the MLflow
+    server a test process shares holds the other tests' models."""
     port = free_port()
-    full = {**os.environ, "CONVSERVE_WORKERS": "1", **env}
+    full = {**os.environ, "CONVSERVE_WORKERS": "1", "CONVSERVE_MODELS": "", **env}
     full.update({"CONVSERVE_PORT": str(port), "CONVSERVE_HOST": "127.0.0.1"})
     cli = str(Path(sys.executable).parent / "convserve")
     with process([cli, "serve"], cwd / f"serve-{port}.log", full, cwd) as proc:

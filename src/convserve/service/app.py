@@ -1,6 +1,6 @@
 """``create_app(settings)``: the FastAPI inference service, put together: its routers, its
 error handlers, the edge middleware (``edge.py``) around it and ``POST /predict`` served
-directly (``direct.py``), the model manager and the job queue made at start-up."""
+directly (``direct.py``), the served set of models and the job queue made at start-up."""
 
 from __future__ import annotations
 
@@ -29,13 +29,13 @@ from convserve import __version__
 from convserve.jobs import JobQueue, JobSettings
 from convserve.redact import redacted
 from convserve.service.admission import Admission
-from convserve.service.api import datasets, docs, jobs, predict, status, ui, v2
+from convserve.service.api import datasets, docs, jobs, predict, repository, status, ui, v2
 from convserve.service.api.backends import Backends
+from convserve.service.catalog import Catalog
 from convserve.service.decoding import Decoder
 from convserve.service.direct import Service, all_routes
 from convserve.service.edge import EdgeMiddleware
 from convserve.service.inference import V2Error
-from convserve.service.manager import ModelManager
 from convserve.service.metrics import Metrics
 from convserve.service.model import providers_for
 from convserve.service.settings import Settings
@@ -119,25 +119,26 @@ def _is_v2(request: Request) -> bool:
 async def _lifespan(
     settings: Settings, job_settings: JobSettings, metrics: Metrics, app: FastAPI
 ) -> AsyncIterator[None]:
-    """A worker process's start-up and shutdown: the model manager (the model loaded, then
-    followed), the decoder, the job queue, gRPC when asked for."""
-    manager = ModelManager(settings, metrics)
-    app.state.manager = manager
+    """A worker process's start-up and shutdown: the served set of models (the default one
+    loaded, the others loading, all followed), the decoder, the job queue, gRPC when asked
+    for."""
+    catalog = Catalog(settings, metrics)
+    app.state.catalog = catalog
     app.state.decoder = Decoder(settings)
     app.state.admission = Admission(settings.admission_budget_units(), settings.admission_wait)
     app.state.jobs = Jobs(job_settings)
     app.state.ingests = datasets.Ingests()
-    outcome = await manager.check()
-    if manager.model is None:
-        log.warning("starting without a model: %s", outcome.message)
+    await catalog.start()
+    if catalog.default.model is None:
+        log.warning("starting without a model: %s", catalog.default.last_error)
     grpc_server = None
     if settings.grpc_port:  # imported only then: a process without gRPC never loads it
         from convserve.service.grpc_v2 import start_grpc
 
         grpc_server = await start_grpc(
-            settings, manager, metrics, app.state.admission, app.state.decoder.heavy
+            settings, catalog, metrics, app.state.admission, app.state.decoder.heavy
         )
-    poller = asyncio.create_task(manager.poll())
+    poller = asyncio.create_task(catalog.poll())
     app.state.draining = False
     if settings.shutdown_delay > 0:
         _drain_on_sigterm(app, settings.shutdown_delay)
@@ -151,7 +152,7 @@ async def _lifespan(
         poller.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await poller
-        await manager.close()
+        await catalog.close()
         app.state.decoder.close()
         app.state.jobs.backends.shutdown()
 
@@ -202,6 +203,7 @@ def create_app(settings: Settings, job_settings: JobSettings | None = None) -> S
     app.include_router(predict.router)
     app.include_router(status.router)
     app.include_router(v2.router)
+    app.include_router(repository.router)
     app.include_router(jobs.router)
     app.include_router(datasets.router)
     app.include_router(ui.router)

@@ -32,8 +32,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from convserve.service import inference as v2
 from convserve.service.admission import Admission
+from convserve.service.catalog import Catalog
 from convserve.service.inference import V2Error
-from convserve.service.manager import ModelManager
 from convserve.service.metrics import Metrics
 from convserve.service.settings import Settings
 
@@ -187,20 +187,20 @@ Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
 class InferenceService:
-    """The six calls of the protocol, answered from the model manager's engine."""
+    """The six calls of the protocol, answered from the served set's engines."""
 
-    def __init__(self, manager: ModelManager, admission: Admission, heavy_pool: Executor) -> None:
-        self.manager = manager
+    def __init__(self, catalog: Catalog, admission: Admission, heavy_pool: Executor) -> None:
+        self.catalog = catalog
         self.admission, self.heavy_pool = admission, heavy_pool
 
     async def ServerLive(self, request: Any, context: Any) -> Any:
         return MESSAGES["ServerLiveResponse"](live=True)
 
     async def ServerReady(self, request: Any, context: Any) -> Any:
-        return MESSAGES["ServerReadyResponse"](ready=self.manager.engine is not None)
+        return MESSAGES["ServerReadyResponse"](ready=self.catalog.default.engine is not None)
 
     async def ModelReady(self, request: Any, context: Any) -> Any:
-        v2.find_engine(self.manager, request.name, request.version)
+        v2.find_engine(self.catalog, request.name, request.version)
         return MESSAGES["ModelReadyResponse"](ready=True)
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
@@ -208,11 +208,11 @@ class InferenceService:
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
         return MESSAGES["ModelMetadataResponse"](
-            **v2.metadata(v2.find_engine(self.manager, request.name, request.version))
+            **v2.metadata(v2.find_engine(self.catalog, request.name, request.version))
         )
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        engine = v2.find_engine(self.manager, request.model_name, request.model_version)
+        engine = v2.find_engine(self.catalog, request.model_name, request.model_version)
         wanted = v2.outputs_wanted(engine, [o.name for o in request.outputs])
         shape = list(request.inputs[0].shape) if len(request.inputs) == 1 else []
         cost, what = v2.infer_cost(engine, shape[0] if shape else 1, wanted, binary=True)
@@ -281,13 +281,13 @@ def _method(name: str, call: Handler, metrics: Metrics) -> grpc.RpcMethodHandler
 
 async def start_grpc(
     settings: Settings,
-    manager: ModelManager,
+    catalog: Catalog,
     metrics: Metrics,
     admission: Admission,
     heavy_pool: Executor,
 ) -> grpc.aio.Server:
     """The gRPC service, started on ``settings.host:settings.grpc_port`` in this event loop."""
-    service = InferenceService(manager, admission, heavy_pool)
+    service = InferenceService(catalog, admission, heavy_pool)
     names = ["ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata"]
     handlers = {n: _method(n, getattr(service, n), metrics) for n in [*names, "ModelInfer"]}
     server = grpc.aio.server(

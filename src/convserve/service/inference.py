@@ -13,8 +13,8 @@ import numpy as np
 from convserve import __version__, contract
 from convserve.redact import redact
 from convserve.service import admission
+from convserve.service.catalog import Catalog, NotServed
 from convserve.service.engine import Engine
-from convserve.service.manager import ModelManager
 
 DTYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16}
 SERVER_NAME = "convserve"
@@ -23,25 +23,24 @@ SERVER_NAME = "convserve"
 class V2Error(Exception):
     """A refused request: ``status`` is the HTTP status (the gRPC service maps it to a code)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
         message = redact(message)  # it may quote a backend's URI
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.retry_after = status, message, retry_after
 
 
 def server_metadata(extensions: list[str]) -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": __version__, "extensions": extensions}
 
 
-def find_engine(manager: ModelManager, name: str, version: str | None) -> Engine:
-    """The engine serving ``name`` (and ``version``, when given); 404 for another model or
-    version, 503 before any model is loaded."""
-    engine = manager.engine
-    if engine is None:
-        raise V2Error(503, "no model is loaded yet")
+def find_engine(catalog: Catalog, name: str, version: str | None) -> Engine:
+    """The engine serving ``name`` (and ``version``, when given); 404 for a model or version
+    not served, 503 (with ``retry_after`` while it loads) for one not loaded."""
+    try:
+        engine = catalog.engine(name)
+    except NotServed as err:
+        raise V2Error(err.status, err.message, err.retry_after) from None
     source = engine.model.source
-    if name != source.name:
-        raise V2Error(404, f"unknown model {name!r}; this server serves {source.name!r}")
     if version and version != source.version:
         raise V2Error(
             404,

@@ -1,4 +1,4 @@
-"""Which model is served, and hot reload: follow a registry alias without downtime.
+"""One served model and its hot reload: follow a registry alias without downtime.
 
 A new version is loaded, warmed up and self-checked in a worker thread, then swapped in
 atomically; the old engine drains its in-flight requests before it closes. A version that
@@ -6,10 +6,8 @@ fails its checks is refused for good (until ``/admin/reload?force=true``), logge
 counted; one that could not be fetched (registry or artifact store down) is tried again with
 backoff. Either way the old one keeps serving.
 
-With several worker processes, each has its own manager and follows the alias on its own.
-``/admin/reload`` reaches one of them; it reloads, then writes the request to a file in
-``CONVSERVE_PEERS_DIR`` (a folder ``convserve serve`` makes for its workers), which the others
-watch every ``PEER_WATCH_SECONDS`` and follow.
+The served set of models, and the polling, the memory budget and the passing on of admin
+requests between worker processes, are ``catalog.py``'s.
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,7 +41,6 @@ log = logging.getLogger(__name__)
 
 
 MAX_BACKOFF = 300.0  # seconds between tries of a version that could not be fetched
-PEER_WATCH_SECONDS = 0.25  # how often a worker looks for another worker's reload request
 
 
 @dataclass
@@ -61,23 +59,52 @@ class ReloadOutcome:
     message: str
 
 
+def new_executor() -> ThreadPoolExecutor:
+    """The threads that load models and run unbatched requests: session.run releases the
+    GIL, so a few threads let them overlap."""
+    threads = max(2, os.cpu_count() or 2)
+    return ThreadPoolExecutor(threads, thread_name_prefix="convserve-infer")
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux; 0 elsewhere)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 class ModelManager:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        source: Source | None = None,
+        executor: ThreadPoolExecutor | None = None,
+        load_lock: threading.Lock | None = None,
+    ) -> None:
+        """``source``: the model to serve (default: ``settings.model_uri``); ``executor`` and
+        ``load_lock`` are shared by the models of one process (``catalog.Catalog``): loads
+        run one at a time, so that each one's memory is measured alone."""
         self.settings, self.metrics = settings, metrics
-        self.source = parse_uri(settings.model_uri)
-        # session.run releases the GIL: a few threads let unbatched requests overlap.
-        threads = max(2, os.cpu_count() or 2)
-        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="convserve-infer")
+        self.source = source or parse_uri(settings.model_uri)
+        self._owns_executor = executor is None
+        self.executor = executor or new_executor()
+        self._load_lock = load_lock or threading.Lock()
         self.engine: Engine | None = None
+        self.memory_bytes = 0  # resident memory its last load added to the process
+        self.load_seconds = 0.0  # how long its last load took
+        self.last_used = time.monotonic()
+        self.origin = "default"  # how it joined the served set (catalog.py)
+        self.resident = True  # wanted in memory; False once unloaded for the memory budget
+        self.last_source: Source | None = None  # of the version last served
+        self.dataset = ""  # what the version last served was trained on
         self.refused: dict[str, str] = {}  # version -> why it failed its checks
         self.retrying: dict[str, Retry] = {}  # version -> why it could not be fetched
         self.last_error: str | None = None
         self.last_check: float | None = None
         self._lock = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()
-        peers = settings.peers_dir
-        self._peer_file = Path(peers) / "reload" if peers else None
-        self._peer_seen = self._read_peer_file()
         self._client: Any = None
 
     @property
@@ -88,6 +115,10 @@ class ModelManager:
     def follows_alias(self) -> bool:
         return self.source.alias is not None
 
+    @property
+    def name(self) -> str:
+        return self.source.name
+
     def client(self) -> Any:
         if self._client is None:
             from convserve.service.registry import registry_for
@@ -96,15 +127,22 @@ class ModelManager:
         return self._client
 
     def _load(self, pinned: Source) -> tuple[LoadedModel, BatchPlan]:
-        """Blocking: download (registry) and open the model, and measure its batches; runs in
-        a worker thread."""
+        """Blocking: download (registry) and open the model, and measure its batches and the
+        memory it takes; runs in a worker thread."""
         local = (
             download(pinned, self.client(), Path(self.settings.cache_dir))
             if pinned.path is None
             else pinned
         )
-        model = open_model(local, self.settings)
-        return model, plan_batches(model, self.settings)
+        with self._load_lock:
+            start, before = time.perf_counter(), rss_bytes()
+            model = open_model(local, self.settings)
+            plan = plan_batches(model, self.settings)
+            # at least the file: the weights are in memory whatever else was freed meanwhile
+            size = local.path.stat().st_size if local.path is not None else 0
+            self.memory_bytes = max(rss_bytes() - before, size)
+            self.load_seconds = time.perf_counter() - start
+        return model, plan
 
     def _target(self) -> Source:
         return resolve(self.source, self.client()) if self.follows_alias else self.source
@@ -143,6 +181,7 @@ class ModelManager:
             except Exception as err:  # anything else on the way (network, disk) may recover
                 return self._retry_later(key, f"{type(err).__name__}: {err}")
             await self._swap(model, plan)
+            self.last_error = None
             self.refused.pop(key, None)
             self.retrying.pop(key, None)
             return ReloadOutcome(True, model.source.version, f"serving version {key}")
@@ -189,9 +228,12 @@ class ModelManager:
         )
         self.metrics.reloads.inc()
         src = model.source
+        self.last_source = src
+        self.dataset = model.meta.dataset or src.tags.get("convserve.dataset", "")
         self.metrics.serving(
             src.name, str(src.version), src.alias or "", src.run_id or "", ",".join(model.providers)
         )
+        self.metrics.model_memory.labels(src.name).set(self.memory_bytes)
         was = f" (was version {old.model.source.version})" if old is not None else ""
         log.info(
             "serving %s version %s%s on %s", src.name, src.version, was, ",".join(model.providers)
@@ -203,50 +245,18 @@ class ModelManager:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    async def poll(self) -> None:
-        """Follow the alias until cancelled; also retries while no model is loaded, and
-        follows the reload requests other workers pass on."""
-        next_poll = time.monotonic() + self.settings.poll_interval
-        while True:
-            remaining = max(0.0, next_poll - time.monotonic())
-            watching = self._peer_file is not None
-            await asyncio.sleep(min(remaining, PEER_WATCH_SECONDS) if watching else remaining)
-            request = self._peer_request()
-            if request is not None:
-                await self.check(force=request)
-            if time.monotonic() >= next_poll:
-                next_poll = time.monotonic() + self.settings.poll_interval
-                if self.follows_alias or self.model is None:
-                    await self.check()
-
-    async def reload(self, force: bool) -> ReloadOutcome:
-        """``/admin/reload``: check now, and have every other worker process do the same."""
-        outcome = await self.check(force=force)
-        if self._peer_file is not None:
-            temporary = self._peer_file.with_name(f".{os.getpid()}.tmp")
-            temporary.write_text(f"{os.getpid()} {time.time_ns()} {int(force)}")
-            request = f"{os.getpid()} {time.time_ns()} {int(force)}"
-            temporary.write_text(request)
-            temporary.replace(self._peer_file)  # atomic: a reader sees all of it or none
-            self._peer_seen = request  # not to be followed again by this worker
-        return outcome
-
-    def _read_peer_file(self) -> str | None:
-        """The last reload request passed on, if there is a folder for them and one was."""
-        try:
-            return self._peer_file.read_text() if self._peer_file is not None else None
-        except OSError:  # none yet
-            return None
-
-    def _peer_request(self) -> bool | None:
-        """Another worker's reload request not yet followed: its ``force``; else None."""
-        request = self._read_peer_file()
-        if request is None or request == self._peer_seen:
-            return None
-        self._peer_seen = request
-        return request.endswith(" 1")
+    async def unload(self) -> None:
+        """Stop serving: requests in flight finish on the engine, new ones find none."""
+        async with self._lock:
+            old, self.engine = self.engine, None
+            if old is None:
+                return
+            self.metrics.not_serving(self.name)
+            log.info("unloaded %s version %s", self.name, old.model.source.version)
+            await old.close()
 
     async def close(self) -> None:
         if self.engine is not None:
             await self.engine.close()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self._owns_executor:
+            self.executor.shutdown(wait=False, cancel_futures=True)

@@ -73,13 +73,25 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
-        self._serving: tuple[str, ...] | None = None
+        self._serving: dict[str, tuple[str, ...]] = {}  # model name -> its labels
+        self.model_memory = Gauge(
+            "convserve_model_memory_bytes",
+            "Resident memory a loaded model added to its process when it was loaded",
+            ["name"],
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.reloads = Counter(
             "convserve_model_reloads", "Model versions loaded and put into service", registry=r
         )
         self.refused = Counter(
             "convserve_model_refused",
             "Model versions that failed to load or to pass the self-check and were not served",
+            registry=r,
+        )
+        self.evictions = Counter(
+            "convserve_model_evictions",
+            "Models unloaded to keep within CONVSERVE_MODEL_MEMORY_MB",
             registry=r,
         )
         self.load_failures = Counter(
@@ -95,10 +107,16 @@ class Metrics:
         )
 
     def serving(self, name: str, version: str, alias: str, run_id: str, providers: str) -> None:
-        if self._serving is not None:  # 0, not removed: another process's file keeps it
-            self.model_info.labels(*self._serving).set(0)
-        self._serving = (name, version, alias, run_id, providers)
-        self.model_info.labels(*self._serving).set(1)
+        self.not_serving(name)
+        self._serving[name] = (name, version, alias, run_id, providers)
+        self.model_info.labels(*self._serving[name]).set(1)
+
+    def not_serving(self, name: str) -> None:
+        """0, not removed: another process's file keeps the series."""
+        labels = self._serving.pop(name, None)
+        if labels is not None:
+            self.model_info.labels(*labels).set(0)
+            self.model_memory.labels(name).set(0)
 
     def exposition(self) -> bytes:
         """The text format: this process's values, or every worker's summed."""

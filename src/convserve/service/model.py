@@ -49,6 +49,8 @@ class Source:
     alias: str | None = None
     path: Path | None = None
     run_id: str | None = None
+    # the registered version's tags (``metric.*``, ``convserve.dataset``, ...), once resolved
+    tags: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
 
 @dataclass
@@ -121,7 +123,7 @@ def resolve(source: Source, client: Registry) -> Source:
     if source.alias is None:
         return source
     mv = client.get_model_version_by_alias(source.name, source.alias)
-    return replace(source, version=str(mv.version), path=None, run_id=mv.run_id)
+    return replace(source, version=str(mv.version), path=None, run_id=mv.run_id, tags=mv.tags)
 
 
 def download(source: Source, client: Registry, cache_dir: Path) -> Source:
@@ -132,15 +134,18 @@ def download(source: Source, client: Registry, cache_dir: Path) -> Source:
     target = cache_dir / source.name / str(source.version)
     onnx_file = target / "model.onnx"
     uri = f"models:/{source.name}/{source.version}"
+    run_id, tags = source.run_id, source.tags
     try:
-        run_id = source.run_id or client.get_model_version(source.name, str(source.version)).run_id
+        if run_id is None:  # a pinned version: its run and tags are read here
+            mv = client.get_model_version(source.name, str(source.version))
+            run_id, tags = mv.run_id, mv.tags
         if not onnx_file.exists():
             _fetch(source, client, target)
     except ModelLoadError:
         raise
     except Exception as err:  # network, artifact store, disk: any of them may recover
         raise TransientLoadError(f"cannot download {uri}: {type(err).__name__}: {err}") from err
-    return replace(source, path=onnx_file, run_id=run_id)
+    return replace(source, path=onnx_file, run_id=run_id, tags=tags)
 
 
 def _fetch(source: Source, client: Registry, target: Path) -> None:

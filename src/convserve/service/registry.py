@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, unquote, urlparse
@@ -31,6 +31,8 @@ class RegistryError(RuntimeError):
 class Version:
     version: str
     run_id: str
+    # the version's tags (``metric.*``, ``convserve.dataset``, the promotion's reason)
+    tags: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
 
 class Registry(Protocol):
@@ -42,6 +44,9 @@ class Registry(Protocol):
 
     def download_onnx(self, name: str, version: str, folder: Path) -> None:
         """The version's ``.onnx`` file(s) into ``folder``."""
+
+    def aliased(self, alias: str) -> dict[str, str]:
+        """Every registered model that has ``alias``: name -> the version it points to."""
 
 
 def registry_for(tracking_uri: str | None = None) -> Registry:
@@ -91,6 +96,20 @@ class RestRegistry:
 
     def get_model_version(self, name: str, version: str) -> Version:
         return _version(self._get("model-versions/get", name=name, version=version))
+
+    def aliased(self, alias: str) -> dict[str, str]:
+        found: dict[str, str] = {}
+        token = ""
+        while True:  # a page of at most 1,000 models at a time, as MLflow's client asks
+            params = {"max_results": "1000"} | ({"page_token": token} if token else {})
+            page = self._get("registered-models/search", **params)
+            for model in page.get("registered_models", []):
+                for entry in model.get("aliases", []):
+                    if entry.get("alias") == alias:
+                        found[model["name"]] = str(entry["version"])
+            token = page.get("next_page_token", "")
+            if not token:
+                return found
 
     def download_onnx(self, name: str, version: str, folder: Path) -> None:
         uri = self._get("model-versions/get-download-uri", name=name, version=version)
@@ -148,7 +167,8 @@ class RestRegistry:
 
 def _version(answer: dict[str, Any]) -> Version:
     mv = answer["model_version"]
-    return Version(str(mv["version"]), mv.get("run_id", ""))
+    tags = {t["key"]: t.get("value", "") for t in mv.get("tags", [])}
+    return Version(str(mv["version"]), mv.get("run_id", ""), tags)
 
 
 def _error(response: Any) -> str:
@@ -170,11 +190,19 @@ class ClientRegistry:
 
     def get_model_version_by_alias(self, name: str, alias: str) -> Version:
         mv = self.client.get_model_version_by_alias(name, alias)
-        return Version(str(mv.version), mv.run_id or "")
+        return Version(str(mv.version), mv.run_id or "", dict(mv.tags or {}))
 
     def get_model_version(self, name: str, version: str) -> Version:
         mv = self.client.get_model_version(name, version)
-        return Version(str(mv.version), mv.run_id or "")
+        return Version(str(mv.version), mv.run_id or "", dict(mv.tags or {}))
+
+    def aliased(self, alias: str) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for model in self.client.search_registered_models(max_results=1000):
+            version = (model.aliases or {}).get(alias)
+            if version is not None:
+                found[model.name] = str(version)
+        return found
 
     def download_onnx(self, name: str, version: str, folder: Path) -> None:
         import mlflow.artifacts

@@ -229,12 +229,105 @@ class Health(BaseModel):
 
 
 class ReloadResult(BaseModel):
+    model: str = Field(description="The model whose outcome this is")
     changed: bool = Field(description="Whether another version is served now")
     version: str | None = Field(description="The version served after the check")
     message: str = Field(description="What happened, in words")
 
     model_config = {
         "json_schema_extra": {
-            "examples": [{"changed": True, "version": "4", "message": "serving version 4"}]
+            "examples": [
+                {
+                    "model": "convserve",
+                    "changed": True,
+                    "version": "4",
+                    "message": "serving version 4",
+                }
+            ]
+        }
+    }
+
+
+class ServedModel(BaseModel):
+    name: str = Field(description="Registered model name, or the file's stem")
+    default: bool = Field(False, description="Whether bare /predict answers with it")
+    state: Literal["READY", "LOADING", "UNLOADED", "UNAVAILABLE"] = Field(
+        description="READY: answers; LOADING; UNLOADED: loads on its next request (answered "
+        "503 with Retry-After meanwhile); UNAVAILABLE: see reason"
+    )
+    reason: str | None = Field(None, description="Why it does not answer, where it does not")
+    version: str | None = Field(None, description="The version served (or last served)")
+    alias: str | None = Field(None, description="The alias followed, if any")
+    uri: str | None = Field(None, description="What it is loaded from")
+    origin: Literal["default", "configured", "found", "loaded"] | None = Field(
+        None,
+        description="default: CONVSERVE_MODEL_URI; configured: a URI in CONVSERVE_MODELS; "
+        "found: a registered model a name or pattern of CONVSERVE_MODELS matched; loaded: "
+        "by an admin (POST /v2/repository/models/{name}/load)",
+    )
+    dataset: str | None = Field(None, description="The data set it was trained on")
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="The run's metrics registered with the version"
+    )
+    promotion: str | None = Field(None, description="Why the version has its alias")
+    labels: int | None = Field(None, description="How many classes it tells apart")
+    memory_bytes: int = Field(
+        0, description="Resident memory its load added to this worker process (0: not loaded)"
+    )
+    load_seconds: float | None = Field(None, description="How long its last load took")
+    idle_seconds: float | None = Field(None, description="Since its last request")
+    not_served: dict[str, str] = Field(
+        default_factory=dict, description="Versions not served and why"
+    )
+
+
+class ServedModels(BaseModel):
+    default: str = Field(description="The model bare /predict answers with")
+    memory_budget_bytes: int | None = Field(
+        None, description="CONVSERVE_MODEL_MEMORY_MB, per worker process (absent: no limit)"
+    )
+    memory_in_use_bytes: int = Field(description="What the loaded models take in this process")
+    registry_error: str | None = Field(
+        None, description="Why the registry's models could not be listed at the last poll"
+    )
+    models: list[ServedModel]
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "default": "convserve",
+                    "memory_budget_bytes": 268435456,
+                    "memory_in_use_bytes": 9437184,
+                    "models": [
+                        {
+                            "name": "convserve",
+                            "default": True,
+                            "state": "READY",
+                            "version": "4",
+                            "alias": "champion",
+                            "uri": "models:/convserve@champion",
+                            "origin": "default",
+                            "dataset": "digits",
+                            "metrics": {"best_val_accuracy": 0.9722},
+                            "promotion": "no champion yet",
+                            "labels": 10,
+                            "memory_bytes": 4718592,
+                            "load_seconds": 0.41,
+                            "idle_seconds": 0.2,
+                        },
+                        {
+                            "name": "my-shapes",
+                            "state": "UNLOADED",
+                            "reason": "unloaded to keep the models within "
+                            "CONVSERVE_MODEL_MEMORY_MB; its next request loads it",
+                            "version": "2",
+                            "alias": "champion",
+                            "origin": "found",
+                            "dataset": "my-shapes",
+                        },
+                    ],
+                }
+            ]
         }
     }

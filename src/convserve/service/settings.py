@@ -22,6 +22,16 @@ class Settings(BaseSettings):
     # A local .onnx file, models:/NAME@ALIAS (followed: polled for new versions) or
     # models:/NAME/VERSION (pinned).
     model_uri: str = "models:/convserve@champion"
+    # The served set besides that default model (which bare /predict answers with): comma-
+    # separated entries, each a registered model's name or an fnmatch pattern of names, followed
+    # at the default model URI's alias ("*": every registered model that has it; names are
+    # read only when the default model URI is models:/NAME@ALIAS), a models:/ URI or a .onnx
+    # file. "": the default model alone.
+    models: str = "*"
+    # resident memory the loaded models may take in each worker process, in MiB (0: no limit).
+    # Past it the least recently used model is unloaded (never the default one) and loaded
+    # again on its next request, answered 503 with Retry-After while it loads.
+    model_memory_mb: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # cuda without a GPU fails at start
     # onnxruntime threads per operator in each worker; 0: the cores divided among the workers
     intra_op_threads: int = Field(0, ge=0)
@@ -75,7 +85,8 @@ class Settings(BaseSettings):
     # one with a GPU
     workers: int = Field(0, ge=0, le=64)
     mlflow_ui_url: str | None = None  # shown on the web page and in job links
-    # set by `convserve serve` for its worker processes: where one passes /admin/reload on
+    # set by `convserve serve` for its worker processes: where one passes the admin requests
+    # (reload, load, unload) on to the others
     peers_dir: str | None = None
 
     @field_validator("mlflow_ui_url")

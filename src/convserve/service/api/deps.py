@@ -10,17 +10,11 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from convserve.service.catalog import Catalog, NotServed
 from convserve.service.decoding import Decoder
 from convserve.service.engine import Engine
-from convserve.service.manager import ModelManager
 from convserve.service.metrics import Metrics
 from convserve.service.settings import Settings
-
-NO_MODEL = (
-    "no model is loaded yet ({uri}). Train and register one: `convserve train`, then "
-    "`convserve export --run-id <run id>` (it registers and promotes the champion), or set "
-    "CONVSERVE_MODEL_URI to an exported .onnx file.{error}"
-)
 
 
 async def get_settings(request: Request) -> Settings:
@@ -28,9 +22,9 @@ async def get_settings(request: Request) -> Settings:
     return settings
 
 
-async def get_manager(request: Request) -> ModelManager:
-    manager: ModelManager = request.app.state.manager
-    return manager
+async def get_catalog(request: Request) -> Catalog:
+    catalog: Catalog = request.app.state.catalog
+    return catalog
 
 
 async def get_decoder(request: Request) -> Decoder:
@@ -44,24 +38,20 @@ async def get_metrics(request: Request) -> Metrics:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-ManagerDep = Annotated[ModelManager, Depends(get_manager)]
+CatalogDep = Annotated[Catalog, Depends(get_catalog)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 DecoderDep = Annotated[Decoder, Depends(get_decoder)]
 
 
-def current_engine(manager: ModelManager) -> Engine:
-    """The engine of the model in service; 503 saying what to do when there is none."""
-    if manager.engine is None:
-        error = f" Last error: {manager.last_error}" if manager.last_error else ""
-        raise HTTPException(503, NO_MODEL.format(uri=manager.settings.model_uri, error=error))
-    return manager.engine
+def current_engine(catalog: Catalog, name: str | None = None) -> Engine:
+    """The engine serving ``name`` (the default model when None); 404 for a model not served,
+    503 saying what to do (with ``Retry-After`` while it loads) when it is not loaded."""
+    try:
+        return catalog.engine(name)
+    except NotServed as err:
+        headers = {"Retry-After": str(err.retry_after)} if err.retry_after else None
+        raise HTTPException(err.status, err.message, headers=headers) from None
 
-
-async def get_engine(manager: ManagerDep) -> Engine:
-    return current_engine(manager)
-
-
-EngineDep = Annotated[Engine, Depends(get_engine)]
 
 _bearer = HTTPBearer(auto_error=False, description="CONVSERVE_API_TOKEN")
 

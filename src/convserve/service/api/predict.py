@@ -48,6 +48,11 @@ class PredictQuery(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
+    model: str | None = Field(
+        None,
+        description="Which model answers (GET /v1/models lists them); default: the default "
+        "model (CONVSERVE_MODEL_URI)",
+    )
     top_k: int | None = Field(
         None, ge=1, description="How many top classes to list (default CONVSERVE_DEFAULT_TOP_K)"
     )
@@ -137,16 +142,18 @@ def requested_blocks(model: LoadedModel, feature_maps: str | None) -> list[str]:
     summary="Classify one image (`file`) or several (`files`)",
     responses=errors(
         400,
+        404,
         413,
         422,
         503,
         e400="A malformed multipart body",
+        e404="A model this server does not serve (`model`)",
         e422="Not a usable image (empty, not an image, truncated or corrupt, a format not "
         "accepted), an unknown block, invalid parameters, or feature maps too large for one "
         "answer",
-        e503="No model loaded yet, CONVSERVE_MAX_LARGE_DECODES large images are being "
-        "decoded already, or busy: heavy requests over CONVSERVE_ADMISSION_BUDGET are being "
-        "answered (with Retry-After)",
+        e503="The model is not loaded yet (with Retry-After while it loads), "
+        "CONVSERVE_MAX_LARGE_DECODES large images are being decoded already, or busy: heavy "
+        "requests over CONVSERVE_ADMISSION_BUDGET are being answered (with Retry-After)",
     ),
     openapi_extra={"parameters": _query_parameters(), "requestBody": _BODY},
 )
@@ -157,8 +164,8 @@ async def predict(request: Request) -> Response:
     start = time.perf_counter()
     state = request.app.state
     settings: Settings = state.settings
-    engine = current_engine(state.manager)
     query = _query(request)
+    engine = current_engine(state.catalog, query.model)
     model = engine.model
     uploads = await _uploads(request, settings)
     blocks = _check_request(uploads, model, query, settings)

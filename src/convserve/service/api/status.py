@@ -1,27 +1,28 @@
-"""Health, readiness, the model being served, metrics and the admin reload."""
+"""Health, readiness, the models being served, metrics and the admin reload."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from convserve.redact import redact
-from convserve.service.api.deps import EngineDep, ManagerDep, MetricsDep, TokenDep
+from convserve.service.api.deps import CatalogDep, MetricsDep, TokenDep, current_engine
 from convserve.service.api.errors import errors
-from convserve.service.schemas import Health, ModelInfo, ReloadResult
+from convserve.service.catalog import NotServed
+from convserve.service.schemas import Health, ModelInfo, ReloadResult, ServedModels
 
 router = APIRouter()
 
 
 @router.get("/healthz", response_model=Health, tags=["health"], summary="Liveness")
-async def healthz(manager: ManagerDep) -> Health:
-    """Answers 200 while the process serves HTTP, with the version being served (null while
-    no model is loaded yet)."""
-    model = manager.model
+async def healthz(catalog: CatalogDep) -> Health:
+    """Answers 200 while the process serves HTTP, with the default model's version (null
+    while it is not loaded yet)."""
+    model = catalog.default.model
     return Health(status="alive", model_version=model.source.version if model else None)
 
 
@@ -29,13 +30,17 @@ async def healthz(manager: ManagerDep) -> Health:
     "/readyz",
     response_model=Health,
     tags=["health"],
-    responses={503: {"model": Health, "description": "No model loaded and warmed, or draining"}},
-    summary="Ready once a model is loaded, warmed up and self-checked",
+    responses={
+        503: {"model": Health, "description": "Default model not loaded and warmed, or draining"}
+    },
+    summary="Ready once the default model is loaded, warmed up and self-checked",
 )
-async def readyz(request: Request, manager: ManagerDep) -> Response:
-    """200 once a model is loaded, warmed up and self-checked (use it as a readiness probe);
-    503 with the reason before that, and while the process drains after SIGTERM
-    (``CONVSERVE_SHUTDOWN_DELAY``)."""
+async def readyz(request: Request, catalog: CatalogDep) -> Response:
+    """200 once the default model (``CONVSERVE_MODEL_URI``) is loaded, warmed up and
+    self-checked (use it as a readiness probe); 503 with the reason before that, and while
+    the process drains after SIGTERM (``CONVSERVE_SHUTDOWN_DELAY``). The other models load in
+    the background: ``GET /v1/models`` says where each stands."""
+    manager = catalog.default
     problems = manager.problems() or None
     if getattr(request.app.state, "draining", False):
         body = Health(status="not ready", detail="draining: shutting down", not_served=problems)
@@ -54,12 +59,19 @@ async def readyz(request: Request, manager: ManagerDep) -> Response:
     "/v1/model",
     response_model=ModelInfo,
     tags=["model"],
-    summary="The model being served",
-    responses=errors(503, e503="No model loaded yet"),
+    summary="A model being served (the default one unless `model` names another)",
+    responses=errors(404, 503, e404="A model this server does not serve", e503="Not loaded (yet)"),
 )
-async def model_info(engine: EngineDep, manager: ManagerDep) -> ModelInfo:
+async def model_info(
+    catalog: CatalogDep,
+    model: Annotated[
+        str | None, Query(description="A model's name (GET /v1/models); default: the default")
+    ] = None,
+) -> ModelInfo:
     """The version being served, where it comes from, its classes, its input and feature-map
     shapes, the execution providers in use and its own metadata."""
+    engine = current_engine(catalog, model)
+    manager = catalog.models[engine.model.source.name]
     m = engine.model
     s = m.source
     return ModelInfo(
@@ -82,6 +94,27 @@ async def model_info(engine: EngineDep, manager: ManagerDep) -> ModelInfo:
         loaded_at=datetime.fromtimestamp(m.loaded_at, UTC).isoformat(),
         metadata=m.meta,
         not_served=manager.problems(),
+    )
+
+
+@router.get(
+    "/v1/models",
+    response_model=ServedModels,
+    response_model_exclude_none=True,
+    tags=["model"],
+    summary="Every model this server serves, and where each stands",
+)
+async def models(catalog: CatalogDep) -> ServedModels:
+    """Each model of the served set (``CONVSERVE_MODEL_URI`` and ``CONVSERVE_MODELS``): its
+    version, alias, data set, registered metrics, state (READY, LOADING, UNLOADED: loads on its
+    next request, UNAVAILABLE: with the reason) and the memory it takes in this worker process,
+    against ``CONVSERVE_MODEL_MEMORY_MB``."""
+    return ServedModels(
+        default=catalog.default.name,
+        memory_budget_bytes=catalog.budget or None,
+        memory_in_use_bytes=catalog.memory_in_use(),
+        registry_error=catalog.discovery_error,
+        models=catalog.describe(),  # type: ignore[arg-type]
     )
 
 
@@ -113,18 +146,33 @@ async def metrics(metrics: MetricsDep) -> Response:
     "/admin/reload",
     response_model=ReloadResult,
     tags=["admin"],
-    summary="Check the registry now and swap to the version the model URI names",
-    responses=errors(401),
+    summary="Check the registry now and swap to the version each model's URI names",
+    responses=errors(401, 404, e404="A model this server does not serve"),
 )
 async def reload(
-    manager: ManagerDep,
+    catalog: CatalogDep,
     _: TokenDep,
     force: Annotated[
         bool,
         Query(description="Reload even the version being served, and retry a refused one"),
     ] = False,
+    model: Annotated[
+        str | None,
+        Query(
+            description="Only this model; default: every model in memory (the answer is "
+            "the default model's)"
+        ),
+    ] = None,
 ) -> ReloadResult:
     """``force=true`` reloads even the same version, and retries a refused one. With several
     worker processes, the one that answers reloads now and the others within a second."""
-    outcome = await manager.reload(force=force)
-    return ReloadResult(changed=outcome.changed, version=outcome.version, message=outcome.message)
+    try:
+        outcome = await catalog.reload(model, force=force)
+    except NotServed as err:
+        raise HTTPException(err.status, err.message) from None
+    return ReloadResult(
+        model=model or catalog.default.name,
+        changed=outcome.changed,
+        version=outcome.version,
+        message=outcome.message,
+    )

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from convserve import contract
-from convserve.service.api.deps import ManagerDep
+from convserve.service.api.deps import CatalogDep
 from convserve.service.api.errors import errors
 from convserve.service.api.v2_schemas import (
     InferRequest,
@@ -51,17 +51,18 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
 def error_response(err: V2Error) -> JSONResponse:
-    return JSONResponse({"error": err.message}, status_code=err.status)
+    headers = {"Retry-After": str(err.retry_after)} if err.retry_after else None
+    return JSONResponse({"error": err.message}, status_code=err.status, headers=headers)
 
 
-Name = Annotated[str, Path(description="The model's name (GET /v1/model: name)")]
+Name = Annotated[str, Path(description="A model's name (GET /v1/models)")]
 Version = Annotated[str, Path(description="The version being served")]
 _MODEL_ERRORS = errors(
     404,
     503,
     v2=True,
-    e404="Another model or version than the one served",
-    e503="No model loaded yet",
+    e404="A model this server does not serve, or a version of it not served",
+    e503="The model is not loaded (yet): with Retry-After while it loads",
 )
 _INFER_BODY = {
     "requestBody": {
@@ -102,9 +103,9 @@ async def live() -> dict[str, bool]:
     response_model=Ready,
     responses={400: {"model": Ready, "description": "No model loaded yet"}},
 )
-async def ready(manager: ManagerDep) -> Response:
-    """200 once a model is loaded; 400 before that, as the protocol says."""
-    is_ready = manager.engine is not None
+async def ready(catalog: CatalogDep) -> Response:
+    """200 once the default model is loaded; 400 before that, as the protocol says."""
+    is_ready = catalog.default.engine is not None
     return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 400)
 
 
@@ -128,10 +129,10 @@ def _ready(engine: Engine) -> dict[str, Any]:
     response_model=V2ModelMetadata,
     responses=_MODEL_ERRORS,
 )
-async def model_metadata(name: Name, manager: ManagerDep) -> Any:
+async def model_metadata(name: Name, catalog: CatalogDep) -> Any:
     """The input (``image``) and outputs (``probabilities``, ``features.<block>``) with their
     datatypes and shapes."""
-    return metadata(find_engine(manager, name, None))
+    return metadata(find_engine(catalog, name, None))
 
 
 @router.get(
@@ -140,9 +141,9 @@ async def model_metadata(name: Name, manager: ManagerDep) -> Any:
     response_model=V2ModelMetadata,
     responses=_MODEL_ERRORS,
 )
-async def version_metadata(name: Name, version: Version, manager: ManagerDep) -> Any:
+async def version_metadata(name: Name, version: Version, catalog: CatalogDep) -> Any:
     """As the model's metadata, for the version being served."""
-    return metadata(find_engine(manager, name, version))
+    return metadata(find_engine(catalog, name, version))
 
 
 @router.get(
@@ -151,9 +152,9 @@ async def version_metadata(name: Name, version: Version, manager: ManagerDep) ->
     response_model=ModelReady,
     responses=_MODEL_ERRORS,
 )
-async def model_ready(name: Name, manager: ManagerDep) -> Any:
+async def model_ready(name: Name, catalog: CatalogDep) -> Any:
     """Whether the model is loaded and answers."""
-    return _ready(find_engine(manager, name, None))
+    return _ready(find_engine(catalog, name, None))
 
 
 @router.get(
@@ -162,9 +163,9 @@ async def model_ready(name: Name, manager: ManagerDep) -> Any:
     response_model=ModelReady,
     responses=_MODEL_ERRORS,
 )
-async def version_ready(name: Name, version: Version, manager: ManagerDep) -> Any:
+async def version_ready(name: Name, version: Version, catalog: CatalogDep) -> Any:
     """Whether this version is loaded and answers."""
-    return _ready(find_engine(manager, name, version))
+    return _ready(find_engine(catalog, name, version))
 
 
 _INFER_DOC = {
@@ -185,11 +186,11 @@ _INFER_DOC = {
 
 
 @router.post("/models/{name}/infer", summary="Inference", **_INFER_DOC)  # type: ignore[arg-type]
-async def infer(name: Name, request: Request, manager: ManagerDep) -> Response:
+async def infer(name: Name, request: Request, catalog: CatalogDep) -> Response:
     """One FP32 input ``image`` ``[N, C, H, W]`` with values in [0, 1]; every output unless
     ``outputs`` names some. JSON tensors, or binary ones with the binary tensor data extension
     (what Triton's clients send by default)."""
-    return await _infer(find_engine(manager, name, None), request)
+    return await _infer(find_engine(catalog, name, None), request)
 
 
 @router.post(
@@ -198,10 +199,10 @@ async def infer(name: Name, request: Request, manager: ManagerDep) -> Response:
     **_INFER_DOC,  # type: ignore[arg-type]
 )
 async def infer_version(
-    name: Name, version: Version, request: Request, manager: ManagerDep
+    name: Name, version: Version, request: Request, catalog: CatalogDep
 ) -> Response:
     """As inference, on the version being served (404 for another one)."""
-    return await _infer(find_engine(manager, name, version), request)
+    return await _infer(find_engine(catalog, name, version), request)
 
 
 def _parse(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:

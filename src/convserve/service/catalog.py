@@ -1,0 +1,456 @@
+"""The served set of models: the default one (``CONVSERVE_MODEL_URI``, answered by bare
+``/predict``) and those ``CONVSERVE_MODELS`` names, each followed and hot-reloaded on its own
+by a ``ModelManager``; the memory budget; and the admin requests (reload, load, unload) passed
+on between worker processes.
+
+A name or pattern in ``CONVSERVE_MODELS`` is looked for in the registry at every poll: each
+registered model it matches that has the default model's alias (``champion``) joins the set
+and is loaded in the background, so a model registered and promoted while the server runs is
+served without a restart; one whose alias is removed leaves it. As Triton's model repository
+API does, an admin loads a model by name (its alias, or a version) and unloads it; an
+unloaded model stays out of the set until it is loaded again.
+
+With ``CONVSERVE_MODEL_MEMORY_MB`` set, the models a worker process holds stay within it: the
+memory each takes is measured when it loads (the process's resident memory before and after,
+loads one at a time), and before a load, or after one that went over, the least recently used
+model is unloaded, the default one never. An unloaded model stays in the set: its next
+request starts its load and is answered 503 with ``Retry-After``, never held while it loads.
+
+With several worker processes (``convserve serve``), each holds its own set and budget. An
+admin request reaches one of them; it acts, then writes the request as a file in
+``CONVSERVE_PEERS_DIR``, which the others watch every ``PEER_WATCH_SECONDS`` and follow (a
+worker that starts later follows the loads and unloads written before it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import threading
+import time
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+from convserve.redact import redact
+from convserve.service.engine import Engine
+from convserve.service.manager import ModelManager, ReloadOutcome, new_executor
+from convserve.service.metrics import Metrics
+from convserve.service.model import Source, parse_uri
+from convserve.service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+PEER_WATCH_SECONDS = 0.25  # how often a worker looks for another worker's admin request
+NO_MODEL = (
+    "no model is loaded yet ({uri}). Train and register one: `convserve train`, then "
+    "`convserve export --run-id <run id>` (it registers and promotes the champion), or set "
+    "CONVSERVE_MODEL_URI to an exported .onnx file.{error}"
+)
+
+
+class NotServed(Exception):
+    """A model that cannot answer now: ``status`` 404 (not in the served set), 400 (an admin
+    request that cannot be done) or 503 (loading or failing; ``retry_after`` seconds)."""
+
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.retry_after = status, redact(message), retry_after
+
+
+def _metrics(tags: dict[str, str]) -> dict[str, float]:
+    """The run's metrics a registered version carries as ``metric.<name>`` tags."""
+    out = {}
+    for key, value in tags.items():
+        if key.startswith("metric."):
+            with contextlib.suppress(ValueError):
+                out[key.removeprefix("metric.")] = float(value)
+    return out
+
+
+def parse_models(models: str) -> tuple[list[str], list[Source]]:
+    """``CONVSERVE_MODELS``: the name patterns, and the models named by URI or file."""
+    patterns, sources = [], []
+    for entry in (e.strip() for e in models.split(",")):
+        if entry.startswith("models:/") or entry.endswith(".onnx"):
+            sources.append(parse_uri(entry))
+        elif entry:
+            patterns.append(entry)
+    return patterns, sources
+
+
+class Catalog:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings, self.metrics = settings, metrics
+        self.executor = new_executor()
+        self._load_lock = threading.Lock()
+        self.patterns, sources = parse_models(settings.models)
+        self.models: dict[str, ModelManager] = {}
+        self.default = self._add(parse_uri(settings.model_uri), "default")
+        for source in sources:
+            if source.name in self.models:
+                raise ValueError(
+                    f"CONVSERVE_MODELS names {source.uri!r}, but the name {source.name!r} is "
+                    f"served already ({self.models[source.name].source.uri}): one model a name"
+                )
+            self._add(source, "configured")
+        self.unloaded: set[str] = set()  # by an admin: out of the set until loaded again
+        self.discovery_error: str | None = None
+        self._loads: dict[str, asyncio.Task[ReloadOutcome]] = {}
+        self._peers = Path(settings.peers_dir) if settings.peers_dir else None
+        self._peer_seen: set[str] = set()
+
+    def _add(self, source: Source, origin: str) -> ModelManager:
+        manager = ModelManager(self.settings, self.metrics, source, self.executor, self._load_lock)
+        manager.origin = origin
+        self.models[source.name] = manager
+        return manager
+
+    @property
+    def alias(self) -> str | None:
+        """The alias a name in ``CONVSERVE_MODELS`` is followed at: the default model's."""
+        return self.default.source.alias
+
+    @property
+    def budget(self) -> int:
+        return self.settings.model_memory_mb * MiB
+
+    def memory_in_use(self) -> int:
+        return sum(m.memory_bytes for m in self.models.values() if m.engine is not None)
+
+    # -- answering ------------------------------------------------------------------------
+
+    def engine(self, name: str | None = None) -> Engine:
+        """The engine serving ``name`` (the default model when None). A model of the set that
+        is not in memory starts loading: ``NotServed`` 503 with ``Retry-After`` meanwhile."""
+        manager = self.default if name is None else self.models.get(name)
+        if manager is None:
+            raise NotServed(404, self._unknown(str(name)))
+        manager.last_used = time.monotonic()
+        engine = manager.engine
+        if engine is not None:
+            return engine
+        if not manager.resident:  # unloaded for the budget: back on its first request
+            self.load_soon(manager)
+        retry_after = self._retry_after(manager)
+        raise NotServed(503, self._why_not(manager, retry_after), retry_after)
+
+    def _unknown(self, name: str) -> str:
+        served = ", ".join(map(repr, sorted(self.models)))
+        if name in self.unloaded:
+            return (
+                f"model {name!r} was unloaded by an admin; POST /v2/repository/models/{name}/load "
+                f"serves it again (served: {served})"
+            )
+        return f"unknown model {name!r}; this server serves {served} (GET /v1/models)"
+
+    def _why_not(self, manager: ModelManager, retry_after: int) -> str:
+        if manager.name in self._loads or (manager.resident and manager.last_error is None):
+            return f"model {manager.name!r} is loading; try again in {retry_after} s"
+        if manager is self.default:
+            error = f" Last error: {manager.last_error}" if manager.last_error else ""
+            return NO_MODEL.format(uri=manager.source.uri, error=error)
+        return f"model {manager.name!r} is not loaded: {manager.last_error}"
+
+    def _retry_after(self, manager: ModelManager) -> int:
+        retries = [r.next_at - time.time() for r in manager.retrying.values()]
+        if manager.name in self._loads or not retries:
+            return max(1, math.ceil(manager.load_seconds or 1.0))
+        return max(1, math.ceil(min(retries)))
+
+    def state(self, manager: ModelManager) -> tuple[str, str | None]:
+        """Triton's model states: READY, LOADING, UNAVAILABLE (with why), and UNLOADED for
+        one that loads on its first request."""
+        if manager.engine is not None:
+            return "READY", None
+        if manager.name in self._loads:
+            return "LOADING", None
+        if not manager.resident:
+            return "UNLOADED", (
+                "unloaded to keep the models within CONVSERVE_MODEL_MEMORY_MB"
+                if manager.last_source is not None
+                else "not loaded yet"
+            ) + "; its next request loads it"
+        if manager.last_error:
+            return "UNAVAILABLE", manager.last_error
+        return "LOADING", None
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every model of the set, the default one first, then the ones an admin unloaded."""
+        out = []
+        for manager in sorted(self.models.values(), key=lambda m: (m is not self.default, m.name)):
+            state, reason = self.state(manager)
+            model = manager.model
+            source = model.source if model is not None else manager.last_source
+            tags = source.tags if source is not None else {}
+            out.append(
+                {
+                    "name": manager.name,
+                    "default": manager is self.default,
+                    "state": state,
+                    "reason": reason,
+                    "version": source.version if source is not None else None,
+                    "alias": manager.source.alias,
+                    "uri": redact(manager.source.uri),
+                    "origin": manager.origin,
+                    "dataset": manager.dataset or tags.get("convserve.dataset") or None,
+                    "metrics": _metrics(tags),
+                    "promotion": tags.get("convserve.promotion_reason") or None,
+                    "labels": len(model.labels) if model is not None else None,
+                    "memory_bytes": manager.memory_bytes if model is not None else 0,
+                    "load_seconds": round(manager.load_seconds, 3)
+                    if manager.load_seconds
+                    else None,
+                    "idle_seconds": round(time.monotonic() - manager.last_used, 1),
+                    "not_served": manager.problems(),
+                }
+            )
+        for name in sorted(self.unloaded - set(self.models)):
+            out.append({"name": name, "state": "UNAVAILABLE", "reason": "unloaded by an admin"})
+        return out
+
+    # -- loading and the budget -----------------------------------------------------------
+
+    def load_soon(self, manager: ModelManager) -> asyncio.Task[ReloadOutcome]:
+        """Load ``manager``'s model in the background (once, however often it is asked)."""
+        name = manager.name
+        task = self._loads.get(name)
+        if task is None:
+            task = asyncio.create_task(self._load(manager))
+            self._loads[name] = task
+            task.add_done_callback(lambda _: self._loads.pop(name, None))
+        return task
+
+    async def _load(self, manager: ModelManager, force: bool = False) -> ReloadOutcome:
+        manager.resident = True
+        await self._make_room(manager, manager.memory_bytes or self._typical_memory())
+        outcome = await manager.check(force=force)
+        await self._make_room(manager, 0)  # its measured memory may have gone over
+        return outcome
+
+    def _typical_memory(self) -> int:
+        known = [m.memory_bytes for m in self.models.values() if m.memory_bytes]
+        return sum(known) // len(known) if known else 0
+
+    async def _make_room(self, keep: ModelManager | None, need: int) -> None:
+        """Unload the least recently used models (not ``keep``, not the default one) until
+        ``need`` more bytes fit in the budget."""
+        if not self.budget:
+            return
+        loaded = [
+            m
+            for m in self.models.values()
+            if m.engine is not None and m is not keep and m is not self.default
+        ]
+        for victim in sorted(loaded, key=lambda m: m.last_used):
+            if self.memory_in_use() + need <= self.budget:
+                return
+            victim.resident = False
+            log.info(
+                "unloading %s (%.1f MiB, least recently used) to keep the models within "
+                "CONVSERVE_MODEL_MEMORY_MB=%d; its next request loads it again",
+                victim.name,
+                victim.memory_bytes / MiB,
+                self.settings.model_memory_mb,
+            )
+            self.metrics.evictions.inc()
+            await victim.unload()
+
+    def _has_room(self) -> bool:
+        return not self.budget or self.memory_in_use() + self._typical_memory() <= self.budget
+
+    # -- following the registry -----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the default model, follow the admin requests written before this process
+        started, find the registry's models, and load the others in the background."""
+        await self.default.check()
+        await self._follow_peers(starting=True)
+        await self._discover()
+        for manager in list(self.models.values()):
+            if manager.engine is None and manager is not self.default and manager.resident:
+                self.load_soon(manager)
+
+    async def _discover(self) -> None:
+        """Add the registry's models that ``CONVSERVE_MODELS`` names and that have the alias;
+        drop the discovered ones that lost it."""
+        alias = self.alias
+        if not self.patterns or alias is None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            found = await loop.run_in_executor(self.executor, self.default.client().aliased, alias)
+        except Exception as err:  # registry down: serve what is loaded, try again next poll
+            self.discovery_error = redact(f"cannot list the registry's models: {err}")
+            log.warning(self.discovery_error)
+            return
+        self.discovery_error = None
+        for name in sorted(found):
+            if name in self.models or name in self.unloaded:
+                continue
+            if any(fnmatchcase(name, pattern) for pattern in self.patterns):
+                manager = self._add(Source(f"models:/{name}@{alias}", name, alias=alias), "found")
+                log.info("found %s in the registry (%s: version %s)", name, alias, found[name])
+                if self._has_room():
+                    self.load_soon(manager)
+                else:  # loaded on its first request
+                    manager.resident = False
+        for name, manager in list(self.models.items()):
+            if manager.origin == "found" and name not in found:
+                log.info("%s has no %s any more: no longer served", name, alias)
+                await self._drop(name)
+
+    async def poll(self) -> None:
+        """Follow the registry until cancelled: new models, new versions of each model in
+        memory, and retries of those that failed; and the admin requests of other workers."""
+        next_poll = time.monotonic() + self.settings.poll_interval
+        while True:
+            remaining = max(0.0, next_poll - time.monotonic())
+            await asyncio.sleep(min(remaining, PEER_WATCH_SECONDS) if self._peers else remaining)
+            await self._follow_peers()
+            if time.monotonic() < next_poll:
+                continue
+            next_poll = time.monotonic() + self.settings.poll_interval
+            await self._discover()
+            for manager in list(self.models.values()):
+                busy = manager.name in self._loads
+                if manager.resident and not busy and (manager.follows_alias or not manager.model):
+                    await manager.check()
+            # a new version may take more: the most recently used model stays in any case
+            loaded = [m for m in self.models.values() if m.engine is not None]
+            await self._make_room(max(loaded, key=lambda m: m.last_used, default=None), 0)
+
+    async def _drop(self, name: str) -> None:
+        manager = self.models.pop(name)
+        task = self._loads.get(name)
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await task
+        await manager.unload()
+        await manager.close()
+
+    # -- admin requests -------------------------------------------------------------------
+
+    def _manager(self, name: str | None) -> ModelManager:
+        manager = self.default if name is None else self.models.get(name)
+        if manager is None:
+            raise NotServed(404, self._unknown(str(name)))
+        return manager
+
+    async def reload(self, name: str | None, force: bool) -> ReloadOutcome:
+        """``/admin/reload``: check the model now (every model in memory when ``name`` is
+        None; the outcome is the default model's), and have every other worker do the same."""
+        outcome = await self._reload(name, force)
+        self._tell_peers({"action": "reload", "model": name, "force": force})
+        return outcome
+
+    async def _reload(self, name: str | None, force: bool) -> ReloadOutcome:
+        manager = self._manager(name)
+        if name is None:
+            for other in list(self.models.values()):
+                if other is not self.default and other.resident:
+                    await other.check(force=force)
+        return await manager.check(force=force)
+
+    async def load(self, name: str, version: str | None = None) -> ReloadOutcome:
+        """Triton's repository load: serve ``name`` now, at ``version``, else at the alias;
+        ``NotServed`` 400 when it cannot be loaded (nothing is added then)."""
+        outcome = await self._load_named(name, version)
+        self._tell_peers({"action": "load", "model": name, "version": version})
+        return outcome
+
+    async def _load_named(self, name: str, version: str | None) -> ReloadOutcome:
+        manager = self.models.get(name)
+        if version is not None:
+            source = Source(f"models:/{name}/{version}", name, version=version)
+        elif manager is not None:
+            source = manager.source
+        elif self.alias is not None:
+            source = Source(f"models:/{name}@{self.alias}", name, alias=self.alias)
+        else:
+            raise NotServed(
+                400,
+                f"cannot load {name!r} by name: the default model ({self.default.source.uri}) "
+                "is not followed at a registry alias; give a version",
+            )
+        if manager is self.default and source != manager.source:
+            raise NotServed(400, f"{name!r} is the default model: it follows CONVSERVE_MODEL_URI")
+        existed = manager is not None and source == manager.source
+        if manager is not None and not existed:
+            await self._drop(name)
+        if not existed:
+            manager = self._add(source, "loaded")
+        assert manager is not None
+        self.unloaded.discard(name)
+        outcome = await self._load(manager)
+        if manager.engine is None:
+            if not existed:
+                await self._drop(name)
+            raise NotServed(400, f"failed to load {name!r}: {outcome.message}")
+        return outcome
+
+    async def unload(self, name: str) -> None:
+        """Triton's repository unload: out of the set until loaded again; requests in flight
+        finish."""
+        await self._unload(name)
+        self._tell_peers({"action": "unload", "model": name})
+
+    async def _unload(self, name: str) -> None:
+        manager = self._manager(name)
+        if manager is self.default:
+            raise NotServed(
+                400,
+                f"{name!r} is the default model (CONVSERVE_MODEL_URI): it answers bare /predict "
+                "and /readyz and is not unloaded",
+            )
+        await self._drop(name)
+        self.unloaded.add(name)
+
+    def _tell_peers(self, request: dict[str, Any]) -> None:
+        if self._peers is None:
+            return
+        name = f"{time.time_ns():020d}-{os.getpid()}.json"
+        temporary = self._peers / f".{name}.tmp"
+        temporary.write_text(json.dumps(request))
+        temporary.replace(self._peers / name)  # atomic: a reader sees all of it or none
+        self._peer_seen.add(name)
+
+    async def _follow_peers(self, starting: bool = False) -> None:
+        """The other workers' admin requests not yet followed, in order; at start-up, the
+        loads and unloads among them (the reloads are past)."""
+        if self._peers is None:
+            return
+        try:
+            names = sorted(n for n in os.listdir(self._peers) if n.endswith(".json"))
+        except OSError:
+            return
+        for name in names:
+            if name in self._peer_seen:
+                continue
+            self._peer_seen.add(name)
+            try:
+                request = json.loads((self._peers / name).read_text())
+                await self._follow(request, starting)
+            except (OSError, ValueError, KeyError, NotServed) as err:
+                log.warning("another worker's admin request %s not followed: %s", name, err)
+
+    async def _follow(self, request: dict[str, Any], starting: bool) -> None:
+        action, model = request["action"], request.get("model")
+        if action == "reload" and not starting:
+            await self._reload(model, bool(request.get("force")))
+        elif action == "load" and model is not None:
+            await self._load_named(model, request.get("version"))
+        elif action == "unload" and model in self.models:
+            await self._unload(model)
+
+    async def close(self) -> None:
+        for task in list(self._loads.values()):
+            task.cancel()
+        for manager in list(self.models.values()):
+            await manager.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,240 @@
+"""The served set of models, end to end: a real ``convserve serve`` process (two workers)
+following every registered model with a ``champion`` on a real MLflow server, addressed by
+name on ``/predict`` and KServe v2, listed by ``/v1/models``, loaded and unloaded through the
+repository API; and the memory budget's unloads and loads on demand."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from tests.servers import free_port, mlflow_server, process, register_onnx, wait_http
+from tests.waiting import wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+AUTH = {"Authorization": "Bearer tok"}
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An MLflow server of this module's own: the served set is every model in it."""
+    with mlflow_server(tmp_path_factory.mktemp("models-mlflow")) as url:
+        yield url
+
+
+@contextmanager
+def serve(mlflow_url: str, folder: Path, **settings: str) -> Iterator[httpx.Client]:
+    """``convserve serve`` following ``models:/digits@champion`` with the shipped
+    ``CONVSERVE_MODELS`` (every model with a champion) unless ``settings`` say otherwise."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "CONVSERVE_MODELS"}
+    env |= {
+        "CONVSERVE_MODEL_URI": "models:/digits@champion",
+        "MLFLOW_TRACKING_URI": mlflow_url,
+        "CONVSERVE_POLL_INTERVAL": "0.3",
+        "CONVSERVE_CACHE_DIR": str(folder / "cache"),
+        "CONVSERVE_API_TOKEN": "tok",
+        "CONVSERVE_PORT": str(port),
+        **settings,
+    }
+    cli = str(Path(sys.executable).parent / "convserve")
+    with process([cli, "serve"], folder / f"serve-{port}.log", env, folder) as proc:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/readyz", proc, timeout=60)
+        with httpx.Client(base_url=url, timeout=30) as http:
+            yield http
+
+
+def _png(mode: str, size: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (size, size), 120 if mode == "L" else (200, 30, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _predict(http: httpx.Client, model: str | None) -> httpx.Response:
+    params = {"model": model} if model else {}
+    return http.post("/predict", params=params, files={"file": ("x.png", _png("RGB", 16))})
+
+
+def _steady(http: httpx.Client, model: str, status: int, what: str) -> httpx.Response:
+    """Until 10 answers in a row for ``model`` have ``status``: with two workers, both do."""
+
+    def settled() -> httpx.Response | None:
+        answers = [_predict(http, model) for _ in range(10)]
+        return answers[-1] if all(a.status_code == status for a in answers) else None
+
+    return wait_until(settled, 60, what, 0.2)
+
+
+def _register(client: MlflowClient, name: str, path: Path, champion: bool = True) -> str:
+    version = register_onnx(client, name, onnx.load(str(path)))
+    if champion:
+        client.set_registered_model_alias(name, "champion", version)
+    return version
+
+
+def _served(http: httpx.Client) -> dict[str, dict]:  # type: ignore[type-arg]
+    return {m["name"]: m for m in http.get("/v1/models").json()["models"]}
+
+
+def test_every_champion_is_served_by_name_and_the_repository_api_loads_and_unloads(
+    registry, onnx_path, rgb_onnx_path, tmp_path
+):
+    client = MlflowClient(registry)
+    digits = _register(client, "digits", onnx_path)
+    client.set_model_version_tag("digits", digits, "metric.best_val_accuracy", "0.875")
+    _register(client, "shapes", rgb_onnx_path)
+    spare = _register(client, "spare", onnx_path, champion=False)
+
+    with serve(registry, tmp_path, CONVSERVE_WORKERS="2") as http:
+        answer = _steady(http, "shapes", 200, "shapes served by both workers").json()
+        assert answer["model"]["name"] == "shapes"
+        assert len(answer["predictions"][0]["probabilities"]) == 9
+        bare = _predict(http, None).json()  # the default model: digits, 10 classes
+        assert bare["model"] == {
+            "name": "digits",
+            "version": digits,
+            "alias": "champion",
+            "run_id": bare["model"]["run_id"],
+        }
+        assert len(bare["predictions"][0]["probabilities"]) == 10
+
+        listing = http.get("/v1/models").json()
+        assert listing["default"] == "digits" and "memory_budget_bytes" not in listing
+        served = {m["name"]: m for m in listing["models"]}
+        assert set(served) == {"digits", "shapes"}  # spare has no champion
+        assert served["digits"]["default"] and served["digits"]["dataset"] == "digits"
+        assert served["digits"]["metrics"] == {"best_val_accuracy": 0.875}
+        assert served["shapes"]["origin"] == "found" and served["shapes"]["dataset"] == "shapes"
+        assert served["shapes"]["labels"] == 9 and served["shapes"]["memory_bytes"] > 0
+        assert listing["memory_in_use_bytes"] >= served["shapes"]["memory_bytes"]
+
+        # KServe v2: distinct models, each with its metadata, versions and readiness
+        meta = http.get("/v2/models/shapes").json()
+        assert meta["inputs"][0]["shape"] == [-1, 3, 16, 16] and meta["versions"] == ["1"]
+        assert http.get("/v2/models/shapes/versions/1/ready").json()["ready"] is True
+        assert http.get("/v2/models/shapes/versions/7/ready").status_code == 404
+        assert http.get("/v2/models/digits").json()["inputs"][0]["shape"][1] == 1
+        tensor = {
+            "name": "image",
+            "shape": [1, 3, 16, 16],
+            "datatype": "FP32",
+            "data": np.zeros(768).tolist(),
+        }
+        r = http.post("/v2/models/shapes/versions/1/infer", json={"inputs": [tensor]})
+        assert r.status_code == 200 and r.json()["model_name"] == "shapes"
+        r = http.post("/v2/models/digits/infer", json={"inputs": [tensor]})
+        assert r.status_code == 400 and "does not match" in r.json()["error"]
+
+        r = _predict(http, "spare")
+        assert r.status_code == 404 and "'digits', 'shapes'" in r.json()["detail"]
+
+        # registered and promoted while the server runs: served without a restart
+        _register(client, "fresh", onnx_path)
+        assert _steady(http, "fresh", 200, "fresh served").json()["model"]["name"] == "fresh"
+        client.delete_registered_model_alias("fresh", "champion")
+        _steady(http, "fresh", 404, "fresh no longer served once its champion is gone")
+
+        # the repository API, as Triton's: the token, then every worker follows
+        assert http.post("/v2/repository/models/shapes/unload").status_code == 401
+        assert http.post("/v2/repository/models/shapes/unload", headers=AUTH).status_code == 200
+        gone = _steady(http, "shapes", 404, "shapes unloaded in both workers").json()
+        assert "unloaded by an admin" in gone["detail"]
+        index = {e["name"]: e for e in http.post("/v2/repository/index", json={}).json()}
+        assert index["shapes"] == {
+            "name": "shapes",
+            "version": None,
+            "state": "UNAVAILABLE",
+            "reason": "unloaded by an admin",
+        }
+        ready = http.post("/v2/repository/index", json={"ready": True}).json()
+        assert [e["name"] for e in ready] == ["digits"]
+
+        r = http.post(
+            "/v2/repository/models/spare/load",
+            headers=AUTH,
+            json={"parameters": {"version": spare}},
+        )
+        assert r.status_code == 200, r.text
+        _steady(http, "spare", 200, "spare, pinned, served by both workers")
+        assert _served(http)["spare"]["origin"] == "loaded"
+        assert _served(http)["spare"]["uri"] == f"models:/spare/{spare}"
+        assert http.post("/v2/repository/models/shapes/load", headers=AUTH).status_code == 200
+        _steady(http, "shapes", 200, "shapes back in both workers")
+
+        r = http.post("/v2/repository/models/digits/unload", headers=AUTH)
+        assert r.status_code == 400 and "default model" in r.json()["error"]
+        r = http.post("/v2/repository/models/nothing/load", headers=AUTH)
+        assert r.status_code == 400 and "failed to load 'nothing'" in r.json()["error"]
+        assert "nothing" not in _served(http)
+        r = http.post("/admin/reload", params={"model": "shapes"}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["model"] == "shapes"
+        assert http.post("/admin/reload", params={"model": "x"}, headers=AUTH).status_code == 404
+
+
+def test_a_memory_budget_unloads_the_least_recently_used_and_loads_on_the_next_request(
+    registry, onnx_path, rgb_onnx_path, tmp_path
+):
+    """1 MiB a process, which the default model alone takes: each model loaded unloads the
+    other one; a request for an unloaded model is answered 503 with Retry-After at once and
+    starts its load."""
+    client = MlflowClient(registry)
+    if not client.search_registered_models("name = 'digits'"):  # run alone
+        _register(client, "digits", onnx_path)
+    _register(client, "budget-a", onnx_path)
+    _register(client, "budget-b", rgb_onnx_path)
+    settings = {"CONVSERVE_MODELS": "budget-*", "CONVSERVE_MODEL_MEMORY_MB": "1"}
+    with serve(registry, tmp_path, **settings) as http:
+        listing = http.get("/v1/models").json()
+        assert listing["memory_budget_bytes"] == 1 << 20
+        assert listing["memory_in_use_bytes"] > 1 << 20  # the default model is never unloaded
+
+        turns = [("budget-a", "budget-b"), ("budget-b", "budget-a"), ("budget-a", "budget-b")]
+        for turn, (wanted, other) in enumerate(turns):
+            assert _served(http)[wanted]["state"] == "UNLOADED"
+            first = _predict(http, wanted)  # answered at once: the load runs meanwhile
+            assert first.status_code == 503 and int(first.headers["Retry-After"]) >= 1
+            assert f"model '{wanted}' is loading" in first.json()["detail"]
+            loaded = wait_until(
+                lambda wanted=wanted: _predict(http, wanted).status_code == 200,
+                30,
+                f"{wanted} loaded on demand",
+            )
+            assert loaded
+            models = _served(http)
+            assert models[wanted]["state"] == "READY" and models["digits"]["state"] == "READY"
+            assert models[other]["state"] == "UNLOADED", models[other]
+            if turn:  # from then on, the other one was loaded before
+                assert "CONVSERVE_MODEL_MEMORY_MB" in models[other]["reason"]
+        metrics = http.get("/metrics").text
+        evicted = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("convserve_model_evictions_total")
+        ]
+        assert evicted and float(evicted[0].split()[-1]) >= 2
+
+
+def test_the_served_set_refuses_two_models_under_one_name(onnx_path, tmp_path):
+    from convserve.service.catalog import Catalog, parse_models
+    from convserve.service.metrics import Metrics
+    from convserve.service.settings import Settings
+
+    patterns, sources = parse_models(f" my-*, models:/shapes/3 ,{onnx_path},,")
+    assert patterns == ["my-*"]
+    assert [(s.name, s.version) for s in sources] == [("shapes", "3"), ("model", "file")]
+    settings = Settings(model_uri=str(onnx_path), models="models:/model@champion")
+    with pytest.raises(ValueError, match="the name 'model' is served already"):
+        Catalog(settings, Metrics())
