@@ -61,7 +61,9 @@ _INDEX_EXAMPLE = [
         "reason": "unloaded by an admin",
     },
 ]
-_DONE = {200: {"description": "Done", "content": {"application/json": {"example": {}}}}}
+_DONE: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Done", "content": {"application/json": {"example": {}}}}
+}
 
 
 @router.post(
