@@ -190,11 +190,15 @@ def wait_for_job(
     return wait_until(reached, timeout, f"job {job_id} reaches {sorted(statuses)}", 0.3)
 
 
-def wait_for_prediction(http: httpx.Client, image: bytes, timeout: float = 30) -> httpx.Response:
-    """``POST /predict`` with ``image`` until it is answered 200 (a new champion served)."""
+def wait_for_prediction(
+    http: httpx.Client, image: bytes, timeout: float = 30, model: str | None = None
+) -> httpx.Response:
+    """``POST /predict`` (to ``model``, else the default one) with ``image`` until it is
+    answered 200 (a new champion served)."""
+    params = {"model": model} if model else {}
 
     def answered() -> httpx.Response | None:
-        r = http.post("/predict", files={"file": ("x.png", image)})
+        r = http.post("/predict", params=params, files={"file": ("x.png", image)})
         return r if r.status_code == 200 else None
 
     return wait_until(answered, timeout, "the API serves the champion", 0.3)

@@ -153,7 +153,9 @@ class JobRequest(NumbersRefuseBooleans):
     # export, check and register the result (the sweep's best run); "register" in JSON
     register_model: bool = Field(True, alias="register")
     promote: bool = True  # move the champion alias if the result beats the champion
-    model_name: str = Field("convserve", min_length=1)
+    # the registered model the result goes to; default: the uploaded data set's name for a
+    # run trained on one, else convserve (pipelines/registry.model_name_for)
+    model_name: str | None = Field(None, min_length=1)
     margin: float = Field(0.0, ge=0.0)
     # a train job on several data-parallel processes of its worker's machine (torchrun)
     nproc_per_node: int = Field(1, ge=1, le=64)

@@ -167,3 +167,22 @@ def test_a_publication_asked_to_stop_leaves_nothing_published(sqlite_uri, tmp_pa
     assert versions == [] or all(v.current_stage == "Deleted" for v in versions)
     with pytest.raises(mlflow.exceptions.MlflowException):
         client.get_model_version_by_alias(name, "champion")
+
+
+def test_a_run_on_an_uploaded_set_registers_into_a_model_named_for_it(sqlite_uri):
+    from mlflow.tracking import MlflowClient
+
+    from convserve.pipelines.registry import model_name_for
+
+    client = MlflowClient(sqlite_uri)
+    experiment = client.create_experiment("names")
+    expected = {
+        "dataset:my_flowers.v2@3f2a": "my_flowers.v2",
+        "dataset:été-photos@9c1d": "été-photos",
+        "dataset:a b@c@9c1d": "a-b-c",  # only the last @ starts the id
+        "digits": "convserve",
+        "": "convserve",
+    }
+    for tag, name in expected.items():
+        run = client.create_run(experiment, tags={"convserve.dataset": tag} if tag else {})
+        assert model_name_for(client, run.info.run_id) == name, tag

@@ -122,8 +122,8 @@ def _env(mlflow_url: str, tmp: Path, model: str, cache: str) -> dict[str, str]:
     }
 
 
-def _job(dataset_id: str, experiment: str, model: str) -> dict:
-    return {
+def _job(dataset_id: str, experiment: str, model: str | None) -> dict:
+    job: dict = {
         "train": {
             "device": "cpu",
             "data": {"name": "dataset", "id": dataset_id, "batch_size": 8},
@@ -132,15 +132,20 @@ def _job(dataset_id: str, experiment: str, model: str) -> dict:
             "diagnostics": {"every": 5},
             "tracking": {"experiment": experiment},
         },
-        "model_name": model,
         "promote": True,
     }
+    if model is not None:  # else the model named for the data set
+        job["model_name"] = model
+    return job
 
 
 @pytest.mark.slow
 def test_upload_train_serve_and_predict_on_an_uploaded_set(mlflow_url, tmp_path):
     model, experiment = f"ds-{uuid.uuid4().hex[:6]}", f"ds-{uuid.uuid4().hex[:6]}"
-    env = _env(mlflow_url, tmp_path, model, "cache-1")
+    colours = served = f"colours-{uuid.uuid4().hex[:4]}"  # and the model named for it
+    # the default model (models:/ds-...@champion) does not exist yet; the API also serves the
+    # model named for the upload, once a job registers it
+    env = {**_env(mlflow_url, tmp_path, model, "cache-1"), "CONVSERVE_MODELS": served}
     body = _archive(per_class=13)  # not the browser test's 12: new images, a new id
     with uvicorn_server(env, tmp_path) as url, httpx.Client(base_url=url, timeout=60) as http:
         zip_type = {"Content-Type": "application/zip"}
@@ -157,37 +162,47 @@ def test_upload_train_serve_and_predict_on_an_uploaded_set(mlflow_url, tmp_path)
         assert r.status_code == 413 and "CONVSERVE_MAX_DATASET_BYTES" in r.json()["detail"]
         assert len(http.get("/datasets").json()["datasets"]) == before
         # the upload and its report
-        r = http.post("/datasets?name=colours", content=body, headers={**AUTH, **zip_type})
+        r = http.post(f"/datasets?name={colours}", content=body, headers={**AUTH, **zip_type})
         assert r.status_code == 201, r.text
         report = r.json()
         assert report["classes"] == {"blue": 13, "green": 13, "red": 13, "violet": 0}
         assert report["too_small"] == ["violet"] and len(report["skipped"]) == 2
-        again = http.post("/datasets?name=colours", content=body, headers={**AUTH, **zip_type})
+        again = http.post(f"/datasets?name={colours}", content=body, headers={**AUTH, **zip_type})
         assert again.status_code == 200 and again.json()["id"] == report["id"]
-        assert http.get(f"/datasets/{report['id']}").json()["name"] == "colours"
-        assert http.get("/datasets/colours").json()["id"] == report["id"]  # by name
-        # a job trains on it by id through the queue, registers, promotes; it is served, and
-        # one of its own images (blue/3.png) is read as blue
+        assert http.get(f"/datasets/{report['id']}").json()["name"] == colours
+        assert http.get(f"/datasets/{colours}").json()["id"] == report["id"]  # by name
+        # a job trains on it by id through the queue and registers into the model named for
+        # the data set, whose champion it becomes; the running API serves it by that name,
+        # and one of the set's own images (blue/3.png) is read as blue
         with worker_process(env, tmp_path):
-            r = http.post("/jobs", json=_job(report["id"], experiment, model), headers=AUTH)
+            r = http.post("/jobs", json=_job(report["id"], experiment, None), headers=AUTH)
             assert r.status_code == 202, r.text
             job = wait_for_job(http, r.json()["id"], timeout=180)
         assert job["status"] == "succeeded", job
+        assert job["registered_model"] == served and job["registered_version"] == "1"
         assert job["promoted"] is True and job["metrics"]["val_accuracy"] >= 0.8
-        p = wait_for_prediction(http, _png(COLOURS["blue"], 3))
+        p = wait_for_prediction(http, _png(COLOURS["blue"], 3), model=served)
         assert p.json()["predictions"][0]["top_k"][0]["label"] == "blue"
         assert p.json()["model"]["run_id"] == job["id"]
+        assert p.json()["model"]["name"] == served
+        listed = {m["name"]: m for m in http.get("/v1/models").json()["models"]}
+        assert listed[served]["dataset"] == f"dataset:{colours}@{report['id']}"
+        assert listed[served]["promotion"] == "no champion yet"
+        assert http.post("/predict", files={"file": ("x.png", b"")}).status_code == 503
         # the run shows the data set as its input, with its digest
         run = MlflowClient(mlflow_url).get_run(job["id"])
         digests = {d.dataset.digest for d in run.inputs.dataset_inputs}
         assert report["id"] in digests
-        assert run.data.tags["convserve.dataset"] == f"dataset:colours@{report['id']}"
+        assert run.data.tags["convserve.dataset"] == f"dataset:{colours}@{report['id']}"
         assert (tmp_path / "cache-1" / report["id"] / ".complete").exists()
         # a second worker with its own cache trains on the same data set by id
         other = {**env, "CONVSERVE_DATA_CACHE": str(tmp_path / "cache-2")}
-        with worker_process(other, tmp_path, name="worker-2"):
+        with worker_process(other, tmp_path, name="worker-2"):  # into the model it names
             r = http.post("/jobs", json=_job(report["id"], experiment, model), headers=AUTH)
-            assert wait_for_job(http, r.json()["id"], timeout=180)["status"] == "succeeded"
+            second = wait_for_job(http, r.json()["id"], timeout=180)
+            assert second["status"] == "succeeded" and second["registered_model"] == model
+        bare = wait_for_prediction(http, _png(COLOURS["red"], 3))  # the default model, now
+        assert bare.json()["model"] == {**bare.json()["model"], "name": model, "version": "1"}
         assert sorted(p.name for p in (tmp_path / "cache-2" / report["id"]).iterdir()) == [
             ".complete",
             "blue",

@@ -25,7 +25,20 @@ SetOption = Annotated[
         "--set init.name=xavier_uniform (values are YAML; list items by index).",
     ),
 ]
-ModelNameOption = Annotated[str, typer.Option("--model-name", help="Registered model name.")]
+ModelNameOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model-name",
+        help="Registered model name. Default: the uploaded data set's name for a run trained "
+        "on one, else convserve.",
+    ),
+]
+DefaultModelOption = Annotated[
+    str,
+    typer.Option(
+        "--model-name", help="The registered model bare /predict answers with (its champion)."
+    ),
+]
 MarginOption = Annotated[
     float,
     typer.Option(help="Promote only when the metric beats the champion's by at least this much."),

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from convserve.cli.app import app, console, err_console, fail
-from convserve.cli.options import ConfigOption, ModelNameOption
+from convserve.cli.options import ConfigOption, DefaultModelOption
 from convserve.cli.report import TrainProgress, report_published
 
 
@@ -131,7 +131,7 @@ def up(
     host: Annotated[str, typer.Option(help="Interface for MLflow and the API.")] = "127.0.0.1",
     mlflow_port: Annotated[int, typer.Option(help="MLflow tracking server port.")] = 5000,
     api_port: Annotated[int, typer.Option(help="API port.")] = 8000,
-    model_name: ModelNameOption = "convserve",
+    model_name: DefaultModelOption = "convserve",
     config: ConfigOption = "default",
 ) -> None:
     """Run the whole product on this machine: an MLflow server (SQLite, local artifacts), one
@@ -180,7 +180,7 @@ Press Ctrl-C to stop.""",
 
 @app.command()
 def bootstrap(
-    model_name: ModelNameOption = "convserve",
+    model_name: DefaultModelOption = "convserve",
     config: ConfigOption = "default",
     output_dir: Annotated[str, typer.Option(help="Folder for the run's checkpoints.")] = "runs",
 ) -> None:

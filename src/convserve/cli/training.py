@@ -141,7 +141,12 @@ def _torchrun(
 
 
 def _policy(
-    register: bool, promote: bool, model_name: str, metric: str, direction: str, margin: float
+    register: bool,
+    promote: bool,
+    model_name: str | None,
+    metric: str,
+    direction: str,
+    margin: float,
 ) -> Policy:
     from convserve.pipelines.registry import Policy
 
@@ -168,7 +173,7 @@ def sweep(
     promote: Annotated[
         bool, typer.Option(help="Move the champion alias if the best run beats the champion.")
     ] = True,
-    model_name: ModelNameOption = "convserve",
+    model_name: ModelNameOption = None,
     margin: MarginOption = 0.0,
     queue: Annotated[
         bool,
@@ -218,7 +223,7 @@ def sweep(
 
 
 def _queued_sweep(
-    spec: SweepConfig, register: bool, promote: bool, model_name: str, margin: float
+    spec: SweepConfig, register: bool, promote: bool, model_name: str | None, margin: float
 ) -> int:
     """Submit the sweep as a job and follow its trials until it ends; its exit code."""
     import json
@@ -298,7 +303,7 @@ def export(
     promote: Annotated[
         bool, typer.Option(help="Champion/challenger promotion of the new version.")
     ] = True,
-    model_name: ModelNameOption = "convserve",
+    model_name: ModelNameOption = None,
     metric: Annotated[
         str, typer.Option(help="Metric compared with the champion's.")
     ] = "best_val_accuracy",

@@ -7,6 +7,7 @@ version is created after the checks, and the alias moves only to such a version.
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -213,11 +214,23 @@ def _record(
         client.log_metric(run_id, "promotion.champion_value", decision.champion_value)
 
 
+def model_name_for(client: MlflowClient, run_id: str) -> str:
+    """The registered model a run's export goes to when none is named: the uploaded data
+    set's name for a run trained on one (anything but letters, digits, ``_``, ``.`` and ``-``
+    as ``-``), else ``convserve``."""
+    dataset = client.get_run(run_id).data.tags.get("convserve.dataset", "")
+    if not dataset.startswith("dataset:"):  # an upload's: dataset:<name>@<id>
+        return DEFAULT_MODEL_NAME
+    name = dataset.removeprefix("dataset:").rpartition("@")[0]
+    return re.sub(r"[^\w.-]+", "-", name).strip("-.") or DEFAULT_MODEL_NAME
+
+
 @dataclass(frozen=True)
 class Policy:
-    """What happens to an export that passes its checks."""
+    """What happens to an export that passes its checks. ``model_name`` None: the run's own
+    (``model_name_for``)."""
 
-    model_name: str = DEFAULT_MODEL_NAME
+    model_name: str | None = None
     register: bool = True
     promote: bool = True
     metric: str = "best_val_accuracy"
@@ -301,18 +314,18 @@ def publish_onnx(
     if policy.register:
         if not run_id:
             raise ValueError("registering needs an MLflow run: this checkpoint has none")
-        published.model_name = policy.model_name
+        name = published.model_name = policy.model_name or model_name_for(client, run_id)
         _check(proceed, "the registration")
-        published.version = register(client, onnx_path, run_id, policy.model_name, report)
+        published.version = register(client, onnx_path, run_id, name, report)
         if proceed is not None and not proceed():  # cancelled while registering
-            client.delete_model_version(policy.model_name, published.version)
+            client.delete_model_version(name, published.version)
             raise PublishCancelled(
                 f"cancelled while registering: version {published.version} deleted"
             )
         if policy.promote:
             published.decision = promote(
                 client,
-                policy.model_name,
+                name,
                 published.version,
                 policy.metric,
                 policy.direction,
