@@ -93,17 +93,20 @@ def stack(onnx_path, mlflow_url, tmp_path):
     MlflowClient(mlflow_url).set_registered_model_alias(
         name, "champion", info.registered_model_version
     )
+    colours = f"colours-{uuid.uuid4().hex[:4]}"  # the upload, and the model named for it
     env = {
         "MLFLOW_TRACKING_URI": mlflow_url,
         "CONVSERVE_API_TOKEN": "web-token",
         "CONVSERVE_MODEL_URI": f"models:/{name}@champion",
+        # the models named for this test's upload are served too (not other tests')
+        "CONVSERVE_MODELS": colours,
         "CONVSERVE_POLL_INTERVAL": "0.5",
         "CONVSERVE_CACHE_DIR": str(tmp_path / "cache"),
         "CONVSERVE_MLFLOW_UI_URL": mlflow_url,
         "CONVSERVE_QUEUE_PATH": str(tmp_path / "queue.db"),
     }
     with uvicorn_server(env, tmp_path) as url, worker_process(env, tmp_path):
-        yield url, name
+        yield url, name, colours
 
 
 def _queued_job(mlflow_url: str, tmp_path: Path) -> str:
@@ -127,10 +130,11 @@ def _failed_job(mlflow_url: str, tmp_path: Path, error: str) -> str:
 def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
     from playwright.sync_api import expect, sync_playwright
 
-    url, name = stack
+    url, name, colours = stack
     SHOTS.mkdir(parents=True, exist_ok=True)
     digit = tmp_path / "digit.png"  # a 3 from sklearn's digits, white on black
     Image.fromarray((load_digits().images[3] * 255 / 16).astype("uint8"), "L").save(digit)
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(tmp_path / "blue.png")
     junk = tmp_path / "notes.png"
     junk.write_bytes(b"this is not an image")
     with sync_playwright() as p:
@@ -200,9 +204,9 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         page.fill("#token", "web-token")
         page.click("#upload-box summary")
         page.set_input_files("#ds-file", str(archive))
-        page.fill("#ds-name", "colours")
+        page.fill("#ds-name", colours)
         page.click("#ds-upload")
-        expect(page.locator("#ds-report")).to_contain_text("colours: 36 images in 4 classes")
+        expect(page.locator("#ds-report")).to_contain_text(f"{colours}: 36 images in 4 classes")
         violet = page.locator("#ds-report tr", has_text="violet")
         expect(violet).to_contain_text("too few images to split")
         row_of = lambda name: page.locator("#ds-report tr", has_text=name)  # noqa: E731
@@ -210,7 +214,7 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         expect(row_of("red")).to_contain_text("duplicates kept once")
         expect(page.locator("#f-data-name")).to_have_value(re.compile("^dataset:"))
         expect(page.locator("#f-data-name optgroup[label=Uploaded] option")).to_contain_text(
-            ["colours (36 images, 4 classes)"]
+            [f"{colours} (36 images, 4 classes)"]
         )
         # no set that reads files from a data.root the form cannot give
         expect(page.locator("#f-data-name > option")).to_have_text(
@@ -361,6 +365,35 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         expect(saturated.locator(".not-applicable")).to_contain_text("not measured for relu")
         page.screenshot(path=str(SHOTS / "4-diagnosis-compare.png"), full_page=True)
         assert_accessible(page, "jobs and diagnosis, 1280x800")
+
+        # 4b. your own images end to end: a job on the upload registers into the model named
+        # for it, the running server serves it, and the picker tries it
+        page.select_option("#f-data-name", label=f"{colours} (36 images, 4 classes)")
+        page.fill("#f-optim-epochs", "3")
+        before = page.evaluate(listed)
+        page.click("#train-form button[type=submit]")
+        page.wait_for_function(
+            f"before => ({listed})().some(id => !before.includes(id))", arg=before
+        )
+        (own_id,) = [i for i in page.evaluate(listed) if i not in before]
+        own = page.locator(f"#jobs tbody tr[data-id='{own_id}']")
+        expect(own).to_have_attribute("data-status", "succeeded", timeout=limit_ms(180))
+        expect(own.locator("td.model")).to_have_text(f"v1 champion{colours}", timeout=limit_ms(60))
+        expect(page.locator("#banner")).to_contain_text(f"{colours} version 1")
+        option = page.locator(f"#model-pick option[value='{colours}']")
+        expect(option).to_have_text(f"{colours} (v1, {colours})")
+        page.select_option("#model-pick", colours)
+        expect(page.locator("#model-line")).to_contain_text(f"Model {colours} version 1 @champion")
+        page.set_input_files("#file", str(tmp_path / "blue.png"))
+        expect(page.locator("#bars li")).to_have_count(3)  # blue, green, red
+        served = page.locator("#models tbody tr", has_text=colours)
+        expect(served).to_have_class("picked")
+        expect(served).to_contain_text("no champion yet")  # why it is the champion
+        expect(page.locator("#models tbody tr", has_text=name)).to_contain_text("(default)")
+        page.locator("#models-section").screenshot(path=str(SHOTS / "4b-models.png"))
+        assert_accessible(page, "own model picked, 1280x800")
+        page.select_option("#model-pick", name)  # back to the default model
+        expect(page.locator("#model-line")).to_contain_text(f"Model {name} version 3")
 
         # 5. phone width: still readable, nothing wider than the screen; a tile tapped opens
         # enlarged right under its row, not below every block

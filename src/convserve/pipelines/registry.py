@@ -179,7 +179,7 @@ def promote(
         elif gain > 0 and gain >= margin:
             reason = (
                 f"{metric} {value:.4f} beats champion v{champion.version}'s "
-                f"{champion_value} by at least {margin:g}"
+                f"{champion_value:.4f} by at least {margin:g}"
             )
             decision = Decision(True, CHAMPION, reason, value, champion_value, champion.version)
         else:

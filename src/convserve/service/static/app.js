@@ -3,7 +3,9 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-let model = null;          // GET /v1/model
+let model = null;          // GET /v1/model?model=<picked>
+let served = null;         // GET /v1/models
+let picked = sessionStorage.getItem("convserve-model") || "";  // "" until the list is read
 let schema = null;         // GET /v1/train-schema
 let lastStats = {};        // per block: {mean: [...], max: [...]}
 const seenPromotions = new Set();
@@ -19,7 +21,10 @@ async function api(path, options = {}) {
   let body = null;
   try { body = text ? JSON.parse(text) : null; } catch { body = null; }
   if (!response.ok) {
-    throw new Error(explain(response.status, body, text));
+    const err = new Error(explain(response.status, body, text));
+    err.status = response.status;
+    err.retryAfter = Number(response.headers.get("Retry-After")) || 0;
+    throw err;
   }
   return body;
 }
@@ -39,9 +44,78 @@ function show(id, message) {
 }
 
 // ---- model -----------------------------------------------------------------
+const STATES = { READY: "ready", LOADING: "loading", UNLOADED: "loads on its next request",
+                 UNAVAILABLE: "unavailable" };
+
+async function loadModels() {
+  try {
+    served = await api("/v1/models");
+  } catch (err) {
+    $("models-note").textContent = `The models could not be listed: ${err.message}`;
+    return;
+  }
+  const names = served.models.map((m) => m.name);
+  if (!names.includes(picked)) picked = served.default;
+  const select = $("model-pick");
+  select.replaceChildren(...served.models.map((m) => {
+    const what = [m.version ? `v${m.version}` : null, m.dataset ? datasetName(m.dataset) : null,
+                  m.default ? "default" : null, m.state === "READY" ? null : STATES[m.state]];
+    const option = new Option(`${m.name} (${what.filter(Boolean).join(", ")})`, m.name);
+    option.disabled = m.state === "UNAVAILABLE" && !m.default;
+    return option;
+  }));
+  select.value = picked;
+  renderModels();
+}
+
+function datasetName(dataset) {  // an upload's "dataset:<name>@<id>" as its name
+  return dataset.startsWith("dataset:") ? dataset.slice(8).split("@")[0] : dataset;
+}
+
+function renderModels() {
+  const body = $("models").querySelector("tbody");
+  body.replaceChildren();
+  for (const m of served.models) {
+    const tr = document.createElement("tr");
+    if (m.name === picked) tr.className = "picked";
+    const acc = m.metrics && (m.metrics.best_val_accuracy ?? m.metrics.val_accuracy);
+    const cells = [m.name + (m.default ? " (default)" : ""), m.version ? `v${m.version}` : "",
+                   m.dataset ? datasetName(m.dataset) : "", acc === undefined ? "" : acc.toFixed(3),
+                   STATES[m.state] + (m.reason ? `: ${m.reason}` : ""),
+                   m.memory_bytes ? `${(m.memory_bytes / 1048576).toFixed(1)} MiB` : "",
+                   m.promotion || ""];
+    for (const text of cells) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      tr.appendChild(td);
+    }
+    body.appendChild(tr);
+  }
+  const budget = served.memory_budget_bytes;
+  const used = `${(served.memory_in_use_bytes / 1048576).toFixed(1)} MiB in use per worker process`;
+  $("models-note").textContent = budget
+    ? `${used} of ${(budget / 1048576).toFixed(0)} MiB (CONVSERVE_MODEL_MEMORY_MB): past it the least recently used model is unloaded.`
+    : `${used}.`;
+}
+
+function modelQuery() {
+  return picked ? `&model=${encodeURIComponent(picked)}` : "";
+}
+
+async function pickModel() {
+  picked = $("model-pick").value;
+  sessionStorage.setItem("convserve-model", picked);
+  renderModels();
+  $("result").hidden = true;  // another model's answer: not this one's
+  $("seen-box").hidden = true;
+  placeZoom(null);
+  $("maps").replaceChildren();
+  await loadModel();
+}
+
 async function loadModel() {
   try {
-    model = await api("/v1/model");
+    model = await retried(() => api(`/v1/model?${modelQuery().slice(1)}`));
     const alias = model.alias ? ` @${model.alias}` : "";
     const device = model.providers.includes("CUDAExecutionProvider") ? "GPU" : "CPU";
     $("model-line").textContent =
@@ -55,6 +129,20 @@ async function loadModel() {
   }
 }
 
+// A model that is loading answers 503 with Retry-After: asked again then, for up to 30 s.
+async function retried(call) {
+  const end = Date.now() + 30000;
+  for (;;) {
+    try {
+      return await call();
+    } catch (err) {
+      if (err.status !== 503 || !err.retryAfter || Date.now() > end) throw err;
+      $("model-line").textContent = `${err.message.replace(/^503: /, "")}…`;
+      await new Promise((r) => setTimeout(r, 1000 * err.retryAfter));
+    }
+  }
+}
+
 // ---- predict ---------------------------------------------------------------
 let lastPrediction = null;
 let selectedTile = null;
@@ -64,11 +152,12 @@ async function predict(blob, name) {
   const form = () => { const f = new FormData(); f.append("file", blob, name); return f; };
   const explain = $("explain").checked ? "&explain=occlusion" : "";
   try {
-    const [pngs, stats] = await Promise.all([
-      api(`/predict?top_k=5&feature_maps=all&format=png&return_input=true${explain}`,
+    const which = modelQuery();
+    const [pngs, stats] = await retried(() => Promise.all([
+      api(`/predict?top_k=5&feature_maps=all&format=png&return_input=true${explain}${which}`,
           { method: "POST", body: form() }),
-      api("/predict?top_k=1&feature_maps=all&format=stats", { method: "POST", body: form() }),
-    ]);
+      api(`/predict?top_k=1&feature_maps=all&format=stats${which}`, { method: "POST", body: form() }),
+    ]));
     lastStats = stats.predictions[0].feature_maps || {};
     lastPrediction = pngs.predictions[0];
     render(lastPrediction);
@@ -509,18 +598,30 @@ async function submitJob(e) {
   if (!schema) return;  // the form is not built yet
   show("train-error", "");
   sessionStorage.setItem("convserve-token", token());
+  const cfg = readForm();
+  const ownData = cfg.data.name === "dataset";
   try {
     await api("/jobs", {
       method: "POST",
       headers: { "Content-Type": "application/json", Authorization: `Bearer ${token()}` },
-      // A job promotes into the registered model this page serves, when it follows one.
-      body: JSON.stringify({ train: readForm(), promote: true,
-                             ...(model && model.alias ? { model_name: model.name } : {}) }),
+      // A job on an uploaded set registers into the model named for the set (the server's
+      // choice); any other into the default model, when the server follows one.
+      body: JSON.stringify({ train: cfg, promote: true, ...(ownData ? {} : defaultModel()) }),
     });
     await refreshJobs();
   } catch (err) {
     show("train-error", `The job was not started: ${err.message}`);
   }
+}
+
+function defaultModel() {
+  const first = served && served.models.find((m) => m.default);
+  return first && first.alias ? { model_name: first.name } : {};
+}
+
+function servedVersion(name) {
+  const m = served && served.models.find((x) => x.name === name && x.state === "READY");
+  return m ? m.version : null;
 }
 
 async function cancelJob(id) {
@@ -598,7 +699,7 @@ async function refreshJobs() {
     if (job.registered_version) {
       modelCell.textContent = `v${job.registered_version} `;
       // The champion is the version being served now; an earlier champion says "promoted".
-      const serving = model && model.name === job.registered_model && model.version === job.registered_version;
+      const serving = servedVersion(job.registered_model) === job.registered_version;
       if (serving || job.promoted) {
         const badge = document.createElement("span");
         badge.className = serving ? "badge ok" : "badge";
@@ -933,10 +1034,12 @@ function diagnosisList(d, phases) {
 async function announce(job) {
   const end = Date.now() + 60000;
   while (Date.now() < end) {
-    await loadModel();
-    if (model && model.name === job.registered_model && model.version === job.registered_version) {
-      show("banner", `A new champion is served: ${model.name} version ${model.version}, ` +
-                     `trained by job ${job.id.slice(0, 8)}.`);
+    await loadModels();
+    if (servedVersion(job.registered_model) === job.registered_version) {
+      show("banner", `A new champion is served: ${job.registered_model} version ` +
+                     `${job.registered_version}, trained by job ${job.id.slice(0, 8)}. ` +
+                     "Pick it above to try it.");
+      if (job.registered_model === picked) await loadModel();
       return;
     }
     await new Promise((r) => setTimeout(r, 1000));
@@ -949,6 +1052,8 @@ async function main() {
   // bare HTML form (its button is disabled until then).
   $("train-form").addEventListener("submit", submitJob);
   $("token").value = sessionStorage.getItem("convserve-token") || "";
+  $("model-pick").addEventListener("change", pickModel);
+  await loadModels();
   await loadModel();
   try {
     schema = await api("/v1/train-schema");
@@ -970,6 +1075,7 @@ async function main() {
   }
   await refreshJobs();
   setInterval(refreshJobs, 2000);
+  setInterval(loadModels, 5000);
 }
 
 main();
