@@ -1,5 +1,5 @@
 """Load benchmark of ``convserve serve`` against baselines it starts itself, with wrk, in
-three parts (``--part``; all three by default), each measured in one run.
+four parts (``--part``; all four by default), each measured in one run.
 
 small: the same exported 28x28 CNN, the same multipart PNG upload and the same wrk script, for
 four servers:
@@ -41,6 +41,11 @@ grpc: the small model's tensor over KServe v2 gRPC (``grpc_load.py``: 32 connect
 call in flight on each) and over HTTP v2 with the binary tensor extension (wrk), one
 convserve serving both, at concurrency 32: requests/s, latency, and CPU per request of the
 server and of the gRPC client (a Python process, on the same cores).
+
+models: the small model served alone (``CONVSERVE_MODELS=""``) against the same model as the
+default one of three loaded models (two more 28x28 models in ``CONVSERVE_MODELS``), both
+with default settings, taking turns: requests/s and p99 on the default model at concurrency 1
+and 32. Target: at concurrency 32 at least 0.9x the single model's requests/s.
 
 Needs wrk (Debian: apt-get install wrk). Pass ``--env KEY=VALUE`` to try other settings of
 ``convserve serve`` (e.g. ``CONVSERVE_WORKERS=1``), ``--query fit=none`` to skip the digit fit.
@@ -323,7 +328,7 @@ def check_answer(answer: bytes, expected: np.ndarray, labels: list[str]) -> floa
     return float(np.abs(got - expected).max())
 
 
-PARTS = ("small", "large", "grpc")
+PARTS = ("small", "large", "grpc", "models")
 
 
 def main() -> None:
@@ -350,7 +355,7 @@ def main() -> None:
         help="small model: servers to run",
     )
     parser.add_argument(
-        "--part", choices=PARTS, action="append", help="parts to run (default: all three)"
+        "--part", choices=PARTS, action="append", help="parts to run (default: all four)"
     )
     parser.add_argument(
         "--query",
@@ -371,6 +376,8 @@ def main() -> None:
             lines += compute_bound(args, folder)
         if "grpc" in parts:
             lines += grpc_against_http(args, folder)
+        if "models" in parts:
+            lines += many_models(args, folder)
         _targets(lines)
 
 
@@ -740,6 +747,72 @@ def _http_v2_answer(port: int, body: bytes, header_length: int) -> np.ndarray:
         answer = r.read()
         length = int(r.headers["Inference-Header-Content-Length"])
     return np.frombuffer(answer[length:], np.float32)
+
+
+def _served_states(port: int) -> dict[str, str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as r:
+        return {m["name"]: m["state"] for m in json.load(r)["models"]}
+
+
+def many_models(args: argparse.Namespace, folder: Path) -> list[Target]:
+    """The default model served alone, and as one of three loaded models."""
+    model = export_default(folder)
+    others = []
+    for name in ("second", "third"):
+        others.append(folder / f"{name}.onnx")
+        shutil.copyfile(model, others[-1])
+    body = multipart(upload_png())
+    lua = _post_lua(folder, "post-models", body, f"multipart/form-data; boundary={BOUNDARY}")
+    cli = [str(Path(sys.executable).parent / "convserve"), "serve"]
+    base = {"CONVSERVE_MODEL_URI": str(model), **args.env}
+    servers = [
+        Server(
+            "one model",
+            cli,
+            {**base, "CONVSERVE_MODELS": "", "CONVSERVE_PORT": str(args.port + 10)},
+            args.port + 10,
+        ),
+        Server(
+            "three",
+            cli,
+            {
+                **base,
+                "CONVSERVE_MODELS": ",".join(map(str, others)),
+                "CONVSERVE_PORT": str(args.port + 11),
+            },
+            args.port + 11,
+        ),
+    ]
+    try:
+        _started(servers, body, folder)
+        deadline = time.monotonic() + 30
+        while set(_served_states(args.port + 11).values()) != {"READY"}:
+            if time.monotonic() > deadline:
+                sys.exit(f"the three models did not load: {_served_states(args.port + 11)}")
+            time.sleep(0.2)
+        print(f"\nserved by 'three': {_served_states(args.port + 11)}")
+        for c in (1, 32):
+            best = _interleaved(
+                servers, args.repeats, lambda s, c=c: s.load(lua, c, args.seconds, args.query)
+            )
+            for server in servers:
+                server.points[c] = best[server.name]
+    finally:
+        _stopped(servers)
+    _load_table(servers)
+    one, three = servers
+    ratio = three.points[32]["rps"] / one.points[32]["rps"]
+    print(
+        f"\nthe default model of three against alone: {ratio:.2f}x requests/s at c=32, "
+        f"{three.points[1]['rps'] / one.points[1]['rps']:.2f}x at c=1; p99 at c=32 "
+        f"{three.points[32]['p99']:.2f} ms against {one.points[32]['p99']:.2f} ms; idle PSS of "
+        f"the tree {three.pss_total_mb:.0f} MB against {one.pss_total_mb:.0f} MB"
+    )
+    errors = sum(r["errors"] for s in servers for r in s.points.values())
+    return [
+        ("default of three / alone, req/s at c=32", ratio, ">=", 0.9),
+        ("errors (models)", errors, "<=", 0.0),
+    ]
 
 
 if __name__ == "__main__":
