@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -238,3 +239,140 @@ def test_the_served_set_refuses_two_models_under_one_name(onnx_path, tmp_path):
     settings = Settings(model_uri=str(onnx_path), models="models:/model@champion")
     with pytest.raises(ValueError, match="the name 'model' is served already"):
         Catalog(settings, Metrics())
+
+
+@pytest.fixture(scope="module")
+def other_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second digits model, trained less: it disagrees with ``onnx_path`` on some digits."""
+    from tests.service.conftest import _export
+
+    folder = tmp_path_factory.mktemp("other-digits")
+    return _export(folder, "optim.max_steps=6", "model.blocks=[{out_channels: 3}]")
+
+
+def _digit_png(index: int) -> bytes:
+    from sklearn.datasets import load_digits
+
+    buf = io.BytesIO()
+    pixels = (load_digits().images[index] * 255 / 16).astype("uint8")
+    Image.fromarray(pixels, "L").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _top(answer: dict) -> str:  # type: ignore[type-arg]
+    return str(answer["predictions"][0]["top_k"][0]["label"])
+
+
+def test_a_challenger_is_shadowed_and_canaried_on_live_traffic_then_promoted_on_its_evidence(
+    registry, onnx_path, other_digits, tmp_path
+):
+    from convserve.service import rollout
+    from convserve.service.registry import registry_for
+
+    client = MlflowClient(registry)
+    name = "rollout-digits"
+    champion = _register(client, name, onnx_path)
+    challenger = _register(client, name, other_digits, champion=False)
+    client.set_registered_model_alias(name, "challenger", challenger)
+    run_id = client.get_model_version(name, challenger).run_id
+    images = [_digit_png(i) for i in (3, 7, 12, 21)]
+    settings = {
+        "CONVSERVE_MODEL_URI": f"models:/{name}@champion",
+        "CONVSERVE_MODELS": "",
+        "CONVSERVE_WORKERS": "2",
+        "CONVSERVE_ROLLOUT_LOG_SECONDS": "0.5",
+    }
+    with serve(registry, tmp_path, **settings) as http:
+
+        def post(i: int) -> dict:  # type: ignore[type-arg]
+            files = {"file": ("d.png", images[i % len(images)])}
+            r = http.post("/predict", files=files)
+            assert r.status_code == 200, r.text
+            return r.json()  # type: ignore[no-any-return]
+
+        rollout_url = f"/v1/models/{name}/rollout"
+        assert http.put(rollout_url, json={"shadow": 1.0}).status_code == 401
+        r = http.put(rollout_url, json={"shadow": 0.7, "canary": 0.7}, headers=AUTH)
+        assert r.status_code == 422
+        r = http.put(rollout_url, json={"shadow": 1.0}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["version"] == challenger, r.text
+
+        def both_ready() -> bool:
+            states = [_served(http)[name]["rollout"].get("state") for _ in range(10)]
+            return states == ["READY"] * 10
+
+        wait_until(both_ready, 60, "the challenger loaded in both workers")
+        # shadow: every answer is the champion's; the challenger runs after it
+        champion_tops = [_top(post(i)) for i in range(40)]
+        answers = {i: post(i) for i in range(len(images))}
+        assert {a["model"]["version"] for a in answers.values()} == {champion}
+        # off in both workers before the canary, so that no request is shadowed meanwhile
+        assert http.put(rollout_url, json={}, headers=AUTH).status_code == 200
+
+        def both_off() -> bool:
+            shares = [_served(http)[name].get("rollout") for _ in range(10)]
+            return all(s is None or s["shadow"] == 0 for s in shares)
+
+        wait_until(both_off, 30, "the shadow stopped in both workers")
+        # canary: every answer is the challenger's, and says so
+        assert http.put(rollout_url, json={"canary": 1.0}, headers=AUTH).status_code == 200
+        wait_until(
+            lambda: all(post(0)["model"]["alias"] == "challenger" for _ in range(10)),
+            30,
+            "the canary answers in both workers",
+        )
+        canaries = {i: post(i) for i in range(len(images))}
+        assert {a["model"]["version"] for a in canaries.values()} == {challenger}
+        agreeing = [champion_tops[i] == _top(canaries[i % len(images)]) for i in range(40)] + [
+            _top(answers[i]) == _top(canaries[i]) for i in range(len(images))
+        ]
+        expected = sum(agreeing) / len(agreeing)
+        assert 0 < expected < 1, "the two models should disagree on some digits"
+        live = _served(http)[name]["rollout"]
+        assert live["canary"] == 1.0 and "live" in live
+        r = http.put(rollout_url, json={"shadow": 0.0, "canary": 0.0}, headers=AUTH)
+        assert r.status_code == 200
+
+        # every process logged its windows to the challenger's run: 44 shadowed images
+        mlflow_registry = registry_for(registry)
+
+        def logged() -> rollout.Evidence | None:
+            seen = rollout.evidence(mlflow_registry, run_id)
+            return seen if seen.requests == 44 and seen.canary >= len(images) else None
+
+        seen = wait_until(logged, 30, "the live windows logged to MLflow")
+        assert seen.agreement == pytest.approx(expected)
+        assert seen.challenger_ms > 0 and seen.champion_ms > 0
+        assert 0 < seen.challenger_confidence <= 1
+
+        # promotion on that evidence: refused while it is short, then done and served
+        promote = f"/admin/models/{name}/promote"
+        assert http.post(promote).status_code == 401
+        r = http.post(promote, params={"min_requests": 1000}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["promoted"] is False
+        assert "44 shadowed images, fewer than the 1000 asked" in r.json()["reason"]
+        version = client.get_model_version(name, challenger)
+        assert version.description.startswith("Challenger, not promoted on live traffic")
+        r = http.post(promote, params={"min_requests": 40, "min_agreement": 0}, headers=AUTH)
+        decided = r.json()
+        assert decided["promoted"] is True and decided["previous_champion"] == champion
+        assert decided["evidence"]["requests"] == 44
+        assert client.get_model_version_by_alias(name, "champion").version == challenger
+        version = client.get_model_version(name, challenger)
+        assert version.description.startswith("Champion on live traffic: agreement")
+        assert version.tags["convserve.previous_champion"] == champion
+        wait_until(
+            lambda: all(post(0)["model"]["version"] == challenger for _ in range(10)),
+            30,
+            "the promoted version served by both workers",
+        )
+    # the CLI says so when there is nothing to judge
+    cli = Path(sys.executable).parent / "convserve"
+    out = subprocess.run(
+        [str(cli), "promote", name],
+        env={**os.environ, "MLFLOW_TRACKING_URI": registry},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "has no challenger version" in out.stderr

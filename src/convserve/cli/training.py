@@ -329,6 +329,48 @@ def export(
 
 
 @app.command()
+def promote(
+    model_name: Annotated[
+        str,
+        typer.Argument(metavar="MODEL", help="The registered model whose challenger is judged."),
+    ],
+    min_requests: Annotated[
+        int, typer.Option(min=1, help="Shadowed images the challenger answered, at least.")
+    ] = 100,
+    min_agreement: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share agreeing with the champion, at least.")
+    ] = 0.9,
+    max_latency_ratio: Annotated[
+        float, typer.Option(min=0.0, help="Its inference time over the champion's, at most.")
+    ] = 1.5,
+) -> None:
+    """Promote a model's challenger on its live evidence: what the serving processes logged
+    to its run while it was shadowed on live traffic (the live.* metrics; CONVSERVE_SHADOW_SHARE
+    or PUT /v1/models/NAME/rollout). Moves the champion alias to it when the evidence holds and
+    records the decision on the version either way; exits 1 when it is not promoted."""
+    import mlflow
+
+    from convserve.service import rollout
+    from convserve.service.registry import registry_for
+
+    registry = registry_for(mlflow.get_tracking_uri())
+    criteria = rollout.Criteria(min_requests, min_agreement, max_latency_ratio)
+    try:
+        decision = rollout.promote(registry, model_name, criteria)
+    except LookupError as err:
+        raise fail(str(err)) from None
+    if not decision.promoted:
+        err_console.print(
+            f"not promoted: {model_name} version {decision.version}: {decision.reason}"
+        )
+        raise typer.Exit(1)
+    was = f" (was version {decision.previous_champion})" if decision.previous_champion else ""
+    console.print(
+        f"promoted: {model_name} version {decision.version} is the champion{was}: {decision.reason}"
+    )
+
+
+@app.command()
 def experiments(
     only: Annotated[
         list[str] | None,

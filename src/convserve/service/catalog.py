@@ -30,17 +30,20 @@ import json
 import logging
 import math
 import os
+import random
 import threading
 import time
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from convserve import contract
 from convserve.redact import redact
 from convserve.service.engine import Engine
 from convserve.service.manager import ModelManager, ReloadOutcome, new_executor
 from convserve.service.metrics import Metrics
 from convserve.service.model import Source, parse_uri
+from convserve.service.rollout import CHALLENGER, Live, Shares
 from convserve.service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,12 @@ def _metrics(tags: dict[str, str]) -> dict[str, float]:
             with contextlib.suppress(ValueError):
                 out[key.removeprefix("metric.")] = float(value)
     return out
+
+
+def _comparable(champion: Engine, challenger: Engine) -> bool:
+    """Whether a challenger takes the champion's input and names the same classes."""
+    a, b = champion.model, challenger.model
+    return (a.channels, a.height, a.width, a.labels) == (b.channels, b.height, b.width, b.labels)
 
 
 def parse_models(models: str) -> tuple[list[str], list[Source]]:
@@ -104,6 +113,13 @@ class Catalog:
         self._loads: dict[str, asyncio.Task[ReloadOutcome]] = {}
         self._peers = Path(settings.peers_dir) if settings.peers_dir else None
         self._peer_seen: set[str] = set()
+        # challengers (rollout.py): per model, the shares an admin set, the challenger's
+        # manager, and what it showed, per challenger version
+        self.shares: dict[str, Shares] = {}
+        self.challengers: dict[str, ModelManager] = {}
+        self.live: dict[tuple[str, str], Live] = {}
+        self._shadows: set[asyncio.Task[None]] = set()
+        self._next_log = time.monotonic() + settings.rollout_log_seconds
 
     def _add(self, source: Source, origin: str) -> ModelManager:
         manager = ModelManager(self.settings, self.metrics, source, self.executor, self._load_lock)
@@ -121,7 +137,8 @@ class Catalog:
         return self.settings.model_memory_mb * MiB
 
     def memory_in_use(self) -> int:
-        return sum(m.memory_bytes for m in self.models.values() if m.engine is not None)
+        managers = [*self.models.values(), *self.challengers.values()]
+        return sum(m.memory_bytes for m in managers if m.engine is not None)
 
     # -- answering ------------------------------------------------------------------------
 
@@ -139,6 +156,59 @@ class Catalog:
             self.load_soon(manager)
         retry_after = self._retry_after(manager)
         raise NotServed(503, self._why_not(manager, retry_after), retry_after)
+
+    def route(self, name: str | None = None) -> tuple[Engine, Engine | None]:
+        """The engine that answers a request for ``name``, and the challenger's to shadow it
+        with (None: no shadow): the champion's, or with the canary's share the challenger's."""
+        engine = self.engine(name)
+        key = engine.model.source.name
+        challenger = self.challengers.get(key)
+        if challenger is None or challenger.engine is None:
+            return engine, None
+        other = challenger.engine
+        if not _comparable(engine, other):
+            return engine, None
+        shares = self.shares_for(key)
+        draw = random.random()
+        if draw < shares.canary:
+            self._live(other).count(canary=1)
+            return other, None
+        return engine, other if draw < shares.canary + shares.shadow else None
+
+    def shadow(
+        self, challenger: Engine, batch: Any, champion: Any, champion_seconds: float
+    ) -> None:
+        """Run ``batch`` on the challenger after the champion answered, off the response
+        path, and count how the two compare."""
+        task = asyncio.create_task(self._shadow(challenger, batch, champion, champion_seconds))
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
+
+    async def _shadow(
+        self, challenger: Engine, batch: Any, champion: Any, champion_seconds: float
+    ) -> None:
+        live = self._live(challenger)
+        start = time.perf_counter()
+        try:
+            out = await challenger.infer(batch, [contract.PROBABILITIES], None)
+        except Exception as err:  # the champion answered; the challenger's failure is counted
+            live.count(failures=1)
+            log.warning("shadow request to %s failed: %s", challenger.model.source.uri, err)
+            return
+        seconds = time.perf_counter() - start
+        live.record(champion, out[contract.PROBABILITIES], champion_seconds, seconds)
+
+    def _live(self, challenger: Engine) -> Live:
+        source = challenger.model.source
+        key = (source.name, str(source.version))
+        if key not in self.live:
+            self.live[key] = Live(run_id=source.run_id or "")
+        return self.live[key]
+
+    def shares_for(self, name: str) -> Shares:
+        return self.shares.get(name) or Shares(
+            self.settings.shadow_share, self.settings.canary_share
+        )
 
     def _unknown(self, name: str) -> str:
         served = ", ".join(map(repr, sorted(self.models)))
@@ -208,6 +278,7 @@ class Catalog:
                     else None,
                     "idle_seconds": round(time.monotonic() - manager.last_used, 1),
                     "not_served": manager.problems(),
+                    "rollout": self.rollout(manager.name),
                 }
             )
         for name in sorted(self.unloaded - set(self.models)):
@@ -321,9 +392,118 @@ class Catalog:
                 busy = manager.name in self._loads
                 if manager.resident and not busy and (manager.follows_alias or not manager.model):
                     await manager.check()
+            await self._follow_challengers()
+            if time.monotonic() >= self._next_log:
+                self._next_log = time.monotonic() + self.settings.rollout_log_seconds
+                await self._log_live()
             # a new version may take more: the most recently used model stays in any case
             loaded = [m for m in self.models.values() if m.engine is not None]
             await self._make_room(max(loaded, key=lambda m: m.last_used, default=None), 0)
+
+    # -- challengers -------------------------------------------------------------------
+
+    async def _follow_challengers(self) -> None:
+        """Load the challenger of every registered model with a share, follow its alias,
+        and drop those no longer wanted or gone from the registry."""
+        wanted = {
+            name
+            for name, m in self.models.items()
+            if m.source.alias is not None and self.shares_for(name).active
+        }
+        found: dict[str, str] = {}
+        if wanted:
+            loop = asyncio.get_running_loop()
+            try:
+                found = await loop.run_in_executor(
+                    self.executor, self.default.client().aliased, CHALLENGER
+                )
+            except Exception as err:  # registry down: keep what is loaded
+                log.warning("cannot list the registry's challengers: %s", redact(str(err)))
+                return
+        for name in list(self.challengers):
+            if name not in wanted or name not in found:
+                gone = self.challengers.pop(name)
+                await gone.unload()
+                await gone.close()
+        for name in sorted(wanted & found.keys()):
+            manager = self.challengers.get(name)  # type: ignore[assignment]
+            if manager is None:
+                source = Source(f"models:/{name}@{CHALLENGER}", name, alias=CHALLENGER)
+                manager = ModelManager(
+                    self.settings, self.metrics, source, self.executor, self._load_lock
+                )
+                manager.origin = CHALLENGER
+                self.challengers[name] = manager
+            await manager.check()
+
+    async def _log_live(self) -> None:
+        """What each challenger showed since the last log, as one window on its run."""
+        if not self.live:
+            return
+        client = self.default.client()
+        loop = asyncio.get_running_loop()
+        for key, live in list(self.live.items()):
+            window = live.take()
+            if window.requests or window.canary or window.failures:
+                step = time.time_ns() // 1000  # unique per window across processes
+                try:
+                    await loop.run_in_executor(
+                        self.executor, client.log_metrics, live.run_id, window.metrics(), step
+                    )
+                except Exception as err:  # kept for the next log
+                    live.pending.merge(window)
+                    log.warning("cannot log %s's live metrics: %s", key[0], redact(str(err)))
+            model = self.challengers[key[0]].model if key[0] in self.challengers else None
+            current = model is not None and str(model.source.version) == key[1]
+            if not current and not live.pending.requests:  # an earlier challenger's, logged
+                del self.live[key]
+
+    async def log_live_now(self) -> None:
+        """Log what the challengers showed in this process now (the shadows under way
+        first)."""
+        if self._shadows:
+            await asyncio.wait(list(self._shadows), timeout=5)
+        await self._log_live()
+
+    async def set_rollout(self, name: str, shares: Shares) -> None:
+        """Shadow and canary shares for ``name``'s challenger, in every worker process."""
+        await self._set_rollout(name, shares)
+        self._tell_peers(
+            {"action": "rollout", "model": name, "shadow": shares.shadow, "canary": shares.canary}
+        )
+
+    async def _set_rollout(self, name: str, shares: Shares) -> None:
+        manager = self._manager(name)
+        if manager.source.alias is None:
+            raise NotServed(
+                400, f"{name!r} is not a registered model followed at an alias: no challenger"
+            )
+        self.shares[name] = shares
+        await self._follow_challengers()
+
+    def rollout(self, name: str) -> dict[str, Any] | None:
+        """A model's shares, its challenger and what it showed in this process."""
+        shares = self.shares_for(name)
+        challenger = self.challengers.get(name)
+        if challenger is None and not shares.active:
+            return None
+        out: dict[str, Any] = {"shadow": shares.shadow, "canary": shares.canary}
+        if challenger is None:
+            out["state"] = "no challenger version in the registry"
+            return out
+        state, reason = self.state(challenger)
+        model = challenger.model
+        out |= {"version": model.source.version if model else None, "state": state}
+        if reason:
+            out["reason"] = reason
+        champion, other = self.models[name].engine, challenger.engine
+        if champion is not None and other is not None and not _comparable(champion, other):
+            reason = "its input or classes differ from the champion's: not used"
+            out |= {"state": "UNAVAILABLE", "reason": reason}
+        if model is not None:
+            live = self.live.get((name, str(model.source.version)))
+            out["live"] = live.snapshot() if live is not None else {}
+        return out
 
     async def _drop(self, name: str) -> None:
         manager = self.models.pop(name)
@@ -447,10 +627,18 @@ class Catalog:
             await self._load_named(model, request.get("version"))
         elif action == "unload" and model in self.models:
             await self._unload(model)
+        elif action == "rollout" and model in self.models:
+            shares = Shares(float(request["shadow"]), float(request["canary"]))
+            await self._set_rollout(model, shares)
 
     async def close(self) -> None:
         for task in list(self._loads.values()):
             task.cancel()
-        for manager in list(self.models.values()):
+        if self._shadows:  # what they count is logged below
+            await asyncio.wait(list(self._shadows), timeout=5)
+        if self.live:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._log_live(), timeout=10)
+        for manager in [*self.models.values(), *self.challengers.values()]:
             await manager.close()
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -41,6 +41,10 @@ def find_engine(catalog: Catalog, name: str, version: str | None) -> Engine:
     except NotServed as err:
         raise V2Error(err.status, err.message, err.retry_after) from None
     source = engine.model.source
+    challenger = catalog.challengers.get(name)
+    other = challenger.engine if challenger is not None else None
+    if version and other is not None and version == other.model.source.version:
+        return other  # a challenger's version, asked for by number
     if version and version != source.version:
         raise V2Error(
             404,

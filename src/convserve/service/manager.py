@@ -233,7 +233,7 @@ class ModelManager:
         self.metrics.serving(
             src.name, str(src.version), src.alias or "", src.run_id or "", ",".join(model.providers)
         )
-        self.metrics.model_memory.labels(src.name).set(self.memory_bytes)
+        self.metrics.model_memory.labels(src.name, src.alias or "").set(self.memory_bytes)
         was = f" (was version {old.model.source.version})" if old is not None else ""
         log.info(
             "serving %s version %s%s on %s", src.name, src.version, was, ",".join(model.providers)
@@ -251,7 +251,7 @@ class ModelManager:
             old, self.engine = self.engine, None
             if old is None:
                 return
-            self.metrics.not_serving(self.name)
+            self.metrics.not_serving(self.name, self.source.alias or "")
             log.info("unloaded %s version %s", self.name, old.model.source.version)
             await old.close()
 

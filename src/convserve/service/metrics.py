@@ -73,11 +73,11 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
-        self._serving: dict[str, tuple[str, ...]] = {}  # model name -> its labels
+        self._serving: dict[tuple[str, str], tuple[str, ...]] = {}  # (name, alias) -> labels
         self.model_memory = Gauge(
             "convserve_model_memory_bytes",
             "Resident memory a loaded model added to its process when it was loaded",
-            ["name"],
+            ["name", "alias"],
             registry=r,
             multiprocess_mode="max",
         )
@@ -107,16 +107,16 @@ class Metrics:
         )
 
     def serving(self, name: str, version: str, alias: str, run_id: str, providers: str) -> None:
-        self.not_serving(name)
-        self._serving[name] = (name, version, alias, run_id, providers)
-        self.model_info.labels(*self._serving[name]).set(1)
+        self.not_serving(name, alias)
+        self._serving[name, alias] = (name, version, alias, run_id, providers)
+        self.model_info.labels(*self._serving[name, alias]).set(1)
 
-    def not_serving(self, name: str) -> None:
+    def not_serving(self, name: str, alias: str) -> None:
         """0, not removed: another process's file keeps the series."""
-        labels = self._serving.pop(name, None)
+        labels = self._serving.pop((name, alias), None)
         if labels is not None:
             self.model_info.labels(*labels).set(0)
-            self.model_memory.labels(name).set(0)
+            self.model_memory.labels(name, alias).set(0)
 
     def exposition(self) -> bytes:
         """The text format: this process's values, or every worker's summed."""

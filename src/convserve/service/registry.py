@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,6 +48,19 @@ class Registry(Protocol):
 
     def aliased(self, alias: str) -> dict[str, str]:
         """Every registered model that has ``alias``: name -> the version it points to."""
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None: ...
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[float, int]]:
+        """Every value logged of ``key`` on the run, with its step."""
+
+    def set_alias(self, name: str, alias: str, version: str) -> None: ...
+
+    def delete_alias(self, name: str, alias: str) -> None: ...
+
+    def tag_version(self, name: str, version: str, tags: dict[str, str]) -> None: ...
+
+    def describe_version(self, name: str, version: str, description: str) -> None: ...
 
 
 def registry_for(tracking_uri: str | None = None) -> Registry:
@@ -110,6 +124,47 @@ class RestRegistry:
             token = page.get("next_page_token", "")
             if not token:
                 return found
+
+    def _post(self, path: str, body: dict[str, Any], method: str = "POST") -> Any:
+        r = self.http.request(method, f"/api/2.0/mlflow/{path}", json=body)
+        if r.status_code != 200:
+            raise RegistryError(_error(r))
+        return r.json()
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        entries = [
+            {"key": k, "value": v, "timestamp": now, "step": step} for k, v in metrics.items()
+        ]
+        self._post("runs/log-batch", {"run_id": run_id, "metrics": entries})
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[float, int]]:
+        found: list[tuple[float, int]] = []
+        token = ""
+        while True:
+            params = {"run_id": run_id, "metric_key": key, "max_results": "25000"}
+            page = self._get(
+                "metrics/get-history", **params, **({"page_token": token} if token else {})
+            )
+            found += [(float(m["value"]), int(m.get("step", 0))) for m in page.get("metrics", [])]
+            token = page.get("next_page_token", "")
+            if not token:
+                return found
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self._post("registered-models/alias", {"name": name, "alias": alias, "version": version})
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self._post("registered-models/alias", {"name": name, "alias": alias}, "DELETE")
+
+    def tag_version(self, name: str, version: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            body = {"name": name, "version": version, "key": key, "value": value}
+            self._post("model-versions/set-tag", body)
+
+    def describe_version(self, name: str, version: str, description: str) -> None:
+        body = {"name": name, "version": version, "description": description}
+        self._post("model-versions/update", body, "PATCH")
 
     def download_onnx(self, name: str, version: str, folder: Path) -> None:
         uri = self._get("model-versions/get-download-uri", name=name, version=version)
@@ -195,6 +250,29 @@ class ClientRegistry:
     def get_model_version(self, name: str, version: str) -> Version:
         mv = self.client.get_model_version(name, version)
         return Version(str(mv.version), mv.run_id or "", dict(mv.tags or {}))
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        entries = [Metric(k, v, now, step) for k, v in metrics.items()]
+        self.client.log_batch(run_id, metrics=entries)
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[float, int]]:
+        return [(m.value, m.step) for m in self.client.get_metric_history(run_id, key)]
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, alias, version)
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self.client.delete_registered_model_alias(name, alias)
+
+    def tag_version(self, name: str, version: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, version, key, value)
+
+    def describe_version(self, name: str, version: str, description: str) -> None:
+        self.client.update_model_version(name, version, description=description)
 
     def aliased(self, alias: str) -> dict[str, str]:
         found: dict[str, str] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from convserve.contract import ModelMetadata
 
@@ -279,6 +279,87 @@ class ServedModel(BaseModel):
     not_served: dict[str, str] = Field(
         default_factory=dict, description="Versions not served and why"
     )
+    rollout: Rollout | None = Field(
+        None, description="Its challenger on live traffic, when it has a share or a challenger"
+    )
+
+
+class Rollout(BaseModel):
+    shadow: float = Field(description="Share of requests also sent to the challenger")
+    canary: float = Field(description="Share of requests the challenger answers")
+    version: str | None = Field(None, description="The challenger's version")
+    state: str = Field(description="The challenger's state, as a model's")
+    reason: str | None = Field(None, description="Why it is not used, where it is not")
+    live: dict[str, float] = Field(
+        default_factory=dict,
+        description="What it showed in the worker process that answers, since it started: "
+        "shadowed images, canary answers, failures, agreement with the champion, each one's "
+        "mean confidence and inference time (ms), the challenger's p99 (ms)",
+    )
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "shadow": 0.5,
+                    "canary": 0.0,
+                    "version": "3",
+                    "state": "READY",
+                    "live": {
+                        "shadowed": 1200,
+                        "canary": 0,
+                        "failures": 0,
+                        "agreement": 0.962,
+                        "challenger_confidence": 0.91,
+                        "champion_confidence": 0.887,
+                        "challenger_ms": 0.41,
+                        "champion_ms": 0.39,
+                        "challenger_p99_ms": 1.2,
+                    },
+                }
+            ]
+        }
+    }
+
+
+class RolloutRequest(BaseModel):
+    shadow: float = Field(0.0, ge=0.0, le=1.0, description="Share of requests shadowed")
+    canary: float = Field(0.0, ge=0.0, le=1.0, description="Share answered by the challenger")
+
+    model_config = {"strict": True, "json_schema_extra": {"examples": [{"shadow": 0.5}]}}
+
+    @model_validator(mode="after")
+    def _at_most_one(self) -> RolloutRequest:
+        if self.shadow + self.canary > 1:
+            raise ValueError("shadow + canary must be at most 1")
+        return self
+
+
+class LivePromotion(BaseModel):
+    promoted: bool = Field(description="Whether champion moved to the challenger")
+    model: str
+    version: str = Field(description="The challenger's version")
+    previous_champion: str | None = None
+    reason: str = Field(description="The evidence and the decision, in words")
+    evidence: dict[str, float | int | None] = Field(
+        description="Summed over every window the serving processes logged"
+    )
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "promoted": True,
+                    "model": "flowers",
+                    "version": "3",
+                    "previous_champion": "2",
+                    "reason": "agreement 0.962 with the champion over 1200 shadowed images, "
+                    "confidence 0.910 against 0.887, inference 0.41 ms against 0.39 ms",
+                    "evidence": {"requests": 1200, "canary": 0, "agreement": 0.962},
+                }
+            ]
+        }
+    }
 
 
 class ServedModels(BaseModel):

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from convserve.redact import redact
@@ -32,6 +32,13 @@ class Settings(BaseSettings):
     # Past it the least recently used model is unloaded (never the default one) and loaded
     # again on its next request, answered 503 with Retry-After while it loads.
     model_memory_mb: int = Field(0, ge=0)
+    # of each model's requests, the share also sent to its challenger (the version at its
+    # "challenger" alias) off the response path, and the share it answers instead (canary);
+    # PUT /v1/models/{name}/rollout sets them per model
+    shadow_share: float = Field(0.0, ge=0.0, le=1.0)
+    canary_share: float = Field(0.0, ge=0.0, le=1.0)
+    # how often each process logs what the challengers showed to their MLflow runs (live.*)
+    rollout_log_seconds: float = Field(30.0, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # cuda without a GPU fails at start
     # onnxruntime threads per operator in each worker; 0: the cores divided among the workers
     intra_op_threads: int = Field(0, ge=0)
@@ -88,6 +95,12 @@ class Settings(BaseSettings):
     # set by `convserve serve` for its worker processes: where one passes the admin requests
     # (reload, load, unload) on to the others
     peers_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _shares(self) -> Settings:
+        if self.shadow_share + self.canary_share > 1:
+            raise ValueError("CONVSERVE_SHADOW_SHARE + CONVSERVE_CANARY_SHARE must be at most 1")
+        return self
 
     @field_validator("mlflow_ui_url")
     @classmethod

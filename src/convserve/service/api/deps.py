@@ -43,6 +43,16 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 DecoderDep = Annotated[Decoder, Depends(get_decoder)]
 
 
+def current_route(catalog: Catalog, name: str | None = None) -> tuple[Engine, Engine | None]:
+    """The engine that answers for ``name`` and the challenger's to shadow it with
+    (``Catalog.route``); the errors as ``current_engine``'s."""
+    try:
+        return catalog.route(name)
+    except NotServed as err:
+        headers = {"Retry-After": str(err.retry_after)} if err.retry_after else None
+        raise HTTPException(err.status, err.message, headers=headers) from None
+
+
 def current_engine(catalog: Catalog, name: str | None = None) -> Engine:
     """The engine serving ``name`` (the default model when None); 404 for a model not served,
     503 saying what to do (with ``Retry-After`` while it loads) when it is not loaded."""

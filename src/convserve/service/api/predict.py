@@ -25,7 +25,7 @@ from pydantic_core import to_json
 
 from convserve import contract
 from convserve.service import admission, explain, features, multipart
-from convserve.service.api.deps import current_engine, new_request_id
+from convserve.service.api.deps import current_route, new_request_id
 from convserve.service.api.errors import errors
 from convserve.service.decoding import Decoder, DecoderBusy
 from convserve.service.fitting import FitReport
@@ -51,7 +51,8 @@ class PredictQuery(BaseModel):
     model: str | None = Field(
         None,
         description="Which model answers (GET /v1/models lists them); default: the default "
-        "model (CONVSERVE_MODEL_URI)",
+        "model (CONVSERVE_MODEL_URI). Its champion answers, or with the model's canary share "
+        "its challenger (the answer's model.alias says which)",
     )
     top_k: int | None = Field(
         None, ge=1, description="How many top classes to list (default CONVSERVE_DEFAULT_TOP_K)"
@@ -165,7 +166,7 @@ async def predict(request: Request) -> Response:
     state = request.app.state
     settings: Settings = state.settings
     query = _query(request)
-    engine = current_engine(state.catalog, query.model)
+    engine, challenger = current_route(state.catalog, query.model)
     model = engine.model
     uploads = await _uploads(request, settings)
     blocks = _check_request(uploads, model, query, settings)
@@ -190,6 +191,9 @@ async def predict(request: Request) -> Response:
             batch, [contract.PROBABILITIES, *(contract.feature_output(b) for b in blocks)], pool
         )
         times.append(time.perf_counter())
+        if challenger is not None:  # after the champion's answer, off its path
+            seconds = times[2] - times[1]
+            state.catalog.shadow(challenger, batch, result[contract.PROBABILITIES], seconds)
         explanations = None
         if query.explain == "occlusion":
             probs = result[contract.PROBABILITIES]

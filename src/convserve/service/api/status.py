@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from convserve.redact import redact
+from convserve.service import rollout
 from convserve.service.api.deps import CatalogDep, MetricsDep, TokenDep, current_engine
 from convserve.service.api.errors import errors
 from convserve.service.catalog import NotServed
-from convserve.service.schemas import Health, ModelInfo, ReloadResult, ServedModels
+from convserve.service.rollout import Criteria, Shares
+from convserve.service.schemas import (
+    Health,
+    LivePromotion,
+    ModelInfo,
+    ReloadResult,
+    Rollout,
+    RolloutRequest,
+    ServedModels,
+)
 
 router = APIRouter()
 
@@ -115,6 +127,86 @@ async def models(catalog: CatalogDep) -> ServedModels:
         memory_in_use_bytes=catalog.memory_in_use(),
         registry_error=catalog.discovery_error,
         models=catalog.describe(),  # type: ignore[arg-type]
+    )
+
+
+@router.put(
+    "/v1/models/{name}/rollout",
+    response_model=Rollout,
+    response_model_exclude_none=True,
+    tags=["model"],
+    summary="Shadow or canary a model's challenger on live traffic",
+    responses=errors(
+        400, 401, 404, e400="Not a registered model", e404="A model this server does not serve"
+    ),
+)
+async def set_rollout(
+    name: Annotated[str, Path(description="A served model's name")],
+    body: RolloutRequest,
+    catalog: CatalogDep,
+    _: TokenDep,
+) -> Any:
+    """In every worker process: ``shadow``, the share of ``name``'s requests also sent to its
+    challenger (the version at its ``challenger`` alias) once the champion has answered;
+    ``canary``, the share its challenger answers instead. Both 0 stop it. What the challenger
+    shows is counted per process (``GET /v1/models``) and logged to its run as ``live.*``
+    metrics every CONVSERVE_ROLLOUT_LOG_SECONDS."""
+    try:
+        await catalog.set_rollout(name, Shares(body.shadow, body.canary))
+    except NotServed as err:
+        raise HTTPException(err.status, err.message) from None
+    return catalog.rollout(name) or {"shadow": 0.0, "canary": 0.0, "state": "off"}
+
+
+@router.post(
+    "/admin/models/{name}/promote",
+    response_model=LivePromotion,
+    tags=["admin"],
+    summary="Promote a model's challenger on its live evidence",
+    responses=errors(401, 404, 503, e404="No such model, or it has no challenger"),
+)
+async def promote_live(
+    name: Annotated[str, Path(description="A registered model's name")],
+    catalog: CatalogDep,
+    _: TokenDep,
+    min_requests: Annotated[int, Query(ge=1, description="Shadowed images at least")] = 100,
+    min_agreement: Annotated[
+        float, Query(ge=0, le=1, description="Agreement with the champion at least")
+    ] = 0.9,
+    max_latency_ratio: Annotated[
+        float, Query(gt=0, description="Challenger's inference time over the champion's at most")
+    ] = 1.5,
+) -> LivePromotion:
+    """As ``convserve promote``: reads every ``live.*`` window on the challenger's run (this
+    process's own are logged first), and moves ``champion`` to it when it was shadowed on at
+    least ``min_requests`` images, agreed with the champion on at least ``min_agreement`` of
+    them and took at most ``max_latency_ratio`` times the champion's inference time. The
+    decision and the evidence go to the version's tags and description either way; a
+    promotion is served at once by every worker process."""
+    served = catalog.models.get(name)
+    if served is None or served.source.alias is None:
+        raise HTTPException(
+            404, f"{name!r} is not a registered model this server follows at an alias"
+        )
+    await catalog.log_live_now()
+    criteria = Criteria(min_requests, min_agreement, max_latency_ratio)
+    loop = asyncio.get_running_loop()
+    registry = catalog.default.client()
+    try:
+        decision = await loop.run_in_executor(
+            catalog.executor, rollout.promote, registry, name, criteria
+        )
+    except LookupError as err:
+        raise HTTPException(404, str(err)) from None
+    if decision.promoted and name in catalog.models:
+        await catalog.reload(name, force=False)
+    return LivePromotion(
+        promoted=decision.promoted,
+        model=name,
+        version=decision.version,
+        previous_champion=decision.previous_champion,
+        reason=decision.reason,
+        evidence=asdict(decision.evidence),
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Annotated, Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from convserve.service.api.v2_schemas import (
     TensorIn,
     V2ModelMetadata,
 )
+from convserve.service.catalog import NotServed
 from convserve.service.engine import Engine
 from convserve.service.inference import (
     V2Error,
@@ -189,8 +191,13 @@ _INFER_DOC = {
 async def infer(name: Name, request: Request, catalog: CatalogDep) -> Response:
     """One FP32 input ``image`` ``[N, C, H, W]`` with values in [0, 1]; every output unless
     ``outputs`` names some. JSON tensors, or binary ones with the binary tensor data extension
-    (what Triton's clients send by default)."""
-    return await _infer(find_engine(catalog, name, None), request)
+    (what Triton's clients send by default). The champion answers, or with the model's canary
+    share its challenger (``model_version`` says which)."""
+    try:
+        engine, challenger = catalog.route(name)
+    except NotServed as err:
+        raise V2Error(err.status, err.message, err.retry_after) from None
+    return await _infer(engine, request, challenger)
 
 
 @router.post(
@@ -241,7 +248,7 @@ def _input_array(engine: Engine, tensor: TensorIn, binary: bytes) -> np.ndarray:
 INLINE_BODY_BYTES = 64 * 1024  # a request body parsed on the event loop; larger: off it
 
 
-async def _infer(engine: Engine, request: Request) -> Response:
+async def _infer(engine: Engine, request: Request, challenger: Engine | None = None) -> Response:
     state = request.app.state
     heavy_pool = state.decoder.heavy
     body = await request.body()
@@ -269,7 +276,12 @@ async def _infer(engine: Engine, request: Request) -> Response:
             )
         else:
             images = _input_array(engine, req.inputs[0], binary)
+        start = time.perf_counter()
         result = await engine.infer(images, wanted, heavy_pool if heavy else None)
+        probabilities = result.get(contract.PROBABILITIES)
+        if challenger is not None and probabilities is not None:  # off the answer's path
+            seconds = time.perf_counter() - start
+            state.catalog.shadow(challenger, images, probabilities, seconds)
         if heavy:
             return await asyncio.get_running_loop().run_in_executor(
                 heavy_pool, _answer, engine, req, wanted, as_binary, result
