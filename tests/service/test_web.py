@@ -11,6 +11,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import httpx
 import mlflow
 import onnx
 import pytest
@@ -394,11 +395,37 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         assert_accessible(page, "own model picked, 1280x800")
         page.select_option("#model-pick", name)  # back to the default model
         expect(page.locator("#model-line")).to_contain_text(f"Model {name} version 3")
+        # a challenger shadowed on live traffic: its agreement with the champion is shown
+        MlflowClient(mlflow_url).set_registered_model_alias(name, "challenger", "2")
+        r = httpx.put(
+            f"{url}/v1/models/{name}/rollout",
+            json={"shadow": 1.0},
+            headers={"Authorization": "Bearer web-token"},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        row = page.locator("#models tbody tr", has_text="(default)")
+        expect(row).to_contain_text("v2, shadow 100%", timeout=limit_ms(30))
+        page.set_input_files("#file", str(digit))
+        expect(row).to_contain_text(
+            re.compile(r"agreement \d+\.\d% over \d+ images"), timeout=limit_ms(30)
+        )
+        page.locator("#models-section").screenshot(path=str(SHOTS / "4c-shadow.png"))
+        assert_accessible(page, "a challenger shadowed, 1280x800")
+        r = httpx.put(
+            f"{url}/v1/models/{name}/rollout",
+            json={},
+            headers={"Authorization": "Bearer web-token"},
+            timeout=30,
+        )
+        assert r.status_code == 200
 
         # 5. phone width: still readable, nothing wider than the screen; a tile tapped opens
         # enlarged right under its row, not below every block
         page.set_viewport_size(PHONE)
+        earlier = page.locator("#maps .tile").first.element_handle()  # the last prediction's
         page.set_input_files("#file", str(digit))
+        page.wait_for_function("tile => !tile.isConnected", arg=earlier)  # replaced
         # the champion now: the Xavier + tanh job's model, one block of 8 channels
         expect(page.locator("#maps .tile")).to_have_count(8)
         tapped = page.locator("#maps .tile").nth(5)  # in the second row at this width

@@ -83,7 +83,7 @@ function renderModels() {
                    m.dataset ? datasetName(m.dataset) : "", acc === undefined ? "" : acc.toFixed(3),
                    STATES[m.state] + (m.reason ? `: ${m.reason}` : ""),
                    m.memory_bytes ? `${(m.memory_bytes / 1048576).toFixed(1)} MiB` : "",
-                   m.promotion || ""];
+                   m.promotion || "", challengerText(m.rollout)];
     for (const text of cells) {
       const td = document.createElement("td");
       td.textContent = text;
@@ -93,9 +93,30 @@ function renderModels() {
   }
   const budget = served.memory_budget_bytes;
   const used = `${(served.memory_in_use_bytes / 1048576).toFixed(1)} MiB in use per worker process`;
-  $("models-note").textContent = budget
+  const live = served.models.some((m) => m.rollout)
+    ? " A challenger's live figures are the answering worker process's; each process logs its own to the challenger's MLflow run (live.*), which convserve promote reads."
+    : "";
+  $("models-note").textContent = (budget
     ? `${used} of ${(budget / 1048576).toFixed(0)} MiB (CONVSERVE_MODEL_MEMORY_MB): past it the least recently used model is unloaded.`
-    : `${used}.`;
+    : `${used}.`) + live;
+}
+
+// A challenger's shares and what it showed in the worker process that answered.
+function challengerText(r) {
+  if (!r) return "";
+  const pct = (x) => `${(100 * x).toFixed(x < 0.1 ? 1 : 0)}%`;
+  const shares = [r.shadow ? `shadow ${pct(r.shadow)}` : null, r.canary ? `canary ${pct(r.canary)}` : null]
+    .filter(Boolean).join(", ") || "off";
+  if (!r.version) return `${shares}: ${r.state}`;
+  const live = r.live || {};
+  const seen = live.shadowed
+    ? `agreement ${(100 * live.agreement).toFixed(1)}% over ${live.shadowed} images, confidence ` +
+      `${live.challenger_confidence.toFixed(2)} against ${live.champion_confidence.toFixed(2)}, ` +
+      `${live.challenger_ms.toFixed(2)} ms against ${live.champion_ms.toFixed(2)} ms`
+    : "nothing shadowed yet";
+  const canary = live.canary ? `; ${live.canary} answers as canary` : "";
+  const state = r.state === "READY" ? "" : ` (${STATES[r.state] || r.state}${r.reason ? `: ${r.reason}` : ""})`;
+  return `v${r.version}, ${shares}${state}: ${seen}${canary}`;
 }
 
 function modelQuery() {
