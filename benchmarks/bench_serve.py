@@ -1,5 +1,5 @@
 """Load benchmark of ``convserve serve`` against baselines it starts itself, with wrk, in
-four parts (``--part``; all four by default), each measured in one run.
+five parts (``--part``; all five by default), each measured in one run.
 
 small: the same exported 28x28 CNN, the same multipart PNG upload and the same wrk script, for
 four servers:
@@ -46,6 +46,11 @@ models: the small model served alone (``CONVSERVE_MODELS=""``) against the same 
 default one of three loaded models (two more 28x28 models in ``CONVSERVE_MODELS``), both
 with default settings, taking turns: requests/s and p99 on the default model at concurrency 1
 and 32. Target: at concurrency 32 at least 0.9x the single model's requests/s.
+
+shadow: the small model registered twice on a real MLflow server, as ``champion`` and
+``challenger``, served with default settings and no shadow against ``CONVSERVE_SHADOW_SHARE=1``
+(every request also run on the challenger after the answer), taking turns: the champion's
+p99 at concurrency 1, 8 and 32. Target: at most 1.1x the unshadowed p99.
 
 Needs wrk (Debian: apt-get install wrk). Pass ``--env KEY=VALUE`` to try other settings of
 ``convserve serve`` (e.g. ``CONVSERVE_WORKERS=1``), ``--query fit=none`` to skip the digit fit.
@@ -328,7 +333,7 @@ def check_answer(answer: bytes, expected: np.ndarray, labels: list[str]) -> floa
     return float(np.abs(got - expected).max())
 
 
-PARTS = ("small", "large", "grpc", "models")
+PARTS = ("small", "large", "grpc", "models", "shadow")
 
 
 def main() -> None:
@@ -355,7 +360,7 @@ def main() -> None:
         help="small model: servers to run",
     )
     parser.add_argument(
-        "--part", choices=PARTS, action="append", help="parts to run (default: all four)"
+        "--part", choices=PARTS, action="append", help="parts to run (default: all five)"
     )
     parser.add_argument(
         "--query",
@@ -378,6 +383,8 @@ def main() -> None:
             lines += grpc_against_http(args, folder)
         if "models" in parts:
             lines += many_models(args, folder)
+        if "shadow" in parts:
+            lines += shadow_cost(args, folder)
         _targets(lines)
 
 
@@ -813,6 +820,112 @@ def many_models(args: argparse.Namespace, folder: Path) -> list[Target]:
         ("default of three / alone, req/s at c=32", ratio, ">=", 0.9),
         ("errors (models)", errors, "<=", 0.0),
     ]
+
+
+@contextlib.contextmanager
+def _registry(folder: Path, port: int):  # type: ignore[no-untyped-def]
+    """A real MLflow server (SQLite, proxied artifacts) for the shadow point."""
+    from convserve.pipelines.stack import MLFLOW_SERVER_ENV, mlflow_server_argv, wait_ready
+
+    argv = mlflow_server_argv(
+        f"sqlite:///{folder / 'mlflow.db'}", folder / "artifacts", "127.0.0.1", port
+    )
+    log = (folder / "mlflow.log").open("wb")
+    proc = subprocess.Popen(
+        argv, env={**os.environ, **MLFLOW_SERVER_ENV}, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(f"{url}/health", proc, 120)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _register_twice(url: str, model: Path, name: str) -> None:
+    """``model`` as versions 1 (champion) and 2 (challenger) of ``name``."""
+    import mlflow
+    import onnx
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(url)
+    proto = onnx.load(str(model))
+    for _ in range(2):
+        with mlflow.start_run():
+            mlflow.onnx.log_model(
+                proto, name="model", registered_model_name=name, save_as_external_data=False
+            )
+    client = MlflowClient(url)
+    client.set_registered_model_alias(name, "champion", "1")
+    client.set_registered_model_alias(name, "challenger", "2")
+
+
+def shadow_cost(args: argparse.Namespace, folder: Path) -> list[Target]:
+    """The champion's latency with every request shadowed to a challenger, against none."""
+    model = export_default(folder)
+    body = multipart(upload_png())
+    lua = _post_lua(folder, "post-shadow", body, f"multipart/form-data; boundary={BOUNDARY}")
+    cli = [str(Path(sys.executable).parent / "convserve"), "serve"]
+    with _registry(folder, args.port + 20) as url:
+        _register_twice(url, model, "bench")
+        base = {
+            "CONVSERVE_MODEL_URI": "models:/bench@champion",
+            "MLFLOW_TRACKING_URI": url,
+            "CONVSERVE_MODELS": "",
+            "CONVSERVE_CACHE_DIR": str(folder / "cache"),
+            **args.env,
+        }
+        servers = [
+            Server(
+                "no shadow", cli, {**base, "CONVSERVE_PORT": str(args.port + 21)}, args.port + 21
+            ),
+            Server(
+                "shadow 100%",
+                cli,
+                {**base, "CONVSERVE_SHADOW_SHARE": "1", "CONVSERVE_PORT": str(args.port + 22)},
+                args.port + 22,
+            ),
+        ]
+        try:
+            _started(servers, body, folder)
+            deadline = time.monotonic() + 30
+            while _rollout_state(args.port + 22) != "READY":
+                if time.monotonic() > deadline:
+                    sys.exit("the challenger did not load")
+                time.sleep(0.2)
+            for c in (1, 8, 32):
+                best = _interleaved(
+                    servers, args.repeats, lambda s, c=c: s.load(lua, c, args.seconds, args.query)
+                )
+                for server in servers:
+                    server.points[c] = best[server.name]
+            live = _rollout(args.port + 22).get("live", {})
+        finally:
+            _stopped(servers)
+    _load_table(servers)
+    plain, shadowed = servers
+    print(f"\nthe challenger, in the answering process: {live}")
+    targets: list[Target] = []
+    for c in (1, 8, 32):
+        ratio = shadowed.points[c]["p99"] / plain.points[c]["p99"]
+        print(
+            f"p99 with every request shadowed, c={c}: {ratio:.2f}x "
+            f"({shadowed.points[c]['p99']:.2f} ms against {plain.points[c]['p99']:.2f} ms), "
+            f"requests/s {shadowed.points[c]['rps'] / plain.points[c]['rps']:.2f}x"
+        )
+        targets.append((f"p99 shadow 100% / none, c={c}", ratio, "<=", 1.1))
+    errors = sum(r["errors"] for s in servers for r in s.points.values())
+    return [*targets, ("errors (shadow)", errors, "<=", 0.0)]
+
+
+def _rollout(port: int) -> dict:  # type: ignore[type-arg]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as r:
+        return json.load(r)["models"][0].get("rollout") or {}
+
+
+def _rollout_state(port: int) -> str:
+    return str(_rollout(port).get("state", ""))
 
 
 if __name__ == "__main__":

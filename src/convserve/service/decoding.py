@@ -45,7 +45,7 @@ class Decoder:
         self.heavy = ThreadPoolExecutor(
             1,
             thread_name_prefix="convserve-heavy",
-            initializer=_lower_priority,
+            initializer=lower_priority,
             initargs=(settings.heavy_niceness,),
         )
 
@@ -91,7 +91,7 @@ def _finish_large(
         _trim()
 
 
-def _lower_priority(niceness: int) -> None:
+def lower_priority(niceness: int) -> None:
     """The heavy thread's scheduling priority lowered (Linux: a thread's own nice value), so
     that when the cores are short, light requests' threads run first
     (``CONVSERVE_HEAVY_NICENESS``)."""

@@ -119,6 +119,7 @@ class Engine:
         self._idle.set()
         self._closing = False
         self.typical_run = model.run_seconds  # moving average of session.run, seconds
+        self.image_seconds = model.run_seconds / 2  # moving average per image (2 at the check)
 
     async def infer(
         self, images: np.ndarray, outputs: list[str], heavy: Executor | None = None
@@ -181,6 +182,7 @@ class Engine:
         elapsed = time.perf_counter() - start
         if typical:
             self.typical_run = 0.9 * self.typical_run + 0.1 * elapsed
+        self.image_seconds = 0.9 * self.image_seconds + 0.1 * elapsed / images.shape[0]
         self.metrics.inference_time.observe(elapsed)
         self.metrics.batch_size.observe(images.shape[0])
         self.metrics.images.inc(images.shape[0])
@@ -249,6 +251,11 @@ class Engine:
         if name not in names:
             raise ValueError(f"unknown output {name!r}; the model has {', '.join(names)}")
         return names.index(name)
+
+    @property
+    def inflight(self) -> int:
+        """Requests submitted and not answered yet."""
+        return self._inflight
 
     async def close(self) -> None:
         """Finish every request already submitted, then stop; late callers run unbatched."""

@@ -23,8 +23,8 @@ evidence go to the version's tags and description either way.
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -58,6 +58,7 @@ class Window:
     champion_seconds: float = 0.0
     canary: int = 0
     failures: int = 0
+    skipped: int = 0  # not shadowed: the shadow thread was that far behind
 
     def merge(self, other: Window) -> None:
         for key, value in asdict(other).items():
@@ -65,7 +66,11 @@ class Window:
 
     def metrics(self) -> dict[str, float]:
         """As the ``live.*`` metrics of one window (means over its requests)."""
-        out: dict[str, float] = {"requests": self.requests, "canary": self.canary}
+        out: dict[str, float] = {
+            "requests": self.requests,
+            "canary": self.canary,
+            "skipped": self.skipped,
+        }
         if self.requests:
             n = self.requests
             out |= {
@@ -81,12 +86,13 @@ class Window:
 @dataclass
 class Live:
     """One model's challenger traffic in this process: since start (shown by
-    ``/v1/models``) and since the last log (``pending``)."""
+    ``/v1/models``) and since the last log (``pending``). Written by the shadow thread, read
+    by the event loop: under a lock."""
 
     run_id: str = ""  # the challenger version's run, where its windows are logged
     total: Window = field(default_factory=Window)
     pending: Window = field(default_factory=Window)
-    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(
         self,
@@ -95,7 +101,8 @@ class Live:
         champion_seconds: float,
         challenger_seconds: float,
     ) -> None:
-        """One request's images: the two models' probabilities, and each run's time."""
+        """One request's images: the two models' probabilities, and each one's inference
+        time per image."""
         n = len(champion)
         window = Window(
             requests=n,
@@ -105,25 +112,32 @@ class Live:
             challenger_seconds=challenger_seconds * n,
             champion_seconds=champion_seconds * n,
         )
-        self.total.merge(window)
-        self.pending.merge(window)
-        self.latencies.append(challenger_seconds)
+        with self.lock:
+            self.total.merge(window)
+            self.pending.merge(window)
 
-    def count(self, canary: int = 0, failures: int = 0) -> None:
-        window = Window(canary=canary, failures=failures)
-        self.total.merge(window)
-        self.pending.merge(window)
+    def count(self, canary: int = 0, failures: int = 0, skipped: int = 0) -> None:
+        window = Window(canary=canary, failures=failures, skipped=skipped)
+        with self.lock:
+            self.total.merge(window)
+            self.pending.merge(window)
 
     def take(self) -> Window:
-        pending, self.pending = self.pending, Window()
+        with self.lock:
+            pending, self.pending = self.pending, Window()
         return pending
 
+    def give_back(self, window: Window) -> None:
+        """A window that could not be logged, for the next log."""
+        with self.lock:
+            self.pending.merge(window)
+
     def snapshot(self) -> dict[str, Any]:
-        t = self.total
-        out: dict[str, Any] = {"shadowed": t.requests, "canary": t.canary, "failures": t.failures}
-        if t.requests:
-            out |= {k.removeprefix(LIVE): round(v, 4) for k, v in t.metrics().items()}
-            out["challenger_p99_ms"] = round(1e3 * float(np.percentile(self.latencies, 99)), 3)
+        with self.lock:
+            t = Window(**asdict(self.total))
+        out: dict[str, Any] = {"shadowed": t.requests}
+        out |= {k.removeprefix(LIVE): round(v, 4) for k, v in t.metrics().items()}
+        out |= {"failures": t.failures}
         out.pop("requests", None)
         return out
 

@@ -192,8 +192,7 @@ async def predict(request: Request) -> Response:
         )
         times.append(time.perf_counter())
         if challenger is not None:  # after the champion's answer, off its path
-            seconds = times[2] - times[1]
-            state.catalog.shadow(challenger, batch, result[contract.PROBABILITIES], seconds)
+            state.catalog.shadow(engine, challenger, batch, result[contract.PROBABILITIES])
         explanations = None
         if query.explain == "occlusion":
             probs = result[contract.PROBABILITIES]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Annotated, Any
 
 import numpy as np
@@ -276,12 +275,10 @@ async def _infer(engine: Engine, request: Request, challenger: Engine | None = N
             )
         else:
             images = _input_array(engine, req.inputs[0], binary)
-        start = time.perf_counter()
         result = await engine.infer(images, wanted, heavy_pool if heavy else None)
         probabilities = result.get(contract.PROBABILITIES)
         if challenger is not None and probabilities is not None:  # off the answer's path
-            seconds = time.perf_counter() - start
-            state.catalog.shadow(challenger, images, probabilities, seconds)
+            state.catalog.shadow(engine, challenger, images, probabilities)
         if heavy:
             return await asyncio.get_running_loop().run_in_executor(
                 heavy_pool, _answer, engine, req, wanted, as_binary, result
