@@ -70,7 +70,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -419,6 +419,18 @@ def _interleaved(
     return best
 
 
+def _load_points(
+    servers: list[Server], args: argparse.Namespace, lua: Path, concurrencies: Iterable[int]
+) -> None:
+    """Each server's best run at each concurrency (``_interleaved``) into its ``points``."""
+    for c in concurrencies:
+        best = _interleaved(
+            servers, args.repeats, lambda s, c=c: s.load(lua, c, args.seconds, args.query)
+        )
+        for server in servers:
+            server.points[c] = best[server.name]
+
+
 def _started(servers: list[Server], body: bytes, folder: Path) -> None:
     for server in servers:  # one at a time: each start is timed alone
         server.start(body, folder)
@@ -488,12 +500,7 @@ def small_model(args: argparse.Namespace, folder: Path) -> list[Target]:
             print(f"convserve's answer against in-process onnxruntime: max |diff| {diff:.2e}")
             if diff > 1e-5:
                 sys.exit("convserve's probabilities differ from in-process onnxruntime's")
-        for c in args.concurrency or CONCURRENCY:
-            best = _interleaved(
-                servers, args.repeats, lambda s, c=c: s.load(lua, c, args.seconds, args.query)
-            )
-            for server in servers:
-                server.points[c] = best[server.name]
+        _load_points(servers, args, lua, args.concurrency or CONCURRENCY)
     finally:
         _stopped(servers)
     return report(servers, workers)
@@ -798,12 +805,7 @@ def many_models(args: argparse.Namespace, folder: Path) -> list[Target]:
                 sys.exit(f"the three models did not load: {_served_states(args.port + 11)}")
             time.sleep(0.2)
         print(f"\nserved by 'three': {_served_states(args.port + 11)}")
-        for c in (1, 32):
-            best = _interleaved(
-                servers, args.repeats, lambda s, c=c: s.load(lua, c, args.seconds, args.query)
-            )
-            for server in servers:
-                server.points[c] = best[server.name]
+        _load_points(servers, args, lua, (1, 32))
     finally:
         _stopped(servers)
     _load_table(servers)
@@ -894,12 +896,7 @@ def shadow_cost(args: argparse.Namespace, folder: Path) -> list[Target]:
                 if time.monotonic() > deadline:
                     sys.exit("the challenger did not load")
                 time.sleep(0.2)
-            for c in (1, 8, 32):
-                best = _interleaved(
-                    servers, args.repeats, lambda s, c=c: s.load(lua, c, args.seconds, args.query)
-                )
-                for server in servers:
-                    server.points[c] = best[server.name]
+            _load_points(servers, args, lua, (1, 8, 32))
             live = _rollout(args.port + 22).get("live", {})
         finally:
             _stopped(servers)

@@ -188,8 +188,9 @@ def promote(
                 f"{champion_value:.4f} by the margin {margin:g}"
             )
             decision = Decision(False, CHALLENGER, reason, value, champion_value, champion.version)
-    client.set_registered_model_alias(model_name, decision.alias, version)
+    # the decision recorded first: a server that follows the alias reads it with the version
     _record(client, model_name, version, run_id, metric, decision)
+    client.set_registered_model_alias(model_name, decision.alias, version)
     return decision
 
 

@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,8 @@ class ModelManager:
                 return ReloadOutcome(False, self._version(), self.last_error)
             current = self.model
             if current is not None and current.source.version == target.version and not force:
+                if target.tags and target.tags != current.source.tags:  # tagged since its load
+                    current.source = self.last_source = replace(current.source, tags=target.tags)
                 return ReloadOutcome(False, target.version, "already serving this version")
             key = str(target.version)
             if key in self.refused and not force:

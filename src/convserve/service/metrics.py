@@ -66,6 +66,16 @@ class Metrics:
             registry=r,
         )
         self.images = Counter("convserve_inference_images", "Images inferred", registry=r)
+        self._model_metrics(r)
+        self.rejected = Counter(
+            "convserve_rejected_inputs",
+            "Uploads or tensors refused with a 4xx, by reason",
+            ["reason"],
+            registry=r,
+        )
+
+    def _model_metrics(self, r: CollectorRegistry) -> None:
+        """The models served: versions, memory, loads, evictions, refusals, fetch failures."""
         self.model_info = Gauge(
             "convserve_model_info",
             "The model version being served (1), and versions served before (0)",
@@ -97,12 +107,6 @@ class Metrics:
         self.load_failures = Counter(
             "convserve_model_fetch_failures",
             "Failed fetches of a model version (registry or artifact store), tried again later",
-            registry=r,
-        )
-        self.rejected = Counter(
-            "convserve_rejected_inputs",
-            "Uploads or tensors refused with a 4xx, by reason",
-            ["reason"],
             registry=r,
         )
 
