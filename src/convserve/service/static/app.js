@@ -263,7 +263,8 @@ function drawSeen(prediction) {
   img.src = `data:image/png;base64,${input.png}`;
   const size = prediction.explanation ? ` Red: hiding the region lowers P(${ex.label}) (by up to ` +
     `${(100 * ex.max_drop).toFixed(1)} points); blue: hiding it raises it.` : "";
-  $("seen-text").textContent = `${input.original} upload, ${input.fit} fit: ${input.steps.join(", ")}.${size}`;
+  const steps = input.steps.length ? `: ${input.steps.join(", ")}` : " (nothing to change)";
+  $("seen-text").textContent = `${input.original} upload, ${input.fit} fit${steps}.${size}`;
   canvas.setAttribute("aria-label", ex
     ? `The model's input with its occlusion map for class ${ex.label}`
     : "The model's input");
