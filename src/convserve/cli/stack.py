@@ -42,8 +42,9 @@ def serve(
         str | None, typer.Option(help="auto, cpu or cuda. Default: CONVSERVE_DEVICE or auto.")
     ] = None,
 ) -> None:
-    """Serve the model over HTTP (/predict, KServe v2, /metrics) and, with --grpc-port, KServe
-    v2 over gRPC; hot reload of the alias.
+    """Serve the models over HTTP (/predict, KServe v2, /metrics) and, with --grpc-port,
+    KServe v2 over gRPC: the default model (--model-uri) and every registered model with a
+    champion (CONVSERVE_MODELS), each hot-reloaded on its own.
     Every other setting is a CONVSERVE_* environment variable (see the README)."""
     from pydantic import ValidationError
 
