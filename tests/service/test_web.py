@@ -128,6 +128,29 @@ def _failed_job(mlflow_url: str, tmp_path: Path, error: str) -> str:
     return run_id
 
 
+LISTED_JOBS = (
+    "() => [...document.querySelectorAll('#jobs tbody tr[data-id]')].map(r => r.dataset.id)"
+)
+
+
+def _submit_job(page) -> str:  # type: ignore[no-untyped-def]
+    """Submit the training form; the new job's id (other tests' jobs may be listed too: one
+    MLflow server), once its row is there."""
+    before = page.evaluate(LISTED_JOBS)
+    page.click("#train-form button[type=submit]")
+    page.wait_for_function(
+        f"before => ({LISTED_JOBS})().some(id => !before.includes(id))", arg=before
+    )
+    (new,) = [i for i in page.evaluate(LISTED_JOBS) if i not in before]
+    return str(new)
+
+
+def _rollout(url: str, model: str, shares: dict[str, float]) -> httpx.Response:
+    """``PUT /v1/models/{model}/rollout`` with the stack's token."""
+    auth = {"Authorization": "Bearer web-token"}
+    return httpx.put(f"{url}/v1/models/{model}/rollout", json=shares, headers=auth, timeout=30)
+
+
 def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
     from playwright.sync_api import expect, sync_playwright
 
@@ -294,16 +317,7 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         page.select_option("#f-data-name", "digits")
         page.fill("#f-blocks", "8")
         page.fill("#f-optim-epochs", "12")
-        # other tests' jobs may be listed too (one MLflow server): find the new one by id
-        listed = (
-            "() => [...document.querySelectorAll('#jobs tbody tr[data-id]')].map(r => r.dataset.id)"
-        )
-        before = page.evaluate(listed)
-        page.click("#train-form button[type=submit]")
-        page.wait_for_function(
-            f"before => ({listed})().some(id => !before.includes(id))", arg=before
-        )
-        (second_id,) = [i for i in page.evaluate(listed) if i not in before]
+        second_id = _submit_job(page)
         second = page.locator(f"#jobs tbody tr[data-id='{second_id}']")
         card = page.locator(f"#diag-view .diag-card[data-id='{second_id}']")
         grad_lines = page.locator("#diag-view figure[data-stat=grad_std] polyline")
@@ -371,12 +385,7 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         # for it, the running server serves it, and the picker tries it
         page.select_option("#f-data-name", label=f"{colours} (36 images, 4 classes)")
         page.fill("#f-optim-epochs", "3")
-        before = page.evaluate(listed)
-        page.click("#train-form button[type=submit]")
-        page.wait_for_function(
-            f"before => ({listed})().some(id => !before.includes(id))", arg=before
-        )
-        (own_id,) = [i for i in page.evaluate(listed) if i not in before]
+        own_id = _submit_job(page)
         own = page.locator(f"#jobs tbody tr[data-id='{own_id}']")
         expect(own).to_have_attribute("data-status", "succeeded", timeout=limit_ms(180))
         expect(own.locator("td.model")).to_have_text(f"v1 champion{colours}", timeout=limit_ms(60))
@@ -397,12 +406,7 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         expect(page.locator("#model-line")).to_contain_text(f"Model {name} version 3")
         # a challenger shadowed on live traffic: its agreement with the champion is shown
         MlflowClient(mlflow_url).set_registered_model_alias(name, "challenger", "2")
-        r = httpx.put(
-            f"{url}/v1/models/{name}/rollout",
-            json={"shadow": 1.0},
-            headers={"Authorization": "Bearer web-token"},
-            timeout=30,
-        )
+        r = _rollout(url, name, {"shadow": 1.0})
         assert r.status_code == 200, r.text
         row = page.locator("#models tbody tr", has_text="(default)")
         expect(row).to_contain_text("v2, shadow 100%", timeout=limit_ms(30))
@@ -412,13 +416,7 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         )
         page.locator("#models-section").screenshot(path=str(SHOTS / "4c-shadow.png"))
         assert_accessible(page, "a challenger shadowed, 1280x800")
-        r = httpx.put(
-            f"{url}/v1/models/{name}/rollout",
-            json={},
-            headers={"Authorization": "Bearer web-token"},
-            timeout=30,
-        )
-        assert r.status_code == 200
+        assert _rollout(url, name, {}).status_code == 200  # stopped
 
         # 5. phone width: still readable, nothing wider than the screen; a tile tapped opens
         # enlarged right under its row, not below every block

@@ -31,7 +31,7 @@ from convserve.redact import redacted
 from convserve.service.admission import Admission
 from convserve.service.api import datasets, docs, jobs, predict, repository, status, ui, v2
 from convserve.service.api.backends import Backends
-from convserve.service.catalog import Catalog
+from convserve.service.catalog import Catalog, NotServed
 from convserve.service.decoding import Decoder
 from convserve.service.direct import Service, all_routes
 from convserve.service.edge import EdgeMiddleware
@@ -230,6 +230,12 @@ def _handlers(app: FastAPI) -> None:
     @app.exception_handler(V2Error)
     async def v2_error(request: Request, err: V2Error) -> JSONResponse:
         return v2.error_response(err)
+
+    @app.exception_handler(NotServed)  # a model not in the set, loading or failing
+    async def not_served(request: Request, err: NotServed) -> JSONResponse:
+        headers = {"Retry-After": str(err.retry_after)} if err.retry_after else None
+        body = {"error": err.message} if _is_v2(request) else {"detail": err.message}
+        return JSONResponse(body, status_code=err.status, headers=headers)
 
     @app.exception_handler(ClientDisconnect)  # gone while its body was read: no one to answer
     async def client_left(request: Request, err: ClientDisconnect) -> Response:

@@ -43,11 +43,12 @@ import numpy as np
 
 from convserve import contract
 from convserve.redact import redact
+from convserve.service import rollout
 from convserve.service.engine import Engine
 from convserve.service.manager import ModelManager, ReloadOutcome, new_executor
 from convserve.service.metrics import Metrics
 from convserve.service.model import LoadedModel, Source, parse_uri
-from convserve.service.rollout import CHALLENGER, Live, Shares
+from convserve.service.rollout import CHALLENGER, Criteria, Live, LiveDecision, Shares
 from convserve.service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ class Catalog:
         # challengers (rollout.py): per model, the shares an admin set, the challenger's
         # manager, and what it showed, per challenger version
         self.shares: dict[str, Shares] = {}
+        self._default_shares = Shares(settings.shadow_share, settings.canary_share)
         self.challengers: dict[str, ModelManager] = {}
         self.live: dict[tuple[str, str], Live] = {}
         # shadow runs: queued per challenger, run in batches in the worker threads
@@ -255,9 +257,7 @@ class Catalog:
         return self.live[key]
 
     def shares_for(self, name: str) -> Shares:
-        return self.shares.get(name) or Shares(
-            self.settings.shadow_share, self.settings.canary_share
-        )
+        return self.shares.get(name) or self._default_shares
 
     def _unknown(self, name: str) -> str:
         served = ", ".join(map(repr, sorted(self.models)))
@@ -391,25 +391,34 @@ class Catalog:
         started, find the registry's models, and load the others in the background."""
         await self.default.check()
         await self._follow_peers(starting=True)
-        await self._discover()
+        await self._discover(await self._listing())
         for manager in list(self.models.values()):
             if manager.engine is None and manager is not self.default and manager.resident:
                 self.load_soon(manager)
 
-    async def _discover(self) -> None:
-        """Add the registry's models that ``CONVSERVE_MODELS`` names and that have the alias;
-        drop the discovered ones that lost it."""
-        alias = self.alias
-        if not self.patterns or alias is None:
-            return
+    async def _listing(self) -> dict[str, dict[str, str]] | None:
+        """The registry's models and their aliases (one search), when the served set follows
+        the registry for new models or challengers; None when it need not or cannot."""
+        challengers = any(self.shares_for(n).active for n in self.models)
+        if self.alias is None or not (self.patterns or challengers):
+            return None
         loop = asyncio.get_running_loop()
         try:
-            found = await loop.run_in_executor(self.executor, self.default.client().aliased, alias)
+            listing = await loop.run_in_executor(self.executor, self.default.client().aliases)
         except Exception as err:  # registry down: serve what is loaded, try again next poll
             self.discovery_error = redact(f"cannot list the registry's models: {err}")
             log.warning(self.discovery_error)
-            return
+            return None
         self.discovery_error = None
+        return listing
+
+    async def _discover(self, listing: dict[str, dict[str, str]] | None) -> None:
+        """Add the registry's models that ``CONVSERVE_MODELS`` names and that have the alias;
+        drop the discovered ones that lost it."""
+        alias = self.alias
+        if not self.patterns or alias is None or listing is None:
+            return
+        found = {name: aliases[alias] for name, aliases in listing.items() if alias in aliases}
         for name in sorted(found):
             if name in self.models or name in self.unloaded:
                 continue
@@ -436,12 +445,13 @@ class Catalog:
             if time.monotonic() < next_poll:
                 continue
             next_poll = time.monotonic() + self.settings.poll_interval
-            await self._discover()
+            listing = await self._listing()
+            await self._discover(listing)
             for manager in list(self.models.values()):
                 busy = manager.name in self._loads
                 if manager.resident and not busy and (manager.follows_alias or not manager.model):
                     await manager.check()
-            await self._follow_challengers()
+            await self._follow_challengers(listing)
             if time.monotonic() >= self._next_log:
                 self._next_log = time.monotonic() + self.settings.rollout_log_seconds
                 await self._log_live()
@@ -451,30 +461,24 @@ class Catalog:
 
     # -- challengers -------------------------------------------------------------------
 
-    async def _follow_challengers(self) -> None:
+    async def _follow_challengers(self, listing: dict[str, dict[str, str]] | None) -> None:
         """Load the challenger of every registered model with a share, follow its alias,
-        and drop those no longer wanted or gone from the registry."""
+        and drop those no longer wanted or gone from the registry (``listing``: None when
+        the registry could not be read, or nothing has a share)."""
         wanted = {
             name
             for name, m in self.models.items()
             if m.source.alias is not None and self.shares_for(name).active
         }
-        found: dict[str, str] = {}
-        if wanted:
-            loop = asyncio.get_running_loop()
-            try:
-                found = await loop.run_in_executor(
-                    self.executor, self.default.client().aliased, CHALLENGER
-                )
-            except Exception as err:  # registry down: keep what is loaded
-                log.warning("cannot list the registry's challengers: %s", redact(str(err)))
-                return
+        if wanted and listing is None:  # registry down: keep what is loaded
+            return
+        found = {n for n, aliases in (listing or {}).items() if CHALLENGER in aliases}
         for name in list(self.challengers):
             if name not in wanted or name not in found:
                 gone = self.challengers.pop(name)
                 await gone.unload()
                 await gone.close()
-        for name in sorted(wanted & found.keys()):
+        for name in sorted(wanted & found):
             manager = self.challengers.get(name)  # type: ignore[assignment]
             if manager is None:
                 source = Source(f"models:/{name}@{CHALLENGER}", name, alias=CHALLENGER)
@@ -519,6 +523,25 @@ class Catalog:
             waiting = [asyncio.wrap_future(f) for f in list(self._shadows)]
             await asyncio.wait(waiting, timeout=5)
 
+    async def promote(self, name: str, criteria: Criteria) -> LiveDecision:
+        """``rollout.promote`` on ``name``'s challenger, with this process's windows logged
+        first; a promotion is then served by every worker process."""
+        served = self.models.get(name)
+        if served is None or served.source.alias is None:
+            raise NotServed(404, f"{name!r} is not a registered model this server follows")
+        await self.log_live_now()
+        loop = asyncio.get_running_loop()
+        registry = self.default.client()
+        try:
+            decision = await loop.run_in_executor(
+                self.executor, rollout.promote, registry, name, criteria
+            )
+        except LookupError as err:
+            raise NotServed(404, str(err)) from None
+        if decision.promoted:
+            await self.reload(name, force=False)
+        return decision
+
     async def set_rollout(self, name: str, shares: Shares) -> None:
         """Shadow and canary shares for ``name``'s challenger, in every worker process."""
         await self._set_rollout(name, shares)
@@ -533,7 +556,7 @@ class Catalog:
                 400, f"{name!r} is not a registered model followed at an alias: no challenger"
             )
         self.shares[name] = shares
-        await self._follow_challengers()
+        await self._follow_challengers(await self._listing())
 
     def rollout(self, name: str) -> dict[str, Any] | None:
         """A model's shares, its challenger and what it showed in this process."""

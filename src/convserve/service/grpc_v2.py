@@ -32,7 +32,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from convserve.service import inference as v2
 from convserve.service.admission import Admission
-from convserve.service.catalog import Catalog
+from convserve.service.catalog import Catalog, NotServed
 from convserve.service.inference import V2Error
 from convserve.service.metrics import Metrics
 from convserve.service.settings import Settings
@@ -261,7 +261,7 @@ def _method(name: str, call: Handler, metrics: Metrics) -> grpc.RpcMethodHandler
         start, code = time.perf_counter(), grpc.StatusCode.OK
         try:
             return await call(request, context)
-        except V2Error as err:
+        except (V2Error, NotServed) as err:
             code = _CODES.get(err.status, grpc.StatusCode.UNKNOWN)
             await context.abort(code, err.message)
         except Exception:

@@ -13,7 +13,7 @@ import numpy as np
 from convserve import __version__, contract
 from convserve.redact import redact
 from convserve.service import admission
-from convserve.service.catalog import Catalog, NotServed
+from convserve.service.catalog import Catalog
 from convserve.service.engine import Engine
 
 DTYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16}
@@ -23,10 +23,10 @@ SERVER_NAME = "convserve"
 class V2Error(Exception):
     """A refused request: ``status`` is the HTTP status (the gRPC service maps it to a code)."""
 
-    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
+    def __init__(self, status: int, message: str) -> None:
         message = redact(message)  # it may quote a backend's URI
         super().__init__(message)
-        self.status, self.message, self.retry_after = status, message, retry_after
+        self.status, self.message = status, message
 
 
 def server_metadata(extensions: list[str]) -> dict[str, Any]:
@@ -34,12 +34,10 @@ def server_metadata(extensions: list[str]) -> dict[str, Any]:
 
 
 def find_engine(catalog: Catalog, name: str, version: str | None) -> Engine:
-    """The engine serving ``name`` (and ``version``, when given); 404 for a model or version
-    not served, 503 (with ``retry_after`` while it loads) for one not loaded."""
-    try:
-        engine = catalog.engine(name)
-    except NotServed as err:
-        raise V2Error(err.status, err.message, err.retry_after) from None
+    """The engine serving ``name`` (and ``version``, when given, the challenger's too); 404
+    for a version not served. A model not in the set or not loaded: ``Catalog.engine``'s
+    ``NotServed``."""
+    engine = catalog.engine(name)
     source = engine.model.source
     challenger = catalog.challengers.get(name)
     other = challenger.engine if challenger is not None else None

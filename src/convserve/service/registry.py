@@ -46,8 +46,8 @@ class Registry(Protocol):
     def download_onnx(self, name: str, version: str, folder: Path) -> None:
         """The version's ``.onnx`` file(s) into ``folder``."""
 
-    def aliased(self, alias: str) -> dict[str, str]:
-        """Every registered model that has ``alias``: name -> the version it points to."""
+    def aliases(self) -> dict[str, dict[str, str]]:
+        """Every registered model with an alias: name -> alias -> the version it points to."""
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None: ...
 
@@ -111,16 +111,16 @@ class RestRegistry:
     def get_model_version(self, name: str, version: str) -> Version:
         return _version(self._get("model-versions/get", name=name, version=version))
 
-    def aliased(self, alias: str) -> dict[str, str]:
-        found: dict[str, str] = {}
+    def aliases(self) -> dict[str, dict[str, str]]:
+        found: dict[str, dict[str, str]] = {}
         token = ""
         while True:  # a page of at most 1,000 models at a time, as MLflow's client asks
             params = {"max_results": "1000"} | ({"page_token": token} if token else {})
             page = self._get("registered-models/search", **params)
             for model in page.get("registered_models", []):
-                for entry in model.get("aliases", []):
-                    if entry.get("alias") == alias:
-                        found[model["name"]] = str(entry["version"])
+                entries = model.get("aliases", [])
+                if entries:
+                    found[model["name"]] = {e["alias"]: str(e["version"]) for e in entries}
             token = page.get("next_page_token", "")
             if not token:
                 return found
@@ -274,13 +274,9 @@ class ClientRegistry:
     def describe_version(self, name: str, version: str, description: str) -> None:
         self.client.update_model_version(name, version, description=description)
 
-    def aliased(self, alias: str) -> dict[str, str]:
-        found: dict[str, str] = {}
-        for model in self.client.search_registered_models(max_results=1000):
-            version = (model.aliases or {}).get(alias)
-            if version is not None:
-                found[model.name] = str(version)
-        return found
+    def aliases(self) -> dict[str, dict[str, str]]:
+        models = self.client.search_registered_models(max_results=1000)
+        return {m.name: {a: str(v) for a, v in m.aliases.items()} for m in models if m.aliases}
 
     def download_onnx(self, name: str, version: str, folder: Path) -> None:
         import mlflow.artifacts

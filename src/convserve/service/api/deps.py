@@ -10,9 +10,8 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from convserve.service.catalog import Catalog, NotServed
+from convserve.service.catalog import Catalog
 from convserve.service.decoding import Decoder
-from convserve.service.engine import Engine
 from convserve.service.metrics import Metrics
 from convserve.service.settings import Settings
 
@@ -41,26 +40,6 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 CatalogDep = Annotated[Catalog, Depends(get_catalog)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 DecoderDep = Annotated[Decoder, Depends(get_decoder)]
-
-
-def current_route(catalog: Catalog, name: str | None = None) -> tuple[Engine, Engine | None]:
-    """The engine that answers for ``name`` and the challenger's to shadow it with
-    (``Catalog.route``); the errors as ``current_engine``'s."""
-    try:
-        return catalog.route(name)
-    except NotServed as err:
-        headers = {"Retry-After": str(err.retry_after)} if err.retry_after else None
-        raise HTTPException(err.status, err.message, headers=headers) from None
-
-
-def current_engine(catalog: Catalog, name: str | None = None) -> Engine:
-    """The engine serving ``name`` (the default model when None); 404 for a model not served,
-    503 saying what to do (with ``Retry-After`` while it loads) when it is not loaded."""
-    try:
-        return catalog.engine(name)
-    except NotServed as err:
-        headers = {"Retry-After": str(err.retry_after)} if err.retry_after else None
-        raise HTTPException(err.status, err.message, headers=headers) from None
 
 
 _bearer = HTTPBearer(auto_error=False, description="CONVSERVE_API_TOKEN")

@@ -12,8 +12,6 @@ from pydantic import BaseModel, Field
 
 from convserve.service.api.deps import CatalogDep, TokenDep
 from convserve.service.api.errors import errors
-from convserve.service.catalog import NotServed
-from convserve.service.inference import V2Error
 
 router = APIRouter(prefix="/v2/repository", tags=["model repository"])
 
@@ -119,10 +117,7 @@ async def load(
     loaded, warmed up and self-checked here; a model that fails is not added (400 with why).
     An admin load keeps a model in the set until it is unloaded."""
     version = request.parameters.version if request is not None else None
-    try:
-        await catalog.load(name, version)
-    except NotServed as err:
-        raise V2Error(err.status, err.message) from None
+    await catalog.load(name, version)
     return {}
 
 
@@ -133,8 +128,5 @@ async def unload(name: Name, catalog: CatalogDep, _: TokenDep) -> dict[str, Any]
     """Stop serving ``name`` in every worker process (requests in flight finish); it stays
     out of the set, whatever ``CONVSERVE_MODELS`` matches, until it is loaded again. The
     default model is not unloaded."""
-    try:
-        await catalog.unload(name)
-    except NotServed as err:
-        raise V2Error(err.status, err.message) from None
+    await catalog.unload(name)
     return {}

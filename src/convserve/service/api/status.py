@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from convserve.redact import redact
-from convserve.service import rollout
-from convserve.service.api.deps import CatalogDep, MetricsDep, TokenDep, current_engine
+from convserve.service.api.deps import CatalogDep, MetricsDep, TokenDep
 from convserve.service.api.errors import errors
-from convserve.service.catalog import NotServed
 from convserve.service.rollout import Criteria, Shares
 from convserve.service.schemas import (
     Health,
@@ -82,7 +79,7 @@ async def model_info(
 ) -> ModelInfo:
     """The version being served, where it comes from, its classes, its input and feature-map
     shapes, the execution providers in use and its own metadata."""
-    engine = current_engine(catalog, model)
+    engine = catalog.engine(model)
     manager = catalog.models[engine.model.source.name]
     m = engine.model
     s = m.source
@@ -151,10 +148,7 @@ async def set_rollout(
     ``canary``, the share its challenger answers instead. Both 0 stop it. What the challenger
     shows is counted per process (``GET /v1/models``) and logged to its run as ``live.*``
     metrics every CONVSERVE_ROLLOUT_LOG_SECONDS."""
-    try:
-        await catalog.set_rollout(name, Shares(body.shadow, body.canary))
-    except NotServed as err:
-        raise HTTPException(err.status, err.message) from None
+    await catalog.set_rollout(name, Shares(body.shadow, body.canary))
     return catalog.rollout(name) or {"shadow": 0.0, "canary": 0.0, "state": "off"}
 
 
@@ -183,23 +177,8 @@ async def promote_live(
     them and took at most ``max_latency_ratio`` times the champion's inference time. The
     decision and the evidence go to the version's tags and description either way; a
     promotion is served at once by every worker process."""
-    served = catalog.models.get(name)
-    if served is None or served.source.alias is None:
-        raise HTTPException(
-            404, f"{name!r} is not a registered model this server follows at an alias"
-        )
-    await catalog.log_live_now()
     criteria = Criteria(min_requests, min_agreement, max_latency_ratio)
-    loop = asyncio.get_running_loop()
-    registry = catalog.default.client()
-    try:
-        decision = await loop.run_in_executor(
-            catalog.executor, rollout.promote, registry, name, criteria
-        )
-    except LookupError as err:
-        raise HTTPException(404, str(err)) from None
-    if decision.promoted and name in catalog.models:
-        await catalog.reload(name, force=False)
+    decision = await catalog.promote(name, criteria)
     return LivePromotion(
         promoted=decision.promoted,
         model=name,
@@ -258,10 +237,7 @@ async def reload(
 ) -> ReloadResult:
     """``force=true`` reloads even the same version, and retries a refused one. With several
     worker processes, the one that answers reloads now and the others within a second."""
-    try:
-        outcome = await catalog.reload(model, force=force)
-    except NotServed as err:
-        raise HTTPException(err.status, err.message) from None
+    outcome = await catalog.reload(model, force=force)
     return ReloadResult(
         model=model or catalog.default.name,
         changed=outcome.changed,

@@ -29,7 +29,6 @@ from convserve.service.api.v2_schemas import (
     TensorIn,
     V2ModelMetadata,
 )
-from convserve.service.catalog import NotServed
 from convserve.service.engine import Engine
 from convserve.service.inference import (
     V2Error,
@@ -52,8 +51,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
 def error_response(err: V2Error) -> JSONResponse:
-    headers = {"Retry-After": str(err.retry_after)} if err.retry_after else None
-    return JSONResponse({"error": err.message}, status_code=err.status, headers=headers)
+    return JSONResponse({"error": err.message}, status_code=err.status)
 
 
 Name = Annotated[str, Path(description="A model's name (GET /v1/models)")]
@@ -192,10 +190,7 @@ async def infer(name: Name, request: Request, catalog: CatalogDep) -> Response:
     ``outputs`` names some. JSON tensors, or binary ones with the binary tensor data extension
     (what Triton's clients send by default). The champion answers, or with the model's canary
     share its challenger (``model_version`` says which)."""
-    try:
-        engine, challenger = catalog.route(name)
-    except NotServed as err:
-        raise V2Error(err.status, err.message, err.retry_after) from None
+    engine, challenger = catalog.route(name)
     return await _infer(engine, request, challenger)
 
 
