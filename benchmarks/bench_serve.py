@@ -50,7 +50,8 @@ and 32. Target: at concurrency 32 at least 0.9x the single model's requests/s.
 shadow: the small model registered twice on a real MLflow server, as ``champion`` and
 ``challenger``, served with default settings and no shadow against ``CONVSERVE_SHADOW_SHARE=1``
 (every request also run on the challenger after the answer), taking turns: the champion's
-p99 at concurrency 1, 8 and 32. Target: at most 1.1x the unshadowed p99.
+p99 at concurrency 1, 8 and 32 (the run with the median p99 of ``--repeats``, each printed).
+Target: at most 1.1x the unshadowed p99.
 
 Needs wrk (Debian: apt-get install wrk). Pass ``--env KEY=VALUE`` to try other settings of
 ``convserve serve`` (e.g. ``CONVSERVE_WORKERS=1``), ``--query fit=none`` to skip the digit fit.
@@ -896,15 +897,24 @@ def shadow_cost(args: argparse.Namespace, folder: Path) -> list[Target]:
                 if time.monotonic() > deadline:
                     sys.exit("the challenger did not load")
                 time.sleep(0.2)
-            _load_points(servers, args, lua, (1, 8, 32))
-            live = _rollout(args.port + 22).get("live", {})
+            p99s, answered = _median_p99_points(servers, args, lua, args.concurrency or (1, 8, 32))
         finally:
-            _stopped(servers)
+            _stopped(servers)  # each worker logs what its challenger showed as it stops
+        live = _live_totals(url, "bench", "2")
     _load_table(servers)
     plain, shadowed = servers
-    print(f"\nthe challenger, in the answering process: {live}")
+    print(
+        f"\nthe challenger, every worker's windows in MLflow: {live['requests']:.0f} images "
+        f"shadowed, {live['skipped']:.0f} skipped (its process that far behind), "
+        f"{live['failures']:.0f} failed, of {answered[shadowed.name]:.0f} requests answered; "
+        f"agreement {live['agreement']:.3f}, {live['challenger_ms']:.4f} ms per image against the "
+        f"champion's {live['champion_ms']:.4f}"
+    )
     targets: list[Target] = []
-    for c in (1, 8, 32):
+    for c in sorted(plain.points):
+        print(f"p99 ms of each repeat, c={c}: " + "; ".join(
+            f"{s.name} {', '.join(f'{v:.2f}' for v in p99s[s.name][c])}" for s in servers
+        ))  # fmt: skip
         ratio = shadowed.points[c]["p99"] / plain.points[c]["p99"]
         print(
             f"p99 with every request shadowed, c={c}: {ratio:.2f}x "
@@ -914,6 +924,50 @@ def shadow_cost(args: argparse.Namespace, folder: Path) -> list[Target]:
         targets.append((f"p99 shadow 100% / none, c={c}", ratio, "<=", 1.1))
     errors = sum(r["errors"] for s in servers for r in s.points.values())
     return [*targets, ("errors (shadow)", errors, "<=", 0.0)]
+
+
+def _median_p99_points(
+    servers: list[Server], args: argparse.Namespace, lua: Path, concurrencies: Iterable[int]
+) -> tuple[dict[str, dict[int, list[float]]], dict[str, float]]:
+    """Each server's run with the median p99 of ``--repeats`` (odd: the middle one) at each
+    concurrency, the servers taking turns: a p99 is one run's slowest 1 %, and the best run
+    by requests/s (``_interleaved``) is not the typical one. Every repeat's p99 is returned,
+    and how many requests each server answered in all."""
+    p99s: dict[str, dict[int, list[float]]] = {s.name: {} for s in servers}
+    answered = {s.name: 0.0 for s in servers}
+    for c in concurrencies:
+        runs: dict[str, list[dict[str, float]]] = {s.name: [] for s in servers}
+        for _ in range(args.repeats):
+            for server in servers:
+                runs[server.name].append(server.load(lua, c, args.seconds, args.query))
+        for server in servers:
+            ordered = sorted(runs[server.name], key=lambda r: r["p99"])
+            server.points[c] = {
+                **ordered[(len(ordered) - 1) // 2],
+                "errors": sum(r["errors"] for r in ordered),
+            }
+            p99s[server.name][c] = [r["p99"] for r in runs[server.name]]
+            answered[server.name] += sum(r["requests"] for r in runs[server.name])
+    return p99s, answered
+
+
+def _live_totals(url: str, name: str, version: str) -> dict[str, float]:
+    """The ``live.*`` windows every worker logged to the challenger's run, summed (counts) or
+    weighed by their requests (means)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(url)
+    run_id = str(client.get_model_version(name, version).run_id)
+    history = {
+        key: [m.value for m in client.get_metric_history(run_id, f"live.{key}")]
+        for key in ("requests", "skipped", "failures", "agreement", "challenger_ms", "champion_ms")
+    }
+    out = {key: sum(history[key]) for key in ("requests", "skipped", "failures")}
+    weights = [n for n in history["requests"] if n]  # means are logged for windows with some
+    for key in ("agreement", "challenger_ms", "champion_ms"):
+        total = sum(w * v for w, v in zip(weights, history[key], strict=False))
+        out[key] = total / max(sum(weights), 1)
+    return out
 
 
 def _rollout(port: int) -> dict:  # type: ignore[type-arg]

@@ -33,34 +33,23 @@ import os
 import random
 import threading
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from convserve import contract
 from convserve.redact import redact
 from convserve.service import rollout
 from convserve.service.engine import Engine
 from convserve.service.manager import ModelManager, ReloadOutcome, new_executor
 from convserve.service.metrics import Metrics
-from convserve.service.model import LoadedModel, Source, parse_uri
+from convserve.service.model import Source, parse_uri
 from convserve.service.rollout import CHALLENGER, Criteria, Live, LiveDecision, Shares
 from convserve.service.settings import Settings
+from convserve.service.shadow import Item, Shadows
 
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
-# A shadow runs on spare capacity: a request is not shadowed (counted as skipped) while more
-# than MAX_SHADOW_INFLIGHT others are in flight on its model in this process, or while
-# MAX_SHADOW_BACKLOG shadow runs are under way. Under saturation the sample shrinks; the
-# champion's answers do not slow down.
-MAX_SHADOW_INFLIGHT = 1
-MAX_SHADOW_BACKLOG = 8
-SHADOW_FLUSH_SECONDS = 0.02  # how long a shadowed request waits for others to run with
 PEER_WATCH_SECONDS = 0.25  # how often a worker looks for another worker's admin request
 NO_MODEL = (
     "no model is loaded yet ({uri}). Train and register one: `convserve train`, then "
@@ -86,34 +75,6 @@ def _metrics(tags: dict[str, str]) -> dict[str, float]:
             with contextlib.suppress(ValueError):
                 out[key.removeprefix("metric.")] = float(value)
     return out
-
-
-@dataclass
-class _ShadowItem:
-    """A request waiting for its shadow run: the champion's answer and its time per image."""
-
-    live: Live
-    model: LoadedModel
-    batch: Any
-    probs: Any
-    champion_image_seconds: float
-
-
-def _shadow_now(items: list[_ShadowItem]) -> None:
-    """One challenger's queued requests as one run (a worker thread), then each counted."""
-    model, live = items[0].model, items[0].live
-    batch = np.concatenate([item.batch for item in items]) if len(items) > 1 else items[0].batch
-    start = time.perf_counter()
-    try:
-        out = model.run(batch, [contract.PROBABILITIES])[contract.PROBABILITIES]
-    except Exception as err:  # the champion answered; the challenger's failure is counted
-        live.count(failures=len(batch))
-        log.warning("shadow run on %s failed: %s", model.source.uri, err)
-        return
-    image_seconds = (time.perf_counter() - start) / len(batch)
-    probs = np.concatenate([item.probs for item in items]) if len(items) > 1 else items[0].probs
-    champion_seconds = sum(item.champion_image_seconds * len(item.batch) for item in items)
-    live.record(probs, out, champion_seconds / len(batch), image_seconds)
 
 
 def _comparable(champion: Engine, challenger: Engine) -> bool:
@@ -159,11 +120,7 @@ class Catalog:
         self._default_shares = Shares(settings.shadow_share, settings.canary_share)
         self.challengers: dict[str, ModelManager] = {}
         self.live: dict[tuple[str, str], Live] = {}
-        # shadow runs: queued per challenger, run in batches in the worker threads
-        self._shadow_queue: dict[int, list[_ShadowItem]] = {}
-        self._shadow_images = 0
-        self._shadow_flush: asyncio.TimerHandle | None = None
-        self._shadows: set[Future[None]] = set()
+        self.shadows = Shadows()  # shadow runs, in a process per challenger (shadow.py)
         self._next_log = time.monotonic() + settings.rollout_log_seconds
 
     def _add(self, source: Source, origin: str) -> ModelManager:
@@ -222,32 +179,12 @@ class Catalog:
 
     def shadow(self, champion: Engine, challenger: Engine, batch: Any, probs: Any) -> None:
         """Run ``batch`` on the challenger after the champion answered with ``probs``, off the
-        response path: queued, and run with the other requests queued within
-        ``SHADOW_FLUSH_SECONDS`` as one batch in a worker thread; then counted."""
-        live = self._live(challenger)
-        busy = champion.inflight > MAX_SHADOW_INFLIGHT  # spare capacity only
-        if busy or len(self._shadows) >= MAX_SHADOW_BACKLOG:
-            live.count(skipped=len(batch))
-            return
-        queue = self._shadow_queue.setdefault(id(challenger), [])
-        item = _ShadowItem(live, challenger.model, batch, probs, champion.image_seconds)
-        queue.append(item)
-        self._shadow_images += len(batch)
-        if self._shadow_images >= champion.max_batch_size:
-            self._flush_shadows()
-        elif self._shadow_flush is None:
-            loop = asyncio.get_running_loop()
-            self._shadow_flush = loop.call_later(SHADOW_FLUSH_SECONDS, self._flush_shadows)
-
-    def _flush_shadows(self) -> None:
-        if self._shadow_flush is not None:
-            self._shadow_flush.cancel()
-            self._shadow_flush = None
-        queues, self._shadow_queue, self._shadow_images = self._shadow_queue, {}, 0
-        for items in queues.values():
-            future = self.executor.submit(_shadow_now, items)
-            self._shadows.add(future)
-            future.add_done_callback(self._shadows.discard)
+        response path: in the challenger's own process at the lowest CPU priority, batched
+        with the requests of the next ``shadow.FLUSH_SECONDS`` (shadow.py); then counted."""
+        source = challenger.model.source
+        key = (source.name, str(source.version), str(source.path))
+        item = Item(batch, probs, champion.image_seconds)
+        self.shadows.add(source.name, key, self._live(challenger), item)
 
     def _live(self, challenger: Engine) -> Live:
         source = challenger.model.source
@@ -476,6 +413,7 @@ class Catalog:
         for name in list(self.challengers):
             if name not in wanted or name not in found:
                 gone = self.challengers.pop(name)
+                await self.shadows.retire(name)
                 await gone.unload()
                 await gone.close()
         for name in sorted(wanted & found):
@@ -508,20 +446,15 @@ class Catalog:
                     log.warning("cannot log %s's live metrics: %s", key[0], redact(str(err)))
             model = self.challengers[key[0]].model if key[0] in self.challengers else None
             current = model is not None and str(model.source.version) == key[1]
-            if not current and not live.pending.requests:  # an earlier challenger's, logged
-                del self.live[key]
+            if current or live.pending.requests or self.shadows.under_way(*key):
+                continue
+            del self.live[key]  # an earlier challenger's, logged
 
     async def log_live_now(self) -> None:
         """Log what the challengers showed in this process now (the shadows under way
         first)."""
-        await self._shadows_done()
+        await self.shadows.done()
         await self._log_live()
-
-    async def _shadows_done(self) -> None:
-        self._flush_shadows()
-        if self._shadows:
-            waiting = [asyncio.wrap_future(f) for f in list(self._shadows)]
-            await asyncio.wait(waiting, timeout=5)
 
     async def promote(self, name: str, criteria: Criteria) -> LiveDecision:
         """``rollout.promote`` on ``name``'s challenger, with this process's windows logged
@@ -711,7 +644,8 @@ class Catalog:
     async def close(self) -> None:
         for task in list(self._loads.values()):
             task.cancel()
-        await self._shadows_done()  # what they count is logged below
+        await self.shadows.done()  # what they count is logged below
+        await self.shadows.close()
         if self.live:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._log_live(), timeout=10)

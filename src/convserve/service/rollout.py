@@ -23,9 +23,8 @@ evidence go to the version's tags and description either way.
 from __future__ import annotations
 
 import json
-import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -58,11 +57,30 @@ class Window:
     champion_seconds: float = 0.0
     canary: int = 0
     failures: int = 0
-    skipped: int = 0  # not shadowed: the shadow thread was that far behind
+    skipped: int = 0  # not shadowed: the challenger's shadow process was that far behind
+
+    @classmethod
+    def compared(
+        cls,
+        champion: np.ndarray,
+        challenger: np.ndarray,
+        champion_seconds: float,
+        challenger_seconds: float,
+    ) -> Window:
+        """Shadowed images: the two models' probabilities (``[N, classes]``), and each one's
+        inference time for all N."""
+        return cls(
+            requests=len(champion),
+            agree=int(np.sum(champion.argmax(1) == challenger.argmax(1))),
+            challenger_confidence=float(challenger.max(1).sum()),
+            champion_confidence=float(champion.max(1).sum()),
+            challenger_seconds=challenger_seconds,
+            champion_seconds=champion_seconds,
+        )
 
     def merge(self, other: Window) -> None:
-        for key, value in asdict(other).items():
-            setattr(self, key, getattr(self, key) + value)
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def metrics(self) -> dict[str, float]:
         """As the ``live.*`` metrics of one window (means over its requests)."""
@@ -86,55 +104,33 @@ class Window:
 @dataclass
 class Live:
     """One model's challenger traffic in this process: since start (shown by
-    ``/v1/models``) and since the last log (``pending``). Written by the shadow thread, read
-    by the event loop: under a lock."""
+    ``/v1/models``) and since the last log (``pending``). Written and read on the event
+    loop only (a shadow run's answer comes back there, shadow.py)."""
 
     run_id: str = ""  # the challenger version's run, where its windows are logged
     total: Window = field(default_factory=Window)
     pending: Window = field(default_factory=Window)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def record(
-        self,
-        champion: np.ndarray,
-        challenger: np.ndarray,
-        champion_seconds: float,
-        challenger_seconds: float,
-    ) -> None:
-        """One request's images: the two models' probabilities, and each one's inference
-        time per image."""
-        n = len(champion)
-        window = Window(
-            requests=n,
-            agree=int(np.sum(champion.argmax(1) == challenger.argmax(1))),
-            challenger_confidence=float(challenger.max(1).sum()),
-            champion_confidence=float(champion.max(1).sum()),
-            challenger_seconds=challenger_seconds * n,
-            champion_seconds=champion_seconds * n,
-        )
-        with self.lock:
-            self.total.merge(window)
-            self.pending.merge(window)
+    def add(self, window: Window) -> None:
+        """What a shadow run showed (``Window.compared``)."""
+        self.total.merge(window)
+        self.pending.merge(window)
 
     def count(self, canary: int = 0, failures: int = 0, skipped: int = 0) -> None:
         window = Window(canary=canary, failures=failures, skipped=skipped)
-        with self.lock:
-            self.total.merge(window)
-            self.pending.merge(window)
+        self.total.merge(window)
+        self.pending.merge(window)
 
     def take(self) -> Window:
-        with self.lock:
-            pending, self.pending = self.pending, Window()
+        pending, self.pending = self.pending, Window()
         return pending
 
     def give_back(self, window: Window) -> None:
         """A window that could not be logged, for the next log."""
-        with self.lock:
-            self.pending.merge(window)
+        self.pending.merge(window)
 
     def snapshot(self) -> dict[str, Any]:
-        with self.lock:
-            t = Window(**asdict(self.total))
+        t = self.total
         out: dict[str, Any] = {"shadowed": t.requests}
         out |= {k.removeprefix(LIVE): round(v, 4) for k, v in t.metrics().items()}
         out |= {"failures": t.failures}

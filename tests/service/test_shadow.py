@@ -1,0 +1,125 @@
+"""Shadow runs in the challenger's own process (service/shadow.py): the real child process
+and onnxruntime on an exported model; what it answers counted as the champion's and the
+challenger's agreement, confidences and times."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from convserve import contract
+from convserve.service import shadow
+from convserve.service.rollout import Live
+
+
+def _batch(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 1, 8, 8), dtype=np.float32)
+
+
+def _probs(path: Path, batch: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run([contract.PROBABILITIES], {contract.INPUT: batch})[0]  # type: ignore[no-any-return]
+
+
+def _key(path: Path) -> tuple[str, str, str]:
+    return ("digits", "2", str(path))
+
+
+def test_shadowed_requests_run_in_the_challengers_process_and_are_counted(onnx_path):
+    batches = [_batch(n, seed) for seed, n in enumerate((1, 3, 2, 5))]
+    # the champion's answers: the model's own for the first two, another class for the rest
+    champion = [_probs(onnx_path, b) for b in batches[:2]]
+    champion += [np.roll(_probs(onnx_path, b), 1, axis=1) for b in batches[2:]]
+
+    async def run() -> tuple[Live, set[int]]:
+        shadows, live = shadow.Shadows(), Live()
+        for batch, probs in zip(batches, champion, strict=True):
+            item = shadow.Item(batch, probs, champion_image_seconds=0.001)
+            shadows.add("digits", _key(onnx_path), live, item)
+        await shadows.done()
+        pids = {r._proc.pid for r in shadows.runners.values() if r._proc is not None}
+        await shadows.close()
+        return live, pids
+
+    live, pids = asyncio.run(run())
+    assert len(pids) == 1
+    window = live.take()
+    assert window.requests == 11 and window.failures == 0 and window.skipped == 0
+    assert window.agree == 4  # the first two requests' images: the same model answered
+    tops = np.concatenate([_probs(onnx_path, b) for b in batches]).max(1)
+    assert window.challenger_confidence == pytest.approx(float(tops.sum()), rel=1e-5)
+    assert window.champion_seconds == pytest.approx(0.011)
+    assert window.challenger_seconds > 0
+
+
+def test_a_challenger_that_cannot_load_or_run_counts_failures_and_nothing_crashes(
+    onnx_path, tmp_path, caplog
+):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx model")
+
+    async def run() -> tuple[Live, Live, str | None]:
+        shadows, bad, good = shadow.Shadows(), Live(), Live()
+        probs = np.full((2, 10), 0.1, dtype=np.float32)
+        shadows.add("broken", ("broken", "1", str(broken)), bad,
+                    shadow.Item(_batch(2, 0), probs, 0.001))  # fmt: skip
+        # a batch the model refuses (28x28 where it takes 8x8), then one it takes
+        wrong = np.zeros((2, 1, 28, 28), dtype=np.float32)
+        shadows.add("digits", _key(onnx_path), good, shadow.Item(wrong, probs, 0.001))
+        shadows.flush()
+        shadows.add("digits", _key(onnx_path), good, shadow.Item(_batch(2, 1), probs, 0.001))
+        await shadows.done()
+        failed = shadows.runners["broken"].failed
+        await shadows.close()
+        return bad, good, failed
+
+    bad, good, failed = asyncio.run(run())
+    assert bad.take().failures == 2
+    assert failed is not None and "ended: exit status 2" in failed
+    window = good.take()
+    assert window.failures == 2 and window.requests == 2
+    assert "Got invalid dimensions" in caplog.text
+
+
+def test_a_challenger_far_behind_or_a_request_too_large_skips_and_a_retired_one_runs_its_queue(
+    onnx_path,
+):
+    probs = np.full((1, 10), 0.1, dtype=np.float32)
+
+    async def behind() -> Live:
+        shadows, live = shadow.Shadows(), Live()
+        # flushed one by one before the process is up: BACKLOG batches wait, the rest skip
+        for seed in range(shadow.BACKLOG + 3):
+            item = shadow.Item(_batch(1, seed), probs, 0.001)
+            shadows.add("digits", _key(onnx_path), live, item)
+            shadows.flush()
+        await shadows.close()
+        return live
+
+    async def retired() -> Live:
+        shadows, live = shadow.Shadows(), Live()
+        for seed in range(3):  # queued, not yet flushed, when the challenger goes
+            item = shadow.Item(_batch(1, seed), probs, 0.001)
+            shadows.add("digits", _key(onnx_path), live, item)
+        await shadows.retire("digits")
+        assert not shadows.runners and not shadows.under_way("digits", "2")
+        return live
+
+    async def too_large() -> Live:
+        shadows, live = shadow.Shadows(), Live()
+        images = shadow.SLOT_BYTES // (8 * 8 * 4) + 1
+        item = shadow.Item(_batch(images, 0), np.full((images, 10), 0.1, np.float32), 0.001)
+        shadows.add("digits", _key(onnx_path), live, item)
+        await shadows.close()
+        return live
+
+    window = asyncio.run(behind()).take()
+    assert (window.requests, window.skipped, window.failures) == (shadow.BACKLOG, 3, 0)
+    window = asyncio.run(retired()).take()
+    assert (window.requests, window.skipped, window.failures) == (3, 0, 0)
+    window = asyncio.run(too_large()).take()
+    assert (window.requests, window.skipped) == (0, shadow.SLOT_BYTES // 256 + 1)
