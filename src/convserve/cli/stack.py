@@ -49,8 +49,8 @@ def serve(
     from pydantic import ValidationError
 
     from convserve.jobs import JobSettings
-    from convserve.service.model import ModelLoadError, providers_for
     from convserve.service.server import run_server
+    from convserve.service.sessions import ModelLoadError, providers_for
     from convserve.service.settings import Settings
 
     given = dict(

@@ -37,7 +37,7 @@ from convserve.service.direct import Service, all_routes
 from convserve.service.edge import EdgeMiddleware
 from convserve.service.inference import V2Error
 from convserve.service.metrics import Metrics
-from convserve.service.model import providers_for
+from convserve.service.sessions import providers_for
 from convserve.service.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,6 @@ from convserve.service.engine import BatchPlan, Engine, plan_batches
 from convserve.service.metrics import Metrics
 from convserve.service.model import (
     LoadedModel,
-    ModelLoadError,
     Source,
     TransientLoadError,
     download,
@@ -35,6 +34,7 @@ from convserve.service.model import (
     parse_uri,
     resolve,
 )
+from convserve.service.sessions import ModelLoadError
 from convserve.service.settings import Settings
 
 log = logging.getLogger(__name__)

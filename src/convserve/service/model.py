@@ -19,19 +19,16 @@ import onnxruntime as ort
 
 from convserve import contract
 from convserve.contract import MetadataError, ModelMetadata
-from convserve.service.settings import Settings
+from convserve.service.sessions import ModelLoadError, open_session
 
 if TYPE_CHECKING:
     from convserve.service.registry import Registry
+    from convserve.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 _ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
 _VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
-
-
-class ModelLoadError(RuntimeError):
-    """A model that cannot be served; the message says why."""
 
 
 class TransientLoadError(ModelLoadError):
@@ -166,65 +163,13 @@ def _fetch(source: Source, client: Registry, target: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def providers_for(device: str) -> list[str]:
-    """The explicit provider list for a device; ``cuda`` without CUDA is an error."""
-    available = ort.get_available_providers()
-    has_cuda = "CUDAExecutionProvider" in available
-    if device == "cuda":
-        if not has_cuda:
-            raise ModelLoadError(
-                "CONVSERVE_DEVICE=cuda, but this onnxruntime build has no CUDA provider "
-                f"(available: {', '.join(available)}); install onnxruntime-gpu or use cpu"
-            )
-        _preload_cuda()
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device == "auto" and has_cuda:
-        _preload_cuda()
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
-_cuda_preloaded = False
-
-
-def _preload_cuda() -> None:
-    """Load the CUDA and cuDNN libraries that ``onnxruntime-gpu[cuda,cudnn]`` installs as
-    Python packages (the GPU image), once; an image with the libraries on the system path
-    (a CUDA base image) loads them from there anyway."""
-    global _cuda_preloaded
-    if not _cuda_preloaded and hasattr(ort, "preload_dlls"):
-        ort.preload_dlls()
-        _cuda_preloaded = True
-
-
-def _session(path: Path, settings: Settings) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.intra_op_threads
-    options.inter_op_num_threads = settings.inter_op_threads
-    # Idle operator threads sleep instead of spinning: a spinning thread takes a core from
-    # HTTP parsing and decoding (and from the other workers) between requests.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    providers = providers_for(settings.device)
-    try:
-        session = ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as err:  # onnxruntime raises its own untyped errors
-        raise ModelLoadError(f"onnxruntime cannot load {path}: {err}") from err
-    in_use = session.get_providers()
-    if settings.device == "cuda" and "CUDAExecutionProvider" not in in_use:
-        raise ModelLoadError(
-            f"CONVSERVE_DEVICE=cuda, but no GPU answered: onnxruntime fell back to {in_use}"
-        )
-    return session
-
-
 def open_model(source: Source, settings: Settings) -> LoadedModel:
     """Create the session from the model's own metadata, warm it up and self-check it."""
     assert source.path is not None
     if not source.path.is_file():
         raise TransientLoadError(f"no model file at {source.path}")
-    session = _session(source.path, settings)
+    threads = settings.intra_op_threads, settings.inter_op_threads
+    session = open_session(source.path, settings.device, *threads)
     try:
         meta = ModelMetadata.from_props(dict(session.get_modelmeta().custom_metadata_map))
     except MetadataError as err:

@@ -27,8 +27,6 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-import numpy as np
-
 from convserve.service.registry import Registry
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -58,25 +56,6 @@ class Window:
     canary: int = 0
     failures: int = 0
     skipped: int = 0  # not shadowed: the challenger's shadow process was that far behind
-
-    @classmethod
-    def compared(
-        cls,
-        champion: np.ndarray,
-        challenger: np.ndarray,
-        champion_seconds: float,
-        challenger_seconds: float,
-    ) -> Window:
-        """Shadowed images: the two models' probabilities (``[N, classes]``), and each one's
-        inference time for all N."""
-        return cls(
-            requests=len(champion),
-            agree=int(np.sum(champion.argmax(1) == challenger.argmax(1))),
-            challenger_confidence=float(challenger.max(1).sum()),
-            champion_confidence=float(champion.max(1).sum()),
-            challenger_seconds=challenger_seconds,
-            champion_seconds=champion_seconds,
-        )
 
     def merge(self, other: Window) -> None:
         for f in fields(self):
@@ -112,7 +91,7 @@ class Live:
     pending: Window = field(default_factory=Window)
 
     def add(self, window: Window) -> None:
-        """What a shadow run showed (``Window.compared``)."""
+        """What a shadow run showed (shadow.py)."""
         self.total.merge(window)
         self.pending.merge(window)
 

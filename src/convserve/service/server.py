@@ -30,7 +30,7 @@ from convserve.jobs import JobSettings
 from convserve.service.api.backends import bound_mlflow_client
 from convserve.service.app import create_app
 from convserve.service.metrics import MULTIPROCESS_DIR
-from convserve.service.model import providers_for
+from convserve.service.sessions import providers_for
 from convserve.service.settings import Settings, available_cores
 
 log = logging.getLogger("convserve.service")

@@ -1,23 +1,18 @@
 """Shadow runs off the response path, in a process of their own.
 
-A challenger's mirrored requests run in a child process (``python -m
-convserve.service.shadow MODEL.onnx FD``) at the lowest CPU priority (``SCHED_IDLE``), one
-operator thread: it takes the cycles the answering processes leave idle, never their
-interpreter lock or their threads. The serving process copies a request's images into a
-memory both processes map (``SLOTS`` slots of ``SLOT_BYTES``) once its answer went out; the
-requests of ``FLUSH_SECONDS`` (or a slot's worth) are one batch, announced to the child by a
-small frame on its stdin (the slot, the shape, the champion's answers and time); the child runs
-the challenger on the slot, compares (agreement, confidences, the CPU time of its run against
-the champion's time) and sends that back on its stdout, to be counted in the challenger's
-``Live``. Nothing the size of the images crosses the pipe or waits on the event loop: the
-copy is made a request at a time. While ``BACKLOG`` batches are under way a request is not
-shadowed (counted as skipped): under saturation the sample shrinks, and the champion's answers
-do not slow down. A request larger than a slot is not shadowed either.
-
-A frame is a 4-byte little-endian length, then a pickle: to the child ``(slot, images,
-(C, H, W), champion probabilities, champion seconds)``, back the comparison
-(``rollout.Window.compared``) or an error's text. Both ends are this module, in processes of
-the same service.
+A challenger's mirrored requests run in a child process (``shadow_run``) at the lowest CPU
+priority (``SCHED_IDLE``) with one operator thread: it takes the cycles the answering
+processes leave idle, never their interpreter lock or their threads, and it imports numpy
+and onnxruntime alone. The serving process copies a request's images into memory both
+processes map (``SLOTS`` slots of ``SLOT_BYTES``) once its answer went out; the requests of
+``FLUSH_SECONDS`` (or a slot's worth) are one batch, announced to the child by a small frame
+on its stdin (the slot, the shape, the champion's answers); the child runs the challenger on
+the slot and sends back how the two compare (agreement, confidences, the CPU time of its
+run), counted in the challenger's ``Live`` with the champion's time. Nothing the size of the
+images crosses the pipe or waits on the event loop: the copy is made a request at a time.
+While ``BACKLOG`` batches are under way a request is not shadowed (counted as skipped): under
+saturation the sample shrinks, and the champion's answers do not slow down. A request larger
+than a slot is not shadowed either.
 """
 
 from __future__ import annotations
@@ -28,28 +23,23 @@ import logging
 import mmap
 import os
 import pickle
-import struct
 import sys
 import tempfile
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
 from convserve import contract
+from convserve.service import shadow_run
 from convserve.service.rollout import Live, Window
+from convserve.service.shadow_run import BACKLOG, HEADER, SLOT_BYTES, SLOTS, frame
 
 log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 0.05  # how long a shadowed request waits for others to run with
-SLOT_BYTES = 2 << 20  # one batch's images at most (float32)
-BACKLOG = 8  # batches under way in a challenger's process before requests are skipped
-SLOTS = BACKLOG + 1  # those under way, and the one being filled
-NICE = 19  # the child's CPU priority where SCHED_IDLE is missing
-_HEADER = struct.Struct("<I")
 
 
 @dataclass
@@ -73,11 +63,6 @@ class _Batch:
     seconds: float = 0.0
 
 
-def _frame(value: Any) -> bytes:
-    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    return _HEADER.pack(len(data)) + data
-
-
 def _shared_memory() -> tuple[int, mmap.mmap]:
     """An anonymous file of ``SLOTS`` slots (memfd on Linux) and its map; the child gets the
     file descriptor. Nothing is left behind when both processes end."""
@@ -94,9 +79,12 @@ class Runner:
     """One challenger version's shadow process, the batch being filled and those under way
     (event loop only)."""
 
-    def __init__(self, model_key: tuple[str, str, str], path: Path, live: Live) -> None:
-        self.key, self.path, self.live = model_key, path, live
-        self.under_way: deque[tuple[int, bytes]] = deque()  # (images, frame), oldest first
+    def __init__(
+        self, model_key: tuple[str, str, str], path: Path, live: Live, device: str
+    ) -> None:
+        self.key, self.path, self.live, self.device = model_key, path, live, device
+        # (images, the champion's seconds, frame), oldest first
+        self.under_way: deque[tuple[int, float, bytes]] = deque()
         self.idle = asyncio.Event()
         self.idle.set()
         self.failed: str | None = None
@@ -142,34 +130,35 @@ class Runner:
         if not batch.images:
             return
         probs = np.concatenate(batch.probs)
-        frame = _frame((batch.slot, batch.images, batch.shape, probs, batch.seconds))
-        self.under_way.append((batch.images, frame))
+        message = frame((batch.slot, batch.images, batch.shape, probs))
+        self.under_way.append((batch.images, batch.seconds, message))
         self.idle.clear()
         self._filling = _Batch(slot=(batch.slot + 1) % SLOTS)
         if self._proc is not None:  # else sent once the process is up
-            self._send(frame)
+            self._send(message)
 
-    def _send(self, frame: bytes) -> None:
+    def _send(self, message: bytes) -> None:
         assert self._proc is not None and self._proc.stdin is not None
         with contextlib.suppress(ConnectionError, RuntimeError):  # gone: _serve counts them
-            self._proc.stdin.write(frame)
+            self._proc.stdin.write(message)
 
     async def _serve(self) -> None:
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", __name__, str(self.path), str(self._fd),
+                sys.executable, "-m", shadow_run.__name__, str(self.path), str(self._fd),
+                self.device, contract.INPUT, contract.PROBABILITIES,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 pass_fds=(self._fd,),
             )  # fmt: skip
             self._started.set()
             assert self._proc.stdout is not None
-            for _, frame in self.under_way:
-                self._send(frame)
+            for *_, message in self.under_way:
+                self._send(message)
             while True:
-                header = await self._proc.stdout.readexactly(_HEADER.size)
-                (size,) = _HEADER.unpack(header)
+                header = await self._proc.stdout.readexactly(HEADER.size)
+                (size,) = HEADER.unpack(header)
                 reply = pickle.loads(await self._proc.stdout.readexactly(size))
-                self._count(self.under_way.popleft()[0], reply)
+                self._count(*self.under_way.popleft()[:2], reply)
                 if not self.under_way:
                     self.idle.set()
         except (asyncio.IncompleteReadError, OSError) as err:
@@ -185,17 +174,27 @@ class Runner:
 
     def _give_up(self) -> None:
         """The batches under way that will not be answered, counted as failures."""
-        for images, _ in self.under_way:
+        for images, *_ in self.under_way:
             self.live.count(failures=images)
         self.under_way.clear()
         self.idle.set()
 
-    def _count(self, images: int, reply: Any) -> None:
+    def _count(self, images: int, champion_seconds: float, reply: Any) -> None:
         if isinstance(reply, str):  # the champion answered; the challenger's failure is counted
             self.live.count(failures=images)
             log.warning("shadow run on %s v%s failed: %s", self.key[0], self.key[1], reply)
             return
-        self.live.add(reply)
+        agree, challenger_confidence, champion_confidence, seconds = reply
+        self.live.add(
+            Window(
+                requests=images,
+                agree=agree,
+                challenger_confidence=challenger_confidence,
+                champion_confidence=champion_confidence,
+                challenger_seconds=seconds,
+                champion_seconds=champion_seconds,
+            )
+        )
 
     async def close(self) -> None:
         """End the process: it answers the batches under way (the one being filled sent
@@ -220,9 +219,11 @@ class Runner:
 
 
 class Shadows:
-    """Every challenger's runner in this process, by model name (one version each)."""
+    """Every challenger's runner in this process, by model name (one version each), on
+    ``device`` (``CONVSERVE_DEVICE``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
         self.runners: dict[str, Runner] = {}
         self._closing: set[Runner] = set()  # replaced or retired, answering what they hold
 
@@ -233,7 +234,8 @@ class Shadows:
         if runner is None or runner.key != model_key:
             if runner is not None:  # a new challenger version: the old process ends
                 asyncio.get_running_loop().create_task(self._close(runner))
-            runner = self.runners[name] = Runner(model_key, Path(model_key[2]), live)
+            path = Path(model_key[2])
+            runner = self.runners[name] = Runner(model_key, path, live, self.device)
         runner.add(item)
 
     def flush(self) -> None:
@@ -270,58 +272,3 @@ class Shadows:
     async def close(self) -> None:
         for name in list(self.runners):
             await self.retire(name)
-
-
-def _read(stream: BinaryIO) -> Any:
-    header = stream.read(_HEADER.size)
-    if len(header) < _HEADER.size:
-        return None
-    (size,) = _HEADER.unpack(header)
-    return pickle.loads(stream.read(size))
-
-
-def _lowest_priority() -> None:
-    """SCHED_IDLE where the system has it (Linux): a waking answering process always takes
-    the core from this one, which runs on what is left (a share of weight 3 against 1024);
-    else nice 19."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        os.nice(NICE)
-
-
-def main(path: str, fd: int) -> int:
-    """The child: load the challenger, then answer batches until stdin closes (at the lowest
-    priority from its first batch on: the load is done once, at the usual one)."""
-    from convserve.service.model import _session
-    from convserve.service.settings import Settings
-
-    settings = Settings().model_copy(update={"intra_op_threads": 1, "inter_op_threads": 1})
-    try:
-        session = _session(Path(path), settings)
-    except Exception as err:
-        print(f"shadow: {err}", file=sys.stderr)
-        return 2
-    memory = mmap.mmap(fd, SLOTS * SLOT_BYTES)
-    # the run's CPU time, not its wait for a core at the lowest priority (on a GPU: its time)
-    clock = time.perf_counter if "CUDAExecutionProvider" in session.get_providers() else None
-    clock = clock or time.thread_time
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    _lowest_priority()
-    while (frame := _read(stdin)) is not None:
-        slot, images, shape, champion, champion_seconds = frame
-        batch = np.ndarray((images, *shape), np.float32, buffer=memory, offset=slot * SLOT_BYTES)
-        start = clock()
-        try:
-            (probs,) = session.run([contract.PROBABILITIES], {contract.INPUT: batch})
-            reply: Any = Window.compared(champion, probs, champion_seconds, clock() - start)
-        except Exception as err:  # onnxruntime raises its own untyped errors
-            reply = f"{type(err).__name__}: {err}"
-        del batch
-        stdout.write(_frame(reply))
-        stdout.flush()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], int(sys.argv[2])))
