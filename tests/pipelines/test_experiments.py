@@ -68,3 +68,21 @@ def test_only_runs_one_and_unknown_names_fail(tmp_path):
     assert [f.name for f in findings] == ["convolution"] and findings[0].reproduced
     with pytest.raises(ValueError, match="choose from: symmetry"):
         run_experiments(tmp_path, only=["nope"], quick=True)
+
+
+def test_a_claim_reproduced_in_part_is_reported_as_such(tmp_path):
+    """Three verdicts: the report's count, table and section say which, and a claim
+    reproduced in part is not counted as reproduced."""
+    from convserve.pipelines.experiments import Finding, tally
+
+    def finding(name: str, reproduced: bool, partly: bool = False) -> Finding:
+        return Finding(name, name.title(), "c", "a", "k", f"{name} measured", reproduced,
+                       partly=partly)  # fmt: skip
+
+    findings = [finding("one", True), finding("two", False, partly=True), finding("three", False)]
+    assert [f.verdict for f in findings] == ["reproduced", "partly reproduced", "not reproduced"]
+    assert tally(findings) == "1 of 3 claims reproduced, 1 partly, 1 not"
+    text = write_report(findings, tmp_path, quick=True).read_text()
+    assert "1 of 3 claims reproduced, 1 partly, 1 not." in text
+    assert "| 2 | Two | **partly reproduced** | two measured |" in text
+    assert "**Verdict.** partly reproduced" in text

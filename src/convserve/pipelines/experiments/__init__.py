@@ -62,13 +62,34 @@ class Finding:
     anchor: str  # the paper or derivation the criterion comes from
     criterion: str  # what must hold, with the reason for the threshold
     measured: str  # the figures, in words
-    reproduced: bool
+    reproduced: bool  # the claim as stated, whole
     figures: list[Path] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    # where the criterion says so, PARTLY: some of the claim holds, and ``measured`` says
+    # which part does not
+    partly: bool = False
+
+    @property
+    def verdict(self) -> str:
+        if self.reproduced:
+            return REPRODUCED
+        return PARTLY if self.partly else NOT_REPRODUCED
 
 
 Experiment = Callable[[Context], Finding]
+REPRODUCED, PARTLY, NOT_REPRODUCED = "reproduced", "partly reproduced", "not reproduced"
+
+
+def tally(findings: list[Finding]) -> str:
+    """ "9 of 11 claims reproduced, 1 partly, 1 not"."""
+    counts = {v: sum(f.verdict == v for f in findings) for v in (PARTLY, NOT_REPRODUCED)}
+    text = f"{sum(f.reproduced for f in findings)} of {len(findings)} claims reproduced"
+    if counts[PARTLY]:
+        text += f", {counts[PARTLY]} partly"
+    if counts[NOT_REPRODUCED]:
+        text += f", {counts[NOT_REPRODUCED]} not"
+    return text
 
 
 def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -134,14 +155,13 @@ def write_report(findings: list[Finding], folder: Path, quick: bool) -> Path:
     lines = [
         "# convserve seed experiments",
         "",
-        f"Mode: {'quick (reduced)' if quick else 'full'}. "
-        f"{sum(f.reproduced for f in findings)} of {len(findings)} claims reproduced.",
+        f"Mode: {'quick (reduced)' if quick else 'full'}. {tally(findings)}.",
         "",
         "| # | claim | verdict | measured |",
         "| --- | --- | --- | --- |",
     ]
     for i, f in enumerate(findings, 1):
-        verdict = "reproduced" if f.reproduced else "**not reproduced**"
+        verdict = f.verdict if f.reproduced else f"**{f.verdict}**"
         cell = f.measured.splitlines()[0].replace("|", "\\|")
         lines.append(f"| {i} | {f.title} | {verdict} | {cell} |")
     for i, f in enumerate(findings, 1):
@@ -157,8 +177,7 @@ def write_report(findings: list[Finding], folder: Path, quick: bool) -> Path:
             "",
             f"**Measured.** {f.measured}",
             "",
-            f"**Verdict.** {'reproduced' if f.reproduced else 'not reproduced'} "
-            f"({f.seconds:.1f} s)",
+            f"**Verdict.** {f.verdict} ({f.seconds:.1f} s)",
         ]
         lines += [f"\n![{p.stem}]({p.relative_to(folder)})" for p in f.figures]
     path = folder / "report.md"
@@ -186,14 +205,13 @@ def log_report(
     )
     run_id = run.info.run_id
     for f in findings:
-        client.set_tag(
-            run_id, f"claim.{f.name}", "reproduced" if f.reproduced else "not reproduced"
-        )
+        client.set_tag(run_id, f"claim.{f.name}", f.verdict)
         for key, value in f.metrics.items():
             # MLflow names allow letters, digits, "_-. :/" only ("tanh + Xavier" has a "+").
             name = re.sub(r"[^\w\-. :/]", "_", f"{f.name}.{key}")
             client.log_metric(run_id, name, float(value))
     client.log_metric(run_id, "claims_reproduced", float(sum(f.reproduced for f in findings)))
+    client.log_metric(run_id, "claims_partly", float(sum(f.verdict == PARTLY for f in findings)))
     client.log_artifacts(run_id, str(folder), "report")
     client.set_terminated(run_id, "FINISHED")
     return str(run_id)

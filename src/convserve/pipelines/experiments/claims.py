@@ -306,61 +306,112 @@ def _relu_training(
 def xavier_he(ctx: Context) -> Finding:
     depth = 30
     model = {"blocks": [], "hidden": [64] * (depth - 1)}
-    fig, (ax, ax_loss) = subplots(1, 2, figsize=(11, 3.8))
+    fig, (ax, ax_grid, ax_loss) = subplots(1, 3, figsize=(15, 3.8))
     growth = _activation_scale(ctx, model, ax)
     steps = ctx.steps(1000, 600)
     grid = [0.001, 0.003, 0.01, 0.03] if not ctx.quick else [0.001, 0.003, 0.01]
     loss, curves = _relu_training(ctx, model, grid, steps)
-    best_lr = min(grid, key=lambda lr: loss["He"][lr])
-    best = {k: min(v.values()) for k, v in loss.items()}
+    best_lr = {k: min(by_lr, key=by_lr.__getitem__) for k, by_lr in loss.items()}
+    best = {k: loss[k][best_lr[k]] for k in loss}
     chance = math.log(10)
+    _draw_grid(ax_grid, loss, chance)
     for name in loss:
-        ax_loss.plot(curves[(name, best_lr)], label=f"ReLU + {name}, lr {best_lr:g}")
+        lr = best_lr[name]
+        ax_loss.plot(curves[(name, lr)], label=f"ReLU + {name}, its best lr {lr:g}")
     ax_loss.axhline(chance, color="grey", linestyle=":", label="ln 10 (chance)")
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="training at He's best lr")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="each at its best learning rate")
     ax_loss.legend(fontsize=8)
     expected = (1 / math.sqrt(2)) ** (depth - 1)
-    stalled = loss["Xavier"][best_lr]
-    ok = (
+    learns = {lr: v for lr, v in loss["Xavier"].items() if v < 0.8 * chance}
+    scale_ok = (
         0.3 < growth["ReLU + He"] < 3
         and growth["ReLU + Xavier"] < 1e-2
         and growth["tanh + Xavier"] > 0.05
-        and best["He"] < chance / 10
-        and stalled > 0.8 * chance
-        and best["Xavier"] > 3 * best["He"]
     )
+    he_converges = best["He"] < chance / 10
+    # He et al.: Xavier "completely stalls". Whole: at every learning rate of the grid. In
+    # part: He's best is still far below Xavier's, but Xavier learns at some rate.
+    partly = scale_ok and he_converges and best["Xavier"] > 3 * best["He"]
+    ok = partly and not learns
 
-    def row(name: str) -> str:
-        return ", ".join(f"lr {lr:g} {v:.3f}" for lr, v in loss[name].items())
-
+    measured = _xavier_he_measured(growth, loss, best_lr, learns)
     return Finding(
         "xavier_he",
         "Xavier suits tanh, He suits ReLU",
-        "Xavier initialisation keeps the variance of activations roughly equal across layers "
-        "for tanh, He initialisation does so for ReLU; with ReLU, Xavier shrinks the signal by "
-        "about 1/sqrt(2) per layer, so a 30-layer plain ReLU network with Xavier stalls while "
-        "He converges.",
+        'He et al. 2015 (Figure 3): a 30-layer plain ReLU network "is able to converge" with '
+        'their initialisation, while with Xavier\'s it "completely stalls"; Glorot & Bengio '
+        "2010 derive Xavier's scale for activations with unit slope at 0, such as tanh, and He "
+        "et al. show it shrinks the signal by about 1/sqrt(2) per ReLU layer.",
         "Glorot & Bengio 2010, section 4.2; He et al. 2015, section 2.2 and Figure 3 (30 "
         "layers: He init converges, Xavier stalls).",
-        f"In a {depth}-layer plain network (64 units a layer) at initialisation the "
-        "last/first hidden activation std is between 0.3 and 3 for ReLU + He, below 1e-2 for "
-        f"ReLU + Xavier (the derivation predicts (1/sqrt 2)^{depth - 1} = {expected:.1e}), "
-        "above 0.05 for tanh + Xavier (tanh's slope below 1 shrinks it slowly). Trained "
-        f"{steps} steps at each learning rate of {grid} (SGD, momentum 0.9): He's best "
-        f"training loss is below ln 10 / 10 = {chance / 10:.2f} (it converges); at that "
-        f"learning rate Xavier stays above 80% of ln 10 = {0.8 * chance:.2f} (it stalls near "
-        "chance); and Xavier's best over the whole grid is at least 3 times He's best.",
-        "activation std last/first: "
-        + ", ".join(f"{k} {v:.2e}" for k, v in growth.items())
-        + f"; final training loss, He: {row('He')}; Xavier: {row('Xavier')}; He's best lr "
-        f"{best_lr:g}.",
+        f"Setup: a {depth}-layer plain network (64 units a layer) on digits, one seed (the "
+        "gap is orders of magnitude, not a seed's). At initialisation the last/first hidden "
+        "activation std is between 0.3 and 3 for ReLU + He, below 1e-2 for ReLU + Xavier "
+        f"(the derivation predicts (1/sqrt 2)^{depth - 1} = {expected:.1e}), above 0.05 for "
+        "tanh + Xavier (tanh's slope below 1 shrinks it slowly). Each init is trained "
+        f"{steps} steps at every learning rate of {grid} (SGD, momentum 0.9, as He et al. "
+        f"train both alike). He converges: its best loss is below ln 10 / 10 = "
+        f"{chance / 10:.2f}. Reproduced: Xavier stays above 80% of ln 10 = "
+        f"{0.8 * chance:.2f} at every learning rate (it stalls near chance wherever it is "
+        "tried). Partly reproduced: Xavier learns at some rate, but its best is still more "
+        "than 3 times He's best. Not reproduced: anything else.",
+        measured,
         ok,
         [save_figure(fig, ctx.folder / "xavier_he.png")],
         {
             **{f"act_growth_{k}": v for k, v in growth.items()},
             **{f"loss_{k}_lr{lr:g}": v for k, d in loss.items() for lr, v in d.items()},
+            "best_loss_ratio_xavier_over_he": best["Xavier"] / max(best["He"], 1e-12),
         },
+        partly=partly and bool(learns),
     )
+
+
+def _xavier_he_measured(
+    growth: dict[str, float],
+    loss: dict[str, dict[float, float]],
+    best_lr: dict[str, float],
+    learns: dict[float, float],
+) -> str:
+    """What ``xavier_he`` measured, in words: the init scales, the losses over the grid, each
+    init's best, and where Xavier learns."""
+    chance = math.log(10)
+    best = {k: loss[k][best_lr[k]] for k in loss}
+
+    def row(name: str) -> str:
+        return ", ".join(f"lr {lr:g} {v:.3f}" for lr, v in loss[name].items())
+
+    measured = (
+        "activation std last/first: "
+        + ", ".join(f"{k} {v:.2e}" for k, v in growth.items())
+        + f"; final training loss, He: {row('He')}; Xavier: {row('Xavier')}; best: He "
+        f"{best['He']:.3f} at lr {best_lr['He']:g}, Xavier {best['Xavier']:.3f} at lr "
+        f"{best_lr['Xavier']:g} ({best['Xavier'] / max(best['He'], 1e-12):.0f}x He's)."
+    )
+    if learns:
+        measured += " Xavier does not stall at every learning rate: " + ", ".join(
+            f"lr {lr:g} reaches {v:.3f} ({1 - v / chance:.0%} below ln 10)"
+            for lr, v in learns.items()
+        )
+        measured += "; the claim holds as 'far worse than He', not as 'stalls'."
+    return measured
+
+
+def _draw_grid(ax: Axes, loss: dict[str, dict[float, float]], chance: float) -> None:
+    """Final training loss by learning rate, each init (a diverged run drawn at the top)."""
+    for name, by_lr in loss.items():
+        values = [min(v, 2 * chance) for v in by_lr.values()]
+        ax.plot(list(by_lr), values, marker="o", label=f"ReLU + {name}")
+    ax.axhline(chance, color="grey", linestyle=":", label="ln 10 (chance)")
+    ax.axhline(0.8 * chance, color="grey", linestyle="--", linewidth=0.8, label="80% of ln 10")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="learning rate",
+        ylabel="final training loss",
+        title="every learning rate of the grid",
+    )
+    ax.legend(fontsize=8)
 
 
 def _time_activations(x: torch.Tensor, inner: int, repeats: int) -> dict[str, float]:
