@@ -120,9 +120,8 @@ class Catalog:
         self._default_shares = Shares(settings.shadow_share, settings.canary_share)
         self.challengers: dict[str, ModelManager] = {}
         self.live: dict[tuple[str, str], Live] = {}
-        self.shadows = Shadows(
-            settings.device
-        )  # shadow runs, in a process per challenger (shadow.py)
+        # shadow runs, in a process per challenger (shadow.py)
+        self.shadows = Shadows(settings.device)
         self._next_log = time.monotonic() + settings.rollout_log_seconds
 
     def _add(self, source: Source, origin: str) -> ModelManager:

@@ -252,11 +252,6 @@ class Engine:
             raise ValueError(f"unknown output {name!r}; the model has {', '.join(names)}")
         return names.index(name)
 
-    @property
-    def inflight(self) -> int:
-        """Requests submitted and not answered yet."""
-        return self._inflight
-
     async def close(self) -> None:
         """Finish every request already submitted, then stop; late callers run unbatched."""
         self._closing = True
