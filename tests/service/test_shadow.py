@@ -5,6 +5,8 @@ challenger's agreement, confidences and times."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +125,37 @@ def test_a_challenger_far_behind_or_a_request_too_large_skips_and_a_retired_one_
     assert (window.requests, window.skipped, window.failures) == (3, 0, 0)
     window = asyncio.run(too_large()).take()
     assert (window.requests, window.skipped) == (0, shadow.SLOT_BYTES // 256 + 1)
+
+
+def test_a_shadow_process_that_dies_is_counted_then_started_again(onnx_path, monkeypatch):
+    probs = np.full((2, 10), 0.1, dtype=np.float32)
+
+    def item(seed: int) -> shadow.Item:
+        return shadow.Item(_batch(2, seed), probs, 0.001)
+
+    async def run() -> tuple[Live, str | None, int, int]:
+        shadows, live = shadow.Shadows(), Live()
+        shadows.add("digits", _key(onnx_path), live, item(0))
+        await shadows.done()
+        first = shadows.runners["digits"]
+        assert first._proc is not None
+        os.kill(first._proc.pid, signal.SIGKILL)  # as the kernel's OOM killer would
+        for _ in range(500):  # the reader sees its end of file
+            if first.failed is not None:
+                break
+            await asyncio.sleep(0.01)
+        monkeypatch.setattr(shadow, "RESTART_SECONDS", 3600.0)
+        shadows.add("digits", _key(onnx_path), live, item(1))  # not yet: a failure
+        monkeypatch.setattr(shadow, "RESTART_SECONDS", 0.0)
+        shadows.add("digits", _key(onnx_path), live, item(2))  # a new process answers
+        await shadows.done()
+        second = shadows.runners["digits"]
+        pids = first._proc.pid, second._proc.pid if second._proc else 0
+        await shadows.close()
+        return live, first.failed, *pids
+
+    live, failed, first_pid, second_pid = asyncio.run(run())
+    assert failed is not None and "exit status -9" in failed
+    assert second_pid and second_pid != first_pid
+    window = live.take()
+    assert (window.requests, window.failures) == (4, 2)

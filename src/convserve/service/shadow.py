@@ -25,6 +25,7 @@ import os
 import pickle
 import sys
 import tempfile
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from convserve.service.shadow_run import BACKLOG, HEADER, SLOT_BYTES, SLOTS, fra
 log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 0.05  # how long a shadowed request waits for others to run with
+RESTART_SECONDS = 30.0  # after a shadow process ended on its own, its next start at the soonest
 
 
 @dataclass
@@ -88,6 +90,7 @@ class Runner:
         self.idle = asyncio.Event()
         self.idle.set()
         self.failed: str | None = None
+        self.failed_at = 0.0  # time.monotonic()
         self.closing = False
         self._fd, self._memory = _shared_memory()
         self._filling = _Batch(slot=0)
@@ -166,8 +169,13 @@ class Runner:
             self.failed = f"the shadow process of {self.key[0]} v{self.key[1]} ended: " + (
                 f"exit status {code}" if code is not None else str(err)
             )
+            self.failed_at = time.monotonic()
             if not self.closing:
-                log.warning("%s; its shadow runs are counted as failures", self.failed)
+                log.warning(
+                    "%s; its shadow runs are counted as failures, and it starts again in %.0f s",
+                    self.failed,
+                    RESTART_SECONDS,
+                )
         finally:
             self._started.set()
             self._give_up()
@@ -218,6 +226,10 @@ class Runner:
         os.close(self._fd)
 
 
+def _restart(runner: Runner) -> bool:
+    return runner.failed is not None and time.monotonic() - runner.failed_at >= RESTART_SECONDS
+
+
 class Shadows:
     """Every challenger's runner in this process, by model name (one version each), on
     ``device`` (``CONVSERVE_DEVICE``)."""
@@ -229,9 +241,10 @@ class Shadows:
 
     def add(self, name: str, model_key: tuple[str, str, str], live: Live, item: Item) -> None:
         """Shadow ``item`` on ``name``'s challenger (``model_key``: its name, version and
-        file); a new version's runner replaces the last one's."""
+        file); a new version's runner replaces the last one's, and so does a new process
+        ``RESTART_SECONDS`` after the last one ended on its own (killed, out of memory)."""
         runner = self.runners.get(name)
-        if runner is None or runner.key != model_key:
+        if runner is None or runner.key != model_key or _restart(runner):
             if runner is not None:  # a new challenger version: the old process ends
                 asyncio.get_running_loop().create_task(self._close(runner))
             path = Path(model_key[2])
