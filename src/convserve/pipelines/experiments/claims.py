@@ -338,10 +338,10 @@ def xavier_he(ctx: Context) -> Finding:
     return Finding(
         "xavier_he",
         "Xavier suits tanh, He suits ReLU",
-        'He et al. 2015 (Figure 3): a 30-layer plain ReLU network "is able to converge" with '
-        'their initialisation, while with Xavier\'s it "completely stalls"; Glorot & Bengio '
-        "2010 derive Xavier's scale for activations with unit slope at 0, such as tanh, and He "
-        "et al. show it shrinks the signal by about 1/sqrt(2) per ReLU layer.",
+        'He et al. 2015, Figure 3, of a 30-layer plain ReLU network: their initialisation "is '
+        'able to make it converge", while with Xavier\'s it "completely stalls"; Glorot & '
+        "Bengio 2010 derive Xavier's scale for activations with unit slope at 0, such as "
+        "tanh, and He et al. show it shrinks the signal by about 1/sqrt(2) per ReLU layer.",
         "Glorot & Bengio 2010, section 4.2; He et al. 2015, section 2.2 and Figure 3 (30 "
         "layers: He init converges, Xavier stalls).",
         f"Setup: a {depth}-layer plain network (64 units a layer) on digits, one seed (the "
