@@ -42,9 +42,16 @@ def test_alias_moves_under_load_without_a_failed_request(
         wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, "ready", 0.2)
 
         with PredictLoad(url, image, clients=6) as load:
-            for target in (versions[1], versions[2], versions[0], versions[2]):
+            for moves, target in enumerate((versions[1], versions[2], versions[0], versions[2])):
                 client.set_registered_model_alias(name, "champion", target)
-                # both workers serve it: the last ten answers are all the new version
+                # both workers reloaded (the first load and one a move each, both counted),
+                # before the alias moves again: the answers may all come from one of them
+                reloads = f"convserve_model_reloads_total {2.0 * (moves + 2)}"
+                wait_until(
+                    lambda reloads=reloads: reloads in httpx.get(f"{url}/metrics").text,
+                    30,
+                    f"version {target} loaded by both workers",
+                )
                 wait_until(
                     lambda target=target: load.versions[-10:] == [target] * 10,
                     30,
