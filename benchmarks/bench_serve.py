@@ -74,9 +74,13 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from convserve.service.rollout import Evidence
 
 HERE = Path(__file__).resolve().parent
 BOUNDARY = "convservebench"
@@ -403,18 +407,25 @@ wrk.headers["Content-Type"] = "{content_type}"
     return lua
 
 
-def _interleaved(
+def _turns(
     servers: list[Server], repeats: int, run: Callable[[Server], dict[str, float]]
-) -> dict[str, dict[str, float]]:
-    """Each repeat runs the servers in turn, so that a slow spell of a shared machine falls
-    on all of them, not on whichever ran then; the best run of each by requests/s, with the
-    errors of every run."""
+) -> dict[str, list[dict[str, float]]]:
+    """Every run of each server: each repeat runs the servers in turn, so that a slow spell
+    of a shared machine falls on all of them, not on whichever ran then."""
     runs: dict[str, list[dict[str, float]]] = {s.name: [] for s in servers}
     for _ in range(repeats):
         for server in servers:
             runs[server.name].append(run(server))
+    return runs
+
+
+def _interleaved(
+    servers: list[Server], repeats: int, run: Callable[[Server], dict[str, float]]
+) -> dict[str, dict[str, float]]:
+    """The best run of each server by requests/s (``_turns``), with the errors of every
+    run."""
     best = {}
-    for name, results in runs.items():
+    for name, results in _turns(servers, repeats, run).items():
         best[name] = max(results, key=lambda r: r["rps"])
         best[name]["errors"] = sum(r["errors"] for r in results)
     return best
@@ -900,15 +911,15 @@ def shadow_cost(args: argparse.Namespace, folder: Path) -> list[Target]:
             p99s, answered = _median_p99_points(servers, args, lua, args.concurrency or (1, 8, 32))
         finally:
             _stopped(servers)  # each worker logs what its challenger showed as it stops
-        live = _live_totals(url, "bench", "2")
+        live = _evidence(url, "bench", "2")
     _load_table(servers)
     plain, shadowed = servers
     print(
-        f"\nthe challenger, every worker's windows in MLflow: {live['requests']:.0f} images "
-        f"shadowed, {live['skipped']:.0f} skipped (its process that far behind), "
-        f"{live['failures']:.0f} failed, of {answered[shadowed.name]:.0f} requests answered; "
-        f"agreement {live['agreement']:.3f}, {live['challenger_ms']:.4f} ms per image against the "
-        f"champion's {live['champion_ms']:.4f}"
+        f"\nthe challenger, every worker's windows in MLflow: {live.requests} images "
+        f"shadowed, {live.skipped} skipped (its process that far behind), "
+        f"{live.failures} failed, of {answered[shadowed.name]:.0f} requests answered; "
+        f"agreement {live.agreement:.3f}, {live.challenger_ms:.4f} ms per image against the "
+        f"champion's {live.champion_ms:.4f}"
     )
     targets: list[Target] = []
     for c in sorted(plain.points):
@@ -936,10 +947,9 @@ def _median_p99_points(
     p99s: dict[str, dict[int, list[float]]] = {s.name: {} for s in servers}
     answered = {s.name: 0.0 for s in servers}
     for c in concurrencies:
-        runs: dict[str, list[dict[str, float]]] = {s.name: [] for s in servers}
-        for _ in range(args.repeats):
-            for server in servers:
-                runs[server.name].append(server.load(lua, c, args.seconds, args.query))
+        runs = _turns(
+            servers, args.repeats, lambda s, c=c: s.load(lua, c, args.seconds, args.query)
+        )
         for server in servers:
             ordered = sorted(runs[server.name], key=lambda r: r["p99"])
             server.points[c] = {
@@ -951,23 +961,14 @@ def _median_p99_points(
     return p99s, answered
 
 
-def _live_totals(url: str, name: str, version: str) -> dict[str, float]:
-    """The ``live.*`` windows every worker logged to the challenger's run, summed (counts) or
-    weighed by their requests (means)."""
-    from mlflow.tracking import MlflowClient
+def _evidence(url: str, name: str, version: str) -> Evidence:
+    """What every worker logged of the challenger ``name`` ``version`` (``rollout.evidence``,
+    as ``convserve promote`` reads it)."""
+    from convserve.service import rollout
+    from convserve.service.registry import registry_for
 
-    client = MlflowClient(url)
-    run_id = str(client.get_model_version(name, version).run_id)
-    history = {
-        key: [m.value for m in client.get_metric_history(run_id, f"live.{key}")]
-        for key in ("requests", "skipped", "failures", "agreement", "challenger_ms", "champion_ms")
-    }
-    out = {key: sum(history[key]) for key in ("requests", "skipped", "failures")}
-    weights = [n for n in history["requests"] if n]  # means are logged for windows with some
-    for key in ("agreement", "challenger_ms", "champion_ms"):
-        total = sum(w * v for w, v in zip(weights, history[key], strict=False))
-        out[key] = total / max(sum(weights), 1)
-    return out
+    registry = registry_for(url)
+    return rollout.evidence(registry, str(registry.get_model_version(name, version).run_id))
 
 
 def _rollout(port: int) -> dict:  # type: ignore[type-arg]

@@ -15,6 +15,7 @@ import pytest
 
 from convserve import contract
 from convserve.service import shadow
+from convserve.service.model import Source
 from convserve.service.rollout import Live
 
 
@@ -27,8 +28,8 @@ def _probs(path: Path, batch: np.ndarray) -> np.ndarray:
     return session.run([contract.PROBABILITIES], {contract.INPUT: batch})[0]  # type: ignore[no-any-return]
 
 
-def _key(path: Path) -> tuple[str, str, str]:
-    return ("digits", "2", str(path))
+def _source(path: Path) -> Source:
+    return Source("models:/digits/2", "digits", version="2", path=path)
 
 
 def test_shadowed_requests_run_in_the_challengers_process_and_are_counted(onnx_path):
@@ -41,7 +42,7 @@ def test_shadowed_requests_run_in_the_challengers_process_and_are_counted(onnx_p
         shadows, live = shadow.Shadows(), Live()
         for batch, probs in zip(batches, champion, strict=True):
             item = shadow.Item(batch, probs, champion_image_seconds=0.001)
-            shadows.add("digits", _key(onnx_path), live, item)
+            shadows.add(_source(onnx_path), live, item)
         await shadows.done()
         pids = {r._proc.pid for r in shadows.runners.values() if r._proc is not None}
         await shadows.close()
@@ -67,13 +68,13 @@ def test_a_challenger_that_cannot_load_or_run_counts_failures_and_nothing_crashe
     async def run() -> tuple[Live, Live, str | None]:
         shadows, bad, good = shadow.Shadows(), Live(), Live()
         probs = np.full((2, 10), 0.1, dtype=np.float32)
-        shadows.add("broken", ("broken", "1", str(broken)), bad,
-                    shadow.Item(_batch(2, 0), probs, 0.001))  # fmt: skip
+        source = Source("models:/broken/1", "broken", version="1", path=broken)
+        shadows.add(source, bad, shadow.Item(_batch(2, 0), probs, 0.001))
         # a batch the model refuses (28x28 where it takes 8x8), then one it takes
         wrong = np.zeros((2, 1, 28, 28), dtype=np.float32)
-        shadows.add("digits", _key(onnx_path), good, shadow.Item(wrong, probs, 0.001))
+        shadows.add(_source(onnx_path), good, shadow.Item(wrong, probs, 0.001))
         shadows.flush()
-        shadows.add("digits", _key(onnx_path), good, shadow.Item(_batch(2, 1), probs, 0.001))
+        shadows.add(_source(onnx_path), good, shadow.Item(_batch(2, 1), probs, 0.001))
         await shadows.done()
         failed = shadows.runners["broken"].failed
         await shadows.close()
@@ -97,7 +98,7 @@ def test_a_challenger_far_behind_or_a_request_too_large_skips_and_a_retired_one_
         # flushed one by one before the process is up: BACKLOG batches wait, the rest skip
         for seed in range(shadow.BACKLOG + 3):
             item = shadow.Item(_batch(1, seed), probs, 0.001)
-            shadows.add("digits", _key(onnx_path), live, item)
+            shadows.add(_source(onnx_path), live, item)
             shadows.flush()
         await shadows.close()
         return live
@@ -106,7 +107,7 @@ def test_a_challenger_far_behind_or_a_request_too_large_skips_and_a_retired_one_
         shadows, live = shadow.Shadows(), Live()
         for seed in range(3):  # queued, not yet flushed, when the challenger goes
             item = shadow.Item(_batch(1, seed), probs, 0.001)
-            shadows.add("digits", _key(onnx_path), live, item)
+            shadows.add(_source(onnx_path), live, item)
         await shadows.retire("digits")
         assert not shadows.runners and not shadows.under_way("digits", "2")
         return live
@@ -115,7 +116,7 @@ def test_a_challenger_far_behind_or_a_request_too_large_skips_and_a_retired_one_
         shadows, live = shadow.Shadows(), Live()
         images = shadow.SLOT_BYTES // (8 * 8 * 4) + 1
         item = shadow.Item(_batch(images, 0), np.full((images, 10), 0.1, np.float32), 0.001)
-        shadows.add("digits", _key(onnx_path), live, item)
+        shadows.add(_source(onnx_path), live, item)
         await shadows.close()
         return live
 
@@ -135,7 +136,7 @@ def test_a_shadow_process_that_dies_is_counted_then_started_again(onnx_path, mon
 
     async def run() -> tuple[Live, str | None, int, int]:
         shadows, live = shadow.Shadows(), Live()
-        shadows.add("digits", _key(onnx_path), live, item(0))
+        shadows.add(_source(onnx_path), live, item(0))
         await shadows.done()
         first = shadows.runners["digits"]
         assert first._proc is not None
@@ -145,9 +146,9 @@ def test_a_shadow_process_that_dies_is_counted_then_started_again(onnx_path, mon
                 break
             await asyncio.sleep(0.01)
         monkeypatch.setattr(shadow, "RESTART_SECONDS", 3600.0)
-        shadows.add("digits", _key(onnx_path), live, item(1))  # not yet: a failure
+        shadows.add(_source(onnx_path), live, item(1))  # not yet: a failure
         monkeypatch.setattr(shadow, "RESTART_SECONDS", 0.0)
-        shadows.add("digits", _key(onnx_path), live, item(2))  # a new process answers
+        shadows.add(_source(onnx_path), live, item(2))  # a new process answers
         await shadows.done()
         second = shadows.runners["digits"]
         pids = first._proc.pid, second._proc.pid if second._proc else 0

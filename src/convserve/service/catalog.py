@@ -182,10 +182,8 @@ class Catalog:
         """Run ``batch`` on the challenger after the champion answered with ``probs``, off the
         response path: in the challenger's own process at the lowest CPU priority, batched
         with the requests of the next ``shadow.FLUSH_SECONDS`` (shadow.py); then counted."""
-        source = challenger.model.source
-        key = (source.name, str(source.version), str(source.path))
         item = Item(batch, probs, champion.image_seconds)
-        self.shadows.add(source.name, key, self._live(challenger), item)
+        self.shadows.add(challenger.model.source, self._live(challenger), item)
 
     def _live(self, challenger: Engine) -> Live:
         source = challenger.model.source
@@ -645,8 +643,7 @@ class Catalog:
     async def close(self) -> None:
         for task in list(self._loads.values()):
             task.cancel()
-        await self.shadows.done()  # what they count is logged below
-        await self.shadows.close()
+        await self.shadows.close()  # their answers first: what they count is logged below
         if self.live:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._log_live(), timeout=10)

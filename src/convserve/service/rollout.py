@@ -67,6 +67,7 @@ class Window:
             "requests": self.requests,
             "canary": self.canary,
             "skipped": self.skipped,
+            "failures": self.failures,
         }
         if self.requests:
             n = self.requests
@@ -133,6 +134,8 @@ class Evidence:
     champion_confidence: float | None
     challenger_ms: float | None
     champion_ms: float | None
+    skipped: int = 0  # not shadowed: the challenger's process was that far behind
+    failures: int = 0  # shadowed, and the challenger failed
 
 
 def evidence(registry: Registry, run_id: str) -> Evidence:
@@ -148,6 +151,8 @@ def evidence(registry: Registry, run_id: str) -> Evidence:
             "champion_confidence",
             "challenger_ms",
             "champion_ms",
+            "skipped",
+            "failures",
         )
     }
     by_step = {step: value for value, step in history["requests"]}
@@ -166,6 +171,8 @@ def evidence(registry: Registry, run_id: str) -> Evidence:
         champion_confidence=mean("champion_confidence"),
         challenger_ms=mean("challenger_ms"),
         champion_ms=mean("champion_ms"),
+        skipped=int(sum(v for v, _ in history["skipped"])),
+        failures=int(sum(v for v, _ in history["failures"])),
     )
 
 

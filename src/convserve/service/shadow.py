@@ -28,13 +28,13 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from convserve import contract
 from convserve.service import shadow_run
+from convserve.service.model import Source
 from convserve.service.rollout import Live, Window
 from convserve.service.shadow_run import BACKLOG, HEADER, SLOT_BYTES, SLOTS, frame
 
@@ -81,10 +81,8 @@ class Runner:
     """One challenger version's shadow process, the batch being filled and those under way
     (event loop only)."""
 
-    def __init__(
-        self, model_key: tuple[str, str, str], path: Path, live: Live, device: str
-    ) -> None:
-        self.key, self.path, self.live, self.device = model_key, path, live, device
+    def __init__(self, source: Source, live: Live, device: str) -> None:
+        self.source, self.live, self.device = source, live, device
         # (images, the champion's seconds, frame), oldest first
         self.under_way: deque[tuple[int, float, bytes]] = deque()
         self.idle = asyncio.Event()
@@ -98,6 +96,10 @@ class Runner:
         self._started = asyncio.Event()  # the process is up, or could not start
         self._proc: asyncio.subprocess.Process | None = None
         self._task = asyncio.create_task(self._serve())
+
+    @property
+    def _name(self) -> str:
+        return f"{self.source.name} v{self.source.version}"
 
     def add(self, item: Item) -> None:
         """Copy ``item``'s images into the slot being filled (sent within ``FLUSH_SECONDS``,
@@ -148,7 +150,7 @@ class Runner:
     async def _serve(self) -> None:
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", shadow_run.__name__, str(self.path), str(self._fd),
+                sys.executable, "-m", shadow_run.__name__, str(self.source.path), str(self._fd),
                 self.device, contract.INPUT, contract.PROBABILITIES,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 pass_fds=(self._fd,),
@@ -166,7 +168,7 @@ class Runner:
                     self.idle.set()
         except (asyncio.IncompleteReadError, OSError) as err:
             code = await self._proc.wait() if self._proc is not None else None
-            self.failed = f"the shadow process of {self.key[0]} v{self.key[1]} ended: " + (
+            self.failed = f"the shadow process of {self._name} ended: " + (
                 f"exit status {code}" if code is not None else str(err)
             )
             self.failed_at = time.monotonic()
@@ -190,7 +192,7 @@ class Runner:
     def _count(self, images: int, champion_seconds: float, reply: Any) -> None:
         if isinstance(reply, str):  # the champion answered; the challenger's failure is counted
             self.live.count(failures=images)
-            log.warning("shadow run on %s v%s failed: %s", self.key[0], self.key[1], reply)
+            log.warning("shadow run on %s failed: %s", self._name, reply)
             return
         agree, challenger_confidence, champion_confidence, seconds = reply
         self.live.add(
@@ -239,16 +241,16 @@ class Shadows:
         self.runners: dict[str, Runner] = {}
         self._closing: set[Runner] = set()  # replaced or retired, answering what they hold
 
-    def add(self, name: str, model_key: tuple[str, str, str], live: Live, item: Item) -> None:
-        """Shadow ``item`` on ``name``'s challenger (``model_key``: its name, version and
-        file); a new version's runner replaces the last one's, and so does a new process
-        ``RESTART_SECONDS`` after the last one ended on its own (killed, out of memory)."""
-        runner = self.runners.get(name)
-        if runner is None or runner.key != model_key or _restart(runner):
+    def add(self, source: Source, live: Live, item: Item) -> None:
+        """Shadow ``item`` on the challenger loaded from ``source`` (its file in
+        ``source.path``); a new version's runner replaces the last one's, and so does a new
+        process ``RESTART_SECONDS`` after the last one ended on its own (killed, out of
+        memory)."""
+        runner = self.runners.get(source.name)
+        if runner is None or runner.source != source or _restart(runner):
             if runner is not None:  # a new challenger version: the old process ends
                 asyncio.get_running_loop().create_task(self._close(runner))
-            path = Path(model_key[2])
-            runner = self.runners[name] = Runner(model_key, path, live, self.device)
+            runner = self.runners[source.name] = Runner(source, live, self.device)
         runner.add(item)
 
     def flush(self) -> None:
@@ -267,7 +269,10 @@ class Shadows:
     def under_way(self, name: str, version: str) -> bool:
         """Whether shadow runs of ``name`` version ``version`` are still to be counted."""
         runners = [*self.runners.values(), *self._closing]
-        return any(r.key[:2] == (name, version) and r.under_way for r in runners)
+        return any(
+            (r.source.name, str(r.source.version)) == (name, version) and r.under_way
+            for r in runners
+        )
 
     async def _close(self, runner: Runner) -> None:
         self._closing.add(runner)
