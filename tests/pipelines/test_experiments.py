@@ -7,8 +7,9 @@ from convserve.pipelines.experiments import log_report, run_experiments, write_r
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
-# Pooling is "usually" better, by a point or so either way (Boureau et al. 2010): the report
-# states what it sees, and the test does not pin that verdict.
+# Pooling is "usually" better, by a point or so either way (Boureau et al. 2010), and what
+# training adds to the hierarchy's probes is a few points with 3 seeds: the report states what
+# it sees, and the test does not pin those verdicts.
 PINNED = [
     "symmetry",
     "vanishing",
@@ -18,7 +19,6 @@ PINNED = [
     "dying_relu",
     "dense_vs_cnn",
     "convolution",
-    "hierarchy",
     "glorot_normalised",
 ]
 
@@ -26,17 +26,26 @@ PINNED = [
 def test_reduced_suite_reproduces_the_claims(tmp_path, sqlite_uri):
     findings = run_experiments(tmp_path / "report", quick=True)
     by_name = {f.name: f for f in findings}
-    assert list(by_name) == [*PINNED[:8], "pooling", *PINNED[8:]]
+    assert list(by_name) == [*PINNED[:8], "pooling", "hierarchy", PINNED[8]]
     for name in PINNED:
         assert by_name[name].reproduced, (name, by_name[name].measured)
     for f in findings:
-        assert f.criterion and f.measured and f.anchor
+        assert f.criterion and f.measured and f.anchor and f.setup and f.effect
+        # a quote where a paper states the claim
+        if f.name != "compute_cost":
+            assert f.claim.count('"') >= 2, f.claim
+        assert "Reproduced" in f.criterion or "Two verdicts" in f.criterion, f.name
+    # the effects carry their uncertainty wherever seeds matter
+    for name in ("vanishing", "exploding", "dense_vs_cnn", "pooling", "hierarchy"):
+        assert "95% CI" in by_name[name].effect, by_name[name].effect
+    assert "3 seeds" in by_name["dense_vs_cnn"].setup
     assert by_name["xavier_he"].metrics["act_growth_ReLU + Xavier"] < 1e-3
     assert by_name["symmetry"].metrics["constant_val_accuracy"] < 0.3
     report = write_report(findings, tmp_path / "report", quick=True)
     text = report.read_text()
     assert "of 11 claims reproduced" in text
-    assert text.count("**Criterion.**") == 11
+    for section in ("Claim", "Setup", "Criterion", "Measured", "Effect", "Verdict"):
+        assert text.count(f"**{section}.**") == 11, section
     for figure in (
         "vanishing/gradient_by_depth.png",
         "exploding/gradient_by_scale.png",
@@ -58,7 +67,7 @@ def test_reduced_suite_reproduces_the_claims(tmp_path, sqlite_uri):
     run_id = log_report(findings, tmp_path / "report", sqlite_uri)
     run = MlflowClient(sqlite_uri).get_run(run_id)
     assert run.data.tags["claim.symmetry"] == "reproduced"
-    assert run.data.metrics["claims_reproduced"] >= 10
+    assert run.data.metrics["claims_reproduced"] == sum(f.reproduced for f in findings) >= 9
     artifacts = {a.path for a in MlflowClient(sqlite_uri).list_artifacts(run_id, "report")}
     assert "report/report.md" in artifacts
 
@@ -86,3 +95,18 @@ def test_a_claim_reproduced_in_part_is_reported_as_such(tmp_path):
     assert "1 of 3 claims reproduced, 1 partly, 1 not." in text
     assert "| 2 | Two | **partly reproduced** | two measured |" in text
     assert "**Verdict.** partly reproduced" in text
+
+
+def test_intervals_for_shares_and_ratios():
+    """Wilson's interval for a share (known values), and a ratio's interval symmetric in
+    factors."""
+    from convserve.pipelines.experiments import interval, proportion_interval, ratio_interval
+
+    share, low, high = proportion_interval(0, 10)
+    assert share == 0.0 and low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
+    share, low, high = proportion_interval(5, 10)
+    assert (low, high) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
+    mean, low, high = ratio_interval([2.0, 8.0, 4.0])
+    assert mean == pytest.approx(4.0) and low * high == pytest.approx(16.0)
+    assert low < 4.0 < high
+    assert interval((1.5, 1.0, 2.0), ".1f", " points") == "1.5 points (95% CI [1.0, 2.0])"

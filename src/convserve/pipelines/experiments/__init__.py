@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import re
 import shutil
 import tempfile
@@ -58,9 +59,9 @@ class Context:
 class Finding:
     name: str
     title: str
-    claim: str
+    claim: str  # the claim in one sentence, quoted from its source where it has one
     anchor: str  # the paper or derivation the criterion comes from
-    criterion: str  # what must hold, with the reason for the threshold
+    criterion: str  # what must hold for each verdict, with the reason for the threshold
     measured: str  # the figures, in words
     reproduced: bool  # the claim as stated, whole
     figures: list[Path] = field(default_factory=list)
@@ -69,6 +70,8 @@ class Finding:
     # where the criterion says so, PARTLY: some of the claim holds, and ``measured`` says
     # which part does not
     partly: bool = False
+    setup: str = ""  # the networks, data, seeds and step budget
+    effect: str = ""  # the headline effect size with its uncertainty, one line
 
     @property
     def verdict(self) -> str:
@@ -103,6 +106,31 @@ def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, floa
         return mean, mean, mean
     half = float(stats.t.ppf((1 + level) / 2, len(data) - 1) * data.std(ddof=1) / len(data) ** 0.5)
     return mean, mean - half, mean + half
+
+
+def ratio_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(geometric mean, low, high) of positive ratios: ``mean_interval`` on their logs, so a
+    ratio's interval is symmetric in factors (x2 and /2), not in differences."""
+    mean, low, high = mean_interval([math.log(v) for v in values], level)
+    return math.exp(mean), math.exp(low), math.exp(high)
+
+
+def proportion_interval(hits: int, n: int, level: float = 0.95) -> tuple[float, float, float]:
+    """(share, low, high): ``hits`` of ``n`` and Wilson's score interval, which stays inside
+    [0, 1] and is not empty at 0 or n hits (where the normal approximation is)."""
+    from scipy import stats
+
+    z = float(stats.norm.ppf((1 + level) / 2))
+    share = hits / n
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    return share, max(0.0, centre - half), min(1.0, centre + half)
+
+
+def interval(values: tuple[float, float, float], spec: str = ".2f", unit: str = "") -> str:
+    """ "0.95 (95% CI [0.93, 0.97])" from (value, low, high); ``unit`` follows the value."""
+    value, low, high = values
+    return f"{value:{spec}}{unit} (95% CI [{low:{spec}}, {high:{spec}}])"
 
 
 EXPERIMENTS: dict[str, Experiment] = {}  # filled as REGISTRY's modules are imported
@@ -157,12 +185,12 @@ def write_report(findings: list[Finding], folder: Path, quick: bool) -> Path:
         "",
         f"Mode: {'quick (reduced)' if quick else 'full'}. {tally(findings)}.",
         "",
-        "| # | claim | verdict | measured |",
+        "| # | claim | verdict | effect |",
         "| --- | --- | --- | --- |",
     ]
     for i, f in enumerate(findings, 1):
         verdict = f.verdict if f.reproduced else f"**{f.verdict}**"
-        cell = f.measured.splitlines()[0].replace("|", "\\|")
+        cell = (f.effect or f.measured).splitlines()[0].replace("|", "\\|")
         lines.append(f"| {i} | {f.title} | {verdict} | {cell} |")
     for i, f in enumerate(findings, 1):
         lines += [
@@ -173,9 +201,13 @@ def write_report(findings: list[Finding], folder: Path, quick: bool) -> Path:
             "",
             f"**Anchor.** {f.anchor}",
             "",
+            f"**Setup.** {f.setup}",
+            "",
             f"**Criterion.** {f.criterion}",
             "",
             f"**Measured.** {f.measured}",
+            "",
+            f"**Effect.** {f.effect}",
             "",
             f"**Verdict.** {f.verdict} ({f.seconds:.1f} s)",
         ]
