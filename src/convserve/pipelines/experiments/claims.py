@@ -175,7 +175,8 @@ def vanishing(ctx: Context) -> Finding:
     )
     sig = [grad_ratio[f"sigmoid + standard, {d} layers"] for d in depths]
     controls = [v for k, v in grad_ratio.items() if not k.startswith("sigmoid")]
-    gradients = sig[0] > sig[1] > sig[2] and sig[2] < 0.01 and all(0.1 < c < 10 for c in controls)
+    limit = DiagnosticsConfig().vanishing_ratio  # what the diagnosis calls vanishing
+    gradients = sig[0] > sig[1] > sig[2] and sig[2] < limit and all(0.1 < c < 10 for c in controls)
     trained = gap[1] > 10
     return Finding(
         "vanishing",
@@ -186,7 +187,8 @@ def vanishing(ctx: Context) -> Finding:
         "Glorot & Bengio 2010, Figures 6-7 and Table 1 (Shapeset-3x2 test error: sigmoid "
         "82.61%, tanh with normalised init 15.60%); He et al. 2015, section 2.2.",
         "(a) the first hidden layer's gradient std over the last hidden layer's falls as depth "
-        "grows (2 > 5 > 10 plain conv layers) and is below 0.01 at 10 layers: each sigmoid "
+        f"grows (2 > 5 > 10 plain conv layers) and is below {limit:g} at 10 layers (the "
+        "diagnosis's vanishing threshold, diagnostics.vanishing_ratio): each sigmoid "
         "layer multiplies the gradient by at most 0.25 times the weights' gain, so 9 layers "
         "give at most 0.25^9 = 4e-6 times the gain's product; (b) in the same figure, the "
         "healthy controls at 10 layers (tanh + Xavier, ReLU + He) stay between 0.1 and 10, "
