@@ -110,7 +110,9 @@ def test_a_tpe_study_with_a_median_pruner_prunes_a_hopeless_trial(tmp_path, sqli
         trials=8,
         pruner={"name": "median", "startup_trials": 2},
     )
-    result = run_sweep(sweep, settings=JobSettings(queue_path=str(tmp_path / "queue.db")))
+    # every write checks the lease afresh: a write after the run ended would be refused
+    settings = JobSettings(queue_path=str(tmp_path / "queue.db"), cancel_check_interval=1e-6)
+    result = run_sweep(sweep, settings=settings)
     assert [r.number for r in result.rows] == list(range(8))
     pruned = [r for r in result.rows if r.status == "pruned"]
     assert pruned and all(r.point["optim.lr"] == 1e-7 for r in pruned)

@@ -200,8 +200,6 @@ def run_trial(
             note = f"{type(err).__name__}: {err}"
             if writer is not None and run_id is not None:
                 _failed(writer, run_id, note)
-        if status == studies.PRUNED and writer is not None and run_id is not None:
-            writer.set_tag(run_id, "convserve.trial_state", "pruned")
         _tell(study, trial, status, value, diagnosis, note)
     return TrialRow(trial.number, point, status, value, diagnosis, run_id, note)
 
@@ -219,11 +217,18 @@ def _trial_callbacks(
         lost = lease is not None and not lease.held()
         return reporter.pruned() or lost or bool(parent_cancelled and parent_cancelled())
 
+    def end_tags(status: str) -> dict[str, str]:
+        # with the run's last tags, before it ends: a write after its end is refused, since
+        # the lease reads a run that is no longer RUNNING as lost (lease.py)
+        pruned = status == "cancelled" and reporter.pruned()  # as _trial_outcome reads it
+        return {"convserve.trial_state": "pruned"} if pruned else {}
+
     return Callbacks(
         on_step=on_step,
         on_epoch=reporter.on_epoch,
         should_stop=lambda: ended() or draining.is_set(),
         stop_status=lambda: "cancelled" if ended() else "stopped",
+        end_tags=end_tags,
     )
 
 

@@ -67,6 +67,9 @@ class Callbacks:
     should_stop: Callable[[], bool] | None = None
     # why training stopped when ``should_stop`` said so ("cancelled" when not given)
     stop_status: Callable[[], Status] | None = None
+    # tags of the caller's, set with the run's last ones while it is still RUNNING (given the
+    # run's end status): a sweep's trial state
+    end_tags: Callable[[str], dict[str, str]] | None = None
 
 
 def resolve_device(name: str, dist: distributed.Dist | None = None) -> torch.device:
@@ -622,6 +625,7 @@ class _Session:
                 **self._diagnosis_tags(diagnosis),
                 "convserve.status": status,
                 **({"convserve.message": message} if message else {}),
+                **(self.cb.end_tags(status) if self.cb.end_tags is not None else {}),
             }
         )
         if pending is not None:
