@@ -271,8 +271,8 @@ def exploding(ctx: Context) -> Finding:
         return status == "diverged" or not math.isfinite(loss) or loss > 2 * o[1.0][1]
 
     n_unstable = sum(unstable(o) for _, _, o in runs)
-    gradients = expected / 4 < gain[1] and gain[2] < expected * 4 and level[1] > 0.1
-    gradients = gradients and level[2] < 10
+    # both intervals inside their bounds: (low, high) of the gain and of the level
+    gradients = expected / 4 < gain[1] < gain[2] < expected * 4 and 0.1 < level[1] < level[2] < 10
     trained = n_unstable == seeds
     return Finding(
         "exploding",
@@ -695,7 +695,7 @@ def dying_relu(ctx: Context) -> Finding:
     deepest = proportion_interval(round(relu[(2, 40)] * seeds), seeds)
     at_init = grows and narrower and leaky_never and deepest[1] > 0.5
     # (b) in training, over seeds: units driven below zero die, Leaky ReLU units do not
-    trials = ctx.steps(5, 2)
+    trials = ctx.steps(5, 3)
     runs = [_dead_after_training(ctx, seed) for seed in range(trials)]
     limit = DiagnosticsConfig().dead_fraction  # what the diagnosis calls dying
     trained = all(

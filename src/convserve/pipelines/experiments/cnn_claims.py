@@ -183,7 +183,7 @@ def convolution(ctx: Context) -> Finding:
 
 @experiment("pooling")
 def pooling(ctx: Context) -> Finding:
-    seeds = list(range(ctx.steps(5, 2)))
+    seeds = list(range(ctx.steps(5, 3)))
     limit, epochs = ctx.steps(5000, 2000), ctx.steps(3, 2)
     acc: dict[str, list[float]] = {"max": [], "avg": []}
     for seed in seeds:  # each seed's pair shares the split, the init and the batch order
