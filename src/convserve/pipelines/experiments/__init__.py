@@ -95,7 +95,10 @@ def tally(findings: list[Finding]) -> str:
     return text
 
 
-def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+Interval = tuple[float, float, float]  # (value, low, high)
+
+
+def mean_interval(values: list[float], level: float = 0.95) -> Interval:
     """(mean, low, high): the mean of ``values`` and its ``level`` confidence interval from
     Student's t (the seeds' spread); the interval is the mean alone for one value."""
     from scipy import stats
@@ -108,14 +111,14 @@ def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, floa
     return mean, mean - half, mean + half
 
 
-def ratio_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+def ratio_interval(values: list[float], level: float = 0.95) -> Interval:
     """(geometric mean, low, high) of positive ratios: ``mean_interval`` on their logs, so a
     ratio's interval is symmetric in factors (x2 and /2), not in differences."""
     mean, low, high = mean_interval([math.log(v) for v in values], level)
     return math.exp(mean), math.exp(low), math.exp(high)
 
 
-def proportion_interval(hits: int, n: int, level: float = 0.95) -> tuple[float, float, float]:
+def proportion_interval(hits: int, n: int, level: float = 0.95) -> Interval:
     """(share, low, high): ``hits`` of ``n`` and Wilson's score interval, which stays inside
     [0, 1] and is not empty at 0 or n hits (where the normal approximation is)."""
     from scipy import stats
@@ -127,7 +130,7 @@ def proportion_interval(hits: int, n: int, level: float = 0.95) -> tuple[float, 
     return share, max(0.0, centre - half), min(1.0, centre + half)
 
 
-def interval(values: tuple[float, float, float], spec: str = ".2f", unit: str = "") -> str:
+def interval(values: Interval, spec: str = ".2f", unit: str = "") -> str:
     """ "0.95 (95% CI [0.93, 0.97])" from (value, low, high); ``unit`` follows the value."""
     value, low, high = values
     return f"{value:{spec}}{unit} (95% CI [{low:{spec}}, {high:{spec}}])"

