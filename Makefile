@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test-deps run test test-fast lint lock bench clean
+.PHONY: venv test-deps image-envs run test test-fast lint lock bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,7 +53,13 @@ test-deps:
 	@test -f .tools/node_modules/axe-core/axe.min.js || \
 	  npm install --silent --no-audit --no-fund --no-save --prefix .tools axe-core@$(AXE_VERSION)
 
-test: venv test-deps
+# The images' environments, each a venv built from its lock as its Dockerfile installs it
+# (tests/deploy/images.py), cached in ~/.cache/convserve/image-envs: the tests of the deployed
+# processes run in them
+image-envs: venv
+	$(BIN)/python -m tests.deploy.images
+
+test: venv test-deps image-envs
 	$(BIN)/pytest -q -ra
 
 test-fast: venv

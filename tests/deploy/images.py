@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -117,3 +118,18 @@ def _install_app(env: Path, log: Path) -> None:
         )
         _pip(env, log, "--no-deps", "--no-build-isolation", "--force-reinstall", copy)
     stamp.write_text(digest)
+
+
+def main(images: list[str]) -> None:
+    """Build the environments of ``images`` (all of them when none is named) at once, each in
+    its own pip process: ``make test`` does so before the suite, as it installs Chromium, so
+    that the tests of the deployed processes start from built environments."""
+    images = images or sorted(p.stem for p in LOCKS.glob("*.txt"))
+    print(f"image environments ({', '.join(images)}) in {cache_root()}", flush=True)
+    with ThreadPoolExecutor(len(images)) as pool:
+        for image, env in zip(images, pool.map(image_env, images), strict=True):
+            print(f"  {image}: {env}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
