@@ -37,7 +37,9 @@ blocks of 32 to 256 filters: 60 M multiply-adds per image), posted as a 64x64 RG
 alternative to the default's processes), against in-process onnxruntime (the service's
 session options, every core as operator threads) at each batch size. Target: at concurrency
 32 at least 0.85x the in-process throughput at its best batch size. It prints what the
-defaults chose (processes, threads, batch size and wait) as convserve logs it.
+defaults chose (processes, threads, batch size and wait) as convserve logs it, and what that
+layout runs without HTTP (as many processes at once, each of one onnxruntime thread at batch
+1), so that the share lost to serving is seen apart from the share lost to the layout.
 
 grpc: the small model's tensor over KServe v2 gRPC (``grpc_load.py``: 32 connections, one
 call in flight on each) and over HTTP v2 with the binary tensor extension (wrk), one
@@ -627,6 +629,33 @@ def inprocess_rates(path: Path, image: np.ndarray, seconds: float) -> dict[int, 
     return rates
 
 
+def _one_thread_rate(path: Path, image: np.ndarray, seconds: float) -> float:
+    """Images per second of one onnxruntime thread at batch 1 (the service's session options),
+    in this process."""
+    from convserve.service.model import Source, open_model
+    from convserve.service.settings import Settings
+
+    settings = Settings(intra_op_threads=1, workers=1)
+    model = open_model(Source(str(path), "model", "file", path=path), settings)
+    x = image[None]
+    model.run(x, ["probabilities"])  # warm
+    done, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        model.run(x, ["probabilities"])
+        done += 1
+    return done / elapsed
+
+
+def processes_rate(path: Path, image: np.ndarray, seconds: float, processes: int) -> float:
+    """Images per second of ``processes`` processes at once, each of one onnxruntime thread at
+    batch 1: the layout convserve's defaults choose, without HTTP, decoding or answers."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        rates = pool.starmap(_one_thread_rate, [(path, image, seconds)] * processes)
+    return sum(rates)
+
+
 def _chosen(server: Server) -> str:
     """The lines in which convserve says what it chose: processes, threads, batching."""
     assert server.log is not None
@@ -649,10 +678,16 @@ def compute_bound(args: argparse.Namespace, folder: Path) -> list[Target]:
     image, _ = preprocess(png, 3, LARGE_SIZE, LARGE_SIZE, 40_000_000, None)
     rates = inprocess_rates(path, image, max(2.0, args.seconds / 4))
     best_batch = max(rates, key=lambda b: rates[b])
+    processes = _workers()
+    layout = processes_rate(path, image, max(2.0, args.seconds / 4), processes)
     print(f"\ncompute-bound model: RGB {LARGE_SIZE}x{LARGE_SIZE}, {macs / 1e6:.0f} M multiply-adds")
     print("in-process onnxruntime, images/s by batch size: " + ", ".join(
         f"{b}: {r:.0f}" for b, r in rates.items()
     ))  # fmt: skip
+    print(
+        f"{processes} processes of one onnxruntime thread at batch 1 at once (the defaults' "
+        f"layout, without HTTP): {layout:.0f} images/s"
+    )
     body = multipart(png)
     lua = _post_lua(folder, "large", body, f"multipart/form-data; boundary={BOUNDARY}")
     cli = str(Path(sys.executable).parent / "convserve")
@@ -678,7 +713,8 @@ def compute_bound(args: argparse.Namespace, folder: Path) -> list[Target]:
     ratio = servers[0].points[32]["rps"] / rates[best_batch]
     print(
         f"defaults at c=32 against in-process at batch {best_batch}: "
-        f"{servers[0].points[32]['rps']:.0f} / {rates[best_batch]:.0f} = {ratio:.2f}"
+        f"{servers[0].points[32]['rps']:.0f} / {rates[best_batch]:.0f} = {ratio:.2f}; "
+        f"against the processes without HTTP: {servers[0].points[32]['rps'] / layout:.2f}"
     )
     return [
         ("compute-bound: c=32 / in-process best", ratio, ">=", 0.85),
