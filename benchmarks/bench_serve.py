@@ -609,16 +609,22 @@ def _targets(targets: list[Target]) -> None:
         print(f"{name:38s} {value:9.2f}  {op} {bound:6.2f}  {'yes' if met else 'NO'}")
 
 
-def inprocess_rates(path: Path, image: np.ndarray, seconds: float) -> dict[int, float]:
-    """Images per second of in-process onnxruntime (the service's session options, every core
-    this process may use as operator threads) at each batch size."""
+def inprocess_rates(
+    path: Path,
+    image: np.ndarray,
+    seconds: float,
+    threads: int = 0,
+    batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
+) -> dict[int, float]:
+    """Images per second of in-process onnxruntime (the service's session options, ``threads``
+    operator threads; 0: every core this process may use) at each batch size."""
     from convserve.service.model import Source, open_model
     from convserve.service.settings import Settings, available_cores
 
-    settings = Settings(intra_op_threads=available_cores(), workers=1)
+    settings = Settings(intra_op_threads=threads or available_cores(), workers=1)
     model = open_model(Source(str(path), "model", "file", path=path), settings)
     rates = {}
-    for batch in (1, 2, 4, 8, 16, 32, 64):
+    for batch in batches:
         x = np.repeat(image[None], batch, axis=0)
         model.run(x, ["probabilities"])  # warm
         done, start = 0, time.perf_counter()
@@ -630,20 +636,8 @@ def inprocess_rates(path: Path, image: np.ndarray, seconds: float) -> dict[int, 
 
 
 def _one_thread_rate(path: Path, image: np.ndarray, seconds: float) -> float:
-    """Images per second of one onnxruntime thread at batch 1 (the service's session options),
-    in this process."""
-    from convserve.service.model import Source, open_model
-    from convserve.service.settings import Settings
-
-    settings = Settings(intra_op_threads=1, workers=1)
-    model = open_model(Source(str(path), "model", "file", path=path), settings)
-    x = image[None]
-    model.run(x, ["probabilities"])  # warm
-    done, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
-        model.run(x, ["probabilities"])
-        done += 1
-    return done / elapsed
+    """Images per second of one onnxruntime thread at batch 1, in this process."""
+    return inprocess_rates(path, image, seconds, threads=1, batches=(1,))[1]
 
 
 def processes_rate(path: Path, image: np.ndarray, seconds: float, processes: int) -> float:
@@ -676,10 +670,11 @@ def compute_bound(args: argparse.Namespace, folder: Path) -> list[Target]:
     path, macs = export_cnn(folder / "large.onnx", 3, LARGE_SIZE, LARGE_BLOCKS)
     png = upload_png(LARGE_SIZE, 3)
     image, _ = preprocess(png, 3, LARGE_SIZE, LARGE_SIZE, 40_000_000, None)
-    rates = inprocess_rates(path, image, max(2.0, args.seconds / 4))
+    seconds = max(2.0, args.seconds / 4)
+    rates = inprocess_rates(path, image, seconds)
     best_batch = max(rates, key=lambda b: rates[b])
     processes = _workers()
-    layout = processes_rate(path, image, max(2.0, args.seconds / 4), processes)
+    layout = processes_rate(path, image, seconds, processes)
     print(f"\ncompute-bound model: RGB {LARGE_SIZE}x{LARGE_SIZE}, {macs / 1e6:.0f} M multiply-adds")
     print("in-process onnxruntime, images/s by batch size: " + ", ".join(
         f"{b}: {r:.0f}" for b, r in rates.items()
