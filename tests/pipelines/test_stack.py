@@ -82,6 +82,7 @@ def test_up_trains_the_first_model_serves_it_stops_cleanly_and_reuses_its_state(
         # in a log file, progress is lines, not a bar drawn once at the end
         assert "first model: step 20/20 (100%)" in text and "first model: step 2/20" in text
         assert text.count("View run") <= 1
+        assert "Downloading artifacts" not in text  # nor MLflow's bar for a download
         ready = text[text.index("convserve is ready") :].splitlines()
         assert ready[1].split() == ["web", "page:", f"{api}/"]  # the page first
         token = (home / "api-token").read_text().strip()

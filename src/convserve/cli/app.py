@@ -86,6 +86,8 @@ def main(
     _default_tracking(ctx.invoked_subcommand)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    if not console.is_terminal:  # a log: no download bar drawn into it with carriage returns
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         handler = logs.handler()
     except ValueError as err:  # CONVSERVE_LOG_FORMAT
