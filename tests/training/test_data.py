@@ -27,7 +27,7 @@ def test_default_set_is_real_mnist_offline():
 
 
 def test_the_digits_are_scikit_learns_read_without_importing_it():
-    """Read from the file scikit-learn ships, without the package's import (1.7 s of CPU in
+    """Read from the file scikit-learn ships, without the package's import (about 1 s of CPU in
     every training process): the same images and labels as ``sklearn.datasets``."""
     import subprocess
     import sys

@@ -64,7 +64,7 @@ def load_digits(cfg: DataConfig, seed: int) -> Source:
 def _digits_table() -> np.ndarray:
     """The digits as scikit-learn ships them: ``datasets/data/digits.csv.gz``, one image a
     row (64 pixels, then the label), read where the package lies without importing it (the
-    import costs a process about 1.7 s of CPU; a job process reads the digits once). Through
+    import costs a process about 1 s of CPU; a job process reads the digits once). Through
     ``sklearn.datasets.load_digits`` where the file is not there."""
     spec = importlib.util.find_spec("sklearn")
     folders = spec.submodule_search_locations if spec is not None else None
