@@ -4,7 +4,6 @@ an off-the-shelf client (Triton's ``tritonclient.http``)."""
 import io
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -16,8 +15,7 @@ from PIL import Image
 
 from tests.servers import free_port, process, uvicorn_server, wait_http
 from tests.service.test_imaging import png_bomb
-from tests.service.test_protocol import data_segments_in, read_exactly
-from tests.waiting import limit, wait_until
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -91,48 +89,6 @@ CORPUS = [
         "not an image",
     ),
 ]
-
-
-def _answer(sock: socket.socket) -> bytes:
-    """One HTTP/1.1 answer with a Content-Length, whole."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += read_exactly(sock, 1)
-    head = data.decode("latin-1").lower()
-    length = int(head.split("content-length:")[1].split("\r\n")[0])
-    return data + read_exactly(sock, length)
-
-
-def test_every_answer_leaves_in_one_tcp_segment(server):
-    """An answer's head and body are one send (``protocol.py``), for the routes FastAPI
-    answers and for /predict, answered directly: the client's kernel counts one segment with
-    data per answer."""
-    host, port = server.removeprefix("http://").split(":")
-    boundary = "b0undary"
-    upload = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
-            "Content-Type: image/png\r\n\r\n"
-        ).encode()
-        + _png()
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    requests = [
-        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
-        b"GET /no-such-route HTTP/1.1\r\nHost: x\r\n\r\n",
-        (
-            f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(upload)}\r\n"
-            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n"
-        ).encode()
-        + upload,
-    ]
-    with socket.create_connection((host, int(port)), timeout=limit(30)) as sock:
-        for request, status in zip(requests, (b" 200 ", b" 404 ", b" 200 "), strict=True):
-            before = data_segments_in(sock)
-            sock.sendall(request)
-            answer = _answer(sock)
-            assert status in answer.split(b"\r\n")[0], answer[:200]
-            assert data_segments_in(sock) - before == 1, request[:30]
 
 
 def test_malformed_uploads_get_the_right_4xx_and_the_service_keeps_serving(server):

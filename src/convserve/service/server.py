@@ -30,7 +30,6 @@ from convserve.jobs import JobSettings
 from convserve.service.api.backends import bound_mlflow_client
 from convserve.service.app import create_app
 from convserve.service.metrics import MULTIPROCESS_DIR
-from convserve.service.protocol import JoinedHttpTools
 from convserve.service.sessions import providers_for
 from convserve.service.settings import Settings, available_cores
 
@@ -106,7 +105,6 @@ def _config(settings: Settings, job_settings: JobSettings) -> uvicorn.Config:
         log_config=log_config(),
         access_log=False,
         ws="none",  # no WebSocket route: a worker need not import a WebSocket library
-        http=JoinedHttpTools,  # an answer's head and body in one send (protocol.py)
     )
     cores = available_cores()
     log.info(  # after uvicorn.Config, which configures logging
