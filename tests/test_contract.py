@@ -1,13 +1,12 @@
 """The ONNX and job-queue contracts: one module both sides read and write."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from convserve import contract
 from convserve.contract import MetadataError, ModelMetadata, Normalization, Resize
+from tests.fresh import imported
 
 
 def _meta(**changes) -> ModelMetadata:
@@ -75,10 +74,5 @@ def test_missing_and_malformed_metadata_say_what_is_wrong():
 
 
 def test_contract_imports_only_pydantic():
-    code = (
-        "import sys, convserve.contract; "
-        "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'numpy', 'mlflow', 'fastapi') "
-        "if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    heavy = ("torch", "onnx", "onnxruntime", "numpy", "mlflow", "fastapi")
+    assert imported("import convserve.contract", heavy) == []

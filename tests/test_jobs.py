@@ -2,9 +2,6 @@
 stub task that the API registers and no API process runs; the worker's registered function
 takes the message."""
 
-import subprocess
-import sys
-
 import pytest
 from pydantic import ValidationError
 
@@ -16,6 +13,7 @@ from convserve.jobs import (
     JobSettings,
 )
 from tests.conftest import TINY
+from tests.fresh import imported
 
 
 def test_a_request_is_a_train_or_a_sweep():
@@ -73,6 +71,4 @@ def test_the_worker_registers_its_functions_under_the_contract_names(tmp_path):
 
 
 def test_the_job_contract_imports_no_torch():
-    code = "import sys, convserve.jobs; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert imported("import convserve.jobs", ["torch"]) == []

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import convserve
+from tests.fresh import imported
 
 ROOT = Path(convserve.__file__).parent
 
@@ -132,13 +133,5 @@ def test_the_rule_catches_an_upward_import(tmp_path):
 def test_the_worker_process_never_imports_torch():
     """``convserve worker`` runs its jobs in a job process (``pipelines/tasks.py``): the
     worker itself, its reaper and its liveness file hold no torch while it waits."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys\n"
-        "import convserve.pipelines.worker, convserve.cli.stack\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    code = "import convserve.pipelines.worker, convserve.cli.stack"
+    assert imported(code, ["torch", "torchvision"]) == []
