@@ -173,7 +173,12 @@ def register_onnx(client, name: str, proto) -> str:  # type: ignore[no-untyped-d
     mlflow.set_tracking_uri(client.tracking_uri)
     with mlflow.start_run():
         info = mlflow.onnx.log_model(
-            proto, name="model", registered_model_name=name, save_as_external_data=False
+            proto,
+            name="model",
+            registered_model_name=name,
+            save_as_external_data=False,
+            # stated: MLflow's inference would import the model in another interpreter
+            pip_requirements=mlflow.onnx.get_default_pip_requirements(),
         )
     return str(info.registered_model_version)
 

@@ -1,6 +1,7 @@
 """Sweeps, selection, registration and promotion against real MLflow tracking servers: one on
 SQLite and one whose backend store is this machine's PostgreSQL."""
 
+import importlib.metadata
 import uuid
 from pathlib import Path
 
@@ -96,6 +97,10 @@ def _walk(url: str, tmp_path: Path) -> None:
     session = ort.InferenceSession(
         str(Path(folder) / "model.onnx"), providers=["CPUExecutionProvider"]
     )
+    # what the model needs, pinned to the versions that exported it (stated, not inferred)
+    required = (Path(folder) / "requirements.txt").read_text().split()
+    for package in ("mlflow", "numpy", "onnx", "onnxruntime"):
+        assert f"{package}=={importlib.metadata.version(package)}" in required, required
     ckpt = client.download_artifacts(champion.run_id, "checkpoints/best.pt", str(tmp_path))
     model, _, _, payload = load_model(ckpt)
     x = payload["sample"]

@@ -90,6 +90,7 @@ def stack(onnx_path, mlflow_url, tmp_path):
             name="model",
             registered_model_name=name,
             save_as_external_data=False,
+            pip_requirements=mlflow.onnx.get_default_pip_requirements(),
         )
     MlflowClient(mlflow_url).set_registered_model_alias(
         name, "champion", info.registered_model_version

@@ -82,6 +82,15 @@ def _signature(proto: Any) -> Any:
     )
 
 
+def pip_requirements() -> list[str]:
+    """What the logged model needs, as MLflow's inference finds it (onnx, onnxruntime and
+    numpy at this process's versions; MLflow adds itself), stated rather than inferred:
+    inference imports the model in a second interpreter, about 2 s a registration."""
+    import numpy as np
+
+    return [*mlflow.onnx.get_default_pip_requirements(), f"numpy=={np.__version__}"]
+
+
 def register(
     client: MlflowClient, onnx_path: Path, run_id: str, model_name: str, report: ParityReport
 ) -> str:
@@ -103,6 +112,7 @@ def register(
             input_example=np.zeros([1, *shape], dtype=np.float32),
             save_as_external_data=False,
             onnx_execution_providers=["CPUExecutionProvider"],
+            pip_requirements=pip_requirements(),
         )
         client.log_artifacts(run_id, str(local), "model")
     try:
