@@ -19,6 +19,37 @@ def test_same_config_and_seed_give_the_same_metrics(tiny):
     assert a.metrics != c.metrics
 
 
+def test_a_cpu_run_trains_channels_last_and_saves_weights_any_model_loads(tiny):
+    """On a CPU too, the training steps' convolutions see NHWC batches and weights (oneDNN's
+    and the pooling kernels' fast layout, benchmarks/bench_train.py --memory-format); the
+    checkpoint loads into a model built in PyTorch's default layout."""
+    seen: list[tuple[bool, bool]] = []
+
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        # a step's forward pass (the model's size probe runs without gradients), in the
+        # second block: with one channel, either layout's strides would pass
+        step = module.training and torch.is_grad_enabled()
+        if isinstance(module, torch.nn.Conv2d) and step and module.in_channels > 1:
+            nhwc = torch.channels_last
+            seen.append(
+                (args[0].is_contiguous(memory_format=nhwc),
+                 module.weight.is_contiguous(memory_format=nhwc))
+            )  # fmt: skip
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        blocks = [{"out_channels": 4}, {"out_channels": 4}]
+        model = {"blocks": blocks, "hidden": [], "activation": "relu"}
+        result = train(tiny("optim.max_steps=3", model=model))
+    finally:
+        hook.remove()
+    assert len(seen) >= 3 and all(batch and weight for batch, weight in seen), seen
+    loaded, _, _, payload = load_model(result.best_checkpoint)
+    x = payload["sample"]
+    assert loaded.block2.conv.weight.is_contiguous()  # loaded in the default layout
+    assert loaded(x).shape == (x.size(0), 10)
+
+
 def test_checkpoint_holds_model_optimizer_epoch_best_and_config(tiny):
     cfg = tiny("optim.epochs=2")
     result = train(cfg)
