@@ -191,3 +191,38 @@ def test_a_run_on_an_uploaded_set_registers_into_a_model_named_for_it(sqlite_uri
     for tag, name in expected.items():
         run = client.create_run(experiment, tags={"convserve.dataset": tag} if tag else {})
         assert model_name_for(client, run.info.run_id) == name, tag
+
+
+def test_promotions_into_one_model_at_once_all_set_their_alias(mlflow_url):
+    """MLflow's store reads an alias, then inserts or updates it: writes of one alias at once
+    collide (a unique constraint, 400). Each of four writers at once, over rounds that start
+    with no alias, sets it: none fails, and the alias names one of theirs."""
+    import threading
+
+    from convserve.pipelines.registry import set_alias
+
+    client = MlflowClient(mlflow_url)
+    name = f"race-{uuid.uuid4().hex[:6]}"
+    client.create_registered_model(name)
+    versions = [
+        str(client.create_model_version(name, f"s3://bucket/v{i}").version) for i in range(4)
+    ]
+    failures: list[Exception] = []
+    for _ in range(10):
+        client.delete_registered_model_alias(name, "champion")
+        start = threading.Barrier(len(versions))
+
+        def write(version: str, start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                set_alias(MlflowClient(mlflow_url), name, "champion", version)
+            except Exception as err:  # every failure is the finding
+                failures.append(err)
+
+        writers = [threading.Thread(target=write, args=(v,)) for v in versions]
+        for thread in writers:
+            thread.start()
+        for thread in writers:
+            thread.join()
+        assert client.get_model_version_by_alias(name, "champion").version in versions
+    assert failures == []

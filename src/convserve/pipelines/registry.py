@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, Literal
 
 import mlflow
 import torch
+from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -120,9 +122,6 @@ def register(
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    created = client.create_model_version(model_name, f"runs:/{run_id}/model", run_id=run_id)
-    version = str(created.version)
-    log.info("registered %s version %s from run %s", model_name, version, run_id)
     run = client.get_run(run_id)
     tags = {
         "convserve.dataset": run.data.tags.get("convserve.dataset", ""),
@@ -132,8 +131,13 @@ def register(
     for key in ("best_val_accuracy", "val_accuracy", "val_loss", "test_accuracy"):
         if key in run.data.metrics:
             tags[f"metric.{key}"] = f"{run.data.metrics[key]:.6g}"
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, version, key, value)
+    # the tags with the version, in one request: no reader sees the version without them
+    # (one by one, each tag took two requests: MLflow's client reads the model first)
+    created = client.create_model_version(
+        model_name, f"runs:/{run_id}/model", run_id=run_id, tags=tags
+    )
+    version = str(created.version)
+    log.info("registered %s version %s from run %s", model_name, version, run_id)
     return version
 
 
@@ -200,8 +204,28 @@ def promote(
             decision = Decision(False, CHALLENGER, reason, value, champion_value, champion.version)
     # the decision recorded first: a server that follows the alias reads it with the version
     _record(client, model_name, version, run_id, metric, decision)
-    client.set_registered_model_alias(model_name, decision.alias, version)
+    set_alias(client, model_name, decision.alias, version)
     return decision
+
+
+ALIAS_TRIES = 4  # MLflow's answers to a concurrent write of the same alias, then the next try
+
+
+def set_alias(client: MlflowClient, name: str, alias: str, version: str) -> None:
+    """``alias`` to ``version``. MLflow's SQL store reads an alias, then inserts or updates
+    it: two workers promoting into one model at once can collide on the insert (a unique
+    constraint) or the update (no row), answered 400 BAD_REQUEST. The write is tried again,
+    and finds the row the other one made; a request that is bad in itself fails every try
+    and is raised."""
+    for attempt in range(1, ALIAS_TRIES + 1):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException as err:
+            if err.error_code != "BAD_REQUEST" or attempt == ALIAS_TRIES:
+                raise
+            log.info("alias %s of %s collided with another write; again", alias, name)
+            time.sleep(0.05 * attempt)
 
 
 def _record(
@@ -215,14 +239,19 @@ def _record(
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
-        client.set_tag(run_id, key, value)
     # the decision in words where the registry's page shows it first
     verdict = "Champion" if decision.promoted else "Challenger, not promoted"
     client.update_model_version(name, version, description=f"{verdict}: {decision.reason}.")
-    if decision.value is not None:
-        client.log_metric(run_id, "promotion.candidate_value", decision.value)
-    if decision.champion_value is not None:
-        client.log_metric(run_id, "promotion.champion_value", decision.champion_value)
+    values = {
+        "promotion.candidate_value": decision.value,
+        "promotion.champion_value": decision.champion_value,
+    }
+    now = int(time.time() * 1000)
+    client.log_batch(  # the run's copy in one request
+        run_id,
+        metrics=[Metric(k, v, now, 0) for k, v in values.items() if v is not None],
+        tags=[RunTag(k, v) for k, v in tags.items()],
+    )
 
 
 def model_name_for(client: MlflowClient, run_id: str) -> str:
