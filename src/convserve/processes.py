@@ -6,7 +6,37 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from pathlib import Path
+
+
+class SignalFlag:
+    """A stop that a signal handler sets and threads read. ``threading.Event.set`` takes a
+    lock: when a second signal comes while the first one's handler holds it (SIGINT, then
+    the SIGTERM of a worker asked to stop its job at once), the second handler runs in the
+    same thread, inside the first, and waits for that lock forever. Setting this flag takes
+    no lock; ``wait`` looks at it every ``POLL`` seconds."""
+
+    POLL = 0.05
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until the flag is set (True) or ``timeout`` seconds have passed (False)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while not self._set:
+            left = self.POLL if end is None else min(self.POLL, end - time.monotonic())
+            if left <= 0:
+                return False
+            time.sleep(left)
+        return True
 
 
 def die_with_parent(signum: int = signal.SIGTERM) -> None:

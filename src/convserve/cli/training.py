@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -15,6 +14,7 @@ from convserve.cli.app import app, console, err_console, fail
 from convserve.cli.options import ConfigOption, MarginOption, ModelNameOption, SetOption
 from convserve.cli.report import TrainProgress, report_published, report_run
 from convserve.pipelines.experiment_names import REGISTRY
+from convserve.processes import SignalFlag
 from convserve.redact import redact
 
 if TYPE_CHECKING:
@@ -92,10 +92,10 @@ def _on_signals(handler: Callable[[int, object], None]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
+def _stop_on_signals() -> Iterator[SignalFlag]:
     """SIGTERM or a first Ctrl-C set the event: training stops at the next step and keeps
     ``last.pt`` at that place (``--resume`` goes on from it); a second Ctrl-C interrupts."""
-    stop = threading.Event()
+    stop = SignalFlag()  # set in the handler: no lock (processes.SignalFlag)
 
     def on_signal(signum: int, frame: object) -> None:
         if signum == signal.SIGINT and stop.is_set():

@@ -12,12 +12,13 @@ from typing import Any
 
 from convserve.jobs import JobSettings, Tag
 from convserve.pipelines.lease import Lease
+from convserve.processes import SignalFlag
 
 log = logging.getLogger(__name__)
 
 # Set by the job process on SIGTERM (its worker drains): the running job or trial stops at
 # the next step, keeps its exact place in a checkpoint and goes back to the queue.
-draining = threading.Event()
+draining = SignalFlag()  # set by the job process's SIGTERM handler: no lock
 
 
 class Heartbeat:

@@ -18,11 +18,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from convserve.processes import SignalFlag
+
 log = logging.getLogger(__name__)
 
 
 def keep_alive(
-    path: Path, interval: float, probe: Callable[[], object], stop: threading.Event
+    path: Path, interval: float, probe: Callable[[], object], stop: SignalFlag
 ) -> threading.Thread:
     """Start a daemon thread that writes ``path`` every ``interval`` seconds while ``probe``
     (a call that reaches the queue) answers, until ``stop`` is set; the file goes then."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -30,13 +29,14 @@ from convserve.jobs import (
 )
 from convserve.pipelines import study as studies
 from convserve.pipelines.runs import read_request, tracked_sweep
+from convserve.processes import SignalFlag
 from convserve.training.tracking import run_tags
 
 log = logging.getLogger(__name__)
 PAGE = 200  # running jobs read per search
 
 
-def run_reaper(settings: JobSettings, stop: threading.Event, queue: JobQueue) -> None:
+def run_reaper(settings: JobSettings, stop: SignalFlag, queue: JobQueue) -> None:
     """A pass every ``reaper_interval`` seconds until ``stop`` is set."""
     from mlflow.tracking import MlflowClient
 

@@ -22,7 +22,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ from convserve.pipelines.reaper import hand_back, publish_when_done
 from convserve.pipelines.registry import Policy, PublishCancelled, publish
 from convserve.pipelines.runs import last_checkpoint, read_request, tracked, tracked_sweep
 from convserve.pipelines.sweep import finish, record_progress, run_trial, search_tags
-from convserve.processes import die_with_parent
+from convserve.processes import SignalFlag, die_with_parent
 from convserve.training.run import Callbacks, train
 from convserve.training.tracking import run_tags
 
@@ -70,7 +69,7 @@ def job_queue(settings: JobSettings) -> JobQueue:
     return queue
 
 
-def run_tasks(settings: JobSettings, stopping: threading.Event) -> int:
+def run_tasks(settings: JobSettings, stopping: SignalFlag) -> int:
     """Take tasks from the queue and run them, one at a time, until none has come for
     ``worker_idle_exit`` seconds or ``stopping`` is set; the number run. An idle process looks
     at the queue every second at most (a sweep's trial tasks are taken by whichever worker
@@ -110,7 +109,7 @@ def main() -> None:
     # SIGINT: the task being run finishes, and no other is taken. SIGTERM (the worker
     # drains): no other is taken either, and the running one stops at the next step, keeps
     # its place and goes back to the queue.
-    stopping = threading.Event()
+    stopping = SignalFlag()  # set by signal handlers: no lock (processes.SignalFlag)
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
 
     def drain(*_: object) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 from convserve.jobs import WORKER_PID, JobQueue, JobSettings
 from convserve.pipelines import liveness
 from convserve.pipelines.reaper import run_reaper
+from convserve.processes import SignalFlag
 from convserve.redact import error_line, redact
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def run_worker(settings: JobSettings, say: Any = log.info) -> None:
     # a log, not a terminal: no bar redrawn for every artifact (here and in job processes)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     queue = JobQueue(settings)  # this process enqueues (the reaper) but runs nothing
-    stop = threading.Event()
+    stop = SignalFlag()  # set by the signal handler below: no lock (processes.SignalFlag)
     received: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:

@@ -21,9 +21,10 @@ import json
 import os
 import signal
 import sys
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from convserve.processes import SignalFlag
 
 if TYPE_CHECKING:
     from convserve.training.run import TrainResult
@@ -48,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     # first of all: a stop asked for while torch loads is kept, not a dead rank
-    stop = threading.Event()
+    stop = SignalFlag()  # SIGINT and SIGTERM may come together: no lock in the handler
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     args = _parser().parse_args(argv)
