@@ -53,7 +53,8 @@ and 32. Target: at concurrency 32 at least 0.9x the single model's requests/s.
 
 shadow: the small model registered twice on a real MLflow server, as ``champion`` and
 ``challenger``, served with default settings and no shadow against ``CONVSERVE_SHADOW_SHARE=1``
-(every request also run on the challenger after the answer), taking turns: the champion's
+(every request also run on the challenger after the answer; measured once the challenger and
+its shadow process run in every worker), taking turns: the champion's
 p99 at concurrency 1, 8 and 32 (the run with the median p99 of ``--repeats``, each printed).
 Target: at most 1.1x the unshadowed p99.
 
@@ -961,9 +962,9 @@ def shadow_cost(args: argparse.Namespace, folder: Path) -> list[Target]:
         try:
             _started(servers, body, folder)
             deadline = time.monotonic() + 30
-            while _rollout_state(args.port + 22) != "READY":
+            while not _shadowing(args.port + 22):
                 if time.monotonic() > deadline:
-                    sys.exit("the challenger did not load")
+                    sys.exit("the challenger and its shadow processes did not start")
                 time.sleep(0.2)
             p99s, answered = _median_p99_points(servers, args, lua, args.concurrency or (1, 8, 32))
         finally:
@@ -1033,8 +1034,14 @@ def _rollout(port: int) -> dict:  # type: ignore[type-arg]
         return json.load(r)["models"][0].get("rollout") or {}
 
 
-def _rollout_state(port: int) -> str:
-    return str(_rollout(port).get("state", ""))
+def _shadowing(port: int) -> bool:
+    """The challenger loaded and its shadow process running, in every worker (ten answers
+    in a row, from whichever worker takes each)."""
+    for _ in range(10):
+        rollout = _rollout(port)
+        if rollout.get("state") != "READY" or rollout.get("shadow_process") != "RUNNING":
+            return False
+    return True
 
 
 if __name__ == "__main__":

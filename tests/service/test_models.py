@@ -302,6 +302,15 @@ def test_a_challenger_is_shadowed_and_canaried_on_live_traffic_then_promoted_on_
             return states == ["READY"] * 10
 
         wait_until(both_ready, 60, "the challenger loaded in both workers")
+        # the shadow processes start as the challenger loads, before any request is shadowed
+        wait_until(
+            lambda: (
+                {_served(http)[name]["rollout"].get("shadow_process") for _ in range(10)}
+                == {"RUNNING"}
+            ),
+            30,
+            "a running shadow process in both workers before the first request",
+        )
         # shadow: every answer is the champion's; the challenger runs after it
         champion_tops = [_top(post(i)) for i in range(40)]
         answers = {i: post(i) for i in range(len(images))}

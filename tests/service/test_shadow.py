@@ -160,3 +160,34 @@ def test_a_shadow_process_that_dies_is_counted_then_started_again(onnx_path, mon
     assert second_pid and second_pid != first_pid
     window = live.take()
     assert (window.requests, window.failures) == (4, 2)
+
+
+def test_a_shadowed_answer_is_sent_before_its_images_go_to_the_challenger(onnx_path, monkeypatch):
+    """``Catalog.shadow_after``: the response's body goes out first, then the copy to the
+    challenger's process, on the event loop."""
+    from starlette.responses import Response
+
+    from convserve.service.catalog import Catalog
+    from convserve.service.metrics import Metrics
+    from convserve.service.settings import Settings
+
+    catalog = Catalog(Settings(model_uri=str(onnx_path), models=""), Metrics())
+    events: list[str] = []
+
+    def shadow(*args: object) -> None:
+        asyncio.get_running_loop()  # on the event loop, not in a thread
+        events.append("shadowed")
+
+    monkeypatch.setattr(catalog, "shadow", shadow)
+    batch, probs = _batch(1, 0), np.full((1, 10), 0.1, dtype=np.float32)
+    response = catalog.shadow_after(Response(b"{}"), None, None, batch, probs)  # type: ignore[arg-type]
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        events.append(str(message["type"]))
+
+    asyncio.run(response({"type": "http", "method": "POST"}, receive, send))  # type: ignore[arg-type]
+    assert events == ["http.response.start", "http.response.body", "shadowed"]
+    catalog.executor.shutdown()

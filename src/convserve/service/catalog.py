@@ -37,6 +37,9 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from starlette.background import BackgroundTask
+from starlette.responses import Response
+
 from convserve.redact import redact
 from convserve.service import rollout
 from convserve.service.engine import Engine
@@ -184,6 +187,18 @@ class Catalog:
         with the requests of the next ``shadow.FLUSH_SECONDS`` (shadow.py); then counted."""
         item = Item(batch, probs, champion.image_seconds)
         self.shadows.add(challenger.model.source, self._live(challenger), item)
+
+    def shadow_after(
+        self, response: Response, champion: Engine, challenger: Engine, batch: Any, probs: Any
+    ) -> Response:
+        """``response``, which hands ``batch`` to ``shadow`` once its body is sent (on the
+        event loop): the copy into the shadow's memory is not part of the answer's time."""
+
+        async def shadow() -> None:
+            self.shadow(champion, challenger, batch, probs)
+
+        response.background = BackgroundTask(shadow)
+        return response
 
     def _live(self, challenger: Engine) -> Live:
         source = challenger.model.source
@@ -425,6 +440,10 @@ class Catalog:
                 manager.origin = CHALLENGER
                 self.challengers[name] = manager
             await manager.check()
+            champion, challenger = self.models[name].engine, manager.engine
+            shadowed = self.shares_for(name).shadow > 0
+            if shadowed and champion and challenger and _comparable(champion, challenger):
+                self.shadows.start(challenger.model.source, self._live(challenger))
 
     async def _log_live(self) -> None:
         """What each challenger showed since the last log, as one window on its run."""
@@ -512,6 +531,9 @@ class Catalog:
         if model is not None:
             live = self.live.get((name, str(model.source.version)))
             out["live"] = live.snapshot() if live is not None else {}
+            runner = self.shadows.runners.get(name)
+            if runner is not None and runner.source == model.source:
+                out["shadow_process"] = runner.state
         return out
 
     async def _drop(self, name: str) -> None:

@@ -290,6 +290,12 @@ class Rollout(BaseModel):
     version: str | None = Field(None, description="The challenger's version")
     state: str = Field(description="The challenger's state, as a model's")
     reason: str | None = Field(None, description="Why it is not used, where it is not")
+    shadow_process: str | None = Field(
+        None,
+        description="The challenger's shadow process in the worker process that answers: "
+        "STARTING, RUNNING, or FAILED with its reason; started as the challenger loads "
+        "while the shadow share is above 0",
+    )
     live: dict[str, float] = Field(
         default_factory=dict,
         description="What it showed in the worker process that answers, since it started: "
@@ -305,6 +311,7 @@ class Rollout(BaseModel):
                     "canary": 0.0,
                     "version": "3",
                     "state": "READY",
+                    "shadow_process": "RUNNING",
                     "live": {
                         "shadowed": 1200,
                         "canary": 0,

@@ -98,6 +98,13 @@ class Runner:
         self._task = asyncio.create_task(self._serve())
 
     @property
+    def state(self) -> str:
+        """STARTING, RUNNING, or FAILED with the reason."""
+        if self.failed is not None:
+            return f"FAILED: {self.failed}"
+        return "RUNNING" if self._proc is not None and self._proc.returncode is None else "STARTING"
+
+    @property
     def _name(self) -> str:
         return f"{self.source.name} v{self.source.version}"
 
@@ -243,15 +250,21 @@ class Shadows:
 
     def add(self, source: Source, live: Live, item: Item) -> None:
         """Shadow ``item`` on the challenger loaded from ``source`` (its file in
-        ``source.path``); a new version's runner replaces the last one's, and so does a new
-        process ``RESTART_SECONDS`` after the last one ended on its own (killed, out of
-        memory)."""
+        ``source.path``)."""
+        self.start(source, live).add(item)
+
+    def start(self, source: Source, live: Live) -> Runner:
+        """The runner of the challenger loaded from ``source``, its process started now if it
+        has none: a new version's runner replaces the last one's, and so does a new process
+        ``RESTART_SECONDS`` after the last one ended on its own (killed, out of memory). The
+        catalog starts it as the challenger loads, so that the process's start (its imports,
+        the model's session) does not fall on the first requests shadowed."""
         runner = self.runners.get(source.name)
         if runner is None or runner.source != source or _restart(runner):
             if runner is not None:  # a new challenger version: the old process ends
                 asyncio.get_running_loop().create_task(self._close(runner))
             runner = self.runners[source.name] = Runner(source, live, self.device)
-        runner.add(item)
+        return runner
 
     def flush(self) -> None:
         for runner in self.runners.values():

@@ -191,8 +191,6 @@ async def predict(request: Request) -> Response:
             batch, [contract.PROBABILITIES, *(contract.feature_output(b) for b in blocks)], pool
         )
         times.append(time.perf_counter())
-        if challenger is not None:  # after the champion's answer, off its path
-            state.catalog.shadow(engine, challenger, batch, result[contract.PROBABILITIES])
         explanations = None
         if query.explain == "occlusion":
             probs = result[contract.PROBABILITIES]
@@ -208,11 +206,17 @@ async def predict(request: Request) -> Response:
             # sent piece by piece, never joined: each waits for the socket to drain while
             # the event loop answers other requests
             size = str(sum(map(len, pieces)))
-            return StreamingResponse(
+            response: Response = StreamingResponse(
                 _pieces(pieces), media_type="application/json", headers={"content-length": size}
             )
-        body = b"".join(answer.json(explanations, times))
-    return Response(body, media_type="application/json")
+        else:
+            body = b"".join(answer.json(explanations, times))
+            response = Response(body, media_type="application/json")
+    if challenger is None:
+        return response
+    # the challenger's shadow run, once the answer is out
+    probs = result[contract.PROBABILITIES]
+    return state.catalog.shadow_after(response, engine, challenger, batch, probs)
 
 
 def _cost(

@@ -271,14 +271,17 @@ async def _infer(engine: Engine, request: Request, challenger: Engine | None = N
         else:
             images = _input_array(engine, req.inputs[0], binary)
         result = await engine.infer(images, wanted, heavy_pool if heavy else None)
-        probabilities = result.get(contract.PROBABILITIES)
-        if challenger is not None and probabilities is not None:  # off the answer's path
-            state.catalog.shadow(engine, challenger, images, probabilities)
         if heavy:
-            return await asyncio.get_running_loop().run_in_executor(
+            response = await asyncio.get_running_loop().run_in_executor(
                 heavy_pool, _answer, engine, req, wanted, as_binary, result
             )
-        return _answer(engine, req, wanted, as_binary, result)
+        else:
+            response = _answer(engine, req, wanted, as_binary, result)
+    probabilities = result.get(contract.PROBABILITIES)
+    if challenger is None or probabilities is None:
+        return response
+    # the challenger's shadow run, once the answer is out
+    return state.catalog.shadow_after(response, engine, challenger, images, probabilities)
 
 
 def _answer(
