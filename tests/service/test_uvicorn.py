@@ -246,7 +246,6 @@ def test_serve_options_reach_every_worker_process(onnx_path, tmp_path):
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/readyz", proc, timeout=60)
         wait_until(lambda: len(_server_processes(proc.pid)) == 2, 30, "two server processes", 0.2)
-        workers = _server_processes(proc.pid)
         log = (tmp_path / "serve.log").read_text()
         assert "2 worker processes, " in log and "onnxruntime thread" in log
         for _ in range(20):  # whichever process answers, it serves the file it was given
@@ -276,8 +275,7 @@ def test_serve_options_reach_every_worker_process(onnx_path, tmp_path):
             "both processes reloaded",
         )
         (folder,) = (tmp_path / "tmp").glob("convserve-metrics-*")  # made by serve
-        counted = {int(f.stem.split("_")[1]) for f in folder.glob("counter_*.db")}
-        assert set(workers) <= counted  # both processes counted requests
+        assert len(list(folder.glob("counter_*.db"))) == 2  # both processes counted requests
     assert not folder.exists()  # removed at the end
     assert not (tmp_path / "mlflow.db").exists()  # a server that only predicts opens no store
 

@@ -11,18 +11,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import importlib
 import logging
 import multiprocessing
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
 import uvicorn
-from PIL import Image
 from prometheus_client import values as prometheus_values
 from uvicorn import _subprocess
 from uvicorn.config import LOGGING_CONFIG
@@ -31,7 +29,6 @@ from uvicorn.supervisors import Multiprocess
 from convserve.jobs import JobSettings
 from convserve.service.api.backends import bound_mlflow_client
 from convserve.service.app import create_app
-from convserve.service.direct import Service
 from convserve.service.metrics import MULTIPROCESS_DIR
 from convserve.service.sessions import providers_for
 from convserve.service.settings import Settings, available_cores
@@ -76,26 +73,12 @@ def run_server(settings: Settings, job_settings: JobSettings) -> None:
     # fresh interpreter takes to import it (uvicorn spawns by default). This process has
     # started no thread and no onnxruntime session: nothing to inherit badly.
     _subprocess.spawn = multiprocessing.get_context("fork")  # type: ignore[assignment]
+    # What the workers inherit goes to the permanent generation first: their collections
+    # then never write to the pages they share with this process (copy-on-write).
+    gc.freeze()
     with shared_metrics(), tempfile.TemporaryDirectory(prefix="convserve-peers-") as peers:
-        settings = settings.model_copy(update={"peers_dir": peers})
-        # The app is built here, once, and every worker starts its own lifespan on it (the
-        # model, the engine and the follower are made there): what a worker would otherwise
-        # build and import for itself lies in pages it shares with this process.
-        app = _prepared(settings, job_settings)
-        config = _config(settings, job_settings, lambda: app)
-        # What the workers inherit goes to the permanent generation first: their collections
-        # then never write to the pages they share with this process (copy-on-write).
-        gc.freeze()
+        config = _config(settings.model_copy(update={"peers_dir": peers}), job_settings)
         _Supervisor(config, sockets=[config.bind_socket()]).run()
-
-
-def _prepared(settings: Settings, job_settings: JobSettings) -> Service:
-    """The app, and the modules a worker imports at its first load and request (Pillow's
-    format plugins, numpy's random numbers for the batch measurement) imported beforehand."""
-    app = create_app(settings, job_settings)
-    Image.preinit()
-    importlib.import_module("numpy.random")
-    return app
 
 
 class _Supervisor(Multiprocess):
@@ -111,13 +94,9 @@ class _Supervisor(Multiprocess):
             sock.close()
 
 
-def _config(
-    settings: Settings, job_settings: JobSettings, app: Callable[[], Service] | None = None
-) -> uvicorn.Config:
-    """uvicorn's configuration; ``app`` makes the app (default: ``create_app`` in the
-    process that serves)."""
+def _config(settings: Settings, job_settings: JobSettings) -> uvicorn.Config:
     config = uvicorn.Config(
-        app or partial(create_app, settings, job_settings),
+        partial(create_app, settings, job_settings),
         factory=True,
         host=settings.host,
         port=settings.port,
