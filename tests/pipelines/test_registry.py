@@ -193,13 +193,25 @@ def test_a_run_on_an_uploaded_set_registers_into_a_model_named_for_it(sqlite_uri
         assert model_name_for(client, run.info.run_id) == name, tag
 
 
-def test_promotions_into_one_model_at_once_all_set_their_alias(mlflow_url):
+@pytest.mark.parametrize("writer", ["training", "service REST", "service client"])
+def test_promotions_into_one_model_at_once_all_set_their_alias(mlflow_url, writer):
     """MLflow's store reads an alias, then inserts or updates it: writes of one alias at once
     collide (a unique constraint, 400). Each of four writers at once, over rounds that start
-    with no alias, sets it: none fails, and the alias names one of theirs."""
+    with no alias, sets it: none fails, and the alias names one of theirs. The writers: a
+    job's promotion (``pipelines.registry``), and the service's live promotion through either
+    of its registries (REST, the MLflow client)."""
     import threading
 
-    from convserve.pipelines.registry import set_alias
+    from convserve.pipelines.registry import set_alias as training_alias
+    from convserve.service.registry import ClientRegistry, RestRegistry
+
+    def set_alias(name: str, alias: str, version: str) -> None:
+        if writer == "training":
+            training_alias(MlflowClient(mlflow_url), name, alias, version)
+        elif writer == "service REST":
+            RestRegistry(mlflow_url).set_alias(name, alias, version)
+        else:
+            ClientRegistry(mlflow_url).set_alias(name, alias, version)
 
     client = MlflowClient(mlflow_url)
     name = f"race-{uuid.uuid4().hex[:6]}"
@@ -215,7 +227,7 @@ def test_promotions_into_one_model_at_once_all_set_their_alias(mlflow_url):
         def write(version: str, start: threading.Barrier = start) -> None:
             start.wait()
             try:
-                set_alias(MlflowClient(mlflow_url), name, "champion", version)
+                set_alias(name, "champion", version)
             except Exception as err:  # every failure is the finding
                 failures.append(err)
 

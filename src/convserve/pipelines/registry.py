@@ -21,6 +21,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from convserve.service.registry import write_alias
 from convserve.training.checkpoint import load_model
 from convserve.training.export import ExportCheckFailed, ParityReport, check_export, export_onnx
 from convserve.training.model import ConvNet
@@ -208,24 +209,14 @@ def promote(
     return decision
 
 
-ALIAS_TRIES = 4  # MLflow's answers to a concurrent write of the same alias, then the next try
-
-
 def set_alias(client: MlflowClient, name: str, alias: str, version: str) -> None:
-    """``alias`` to ``version``. MLflow's SQL store reads an alias, then inserts or updates
-    it: two workers promoting into one model at once can collide on the insert (a unique
-    constraint) or the update (no row), answered 400 BAD_REQUEST. The write is tried again,
-    and finds the row the other one made; a request that is bad in itself fails every try
-    and is raised."""
-    for attempt in range(1, ALIAS_TRIES + 1):
-        try:
-            client.set_registered_model_alias(name, alias, version)
-            return
-        except MlflowException as err:
-            if err.error_code != "BAD_REQUEST" or attempt == ALIAS_TRIES:
-                raise
-            log.info("alias %s of %s collided with another write; again", alias, name)
-            time.sleep(0.05 * attempt)
+    """``alias`` to ``version``, tried again where it met another write of the alias (two
+    workers promoting into one model at once: ``write_alias``)."""
+    write_alias(
+        lambda: client.set_registered_model_alias(name, alias, version),
+        lambda err: isinstance(err, MlflowException) and err.error_code == "BAD_REQUEST",
+        f"alias {alias} of {name}",
+    )
 
 
 def _record(

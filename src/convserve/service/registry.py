@@ -15,17 +15,42 @@ then.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, unquote, urlparse
 
+log = logging.getLogger(__name__)
+
+ALIAS_TRIES = 4  # MLflow's answers to a concurrent write of the same alias, then the next try
+
 
 class RegistryError(RuntimeError):
     """The registry's answer to a request it refused: ``CODE: message``, as MLflow says it."""
+
+
+def write_alias(
+    write: Callable[[], None], collided: Callable[[Exception], bool], what: str
+) -> None:
+    """``write()`` (an alias's), tried again where ``collided`` says it met another write.
+    MLflow's SQL store reads an alias, then inserts or updates it: two writes of one alias at
+    once (two promotions into one model) can collide on the insert (a unique constraint) or
+    the update (no row), answered 400 BAD_REQUEST. Tried again, the write finds the row the
+    other one made; a request that is bad in itself fails every try and is raised."""
+    for attempt in range(1, ALIAS_TRIES + 1):
+        try:
+            write()
+            return
+        except Exception as err:
+            if not collided(err) or attempt == ALIAS_TRIES:
+                raise
+            log.info("%s collided with another write; again", what)
+            time.sleep(0.05 * attempt)
 
 
 @dataclass(frozen=True)
@@ -152,7 +177,12 @@ class RestRegistry:
                 return found
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
-        self._post("registered-models/alias", {"name": name, "alias": alias, "version": version})
+        body = {"name": name, "alias": alias, "version": version}
+        write_alias(
+            lambda: self._post("registered-models/alias", body),
+            lambda err: isinstance(err, RegistryError) and str(err).startswith("BAD_REQUEST"),
+            f"alias {alias} of {name}",
+        )
 
     def delete_alias(self, name: str, alias: str) -> None:
         self._post("registered-models/alias", {"name": name, "alias": alias}, "DELETE")
@@ -262,7 +292,13 @@ class ClientRegistry:
         return [(m.value, m.step) for m in self.client.get_metric_history(run_id, key)]
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
-        self.client.set_registered_model_alias(name, alias, version)
+        from mlflow.exceptions import MlflowException
+
+        write_alias(
+            lambda: self.client.set_registered_model_alias(name, alias, version),
+            lambda err: isinstance(err, MlflowException) and err.error_code == "BAD_REQUEST",
+            f"alias {alias} of {name}",
+        )
 
     def delete_alias(self, name: str, alias: str) -> None:
         self.client.delete_registered_model_alias(name, alias)
