@@ -19,7 +19,8 @@ processes counts 1/n in each, so the sum is what the tree holds; a library's pag
 with every other process that maps it, so the tree's PSS reads lower while other Python
 processes run, and the report says so when they map onnxruntime), and for concurrency 1, 8 and
 32: requests/s, p50 and p99 latency, p99/p50, errors, and the CPU time the server's processes
-spent per request, every thread counted (the best of ``--repeats`` runs by requests/s). The
+spent per request, every thread counted (the best of ``--repeats`` runs by requests/s), after
+a warm-up of 2 s at concurrency 32 that is not measured (every part but grpc). The
 servers take turns: each repeat of a point loads them one after the other, so that a slow
 spell of a shared machine does not fall on one server only. Then convserve's share of the
 bare ceiling at concurrency 1 and 32, and the ratios the targets are set on:
@@ -452,10 +453,23 @@ def _interleaved(
     return best
 
 
+WARM_SECONDS = 2
+
+
+def _warmed(servers: list[Server], lua: Path, query: str = "") -> None:
+    """Each server loaded once, unmeasured, for ``WARM_SECONDS`` at the highest concurrency:
+    the first traffic's one-off costs (lazy imports and caches, the allocator's first growth,
+    first-touched pages) fall outside the measured runs, on every server alike."""
+    for server in servers:
+        wrk(server.port, lua, max(CONCURRENCY), WARM_SECONDS, query)
+
+
 def _load_points(
     servers: list[Server], args: argparse.Namespace, lua: Path, concurrencies: Iterable[int]
 ) -> None:
-    """Each server's best run at each concurrency (``_interleaved``) into its ``points``."""
+    """Each server's best run at each concurrency (``_interleaved``) into its ``points``,
+    after a warm-up (``_warmed``)."""
+    _warmed(servers, lua, args.query)
     for c in concurrencies:
         best = _interleaved(
             servers, args.repeats, lambda s, c=c: s.load(lua, c, args.seconds, args.query)
@@ -696,6 +710,7 @@ def compute_bound(args: argparse.Namespace, folder: Path) -> list[Target]:
     ]
     try:
         _started(servers, body, folder)
+        _warmed(servers, lua)
         for c in (1, 32):
             best = _interleaved(
                 servers, args.repeats, lambda s, c=c: s.load(lua, c, args.seconds, "")
@@ -1004,6 +1019,7 @@ def _median_p99_points(
     and how many requests each server answered in all."""
     p99s: dict[str, dict[int, list[float]]] = {s.name: {} for s in servers}
     answered = {s.name: 0.0 for s in servers}
+    _warmed(servers, lua, args.query)
     for c in concurrencies:
         runs = _turns(
             servers, args.repeats, lambda s, c=c: s.load(lua, c, args.seconds, args.query)
