@@ -148,10 +148,9 @@ def _policy(
     direction: str,
     margin: float,
 ) -> Policy:
+    _check_direction(direction)
     from convserve.pipelines.registry import Policy
 
-    if direction not in ("maximize", "minimize"):
-        raise fail("--direction must be maximize or minimize")
     return Policy(model_name, register, promote, metric, direction, margin)  # type: ignore[arg-type]
 
 
@@ -189,18 +188,19 @@ def sweep(
     or TPE sampler, with pruning), each trial a nested MLflow run; then export, register and
     promote the best. Here, one trial after another; with --queue, on the workers. Exits 1
     when no trial finished or the best export fails its checks."""
-    from convserve.pipelines.sweep import label, run_sweep
     from convserve.training.config import ConfigError
     from convserve.training.configfiles import load_sweep
-    from convserve.training.export import ExportCheckFailed
 
     try:
         spec = load_sweep(config, set_ or [])
     except ConfigError as err:
         raise fail(str(err)) from None
-    policy = _policy(register, promote, model_name, spec.metric, spec.direction, margin)
-    if queue:
+    _check_direction(spec.direction)
+    if queue:  # the workers train: this process imports neither torch nor Optuna
         raise typer.Exit(_queued_sweep(spec, register, promote, model_name, margin))
+    policy = _policy(register, promote, model_name, spec.metric, spec.direction, margin)
+    from convserve.pipelines.sweep import label, run_sweep
+    from convserve.training.export import ExportCheckFailed
 
     def on_trial(number: int, total: int, point: dict[str, object]) -> None:
         text = ", ".join(f"{k}={label(v)}" for k, v in point.items())
@@ -283,6 +283,11 @@ def _queued_sweep(
     return 0 if status == "succeeded" else 1
 
 
+def _check_direction(direction: str) -> None:
+    if direction not in ("maximize", "minimize"):
+        raise fail("--direction must be maximize or minimize")
+
+
 @app.command()
 def export(
     run_id: Annotated[
@@ -312,12 +317,13 @@ def export(
 ) -> None:
     """Export to one self-contained ONNX file, check it (onnx.checker, onnxruntime, parity
     with torch below 1e-4), register and promote it. Exits 1 when a check fails."""
-    from convserve.pipelines.registry import publish
-    from convserve.training.export import ExportCheckFailed
-
     if (run_id is None) == (checkpoint is None):
         raise fail("give exactly one of --run-id and --checkpoint")
     policy = _policy(register, promote, model_name, metric, direction, margin)
+    # torch and MLflow once the options are known to be good: a wrong call fails at once
+    from convserve.pipelines.registry import publish
+    from convserve.training.export import ExportCheckFailed
+
     try:
         published = publish(run_id=run_id, checkpoint=checkpoint, output=output, policy=policy)  # type: ignore[arg-type]
     except ExportCheckFailed as err:
