@@ -179,3 +179,23 @@ def test_experiments_help_lists_every_registered_experiment(tmp_path):
     listed = out.stdout.split("several):", 1)[1].split(".", 1)[0]
     names = [n.strip(" │\n") for n in listed.replace("│", " ").split(",")]
     assert [" ".join(n.split()) for n in names] == list(REGISTRY), out.stdout
+
+
+def test_a_bad_setting_is_named_as_the_user_sets_it(tmp_path):
+    """``serve`` and ``worker`` refuse a wrong setting with a line each, naming the
+    environment variable (and the option where there is one), with exit status 2."""
+    env = {"CONVSERVE_MAX_BATCH_SIZE": "0", "CONVSERVE_WORKER_LOST_AFTER": "soon"}
+    out = _run("serve", "--port", "99999", cwd=tmp_path, env=env)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.splitlines()
+    assert lines[0] == "error: bad settings:"
+    assert "  CONVSERVE_MAX_BATCH_SIZE: Input should be greater than or equal to 1" in lines
+    assert "  --port (CONVSERVE_PORT): Input should be less than or equal to 65535" in lines
+    out = _run("worker", cwd=tmp_path, env=env)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines()[:2] == [
+        "error: bad setting:",
+        "  CONVSERVE_WORKER_LOST_AFTER: Input should be a valid number, unable to parse string "
+        "as a number",
+    ]
+    assert "errors.pydantic.dev" not in out.stderr

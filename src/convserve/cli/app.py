@@ -42,6 +42,19 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def bad_settings(err: Any, options: tuple[str, ...] = ()) -> typer.Exit:
+    """``fail`` with one line per wrong setting of a pydantic ``ValidationError``, named as
+    the user sets it: its environment variable (``CONVSERVE_WORKERS``, ``REDIS_URL``), and
+    its command-line option where ``options`` names the field (``--workers``)."""
+    lines = []
+    for e in err.errors():
+        name = ".".join(str(p) for p in e["loc"])
+        env = name if name.isupper() else f"CONVSERVE_{name.upper()}"
+        where = f"--{name.replace('_', '-')} ({env})" if name in options else env
+        lines.append(f"  {where}: {e['msg']}")
+    return fail("bad setting" + ("s" if len(lines) > 1 else "") + ":\n" + "\n".join(lines))
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"convserve {__version__}")

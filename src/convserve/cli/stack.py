@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from convserve.cli.app import app, console, err_console, fail
+from convserve.cli.app import app, bad_settings, console, err_console, fail
 from convserve.cli.options import ConfigOption, DefaultModelOption
 from convserve.cli.report import TrainProgress, report_published
 
@@ -66,7 +66,7 @@ def serve(
         settings = Settings(**{k: v for k, v in given.items() if v is not None})  # type: ignore[arg-type]
         job_settings = JobSettings()
     except ValidationError as err:
-        raise fail(f"bad setting:\n{err}") from None
+        raise bad_settings(err, tuple(given)) from None
     try:
         providers_for(settings.device)
     except ModelLoadError as err:
@@ -100,7 +100,7 @@ def worker(
     try:
         settings = JobSettings()
     except ValidationError as err:
-        raise fail(f"bad setting:\n{err}") from None
+        raise bad_settings(err) from None
     if check:
         from convserve.pipelines.liveness import check as check_liveness
 
