@@ -385,3 +385,14 @@ def test_a_challenger_is_shadowed_and_canaried_on_live_traffic_then_promoted_on_
         timeout=120,
     )
     assert out.returncode == 2 and "has no challenger version" in out.stderr
+    # and that it could not read the registry, when it could not: not "no challenger"
+    down = f"http://127.0.0.1:{free_port()}"
+    out = subprocess.run(
+        [str(cli), "promote", name],
+        env={**os.environ, "MLFLOW_TRACKING_URI": down},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1, out.stderr
+    assert f"the registry at {down}:" in out.stderr and "challenger" not in out.stderr

@@ -13,6 +13,7 @@ from convserve.service.registry import (
     ClientRegistry,
     RegistryError,
     RestRegistry,
+    not_found,
     registry_for,
 )
 from tests.servers import registered_model
@@ -116,3 +117,25 @@ def test_a_version_registered_from_a_run_is_read_over_rest(onnx_path, mlflow_url
     lines = out.stdout.splitlines()
     assert lines[0].split() == [str(version), "True", "False"], out.stderr
     assert lines[1].split() == ["model.onnx"], out.stdout
+
+
+def test_a_missing_alias_or_model_is_told_apart_from_a_registry_that_cannot_be_read(
+    registered,
+):
+    """``not_found``: through either registry, a missing alias (MLflow: INVALID_PARAMETER_VALUE,
+    "... not found") and a missing model (RESOURCE_DOES_NOT_EXIST) are; a refused connection
+    and a bad request are not."""
+    from tests.servers import free_port
+
+    client, name, first, _ = registered
+    for registry in (RestRegistry(client.tracking_uri), ClientRegistry(client.tracking_uri)):
+        for model, alias in ((name, "challenger"), ("no-such-model", "champion")):
+            with pytest.raises(Exception) as missing:
+                registry.get_model_version_by_alias(model, alias)
+            assert not_found(missing.value), missing.value
+        with pytest.raises(Exception) as bad:
+            registry.set_alias(name, "champion", "not-a-version")
+        assert not not_found(bad.value), bad.value
+    with pytest.raises(Exception) as down:
+        RestRegistry(f"http://127.0.0.1:{free_port()}").get_model_version(name, first)
+    assert not not_found(down.value), down.value

@@ -365,6 +365,8 @@ def promote(
         decision = rollout.promote(registry, model_name, criteria)
     except LookupError as err:
         raise fail(str(err)) from None
+    except Exception as err:  # the registry could not be read or written
+        raise fail(f"the registry at {redact(registry.tracking_uri)}: {err}", code=1) from None
     if not decision.promoted:
         err_console.print(
             f"not promoted: {model_name} version {decision.version}: {decision.reason}"

@@ -489,6 +489,9 @@ class Catalog:
             )
         except LookupError as err:
             raise NotServed(404, str(err)) from None
+        except Exception as err:  # the registry could not be read or written: try later
+            retry = max(1, math.ceil(self.settings.poll_interval))
+            raise NotServed(503, f"the registry cannot be read: {err}", retry) from None
         if decision.promoted:
             await self.reload(name, force=False)
         return decision

@@ -34,6 +34,20 @@ class RegistryError(RuntimeError):
     """The registry's answer to a request it refused: ``CODE: message``, as MLflow says it."""
 
 
+def not_found(err: Exception) -> bool:
+    """Whether ``err`` is the registry's answer that the model, version or alias does not
+    exist (through either registry), rather than a registry that could not be read."""
+    code: str | None
+    if isinstance(err, RegistryError):  # "CODE: message"
+        code, _, message = str(err).partition(": ")
+    else:  # MlflowException, or an error that is no answer of the registry's
+        code, message = getattr(err, "error_code", None), str(err)
+    # MLflow answers a missing alias INVALID_PARAMETER_VALUE, "... alias ... not found."
+    return code == "RESOURCE_DOES_NOT_EXIST" or (
+        code == "INVALID_PARAMETER_VALUE" and "not found" in message
+    )
+
+
 def write_alias(
     write: Callable[[], None], collided: Callable[[Exception], bool], what: str
 ) -> None:

@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from convserve.service.registry import Registry
+from convserve.service.registry import Registry, not_found
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 LIVE = "live."  # the metrics' prefix on the challenger's run
@@ -206,15 +206,20 @@ class LiveDecision:
 def promote(registry: Registry, name: str, criteria: Criteria = Criteria()) -> LiveDecision:
     """Judge ``name``'s challenger on its live evidence; move ``champion`` to it when the
     evidence holds (and drop its ``challenger`` alias); record the decision on the version.
-    ``LookupError`` when the model has no challenger."""
+    ``LookupError`` when the model has no challenger; the registry's own error when it
+    cannot be read."""
     try:
         challenger = registry.get_model_version_by_alias(name, CHALLENGER)
     except Exception as err:
+        if not not_found(err):
+            raise
         raise LookupError(f"{name!r} has no {CHALLENGER} version: {err}") from err
     try:
         champion: str | None = registry.get_model_version_by_alias(name, CHAMPION).version
-    except Exception:  # no champion yet
-        champion = None
+    except Exception as err:
+        if not not_found(err):
+            raise
+        champion = None  # none yet
     seen = evidence(registry, challenger.run_id)
     promoted, reason = judge(seen, criteria)
     version = challenger.version
