@@ -241,6 +241,25 @@ def test_the_served_set_refuses_two_models_under_one_name(onnx_path, tmp_path):
         Catalog(settings, Metrics())
 
 
+def test_a_live_promotion_with_the_registry_down_is_a_503_to_try_again(monkeypatch):
+    """Not the 404 of a model without a challenger: the registry could not be read."""
+    import asyncio
+
+    from convserve.service.catalog import Catalog, NotServed
+    from convserve.service.metrics import Metrics
+    from convserve.service.rollout import Criteria
+    from convserve.service.settings import Settings
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    settings = Settings(model_uri="models:/digits@champion", models="", poll_interval=2.5)
+    catalog = Catalog(settings, Metrics())
+    with pytest.raises(NotServed) as refused:
+        asyncio.run(catalog.promote("digits", Criteria()))
+    assert refused.value.status == 503 and refused.value.retry_after == 3
+    assert refused.value.message.startswith("the registry cannot be read: ")
+    catalog.executor.shutdown()
+
+
 @pytest.fixture(scope="module")
 def other_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second digits model, trained less: it disagrees with ``onnx_path`` on some digits."""
