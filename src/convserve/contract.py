@@ -6,12 +6,19 @@ answers ``probabilities`` ``[batch, classes]`` and ``features.<block>`` for ever
 convolutional block. Everything the service needs to serve it travels in the file's
 ``metadata_props`` under ``convserve.*`` keys, written and read through ``ModelMetadata``.
 
+The registry's contract: a model's served version carries the alias ``champion``, the one
+tried on live traffic ``challenger``; training promotes into them and the service follows
+them, and both write an alias through ``write_alias``.
+
 The job queue's contract (task names, payloads, the job run's tags) is ``convserve.jobs``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
+from collections.abc import Callable
 from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -176,3 +183,24 @@ def _json(key: str, text: str) -> Any:
 
 
 # The job queue.
+
+
+CHAMPION, CHALLENGER = "champion", "challenger"  # the registry's aliases
+ALIAS_TRIES = 4  # MLflow's answers to a concurrent write of the same alias, then the next try
+
+
+def write_alias(write: Callable[[], Any], collided: Callable[[Exception], bool], what: str) -> None:
+    """``write()`` (an alias's), tried again where ``collided`` says it met another write.
+    MLflow's SQL store reads an alias, then inserts or updates it: two writes of one alias at
+    once (two promotions into one model) can collide on the insert (a unique constraint) or
+    the update (no row), answered 400 BAD_REQUEST. Tried again, the write finds the row the
+    other one made; a request that is bad in itself fails every try and is raised."""
+    for attempt in range(1, ALIAS_TRIES + 1):
+        try:
+            write()
+            return
+        except Exception as err:
+            if not collided(err) or attempt == ALIAS_TRIES:
+                raise
+            logging.getLogger(__name__).info("%s collided with another write; again", what)
+            time.sleep(0.05 * attempt)

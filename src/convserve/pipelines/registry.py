@@ -21,7 +21,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from convserve.service.registry import write_alias
+from convserve.contract import CHALLENGER, CHAMPION, write_alias
 from convserve.training.checkpoint import load_model
 from convserve.training.export import ExportCheckFailed, ParityReport, check_export, export_onnx
 from convserve.training.model import ConvNet
@@ -29,7 +29,6 @@ from convserve.training.model import ConvNet
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "convserve"
-CHAMPION, CHALLENGER = "champion", "challenger"
 Direction = Literal["maximize", "minimize"]
 
 

@@ -15,19 +15,15 @@ then.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, unquote, urlparse
 
-log = logging.getLogger(__name__)
-
-ALIAS_TRIES = 4  # MLflow's answers to a concurrent write of the same alias, then the next try
+from convserve.contract import write_alias
 
 
 class RegistryError(RuntimeError):
@@ -46,25 +42,6 @@ def not_found(err: Exception) -> bool:
     return code == "RESOURCE_DOES_NOT_EXIST" or (
         code == "INVALID_PARAMETER_VALUE" and "not found" in message
     )
-
-
-def write_alias(
-    write: Callable[[], None], collided: Callable[[Exception], bool], what: str
-) -> None:
-    """``write()`` (an alias's), tried again where ``collided`` says it met another write.
-    MLflow's SQL store reads an alias, then inserts or updates it: two writes of one alias at
-    once (two promotions into one model) can collide on the insert (a unique constraint) or
-    the update (no row), answered 400 BAD_REQUEST. Tried again, the write finds the row the
-    other one made; a request that is bad in itself fails every try and is raised."""
-    for attempt in range(1, ALIAS_TRIES + 1):
-        try:
-            write()
-            return
-        except Exception as err:
-            if not collided(err) or attempt == ALIAS_TRIES:
-                raise
-            log.info("%s collided with another write; again", what)
-            time.sleep(0.05 * attempt)
 
 
 @dataclass(frozen=True)

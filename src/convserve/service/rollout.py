@@ -27,9 +27,9 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from convserve.contract import CHALLENGER, CHAMPION
 from convserve.service.registry import Registry, not_found
 
-CHAMPION, CHALLENGER = "champion", "challenger"
 LIVE = "live."  # the metrics' prefix on the challenger's run
 
 
