@@ -6,8 +6,10 @@ the system's temporary folder), outside the checkout."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import uuid
 from pathlib import Path
 
@@ -134,6 +136,19 @@ def _submit_job(page) -> str:  # type: ignore[no-untyped-def]
     )
     (new,) = [i for i in page.evaluate(LISTED_JOBS) if i not in before]
     return str(new)
+
+
+def _shadow_processes(folder: Path) -> list[int]:
+    """The shadow processes (``shadow_run``) of a challenger cached under ``folder``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        if b"convserve.service.shadow_run" in argv and any(str(folder).encode() in a for a in argv):
+            found.append(int(cmdline.parent.name))
+    return found
 
 
 def _rollout(url: str, model: str, shares: dict[str, float]) -> httpx.Response:
@@ -407,6 +422,19 @@ def test_predict_train_and_errors_in_the_browser(stack, tmp_path, mlflow_url):
         )
         page.locator("#models-section").screenshot(path=str(SHOTS / "4c-shadow.png"))
         assert_accessible(page, "a challenger shadowed, 1280x800")
+        # its process dies (killed, out of memory): the page says so, and what failed on it
+        shadows = _shadow_processes(tmp_path)
+        assert shadows, "no shadow process of this test's challenger"
+        for pid in shadows:
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not _shadow_processes(tmp_path), 10, "the shadow process gone")
+        page.set_input_files("#file", str(digit))
+        expect(row).to_contain_text(
+            re.compile(r"failed on it; the shadow process of .* v2 ended: exit status -9"),
+            timeout=limit_ms(20),
+        )
+        expect(row).to_contain_text(re.compile(r"\d+ images failed on it"), timeout=limit_ms(20))
+        page.locator("#models-section").screenshot(path=str(SHOTS / "4d-shadow-failed.png"))
         assert _rollout(url, name, {}).status_code == 200  # stopped
 
         # 5. phone width: still readable, nothing wider than the screen; a tile tapped opens

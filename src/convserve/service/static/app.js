@@ -115,8 +115,12 @@ function challengerText(r) {
       `${live.challenger_ms.toFixed(2)} ms against ${live.champion_ms.toFixed(2)} ms`
     : "nothing shadowed yet";
   const canary = live.canary ? `; ${live.canary} answers as canary` : "";
+  const failed = live.failures ? `; ${live.failures} images failed on it` : "";
+  const proc = r.shadow && r.shadow_process && r.shadow_process !== "RUNNING"
+    ? `; ${r.shadow_process === "STARTING" ? "shadow process starting" : r.shadow_process.replace(/^FAILED: /, "")}`
+    : "";
   const state = r.state === "READY" ? "" : ` (${STATES[r.state] || r.state}${r.reason ? `: ${r.reason}` : ""})`;
-  return `v${r.version}, ${shares}${state}: ${seen}${canary}`;
+  return `v${r.version}, ${shares}${state}: ${seen}${canary}${failed}${proc}`;
 }
 
 function modelQuery() {
