@@ -182,15 +182,15 @@ def _json(key: str, text: str) -> Any:
         raise MetadataError(f"{METADATA_PREFIX}{key} is not JSON: {err}") from None
 
 
-# The job queue.
-
+# The registry's aliases.
 
 CHAMPION, CHALLENGER = "champion", "challenger"  # the registry's aliases
 ALIAS_TRIES = 4  # MLflow's answers to a concurrent write of the same alias, then the next try
 
 
-def write_alias(write: Callable[[], Any], collided: Callable[[Exception], bool], what: str) -> None:
-    """``write()`` (an alias's), tried again where ``collided`` says it met another write.
+def write_alias(write: Callable[[], Any], what: str) -> None:
+    """``write()`` (an alias's), tried again where the registry answered BAD_REQUEST (the
+    ``error_code`` of MLflow's exception and of the REST registry's ``RegistryError``).
     MLflow's SQL store reads an alias, then inserts or updates it: two writes of one alias at
     once (two promotions into one model) can collide on the insert (a unique constraint) or
     the update (no row), answered 400 BAD_REQUEST. Tried again, the write finds the row the
@@ -200,7 +200,10 @@ def write_alias(write: Callable[[], Any], collided: Callable[[Exception], bool],
             write()
             return
         except Exception as err:
-            if not collided(err) or attempt == ALIAS_TRIES:
+            if getattr(err, "error_code", None) != "BAD_REQUEST" or attempt == ALIAS_TRIES:
                 raise
             logging.getLogger(__name__).info("%s collided with another write; again", what)
             time.sleep(0.05 * attempt)
+
+
+# The job queue.

@@ -241,6 +241,18 @@ def test_the_served_set_refuses_two_models_under_one_name(onnx_path, tmp_path):
         Catalog(settings, Metrics())
 
 
+def _promote_cli(name: str, tracking_uri: str) -> subprocess.CompletedProcess[str]:
+    """``convserve promote NAME`` against ``tracking_uri``."""
+    cli = Path(sys.executable).parent / "convserve"
+    return subprocess.run(
+        [str(cli), "promote", name],
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def test_a_live_promotion_with_the_registry_down_is_a_503_to_try_again(monkeypatch):
     """Not the 404 of a model without a challenger: the registry could not be read."""
     import asyncio
@@ -395,23 +407,10 @@ def test_a_challenger_is_shadowed_and_canaried_on_live_traffic_then_promoted_on_
             "the promoted version served by both workers",
         )
     # the CLI says so when there is nothing to judge
-    cli = Path(sys.executable).parent / "convserve"
-    out = subprocess.run(
-        [str(cli), "promote", name],
-        env={**os.environ, "MLFLOW_TRACKING_URI": registry},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = _promote_cli(name, registry)
     assert out.returncode == 2 and "has no challenger version" in out.stderr
     # and that it could not read the registry, when it could not: not "no challenger"
     down = f"http://127.0.0.1:{free_port()}"
-    out = subprocess.run(
-        [str(cli), "promote", name],
-        env={**os.environ, "MLFLOW_TRACKING_URI": down},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = _promote_cli(name, down)
     assert out.returncode == 1, out.stderr
     assert f"the registry at {down}:" in out.stderr and "challenger" not in out.stderr

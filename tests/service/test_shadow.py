@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnxruntime as ort
@@ -174,13 +175,15 @@ def test_a_shadowed_answer_is_sent_before_its_images_go_to_the_challenger(onnx_p
     catalog = Catalog(Settings(model_uri=str(onnx_path), models=""), Metrics())
     events: list[str] = []
 
-    def shadow(*args: object) -> None:
+    def add(*args: object) -> None:
         asyncio.get_running_loop()  # on the event loop, not in a thread
         events.append("shadowed")
 
-    monkeypatch.setattr(catalog, "shadow", shadow)
+    monkeypatch.setattr(catalog.shadows, "add", add)
+    champion = SimpleNamespace(image_seconds=0.001)
+    challenger = SimpleNamespace(model=SimpleNamespace(source=_source(onnx_path)))
     batch, probs = _batch(1, 0), np.full((1, 10), 0.1, dtype=np.float32)
-    response = catalog.shadow_after(Response(b"{}"), None, None, batch, probs)  # type: ignore[arg-type]
+    response = catalog.shadow_after(Response(b"{}"), champion, challenger, batch, probs)  # type: ignore[arg-type]
 
     async def receive() -> dict[str, object]:
         return {"type": "http.disconnect"}

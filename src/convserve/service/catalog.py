@@ -181,21 +181,25 @@ class Catalog:
             return other, None
         return engine, other if draw < shares.canary + shares.shadow else None
 
-    def shadow(self, champion: Engine, challenger: Engine, batch: Any, probs: Any) -> None:
-        """Run ``batch`` on the challenger after the champion answered with ``probs``, off the
-        response path: in the challenger's own process at the lowest CPU priority, batched
-        with the requests of the next ``shadow.FLUSH_SECONDS`` (shadow.py); then counted."""
-        item = Item(batch, probs, champion.image_seconds)
-        self.shadows.add(challenger.model.source, self._live(challenger), item)
-
     def shadow_after(
-        self, response: Response, champion: Engine, challenger: Engine, batch: Any, probs: Any
+        self,
+        response: Response,
+        champion: Engine,
+        challenger: Engine | None,
+        batch: Any,
+        probs: Any,
     ) -> Response:
-        """``response``, which hands ``batch`` to ``shadow`` once its body is sent (on the
-        event loop): the copy into the shadow's memory is not part of the answer's time."""
+        """``response``; with a ``challenger`` (``route``), one that runs ``batch`` on it
+        once its body is sent, off the response path: the images go to the challenger's own
+        process at the lowest CPU priority (a background task on the event loop copies them
+        into its memory), batched with the requests of the next ``shadow.FLUSH_SECONDS``
+        (shadow.py), and the comparison with the champion's ``probs`` is counted."""
+        if challenger is None or probs is None:
+            return response
 
         async def shadow() -> None:
-            self.shadow(champion, challenger, batch, probs)
+            item = Item(batch, probs, champion.image_seconds)
+            self.shadows.add(challenger.model.source, self._live(challenger), item)
 
         response.background = BackgroundTask(shadow)
         return response

@@ -16,6 +16,7 @@ then.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -27,20 +28,22 @@ from convserve.contract import write_alias
 
 
 class RegistryError(RuntimeError):
-    """The registry's answer to a request it refused: ``CODE: message``, as MLflow says it."""
+    """The registry's answer to a request it refused: ``CODE: message``, as MLflow says it;
+    ``error_code`` the code, as on MLflow's own exception (None for an answer without one)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        code = message.partition(": ")[0]
+        self.error_code = code if re.fullmatch(r"[A-Z_]+", code) else None
 
 
 def not_found(err: Exception) -> bool:
     """Whether ``err`` is the registry's answer that the model, version or alias does not
     exist (through either registry), rather than a registry that could not be read."""
-    code: str | None
-    if isinstance(err, RegistryError):  # "CODE: message"
-        code, _, message = str(err).partition(": ")
-    else:  # MlflowException, or an error that is no answer of the registry's
-        code, message = getattr(err, "error_code", None), str(err)
+    code = getattr(err, "error_code", None)  # MlflowException's, RegistryError's
     # MLflow answers a missing alias INVALID_PARAMETER_VALUE, "... alias ... not found."
     return code == "RESOURCE_DOES_NOT_EXIST" or (
-        code == "INVALID_PARAMETER_VALUE" and "not found" in message
+        code == "INVALID_PARAMETER_VALUE" and "not found" in str(err)
     )
 
 
@@ -169,11 +172,7 @@ class RestRegistry:
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         body = {"name": name, "alias": alias, "version": version}
-        write_alias(
-            lambda: self._post("registered-models/alias", body),
-            lambda err: isinstance(err, RegistryError) and str(err).startswith("BAD_REQUEST"),
-            f"alias {alias} of {name}",
-        )
+        write_alias(lambda: self._post("registered-models/alias", body), f"alias {alias} of {name}")
 
     def delete_alias(self, name: str, alias: str) -> None:
         self._post("registered-models/alias", {"name": name, "alias": alias}, "DELETE")
@@ -283,11 +282,8 @@ class ClientRegistry:
         return [(m.value, m.step) for m in self.client.get_metric_history(run_id, key)]
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
-        from mlflow.exceptions import MlflowException
-
         write_alias(
             lambda: self.client.set_registered_model_alias(name, alias, version),
-            lambda err: isinstance(err, MlflowException) and err.error_code == "BAD_REQUEST",
             f"alias {alias} of {name}",
         )
 

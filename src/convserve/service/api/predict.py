@@ -212,9 +212,6 @@ async def predict(request: Request) -> Response:
         else:
             body = b"".join(answer.json(explanations, times))
             response = Response(body, media_type="application/json")
-    if challenger is None:
-        return response
-    # the challenger's shadow run, once the answer is out
     probs = result[contract.PROBABILITIES]
     return state.catalog.shadow_after(response, engine, challenger, batch, probs)
 

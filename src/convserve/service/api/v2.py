@@ -277,11 +277,8 @@ async def _infer(engine: Engine, request: Request, challenger: Engine | None = N
             )
         else:
             response = _answer(engine, req, wanted, as_binary, result)
-    probabilities = result.get(contract.PROBABILITIES)
-    if challenger is None or probabilities is None:
-        return response
-    # the challenger's shadow run, once the answer is out
-    return state.catalog.shadow_after(response, engine, challenger, images, probabilities)
+    probs = result.get(contract.PROBABILITIES)
+    return state.catalog.shadow_after(response, engine, challenger, images, probs)
 
 
 def _answer(
