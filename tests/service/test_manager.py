@@ -91,3 +91,59 @@ def test_a_version_whose_input_disagrees_with_its_metadata_is_refused_for_good(o
         await manager.close()
 
     asyncio.run(scenario())
+
+
+def test_a_version_the_registrys_listing_shows_served_is_not_looked_up_again(
+    onnx_path, mlflow_url, tmp_path, monkeypatch
+):
+    """A poll's one search of every model's aliases stands for each model's own alias
+    lookup while the alias shows the version served: a moved alias, a forced check, or
+    ``RESOLVE_SECONDS`` later (for the version's tags), the alias is looked up again."""
+    from convserve.service import manager as manager_module
+    from convserve.service.registry import registry_for
+    from tests.servers import registered_model
+
+    client, name, (first, second) = registered_model(mlflow_url, onnx_path, "listed", 2)
+    client.set_registered_model_alias(name, "champion", first)
+
+    class Counting:
+        """The real REST registry, its alias lookups counted."""
+
+        def __init__(self, inner):
+            self.inner, self.lookups = inner, 0
+
+        def get_model_version_by_alias(self, *args):
+            self.lookups += 1
+            return self.inner.get_model_version_by_alias(*args)
+
+        def __getattr__(self, attr):
+            return getattr(self.inner, attr)
+
+    async def scenario():
+        settings = Settings(model_uri=f"models:/{name}@champion", cache_dir=str(tmp_path))
+        manager = ModelManager(settings, Metrics())
+        registry = manager._client = Counting(registry_for(mlflow_url))
+        assert (await manager.check()).changed and registry.lookups == 1
+        assert registry.aliases()[name] == {"champion": first}
+        for _ in range(3):
+            outcome = await manager.check(listed=registry.aliases()[name]["champion"])
+            assert not outcome.changed and outcome.version == first
+        assert registry.lookups == 1
+
+        client.set_registered_model_alias(name, "champion", second)
+        outcome = await manager.check(listed=registry.aliases()[name]["champion"])
+        assert outcome.changed and manager.model.source.version == second
+        assert registry.lookups == 2
+
+        client.set_model_version_tag(name, second, "convserve.dataset", "shapes")
+        await manager.check(listed=second)
+        assert registry.lookups == 2 and "convserve.dataset" not in manager.model.source.tags
+        monkeypatch.setattr(manager_module, "RESOLVE_SECONDS", 0.0)
+        assert not (await manager.check(listed=second)).changed
+        assert registry.lookups == 3 and manager.model.source.tags["convserve.dataset"] == "shapes"
+        monkeypatch.undo()
+        assert (await manager.check(force=True, listed=second)).changed
+        assert registry.lookups == 4
+        await manager.close()
+
+    asyncio.run(scenario())

@@ -86,6 +86,14 @@ def _comparable(champion: Engine, challenger: Engine) -> bool:
     return (a.channels, a.height, a.width, a.labels) == (b.channels, b.height, b.width, b.labels)
 
 
+def _listed(listing: dict[str, dict[str, str]] | None, manager: ModelManager) -> str | None:
+    """The version the registry's listing shows at the alias ``manager`` follows."""
+    alias = manager.source.alias
+    if listing is None or alias is None:
+        return None
+    return listing.get(manager.name, {}).get(alias)
+
+
 def parse_models(models: str) -> tuple[list[str], list[Source]]:
     """``CONVSERVE_MODELS``: the name patterns, and the models named by URI or file."""
     patterns, sources = [], []
@@ -405,7 +413,7 @@ class Catalog:
             for manager in list(self.models.values()):
                 busy = manager.name in self._loads
                 if manager.resident and not busy and (manager.follows_alias or not manager.model):
-                    await manager.check()
+                    await manager.check(listed=_listed(listing, manager))
             await self._follow_challengers(listing)
             if time.monotonic() >= self._next_log:
                 self._next_log = time.monotonic() + self.settings.rollout_log_seconds
@@ -443,7 +451,7 @@ class Catalog:
                 )
                 manager.origin = CHALLENGER
                 self.challengers[name] = manager
-            await manager.check()
+            await manager.check(listed=_listed(listing, manager))
             champion, challenger = self.models[name].engine, manager.engine
             shadowed = self.shares_for(name).shadow > 0
             if shadowed and champion and challenger and _comparable(champion, challenger):

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 
 MAX_BACKOFF = 300.0  # seconds between tries of a version that could not be fetched
+# A version the registry's listing shows still served is looked up again (its tags: metrics,
+# the promotion's reason) at most this often
+RESOLVE_SECONDS = 60.0
 
 
 @dataclass
@@ -103,6 +106,7 @@ class ModelManager:
         self.retrying: dict[str, Retry] = {}  # version -> why it could not be fetched
         self.last_error: str | None = None
         self.last_check: float | None = None
+        self._resolved_at = -RESOLVE_SECONDS  # time.monotonic() of the last alias lookup
         self._lock = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()
         self._client: Any = None
@@ -147,10 +151,23 @@ class ModelManager:
     def _target(self) -> Source:
         return resolve(self.source, self.client()) if self.follows_alias else self.source
 
-    async def check(self, force: bool = False) -> ReloadOutcome:
-        """Serve the version the URI names now, if it differs from the one being served."""
+    async def check(self, force: bool = False, listed: str | None = None) -> ReloadOutcome:
+        """Serve the version the URI names now, if it differs from the one being served.
+        ``listed``: the version the registry's listing of every model's aliases (one search
+        for all the models a process follows) shows at the alias; when it is the one served,
+        the alias is not looked up again, but every ``RESOLVE_SECONDS`` for the version's
+        tags."""
         async with self._lock:
             self.last_check = time.time()
+            current = self.model
+            if (
+                listed is not None
+                and not force
+                and current is not None
+                and str(current.source.version) == listed
+                and time.monotonic() - self._resolved_at < RESOLVE_SECONDS
+            ):
+                return ReloadOutcome(False, listed, "already serving this version")
             loop = asyncio.get_running_loop()
             try:
                 target = await loop.run_in_executor(self.executor, self._target)
@@ -158,7 +175,7 @@ class ModelManager:
                 self.last_error = redact(f"cannot resolve {self.source.uri}: {err}")
                 log.warning(self.last_error)
                 return ReloadOutcome(False, self._version(), self.last_error)
-            current = self.model
+            self._resolved_at = time.monotonic()
             if current is not None and current.source.version == target.version and not force:
                 if target.tags and target.tags != current.source.tags:  # tagged since its load
                     current.source = self.last_source = replace(current.source, tags=target.tags)

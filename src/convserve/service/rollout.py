@@ -229,8 +229,6 @@ def promote(registry: Registry, name: str, criteria: Criteria = Criteria()) -> L
         "convserve.live_decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if promoted:
-        registry.set_alias(name, CHAMPION, version)
-        registry.delete_alias(name, CHALLENGER)
         tags |= {
             "convserve.promotion": CHAMPION,
             "convserve.promotion_reason": f"live: {reason}",
@@ -239,6 +237,10 @@ def promote(registry: Registry, name: str, criteria: Criteria = Criteria()) -> L
         description = f"Champion on live traffic: {reason}."
     else:
         description = f"Challenger, not promoted on live traffic: {reason}."
+    # the decision recorded first: a server that follows the alias reads it with the version
     registry.tag_version(name, version, tags)
     registry.describe_version(name, version, description)
+    if promoted:
+        registry.set_alias(name, CHAMPION, version)
+        registry.delete_alias(name, CHALLENGER)
     return LiveDecision(promoted, name, version, champion, reason, seen)
