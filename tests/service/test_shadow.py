@@ -98,6 +98,7 @@ def test_a_challenger_far_behind_or_a_request_too_large_skips_and_a_retired_one_
         shadows, live = shadow.Shadows(), Live()
         # flushed one by one before the process is up: BACKLOG batches wait, the rest skip
         for seed in range(shadow.BACKLOG + 3):
+            assert shadows.behind(_source(onnx_path)) == (seed >= shadow.BACKLOG)
             item = shadow.Item(_batch(1, seed), probs, 0.001)
             shadows.add(_source(onnx_path), live, item)
             shadows.flush()
@@ -193,4 +194,39 @@ def test_a_shadowed_answer_is_sent_before_its_images_go_to_the_challenger(onnx_p
 
     asyncio.run(response({"type": "http", "method": "POST"}, receive, send))  # type: ignore[arg-type]
     assert events == ["http.response.start", "http.response.body", "shadowed"]
+    catalog.executor.shutdown()
+
+
+def test_a_request_the_challenger_is_too_far_behind_for_is_skipped_before_its_answer_goes(
+    onnx_path,
+):
+    """``Catalog.shadow_after`` with the challenger's process ``BACKLOG`` batches behind:
+    the response carries nothing to run after its body, and the request is counted skipped."""
+    from starlette.responses import Response
+
+    from convserve.service.catalog import Catalog
+    from convserve.service.metrics import Metrics
+    from convserve.service.settings import Settings
+
+    catalog = Catalog(Settings(model_uri=str(onnx_path), models=""), Metrics())
+    champion = SimpleNamespace(image_seconds=0.001)
+    challenger = SimpleNamespace(model=SimpleNamespace(source=_source(onnx_path)))
+    probs = np.full((2, 10), 0.1, dtype=np.float32)
+
+    async def run() -> list[Response]:
+        responses = []
+        for seed in range(shadow.BACKLOG + 2):  # flushed before the process is up
+            batch = _batch(2, seed)
+            response = catalog.shadow_after(Response(b"{}"), champion, challenger, batch, probs)  # type: ignore[arg-type]
+            if response.background is not None:
+                await response.background()
+            catalog.shadows.flush()
+            responses.append(response)
+        await catalog.shadows.close()
+        return responses
+
+    responses = asyncio.run(run())
+    assert [r.background is None for r in responses] == [False] * shadow.BACKLOG + [True] * 2
+    window = catalog.live[("digits", "2")].take()
+    assert (window.requests, window.skipped, window.failures) == (2 * shadow.BACKLOG, 4, 0)
     catalog.executor.shutdown()

@@ -86,6 +86,18 @@ def _comparable(champion: Engine, challenger: Engine) -> bool:
     return (a.channels, a.height, a.width, a.labels) == (b.channels, b.height, b.width, b.labels)
 
 
+class _ShadowCopy(BackgroundTask):
+    """A shadowed request's images handed to the challenger's process, on the event loop
+    once the response's body is sent: a ``BackgroundTask`` without the inspection of a
+    function that each one makes as it is built."""
+
+    def __init__(self, shadows: Shadows, source: Source, live: Live, item: Item) -> None:
+        self.shadows, self.source, self.live, self.item = shadows, source, live, item
+
+    async def __call__(self) -> None:
+        self.shadows.add(self.source, self.live, self.item)
+
+
 def _listed(listing: dict[str, dict[str, str]] | None, manager: ModelManager) -> str | None:
     """The version the registry's listing shows at the alias ``manager`` follows."""
     alias = manager.source.alias
@@ -204,12 +216,12 @@ class Catalog:
         (shadow.py), and the comparison with the champion's ``probs`` is counted."""
         if challenger is None or probs is None:
             return response
-
-        async def shadow() -> None:
-            item = Item(batch, probs, champion.image_seconds)
-            self.shadows.add(challenger.model.source, self._live(challenger), item)
-
-        response.background = BackgroundTask(shadow)
+        source, live = challenger.model.source, self._live(challenger)
+        if self.shadows.behind(source):  # skipped now, at the least cost to the answer
+            live.count(skipped=len(batch))
+            return response
+        item = Item(batch, probs, champion.image_seconds)
+        response.background = _ShadowCopy(self.shadows, source, live, item)
         return response
 
     def _live(self, challenger: Engine) -> Live:

@@ -97,9 +97,12 @@ class Live:
         self.pending.merge(window)
 
     def count(self, canary: int = 0, failures: int = 0, skipped: int = 0) -> None:
-        window = Window(canary=canary, failures=failures, skipped=skipped)
-        self.total.merge(window)
-        self.pending.merge(window)
+        """Requests routed to the challenger, or not run on it (once a request, so the
+        fields are added without a window of their own)."""
+        for window in (self.total, self.pending):
+            window.canary += canary
+            window.failures += failures
+            window.skipped += skipped
 
     def take(self) -> Window:
         pending, self.pending = self.pending, Window()

@@ -266,6 +266,17 @@ class Shadows:
             runner = self.runners[source.name] = Runner(source, live, self.device)
         return runner
 
+    def behind(self, source: Source) -> bool:
+        """Whether the running process of the challenger loaded from ``source`` has
+        ``BACKLOG`` batches under way, so that a request now would be skipped."""
+        runner = self.runners.get(source.name)
+        return (
+            runner is not None
+            and (runner.source is source or runner.source == source)
+            and runner.failed is None
+            and len(runner.under_way) >= BACKLOG
+        )
+
     def flush(self) -> None:
         for runner in self.runners.values():
             runner.flush()
