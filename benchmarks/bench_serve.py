@@ -59,8 +59,10 @@ shadow: the small model registered twice on a real MLflow server, as ``champion`
 ``challenger``, served with default settings and no shadow against ``CONVSERVE_SHADOW_SHARE=1``
 (every request also run on the challenger after the answer; measured once the challenger and
 its shadow process run in every worker), taking turns: the champion's
-p99 at concurrency 1, 8 and 32 (the run with the median p99 of ``--repeats``, each printed).
-Target: at most 1.1x the unshadowed p99.
+p99 at concurrency 1, 8 and 32, over the requests of all ``--repeats`` runs together and of
+the run with the median p99 (each run's printed). A 6 s run's p99 is its slowest few hundred
+requests, and moves by up to 1.5x from run to run on a shared 2-core machine. Target: at most
+1.1x the unshadowed p99.
 
 Needs wrk (Debian: apt-get install wrk). Pass ``--env KEY=VALUE`` to try other settings of
 ``convserve serve`` (e.g. ``CONVSERVE_WORKERS=1``), ``--query fit=none`` to skip the digit fit.
@@ -80,6 +82,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -970,7 +973,9 @@ def shadow_cost(args: argparse.Namespace, folder: Path) -> list[Target]:
     """The champion's latency with every request shadowed to a challenger, against none."""
     model = export_default(folder)
     body = multipart(upload_png())
-    lua = _post_lua(folder, "post-shadow", body, f"multipart/form-data; boundary={BOUNDARY}")
+    lua = _post_lua(
+        folder, "post-shadow", body, f"multipart/form-data; boundary={BOUNDARY}", HISTOGRAM_LUA
+    )
     cli = [str(Path(sys.executable).parent / "convserve"), "serve"]
     with _registry(folder, args.port + 20) as url:
         _register_twice(url, model, "bench")
@@ -999,7 +1004,8 @@ def shadow_cost(args: argparse.Namespace, folder: Path) -> list[Target]:
                 if time.monotonic() > deadline:
                     sys.exit("the challenger and its shadow processes did not start")
                 time.sleep(0.2)
-            p99s, answered = _median_p99_points(servers, args, lua, args.concurrency or (1, 8, 32))
+            concurrencies = args.concurrency or (1, 8, 32)
+            p99s, answered, pooled = _median_p99_points(servers, args, lua, concurrencies)
         finally:
             _stopped(servers)  # each worker logs what its challenger showed as it stops
         live = _evidence(url, "bench", "2")
@@ -1018,30 +1024,70 @@ def shadow_cost(args: argparse.Namespace, folder: Path) -> list[Target]:
             f"{s.name} {', '.join(f'{v:.2f}' for v in p99s[s.name][c])}" for s in servers
         ))  # fmt: skip
         ratio = shadowed.points[c]["p99"] / plain.points[c]["p99"]
+        all_ratio = pooled[shadowed.name][c] / pooled[plain.name][c]
         print(
-            f"p99 with every request shadowed, c={c}: {ratio:.2f}x "
-            f"({shadowed.points[c]['p99']:.2f} ms against {plain.points[c]['p99']:.2f} ms), "
+            f"p99 with every request shadowed, c={c}: {all_ratio:.2f}x over all "
+            f"{args.repeats} runs' requests ({pooled[shadowed.name][c]:.2f} ms against "
+            f"{pooled[plain.name][c]:.2f} ms); {ratio:.2f}x of the median runs "
+            f"({shadowed.points[c]['p99']:.2f} ms against {plain.points[c]['p99']:.2f} ms); "
             f"requests/s {shadowed.points[c]['rps'] / plain.points[c]['rps']:.2f}x"
         )
-        targets.append((f"p99 shadow 100% / none, c={c}", ratio, "<=", 1.1))
+        targets.append((f"p99 shadow 100% / none, c={c}, all runs", all_ratio, "<=", 1.1))
+        targets.append((f"p99 shadow 100% / none, c={c}, median run", ratio, "<=", 1.1))
     errors = sum(r["errors"] for s in servers for r in s.points.values())
     return [*targets, ("errors (shadow)", errors, "<=", 0.0)]
 
 
+# wrk's ``done``: every latency it recorded (microseconds) and how often, one line each
+HISTOGRAM_LUA = """done = function(summary, latency, requests)
+  for i = 1, #latency do
+    local value, count = latency(i)
+    io.write(string.format("latency-us %d %d\\n", value, count))
+  end
+end
+"""
+
+
+def _latencies(out: str) -> Counter[int]:
+    """The latencies (microseconds) and their counts that ``HISTOGRAM_LUA`` printed."""
+    found: Counter[int] = Counter()
+    for value, count in re.findall(r"^latency-us (\d+) (\d+)$", out, re.MULTILINE):
+        found[int(value)] += int(count)
+    return found
+
+
+def _percentile_ms(latencies: Counter[int], percentile: float) -> float:
+    total, seen = sum(latencies.values()), 0
+    for value in sorted(latencies):
+        seen += latencies[value]
+        if seen >= total * percentile / 100:
+            return value / 1e3
+    return float("nan")
+
+
 def _median_p99_points(
     servers: list[Server], args: argparse.Namespace, lua: Path, concurrencies: Iterable[int]
-) -> tuple[dict[str, dict[int, list[float]]], dict[str, float]]:
+) -> tuple[dict[str, dict[int, list[float]]], dict[str, float], dict[str, dict[int, float]]]:
     """Each server's run with the median p99 of ``--repeats`` (odd: the middle one) at each
     concurrency, the servers taking turns: a p99 is one run's slowest 1 %, and the best run
     by requests/s (``_interleaved``) is not the typical one. Every repeat's p99 is returned,
-    and how many requests each server answered in all."""
+    how many requests each server answered in all, and the p99 of all its repeats' requests
+    together at each concurrency (``lua`` printing wrk's latencies, ``HISTOGRAM_LUA``)."""
     p99s: dict[str, dict[int, list[float]]] = {s.name: {} for s in servers}
+    pooled: dict[str, dict[int, float]] = {s.name: {} for s in servers}
     answered = {s.name: 0.0 for s in servers}
     _warmed(servers, lua, args.query)
+    latencies: dict[str, Counter[int]] = {}
+
+    def run(server: Server, c: int) -> dict[str, float]:
+        argv = wrk_argv(server.port, lua, c, args.seconds, args.query, "/predict")
+        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+        latencies[server.name].update(_latencies(out))
+        return parse_wrk(out)
+
     for c in concurrencies:
-        runs = _turns(
-            servers, args.repeats, lambda s, c=c: s.load(lua, c, args.seconds, args.query)
-        )
+        latencies.update({s.name: Counter() for s in servers})
+        runs = _turns(servers, args.repeats, lambda s, c=c: s.measured(lambda: run(s, c)))
         for server in servers:
             ordered = sorted(runs[server.name], key=lambda r: r["p99"])
             server.points[c] = {
@@ -1049,8 +1095,9 @@ def _median_p99_points(
                 "errors": sum(r["errors"] for r in ordered),
             }
             p99s[server.name][c] = [r["p99"] for r in runs[server.name]]
+            pooled[server.name][c] = _percentile_ms(latencies[server.name], 99)
             answered[server.name] += sum(r["requests"] for r in runs[server.name])
-    return p99s, answered
+    return p99s, answered, pooled
 
 
 def _evidence(url: str, name: str, version: str) -> Evidence:
