@@ -61,7 +61,7 @@ shadow: the small model registered twice on a real MLflow server, as ``champion`
 its shadow process run in every worker), taking turns: the champion's
 p99 at concurrency 1, 8 and 32, over the requests of all ``--repeats`` runs together and of
 the run with the median p99 (each run's printed). A 6 s run's p99 is its slowest few hundred
-requests, and moves by up to 1.5x from run to run on a shared 2-core machine. Target: at most
+requests, and moves by up to 1.7x from run to run on a shared 2-core machine. Target: at most
 1.1x the unshadowed p99.
 
 Needs wrk (Debian: apt-get install wrk). Pass ``--env KEY=VALUE`` to try other settings of
