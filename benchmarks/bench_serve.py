@@ -353,11 +353,18 @@ def parse_wrk(out: str) -> dict[str, float]:
     }
 
 
+def wrk_output(
+    port: int, lua: Path, connections: int, seconds: int, query: str, path: str = "/predict"
+) -> str:
+    """What one wrk run printed."""
+    argv = wrk_argv(port, lua, connections, seconds, query, path)
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+
 def wrk(
     port: int, lua: Path, connections: int, seconds: int, query: str, path: str = "/predict"
 ) -> dict[str, float]:
-    argv = wrk_argv(port, lua, connections, seconds, query, path)
-    return parse_wrk(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+    return parse_wrk(wrk_output(port, lua, connections, seconds, query, path))
 
 
 def check_answer(answer: bytes, expected: np.ndarray, labels: list[str]) -> float:
@@ -480,14 +487,19 @@ def _warmed(servers: list[Server], lua: Path, query: str = "") -> None:
 
 
 def _load_points(
-    servers: list[Server], args: argparse.Namespace, lua: Path, concurrencies: Iterable[int]
+    servers: list[Server],
+    args: argparse.Namespace,
+    lua: Path,
+    concurrencies: Iterable[int],
+    query: str | None = None,
 ) -> None:
     """Each server's best run at each concurrency (``_interleaved``) into its ``points``,
-    after a warm-up (``_warmed``)."""
-    _warmed(servers, lua, args.query)
+    after a warm-up (``_warmed``); every request with ``query`` (default ``--query``)."""
+    query = args.query if query is None else query
+    _warmed(servers, lua, query)
     for c in concurrencies:
         best = _interleaved(
-            servers, args.repeats, lambda s, c=c: s.load(lua, c, args.seconds, args.query)
+            servers, args.repeats, lambda s, c=c: s.load(lua, c, args.seconds, query)
         )
         for server in servers:
             server.points[c] = best[server.name]
@@ -726,13 +738,7 @@ def compute_bound(args: argparse.Namespace, folder: Path, size: int) -> list[Tar
     ]
     try:
         _started(servers, body, folder)
-        _warmed(servers, lua)
-        for c in (1, 32):
-            best = _interleaved(
-                servers, args.repeats, lambda s, c=c: s.load(lua, c, args.seconds, "")
-            )
-            for server in servers:
-                server.points[c] = best[server.name]
+        _load_points(servers, args, lua, (1, 32), query="")
         print(f"convserve with default settings chose:\n  {_chosen(servers[0])}")
     finally:
         _stopped(servers)
@@ -1080,8 +1086,7 @@ def _median_p99_points(
     latencies: dict[str, Counter[int]] = {}
 
     def run(server: Server, c: int) -> dict[str, float]:
-        argv = wrk_argv(server.port, lua, c, args.seconds, args.query, "/predict")
-        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+        out = wrk_output(server.port, lua, c, args.seconds, args.query)
         latencies[server.name].update(_latencies(out))
         return parse_wrk(out)
 

@@ -188,9 +188,10 @@ CHAMPION, CHALLENGER = "champion", "challenger"  # the registry's aliases
 ALIAS_TRIES = 4  # MLflow's answers to a concurrent write of the same alias, then the next try
 
 
-def write_alias(write: Callable[[], Any], what: str) -> None:
-    """``write()`` (an alias's), tried again where the registry answered BAD_REQUEST (the
-    ``error_code`` of MLflow's exception and of the REST registry's ``RegistryError``).
+def write_alias(write: Callable[[], Any], name: str, alias: str) -> None:
+    """``write()`` (model ``name``'s ``alias``), tried again where the registry answered
+    BAD_REQUEST (the ``error_code`` of MLflow's exception and of the REST registry's
+    ``RegistryError``).
     MLflow's SQL store reads an alias, then inserts or updates it: two writes of one alias at
     once (two promotions into one model) can collide on the insert (a unique constraint) or
     the update (no row), answered 400 BAD_REQUEST. Tried again, the write finds the row the
@@ -202,7 +203,9 @@ def write_alias(write: Callable[[], Any], what: str) -> None:
         except Exception as err:
             if getattr(err, "error_code", None) != "BAD_REQUEST" or attempt == ALIAS_TRIES:
                 raise
-            logging.getLogger(__name__).info("%s collided with another write; again", what)
+            logging.getLogger(__name__).info(
+                "alias %s of %s collided with another write; again", alias, name
+            )
             time.sleep(0.05 * attempt)
 
 

@@ -211,9 +211,7 @@ def promote(
 def set_alias(client: MlflowClient, name: str, alias: str, version: str) -> None:
     """``alias`` to ``version``, tried again where it met another write of the alias (two
     workers promoting into one model at once: ``write_alias``)."""
-    write_alias(
-        lambda: client.set_registered_model_alias(name, alias, version), f"alias {alias} of {name}"
-    )
+    write_alias(lambda: client.set_registered_model_alias(name, alias, version), name, alias)
 
 
 def _record(

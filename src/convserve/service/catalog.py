@@ -558,8 +558,8 @@ class Catalog:
         if model is not None:
             live = self.live.get((name, str(model.source.version)))
             out["live"] = live.snapshot() if live is not None else {}
-            runner = self.shadows.runners.get(name)
-            if runner is not None and runner.source == model.source:
+            runner = self.shadows.runner(model.source)
+            if runner is not None:
                 out["shadow_process"] = runner.state
         return out
 

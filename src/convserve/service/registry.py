@@ -172,7 +172,7 @@ class RestRegistry:
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         body = {"name": name, "alias": alias, "version": version}
-        write_alias(lambda: self._post("registered-models/alias", body), f"alias {alias} of {name}")
+        write_alias(lambda: self._post("registered-models/alias", body), name, alias)
 
     def delete_alias(self, name: str, alias: str) -> None:
         self._post("registered-models/alias", {"name": name, "alias": alias}, "DELETE")
@@ -283,8 +283,7 @@ class ClientRegistry:
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         write_alias(
-            lambda: self.client.set_registered_model_alias(name, alias, version),
-            f"alias {alias} of {name}",
+            lambda: self.client.set_registered_model_alias(name, alias, version), name, alias
         )
 
     def delete_alias(self, name: str, alias: str) -> None:

@@ -105,6 +105,12 @@ class Runner:
         return "RUNNING" if self._proc is not None and self._proc.returncode is None else "STARTING"
 
     @property
+    def behind(self) -> bool:
+        """Whether ``BACKLOG`` batches of a running process are under way: a request now is
+        skipped."""
+        return self.failed is None and len(self.under_way) >= BACKLOG
+
+    @property
     def _name(self) -> str:
         return f"{self.source.name} v{self.source.version}"
 
@@ -121,7 +127,7 @@ class Runner:
         ):
             self.flush()
             filling = self._filling
-        if len(self.under_way) >= BACKLOG or batch.nbytes > SLOT_BYTES:
+        if self.behind or batch.nbytes > SLOT_BYTES:
             self.live.count(skipped=images)
             return
         offset = filling.slot * SLOT_BYTES + filling.used
@@ -266,16 +272,16 @@ class Shadows:
             runner = self.runners[source.name] = Runner(source, live, self.device)
         return runner
 
-    def behind(self, source: Source) -> bool:
-        """Whether the running process of the challenger loaded from ``source`` has
-        ``BACKLOG`` batches under way, so that a request now would be skipped."""
+    def runner(self, source: Source) -> Runner | None:
+        """The runner of the challenger loaded from ``source``, if it has one."""
         runner = self.runners.get(source.name)
-        return (
-            runner is not None
-            and (runner.source is source or runner.source == source)
-            and runner.failed is None
-            and len(runner.under_way) >= BACKLOG
-        )
+        return runner if runner is not None and runner.source == source else None
+
+    def behind(self, source: Source) -> bool:
+        """Whether a request shadowed on the challenger loaded from ``source`` now would be
+        skipped (``Runner.behind``)."""
+        runner = self.runner(source)
+        return runner is not None and runner.behind
 
     def flush(self) -> None:
         for runner in self.runners.values():
