@@ -1,15 +1,18 @@
 """The lease fails closed: only the listed reads pass once it is lost; every other call of
 the MLflow client, ``log_inputs`` and any method a newer MLflow adds included, is skipped.
-The reaper takes every lost job, however many pages the search of running jobs has."""
+The reaper takes every lost job, however many pages the search of running jobs has, and a
+lost job once, however many reapers see it."""
 
 import time
 
 from mlflow.entities import Dataset, DatasetInput, RunTag
 from mlflow.tracking import MlflowClient
 
-from convserve.jobs import JobSettings, Tag
+from convserve.jobs import JobQueue, JobSettings, Tag
 from convserve.pipelines import reaper
+from convserve.pipelines.heartbeat import Heartbeat
 from convserve.pipelines.lease import READS, GuardedClient, Lease
+from tests.waiting import wait_until
 
 
 def _running_job(client: MlflowClient, experiment: str, worker: str, beat: float) -> str:
@@ -88,3 +91,86 @@ def test_an_answer_that_arrives_after_a_stall_is_not_taken_as_fresh(sqlite_uri):
     lease = Lease(Stalled(), run_id, "w1", attempt=1, interval=0.2)
     assert lease.held()  # the stale answer, once
     assert not lease.held()  # as old as its question: asked again, and lost
+
+
+def test_two_reapers_take_a_lost_job_once_and_never_fail_its_next_attempt(
+    sqlite_uri, tmp_path, monkeypatch
+):
+    """Every worker runs a reaper. One that read the running jobs before another took the
+    lost job leaves it alone; and while it is taken, no reader sees it running on its next
+    attempt with the lost attempt's stale heartbeat (which a third reaper would fail)."""
+    client = MlflowClient(sqlite_uri)
+    experiment = client.create_experiment("two-reapers")
+    run_id = _running_job(client, experiment, "w1", time.time() - 600)
+    client.update_run(run_id, status="RUNNING")
+    settings = JobSettings(
+        worker_lost_after=60, job_retries=1, queue_path=str(tmp_path / "queue.db")
+    )
+    queue = JobQueue(settings)
+    older_listing = list(reaper.running_jobs(client))  # the second reaper's search
+
+    seen = []  # the run as a reader finds it after each write of the first reaper
+
+    class Watched:
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            call = getattr(client, name)
+            if name not in ("update_run", "log_batch", "set_tag", "set_terminated"):
+                return call
+
+            def write(*args, **kwargs):  # type: ignore[no-untyped-def]
+                call(*args, **kwargs)
+                run = client.get_run(run_id)
+                seen.append((run.info.status, run.data.tags.get(Tag.ATTEMPT)))
+
+            return write
+
+    assert reaper.reap(Watched(), settings, queue) == [run_id]
+    assert seen and ("RUNNING", "2") not in seen, seen
+
+    monkeypatch.setattr(reaper, "running_jobs", lambda *_: iter(older_listing))
+    assert reaper.reap(client, settings, queue) == []
+    run = client.get_run(run_id)
+    assert run.info.status == "SCHEDULED"
+    assert run.data.tags[Tag.ATTEMPT] == "2" and run.data.tags[Tag.STATUS] == "scheduled"
+    assert queue.pending_count() == 1  # one message: the job runs once
+
+    # the next attempt is taken, then its worker is lost too: no retry is left, and the job
+    # fails, once
+    monkeypatch.undo()
+    client.log_batch(
+        run_id,
+        tags=[RunTag(Tag.HEARTBEAT, f"{time.time() - 600:.3f}"), RunTag(Tag.WORKER, "w2")],
+    )
+    client.update_run(run_id, status="RUNNING")
+    assert reaper.reap(client, settings, queue) == [run_id]
+    assert client.get_run(run_id).info.status == "FAILED"
+
+
+def test_a_late_beat_is_logged_and_a_skipped_one_is_not(sqlite_uri, caplog):
+    """A job's first beat comes at once; one that comes more than half of
+    ``worker_lost_after`` after the last says so (a busy machine, a slow tracking server),
+    and a beat the lost lease skipped is not taken for one written."""
+    client = MlflowClient(sqlite_uri)
+    experiment = client.create_experiment("beats")
+    settings = JobSettings(worker_lost_after=60, heartbeat_interval=30)
+
+    def late() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "late" in r.getMessage()]
+
+    for worker in ("w1", "w2"):  # w2's lease is lost: the run says w1
+        run_id = _running_job(client, experiment, "w1", time.time() - 100)
+        client.update_run(run_id, status="RUNNING")
+        lease = Lease(client, run_id, worker, attempt=1, interval=0.0)
+        with caplog.at_level("WARNING", logger="convserve.pipelines.heartbeat"):
+            with Heartbeat(GuardedClient(client, lease), lease, settings, time.time() - 40):
+                beaten = lambda held=lease.held: not held() or late()  # noqa: E731
+                wait_until(beaten, 30, "the first beat", 0.05)
+        beat = float(client.get_run(run_id).data.tags[Tag.HEARTBEAT])
+        if worker == "w1":
+            assert time.time() - beat < 20  # written at once, not after heartbeat_interval
+            [message] = late()
+            assert "late: 40." in message and "after 60 s" in message
+        else:
+            assert time.time() - beat > 90  # not written
+            assert late() == []
+        caplog.clear()

@@ -337,10 +337,8 @@ def test_twenty_jobs_two_workers_one_killed_none_lost_none_twice(mlflow_url, tmp
         w1.wait()
         with worker_process(env, tmp_path, "w3"):
             for job_id in ids:
-                assert (
-                    wait_for_job(http, job_id, {"succeeded", "failed"}, 240)["status"]
-                    == "succeeded"
-                )
+                job = wait_for_job(http, job_id, {"succeeded", "failed"}, 240)
+                assert job["status"] == "succeeded", job
     # the job w1 held when it died (it may have finished the one seen above just before)
     lost = [i for i in ids if "convserve.attempts" in client.get_run(i).data.tags]
     assert len(lost) == 1

@@ -25,8 +25,13 @@ class Heartbeat:
     """Beats on the run from a thread while the lease is held, publishes progress, and tells
     training to stop when the job is cancelled or the lease is lost."""
 
-    def __init__(self, client: Any, lease: Lease, settings: JobSettings) -> None:
+    def __init__(
+        self, client: Any, lease: Lease, settings: JobSettings, last_beat: float | None = None
+    ) -> None:
+        """``last_beat``: when the job's last beat was written (epoch seconds; the one before
+        it was taken), for the warning on a late beat."""
         self.client, self.lease, self.settings = client, lease, settings
+        self._last_beat = time.time() if last_beat is None else last_beat
         self.run_id = lease.run_id
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)
@@ -42,13 +47,35 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.settings.heartbeat_interval):
+        """A beat at once (the job's set-up since the last one took time), then one every
+        ``heartbeat_interval`` seconds."""
+        while True:
             if not self.lease.held(fresh=True):
                 return  # someone else owns the job now: no more beats
             try:
-                self.client.set_tag(self.run_id, Tag.HEARTBEAT, f"{time.time():.3f}")
+                now = time.time()
+                self.client.set_tag(self.run_id, Tag.HEARTBEAT, f"{now:.3f}")
             except Exception as err:  # the tracking server may blink; try again next beat
                 log.warning("heartbeat of %s failed: %s", self.run_id, err)
+            else:
+                if not self.lease.held():
+                    return  # the beat was not written (the lease client skips it)
+                self._late(now - self._last_beat)
+                self._last_beat = now
+            if self._stop.wait(self.settings.heartbeat_interval):
+                return
+
+    def _late(self, gap: float) -> None:
+        """Warn when beats came far enough apart that a reaper nearly took the job (it does
+        after ``worker_lost_after`` seconds): a busy machine or a slow tracking server."""
+        if gap > self.settings.worker_lost_after / 2:
+            log.warning(
+                "heartbeat of %s late: %.1f s since the last (a job is taken from its worker "
+                "after %g s, CONVSERVE_WORKER_LOST_AFTER)",
+                self.run_id,
+                gap,
+                self.settings.worker_lost_after,
+            )
 
     def on_start(self, total: int) -> None:
         self.progress["total"] = total

@@ -69,15 +69,18 @@ def reap(client: Any, settings: JobSettings, queue: JobQueue | None = None) -> l
     from its worker: a job with attempts left is scheduled again (a training job resumes from
     its last checkpoint, a sweep keeps the grid points it finished), one without is failed
     ("worker lost"). Either ends the lost worker's lease."""
-    now, lost = time.time(), []
-    for run in running_jobs(client):
-        tags = run.data.tags
-        if tags.get(Tag.PHASE) == "trials":
-            continue  # a sweep between setup and publishing: its trials beat (tend_studies)
-        beat = float(tags.get(Tag.HEARTBEAT, run.info.start_time / 1000))
-        if now - beat > settings.worker_lost_after:
-            lost.append((run, now - beat))
-    for run, age in lost:  # after the search: a reaped job leaves the pages being read
+    now = time.time()
+    lost = [run for run in running_jobs(client) if _lost_for(run, now, settings) is not None]
+    taken = []
+    for listed in lost:  # after the search: a reaped job leaves the pages being read
+        # Read again: the listing may be older than another worker's reaper taking the job
+        # (the job scheduled again, perhaps running on its next attempt by now). Taken only
+        # if it is still the same attempt, lost.
+        run = client.get_run(listed.info.run_id)
+        age = _lost_for(run, time.time(), settings)
+        if age is None or _holder(run) != _holder(listed):
+            continue
+        taken.append(run.info.run_id)
         tags = run.data.tags
         reason = f"worker lost: no heartbeat for {age:.0f} s (last from {_worker(tags)})"
         attempt = int(tags.get(Tag.ATTEMPT, "1"))
@@ -85,13 +88,29 @@ def reap(client: Any, settings: JobSettings, queue: JobQueue | None = None) -> l
         record = {Tag.ATTEMPTS: json.dumps(history)[:5000]}
         failures = attempt - int(tags.get(Tag.DRAINS, "0"))  # a drained attempt is no failure
         if failures <= settings.job_retries and queue is not None:
-            # the next attempt's number ends the lost worker's lease
             _schedule_again(
                 client, queue, run.info.run_id, {**record, Tag.ATTEMPT: str(attempt + 1)}
             )
         else:
             fail(client, run.info.run_id, reason, record)
-    return [run.info.run_id for run, _ in lost]
+    return taken
+
+
+def _lost_for(run: Any, now: float, settings: JobSettings) -> float | None:
+    """How long a running job's heartbeat has been silent, when that is longer than
+    ``worker_lost_after``; else None (a sweep between setup and publishing has its trials
+    beat instead, ``tend_studies``)."""
+    tags = run.data.tags
+    if run.info.status != "RUNNING" or tags.get(Tag.PHASE) == "trials":
+        return None
+    age = now - float(tags.get(Tag.HEARTBEAT, run.info.start_time / 1000))
+    return age if age > settings.worker_lost_after else None
+
+
+def _holder(run: Any) -> tuple[str, str]:
+    """The lease a job's run shows: its worker and attempt."""
+    tags = run.data.tags
+    return _worker(tags), tags.get(Tag.ATTEMPT, "1")
 
 
 def _worker(tags: dict[str, str]) -> str:
@@ -117,11 +136,13 @@ def hand_back(client: Any, queue: JobQueue, run: Any, why: str) -> None:
 
 
 def _schedule_again(client: Any, queue: JobQueue, run_id: str, tags: dict[str, str]) -> None:
-    """Hand the job back to the queue: ``tags`` and its status ``scheduled`` in one write, the
-    run ``SCHEDULED``, its message enqueued."""
-    tags = {**tags, Tag.STATUS: "scheduled"}
-    client.log_batch(run_id, tags=run_tags(tags))
+    """Hand the job back to the queue: the run ``SCHEDULED`` first (the old lease ends, and
+    no reaper's search of running jobs lists it again), then ``tags`` and its status
+    ``scheduled`` in one write, then its message enqueued. Tags first would show, for a
+    moment, a running job on its next attempt with the lost attempt's stale heartbeat, which
+    another reaper would take for lost again and fail."""
     client.update_run(run_id, status="SCHEDULED")
+    client.log_batch(run_id, tags=run_tags({**tags, Tag.STATUS: "scheduled"}))
     queue.enqueue(run_id)
 
 

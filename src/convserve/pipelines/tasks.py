@@ -138,14 +138,15 @@ def execute_job(run_id: str, settings: JobSettings, queue: JobQueue | None = Non
     attempt = int(run.data.tags.get(Tag.ATTEMPT, "1"))
     worker = worker_id()
     # A heartbeat before RUNNING, so that no reaper takes a starting job for a lost one.
-    raw.set_tag(run_id, Tag.HEARTBEAT, f"{time.time():.3f}")
+    first_beat = time.time()
+    raw.set_tag(run_id, Tag.HEARTBEAT, f"{first_beat:.3f}")
     _take(raw, run_id, worker, attempt)
     lease = Lease(raw, run_id, worker, attempt, settings.cancel_check_interval)
     client = GuardedClient(raw, lease)
     try:
         request = read_request(raw, run_id)
         resume = last_checkpoint(raw, run_id, settings.runs_dir) if attempt > 1 else None
-        with Heartbeat(client, lease, settings) as beat:
+        with Heartbeat(client, lease, settings, first_beat) as beat:
             if request.sweep is not None:
                 status = _sweep(request, run_id, client, beat, settings, queue)
             else:
