@@ -147,3 +147,44 @@ def test_a_version_the_registrys_listing_shows_served_is_not_looked_up_again(
         await manager.close()
 
     asyncio.run(scenario())
+
+
+def test_a_registry_that_comes_back_clears_the_error_it_left(onnx_path, mlflow_url, tmp_path):
+    """The registry down for a poll leaves its error on the model (it keeps serving); the
+    next poll that reaches it, by the alias or by the listing, clears it."""
+    from convserve.service.registry import registry_for
+    from tests.servers import registered_model
+
+    client, name, (first,) = registered_model(mlflow_url, onnx_path, "blinks", 1)
+    client.set_registered_model_alias(name, "champion", first)
+
+    class Blinking:
+        """The real REST registry, down while ``down`` is set."""
+
+        def __init__(self, inner):
+            self.inner, self.down = inner, False
+
+        def get_model_version_by_alias(self, *args):
+            if self.down:
+                raise ConnectionError("tracking server unreachable")
+            return self.inner.get_model_version_by_alias(*args)
+
+        def __getattr__(self, attr):
+            return getattr(self.inner, attr)
+
+    async def scenario():
+        settings = Settings(model_uri=f"models:/{name}@champion", cache_dir=str(tmp_path))
+        manager = ModelManager(settings, Metrics())
+        registry = manager._client = Blinking(registry_for(mlflow_url))
+        assert (await manager.check()).changed and manager.last_error is None
+        for listed in (None, first):  # looked up, then shown by the listing
+            registry.down = True
+            outcome = await manager.check(force=True)
+            assert not outcome.changed and "unreachable" in manager.last_error
+            assert manager.model.source.version == first  # still served
+            registry.down = False
+            assert not (await manager.check(listed=listed)).changed
+            assert manager.last_error is None, listed
+        await manager.close()
+
+    asyncio.run(scenario())

@@ -167,6 +167,7 @@ class ModelManager:
                 and str(current.source.version) == listed
                 and time.monotonic() - self._resolved_at < RESOLVE_SECONDS
             ):
+                self.last_error = None  # the registry answered: what failed before is over
                 return ReloadOutcome(False, listed, "already serving this version")
             loop = asyncio.get_running_loop()
             try:
@@ -179,6 +180,7 @@ class ModelManager:
             if current is not None and current.source.version == target.version and not force:
                 if target.tags and target.tags != current.source.tags:  # tagged since its load
                     current.source = self.last_source = replace(current.source, tags=target.tags)
+                self.last_error = None  # the registry answered: what failed before is over
                 return ReloadOutcome(False, target.version, "already serving this version")
             key = str(target.version)
             if key in self.refused and not force:
