@@ -139,3 +139,33 @@ def test_a_missing_alias_or_model_is_told_apart_from_a_registry_that_cannot_be_r
     with pytest.raises(Exception) as down:
         RestRegistry(f"http://127.0.0.1:{free_port()}").get_model_version(name, first)
     assert not not_found(down.value), down.value
+
+
+def test_both_registries_list_every_models_aliases_page_by_page(registered, monkeypatch):
+    """The one search a poll makes for every model's aliases reads every page, over REST and
+    through the MLflow client alike (here two models a page)."""
+    from convserve.service import registry as registry_module
+
+    client, name, _, second = registered
+    monkeypatch.setattr(registry_module, "MODELS_PAGE", 2)
+    rest, via_client = RestRegistry(client.tracking_uri), ClientRegistry(client.tracking_uri)
+    pages = {"rest": 0, "client": 0}
+    rest_get, client_search = rest._get, via_client.client.search_registered_models
+
+    def rest_page(path, **params):  # type: ignore[no-untyped-def]
+        pages["rest"] += path == "registered-models/search"
+        return rest_get(path, **params)
+
+    def client_page(**kwargs):  # type: ignore[no-untyped-def]
+        pages["client"] += 1
+        return client_search(**kwargs)
+
+    monkeypatch.setattr(rest, "_get", rest_page)
+    monkeypatch.setattr(via_client.client, "search_registered_models", client_page)
+    with_aliases = [m for m in client.search_registered_models(max_results=1000) if m.aliases]
+    listed = rest.aliases()
+    assert listed == via_client.aliases()
+    assert listed[name] == {"champion": second}
+    assert set(listed) == {m.name for m in with_aliases}
+    total = len(client.search_registered_models(max_results=1000))
+    assert pages["rest"] == pages["client"] >= max(2, -(-total // 2))

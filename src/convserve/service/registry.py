@@ -26,6 +26,9 @@ from urllib.parse import quote, unquote, urlparse
 
 from convserve.contract import write_alias
 
+MODELS_PAGE = 1000  # registered models a search of every model's aliases reads a request (as
+# MLflow's client asks); the listing goes on page by page
+
 
 class RegistryError(RuntimeError):
     """The registry's answer to a request it refused: ``CODE: message``, as MLflow says it;
@@ -133,8 +136,8 @@ class RestRegistry:
     def aliases(self) -> dict[str, dict[str, str]]:
         found: dict[str, dict[str, str]] = {}
         token = ""
-        while True:  # a page of at most 1,000 models at a time, as MLflow's client asks
-            params = {"max_results": "1000"} | ({"page_token": token} if token else {})
+        while True:
+            params = {"max_results": str(MODELS_PAGE)} | ({"page_token": token} if token else {})
             page = self._get("registered-models/search", **params)
             for model in page.get("registered_models", []):
                 entries = model.get("aliases", [])
@@ -297,8 +300,14 @@ class ClientRegistry:
         self.client.update_model_version(name, version, description=description)
 
     def aliases(self) -> dict[str, dict[str, str]]:
-        models = self.client.search_registered_models(max_results=1000)
-        return {m.name: {a: str(v) for a, v in m.aliases.items()} for m in models if m.aliases}
+        found: dict[str, dict[str, str]] = {}
+        token = None
+        while True:
+            page = self.client.search_registered_models(max_results=MODELS_PAGE, page_token=token)
+            found |= {m.name: {a: str(v) for a, v in m.aliases.items()} for m in page if m.aliases}
+            token = page.token
+            if not token:
+                return found
 
     def download_onnx(self, name: str, version: str, folder: Path) -> None:
         import mlflow.artifacts
