@@ -223,6 +223,41 @@ def test_the_batch_plan_follows_the_measured_cost(onnx_path, monkeypatch):
     assert engine_module.plan_batches(model, Settings(batching=False)).size == 1
 
 
+def _plan_in_a_process(path: str, peers: str) -> tuple[int, dict[int, float], int | None]:
+    import os
+    from pathlib import Path
+
+    plan = engine_module.plan_batches(_opened(Path(path)), Settings(peers_dir=peers))
+    return os.getpid(), plan.costs, plan.measured_by
+
+
+def test_the_worker_processes_of_one_server_measure_a_model_once(onnx_path, tmp_path):
+    """Three processes loading one model file at once (a server's workers): one measures its
+    batches, alone, and the others take its figures and say whose they are; the file changed
+    (a new version at the same path) is measured again."""
+    import multiprocessing
+    import os
+    import shutil
+
+    path = tmp_path / "model.onnx"
+    shutil.copy(onnx_path, path)
+    peers = tmp_path / "peers"
+    peers.mkdir()
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        plans = pool.starmap(_plan_in_a_process, [(str(path), str(peers))] * 3)
+    measured = [(pid, costs) for pid, costs, by in plans if by is None]
+    assert len(measured) == 1, plans
+    (measurer, costs), pids = measured[0], {pid for pid, _, _ in plans}
+    assert len(pids) == 3
+    assert all(c == costs and by in (None, measurer) for _, c, by in plans)
+    assert list(costs) == [1, 2, 4, 8, 16, 32]
+    again = engine_module.plan_batches(_opened(path), Settings(peers_dir=str(peers)))
+    assert again.measured_by == measurer and f"(by worker process {measurer}):" in again.describe()
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    fresh = engine_module.plan_batches(_opened(path), Settings(peers_dir=str(peers)))
+    assert fresh.measured_by is None and list(fresh.costs) == list(costs)
+
+
 def test_measuring_batches_stops_within_its_budget(onnx_path, monkeypatch):
     from convserve.service import model as model_module
 

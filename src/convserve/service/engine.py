@@ -16,10 +16,16 @@ its queue before it closes, so requests in flight finish on the old session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
 import logging
+import os
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -49,10 +55,12 @@ class BatchPlan:
     size: int  # images per session.run at most
     wait_ms: float  # how long a batch waits for company at most
     costs: dict[int, float]  # seconds per image by batch size, as measured at load
+    measured_by: int | None = None  # the process that measured them, where another one did
 
     def describe(self) -> str:
         measured = ", ".join(f"{b}: {c * 1e3:.3g}" for b, c in self.costs.items())
-        how = f"measured ms per image by batch size: {measured}" if self.costs else "as set"
+        by = f" (by worker process {self.measured_by})" if self.measured_by is not None else ""
+        how = f"measured ms per image by batch size{by}: {measured}" if self.costs else "as set"
         return (
             f"batches of up to {self.size} image{'s' if self.size > 1 else ''}, waiting at most "
             f"{self.wait_ms:.3g} ms for company ({how}; CONVSERVE_MAX_BATCH_SIZE and "
@@ -72,14 +80,45 @@ def plan_batches(model: LoadedModel, settings: Settings) -> BatchPlan:
         return BatchPlan(1, 0.0, {})
     if size is not None and wait is not None:
         return BatchPlan(size, wait, {})
-    costs = batch_costs(model, size or LARGEST_BATCH)
+    costs, measured_by = shared_costs(model, size or LARGEST_BATCH, settings)
     if size is None:
         cheapest = min(costs.values())
         size = min(b for b, cost in costs.items() if cost <= cheapest * NEAR_BEST)
     if wait is None:
         full_batch_ms = costs.get(size, costs[max(costs)]) * size * 1e3
         wait = 0.0 if size == 1 else min(MAX_WAIT_MS, full_batch_ms)
-    return BatchPlan(size, wait, costs)
+    return BatchPlan(size, wait, costs, measured_by)
+
+
+def shared_costs(
+    model: LoadedModel, largest: int, settings: Settings
+) -> tuple[dict[int, float], int | None]:
+    """``batch_costs`` of the model, measured once for all the worker processes of one
+    ``convserve serve`` (``settings.peers_dir``): one at a time, under a lock, the first to
+    load a model file measures it and the others read its figures (and the process that
+    measured them). Measured side by side, the processes would share the cores and each read
+    its own noise: on two cores, one read 3.04 ms an image at batch 1 where the other read
+    1.88, and chose batches of two where the other chose one."""
+    if settings.peers_dir is None or model.source.path is None:
+        return batch_costs(model, largest), None
+    stat = model.source.path.stat()
+    identity = [
+        str(model.source.path.resolve()), stat.st_size, stat.st_mtime_ns, largest,
+        model.providers, settings.intra_op_threads, settings.inter_op_threads,
+    ]  # fmt: skip
+    key = hashlib.sha256(json.dumps(identity, default=str).encode()).hexdigest()[:16]
+    folder = Path(settings.peers_dir)
+    figures = folder / f"batch-costs-{key}.json"
+    with open(folder / "batch-costs.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
+            found = json.loads(figures.read_text())
+            return {int(b): float(c) for b, c in found["costs"].items()}, int(found["pid"])
+        costs = batch_costs(model, largest)
+        partial = figures.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps({"costs": costs, "pid": os.getpid()}))
+        partial.replace(figures)
+        return costs, None
 
 
 @dataclass
