@@ -241,6 +241,55 @@ def test_the_served_set_refuses_two_models_under_one_name(onnx_path, tmp_path):
         Catalog(settings, Metrics())
 
 
+def test_a_model_unloaded_while_a_poll_finds_models_stays_unloaded(
+    registry, onnx_path, tmp_path, monkeypatch
+):
+    """The repository's unload while a poll's discovery runs (the registry's listing read
+    before the unload, applied during its awaits): the model stays out of the set, as the
+    unload said, and is not found and loaded again."""
+    import asyncio
+
+    from convserve.service.catalog import Catalog
+    from convserve.service.metrics import Metrics
+    from convserve.service.settings import Settings
+
+    client = MlflowClient(registry)
+    if not client.search_registered_models("name = 'digits'"):  # run alone
+        _register(client, "digits", onnx_path)
+    _register(client, "race-a", onnx_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry)
+    settings = Settings(
+        model_uri="models:/digits@champion", models="race-*", cache_dir=str(tmp_path)
+    )
+
+    async def scenario() -> None:
+        catalog = Catalog(settings, Metrics())
+        await catalog.start()
+        for _ in range(600):
+            if catalog.models["race-a"].engine is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert catalog.models["race-a"].engine is not None
+        listing = await catalog._listing()
+        assert listing is not None and "race-a" in listing
+        drop = catalog._drop
+
+        async def drop_while_a_poll_discovers(name: str) -> None:
+            await drop(name)
+            await catalog._discover(listing)  # the poll, between the drop's awaits
+
+        catalog._drop = drop_while_a_poll_discovers  # type: ignore[method-assign]
+        try:
+            await catalog.unload("race-a")
+            assert "race-a" not in catalog.models and "race-a" in catalog.unloaded
+            await catalog._discover(await catalog._listing())  # the next poll too
+            assert "race-a" not in catalog.models
+        finally:
+            await catalog.close()
+
+    asyncio.run(scenario())
+
+
 def _promote_cli(name: str, tracking_uri: str) -> subprocess.CompletedProcess[str]:
     """``convserve promote NAME`` against ``tracking_uri``."""
     cli = Path(sys.executable).parent / "convserve"

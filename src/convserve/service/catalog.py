@@ -646,8 +646,10 @@ class Catalog:
                 f"{name!r} is the default model (CONVSERVE_MODEL_URI): it answers bare /predict "
                 "and /readyz and is not unloaded",
             )
-        await self._drop(name)
+        # out of the set before the drop's awaits: a poll's discovery running meanwhile must
+        # not find the model missing, and not yet unloaded, and load it again
         self.unloaded.add(name)
+        await self._drop(name)
 
     def _tell_peers(self, request: dict[str, Any]) -> None:
         if self._peers is None:
