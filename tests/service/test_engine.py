@@ -251,6 +251,7 @@ def test_the_worker_processes_of_one_server_measure_a_model_once(onnx_path, tmp_
     assert len(pids) == 3
     assert all(c == costs and by in (None, measurer) for _, c, by in plans)
     assert list(costs) == [1, 2, 4, 8, 16, 32]
+    assert not list(peers.glob("*.json"))  # the folder's .json files are admin requests
     again = engine_module.plan_batches(_opened(path), Settings(peers_dir=str(peers)))
     assert again.measured_by == measurer and f"(by worker process {measurer}):" in again.describe()
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))

@@ -107,9 +107,10 @@ def shared_costs(
         model.providers, settings.intra_op_threads, settings.inter_op_threads,
     ]  # fmt: skip
     key = hashlib.sha256(json.dumps(identity, default=str).encode()).hexdigest()[:16]
-    folder = Path(settings.peers_dir)
-    figures = folder / f"batch-costs-{key}.json"
-    with open(folder / "batch-costs.lock", "a") as lock:
+    folder = Path(settings.peers_dir) / "batch-costs"  # beside the admin requests, not among
+    folder.mkdir(exist_ok=True)
+    figures = folder / f"{key}.json"
+    with open(folder / "measuring.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
         with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
             found = json.loads(figures.read_text())
