@@ -93,6 +93,22 @@ def test_a_version_whose_input_disagrees_with_its_metadata_is_refused_for_good(o
     asyncio.run(scenario())
 
 
+class _Watched:
+    """A real registry whose alias lookups are counted, and refused while ``down`` is set."""
+
+    def __init__(self, inner):
+        self.inner, self.lookups, self.down = inner, 0, False
+
+    def get_model_version_by_alias(self, *args):
+        if self.down:
+            raise ConnectionError("tracking server unreachable")
+        self.lookups += 1
+        return self.inner.get_model_version_by_alias(*args)
+
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+
 def test_a_version_the_registrys_listing_shows_served_is_not_looked_up_again(
     onnx_path, mlflow_url, tmp_path, monkeypatch
 ):
@@ -106,23 +122,10 @@ def test_a_version_the_registrys_listing_shows_served_is_not_looked_up_again(
     client, name, (first, second) = registered_model(mlflow_url, onnx_path, "listed", 2)
     client.set_registered_model_alias(name, "champion", first)
 
-    class Counting:
-        """The real REST registry, its alias lookups counted."""
-
-        def __init__(self, inner):
-            self.inner, self.lookups = inner, 0
-
-        def get_model_version_by_alias(self, *args):
-            self.lookups += 1
-            return self.inner.get_model_version_by_alias(*args)
-
-        def __getattr__(self, attr):
-            return getattr(self.inner, attr)
-
     async def scenario():
         settings = Settings(model_uri=f"models:/{name}@champion", cache_dir=str(tmp_path))
         manager = ModelManager(settings, Metrics())
-        registry = manager._client = Counting(registry_for(mlflow_url))
+        registry = manager._client = _Watched(registry_for(mlflow_url))
         assert (await manager.check()).changed and registry.lookups == 1
         assert registry.aliases()[name] == {"champion": first}
         for _ in range(3):
@@ -158,24 +161,10 @@ def test_a_registry_that_comes_back_clears_the_error_it_left(onnx_path, mlflow_u
     client, name, (first,) = registered_model(mlflow_url, onnx_path, "blinks", 1)
     client.set_registered_model_alias(name, "champion", first)
 
-    class Blinking:
-        """The real REST registry, down while ``down`` is set."""
-
-        def __init__(self, inner):
-            self.inner, self.down = inner, False
-
-        def get_model_version_by_alias(self, *args):
-            if self.down:
-                raise ConnectionError("tracking server unreachable")
-            return self.inner.get_model_version_by_alias(*args)
-
-        def __getattr__(self, attr):
-            return getattr(self.inner, attr)
-
     async def scenario():
         settings = Settings(model_uri=f"models:/{name}@champion", cache_dir=str(tmp_path))
         manager = ModelManager(settings, Metrics())
-        registry = manager._client = Blinking(registry_for(mlflow_url))
+        registry = manager._client = _Watched(registry_for(mlflow_url))
         assert (await manager.check()).changed and manager.last_error is None
         for listed in (None, first):  # looked up, then shown by the listing
             registry.down = True

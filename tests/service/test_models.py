@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from tests.servers import free_port, mlflow_server, process, register_onnx, wait_http
-from tests.waiting import wait_until
+from tests.waiting import limit, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -265,11 +265,10 @@ def test_a_model_unloaded_while_a_poll_finds_models_stays_unloaded(
     async def scenario() -> None:
         catalog = Catalog(settings, Metrics())
         await catalog.start()
-        for _ in range(600):
-            if catalog.models["race-a"].engine is not None:
-                break
+        deadline = asyncio.get_running_loop().time() + limit(30)
+        while catalog.models["race-a"].engine is None:
+            assert asyncio.get_running_loop().time() < deadline, "race-a loaded"
             await asyncio.sleep(0.05)
-        assert catalog.models["race-a"].engine is not None
         listing = await catalog._listing()
         assert listing is not None and "race-a" in listing
         drop = catalog._drop

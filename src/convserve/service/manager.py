@@ -167,8 +167,7 @@ class ModelManager:
                 and str(current.source.version) == listed
                 and time.monotonic() - self._resolved_at < RESOLVE_SECONDS
             ):
-                self.last_error = None  # the registry answered: what failed before is over
-                return ReloadOutcome(False, listed, "already serving this version")
+                return self._unchanged(listed)
             loop = asyncio.get_running_loop()
             try:
                 target = await loop.run_in_executor(self.executor, self._target)
@@ -180,8 +179,7 @@ class ModelManager:
             if current is not None and current.source.version == target.version and not force:
                 if target.tags and target.tags != current.source.tags:  # tagged since its load
                     current.source = self.last_source = replace(current.source, tags=target.tags)
-                self.last_error = None  # the registry answered: what failed before is over
-                return ReloadOutcome(False, target.version, "already serving this version")
+                return self._unchanged(target.version)
             key = str(target.version)
             if key in self.refused and not force:
                 return ReloadOutcome(
@@ -206,6 +204,11 @@ class ModelManager:
             self.refused.pop(key, None)
             self.retrying.pop(key, None)
             return ReloadOutcome(True, model.source.version, f"serving version {key}")
+
+    def _unchanged(self, version: str | None) -> ReloadOutcome:
+        """The registry answered with the version served: what failed before is over."""
+        self.last_error = None
+        return ReloadOutcome(False, version, "already serving this version")
 
     def _refuse(self, version: str, reason: str) -> ReloadOutcome:
         self.refused[version] = reason = redact(reason)
