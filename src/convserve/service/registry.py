@@ -89,9 +89,16 @@ def registry_for(tracking_uri: str | None = None) -> Registry:
     """REST for an ``http(s)`` tracking URI (``MLFLOW_TRACKING_URI`` by default), the MLflow
     client otherwise."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if uri.startswith(("http://", "https://")):
+    if over_rest(uri):
         return RestRegistry(uri)
     return ClientRegistry(uri or None)
+
+
+def over_rest(tracking_uri: str | None = None) -> bool:
+    """Whether ``registry_for`` reads this tracking URI (``MLFLOW_TRACKING_URI`` by default)
+    over REST, with httpx."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    return uri.startswith(("http://", "https://"))
 
 
 class RestRegistry:

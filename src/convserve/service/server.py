@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import importlib
 import logging
 import multiprocessing
 import os
@@ -21,15 +22,19 @@ from functools import partial
 from typing import Any
 
 import uvicorn
+from PIL import Image
 from prometheus_client import values as prometheus_values
 from uvicorn import _subprocess
-from uvicorn.config import LOGGING_CONFIG
+from uvicorn.config import HTTP_PROTOCOLS, LIFESPAN, LOGGING_CONFIG
+from uvicorn.importer import import_from_string
 from uvicorn.supervisors import Multiprocess
 
 from convserve.jobs import JobSettings
 from convserve.service.api.backends import bound_mlflow_client
+from convserve.service.api.docs import assets_dir
 from convserve.service.app import create_app
 from convserve.service.metrics import MULTIPROCESS_DIR
+from convserve.service.registry import over_rest
 from convserve.service.sessions import providers_for
 from convserve.service.settings import Settings, available_cores
 
@@ -73,12 +78,38 @@ def run_server(settings: Settings, job_settings: JobSettings) -> None:
     # fresh interpreter takes to import it (uvicorn spawns by default). This process has
     # started no thread and no onnxruntime session: nothing to inherit badly.
     _subprocess.spawn = multiprocessing.get_context("fork")  # type: ignore[assignment]
-    # What the workers inherit goes to the permanent generation first: their collections
-    # then never write to the pages they share with this process (copy-on-write).
-    gc.freeze()
     with shared_metrics(), tempfile.TemporaryDirectory(prefix="convserve-peers-") as peers:
         config = _config(settings.model_copy(update={"peers_dir": peers}), job_settings)
+        preload(config)
+        # What the workers inherit goes to the permanent generation first: their collections
+        # then never write to the pages they share with this process (copy-on-write).
+        gc.freeze()
         _Supervisor(config, sockets=[config.bind_socket()]).run()
+
+
+def preload(config: uvicorn.Config) -> None:
+    """Import here, before the fork, what every worker process would otherwise import on its
+    own as it starts and serves: uvicorn's event loop, HTTP protocol and lifespan
+    (``Config.load``), anyio's asyncio backend and FastAPI's telemetry (loaded by name on
+    first use), Pillow's image formats (the first ``Image.open``), numpy's random generators
+    (the batch measurement), the API docs' files, and httpx where the registry is read over
+    REST. Imported once, their pages are shared by every worker; imported in each, each holds
+    its own copy."""
+    if isinstance(config.http, str):
+        import_from_string(HTTP_PROTOCOLS.get(config.http, config.http))
+    import_from_string(LIFESPAN[config.lifespan])
+    config.get_loop_factory()  # imports the loop it picks (uvloop where installed)
+    lazy = ["numpy.random", "anyio._backends._asyncio", "fastapi.telemetry._runtime"]
+    for name in lazy:
+        with contextlib.suppress(ImportError):  # a library's version without it
+            importlib.import_module(name)
+    Image.preinit()
+    assets_dir()
+    if over_rest():  # a client's transport, its TLS roots, a host name's encoding
+        import httpx
+
+        httpx.Client().close()
+        importlib.import_module("encodings.idna")
 
 
 class _Supervisor(Multiprocess):
