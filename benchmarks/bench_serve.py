@@ -62,7 +62,8 @@ its shadow process run in every worker), taking turns: the champion's
 p99 at concurrency 1, 8 and 32, over the requests of all ``--repeats`` runs together and of
 the run with the median p99 (each run's printed). A 6 s run's p99 is its slowest few hundred
 requests, and moves by up to 1.7x from run to run on a shared 2-core machine. Target: at most
-1.1x the unshadowed p99.
+1.1x the unshadowed p99. ``--control`` adds a second unshadowed server to the turns and prints
+the same ratios between the two unshadowed ones: what the machine's noise alone reads.
 
 Needs wrk (Debian: apt-get install wrk). Pass ``--env KEY=VALUE`` to try other settings of
 ``convserve serve`` (e.g. ``CONVSERVE_WORKERS=1``), ``--query fit=none`` to skip the digit fit.
@@ -411,6 +412,12 @@ def main() -> None:
         "--part", choices=PARTS, action="append", help="parts to run (default: all five)"
     )
     parser.add_argument(
+        "--control",
+        action="store_true",
+        help="shadow: a second unshadowed server taking turns with the other two, whose p99 "
+        "against the first's is the machine's noise on the same measure",
+    )
+    parser.add_argument(
         "--query",
         default="",
         help="query string for every request, e.g. fit=none (the baselines ignore it)",
@@ -455,10 +462,14 @@ def _turns(
     servers: list[Server], repeats: int, run: Callable[[Server], dict[str, float]]
 ) -> dict[str, list[dict[str, float]]]:
     """Every run of each server: each repeat runs the servers in turn, so that a slow spell
-    of a shared machine falls on all of them, not on whichever ran then."""
+    of a shared machine falls on all of them, not on whichever ran then; and each repeat
+    starts one server further on, so that none always runs first or always runs right after
+    the same one (whose after-effects, a shadow process finishing its backlog or a burst of
+    logging, would otherwise always land on it)."""
     runs: dict[str, list[dict[str, float]]] = {s.name: [] for s in servers}
-    for _ in range(repeats):
-        for server in servers:
+    for repeat in range(repeats):
+        first = repeat % len(servers)
+        for server in servers[first:] + servers[:first]:
             runs[server.name].append(run(server))
     return runs
 
@@ -1003,6 +1014,9 @@ def shadow_cost(args: argparse.Namespace, folder: Path) -> list[Target]:
                 args.port + 22,
             ),
         ]
+        if args.control:
+            port = args.port + 23
+            servers.append(Server(CONTROL, cli, {**base, "CONVSERVE_PORT": str(port)}, port))
         try:
             _started(servers, body, folder)
             deadline = time.monotonic() + 30
@@ -1016,7 +1030,7 @@ def shadow_cost(args: argparse.Namespace, folder: Path) -> list[Target]:
             _stopped(servers)  # each worker logs what its challenger showed as it stops
         live = _evidence(url, "bench", "2")
     _load_table(servers)
-    plain, shadowed = servers
+    plain, shadowed = servers[:2]
     print(
         f"\nthe challenger, every worker's windows in MLflow: {live.requests} images "
         f"shadowed, {live.skipped} skipped (its process that far behind), "
@@ -1038,11 +1052,21 @@ def shadow_cost(args: argparse.Namespace, folder: Path) -> list[Target]:
             f"({shadowed.points[c]['p99']:.2f} ms against {plain.points[c]['p99']:.2f} ms); "
             f"requests/s {shadowed.points[c]['rps'] / plain.points[c]['rps']:.2f}x"
         )
+        if args.control:  # the same two ratios between two unshadowed servers
+            control = servers[2]
+            print(
+                f"the control, unshadowed, against no shadow, c={c}: "
+                f"{pooled[control.name][c] / pooled[plain.name][c]:.2f}x over all runs' "
+                f"requests; {control.points[c]['p99'] / plain.points[c]['p99']:.2f}x of the "
+                f"median runs"
+            )
         targets.append((f"p99 shadow 100% / none, c={c}, all runs", all_ratio, "<=", 1.1))
         targets.append((f"p99 shadow 100% / none, c={c}, median run", ratio, "<=", 1.1))
     errors = sum(r["errors"] for s in servers for r in s.points.values())
     return [*targets, ("errors (shadow)", errors, "<=", 0.0)]
 
+
+CONTROL = "no shadow, again"  # shadow --control: the noise between two identical servers
 
 # wrk's ``done``: every latency it recorded (microseconds) and how often, one line each
 HISTOGRAM_LUA = """done = function(summary, latency, requests)
