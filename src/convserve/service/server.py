@@ -105,11 +105,9 @@ def preload(config: uvicorn.Config) -> None:
             importlib.import_module(name)
     Image.preinit()
     assets_dir()
-    if over_rest():  # a client's transport, its TLS roots, a host name's encoding
-        import httpx
-
-        httpx.Client().close()
-        importlib.import_module("encodings.idna")
+    if over_rest():  # the client, its transport, its TLS roots, a host name's encoding
+        for name in ("httpx", "httpcore", "certifi", "encodings.idna"):
+            importlib.import_module(name)
 
 
 class _Supervisor(Multiprocess):
