@@ -88,7 +88,7 @@ class Registry(Protocol):
 def registry_for(tracking_uri: str | None = None) -> Registry:
     """REST for an ``http(s)`` tracking URI (``MLFLOW_TRACKING_URI`` by default), the MLflow
     client otherwise."""
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    uri = _tracking_uri(tracking_uri)
     if over_rest(uri):
         return RestRegistry(uri)
     return ClientRegistry(uri or None)
@@ -97,8 +97,11 @@ def registry_for(tracking_uri: str | None = None) -> Registry:
 def over_rest(tracking_uri: str | None = None) -> bool:
     """Whether ``registry_for`` reads this tracking URI (``MLFLOW_TRACKING_URI`` by default)
     over REST, with httpx."""
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    return uri.startswith(("http://", "https://"))
+    return _tracking_uri(tracking_uri).startswith(("http://", "https://"))
+
+
+def _tracking_uri(tracking_uri: str | None) -> str:
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
 
 
 class RestRegistry:

@@ -100,14 +100,13 @@ def preload(config: uvicorn.Config) -> None:
     import_from_string(LIFESPAN[config.lifespan])
     config.get_loop_factory()  # imports the loop it picks (uvloop where installed)
     lazy = ["numpy.random", "anyio._backends._asyncio", "fastapi.telemetry._runtime"]
+    if over_rest():  # the client, its transport, its TLS roots, a host name's encoding
+        lazy += ["httpx", "httpcore", "certifi", "encodings.idna"]
     for name in lazy:
         with contextlib.suppress(ImportError):  # a library's version without it
             importlib.import_module(name)
     Image.preinit()
     assets_dir()
-    if over_rest():  # the client, its transport, its TLS roots, a host name's encoding
-        for name in ("httpx", "httpcore", "certifi", "encodings.idna"):
-            importlib.import_module(name)
 
 
 class _Supervisor(Multiprocess):
