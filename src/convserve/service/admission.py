@@ -28,7 +28,8 @@ import asyncio
 import math
 import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import TracebackType
 
 from fastapi import HTTPException
 
@@ -55,6 +56,25 @@ def auto_budget(threads: int, workers: int) -> int:
     return max(LIGHT_COST, min(UNITS_PER_THREAD * max(threads, 1), by_memory))
 
 
+class _Light(AbstractAsyncContextManager[bool]):
+    """A light request's admission: nothing to hold (one object for all of them, where a
+    generator's context manager was made and run through for each)."""
+
+    async def __aenter__(self) -> bool:
+        return False
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        return None
+
+
+_LIGHT = _Light()
+
+
 class Admission:
     """The heavy requests in flight in one process, in units, against ``budget``."""
 
@@ -67,13 +87,13 @@ class Admission:
     def _fits(self, cost: int) -> bool:
         return not self.in_flight or self.in_flight + cost <= self.budget
 
-    @asynccontextmanager
-    async def admitted(self, cost: int, what: str) -> AsyncIterator[bool]:
-        """Hold ``cost`` units while the block runs; yields whether the request is heavy.
+    def admitted(self, cost: int, what: str) -> AbstractAsyncContextManager[bool]:
+        """Hold ``cost`` units while the block runs; enters as whether the request is heavy.
         Over budget after the wait: ``HTTPException`` 503 with ``Retry-After``."""
-        if cost <= LIGHT_COST:
-            yield False
-            return
+        return _LIGHT if cost <= LIGHT_COST else self._heavy(cost, what)
+
+    @asynccontextmanager
+    async def _heavy(self, cost: int, what: str) -> AsyncIterator[bool]:
         if not self._fits(cost):
             await self._wait(cost, what)
         self.in_flight += cost

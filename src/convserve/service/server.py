@@ -33,7 +33,7 @@ from convserve.jobs import JobSettings
 from convserve.service.api.backends import bound_mlflow_client
 from convserve.service.api.docs import assets_dir
 from convserve.service.app import create_app
-from convserve.service.metrics import MULTIPROCESS_DIR
+from convserve.service.metrics import MULTIPROCESS_DIR, multiprocess_values
 from convserve.service.registry import over_rest
 from convserve.service.sessions import providers_for
 from convserve.service.settings import Settings, available_cores
@@ -154,18 +154,18 @@ def _config(settings: Settings, job_settings: JobSettings) -> uvicorn.Config:
 def shared_metrics() -> Iterator[None]:
     """A fresh folder for the worker processes' metric files (``metrics.py``), removed at the
     end; one named in ``PROMETHEUS_MULTIPROC_DIR`` already is used as it is."""
-    if os.environ.get(MULTIPROCESS_DIR):
-        yield
-        return
-    folder = tempfile.mkdtemp(prefix="convserve-metrics-")
+    given = os.environ.get(MULTIPROCESS_DIR)
+    folder = given or tempfile.mkdtemp(prefix="convserve-metrics-")
     os.environ[MULTIPROCESS_DIR] = folder  # inherited by the workers
     # prometheus_client chose its value store when this process imported it; the forked
-    # workers inherit that choice, so it is made again now that the folder is set
+    # workers inherit that choice, so it is made again now that the folder is set, telling
+    # the processes apart by the id each read once (``process_id``)
     single = prometheus_values.ValueClass
-    prometheus_values.ValueClass = prometheus_values.get_value_class()
+    prometheus_values.ValueClass = multiprocess_values()
     try:
         yield
     finally:
         prometheus_values.ValueClass = single
-        del os.environ[MULTIPROCESS_DIR]
-        shutil.rmtree(folder, ignore_errors=True)
+        if not given:
+            del os.environ[MULTIPROCESS_DIR]
+            shutil.rmtree(folder, ignore_errors=True)

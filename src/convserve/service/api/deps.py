@@ -12,7 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from convserve.service.catalog import Catalog
 from convserve.service.decoding import Decoder
-from convserve.service.metrics import Metrics
+from convserve.service.metrics import Metrics, process_id
 from convserve.service.settings import Settings
 
 
@@ -74,6 +74,7 @@ def new_request_id() -> str:
     """32 hex digits, unique per process and across processes: 80 random bits drawn once per
     process, then a counter (no system call per request, as ``uuid4`` makes)."""
     global _ids
-    if _ids is None or _ids[0] != os.getpid():  # first use, or a forked worker
-        _ids = (os.getpid(), os.urandom(10).hex(), itertools.count())
+    pid = process_id()
+    if _ids is None or _ids[0] != pid:  # first use, or a forked worker
+        _ids = (pid, os.urandom(10).hex(), itertools.count())
     return f"{_ids[1]}{next(_ids[2]):012x}"
