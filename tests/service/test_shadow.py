@@ -230,3 +230,33 @@ def test_a_request_the_challenger_is_too_far_behind_for_is_skipped_before_its_an
     window = catalog.live[("digits", "2")].take()
     assert (window.requests, window.skipped, window.failures) == (2 * shadow.BACKLOG, 4, 0)
     catalog.executor.shutdown()
+
+
+def test_every_counted_window_reaches_the_challengers_run(onnx_path, mlflow_url, monkeypatch):
+    """A window in which every shadowed image was skipped is logged as such, and one that
+    could not be logged (the registry down) is kept for the next log, even once its
+    challenger is retired: ``convserve promote`` weighs what every request came to."""
+    from mlflow import MlflowClient
+
+    from convserve.service.catalog import Catalog
+    from convserve.service.metrics import Metrics
+    from convserve.service.registry import registry_for
+    from convserve.service.rollout import evidence
+    from convserve.service.settings import Settings
+    from tests.servers import free_port
+
+    run_id = MlflowClient(mlflow_url).create_run("0").info.run_id
+    key = ("retired", "3")  # a challenger no longer followed: logged, then forgotten
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # down
+    catalog = Catalog(Settings(model_uri=str(onnx_path), models=""), Metrics())
+    catalog.live[key] = Live(run_id=run_id)
+    catalog.live[key].count(skipped=3)
+    asyncio.run(catalog.log_live_now())
+    assert catalog.live[key].pending.skipped == 3  # kept for the next log
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_url)
+    catalog.default._client = None  # the registry read again, now up
+    asyncio.run(catalog.log_live_now())
+    assert key not in catalog.live
+    seen = evidence(registry_for(mlflow_url), run_id)
+    assert (seen.requests, seen.skipped, seen.canary) == (0, 3, 0)
+    catalog.executor.shutdown()

@@ -477,7 +477,7 @@ class Catalog:
         loop = asyncio.get_running_loop()
         for key, live in list(self.live.items()):
             window = live.take()
-            if window.requests or window.canary or window.failures:
+            if window.counted:
                 step = time.time_ns() // 1000  # unique per window across processes
                 try:
                     await loop.run_in_executor(
@@ -488,7 +488,7 @@ class Catalog:
                     log.warning("cannot log %s's live metrics: %s", key[0], redact(str(err)))
             model = self.challengers[key[0]].model if key[0] in self.challengers else None
             current = model is not None and str(model.source.version) == key[1]
-            if current or live.pending.requests or self.shadows.under_way(*key):
+            if current or live.pending.counted or self.shadows.under_way(*key):
                 continue
             del self.live[key]  # an earlier challenger's, logged
 

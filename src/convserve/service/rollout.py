@@ -57,6 +57,12 @@ class Window:
     failures: int = 0
     skipped: int = 0  # not shadowed: the challenger's shadow process was that far behind
 
+    @property
+    def counted(self) -> bool:
+        """Whether any request of its span was counted: shadowed, skipped, failed or
+        canaried."""
+        return bool(self.requests or self.canary or self.failures or self.skipped)
+
     def merge(self, other: Window) -> None:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
