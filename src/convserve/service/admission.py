@@ -28,8 +28,7 @@ import asyncio
 import math
 import os
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from types import TracebackType
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 
 from fastapi import HTTPException
 
@@ -56,23 +55,9 @@ def auto_budget(threads: int, workers: int) -> int:
     return max(LIGHT_COST, min(UNITS_PER_THREAD * max(threads, 1), by_memory))
 
 
-class _Light(AbstractAsyncContextManager[bool]):
-    """A light request's admission: nothing to hold (one object for all of them, where a
-    generator's context manager was made and run through for each)."""
-
-    async def __aenter__(self) -> bool:
-        return False
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        return None
-
-
-_LIGHT = _Light()
+# a light request's admission: nothing to hold, one context for all of them (a generator's
+# context manager, made and run through for each, cost more than the rest of admission)
+_LIGHT = nullcontext(False)
 
 
 class Admission:

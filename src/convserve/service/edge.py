@@ -29,8 +29,7 @@ class EdgeMiddleware:
     def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
         self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-        self.body_timeout = settings.body_read_timeout
-        self._deadlines = BodyDeadlines(settings.body_read_timeout)
+        self.body_deadlines = BodyDeadlines(settings.body_read_timeout)
         self.upload_limit = (settings.max_upload_bytes, "CONVSERVE_MAX_UPLOAD_BYTES")
         self.dataset_limit = (settings.max_dataset_bytes, "CONVSERVE_MAX_DATASET_BYTES")
 
@@ -63,7 +62,7 @@ class EdgeMiddleware:
     ) -> int:
         """Run the app on a body counted as it streams (chunked uploads have no length): past
         the limit the app sees the body end, and its answer is replaced by the 413. A body
-        whose next piece does not come within ``body_timeout`` is a 408 (the app sees the
+        whose next piece does not come within ``body_deadlines.seconds`` is a 408 (the app sees the
         client leave). A request whose client left before any answer is counted as 499
         (nginx's "client closed")."""
         received, too_large, timed_out, status_code = 0, False, False, 500
@@ -74,7 +73,7 @@ class EdgeMiddleware:
             if too_large:
                 return {"type": "http.request", "body": b"", "more_body": False}
             # after the body, a wait for the client to leave: no timeout
-            message = await (receive() if body_done else self._deadlines.receive(receive))
+            message = await (receive() if body_done else self.body_deadlines.receive(receive))
             if message is None:
                 timed_out = True
                 return {"type": "http.disconnect"}
@@ -102,7 +101,7 @@ class EdgeMiddleware:
             status_code = 413
         elif timed_out and not started:
             detail = (
-                f"no part of the request body came for {self.body_timeout:g} s "
+                f"no part of the request body came for {self.body_deadlines.seconds:g} s "
                 "(CONVSERVE_BODY_READ_TIMEOUT)"
             )
             await _answer(send, 408, {"detail": detail}, request_id)
