@@ -91,6 +91,7 @@ class Runner:
         self.failed_at = 0.0  # time.monotonic()
         self.closing = False
         self._fd, self._memory = _shared_memory()
+        self._floats = np.frombuffer(self._memory, np.float32)  # the slots, as one array
         self._filling = _Batch(slot=0)
         self._flush: asyncio.TimerHandle | None = None
         self._started = asyncio.Event()  # the process is up, or could not start
@@ -118,22 +119,23 @@ class Runner:
         """Copy ``item``'s images into the slot being filled (sent within ``FLUSH_SECONDS``,
         or at once when the next one does not fit)."""
         batch, images = item.batch, len(item.batch)
+        size = batch.size * 4  # bytes, as float32
         if self.failed is not None:
             self.live.count(failures=images)
             return
         filling = self._filling
         if filling.images and (
-            filling.used + batch.nbytes > SLOT_BYTES or filling.shape != batch.shape[1:]
+            filling.used + size > SLOT_BYTES or filling.shape != batch.shape[1:]
         ):
             self.flush()
             filling = self._filling
-        if self.behind or batch.nbytes > SLOT_BYTES:
+        if self.behind or size > SLOT_BYTES:
             self.live.count(skipped=images)
             return
-        offset = filling.slot * SLOT_BYTES + filling.used
-        np.ndarray(batch.shape, np.float32, buffer=self._memory, offset=offset)[...] = batch
+        start = (filling.slot * SLOT_BYTES + filling.used) // 4
+        self._floats[start : start + batch.size] = batch.reshape(-1)
         filling.shape, filling.images = batch.shape[1:], filling.images + images
-        filling.used += images * int(np.prod(filling.shape)) * 4
+        filling.used += size
         filling.probs.append(item.probs)
         filling.seconds += item.champion_image_seconds * images
         if self._flush is None:
@@ -237,6 +239,7 @@ class Runner:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._give_up()  # a reader cancelled before it ran
+        del self._floats  # the map's one export: it closes once none is left
         self._memory.close()
         os.close(self._fd)
 
