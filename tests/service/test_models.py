@@ -418,6 +418,8 @@ def test_a_challenger_is_shadowed_and_canaried_on_live_traffic_then_promoted_on_
         assert 0 < expected < 1, "the two models should disagree on some digits"
         live = _served(http)[name]["rollout"]
         assert live["canary"] == 1.0 and "live" in live
+        counts = {k: live["live"][k] for k in ("shadowed", "canary", "skipped", "failures")}
+        assert all(type(v) is int for v in counts.values()), counts  # counts read as counts
         r = http.put(rollout_url, json={"shadow": 0.0, "canary": 0.0}, headers=AUTH)
         assert r.status_code == 200
 

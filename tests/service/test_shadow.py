@@ -58,6 +58,13 @@ def test_shadowed_requests_run_in_the_challengers_process_and_are_counted(onnx_p
     assert window.challenger_confidence == pytest.approx(float(tops.sum()), rel=1e-5)
     assert window.champion_seconds == pytest.approx(0.011)
     assert window.challenger_seconds > 0
+    # what /v1/models shows: the counts as integers, the means over the shadowed images
+    shown = live.snapshot()
+    counts = {k: shown[k] for k in ("shadowed", "canary", "skipped", "failures")}
+    assert counts == {"shadowed": 11, "canary": 0, "skipped": 0, "failures": 0}
+    assert all(type(v) is int for v in counts.values())
+    assert shown["agreement"] == pytest.approx(4 / 11, abs=1e-4)
+    assert shown["champion_ms"] == pytest.approx(1.0)
 
 
 def test_a_challenger_that_cannot_load_or_run_counts_failures_and_nothing_crashes(

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
 
 from convserve.contract import CHALLENGER, CHAMPION
 from convserve.service.registry import Registry, not_found
@@ -118,12 +117,19 @@ class Live:
         """A window that could not be logged, for the next log."""
         self.pending.merge(window)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, int | float]:
+        """Since start: the counts, then the means over the shadowed images (once any)."""
         t = self.total
-        out: dict[str, Any] = {"shadowed": t.requests}
-        out |= {k.removeprefix(LIVE): round(v, 4) for k, v in t.metrics().items()}
-        out |= {"failures": t.failures}
-        out.pop("requests", None)
+        out: dict[str, int | float] = {
+            "shadowed": t.requests,
+            "canary": t.canary,
+            "skipped": t.skipped,
+            "failures": t.failures,
+        }
+        for key, value in t.metrics().items():
+            name = key.removeprefix(LIVE)
+            if name not in out and name != "requests":
+                out[name] = round(value, 4)
         return out
 
 

@@ -296,11 +296,13 @@ class Rollout(BaseModel):
         "STARTING, RUNNING, or FAILED with its reason; started as the challenger loads "
         "while the shadow share is above 0",
     )
-    live: dict[str, float] = Field(
+    live: dict[str, int | float] = Field(
         default_factory=dict,
         description="What it showed in the worker process that answers, since it started: "
-        "shadowed images, canary answers, failures, agreement with the champion, each one's "
-        "mean confidence and inference time (ms), the challenger's p99 (ms)",
+        "the images shadowed, the canary's answers, the images skipped (the challenger's "
+        "process too far behind) and failed (counts); once an image was shadowed, the "
+        "challenger's agreement with the champion on the top class, and each one's mean "
+        "confidence (top probability) and inference time per image (ms)",
     )
 
     model_config = {
@@ -315,13 +317,13 @@ class Rollout(BaseModel):
                     "live": {
                         "shadowed": 1200,
                         "canary": 0,
+                        "skipped": 310,
                         "failures": 0,
                         "agreement": 0.962,
                         "challenger_confidence": 0.91,
                         "champion_confidence": 0.887,
-                        "challenger_ms": 0.41,
-                        "champion_ms": 0.39,
-                        "challenger_p99_ms": 1.2,
+                        "challenger_ms": 0.041,
+                        "champion_ms": 0.039,
                     },
                 }
             ]
