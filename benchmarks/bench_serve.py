@@ -63,7 +63,9 @@ p99 at concurrency 1, 8 and 32, over the requests of all ``--repeats`` runs toge
 the run with the median p99 (each run's printed). A 6 s run's p99 is its slowest few hundred
 requests, and moves by up to 1.7x from run to run on a shared 2-core machine. Target: at most
 1.1x the unshadowed p99. ``--control`` adds a second unshadowed server to the turns and prints
-the same ratios between the two unshadowed ones: what the machine's noise alone reads.
+the same ratios between the two unshadowed ones: what the machine's noise alone reads. It
+also prints the CPU a request costs over all the runs, shadowed against not, and of it the
+shadow processes' share: a steadier measure of what the shadow takes than a p99.
 
 Needs wrk (Debian: apt-get install wrk). Pass ``--env KEY=VALUE`` to try other settings of
 ``convserve serve`` (e.g. ``CONVSERVE_WORKERS=1``), ``--query fit=none`` to skip the digit fit.
@@ -211,12 +213,15 @@ def _library_sharers(pids: list[int], library: str = "onnxruntime_pybind11_state
     return others
 
 
-def _tree(pid: int) -> list[int]:
+def _children(pid: int) -> list[int]:
     try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
-        return [pid]
-    return [pid, *(p for k in kids for p in _tree(int(k)))]
+        return []
+
+
+def _tree(pid: int) -> list[int]:
+    return [pid, *(p for k in _children(pid) for p in _tree(k))]
 
 
 def _cpu_seconds(pids: list[int]) -> float:
@@ -291,12 +296,17 @@ class Server:
         return self.measured(lambda: wrk(self.port, lua, connections, seconds, query, path))
 
     def measured(self, run: Callable[[], dict[str, float]]) -> dict[str, float]:
-        """``run()``'s result (``rps`` over ``seconds``) with the server's CPU ms per request."""
+        """``run()``'s result (``rps`` over ``seconds``) with the server's CPU ms per request,
+        and of it the CPU ms per request of the processes its worker processes started
+        (``helper_cpu_ms``: convserve's shadow processes)."""
         assert self.proc is not None
         pids = _tree(self.proc.pid)
-        before = _cpu_seconds(pids)
+        helpers = [p for w in _children(self.proc.pid) for p in _tree(w)[1:]]
+        before, helpers_before = _cpu_seconds(pids), _cpu_seconds(helpers)
         result = run()
-        result["cpu_ms"] = (_cpu_seconds(pids) - before) * 1e3 / max(result["requests"], 1.0)
+        requests = max(result["requests"], 1.0)
+        result["cpu_ms"] = (_cpu_seconds(pids) - before) * 1e3 / requests
+        result["helper_cpu_ms"] = (_cpu_seconds(helpers) - helpers_before) * 1e3 / requests
         return result
 
     def stop(self) -> None:
@@ -1025,7 +1035,7 @@ def shadow_cost(args: argparse.Namespace, folder: Path) -> list[Target]:
                     sys.exit("the challenger and its shadow processes did not start")
                 time.sleep(0.2)
             concurrencies = args.concurrency or (1, 8, 32)
-            p99s, answered, pooled = _median_p99_points(servers, args, lua, concurrencies)
+            p99s, answered, pooled, cpu = _median_p99_points(servers, args, lua, concurrencies)
         finally:
             _stopped(servers)  # each worker logs what its challenger showed as it stops
         live = _evidence(url, "bench", "2")
@@ -1060,6 +1070,16 @@ def shadow_cost(args: argparse.Namespace, folder: Path) -> list[Target]:
                 f"requests; {control.points[c]['p99'] / plain.points[c]['p99']:.2f}x of the "
                 f"median runs"
             )
+        # the CPU a request costs, over every run: steadier than a p99, and split by process
+        (none_ms, _), (shadow_ms, helpers_ms) = cpu[plain.name][c], cpu[shadowed.name][c]
+        control_ms = (
+            f"; the control {cpu[servers[2].name][c][0] / none_ms:.2f}x" if args.control else ""
+        )
+        print(
+            f"CPU a request over all runs, c={c}: shadowed {shadow_ms:.3f} ms against "
+            f"{none_ms:.3f} ({shadow_ms / none_ms:.2f}x), of it {helpers_ms:.3f} ms in the "
+            f"shadow processes{control_ms}"
+        )
         targets.append((f"p99 shadow 100% / none, c={c}, all runs", all_ratio, "<=", 1.1))
         targets.append((f"p99 shadow 100% / none, c={c}, median run", ratio, "<=", 1.1))
     errors = sum(r["errors"] for s in servers for r in s.points.values())
@@ -1097,14 +1117,22 @@ def _percentile_ms(latencies: Counter[int], percentile: float) -> float:
 
 def _median_p99_points(
     servers: list[Server], args: argparse.Namespace, lua: Path, concurrencies: Iterable[int]
-) -> tuple[dict[str, dict[int, list[float]]], dict[str, float], dict[str, dict[int, float]]]:
+) -> tuple[
+    dict[str, dict[int, list[float]]],
+    dict[str, float],
+    dict[str, dict[int, float]],
+    dict[str, dict[int, tuple[float, float]]],
+]:
     """Each server's run with the median p99 of ``--repeats`` (odd: the middle one) at each
     concurrency, the servers taking turns: a p99 is one run's slowest 1 %, and the best run
     by requests/s (``_interleaved``) is not the typical one. Every repeat's p99 is returned,
-    how many requests each server answered in all, and the p99 of all its repeats' requests
-    together at each concurrency (``lua`` printing wrk's latencies, ``HISTOGRAM_LUA``)."""
+    how many requests each server answered in all, the p99 of all its repeats' requests
+    together at each concurrency (``lua`` printing wrk's latencies, ``HISTOGRAM_LUA``), and
+    over all its repeats the CPU ms a request of its processes and of its helper processes
+    (``Server.measured``)."""
     p99s: dict[str, dict[int, list[float]]] = {s.name: {} for s in servers}
     pooled: dict[str, dict[int, float]] = {s.name: {} for s in servers}
+    cpu: dict[str, dict[int, tuple[float, float]]] = {s.name: {} for s in servers}
     answered = {s.name: 0.0 for s in servers}
     _warmed(servers, lua, args.query)
     latencies: dict[str, Counter[int]] = {}
@@ -1125,8 +1153,13 @@ def _median_p99_points(
             }
             p99s[server.name][c] = [r["p99"] for r in runs[server.name]]
             pooled[server.name][c] = _percentile_ms(latencies[server.name], 99)
-            answered[server.name] += sum(r["requests"] for r in runs[server.name])
-    return p99s, answered, pooled
+            requests = sum(r["requests"] for r in runs[server.name])
+            answered[server.name] += requests
+            cpu[server.name][c] = tuple(  # type: ignore[assignment]
+                sum(r[key] * r["requests"] for r in runs[server.name]) / max(requests, 1.0)
+                for key in ("cpu_ms", "helper_cpu_ms")
+            )
+    return p99s, answered, pooled, cpu
 
 
 def _evidence(url: str, name: str, version: str) -> Evidence:
