@@ -288,7 +288,8 @@ def test_a_model_on_one_core_runs_on_the_loop_up_to_its_limit(onnx_path):
         model.run = recorded
         x = np.zeros((1, 1, 8, 8), np.float32)
         loop_thread = threading.get_ident()
-        cases = [(True, 0.005, True), (True, 0.5, False), (False, 0.005, False)]
+        limit = engine_module.ONE_CORE_INLINE_SECONDS
+        cases = [(True, limit / 2, True), (True, limit * 4, False), (False, limit / 2, False)]
         for one_core, typical, on_loop in cases:
             engine = _unbatched(manager, one_core=one_core)
             engine.typical_run = typical  # as if measured

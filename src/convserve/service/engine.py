@@ -39,9 +39,12 @@ INLINE_SECONDS = 0.001
 # A process whose model runs on one core (one onnxruntime thread, on the CPU: a worker of the
 # default one-per-core layout) runs it on the event loop up to this long: the loop and an
 # inference thread would share that core anyway, so the hop only adds its cost (0.24 ms of CPU
-# a request on bench_serve.py's 60 M multiply-add model, 12% of it), while the limit keeps the
-# loop from holding other requests longer than about a batch of that model takes.
-ONE_CORE_INLINE_SECONDS = 0.02
+# a request on bench_serve.py's 60 M multiply-add model, 12% of it). Longer runs go to the
+# thread: on the loop, each run holds every request whose body is still arriving, and such a
+# request waits one round of its worker's other runs for each piece of its body (at 20 ms, the
+# 224x224 model's p99 at concurrency 32 read 5x its median, with requests past 2 s; with its
+# runs in the thread, 1.2-1.8x and none past 2 s).
+ONE_CORE_INLINE_SECONDS = 0.004
 # Batching's defaults, chosen per model (plan_batches): the smallest batch whose cost per
 # image is within NEAR_BEST of the cheapest measured, up to LARGEST_BATCH; a wait for company
 # of at most MAX_WAIT_MS, and never longer than a full batch takes to run.
