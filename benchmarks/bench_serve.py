@@ -1035,7 +1035,7 @@ def shadow_cost(args: argparse.Namespace, folder: Path) -> list[Target]:
                     sys.exit("the challenger and its shadow processes did not start")
                 time.sleep(0.2)
             concurrencies = args.concurrency or (1, 8, 32)
-            p99s, answered, pooled, cpu = _median_p99_points(servers, args, lua, concurrencies)
+            p99s, answered, pooled = _median_p99_points(servers, args, lua, concurrencies)
         finally:
             _stopped(servers)  # each worker logs what its challenger showed as it stops
         live = _evidence(url, "bench", "2")
@@ -1071,9 +1071,12 @@ def shadow_cost(args: argparse.Namespace, folder: Path) -> list[Target]:
                 f"median runs"
             )
         # the CPU a request costs, over every run: steadier than a p99, and split by process
-        (none_ms, _), (shadow_ms, helpers_ms) = cpu[plain.name][c], cpu[shadowed.name][c]
+        none_ms, shadow_ms = plain.points[c]["all_cpu_ms"], shadowed.points[c]["all_cpu_ms"]
+        helpers_ms = shadowed.points[c]["all_helper_cpu_ms"]
         control_ms = (
-            f"; the control {cpu[servers[2].name][c][0] / none_ms:.2f}x" if args.control else ""
+            f"; the control {servers[2].points[c]['all_cpu_ms'] / none_ms:.2f}x"
+            if args.control
+            else ""
         )
         print(
             f"CPU a request over all runs, c={c}: shadowed {shadow_ms:.3f} ms against "
@@ -1117,22 +1120,16 @@ def _percentile_ms(latencies: Counter[int], percentile: float) -> float:
 
 def _median_p99_points(
     servers: list[Server], args: argparse.Namespace, lua: Path, concurrencies: Iterable[int]
-) -> tuple[
-    dict[str, dict[int, list[float]]],
-    dict[str, float],
-    dict[str, dict[int, float]],
-    dict[str, dict[int, tuple[float, float]]],
-]:
+) -> tuple[dict[str, dict[int, list[float]]], dict[str, float], dict[str, dict[int, float]]]:
     """Each server's run with the median p99 of ``--repeats`` (odd: the middle one) at each
     concurrency, the servers taking turns: a p99 is one run's slowest 1 %, and the best run
     by requests/s (``_interleaved``) is not the typical one. Every repeat's p99 is returned,
-    how many requests each server answered in all, the p99 of all its repeats' requests
-    together at each concurrency (``lua`` printing wrk's latencies, ``HISTOGRAM_LUA``), and
-    over all its repeats the CPU ms a request of its processes and of its helper processes
-    (``Server.measured``)."""
+    how many requests each server answered in all, and the p99 of all its repeats' requests
+    together at each concurrency (``lua`` printing wrk's latencies, ``HISTOGRAM_LUA``). Each
+    point also holds the CPU ms a request over all its repeats, of the server's processes
+    and of its helper processes (``all_cpu_ms``, ``all_helper_cpu_ms``: ``Server.measured``)."""
     p99s: dict[str, dict[int, list[float]]] = {s.name: {} for s in servers}
     pooled: dict[str, dict[int, float]] = {s.name: {} for s in servers}
-    cpu: dict[str, dict[int, tuple[float, float]]] = {s.name: {} for s in servers}
     answered = {s.name: 0.0 for s in servers}
     _warmed(servers, lua, args.query)
     latencies: dict[str, Counter[int]] = {}
@@ -1147,19 +1144,19 @@ def _median_p99_points(
         runs = _turns(servers, args.repeats, lambda s, c=c: s.measured(lambda: run(s, c)))
         for server in servers:
             ordered = sorted(runs[server.name], key=lambda r: r["p99"])
+            requests = sum(r["requests"] for r in ordered)
             server.points[c] = {
                 **ordered[(len(ordered) - 1) // 2],
                 "errors": sum(r["errors"] for r in ordered),
+                **{  # over all repeats: each run's CPU a request, weighed by its requests
+                    f"all_{key}": sum(r[key] * r["requests"] for r in ordered) / max(requests, 1)
+                    for key in ("cpu_ms", "helper_cpu_ms")
+                },
             }
             p99s[server.name][c] = [r["p99"] for r in runs[server.name]]
             pooled[server.name][c] = _percentile_ms(latencies[server.name], 99)
-            requests = sum(r["requests"] for r in runs[server.name])
             answered[server.name] += requests
-            cpu[server.name][c] = tuple(  # type: ignore[assignment]
-                sum(r[key] * r["requests"] for r in runs[server.name]) / max(requests, 1.0)
-                for key in ("cpu_ms", "helper_cpu_ms")
-            )
-    return p99s, answered, pooled, cpu
+    return p99s, answered, pooled
 
 
 def _evidence(url: str, name: str, version: str) -> Evidence:

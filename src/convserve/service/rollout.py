@@ -60,30 +60,38 @@ class Window:
     def counted(self) -> bool:
         """Whether any request of its span was counted: shadowed, skipped, failed or
         canaried."""
-        return bool(self.requests or self.canary or self.failures or self.skipped)
+        return any(self.counts().values())
 
     def merge(self, other: Window) -> None:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
-    def metrics(self) -> dict[str, float]:
-        """As the ``live.*`` metrics of one window (means over its requests)."""
-        out: dict[str, float] = {
+    def counts(self) -> dict[str, int]:
+        """What came of its requests: shadowed (``requests``), canary, skipped, failed."""
+        return {
             "requests": self.requests,
             "canary": self.canary,
             "skipped": self.skipped,
             "failures": self.failures,
         }
-        if self.requests:
-            n = self.requests
-            out |= {
-                "agreement": self.agree / n,
-                "challenger_confidence": self.challenger_confidence / n,
-                "champion_confidence": self.champion_confidence / n,
-                "challenger_ms": 1e3 * self.challenger_seconds / n,
-                "champion_ms": 1e3 * self.champion_seconds / n,
-            }
-        return {LIVE + k: float(v) for k, v in out.items()}
+
+    def means(self) -> dict[str, float]:
+        """Over its shadowed images (nothing before the first): the agreement, each one's
+        confidence and inference time per image."""
+        n = self.requests
+        if not n:
+            return {}
+        return {
+            "agreement": self.agree / n,
+            "challenger_confidence": self.challenger_confidence / n,
+            "champion_confidence": self.champion_confidence / n,
+            "challenger_ms": 1e3 * self.challenger_seconds / n,
+            "champion_ms": 1e3 * self.champion_seconds / n,
+        }
+
+    def metrics(self) -> dict[str, float]:
+        """As the ``live.*`` metrics of one window."""
+        return {LIVE + k: float(v) for k, v in (self.counts() | self.means()).items()}
 
 
 @dataclass
@@ -119,18 +127,9 @@ class Live:
 
     def snapshot(self) -> dict[str, int | float]:
         """Since start: the counts, then the means over the shadowed images (once any)."""
-        t = self.total
-        out: dict[str, int | float] = {
-            "shadowed": t.requests,
-            "canary": t.canary,
-            "skipped": t.skipped,
-            "failures": t.failures,
-        }
-        for key, value in t.metrics().items():
-            name = key.removeprefix(LIVE)
-            if name not in out and name != "requests":
-                out[name] = round(value, 4)
-        return out
+        counts = self.total.counts()
+        shown: dict[str, int | float] = {"shadowed": counts.pop("requests"), **counts}
+        return shown | {k: round(v, 4) for k, v in self.total.means().items()}
 
 
 @dataclass(frozen=True)
