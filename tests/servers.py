@@ -20,10 +20,38 @@ if TYPE_CHECKING:
 ENDED = frozenset({"succeeded", "failed", "cancelled"})
 
 
+# Ports handed out by free_port: each pytest-xdist worker draws from its own block below the
+# kernel's ephemeral range (32768-60999 on Linux), so two workers never get the same port, and
+# no port the kernel picks for a client socket or a ``bind(0)`` can take one between the draw
+# and the server's bind. (A port from ``bind(0)`` is free only until the socket closes: another
+# worker's server, say a gRPC one bound with SO_REUSEPORT, could take it first.)
+_PORT_BLOCK = 750
+_PORT_BASE = 20000
+_next_port: list[int] = []
+
+
 def free_port() -> int:
+    """A port no other test process will be given, and that nothing holds now."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw15")  # "gw3"; the main process: the last
+    index = int(worker.removeprefix("gw")) % 16
+    start = _PORT_BASE + index * _PORT_BLOCK
+    if not _next_port:
+        _next_port.append(start + os.getpid() % _PORT_BLOCK)  # a rerun starts elsewhere
+    for _ in range(_PORT_BLOCK):
+        port = start + (_next_port[0] - start) % _PORT_BLOCK
+        _next_port[0] = port + 1
+        if _bindable(port):
+            return port
+    raise RuntimeError(f"no free port in {start}-{start + _PORT_BLOCK - 1}")
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) -> None:

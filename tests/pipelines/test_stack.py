@@ -123,3 +123,48 @@ def test_up_trains_the_first_model_serves_it_stops_cleanly_and_reuses_its_state(
         assert "first model" not in text
     finally:
         _stop(proc)
+
+
+@pytest.mark.parametrize("option", ["--mlflow-port", "--api-port"])
+def test_a_port_another_program_holds_stops_up_before_anything_starts(tmp_path, option):
+    """The port is checked first: the error names the option, and nothing was started or
+    written (where the API's port used to be found taken only after the first model trained)."""
+    import socket
+
+    ports = {"--mlflow-port": free_port(), "--api-port": free_port()}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports[option]))
+        taken.listen()
+        argv = [CLI, "up", "--home", str(tmp_path / "home")]
+        for name, port in ports.items():
+            argv += [name, str(port)]
+        done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    message = " ".join(done.stderr.split())  # the console wraps at its width
+    assert f"cannot use port {ports[option]} on 127.0.0.1 ({option})" in message
+    assert f"choose another with {option}" in message
+    assert not (tmp_path / "home").exists()
+
+
+def test_waiting_on_a_port_that_speaks_another_protocol_says_so():
+    """A server that answers with bytes that are not HTTP (a gRPC server, a database) on the
+    port being waited on is a clear error, not a traceback from http.client."""
+    import socket
+    import threading
+
+    from convserve.pipelines.stack import wait_ready
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x05\x00\x00@\x00\r\n")
+
+        threading.Thread(target=answer, daemon=True).start()
+        with pytest.raises(RuntimeError, match="another program holds the port"):
+            wait_ready(f"http://127.0.0.1:{port}/health", None, 10)

@@ -7,9 +7,11 @@ no champion. All state lives in one folder (``.convserve/`` by default) and is r
 
 from __future__ import annotations
 
+import http.client
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -69,8 +71,13 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, timeout: float) -
             with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status == 200:
                     return
-        except OSError:
+        except OSError:  # not listening yet (a dropped connection is one too)
             time.sleep(0.3)
+        except http.client.HTTPException as err:
+            raise RuntimeError(
+                f"{url} answered with something other than HTTP ({type(err).__name__}): "
+                "another program holds the port"
+            ) from None
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
@@ -208,7 +215,25 @@ class Stack:
         argv = [str(Path(sys.executable).parent / "convserve"), *args]
         return Child(name, argv, self.env(), self.home / f"{name}.log")
 
+    def check_ports(self) -> None:
+        """Both ports free on ``host``: a port another program holds is found before anything
+        starts, not after the first model has trained."""
+        if self.mlflow_port == self.api_port:
+            raise RuntimeError(f"--mlflow-port and --api-port are both {self.api_port}")
+        for port, option in ((self.mlflow_port, "--mlflow-port"), (self.api_port, "--api-port")):
+            with socket.socket() as s:
+                # as the servers bind: a port a stopped server left in TIME_WAIT is free
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((self.host, port))
+                except OSError as err:
+                    raise RuntimeError(
+                        f"cannot use port {port} on {self.host} ({option}): {err.strerror}; "
+                        f"stop the program that holds it, or choose another with {option}"
+                    ) from None
+
     def start(self, say: Callable[[str], None]) -> None:
+        self.check_ports()
         self.home.mkdir(parents=True, exist_ok=True)
         mlflow = self.mlflow()
         self._run(mlflow, say)
