@@ -1,11 +1,13 @@
 """Processes and their signals, for every layer: a child that dies with its parent, and the
-children of a process (the ranks ``torchrun`` started), found in ``/proc``."""
+children of a process (the ranks ``torchrun`` started), found in ``/proc``; and whether a
+port is free for a server to bind."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -70,3 +72,18 @@ def signal_children(pid: int, signum: int) -> list[int]:
             os.kill(child, signum)
             reached.append(child)
     return reached
+
+
+def port_taken(host: str, port: int) -> str | None:
+    """Why a server could not bind ``host:port`` now (``"Address already in use"``), or None.
+    Bound as the servers bind, with SO_REUSEADDR (a port a stopped server left in TIME_WAIT is
+    free) and without SO_REUSEPORT, so a port that another process shares out with
+    SO_REUSEPORT (another ``convserve serve``'s gRPC) counts as taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            return err.strerror or str(err)
+    return None

@@ -214,12 +214,16 @@ def test_every_worker_serves_grpc(servers):
     assert log.count(f"KServe v2 gRPC on {servers[1]}") == 2, log
 
 
-def test_a_taken_port_stops_the_server_with_the_reason(onnx_path, tmp_path):
-    """A port another program holds (without SO_REUSEPORT) is a start-up error, not a server
-    that runs without gRPC."""
+@pytest.mark.parametrize("reuseport", [False, True], ids=["plain", "so_reuseport"])
+def test_a_taken_port_stops_the_server_with_the_reason(onnx_path, tmp_path, reuseport):
+    """A port another program holds is a start-up error, not a server that runs without gRPC;
+    held with SO_REUSEPORT as well (as another serve's workers hold theirs), where binding
+    with SO_REUSEPORT alone would share it out between the two."""
     import os
 
     with socket.socket() as taken:
+        if reuseport:
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
@@ -234,4 +238,6 @@ def test_a_taken_port_stops_the_server_with_the_reason(onnx_path, tmp_path):
         log = tmp_path / "serve.log"
         with process([cli, "serve"], log, env, tmp_path) as proc:
             assert proc.wait(timeout=limit(60)) != 0
-        assert f"cannot serve gRPC on 127.0.0.1:{port} (CONVSERVE_GRPC_PORT)" in log.read_text()
+        message = " ".join(log.read_text().split())  # the console wraps at its width
+        assert f"cannot serve gRPC on 127.0.0.1:{port} (CONVSERVE_GRPC_PORT" in message
+        assert "Address already in use" in message

@@ -49,6 +49,7 @@ def serve(
     from pydantic import ValidationError
 
     from convserve.jobs import JobSettings
+    from convserve.processes import port_taken
     from convserve.service.server import run_server
     from convserve.service.sessions import ModelLoadError, providers_for
     from convserve.service.settings import Settings
@@ -71,6 +72,15 @@ def serve(
         providers_for(settings.device)
     except ModelLoadError as err:
         raise fail(str(err)) from None
+    if settings.grpc_port:
+        # Each worker process binds it with SO_REUSEPORT, which would share it out with another
+        # process that did the same (a second serve) rather than fail: checked first, here.
+        problem = port_taken(settings.host, settings.grpc_port)
+        if problem:
+            raise fail(
+                f"cannot serve gRPC on {settings.host}:{settings.grpc_port} "
+                f"(CONVSERVE_GRPC_PORT, --grpc-port): {problem}"
+            )
     run_server(settings, job_settings)
 
 

@@ -11,7 +11,6 @@ import http.client
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from convserve import logs
-from convserve.processes import die_with_parent
+from convserve.processes import die_with_parent, port_taken
 from convserve.redact import redact
 from convserve.training.configfiles import load_config
 
@@ -221,16 +220,12 @@ class Stack:
         if self.mlflow_port == self.api_port:
             raise RuntimeError(f"--mlflow-port and --api-port are both {self.api_port}")
         for port, option in ((self.mlflow_port, "--mlflow-port"), (self.api_port, "--api-port")):
-            with socket.socket() as s:
-                # as the servers bind: a port a stopped server left in TIME_WAIT is free
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind((self.host, port))
-                except OSError as err:
-                    raise RuntimeError(
-                        f"cannot use port {port} on {self.host} ({option}): {err.strerror}; "
-                        f"stop the program that holds it, or choose another with {option}"
-                    ) from None
+            problem = port_taken(self.host, port)
+            if problem:
+                raise RuntimeError(
+                    f"cannot use port {port} on {self.host} ({option}): {problem}; "
+                    f"stop the program that holds it, or choose another with {option}"
+                )
 
     def start(self, say: Callable[[str], None]) -> None:
         self.check_ports()
