@@ -77,7 +77,7 @@ def test_up_trains_the_first_model_serves_it_stops_cleanly_and_reuses_its_state(
     proc = _up(work, config, mlflow_port, api_port, tmp_path / "up1.log", home)
     try:
         text = _wait_ready(proc, tmp_path / "up1.log")
-        assert "alias: champion (no champion yet)" in text
+        assert "alias: champion (no champion yet; best_val_accuracy 0." in " ".join(text.split())
         assert "epoch 1:" in text and "epoch 2:" not in text  # the tiny config, not the default
         # in a log file, progress is lines, not a bar drawn once at the end
         assert "first model: step 20/20 (100%)" in text and "first model: step 2/20" in text

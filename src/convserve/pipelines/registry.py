@@ -168,7 +168,8 @@ def promote(
             champion.version if champion else None,
         )
     elif champion is None:
-        decision = Decision(True, CHAMPION, "no champion yet", value, None, None)
+        reason = f"no champion yet; {metric} {value:.4f}"
+        decision = Decision(True, CHAMPION, reason, value, None, None)
     else:
         champ_run = client.get_run(str(champion.run_id))
         champion_value = champ_run.data.metrics.get(metric)

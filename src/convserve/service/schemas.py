@@ -400,7 +400,7 @@ class ServedModels(BaseModel):
                             "origin": "default",
                             "dataset": "digits",
                             "metrics": {"best_val_accuracy": 0.9722},
-                            "promotion": "no champion yet",
+                            "promotion": "no champion yet; best_val_accuracy 0.9722",
                             "labels": 10,
                             "memory_bytes": 4718592,
                             "load_seconds": 0.41,
