@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Collection, Iterator
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from convserve.pipelines.stack import MLFLOW_SERVER_ENV, mlflow_server_argv, wait_ready
+from convserve.processes import port_taken
 from tests.waiting import limit, wait_until
 
 if TYPE_CHECKING:
@@ -40,18 +40,9 @@ def free_port() -> int:
     for _ in range(_PORT_BLOCK):
         port = start + (_next_port[0] - start) % _PORT_BLOCK
         _next_port[0] = port + 1
-        if _bindable(port):
+        if port_taken("127.0.0.1", port) is None:
             return port
     raise RuntimeError(f"no free port in {start}-{start + _PORT_BLOCK - 1}")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) -> None:
