@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -26,23 +27,19 @@ ENDED = frozenset({"succeeded", "failed", "cancelled"})
 # and the server's bind. (A port from ``bind(0)`` is free only until the socket closes: another
 # worker's server, say a gRPC one bound with SO_REUSEPORT, could take it first.)
 _PORT_BLOCK = 750
-_PORT_BASE = 20000
-_next_port: list[int] = []
+_PORT_START = 20000 + _PORT_BLOCK * (
+    int(os.environ.get("PYTEST_XDIST_WORKER", "gw15").removeprefix("gw")) % 16  # main: the last
+)
+# the block's ports in turn, from a place of this process's own (a rerun starts elsewhere)
+_PORTS = (_PORT_START + n % _PORT_BLOCK for n in itertools.count(os.getpid()))
 
 
 def free_port() -> int:
     """A port no other test process will be given, and that nothing holds now."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw15")  # "gw3"; the main process: the last
-    index = int(worker.removeprefix("gw")) % 16
-    start = _PORT_BASE + index * _PORT_BLOCK
-    if not _next_port:
-        _next_port.append(start + os.getpid() % _PORT_BLOCK)  # a rerun starts elsewhere
-    for _ in range(_PORT_BLOCK):
-        port = start + (_next_port[0] - start) % _PORT_BLOCK
-        _next_port[0] = port + 1
+    for port in itertools.islice(_PORTS, _PORT_BLOCK):
         if port_taken("127.0.0.1", port) is None:
             return port
-    raise RuntimeError(f"no free port in {start}-{start + _PORT_BLOCK - 1}")
+    raise RuntimeError(f"no free port in {_PORT_START}-{_PORT_START + _PORT_BLOCK - 1}")
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) -> None:
