@@ -40,7 +40,8 @@ ALLOWED = {
         *BOTTOM,
         "convserve",
     ],
-    # DESIGN: the contracts, the config schema (and its YAML files), the data-set store
+    # DESIGN: the contracts, the config schema (and its YAML files), the data-set store, how
+    # an MLflow store is opened
     "convserve.service": [
         "convserve.service",
         *BOTTOM,
@@ -48,6 +49,7 @@ ALLOWED = {
         "convserve.training.config",
         "convserve.training.configfiles",
         "convserve.training.uploads",
+        "convserve.training.tracking",
         "convserve",
     ],
     "convserve.cli": ["convserve"],

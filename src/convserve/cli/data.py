@@ -19,10 +19,9 @@ app.add_typer(data_app, name="data")
 
 
 def _client():  # type: ignore[no-untyped-def]
-    import mlflow
-    from mlflow.tracking import MlflowClient
+    from convserve.training.tracking import mlflow_client
 
-    return MlflowClient(mlflow.get_tracking_uri())
+    return mlflow_client()
 
 
 @data_app.command("add")

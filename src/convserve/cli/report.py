@@ -146,13 +146,14 @@ def report_diagnosis(diagnosis: Diagnosis) -> None:
 def run_url(run_id: str) -> str | None:
     """The run's page in the MLflow UI, when the tracking URI is a server."""
     import mlflow
-    from mlflow.tracking import MlflowClient
+
+    from convserve.training.tracking import mlflow_client
 
     uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return None
     try:
-        experiment = MlflowClient(uri).get_run(run_id).info.experiment_id
+        experiment = mlflow_client(uri).get_run(run_id).info.experiment_id
     except Exception:  # the server may be gone by now; the run id was printed above
         return None
     return redact(f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}")

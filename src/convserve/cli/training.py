@@ -229,14 +229,12 @@ def _queued_sweep(
     import json
     import time
 
-    from mlflow.tracking import MlflowClient
-
     from convserve.jobs import JobQueue, JobRequest, JobSettings, Tag, cancel, job_status
     from convserve.jobs import submit as submit_job
-    from convserve.training.tracking import tracking_uri
+    from convserve.training.tracking import mlflow_client, tracking_uri
 
     settings = JobSettings()
-    client = MlflowClient(tracking_uri(spec.base.tracking))
+    client = mlflow_client(tracking_uri(spec.base.tracking))
     request = JobRequest(
         sweep=spec, register_model=register, promote=promote, model_name=model_name, margin=margin
     )

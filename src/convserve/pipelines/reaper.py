@@ -38,9 +38,9 @@ PAGE = 200  # running jobs read per search
 
 def run_reaper(settings: JobSettings, stop: SignalFlag, queue: JobQueue) -> None:
     """A pass every ``reaper_interval`` seconds until ``stop`` is set."""
-    from mlflow.tracking import MlflowClient
+    from convserve.training.tracking import mlflow_client
 
-    client = MlflowClient()
+    client = mlflow_client()
     while True:
         try:
             for run_id in reap(client, settings, queue):

@@ -25,6 +25,7 @@ from convserve.contract import CHALLENGER, CHAMPION, write_alias
 from convserve.training.checkpoint import load_model
 from convserve.training.export import ExportCheckFailed, ParityReport, check_export, export_onnx
 from convserve.training.model import ConvNet
+from convserve.training.tracking import mlflow_client
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +294,7 @@ def publish(
     """
     if (run_id is None) == (checkpoint is None):
         raise ValueError("give exactly one of run_id and checkpoint")
-    client = client or MlflowClient(tracking_uri or mlflow.get_tracking_uri())
+    client = client or mlflow_client(tracking_uri)
     _check(proceed, "the export")
     with tempfile.TemporaryDirectory(prefix="convserve-export-") as tmp:
         downloaded = checkpoint is None

@@ -38,12 +38,11 @@ def bootstrap(
     output_dir: str = "runs",
 ) -> Published | None:
     """Train, export, register and promote ``config`` unless the registry has a champion."""
-    from mlflow.tracking import MlflowClient
-
     from convserve.pipelines.registry import Policy, champion_version, publish
     from convserve.training.run import train
+    from convserve.training.tracking import mlflow_client
 
-    if champion_version(MlflowClient(tracking_uri), model_name) is not None:
+    if champion_version(mlflow_client(tracking_uri), model_name) is not None:
         return None
     cfg = load_config(
         config,

@@ -139,9 +139,10 @@ class _LostTrial:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         from mlflow.entities import RunTag
-        from mlflow.tracking import MlflowClient
 
-        client = MlflowClient()
+        from convserve.training.tracking import mlflow_client
+
+        client = mlflow_client()
         error = f"worker lost: trial {trial.number}'s heartbeat stopped"
         for child in _trial_runs(client, study.study_name, trial):
             client.log_batch(child, tags=[RunTag("convserve.error", error)])

@@ -128,9 +128,9 @@ def main() -> None:
 def execute_job(run_id: str, settings: JobSettings, queue: JobQueue | None = None) -> None:
     """The Huey task: run one job to its end, whatever happens, writing only while its lease
     is held."""
-    from mlflow.tracking import MlflowClient
+    from convserve.training.tracking import mlflow_client
 
-    raw = MlflowClient()
+    raw = mlflow_client()
     run = raw.get_run(run_id)
     if run.info.status != "SCHEDULED" or job_status(run) != "scheduled":
         log.info("job %s is %s: not started", run_id, job_status(run))
@@ -282,9 +282,9 @@ def execute_trial(run_id: str, settings: JobSettings, queue: JobQueue) -> None:
     """The trial task: train one waiting trial of the sweep job ``run_id``, then queue the
     next one while trials wait, or, when the study has ended, hand the job back to the queue
     to publish (once, whichever worker ends the study)."""
-    from mlflow.tracking import MlflowClient
+    from convserve.training.tracking import mlflow_client
 
-    client = MlflowClient()
+    client = mlflow_client()
     parent = client.get_run(run_id)
     if parent.info.status != "RUNNING" or parent.data.tags.get(Tag.PHASE) != "trials":
         log.info("sweep %s is %s: trial task dropped", run_id, job_status(parent))

@@ -40,14 +40,14 @@ def unusable_backends(settings: JobSettings) -> list[str]:
     from convserve.pipelines import study as studies
 
     def tracking() -> None:
-        from mlflow.tracking import MlflowClient
+        from convserve.training.tracking import mlflow_client
 
         # one try, 10 s: MLflow's client would retry a server that is down for minutes
         bounded = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
         before = {k: os.environ.get(k) for k in bounded}
         os.environ.update(bounded)
         try:
-            MlflowClient().search_experiments(max_results=1)
+            mlflow_client().search_experiments(max_results=1)
         finally:
             for k, v in before.items():
                 if v is None:
@@ -80,7 +80,7 @@ def run_worker(settings: JobSettings, say: Any = log.info) -> None:
     ``drain_seconds`` (then the job process is killed, and its job taken over when its
     heartbeat goes stale). SIGINT (Ctrl-C) lets the running task finish, and a second SIGINT
     stops it at once."""
-    from mlflow.tracking import MlflowClient
+    from convserve.training.tracking import mlflow_client
 
     # a log, not a terminal: no bar redrawn for every artifact (here and in job processes)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -101,7 +101,7 @@ def run_worker(settings: JobSettings, say: Any = log.info) -> None:
         Path(settings.worker_liveness_file), settings.heartbeat_interval, queue.pending_count, stop
     )
     where = f"redis {settings.queue_name}" if settings.redis_url else settings.queue_path
-    say(redact(f"convserve worker: queue {where}, tracking {MlflowClient().tracking_uri}"))
+    say(redact(f"convserve worker: queue {where}, tracking {mlflow_client().tracking_uri}"))
     jobs = JobProcess()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)

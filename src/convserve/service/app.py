@@ -82,9 +82,10 @@ class Jobs:
                 # whichever threads make one, and concurrent imports of a partly initialised
                 # package fail ("partially initialized module 'mlflow'")
                 import mlflow  # noqa: F401
-                from mlflow.tracking import MlflowClient
 
-                self._client = MlflowClient()
+                from convserve.training.tracking import mlflow_client
+
+                self._client = mlflow_client()
             return self._client
 
 

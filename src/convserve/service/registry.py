@@ -271,9 +271,9 @@ class ClientRegistry:
     """The same, through the MLflow client (any tracking URI MLflow knows)."""
 
     def __init__(self, tracking_uri: str | None) -> None:
-        from mlflow.tracking import MlflowClient
+        from convserve.training.tracking import mlflow_client
 
-        self.client = MlflowClient(tracking_uri)
+        self.client = mlflow_client(tracking_uri)
         self.tracking_uri = str(self.client.tracking_uri)
 
     def get_model_version_by_alias(self, name: str, alias: str) -> Version:

@@ -7,8 +7,12 @@ config, else ``MLFLOW_TRACKING_URI``, else MLflow's default (``sqlite:///mlflow.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
 import subprocess
+import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,31 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     import mlflow
 
     return cfg.tracking_uri or mlflow.get_tracking_uri()
+
+
+_CREATED: set[str] = set()  # the SQLite stores this process has seen with their tables
+_CREATING = threading.Lock()
+
+
+def mlflow_client(uri: str | None = None) -> Any:
+    """An ``MlflowClient`` for ``uri`` (``MLFLOW_TRACKING_URI``, else MLflow's default). A
+    SQLite store is opened by one process at a time until its tables are made: MLflow makes
+    them in whichever process first opens a new file, and two doing so at once
+    (``convserve serve``'s workers starting in a new folder) both try, and one fails ("table
+    logged_models already exists", then "Online migration expected to match one row")."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    store = uri or mlflow.get_tracking_uri()
+    if not store.startswith("sqlite:") or store in _CREATED:
+        return MlflowClient(store)
+    digest = hashlib.sha256(store.encode()).hexdigest()[:16]
+    lock_path = Path(tempfile.gettempdir()) / f"convserve-store-{digest}.lock"
+    with _CREATING, open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        client = MlflowClient(store)  # opens the store, and makes its tables if it is new
+        _CREATED.add(store)
+    return client
 
 
 def _local_artifacts(client: Any, experiment: str) -> str | None:
@@ -94,9 +123,7 @@ class Tracker:
     @property
     def client(self) -> Any:
         if self._client is None:
-            from mlflow.tracking import MlflowClient
-
-            self._client = MlflowClient(tracking_uri(self.cfg))
+            self._client = mlflow_client(tracking_uri(self.cfg))
         return self._client
 
     def start(

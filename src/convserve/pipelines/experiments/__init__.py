@@ -227,12 +227,9 @@ def log_report(
     experiment_name: str = "convserve-experiments",
 ) -> str:
     """One MLflow parent run holding the report, the figures and each claim's figures."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
+    from convserve.training.tracking import get_or_create_experiment, mlflow_client
 
-    from convserve.training.tracking import get_or_create_experiment
-
-    client = MlflowClient(tracking_uri or mlflow.get_tracking_uri())
+    client = mlflow_client(tracking_uri)
     run = client.create_run(
         get_or_create_experiment(client, experiment_name),
         run_name="seed-experiments",

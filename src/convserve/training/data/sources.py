@@ -247,13 +247,11 @@ def data_cache() -> Path:
 def load_uploaded(cfg: DataConfig, seed: int, tracking_uri: str | None = None) -> Source:
     """An uploaded data set (``convserve data add`` or ``POST /datasets``) by id or name,
     fetched from MLflow into the local cache once."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
+    from convserve.training.tracking import mlflow_client
     from convserve.training.uploads import fetch
 
     assert cfg.id is not None
-    client = MlflowClient(tracking_uri or mlflow.get_tracking_uri())
+    client = mlflow_client(tracking_uri)
     root, report, uri = fetch(client, cfg.id, data_cache())
     source = load_imagefolder(cfg, seed, root)
     source.uploaded = (report, uri)
