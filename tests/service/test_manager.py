@@ -1,6 +1,7 @@
 """The model manager: swapping versions without dropping requests, refusing broken ones."""
 
 import asyncio
+import logging
 import shutil
 
 import numpy as np
@@ -152,9 +153,12 @@ def test_a_version_the_registrys_listing_shows_served_is_not_looked_up_again(
     asyncio.run(scenario())
 
 
-def test_a_registry_that_comes_back_clears_the_error_it_left(onnx_path, mlflow_url, tmp_path):
+def test_a_registry_that_comes_back_clears_the_error_it_left(
+    onnx_path, mlflow_url, tmp_path, caplog
+):
     """The registry down for a poll leaves its error on the model (it keeps serving); the
-    next poll that reaches it, by the alias or by the listing, clears it."""
+    next poll that reaches it, by the alias or by the listing, clears it. The log says it
+    once while it lasts, and once when the alias resolves again."""
     from convserve.service.registry import registry_for
     from tests.servers import registered_model
 
@@ -166,6 +170,18 @@ def test_a_registry_that_comes_back_clears_the_error_it_left(onnx_path, mlflow_u
         manager = ModelManager(settings, Metrics())
         registry = manager._client = _Watched(registry_for(mlflow_url))
         assert (await manager.check()).changed and manager.last_error is None
+        registry.down = True
+        with caplog.at_level(logging.INFO, logger="convserve.service.manager"):
+            for _ in range(3):
+                await manager.check(force=True)
+            registry.down = False
+            await manager.check(force=True)
+        said = [r.getMessage() for r in caplog.records]
+        assert [m for m in said if "unreachable" in m] == [
+            f"cannot resolve models:/{name}@champion: tracking server unreachable; trying "
+            "again every 10 s"
+        ]
+        assert f"models:/{name}@champion resolves to version {first} now" in said
         for listed in (None, first):  # looked up, then shown by the listing
             registry.down = True
             outcome = await manager.check(force=True)

@@ -289,6 +289,38 @@ def test_a_model_unloaded_while_a_poll_finds_models_stays_unloaded(
     asyncio.run(scenario())
 
 
+def test_a_registry_that_cannot_be_listed_is_said_once_and_when_it_is_listed_again(
+    registry, tmp_path, monkeypatch, caplog
+):
+    """A served set that follows the registry for new models, with the registry not
+    answering: every poll's listing fails, the reason is kept for ``/v1/models``, and the log
+    says it once, then once more when the registry answers again."""
+    import asyncio
+    import logging
+
+    from convserve.service.catalog import Catalog
+    from convserve.service.metrics import Metrics
+    from convserve.service.registry import registry_for
+    from convserve.service.settings import Settings
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    settings = Settings(model_uri="models:/digits@champion", models="*", poll_interval=7)
+    catalog = Catalog(settings, Metrics())
+    with caplog.at_level(logging.INFO, logger="convserve.service.catalog"):
+        for _ in range(3):
+            assert asyncio.run(catalog._listing()) is None
+        error = catalog.discovery_error
+        assert error is not None and error.startswith("cannot list the registry's models: ")
+        catalog.default._client = registry_for(registry)  # the registry answers
+        assert asyncio.run(catalog._listing()) is not None
+    assert catalog.discovery_error is None
+    said = [r.getMessage() for r in caplog.records]
+    assert [m for m in said if m.startswith("cannot list")] == [f"{error}; trying again every 7 s"]
+    assert said[-1] == "the registry's models are listed again"
+    catalog.executor.shutdown()
+
+
 def _promote_cli(name: str, tracking_uri: str) -> subprocess.CompletedProcess[str]:
     """``convserve promote NAME`` against ``tracking_uri``."""
     cli = Path(sys.executable).parent / "convserve"

@@ -381,9 +381,13 @@ class Catalog:
         try:
             listing = await loop.run_in_executor(self.executor, self.default.client().aliases)
         except Exception as err:  # registry down: serve what is loaded, try again next poll
-            self.discovery_error = redact(f"cannot list the registry's models: {err}")
-            log.warning(self.discovery_error)
+            error = redact(f"cannot list the registry's models: {err}")
+            if error != self.discovery_error:  # once, not at every poll while it lasts
+                log.warning("%s; trying again every %g s", error, self.settings.poll_interval)
+            self.discovery_error = error
             return None
+        if self.discovery_error is not None:
+            log.info("the registry's models are listed again")
         self.discovery_error = None
         return listing
 

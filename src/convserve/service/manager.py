@@ -172,9 +172,13 @@ class ModelManager:
             try:
                 target = await loop.run_in_executor(self.executor, self._target)
             except Exception as err:  # registry down, alias missing: keep serving
-                self.last_error = redact(f"cannot resolve {self.source.uri}: {err}")
-                log.warning(self.last_error)
+                error = redact(f"cannot resolve {self.source.uri}: {err}")
+                if error != self.last_error:  # once, not at every poll while it lasts
+                    log.warning("%s; trying again every %g s", error, self.settings.poll_interval)
+                self.last_error = error
                 return ReloadOutcome(False, self._version(), self.last_error)
+            if self.last_error is not None and self.last_error.startswith("cannot resolve"):
+                log.info("%s resolves to version %s now", self.source.uri, target.version)
             self._resolved_at = time.monotonic()
             if current is not None and current.source.version == target.version and not force:
                 if target.tags and target.tags != current.source.tags:  # tagged since its load
