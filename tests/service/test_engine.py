@@ -2,6 +2,7 @@
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -295,6 +296,37 @@ def test_a_model_on_one_core_runs_on_the_loop_up_to_its_limit(onnx_path):
             engine.typical_run = typical  # as if measured
             await engine.infer(x, ["probabilities"])
             assert (ran_on[-1] == loop_thread) is on_loop, (one_core, typical)
+        await manager.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_run_sent_to_the_threads_by_a_slow_spell_comes_back_to_the_loop(onnx_path):
+    """A model that belongs on the loop, its moving average pushed over the limit by a slow
+    spell (preempted runs), runs in the threads while the loop is busy with other requests:
+    its runs are timed where they run, not by the loop's wait for their results, and it is
+    back on the loop within a few dozen runs. Timed by the loop, every run read at least the
+    loop's busy spells (5 ms here), and it stayed in the threads for good."""
+
+    async def scenario():
+        manager = ModelManager(Settings(model_uri=str(onnx_path)), Metrics())
+        await manager.check()
+        engine = _unbatched(manager, one_core=True)
+        engine.typical_run = engine_module.ONE_CORE_INLINE_SECONDS * 4  # the slow spell
+        x = np.zeros((1, 1, 8, 8), np.float32)
+        busy = True
+
+        async def other_requests() -> None:  # the loop away 5 ms at a time
+            while busy:
+                time.sleep(0.005)
+                await asyncio.sleep(0)
+
+        others = asyncio.create_task(other_requests())
+        for _ in range(60):
+            await engine.infer(x, ["probabilities"])
+        busy = False
+        await others
+        assert engine.typical_run < engine.inline_up_to, engine.typical_run
         await manager.close()
 
     asyncio.run(scenario())
