@@ -82,6 +82,15 @@ def configure(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, handlers=[handler()])
 
 
+def warn_on_change(
+    logger: logging.Logger, error: str, before: str | None, retry_seconds: float
+) -> None:
+    """A failure tried again every ``retry_seconds``: warned of when it starts or its reason
+    changes, not at every try while it lasts."""
+    if error != before:
+        logger.warning("%s; trying again every %g s", error, retry_seconds)
+
+
 def stamp(line: str, kind: str = "text", source: str = "") -> str:
     """A line of a program's output with a timestamp in front, unless it has one; ``json``:
     as a JSON object from ``source`` (the program)."""

@@ -80,7 +80,7 @@ def run_worker(settings: JobSettings, say: Any = log.info) -> None:
     ``drain_seconds`` (then the job process is killed, and its job taken over when its
     heartbeat goes stale). SIGINT (Ctrl-C) lets the running task finish, and a second SIGINT
     stops it at once."""
-    from convserve.training.tracking import mlflow_client
+    import mlflow
 
     # a log, not a terminal: no bar redrawn for every artifact (here and in job processes)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -101,7 +101,7 @@ def run_worker(settings: JobSettings, say: Any = log.info) -> None:
         Path(settings.worker_liveness_file), settings.heartbeat_interval, queue.pending_count, stop
     )
     where = f"redis {settings.queue_name}" if settings.redis_url else settings.queue_path
-    say(redact(f"convserve worker: queue {where}, tracking {mlflow_client().tracking_uri}"))
+    say(redact(f"convserve worker: queue {where}, tracking {mlflow.get_tracking_uri()}"))
     jobs = JobProcess()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)

@@ -40,6 +40,7 @@ from typing import Any
 from starlette.background import BackgroundTask
 from starlette.responses import Response
 
+from convserve.logs import warn_on_change
 from convserve.redact import redact
 from convserve.service import rollout
 from convserve.service.engine import Engine
@@ -382,8 +383,7 @@ class Catalog:
             listing = await loop.run_in_executor(self.executor, self.default.client().aliases)
         except Exception as err:  # registry down: serve what is loaded, try again next poll
             error = redact(f"cannot list the registry's models: {err}")
-            if error != self.discovery_error:  # once, not at every poll while it lasts
-                log.warning("%s; trying again every %g s", error, self.settings.poll_interval)
+            warn_on_change(log, error, self.discovery_error, self.settings.poll_interval)
             self.discovery_error = error
             return None
         if self.discovery_error is not None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from convserve.logs import warn_on_change
 from convserve.redact import redact
 from convserve.service.engine import BatchPlan, Engine, plan_batches
 from convserve.service.metrics import Metrics
@@ -39,7 +40,7 @@ from convserve.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-
+UNRESOLVED = "cannot resolve"  # how a failed alias lookup's error begins
 MAX_BACKOFF = 300.0  # seconds between tries of a version that could not be fetched
 # A version the registry's listing shows still served is looked up again (its tags: metrics,
 # the promotion's reason) at most this often
@@ -172,12 +173,11 @@ class ModelManager:
             try:
                 target = await loop.run_in_executor(self.executor, self._target)
             except Exception as err:  # registry down, alias missing: keep serving
-                error = redact(f"cannot resolve {self.source.uri}: {err}")
-                if error != self.last_error:  # once, not at every poll while it lasts
-                    log.warning("%s; trying again every %g s", error, self.settings.poll_interval)
+                error = redact(f"{UNRESOLVED} {self.source.uri}: {err}")
+                warn_on_change(log, error, self.last_error, self.settings.poll_interval)
                 self.last_error = error
                 return ReloadOutcome(False, self._version(), self.last_error)
-            if self.last_error is not None and self.last_error.startswith("cannot resolve"):
+            if self.last_error is not None and self.last_error.startswith(UNRESOLVED):
                 log.info("%s resolves to version %s now", self.source.uri, target.version)
             self._resolved_at = time.monotonic()
             if current is not None and current.source.version == target.version and not force:
