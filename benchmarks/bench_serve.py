@@ -526,11 +526,28 @@ def _load_points(
             server.points[c] = best[server.name]
 
 
+# What convserve logs once its supervisor has given back the pages only it used (after every
+# worker serves): its idle memory is read after it.
+SETTLED = "of library pages that only it used"
+
+
 def _started(servers: list[Server], body: bytes, folder: Path) -> None:
     for server in servers:  # one at a time: each start is timed alone
         server.start(body, folder)
         time.sleep(1.0)
+        if server.name == "convserve":
+            _wait_for_line(server, SETTLED, 30.0)
         server.measure_idle()
+
+
+def _wait_for_line(server: Server, line: str, timeout: float) -> None:
+    """Until ``line`` is in the server's log, for a supervisor of several processes."""
+    assert server.log is not None and server.proc is not None
+    deadline = time.monotonic() + timeout
+    while line not in server.log.read_text() and len(_children(server.proc.pid)) > 1:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{server.name} did not log {line!r} within {timeout:.0f} s")
+        time.sleep(0.05)
 
 
 def _stopped(servers: list[Server]) -> None:

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import gc
 import importlib
 import logging
 import multiprocessing
 import os
 import shutil
+import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -35,7 +39,7 @@ from convserve.service.api.docs import assets_dir
 from convserve.service.app import create_app
 from convserve.service.metrics import MULTIPROCESS_DIR, multiprocess_values
 from convserve.service.registry import over_rest
-from convserve.service.sessions import providers_for
+from convserve.service.sessions import providers_for, warm_up_cpu
 from convserve.service.settings import Settings, available_cores
 
 log = logging.getLogger("convserve.service")
@@ -75,12 +79,22 @@ def run_server(settings: Settings, job_settings: JobSettings) -> None:
         uvicorn.Server(_config(settings, job_settings)).run()
         return
     # Forked after the service is imported: a worker starts in milliseconds, not the second a
-    # fresh interpreter takes to import it (uvicorn spawns by default). This process has
-    # started no thread and no onnxruntime session: nothing to inherit badly.
+    # fresh interpreter takes to import it (uvicorn spawns by default). This process starts
+    # no thread and keeps no onnxruntime session (preload's is dropped): nothing to inherit
+    # badly.
     _subprocess.spawn = multiprocessing.get_context("fork")  # type: ignore[assignment]
     with shared_metrics(), tempfile.TemporaryDirectory(prefix="convserve-peers-") as peers:
         config = _config(settings.model_copy(update={"peers_dir": peers}), job_settings)
+        # The workers inherit this process's logging: configured again in each (uvicorn's
+        # way, made for fresh interpreters), it would write to every logger object, pages
+        # they share with this process (1.3 MB copied by each worker)
+        config.log_config = None
         preload(config)
+        # The app (its routes, their validators, the OpenAPI models: 2.7 MB of the tree's
+        # PSS) made once, here, where the workers share its pages, instead of by each of them.
+        # Its metrics' values are made here too: this process writes zeros in its own files
+        # of the metrics folder, and a worker's first change starts its own (metrics.py).
+        config.load()
         # What the workers inherit goes to the permanent generation first: their collections
         # then never write to the pages they share with this process (copy-on-write).
         gc.freeze()
@@ -93,8 +107,8 @@ def preload(config: uvicorn.Config) -> None:
     (``Config.load``), anyio's asyncio backend and FastAPI's telemetry (loaded by name on
     first use), Pillow's image formats (the first ``Image.open``), numpy's random generators
     (the batch measurement), the API docs' files, and httpx where the registry is read over
-    REST. Imported once, their pages are shared by every worker; imported in each, each holds
-    its own copy."""
+    REST; and onnxruntime's tables of its first CPU session. Imported once, their pages are
+    shared by every worker; imported in each, each holds its own copy."""
     if isinstance(config.http, str):
         import_from_string(HTTP_PROTOCOLS.get(config.http, config.http))
     import_from_string(LIFESPAN[config.lifespan])
@@ -107,6 +121,7 @@ def preload(config: uvicorn.Config) -> None:
             importlib.import_module(name)
     Image.preinit()
     assets_dir()
+    warm_up_cpu()
 
 
 class _Supervisor(Multiprocess):
@@ -114,12 +129,61 @@ class _Supervisor(Multiprocess):
     its workers to stop: the port closes with the last worker's listener (after their drain,
     ``CONVSERVE_SHUTDOWN_DELAY``), so a client connecting then is refused and can go
     elsewhere, where a socket held open by this process alone would queue the connection for
-    no one and reset it at the exit."""
+    no one and reset it at the exit. Once every worker serves, it gives back the library pages
+    only it maps (``page_out_files``)."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket]) -> None:
+        super().__init__(config, sockets=sockets)
+        self.paged_out = False
+
+    def keep_subprocess_alive(self) -> None:
+        super().keep_subprocess_alive()
+        if self.paged_out or self.should_exit.is_set():
+            return
+        if all(process.is_ready(timeout=1) for process in self.processes):
+            self.paged_out = True
+            log.info(
+                "every worker serves: this process gave back %.1f MB of library pages that "
+                "only it used",
+                page_out_files() / 2**20,
+            )
 
     def terminate_all(self) -> None:
         super().terminate_all()
         for sock in self.sockets:  # the workers keep their own copies until they stop
             sock.close()
+
+
+MADV_PAGEOUT = 21  # Linux 5.4 and later
+
+
+def page_out_files() -> int:
+    """Ask the kernel to reclaim the pages of this process's file mappings (its libraries'
+    code and read-only data) that no other process maps: in the supervisor, the code it ran
+    to import them, which its workers have not run. Pages the workers use are shared and
+    stay; a page needed again is read back from its file. Advice, not a change: nothing in
+    the process's memory is lost. Returns how much its resident memory shrank, in bytes (0
+    where the system takes no such advice)."""
+    if sys.platform != "linux":
+        return 0
+    try:
+        before = _resident_bytes()
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:  # a /proc without them
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for line in maps:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            libc.madvise(start, end - start, MADV_PAGEOUT)  # EINVAL before Linux 5.4
+    return max(before - _resident_bytes(), 0)
+
+
+def _resident_bytes() -> int:
+    rollup = Path("/proc/self/smaps_rollup").read_text()
+    return int(rollup.split("Rss:", 1)[1].split()[0]) * 1024
 
 
 def _config(settings: Settings, job_settings: JobSettings) -> uvicorn.Config:

@@ -67,3 +67,16 @@ def open_session(path: Path, device: str, intra_op: int, inter_op: int) -> ort.I
             f"CONVSERVE_DEVICE=cuda, but no GPU answered: onnxruntime fell back to {in_use}"
         )
     return session
+
+
+def warm_up_cpu() -> None:
+    """Build what onnxruntime builds once per process at its first CPU session (the CPU
+    execution provider's kernel registry, the graph transformers' tables: 1.7 MB) with a
+    session of the one-node model onnxruntime ships, then drop the session. Called before the
+    worker processes are forked, it leaves those tables in pages they share; CPU only, one
+    thread, so nothing runs in this process afterwards."""
+    from onnxruntime.datasets import get_example
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    ort.InferenceSession(get_example("sigmoid.onnx"), options, providers=["CPUExecutionProvider"])
