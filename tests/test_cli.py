@@ -182,6 +182,15 @@ def test_experiments_help_lists_every_registered_experiment(tmp_path):
     assert [" ".join(n.split()) for n in names] == list(REGISTRY), out.stdout
 
 
+def test_serve_on_cuda_without_cuda_says_so(tmp_path):
+    """The device is checked by the server process the command runs in its place (where
+    onnxruntime is imported once): the same line and exit status as any bad setting."""
+    out = _run("serve", "--device", "cuda", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("error: CONVSERVE_DEVICE=cuda, but this onnxruntime build has no ")
+    assert "Traceback" not in out.stderr
+
+
 def test_a_bad_setting_is_named_as_the_user_sets_it(tmp_path):
     """``serve`` and ``worker`` refuse a wrong setting with a line each, naming the
     environment variable (and the option where there is one), with exit status 2."""

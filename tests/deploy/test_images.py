@@ -265,7 +265,7 @@ def test_everything_serving_can_import_resolves_in_the_api_image():
     assert not any(m.split(".")[0] == "torch" for m in modules)
     assert _importable_in("api", modules) == []
     # and the serve command's own body, which the module-level rule leaves out
-    serve = closure(["convserve.jobs", "convserve.service.server"], set())
+    serve = closure(["convserve.jobs", "convserve.service.entry"], set())
     assert _importable_in("api", serve) == []
 
 

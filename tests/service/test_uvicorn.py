@@ -256,6 +256,9 @@ def test_serve_options_reach_every_worker_process(onnx_path, tmp_path):
         wait_until(lambda: len(_server_processes(proc.pid)) == 2, 30, "two server processes", 0.2)
         log = (tmp_path / "serve.log").read_text()
         assert "2 worker processes, " in log and "onnxruntime thread" in log
+        # the command ran the server in its own place, with its settings in a file, not in argv
+        argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert argv[1:4] == [b"-m", b"convserve.service", b"--settings-fd"]
         # both serve: the supervisor gives back the library pages only it used
         gave_back = re.compile(r"this process gave back (\d+\.\d) MB of library pages")
         wait_until(
@@ -488,6 +491,13 @@ def test_a_worker_imports_nothing_of_its_own_to_start_and_answer(onnx_path, mlfl
             assert httpx.get(f"{url}/docs").status_code == 200
         text = log.read_text()
     assert "Started server process" in text
+    # the command ran the server in its place: the server process holds none of its libraries
+    assert re.search(r"^import 'typer'", text, re.MULTILINE)  # imported by the command
+    server_process = text.rsplit("import 'convserve' ", 1)[1]  # the second interpreter's
+    assert "import 'onnxruntime'" in server_process
+    # (click comes with uvicorn, and rich with httpx where they are installed)
+    cli = re.findall(r"^import '((?:typer|convserve\.cli)\b[\w.]*)'", server_process, re.MULTILINE)
+    assert cli == [], f"the server process imported the command line's {cli}"
     before, after = text.split("Started server process", 1)
     assert "import 'httpx'" in before and "import 'uvloop'" in before  # the parent's preload
     imported = sorted(set(re.findall(r"^import '([\w.]+)'", after, re.MULTILINE)))

@@ -50,8 +50,7 @@ def serve(
 
     from convserve.jobs import JobSettings
     from convserve.processes import port_taken
-    from convserve.service.server import run_server
-    from convserve.service.sessions import ModelLoadError, providers_for
+    from convserve.service.entry import exec_server
     from convserve.service.settings import Settings
 
     given = dict(
@@ -68,10 +67,6 @@ def serve(
         job_settings = JobSettings()
     except ValidationError as err:
         raise bad_settings(err, tuple(given)) from None
-    try:
-        providers_for(settings.device)
-    except ModelLoadError as err:
-        raise fail(str(err)) from None
     if settings.grpc_port:
         # Each worker process binds it with SO_REUSEPORT, which would share it out with another
         # process that did the same (a second serve) rather than fail: checked first, here.
@@ -81,7 +76,9 @@ def serve(
                 f"cannot serve gRPC on {settings.host}:{settings.grpc_port} "
                 f"(CONVSERVE_GRPC_PORT, --grpc-port): {problem}"
             )
-    run_server(settings, job_settings)
+    # the server in this process's place, without the command line's libraries; it checks
+    # the device (onnxruntime is imported once, there)
+    exec_server(settings, job_settings)
 
 
 @app.command()
