@@ -1,8 +1,8 @@
 """``convserve serve``'s way into the server. The command checks its options and settings,
 then runs ``python -m convserve.service`` in its own place (``exec_server``): the server
-process then holds none of the command line's libraries (typer, click, rich: 4.3 MB of the
-idle tree's PSS). Imports nothing of the service itself, so that the command does not import
-it twice."""
+process then holds none of the command line's own libraries and modules (typer, rich where
+nothing else imports it, ``convserve.cli``: 4.3 MB of the idle tree's PSS). Imports nothing of
+the service itself, so that the command does not import it twice."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Running the service under uvicorn with settings objects, one process or several.
 
 ``uvicorn.run`` accepts several worker processes only for an import string, which would leave
-the settings to travel through the environment. Here the app factory and its settings are
-handed to uvicorn's own process supervisor instead: each worker process (started with
-``spawn``) receives them pickled and builds its app with ``create_app``.
+the settings to travel through the environment. Here the app is built from its settings by
+``create_app`` in the supervisor, which then forks uvicorn's worker processes: each starts
+with the app, and the pages of everything imported and built before the fork are shared.
 """
 
 from __future__ import annotations

@@ -70,11 +70,11 @@ def open_session(path: Path, device: str, intra_op: int, inter_op: int) -> ort.I
 
 
 def warm_up_cpu() -> None:
-    """Build what onnxruntime builds once per process at its first CPU session (the CPU
-    execution provider's kernel registry, the graph transformers' tables: 1.7 MB) with a
-    session of the one-node model onnxruntime ships, then drop the session. Called before the
-    worker processes are forked, it leaves those tables in pages they share; CPU only, one
-    thread, so nothing runs in this process afterwards."""
+    """Build what onnxruntime builds once per process at its first CPU session (1.7 MB that
+    each worker process built for itself) with a session of the one-node model onnxruntime
+    ships, then drop the session. Called before the worker processes are forked, it leaves
+    that in pages they share; CPU only, one thread, so nothing runs in this process
+    afterwards."""
     from onnxruntime.datasets import get_example
 
     options = ort.SessionOptions()
