@@ -526,9 +526,10 @@ def _load_points(
             server.points[c] = best[server.name]
 
 
-# What convserve logs once its supervisor has given back the pages only it used (after every
-# worker serves): its idle memory is read after it.
-SETTLED = "of library pages that only it used"
+# The end of the line convserve's supervisor logs once it has given back the pages only it
+# used (``server.PAGED_OUT``), after which its idle memory is read; written here because
+# importing the service would map onnxruntime in this process and lower the trees' PSS.
+PAGED_OUT = "of library pages that only it used"
 
 
 def _started(servers: list[Server], body: bytes, folder: Path) -> None:
@@ -536,7 +537,7 @@ def _started(servers: list[Server], body: bytes, folder: Path) -> None:
         server.start(body, folder)
         time.sleep(1.0)
         if server.name == "convserve":
-            _wait_for_line(server, SETTLED, 30.0)
+            _wait_for_line(server, PAGED_OUT, 30.0)  # idle memory: after the page-out
         server.measure_idle()
 
 

@@ -18,7 +18,6 @@ import multiprocessing
 import os
 import shutil
 import socket
-import sys
 import tempfile
 from collections.abc import Iterator
 from functools import partial
@@ -37,6 +36,7 @@ from convserve.jobs import JobSettings
 from convserve.service.api.backends import bound_mlflow_client
 from convserve.service.api.docs import assets_dir
 from convserve.service.app import create_app
+from convserve.service.manager import rss_bytes
 from convserve.service.metrics import MULTIPROCESS_DIR, multiprocess_values
 from convserve.service.registry import over_rest
 from convserve.service.sessions import providers_for, warm_up_cpu
@@ -142,11 +142,8 @@ class _Supervisor(Multiprocess):
             return
         if all(process.is_ready(timeout=1) for process in self.processes):
             self.paged_out = True
-            log.info(
-                "every worker serves: this process gave back %.1f MB of library pages that "
-                "only it used",
-                page_out_files() / 2**20,
-            )
+            released = page_out_files() / 2**20
+            log.info("every worker serves: this process gave back %.1f MB %s", released, PAGED_OUT)
 
     def terminate_all(self) -> None:
         super().terminate_all()
@@ -155,6 +152,7 @@ class _Supervisor(Multiprocess):
 
 
 MADV_PAGEOUT = 21  # Linux 5.4 and later
+PAGED_OUT = "of library pages that only it used"  # the end of the supervisor's line about it
 
 
 def page_out_files() -> int:
@@ -164,13 +162,11 @@ def page_out_files() -> int:
     stay; a page needed again is read back from its file. Advice, not a change: nothing in
     the process's memory is lost. Returns how much its resident memory shrank, in bytes (0
     where the system takes no such advice)."""
-    if sys.platform != "linux":
-        return 0
     try:
-        before = _resident_bytes()
         maps = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:  # a /proc without them
+    except OSError:  # not Linux, or a /proc without it
         return 0
+    before = rss_bytes()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     for line in maps:
@@ -178,12 +174,7 @@ def page_out_files() -> int:
         if len(fields) == 6 and fields[5].startswith("/"):
             start, end = (int(address, 16) for address in fields[0].split("-"))
             libc.madvise(start, end - start, MADV_PAGEOUT)  # EINVAL before Linux 5.4
-    return max(before - _resident_bytes(), 0)
-
-
-def _resident_bytes() -> int:
-    rollup = Path("/proc/self/smaps_rollup").read_text()
-    return int(rollup.split("Rss:", 1)[1].split()[0]) * 1024
+    return max(before - rss_bytes(), 0)
 
 
 def _config(settings: Settings, job_settings: JobSettings) -> uvicorn.Config:

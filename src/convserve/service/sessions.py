@@ -77,6 +77,4 @@ def warm_up_cpu() -> None:
     afterwards."""
     from onnxruntime.datasets import get_example
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    ort.InferenceSession(get_example("sigmoid.onnx"), options, providers=["CPUExecutionProvider"])
+    open_session(Path(get_example("sigmoid.onnx")), "cpu", 1, 1)
