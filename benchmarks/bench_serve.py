@@ -43,7 +43,11 @@ about the same CPU whatever the model, so the smaller the model the larger their
 prints what the defaults chose (processes, threads, batch size and wait) as convserve logs it,
 and what that layout runs without HTTP (as many processes at once, each of one onnxruntime
 thread at batch 1), so that the share lost to serving is seen apart from the share lost to the
-layout.
+layout. A third server takes its turns with the two: ``baselines/bare_infer_app.py``, a bare ASGI
+app under uvicorn with as many worker processes, that decodes each upload and runs it on its
+event loop and does nothing else (its answer is checked like convserve's). It is what serving
+over uvicorn costs at the least: the benchmark prints its ratio to in-process and convserve's
+share of it.
 
 grpc: the small model's tensor over KServe v2 gRPC (``grpc_load.py``: 32 connections, one
 call in flight on each) and over HTTP v2 with the binary tensor extension (wrk), one
@@ -767,21 +771,42 @@ def compute_bound(args: argparse.Namespace, folder: Path, size: int) -> list[Tar
     )
     body = multipart(png)
     lua = _post_lua(folder, f"large{size}", body, f"multipart/form-data; boundary={BOUNDARY}")
-    cli = str(Path(sys.executable).parent / "convserve")
+    bin_dir = Path(sys.executable).parent
     env = {"CONVSERVE_MODEL_URI": str(path), **args.env}
     one = {"CONVSERVE_WORKERS": "1"}
     ports = {"defaults": args.port + 4, "1 process": args.port + 5}
     servers = [
-        Server(name, [cli, "serve"], {**env, **extra, "CONVSERVE_PORT": str(port)}, port)
+        Server(
+            name,
+            [str(bin_dir / "convserve"), "serve"],
+            {**env, **extra, "CONVSERVE_PORT": str(port)},
+            port,
+        )
         for (name, port), extra in zip(ports.items(), ({}, one), strict=True)
     ]
+    uvicorn = [str(bin_dir / "uvicorn"), "--app-dir", str(HERE / "baselines")]
+    quiet = ["--log-level", "warning", "--no-access-log"]
+    bare_argv = [*uvicorn, "bare_infer_app:app", "--port", str(args.port + 8), *quiet]
+    bare_argv += ["--workers", str(processes)]
+    bare = Server("bare", bare_argv, {"CONVSERVE_BENCH_MODEL": str(path)}, args.port + 8)
+    servers.append(bare)
     try:
         _started(servers, body, folder)
+        expected = expected_probabilities(path, png)
+        labels = [str(i) for i in range(10)]
+        for server in servers:  # the same work: the same probabilities
+            diff = check_answer(server.start_answer, expected, labels)
+            if diff > 1e-5:
+                sys.exit(f"{server.name}'s probabilities differ from in-process onnxruntime's")
         _load_points(servers, args, lua, (1, 32), query="")
         print(f"convserve with default settings chose:\n  {_chosen(servers[0])}")
     finally:
         _stopped(servers)
     _load_table(servers)
+    print(
+        f"(bare: bare_infer_app.py, uvicorn with {processes} worker processes, each request's "
+        "image decoded and run on the event loop, nothing else)"
+    )
     point = servers[0].points[32]
     ratio = point["rps"] / rates[best_batch]
     inference_ms = processes * 1000 / layout  # CPU per image, the layout's processes all busy
@@ -790,6 +815,12 @@ def compute_bound(args: argparse.Namespace, folder: Path, size: int) -> list[Tar
         f"{point['rps']:.0f} / {rates[best_batch]:.0f} = {ratio:.2f}; "
         f"against the processes without HTTP: {point['rps'] / layout:.2f}; the server's CPU "
         f"a request {point['cpu_ms']:.2f} ms, against {inference_ms:.2f} ms of inference"
+    )
+    ceiling = bare.points[32]
+    print(
+        f"the bare ASGI server at c=32 against in-process at batch {best_batch}: "
+        f"{ceiling['rps'] / rates[best_batch]:.2f} (its CPU a request {ceiling['cpu_ms']:.2f} "
+        f"ms); convserve's share of it: {point['rps'] / ceiling['rps']:.2f}"
     )
     name = f"compute-bound {size}x{size}"
     errors = sum(r["errors"] for r in servers[0].points.values())
