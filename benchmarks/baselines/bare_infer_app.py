@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bare_app import lifespan  # beside this file, on uvicorn's --app-dir
 from PIL import Image
 
 from convserve.service.sessions import open_session
@@ -45,9 +46,7 @@ def predict(body: bytes) -> bytes:
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while (message := await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
+        await lifespan(receive, send)
         return
     chunks, more = [], True
     while more:
