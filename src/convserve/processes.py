@@ -1,10 +1,11 @@
 """Processes and their signals, for every layer: a child that dies with its parent, and the
-children of a process (the ranks ``torchrun`` started), found in ``/proc``; and whether a
-port is free for a server to bind."""
+children of a process (the ranks ``torchrun`` started), found in ``/proc``; whether a port is
+free for a server to bind; and memory a process freed, given back to the system."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -87,3 +88,11 @@ def port_taken(host: str, port: int) -> str | None:
         except OSError as err:
             return err.strerror or str(err)
     return None
+
+
+def give_back_freed_memory() -> None:
+    """Give the memory this process freed back to the system (glibc keeps freed memory of
+    its heap for later, and a process would stay at its peak); nothing where the C library
+    is not glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

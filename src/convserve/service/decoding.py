@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import threading
@@ -21,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from convserve.contract import Fit
+from convserve.processes import give_back_freed_memory
 from convserve.service.fitting import FitReport
 from convserve.service.imaging import decode_to_input, open_image
 from convserve.service.settings import Settings
@@ -88,7 +88,7 @@ def _finish_large(
     try:
         return decode_to_input(image, channels, height, width, fit)
     finally:
-        _trim()
+        give_back_freed_memory()  # the large decode's
 
 
 def lower_priority(niceness: int) -> None:
@@ -97,10 +97,3 @@ def lower_priority(niceness: int) -> None:
     (``CONVSERVE_HEAVY_NICENESS``)."""
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
-
-
-def _trim() -> None:
-    """Give the large decode's freed memory back to the system (glibc keeps it otherwise, and
-    the process would stay at its peak)."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from convserve.logs import warn_on_change
+from convserve.processes import give_back_freed_memory
 from convserve.redact import redact
 from convserve.service.engine import BatchPlan, Engine, plan_batches
 from convserve.service.metrics import Metrics
@@ -143,6 +144,8 @@ class ModelManager:
             start, before = time.perf_counter(), rss_bytes()
             model = open_model(local, self.settings)
             plan = plan_batches(model, self.settings)
+            # what the checks and the measuring ran on and freed (a closed whole graph's session)
+            give_back_freed_memory()
             # at least the file: the weights are in memory whatever else was freed meanwhile
             size = local.path.stat().st_size if local.path is not None else 0
             self.memory_bytes = max(rss_bytes() - before, size)

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -19,7 +20,7 @@ import onnxruntime as ort
 
 from convserve import contract
 from convserve.contract import MetadataError, ModelMetadata
-from convserve.service.sessions import ModelLoadError, open_session
+from convserve.service.sessions import ModelLoadError, open_session, with_outputs
 
 if TYPE_CHECKING:
     from convserve.service.registry import Registry
@@ -53,11 +54,17 @@ class Source:
 @dataclass
 class LoadedModel:
     source: Source
-    session: ort.InferenceSession
+    session: ort.InferenceSession | None  # the whole graph; None while closed (``whole``)
     meta: ModelMetadata
     providers: list[str]
     loaded_at: float = field(default_factory=time.time)
     run_seconds: float = 0.0  # one warm session.run of two images, measured by self_check
+    # the graph with the probabilities alone (``lean_session``), for runs that ask nothing else
+    lean: ort.InferenceSession | None = None
+    # the whole graph as read at the load, and the device and operator threads to open it on
+    graph: bytes | None = field(default=None, repr=False)
+    opening: tuple[str, int, int] = ("cpu", 0, 0)
+    _opening_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def labels(self) -> list[str]:
@@ -95,10 +102,35 @@ class LoadedModel:
         ref = {"name": s.name, "version": s.version, "alias": s.alias, "run_id": s.run_id}
         return {k: v for k, v in ref.items() if v is not None}
 
+    def whole(self) -> ort.InferenceSession:
+        """The whole graph's session. A model with a lean graph closes it once the load's
+        checks are done (its memory: 45 MB a process for bench_serve.py's 224x224 model, whose
+        activations it kept from the checks) and opens it again, from the graph read at the
+        load, at the first run that asks for more than the probabilities; it stays open from
+        then on."""
+        session = self.session
+        if session is None:
+            with self._opening_lock:
+                if self.session is None:
+                    assert self.graph is not None
+                    self.session = open_session(self.graph, *self.opening)
+                session = self.session
+        return session
+
+    @property
+    def probabilities_session(self) -> ort.InferenceSession:
+        """The session that runs a request for the probabilities alone."""
+        return self.lean if self.lean is not None else self.whole()
+
     def run(self, batch: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
-        """One ``session.run`` on ``[N, C, H, W]`` float32; outputs read by name."""
-        values = self.session.run(outputs, {contract.INPUT: batch})
+        """One ``session.run`` on ``[N, C, H, W]`` float32; outputs read by name. The
+        probabilities alone run on the lean graph where there is one."""
+        session = self.probabilities_session if outputs == _PROBABILITIES else self.whole()
+        values = session.run(outputs, {contract.INPUT: batch})
         return dict(zip(outputs, values, strict=True))
+
+
+_PROBABILITIES = [contract.PROBABILITIES]
 
 
 def parse_uri(uri: str) -> Source:
@@ -164,7 +196,8 @@ def _fetch(source: Source, client: Registry, target: Path) -> None:
 
 
 def open_model(source: Source, settings: Settings) -> LoadedModel:
-    """Create the session from the model's own metadata, warm it up and self-check it."""
+    """Create the session from the model's own metadata, warm it up and self-check it; then
+    the lean graph's session for the probabilities alone, where the model has one."""
     assert source.path is not None
     if not source.path.is_file():
         raise TransientLoadError(f"no model file at {source.path}")
@@ -180,13 +213,52 @@ def open_model(source: Source, settings: Settings) -> LoadedModel:
         source=source, session=session, meta=meta, providers=session.get_providers()
     )
     self_check(model)
+    lean = lean_session(model, settings)
+    if lean is not None:
+        model.lean, model.graph = lean
+        model.opening = (settings.device, *threads)
+        model.session = None  # opened again by the first run that asks for a feature map
     return model
+
+
+def lean_session(
+    model: LoadedModel, settings: Settings
+) -> tuple[ort.InferenceSession, bytes] | None:
+    """A session of the model's graph with the probabilities as its one output
+    (``sessions.with_outputs``: onnxruntime then fuses what the feature maps kept apart), for
+    the requests that ask for nothing else, checked to answer as the whole graph does; and the
+    whole graph as read, to open it again from. None where the graph has no other output, or
+    where its lean graph cannot be made, does not load or answers otherwise (said in the log:
+    the model is served by its whole graph alone, as before)."""
+    if not model.blocks or model.source.path is None:
+        return None
+    try:
+        whole = model.source.path.read_bytes()
+        threads = settings.intra_op_threads, settings.inter_op_threads
+        lean = open_session(with_outputs(whole, contract.PROBABILITIES), settings.device, *threads)
+        x = np.random.default_rng(0).random(
+            (2, model.channels, model.height, model.width), np.float32
+        )
+        (got,) = lean.run(_PROBABILITIES, {contract.INPUT: x})
+    except (ValueError, ModelLoadError) as err:
+        log.info("%s: served by its whole graph (%s)", model.source.uri, err)
+        return None
+    (expected,) = model.whole().run(_PROBABILITIES, {contract.INPUT: x})
+    if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-5, atol=1e-6):
+        difference = np.abs(got - expected).max() if got.shape == expected.shape else got.shape
+        log.info(
+            "%s: served by its whole graph (its probabilities alone answered otherwise: %s)",
+            model.source.uri,
+            difference,
+        )
+        return None
+    return lean, whole
 
 
 def _check_input(model: LoadedModel) -> None:
     """The graph's input is the one the metadata describes: its name and the shape
     [batch, channels, height, width] (a named dimension matches any size)."""
-    inputs = model.session.get_inputs()
+    inputs = model.whole().get_inputs()
     announced = model.meta.input.name
     if [i.name for i in inputs] != [announced]:
         raise ModelLoadError(
@@ -232,7 +304,7 @@ def batch_costs(model: LoadedModel, largest: int) -> dict[int, float]:
     shrink = ort.RunOptions()
     shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
     one = np.zeros((1, model.channels, model.height, model.width), np.float32)
-    model.session.run([contract.PROBABILITIES], {contract.INPUT: one}, shrink)
+    model.probabilities_session.run(_PROBABILITIES, {contract.INPUT: one}, shrink)
     return costs
 
 
@@ -240,7 +312,7 @@ def self_check(model: LoadedModel) -> None:
     """Warm up and check on known inputs: input and outputs named, shaped and valid as the
     metadata says. Every failure is the version's own (``ModelLoadError``: refused for good),
     a run that onnxruntime refuses included."""
-    names = [o.name for o in model.session.get_outputs()]
+    names = [o.name for o in model.whole().get_outputs()]
     if names != model.output_names:
         raise ModelLoadError(f"outputs are {names}, the metadata announces {model.output_names}")
     _check_input(model)
