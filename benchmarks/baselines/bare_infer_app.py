@@ -2,8 +2,9 @@
 app under uvicorn, with no framework, that does a prediction's work and nothing else. It
 reads the whole body, takes the one upload out of the multipart form by its delimiters,
 decodes it with Pillow, runs the model on the event loop (batch 1, the session as
-``convserve serve`` opens it for a worker of one onnxruntime thread) and answers the
-probabilities as JSON. With as many worker processes as convserve, a server over uvicorn
+``convserve serve`` opens it for a worker of one onnxruntime thread, of the graph with the
+probabilities alone, as convserve runs a request for them) and answers the probabilities as
+JSON. With as many worker processes as convserve, a server over uvicorn
 that runs each request's image on its own loses no more to serving than this.
 
     CONVSERVE_BENCH_MODEL=large64.onnx \\
@@ -22,9 +23,10 @@ import numpy as np
 from bare_app import lifespan  # beside this file, on uvicorn's --app-dir
 from PIL import Image
 
-from convserve.service.sessions import open_session
+from convserve.service.sessions import open_session, with_outputs
 
-session = open_session(Path(os.environ["CONVSERVE_BENCH_MODEL"]), "cpu", 1, 1)
+graph = with_outputs(Path(os.environ["CONVSERVE_BENCH_MODEL"]).read_bytes(), "probabilities")
+session = open_session(graph, "cpu", 1, 1)
 labels = json.loads(session.get_modelmeta().custom_metadata_map["convserve.labels"])
 _, channels, height, width = session.get_inputs()[0].shape
 mode = "L" if channels == 1 else "RGB"
