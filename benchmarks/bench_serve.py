@@ -36,8 +36,9 @@ large: compute-bound CNNs exported as ``convserve export`` exports them (four bl
 256 filters on RGB 64x64, 128x128 and 224x224: 60, 241 and 737 M multiply-adds per image;
 ``--large-size`` picks), each posted as an RGB PNG of its size to ``convserve serve`` with
 default settings and with one process of every core's threads (the alternative to the
-default's processes), against in-process onnxruntime (the service's session options, every
-core as operator threads) at each batch size. Target: at concurrency 32 at least 0.85x the
+default's processes), against in-process onnxruntime (the model opened as the service opens it:
+its session options and its lean graph for the probabilities, every core as operator threads)
+at each batch size. Target: at concurrency 32 at least 0.85x the
 in-process throughput at its best batch size. A request's HTTP, upload decode and answer cost
 about the same CPU whatever the model, so the smaller the model the larger their share. It
 prints what the defaults chose (processes, threads, batch size and wait) as convserve logs it,
@@ -702,8 +703,9 @@ def inprocess_rates(
     threads: int = 0,
     batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
 ) -> dict[int, float]:
-    """Images per second of in-process onnxruntime (the service's session options, ``threads``
-    operator threads; 0: every core this process may use) at each batch size."""
+    """Images per second of in-process onnxruntime (the model opened as the service opens it,
+    the probabilities run on its lean graph; ``threads`` operator threads, 0: every core this
+    process may use) at each batch size."""
     from convserve.service.model import Source, open_model
     from convserve.service.settings import Settings, available_cores
 
