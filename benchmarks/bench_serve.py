@@ -390,6 +390,17 @@ def check_answer(answer: bytes, expected: np.ndarray, labels: list[str]) -> floa
     return float(np.abs(got - expected).max())
 
 
+def _answers_checked(servers: list[Server], path: Path, png: bytes) -> None:
+    """Each server's first answer against in-process onnxruntime's probabilities on the same
+    image; the benchmark stops where they differ."""
+    expected = expected_probabilities(path, png)
+    for server in servers:
+        diff = check_answer(server.start_answer, expected, [str(i) for i in range(10)])
+        print(f"{server.name}'s answer against in-process onnxruntime: max |diff| {diff:.2e}")
+        if diff > 1e-5:
+            sys.exit(f"{server.name}'s probabilities differ from in-process onnxruntime's")
+
+
 PARTS = ("small", "large", "grpc", "models", "shadow")
 
 
@@ -575,7 +586,6 @@ def small_model(args: argparse.Namespace, folder: Path) -> list[Target]:
     png = upload_png()
     body = multipart(png)
     lua = _post_lua(folder, "post", body, f"multipart/form-data; boundary={BOUNDARY}")
-    labels = [str(i) for i in range(10)]
     extra = args.env
     bin_dir = Path(sys.executable).parent
     uvicorn = [str(bin_dir / "uvicorn"), "--app-dir", str(HERE / "baselines")]
@@ -610,15 +620,8 @@ def small_model(args: argparse.Namespace, folder: Path) -> list[Target]:
     servers = [s for s in servers if not args.only or s.name in args.only]
     try:
         _started(servers, body, folder)
-        convserve = next((s for s in servers if s.name == "convserve"), None)
-        if convserve is not None:
-            # after the idle memory: onnxruntime in this process would share its pages
-            expected = expected_probabilities(model, png)
-            answer = convserve.start_answer
-            diff = check_answer(answer, expected, labels)
-            print(f"convserve's answer against in-process onnxruntime: max |diff| {diff:.2e}")
-            if diff > 1e-5:
-                sys.exit("convserve's probabilities differ from in-process onnxruntime's")
+        # after the idle memory: onnxruntime in this process would share its pages
+        _answers_checked([s for s in servers if s.name == "convserve"], model, png)
         _load_points(servers, args, lua, args.concurrency or CONCURRENCY)
     finally:
         _stopped(servers)
@@ -794,12 +797,7 @@ def compute_bound(args: argparse.Namespace, folder: Path, size: int) -> list[Tar
     servers.append(bare)
     try:
         _started(servers, body, folder)
-        expected = expected_probabilities(path, png)
-        labels = [str(i) for i in range(10)]
-        for server in servers:  # the same work: the same probabilities
-            diff = check_answer(server.start_answer, expected, labels)
-            if diff > 1e-5:
-                sys.exit(f"{server.name}'s probabilities differ from in-process onnxruntime's")
+        _answers_checked(servers, path, png)  # the same work: the same probabilities
         _load_points(servers, args, lua, (1, 32), query="")
         print(f"convserve with default settings chose:\n  {_chosen(servers[0])}")
     finally:

@@ -115,6 +115,6 @@ def test_a_model_whose_lean_graph_cannot_be_trusted_is_served_whole(
     path = made_from(onnx_path, tmp_path)
     model.source = replace(model.source, uri=str(path), path=path)
     with caplog.at_level(logging.INFO, logger="convserve.service.model"):
-        assert lean_session(model, Settings()) is None
+        assert lean_session(model) is None
     assert f"{path}: served by its whole graph" in caplog.text
     assert says in caplog.text

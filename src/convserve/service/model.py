@@ -61,9 +61,10 @@ class LoadedModel:
     run_seconds: float = 0.0  # one warm session.run of two images, measured by self_check
     # the graph with the probabilities alone (``lean_session``), for runs that ask nothing else
     lean: ort.InferenceSession | None = None
-    # the whole graph as read at the load, and the device and operator threads to open it on
-    graph: bytes | None = field(default=None, repr=False)
+    # the device and operator threads its sessions are opened with
     opening: tuple[str, int, int] = ("cpu", 0, 0)
+    # the whole graph as read at the load, to open its session again from
+    graph: bytes | None = field(default=None, repr=False)
     _opening_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -210,32 +211,32 @@ def open_model(source: Source, settings: Settings) -> LoadedModel:
     if source.run_id is None and meta.run_id:
         source = replace(source, run_id=meta.run_id)
     model = LoadedModel(
-        source=source, session=session, meta=meta, providers=session.get_providers()
+        source=source,
+        session=session,
+        meta=meta,
+        providers=session.get_providers(),
+        opening=(settings.device, *threads),
     )
     self_check(model)
-    lean = lean_session(model, settings)
+    lean = lean_session(model)
     if lean is not None:
         model.lean, model.graph = lean
-        model.opening = (settings.device, *threads)
         model.session = None  # opened again by the first run that asks for a feature map
     return model
 
 
-def lean_session(
-    model: LoadedModel, settings: Settings
-) -> tuple[ort.InferenceSession, bytes] | None:
+def lean_session(model: LoadedModel) -> tuple[ort.InferenceSession, bytes] | None:
     """A session of the model's graph with the probabilities as its one output
-    (``sessions.with_outputs``: onnxruntime then fuses what the feature maps kept apart), for
-    the requests that ask for nothing else, checked to answer as the whole graph does; and the
-    whole graph as read, to open it again from. None where the graph has no other output, or
+    (``sessions.with_outputs``), opened as the whole graph's, for the requests that ask for
+    nothing else, checked to answer as the whole graph does; and the whole graph as read, to
+    open it again from. None where the graph has no other output, or
     where its lean graph cannot be made, does not load or answers otherwise (said in the log:
     the model is served by its whole graph alone, as before)."""
     if not model.blocks or model.source.path is None:
         return None
     try:
         whole = model.source.path.read_bytes()
-        threads = settings.intra_op_threads, settings.inter_op_threads
-        lean = open_session(with_outputs(whole, contract.PROBABILITIES), settings.device, *threads)
+        lean = open_session(with_outputs(whole, contract.PROBABILITIES), *model.opening)
         x = np.random.default_rng(0).random(
             (2, model.channels, model.height, model.width), np.float32
         )
