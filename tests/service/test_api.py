@@ -360,6 +360,58 @@ def test_predict_is_served_directly_and_its_failures_answer_500_and_not_the_serv
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "top_k"]
 
 
+def test_v2_infer_is_served_directly_with_its_path_parameters(client, monkeypatch, caplog):
+    """The v2 infer routes skip FastAPI's routing too (``Service.serve_directly`` matches a
+    path with parameters by its pattern): the declared endpoints answer with the name and
+    version of the path, errors are the protocol's, an unexpected one is a logged 500, another
+    method is FastAPI's 405, and requests are counted by route. Under a proxy's root path
+    FastAPI's router serves them, with the same answer."""
+    from convserve.service.api import v2
+
+    app = client.app
+    routes = {route.path: route for _, route, _ in app._direct_patterns}
+    assert routes["/v2/models/{name}/infer"].endpoint is v2.infer
+    assert routes["/v2/models/{name}/versions/{version}/infer"].endpoint is v2.infer_version
+    tensor = {"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}
+    ok = client.post("/v2/models/model/infer", json={"inputs": [tensor]})
+    assert ok.status_code == 200, ok.text
+    version = ok.json()["model_version"]
+    assert ok.json()["model_name"] == "model"
+    pinned = client.post(f"/v2/models/model/versions/{version}/infer", json={"inputs": [tensor]})
+    assert pinned.status_code == 200 and pinned.json()["outputs"] == ok.json()["outputs"]
+    proxied = TestClient(app, root_path="/api").post(
+        "/api/v2/models/model/infer", json={"inputs": [tensor]}
+    )
+    assert proxied.status_code == 200 and proxied.json()["outputs"] == ok.json()["outputs"]
+    other = client.post("/v2/models/other/infer", json={"inputs": [tensor]})
+    assert other.status_code == 404 and "other" in other.json()["error"]
+    unserved = client.post("/v2/models/model/versions/7/infer", json={"inputs": [tensor]})
+    assert unserved.status_code == 404 and unserved.json()["error"]
+    bad = client.post("/v2/models/model/infer", content=b"not json")
+    assert bad.status_code == 400 and "not JSON" in bad.json()["error"]
+    assert client.get("/v2/models/model/infer").status_code == 405
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(v2, "_answer", broken)
+    with caplog.at_level("ERROR", logger="convserve.service.direct"):
+        r = client.post("/v2/models/model/infer", json={"inputs": [tensor]})
+    assert r.status_code == 500 and "POST /v2/models/model/infer failed" in caplog.text
+    monkeypatch.undo()
+    text = client.get("/metrics").text
+    for route, status, count in [
+        ("/v2/models/{name}/infer", "200", 2),  # the proxied one too
+        ("/v2/models/{name}/infer", "404", 1),
+        ("/v2/models/{name}/infer", "400", 1),
+        ("/v2/models/{name}/infer", "500", 1),
+        ("/v2/models/{name}/versions/{version}/infer", "200", 1),
+        ("/v2/models/{name}/versions/{version}/infer", "404", 1),
+    ]:
+        series = f'method="POST",route="{route}",status="{status}"'
+        assert f"convserve_http_requests_total{{{series}}} {count:.1f}" in text, series
+
+
 def test_a_direct_route_takes_only_the_request(onnx_path):
     from fastapi import Query
 

@@ -93,6 +93,13 @@ class Jobs:
 # request allocates a few hundred objects, and a collection costs the same whether it finds
 # garbage or not.
 GC_THRESHOLDS = (20_000, 20, 100)
+# The routes served past FastAPI's middleware stack, router and dependency resolution
+# (``Service.serve_directly``): every prediction's path, image or tensor.
+DIRECT_ROUTES = (
+    "/predict",
+    "/v2/models/{name}/infer",
+    "/v2/models/{name}/versions/{version}/infer",
+)
 GRPC_GRACE_SECONDS = 10.0  # at shutdown, how long gRPC calls in flight may take to finish
 # How long a thread holding the GIL keeps it once another asks (CPython's default: 5 ms):
 # the event loop waits at most this long for a heavy request's thread (admission.py)
@@ -221,9 +228,9 @@ def create_app(settings: Settings, job_settings: JobSettings | None = None) -> S
 
     app.openapi = openapi_with_v2  # type: ignore[method-assign]
     app.add_middleware(EdgeMiddleware, settings=settings, metrics=metrics)
-    app.serve_directly(
-        "POST", "/predict", partial(EdgeMiddleware, settings=settings, metrics=metrics)
-    )
+    edge = partial(EdgeMiddleware, settings=settings, metrics=metrics)
+    for path in DIRECT_ROUTES:
+        app.serve_directly("POST", path, edge)
     return app
 
 

@@ -26,11 +26,15 @@ class Service(FastAPI):
     resolution are skipped: on ``POST /predict`` of a small model they cost more than the
     model's inference. The route is declared once, as usual (``APIRouter``): OpenAPI describes
     it, the endpoint is the declared one, and a route whose endpoint takes anything but the
-    ``Request`` is refused here."""
+    ``Request`` is refused here. A path with parameters is matched by the route's pattern
+    and its endpoint reads them from ``request.path_params``; the route declares them to
+    OpenAPI itself (``openapi_extra``), since its endpoint does not."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._direct: dict[tuple[str, str], tuple[APIRoute, ASGIApp]] = {}
+        # routes whose path has parameters, matched by their pattern
+        self._direct_patterns: list[tuple[str, APIRoute, ASGIApp]] = []
 
     def serve_directly(self, method: str, path: str, edge: Callable[[ASGIApp], ASGIApp]) -> None:
         """Serve ``method path`` directly, through ``edge`` (the middleware to keep)."""
@@ -58,7 +62,25 @@ class Service(FastAPI):
                 response = await self._answer_error(request, err)
             await response(scope, receive, send)
 
-        self._direct[(method, path)] = (route, edge(direct))
+        if route.param_convertors:
+            self._direct_patterns.append((method, route, edge(direct)))
+        else:
+            self._direct[(method, path)] = (route, edge(direct))
+
+    def _direct_route(self, scope: Scope) -> tuple[APIRoute, ASGIApp, dict[str, Any]] | None:
+        """The directly served route of a request, with its path parameters; None for the
+        others."""
+        method, path = scope["method"], scope["path"]
+        plain = self._direct.get((method, path))
+        if plain is not None:
+            return plain[0], plain[1], {}
+        for route_method, route, app in self._direct_patterns:
+            match = route.path_regex.match(path) if method == route_method else None
+            if match is not None:
+                convertors = route.param_convertors
+                params = {k: convertors[k].convert(v) for k, v in match.groupdict().items()}
+                return route, app, params
+        return None
 
     async def _answer_error(self, request: Request, err: Exception) -> Response:
         for cls in type(err).__mro__:
@@ -70,13 +92,13 @@ class Service(FastAPI):
         return JSONResponse({"detail": "internal server error"}, status_code=500)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            direct = self._direct.get((scope["method"], scope["path"]))
-            # under a root path (a proxy's prefix), FastAPI's router resolves the path
-            if direct is not None and not scope.get("root_path"):
+        # under a root path (a proxy's prefix), FastAPI's router resolves the path
+        if scope["type"] == "http" and not scope.get("root_path"):
+            direct = self._direct_route(scope)
+            if direct is not None:
                 scope["app"] = self
-                scope["route"] = direct[0]
-                await direct[1](scope, receive, send)
+                scope["route"], app, scope["path_params"] = direct
+                await app(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
 

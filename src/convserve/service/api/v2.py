@@ -29,6 +29,7 @@ from convserve.service.api.v2_schemas import (
     TensorIn,
     V2ModelMetadata,
 )
+from convserve.service.catalog import Catalog
 from convserve.service.engine import Engine
 from convserve.service.inference import (
     V2Error,
@@ -54,8 +55,10 @@ def error_response(err: V2Error) -> JSONResponse:
     return JSONResponse({"error": err.message}, status_code=err.status)
 
 
-Name = Annotated[str, Path(description="A model's name (GET /v1/models)")]
-Version = Annotated[str, Path(description="The version being served")]
+_NAME = "A model's name (GET /v1/models)"
+_VERSION = "The version being served"
+Name = Annotated[str, Path(description=_NAME)]
+Version = Annotated[str, Path(description=_VERSION)]
 _MODEL_ERRORS = errors(
     404,
     503,
@@ -167,42 +170,57 @@ async def version_ready(name: Name, version: Version, catalog: CatalogDep) -> An
     return _ready(find_engine(catalog, name, version))
 
 
-_INFER_DOC = {
-    "response_model": InferResponse,
-    "responses": {
-        **_MODEL_ERRORS,
-        **errors(
-            400,
-            503,
-            v2=True,
-            e400="Not JSON, a wrong input name, datatype or shape",
-            e503="No model loaded yet, or busy: heavy requests over CONVSERVE_ADMISSION_BUDGET "
-            "are being answered (with Retry-After)",
-        ),
-    },
-    "openapi_extra": _INFER_BODY,
-}
+def _infer_doc(**path: str) -> dict[str, Any]:
+    """The infer routes' OpenAPI. They are served directly (``Service.serve_directly``: their
+    endpoints take only the request), so their path parameters are declared here, as FastAPI
+    declares a ``Path`` parameter."""
+    parameters = [
+        {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "description": description,
+            "schema": {"type": "string", "title": name.title(), "description": description},
+        }
+        for name, description in path.items()
+    ]
+    return {
+        "response_model": InferResponse,
+        "responses": {
+            **_MODEL_ERRORS,
+            **errors(
+                400,
+                503,
+                v2=True,
+                e400="Not JSON, a wrong input name, datatype or shape",
+                e503="No model loaded yet, or busy: heavy requests over "
+                "CONVSERVE_ADMISSION_BUDGET are being answered (with Retry-After)",
+            ),
+        },
+        "openapi_extra": {**_INFER_BODY, "parameters": parameters},
+    }
 
 
-@router.post("/models/{name}/infer", summary="Inference", **_INFER_DOC)  # type: ignore[arg-type]
-async def infer(name: Name, request: Request, catalog: CatalogDep) -> Response:
+@router.post("/models/{name}/infer", summary="Inference", **_infer_doc(name=_NAME))
+async def infer(request: Request) -> Response:
     """One FP32 input ``image`` ``[N, C, H, W]`` with values in [0, 1]; every output unless
     ``outputs`` names some. JSON tensors, or binary ones with the binary tensor data extension
     (what Triton's clients send by default). The champion answers, or with the model's canary
     share its challenger (``model_version`` says which)."""
-    engine, challenger = catalog.route(name)
+    catalog: Catalog = request.app.state.catalog
+    engine, challenger = catalog.route(request.path_params["name"])
     return await _infer(engine, request, challenger)
 
 
 @router.post(
     "/models/{name}/versions/{version}/infer",
     summary="Inference on a version",
-    **_INFER_DOC,  # type: ignore[arg-type]
+    **_infer_doc(name=_NAME, version=_VERSION),
 )
-async def infer_version(
-    name: Name, version: Version, request: Request, catalog: CatalogDep
-) -> Response:
+async def infer_version(request: Request) -> Response:
     """As inference, on the version being served (404 for another one)."""
+    catalog: Catalog = request.app.state.catalog
+    name, version = request.path_params["name"], request.path_params["version"]
     return await _infer(find_engine(catalog, name, version), request)
 
 
