@@ -4,6 +4,7 @@ their decoding, inference and encoding run in the heavy thread, never on the eve
 
 import asyncio
 import io
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -93,6 +94,42 @@ def test_heavy_work_runs_in_the_heavy_thread(onnx_path, monkeypatch):
         one = client.post("/predict?feature_maps=block1&format=stats", files=files[:1])
         assert one.status_code == 200
         assert {name.rsplit("_", 1)[0] for name in threads} == {"convserve-heavy"}
+
+
+def test_a_v2_request_s_json_is_parsed_off_the_event_loop_only_when_it_is_large(
+    onnx_path, monkeypatch
+):
+    """A tensor of values (over 64 KB of JSON) is parsed in the heavy thread; the short JSON
+    in front of as many bytes of binary tensor data, on the event loop: the body's size is
+    not the parse's."""
+    from convserve.service.api import v2
+
+    threads = []
+    parse = v2._parse
+
+    def recording(text: bytes) -> object:
+        threads.append(threading.current_thread().name)
+        return parse(text)
+
+    monkeypatch.setattr(v2, "_parse", recording)
+    images = np.linspace(0, 1, 300 * 64, dtype=np.float32).reshape(300, 1, 8, 8)
+    tensor = {"name": "image", "shape": list(images.shape), "datatype": "FP32"}
+    values = {"inputs": [{**tensor, "data": images.ravel().tolist()}]}
+    raw = images.tobytes()
+    header = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}]})
+    assert len(json.dumps(values)) > v2.INLINE_JSON_BYTES and len(raw) > v2.INLINE_JSON_BYTES
+    settings = Settings(model_uri=str(onnx_path), poll_interval=3600)
+    with TestClient(create_app(settings)) as client:
+        as_values = client.post("/v2/models/model/infer", json=values)
+        as_bytes = client.post(
+            "/v2/models/model/infer",
+            content=header.encode() + raw,
+            headers={v2.HEADER_LENGTH: str(len(header))},
+        )
+    assert as_values.status_code == as_bytes.status_code == 200, as_bytes.text
+    assert as_bytes.json()["outputs"] == as_values.json()["outputs"]
+    heavy = [name.startswith("convserve-heavy") for name in threads]
+    assert heavy == [True, False], threads
 
 
 def test_over_budget_requests_are_refused_and_light_ones_still_answered(onnx_path, tmp_path):

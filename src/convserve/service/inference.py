@@ -90,7 +90,7 @@ def check_input(engine: Engine, name: str, datatype: str, shape: list[int]) -> A
     return dtype
 
 
-def from_bytes(raw: bytes, dtype: Any, datatype: str, shape: list[int]) -> np.ndarray:
+def from_bytes(raw: bytes | memoryview, dtype: Any, datatype: str, shape: list[int]) -> np.ndarray:
     """The input tensor from its row-major bytes, as float32."""
     size = math.prod(shape) * np.dtype(dtype).itemsize
     if len(raw) != size:

@@ -224,18 +224,22 @@ async def infer_version(request: Request) -> Response:
     return await _infer(find_engine(catalog, name, version), request)
 
 
-def _parse(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
-    binary = b""
-    if header_length is not None:
-        try:
-            n = int(header_length)
-        except ValueError:
-            raise V2Error(400, f"{HEADER_LENGTH} must be an integer") from None
-        if not 0 <= n <= len(body):
-            raise V2Error(400, f"{HEADER_LENGTH} {n} does not fit a body of {len(body)} bytes")
-        body, binary = body[:n], body[n:]
+def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """The JSON and the binary tensor data after it (a view: the tensors are not copied)."""
+    if header_length is None:
+        return body, memoryview(b"")
     try:
-        return InferRequest.model_validate(json.loads(body)), binary
+        n = int(header_length)
+    except ValueError:
+        raise V2Error(400, f"{HEADER_LENGTH} must be an integer") from None
+    if not 0 <= n <= len(body):
+        raise V2Error(400, f"{HEADER_LENGTH} {n} does not fit a body of {len(body)} bytes")
+    return body[:n], memoryview(body)[n:]
+
+
+def _parse(text: bytes) -> InferRequest:
+    try:
+        return InferRequest.model_validate(json.loads(text))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise V2Error(400, f"the request body is not JSON: {err}") from None
     except ValidationError as err:
@@ -243,7 +247,7 @@ def _parse(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]
         raise V2Error(400, f"invalid inference request: {problems}") from None
 
 
-def _input_array(engine: Engine, tensor: TensorIn, binary: bytes) -> np.ndarray:
+def _input_array(engine: Engine, tensor: TensorIn, binary: memoryview) -> np.ndarray:
     dtype = check_input(engine, tensor.name, tensor.datatype, tensor.shape)
     size = tensor.parameters.get("binary_data_size")
     if size is not None:  # from_bytes checks the size against the shape
@@ -257,20 +261,17 @@ def _input_array(engine: Engine, tensor: TensorIn, binary: bytes) -> np.ndarray:
     return from_values(tensor.data, tensor.shape)
 
 
-INLINE_BODY_BYTES = 64 * 1024  # a request body parsed on the event loop; larger: off it
+INLINE_JSON_BYTES = 64 * 1024  # a request's JSON parsed on the event loop; larger: off it
 
 
 async def _infer(engine: Engine, request: Request, challenger: Engine | None = None) -> Response:
     state = request.app.state
     heavy_pool = state.decoder.heavy
-    body = await request.body()
-    header_length = request.headers.get(HEADER_LENGTH)
-    if len(body) > INLINE_BODY_BYTES:  # a large JSON tensor: parsed off the event loop
-        req, binary = await asyncio.get_running_loop().run_in_executor(
-            heavy_pool, _parse, body, header_length
-        )
+    text, binary = _split(await request.body(), request.headers.get(HEADER_LENGTH))
+    if len(text) > INLINE_JSON_BYTES:  # a large JSON tensor: parsed off the event loop
+        req = await asyncio.get_running_loop().run_in_executor(heavy_pool, _parse, text)
     else:
-        req, binary = _parse(body, header_length)
+        req = _parse(text)
     if len(req.inputs) != 1:
         raise V2Error(
             400, f"expected exactly one input ({contract.INPUT!r}), got {len(req.inputs)}"
