@@ -8,6 +8,7 @@ with the app, and the pages of everything imported and built before the fork are
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import ctypes
@@ -188,6 +189,7 @@ def _config(settings: Settings, job_settings: JobSettings) -> uvicorn.Config:
         log_config=log_config(),
         access_log=False,
         ws="none",  # no WebSocket route: a worker need not import a WebSocket library
+        http=http_protocol(),
     )
     cores = available_cores()
     log.info(  # after uvicorn.Config, which configures logging
@@ -203,6 +205,16 @@ def _config(settings: Settings, job_settings: JobSettings) -> uvicorn.Config:
         settings.admission_budget_units(),
     )
     return config
+
+
+def http_protocol() -> type[asyncio.Protocol] | str:
+    """uvicorn's httptools protocol sending each response's head with its body
+    (``wire.py``); uvicorn's choice where httptools is not installed."""
+    try:
+        from convserve.service.wire import OneSendHttpToolsProtocol
+    except ImportError:  # no httptools: uvicorn runs its h11 protocol
+        return "auto"
+    return OneSendHttpToolsProtocol
 
 
 @contextlib.contextmanager
