@@ -46,6 +46,7 @@ test-deps:
 	$(call debian,npm,npm,the accessibility audit)
 	$(call debian,nginx,nginx,the load balancer test)
 	$(call debian,docker-compose,docker-compose,checking the compose files)
+	$(call debian,strace,strace,the test that no process sends onnxruntime's usage events)
 	@command -v kustomize >/dev/null || kubectl kustomize --help >/dev/null 2>&1 || \
 	  echo "the Kubernetes tests render deploy/k8s with kustomize or kubectl 1.21+; neither is here"
 	@test -x .tools/checkov/bin/checkov || { echo "installing checkov $(CHECKOV_VERSION) into .tools/checkov"; \
