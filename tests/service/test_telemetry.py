@@ -45,10 +45,10 @@ def test_importing_convserve_turns_onnxruntime_s_events_off_unless_the_environme
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (make test installs it)")
 def test_a_convserve_process_sends_no_usage_events(onnx_path, tmp_path):
     traces = {name: tmp_path / f"{name}.trace" for name in ("convserve", "onnxruntime")}
+    strace = ["strace", "-f", "-e", "trace=sendto,sendmsg,sendmmsg", "-s", "64", "-o"]
     processes = {
         name: subprocess.Popen(
-            ["strace", "-f", "-e", "trace=sendto,sendmsg,sendmmsg", "-s", "64", "-o", str(trace)]
-            + [sys.executable, "-c", OPEN_A_SESSION, name, str(onnx_path)],
+            [*strace, str(trace), sys.executable, "-c", OPEN_A_SESSION, name, str(onnx_path)],
             env=_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
