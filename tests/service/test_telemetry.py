@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,7 @@ def test_a_convserve_process_sends_no_usage_events(onnx_path, tmp_path):
             env=_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # strace and the process it runs: one group to stop
         )
         for name, trace in traces.items()
     }
@@ -69,5 +71,5 @@ def test_a_convserve_process_sends_no_usage_events(onnx_path, tmp_path):
         assert not looked_up(traces["convserve"])
     finally:
         for process in processes.values():
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)  # strace killed alone leaves its tracee
             process.wait()
