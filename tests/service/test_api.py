@@ -369,7 +369,7 @@ def test_v2_infer_is_served_directly_with_its_path_parameters(client, monkeypatc
     from convserve.service.api import v2
 
     app = client.app
-    routes = {route.path: route for _, route, _ in app._direct_patterns}
+    routes = {path: route for (_, path), (route, _) in app._direct.items()}
     assert routes["/v2/models/{name}/infer"].endpoint is v2.infer
     assert routes["/v2/models/{name}/versions/{version}/infer"].endpoint is v2.infer_version
     tensor = {"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}

@@ -6,7 +6,9 @@ import socket
 
 import pytest
 
-from convserve.service.server import http_protocol
+from convserve.jobs import JobSettings
+from convserve.service.server import _config
+from convserve.service.settings import Settings
 from convserve.service.wire import HeadWithBody, OneSendHttpToolsProtocol
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"
@@ -68,7 +70,7 @@ def test_the_service_s_protocol_answers_http_over_a_real_socket():
     full."""
     import uvicorn
 
-    assert http_protocol() is OneSendHttpToolsProtocol
+    assert _config(Settings(), JobSettings()).http is OneSendHttpToolsProtocol
 
     async def app(scope, receive, send):  # type: ignore[no-untyped-def]
         assert scope["type"] == "http"

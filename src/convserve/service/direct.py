@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,8 @@ class Service(FastAPI):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        # by method and declared path; a path with parameters is matched by its route
         self._direct: dict[tuple[str, str], tuple[APIRoute, ASGIApp]] = {}
-        # routes whose path has parameters, matched by their pattern
-        self._direct_patterns: list[tuple[str, APIRoute, ASGIApp]] = []
 
     def serve_directly(self, method: str, path: str, edge: Callable[[ASGIApp], ASGIApp]) -> None:
         """Serve ``method path`` directly, through ``edge`` (the middleware to keep)."""
@@ -62,24 +62,19 @@ class Service(FastAPI):
                 response = await self._answer_error(request, err)
             await response(scope, receive, send)
 
-        if route.param_convertors:
-            self._direct_patterns.append((method, route, edge(direct)))
-        else:
-            self._direct[(method, path)] = (route, edge(direct))
+        self._direct[(method, path)] = (route, edge(direct))
 
     def _direct_route(self, scope: Scope) -> tuple[APIRoute, ASGIApp, dict[str, Any]] | None:
-        """The directly served route of a request, with its path parameters; None for the
-        others."""
-        method, path = scope["method"], scope["path"]
-        plain = self._direct.get((method, path))
+        """The directly served route of a request, with its path parameters (matched as
+        Starlette's router matches them); None for the others."""
+        plain = self._direct.get((scope["method"], scope["path"]))
         if plain is not None:
             return plain[0], plain[1], {}
-        for route_method, route, app in self._direct_patterns:
-            match = route.path_regex.match(path) if method == route_method else None
-            if match is not None:
-                convertors = route.param_convertors
-                params = {k: convertors[k].convert(v) for k, v in match.groupdict().items()}
-                return route, app, params
+        for (method, _), (route, app) in self._direct.items():
+            if method == scope["method"] and route.param_convertors:
+                match, child = route.matches(scope)
+                if match is Match.FULL:
+                    return route, app, child["path_params"]
         return None
 
     async def _answer_error(self, request: Request, err: Exception) -> Response:

@@ -8,7 +8,6 @@ with the app, and the pages of everything imported and built before the fork are
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import copy
 import ctypes
@@ -42,6 +41,7 @@ from convserve.service.metrics import MULTIPROCESS_DIR, multiprocess_values
 from convserve.service.registry import over_rest
 from convserve.service.sessions import providers_for, warm_up_cpu
 from convserve.service.settings import Settings, available_cores
+from convserve.service.wire import OneSendHttpToolsProtocol
 
 log = logging.getLogger("convserve.service")
 
@@ -189,7 +189,7 @@ def _config(settings: Settings, job_settings: JobSettings) -> uvicorn.Config:
         log_config=log_config(),
         access_log=False,
         ws="none",  # no WebSocket route: a worker need not import a WebSocket library
-        http=http_protocol(),
+        http=OneSendHttpToolsProtocol,  # each response's head with its body (wire.py)
     )
     cores = available_cores()
     log.info(  # after uvicorn.Config, which configures logging
@@ -205,16 +205,6 @@ def _config(settings: Settings, job_settings: JobSettings) -> uvicorn.Config:
         settings.admission_budget_units(),
     )
     return config
-
-
-def http_protocol() -> type[asyncio.Protocol] | str:
-    """uvicorn's httptools protocol sending each response's head with its body
-    (``wire.py``); uvicorn's choice where httptools is not installed."""
-    try:
-        from convserve.service.wire import OneSendHttpToolsProtocol
-    except ImportError:  # no httptools: uvicorn runs its h11 protocol
-        return "auto"
-    return OneSendHttpToolsProtocol
 
 
 @contextlib.contextmanager
