@@ -134,6 +134,48 @@ def test_outputs_are_read_by_name(onnx_path, batching):
     asyncio.run(scenario())
 
 
+def test_requests_that_arrive_together_share_a_run_on_the_event_loop(onnx_path):
+    """A model that runs on the event loop: its run holds the loop, so the requests that came
+    in with one have not reached the engine when it starts. Each of them found the engine
+    idle and ran alone, and batches never formed whatever the batch size. Eight requests
+    started in one turn of the loop now share runs of the batch size, on the loop, each with
+    its unbatched answer; a lone request still runs at once."""
+
+    async def scenario():
+        settings = Settings(model_uri=str(onnx_path), max_batch_size=4, max_batch_wait_ms=500)
+        manager = ModelManager(settings, Metrics())
+        await manager.check()
+        engine = manager.engine
+        engine.typical_run = 0.0  # as measured for the tiny model: it runs on the loop
+        runs: list[tuple[int, int]] = []
+        run = engine.model.run
+
+        def recorded(batch, outputs):
+            runs.append((batch.shape[0], threading.get_ident()))
+            return run(batch, outputs)
+
+        engine.model.run = recorded  # type: ignore[method-assign]
+        images = np.random.default_rng(2).random((8, 1, 8, 8), dtype=np.float32)
+        outputs = ["probabilities"]
+        together = await asyncio.gather(
+            *(engine.infer(images[i : i + 1], outputs) for i in range(8))
+        )
+        assert runs == [(4, threading.get_ident())] * 2, runs
+        single = _unbatched(manager)
+        for i in range(8):
+            alone = await single.infer(images[i : i + 1], outputs)
+            assert np.abs(together[i]["probabilities"] - alone["probabilities"]).max() <= 1e-6
+        runs.clear()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await engine.infer(images[:1], outputs)
+        assert runs == [(1, threading.get_ident())]
+        assert loop.time() - start < 0.4  # not the 500 ms batching wait
+        await manager.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_fast_model_runs_on_the_event_loop_and_a_slow_one_in_the_threads(onnx_path):
     """The tiny test model's run takes well under INLINE_SECONDS: no thread hop. Once its
     measured run time says otherwise, runs move to the inference threads."""

@@ -295,6 +295,40 @@ def test_serve_options_reach_every_worker_process(onnx_path, tmp_path):
     assert not (tmp_path / "mlflow.db").exists()  # a server that only predicts opens no store
 
 
+def test_requests_that_arrive_together_share_one_run(onnx_path, tmp_path):
+    """The test model runs on the event loop, and a run there holds the loop: the requests
+    that came in with one each found the engine idle and ran alone, so no batch formed
+    whatever the batch size. Sixteen requests written at once on sixteen connections, five
+    times over, now share runs, and each is answered."""
+    import http.client
+
+    env = {"CONVSERVE_MODEL_URI": str(onnx_path), "CONVSERVE_MAX_BATCH_SIZE": "16"}
+    with uvicorn_server(env, tmp_path) as url:
+        port = int(url.rsplit(":", 1)[1])
+        part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+        body = part + b"Content-Type: image/png\r\n\r\n" + _png() + b"\r\n--b--\r\n"
+        headers = {"Content-Type": "multipart/form-data; boundary=b"}
+        before = httpx.get(f"{url}/metrics").text
+        for _ in range(5):
+            connections = [
+                http.client.HTTPConnection("127.0.0.1", port, timeout=30) for _ in range(16)
+            ]
+            for connection in connections:
+                connection.connect()
+            for connection in connections:  # every request out before any answer is read
+                connection.request("POST", "/predict", body, headers)
+            for connection in connections:
+                answer = connection.getresponse()
+                assert answer.status == 200 and json.loads(answer.read())["predictions"]
+                connection.close()
+        after = httpx.get(f"{url}/metrics").text
+    images, runs = (
+        _sample(after, name) - _sample(before, name)
+        for name in ("convserve_inference_images_total", "convserve_inference_batch_size_count")
+    )
+    assert images == 80 and runs < images, (images, runs)
+
+
 def _sample(metrics: str, name: str) -> float:
     for line in metrics.splitlines():
         if line.startswith(name + " "):

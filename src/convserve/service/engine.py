@@ -9,7 +9,9 @@ two GIL hand-overs) would cost more than the run; so does one that runs on one C
 less than ``ONE_CORE_INLINE_SECONDS`` (the loop would share its core with the thread anyway).
 Slower ones (large models, large batches, several operator threads, a GPU's copies) run in the
 inference threads while the loop goes on parsing requests; the choice follows a moving average
-of the measured run time. When the model is swapped, the old engine drains
+of the measured run time. A run on the loop holds it, so a request that finds the engine idle
+first lets the requests that arrived with it reach the engine (one turn of the loop) and
+share its run. When the model is swapped, the old engine drains
 its queue before it closes, so requests in flight finish on the old session.
 """
 
@@ -176,13 +178,15 @@ class Engine:
         try:
             if heavy is not None:
                 return await self._run_in_parts(images, outputs, heavy)
-            alone = self._inflight == 1  # nothing queued or running: no company to wait for
-            if (
-                alone
-                or self._closing
-                or not self.batching
-                or images.shape[0] >= self.max_batch_size
-            ):
+            if self._closing or not self.batching or images.shape[0] >= self.max_batch_size:
+                self.metrics.queue_time.observe(0.0)
+                return await self._run(images, outputs)
+            if self._inflight == 1 and self.typical_run < self.inline_up_to:
+                # A run on the event loop holds it: the requests that came in with this one
+                # have not been decoded yet, and would each find the engine idle and run
+                # alone. One turn of the loop lets them reach the engine and join this run.
+                await asyncio.sleep(0)
+            if self._inflight == 1:  # nothing queued or running: no company to wait for
                 self.metrics.queue_time.observe(0.0)
                 return await self._run(images, outputs)
             future: asyncio.Future[dict[str, np.ndarray]] = (
