@@ -240,7 +240,8 @@ def _opened(path, **settings):
 
 def test_the_batch_plan_follows_the_measured_cost(onnx_path, monkeypatch):
     """Unset, the batch size is the smallest whose cost per image is near the cheapest
-    measured, and the wait at most a full batch's run; set, the settings win."""
+    measured, at least two, and the wait at most a full batch's run (none where batches
+    measured no cheaper); set, the settings win."""
     model = _opened(onnx_path)
     plan = engine_module.plan_batches(model, Settings())
     assert list(plan.costs) == [1, 2, 4, 8, 16, 32]  # a small model: every size measured
@@ -252,10 +253,17 @@ def test_the_batch_plan_follows_the_measured_cost(onnx_path, monkeypatch):
     assert 0 < plan.wait_ms <= min(2.0, plan.costs[plan.size] * plan.size * 1e3 + 1e-9)
     assert "batches of up to" in plan.describe() and "measured ms per image" in plan.describe()
 
-    # a model whose cost per image does not fall with the batch: batches of one, no wait
+    # a model whose cost per image does not fall with the batch: batches of two of the
+    # requests already waiting (each run's fixed cost, shared), no wait
     flat = {1: 1e-3, 2: 1.02e-3, 4: 0.99e-3, 8: 1.01e-3}
     monkeypatch.setattr(engine_module, "batch_costs", lambda model, largest: flat)
-    assert engine_module.plan_batches(model, Settings()) == engine_module.BatchPlan(1, 0.0, flat)
+    assert engine_module.plan_batches(model, Settings()) == engine_module.BatchPlan(2, 0.0, flat)
+    said = engine_module.plan_batches(model, Settings()).describe()
+    assert said.startswith("batches of up to 2 images of the requests already waiting (")
+    # one so large that only one image was measured: batches of one
+    alone = {1: 0.2}
+    monkeypatch.setattr(engine_module, "batch_costs", lambda model, largest: alone)
+    assert engine_module.plan_batches(model, Settings()) == engine_module.BatchPlan(1, 0.0, alone)
     # one that halves up to 8: batches of 8, waiting at most the 2 ms cap
     falling = {1: 8e-3, 2: 4e-3, 4: 2e-3, 8: 1e-3, 16: 0.99e-3}
     monkeypatch.setattr(engine_module, "batch_costs", lambda model, largest: falling)

@@ -49,10 +49,17 @@ INLINE_SECONDS = 0.001
 ONE_CORE_INLINE_SECONDS = 0.004
 # Batching's defaults, chosen per model (plan_batches): the smallest batch whose cost per
 # image is within NEAR_BEST of the cheapest measured, up to LARGEST_BATCH; a wait for company
-# of at most MAX_WAIT_MS, and never longer than a full batch takes to run.
+# of at most MAX_WAIT_MS, and never longer than a full batch takes to run. At least
+# WAITING_BATCH images of the requests already waiting, with no wait where batches measured no
+# cheaper: measured back to back, a run finds the model's weights and onnxruntime's state warm;
+# in a worker each run follows other requests' parsing, decoding and answers, and pays its
+# fixed cost again. The 60 M multiply-add model of bench_serve.py measured 0.88 ms an image
+# alone and 0.83 at two, but served 1,549-1,685 requests/s in batches of up to two against
+# 1,262-1,327 in batches of one (2 cores, concurrency 32, taking turns).
 LARGEST_BATCH = 32
 NEAR_BEST = 1.1
 MAX_WAIT_MS = 2.0
+WAITING_BATCH = 2
 
 
 @dataclass(frozen=True)
@@ -66,32 +73,39 @@ class BatchPlan:
         measured = ", ".join(f"{b}: {c * 1e3:.3g}" for b, c in self.costs.items())
         by = f" (by worker process {self.measured_by})" if self.measured_by is not None else ""
         how = f"measured ms per image by batch size{by}: {measured}" if self.costs else "as set"
+        if self.size > 1 and self.wait_ms == 0:
+            batches = f"batches of up to {self.size} images of the requests already waiting"
+        else:
+            batches = f"batches of up to {self.size} image{'s' if self.size > 1 else ''}, "
+            batches += f"waiting at most {self.wait_ms:.3g} ms for company"
         return (
-            f"batches of up to {self.size} image{'s' if self.size > 1 else ''}, waiting at most "
-            f"{self.wait_ms:.3g} ms for company ({how}; CONVSERVE_MAX_BATCH_SIZE and "
-            f"CONVSERVE_MAX_BATCH_WAIT_MS to change)"
+            f"{batches} ({how}; CONVSERVE_MAX_BATCH_SIZE and CONVSERVE_MAX_BATCH_WAIT_MS to "
+            "change)"
         )
 
 
 def plan_batches(model: LoadedModel, settings: Settings) -> BatchPlan:
     """The batch size and wait from the settings where set, else from the model's cost per
-    image measured at each batch size: on a CPU, a model large enough to keep a core busy
-    gains nothing from batches (a larger batch only leaves the cache sooner) and gets batches
-    of one with no wait; a small one, whose every run costs a fixed overhead, gets the batch
-    that spreads it. Run it off the event loop: it runs the model (at most about
-    ``MEASURE_SECONDS``)."""
+    image measured at each batch size: a small model, whose every run costs a fixed overhead,
+    gets the batch that spreads it and waits for company; on a CPU, a model large enough to
+    keep a core busy gains little from large batches (they only leave the cache sooner) and
+    gets batches of ``WAITING_BATCH`` of the requests already waiting, with no wait. Run it off
+    the event loop: it runs the model (at most about ``MEASURE_SECONDS``)."""
     size, wait = settings.max_batch_size, settings.max_batch_wait_ms
     if not settings.batching:
         return BatchPlan(1, 0.0, {})
     if size is not None and wait is not None:
         return BatchPlan(size, wait, {})
     costs, measured_by = shared_costs(model, size or LARGEST_BATCH, settings)
+    cheaper = True  # whether a batch measured cheaper per image than a lone image
     if size is None:
         cheapest = min(costs.values())
         size = min(b for b, cost in costs.items() if cost <= cheapest * NEAR_BEST)
+        cheaper = size > 1
+        size = max(size, min(WAITING_BATCH, max(costs)))
     if wait is None:
         full_batch_ms = costs.get(size, costs[max(costs)]) * size * 1e3
-        wait = 0.0 if size == 1 else min(MAX_WAIT_MS, full_batch_ms)
+        wait = min(MAX_WAIT_MS, full_batch_ms) if cheaper and size > 1 else 0.0
     return BatchPlan(size, wait, costs, measured_by)
 
 
