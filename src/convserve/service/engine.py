@@ -78,10 +78,8 @@ class BatchPlan:
         else:
             batches = f"batches of up to {self.size} image{'s' if self.size > 1 else ''}, "
             batches += f"waiting at most {self.wait_ms:.3g} ms for company"
-        return (
-            f"{batches} ({how}; CONVSERVE_MAX_BATCH_SIZE and CONVSERVE_MAX_BATCH_WAIT_MS to "
-            "change)"
-        )
+        change = "CONVSERVE_MAX_BATCH_SIZE and CONVSERVE_MAX_BATCH_WAIT_MS to change"
+        return f"{batches} ({how}; {change})"
 
 
 def plan_batches(model: LoadedModel, settings: Settings) -> BatchPlan:
