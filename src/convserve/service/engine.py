@@ -190,15 +190,14 @@ class Engine:
         try:
             if heavy is not None:
                 return await self._run_in_parts(images, outputs, heavy)
-            if self._closing or not self.batching or images.shape[0] >= self.max_batch_size:
-                self.metrics.queue_time.observe(0.0)
-                return await self._run(images, outputs)
-            if self._inflight == 1 and self.typical_run < self.inline_up_to:
+            batched = self.batching and not self._closing
+            batched &= images.shape[0] < self.max_batch_size
+            if batched and self._inflight == 1 and self.typical_run < self.inline_up_to:
                 # A run on the event loop holds it: the requests that came in with this one
                 # have not been decoded yet, and would each find the engine idle and run
                 # alone. One turn of the loop lets them reach the engine and join this run.
                 await asyncio.sleep(0)
-            if self._inflight == 1:  # nothing queued or running: no company to wait for
+            if not batched or self._inflight == 1:  # alone: no company to wait for
                 self.metrics.queue_time.observe(0.0)
                 return await self._run(images, outputs)
             future: asyncio.Future[dict[str, np.ndarray]] = (
