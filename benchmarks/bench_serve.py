@@ -51,7 +51,7 @@ over uvicorn costs at the least: the benchmark prints its ratio to in-process an
 share of it. Then convserve with default settings is sent the very tensor in-process onnxruntime
 runs, over HTTP v2 with the binary tensor data extension (as Triton's clients send it), at
 concurrency 32: the ratio without the upload's decode, which in-process onnxruntime does not do
-either.
+either, and how many images its runs held (``convserve_inference_batch_size`` on /metrics).
 
 grpc: the small model's tensor over KServe v2 gRPC (``grpc_load.py``: 32 connections, one
 call in flight on each) and over HTTP v2 with the binary tensor extension (wrk), one
@@ -814,6 +814,7 @@ def compute_bound(args: argparse.Namespace, folder: Path, size: int) -> list[Tar
             _http_v2_answer(servers[0].port, v2_body, header_length, path.stem) - expected
         ).max()
         _load_points(servers, args, lua, (1, 32), query="")
+        runs_before = _runs(servers[0].port)
         tensors = max(
             (
                 servers[0].load(v2_lua, 32, args.seconds, "", f"/v2/models/{path.stem}/infer")
@@ -821,6 +822,7 @@ def compute_bound(args: argparse.Namespace, folder: Path, size: int) -> list[Tar
             ),
             key=lambda r: r["rps"],
         )
+        images, runs = (a - b for a, b in zip(_runs(servers[0].port), runs_before, strict=True))
         print(f"convserve with default settings chose:\n  {_chosen(servers[0])}")
     finally:
         _stopped(servers)
@@ -850,7 +852,8 @@ def compute_bound(args: argparse.Namespace, folder: Path, size: int) -> list[Tar
         f"data; max |diff| {tensor_diff:.1e}): {tensors['rps']:.0f} requests/s, p99 "
         f"{tensors['p99']:.1f} ms, {tensors['errors']:.0f} errors, the server's CPU a request "
         f"{tensors['cpu_ms']:.2f} ms; against in-process at batch {best_batch}: "
-        f"{tensor_ratio:.2f}"
+        f"{tensor_ratio:.2f}; its runs held {images / max(runs, 1):.2f} images each "
+        f"({images:.0f} images in {runs:.0f} runs, convserve_inference_batch_size)"
     )
     name = f"compute-bound {size}x{size}"
     errors = sum(r["errors"] for r in servers[0].points.values()) + tensors["errors"]
@@ -974,6 +977,15 @@ def _http_v2_answer(port: int, body: bytes, header_length: int, model: str = "mo
         answer = r.read()
         length = int(r.headers["Inference-Header-Content-Length"])
     return np.frombuffer(answer[length:], np.float32)
+
+
+def _runs(port: int) -> tuple[float, float]:
+    """The images the server has run and its runs (session.run calls), from /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    found = dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
+    prefix = "convserve_inference_batch_size"
+    return float(found[f"{prefix}_sum"]), float(found[f"{prefix}_count"])
 
 
 def _served_states(port: int) -> dict[str, str]:
