@@ -488,6 +488,12 @@ wrk.headers["Content-Type"] = "{content_type}"
     return lua
 
 
+def _v2_lua(folder: Path, name: str, body: bytes, header_length: int) -> Path:
+    """wrk's script for an HTTP v2 body with the binary tensor extension."""
+    length = f'wrk.headers["Inference-Header-Content-Length"] = "{header_length}"\n'
+    return _post_lua(folder, name, body, "application/octet-stream", length)
+
+
 def _turns(
     servers: list[Server], repeats: int, run: Callable[[Server], dict[str, float]]
 ) -> dict[str, list[dict[str, float]]]:
@@ -800,13 +806,7 @@ def compute_bound(args: argparse.Namespace, folder: Path, size: int) -> list[Tar
     bare = Server("bare", bare_argv, {"CONVSERVE_BENCH_MODEL": str(path)}, args.port + 8)
     servers.append(bare)
     v2_body, _, header_length = _v2_bodies(image)
-    v2_lua = _post_lua(
-        folder,
-        f"large{size}v2",
-        v2_body,
-        "application/octet-stream",
-        f'wrk.headers["Inference-Header-Content-Length"] = "{header_length}"\n',
-    )
+    v2_lua = _v2_lua(folder, f"large{size}v2", v2_body, header_length)
     try:
         _started(servers, body, folder)
         expected = _answers_checked(servers, path, png)  # the same work: the same answer
@@ -913,13 +913,7 @@ def grpc_against_http(args: argparse.Namespace, folder: Path) -> list[Target]:
     png = upload_png()
     image, _ = preprocess(png, 1, 28, 28, 40_000_000, None)
     http_body, grpc_request, header_length = _v2_bodies(image)
-    lua = _post_lua(
-        folder,
-        "v2",
-        http_body,
-        "application/octet-stream",
-        f'wrk.headers["Inference-Header-Content-Length"] = "{header_length}"\n',
-    )
+    lua = _v2_lua(folder, "v2", http_body, header_length)
     (folder / "grpc.bin").write_bytes(grpc_request)
     port, grpc_port = args.port + 6, args.port + 7
     env = {**args.env, "CONVSERVE_MODEL_URI": str(model), "CONVSERVE_PORT": str(port)}

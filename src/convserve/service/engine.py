@@ -192,7 +192,7 @@ class Engine:
                 return await self._run_in_parts(images, outputs, heavy)
             batched = self.batching and not self._closing
             batched &= images.shape[0] < self.max_batch_size
-            if batched and self._inflight == 1 and self.typical_run < self.inline_up_to:
+            if batched and self._inflight == 1 and self._on_loop:
                 # A run on the event loop holds it: the requests that came in with this one
                 # have not been decoded yet, and would each find the engine idle and run
                 # alone. One turn of the loop lets them reach the engine and join this run.
@@ -227,11 +227,16 @@ class Engine:
             return parts[0]
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
+    @property
+    def _on_loop(self) -> bool:
+        """Whether a typical run goes on the event loop (its moving average is short enough)."""
+        return self.typical_run < self.inline_up_to
+
     async def _run(self, images: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
         # A batch larger than the batcher makes (an occlusion map's copies) is not typical:
         # it runs in a thread and leaves the typical run time alone.
         typical = images.shape[0] <= self.max_batch_size
-        if typical and self.typical_run < self.inline_up_to:
+        if typical and self._on_loop:
             result, elapsed = self._timed_run(images, outputs)
         else:
             loop = asyncio.get_running_loop()
