@@ -41,12 +41,16 @@ INLINE_SECONDS = 0.001
 # A process whose model runs on one core (one onnxruntime thread, on the CPU: a worker of the
 # default one-per-core layout) runs it on the event loop up to this long: the loop and an
 # inference thread would share that core anyway, so the hop only adds its cost (0.24 ms of CPU
-# a request on bench_serve.py's 60 M multiply-add model, 12% of it). Longer runs go to the
-# thread: on the loop, each run holds every request whose body is still arriving, and such a
-# request waits one round of its worker's other runs for each piece of its body (at 20 ms, the
-# 224x224 model's p99 at concurrency 32 read 5x its median, with requests past 2 s; with its
-# runs in the thread, 1.2-1.8x and none past 2 s).
-ONE_CORE_INLINE_SECONDS = 0.004
+# a request on bench_serve.py's 60 M multiply-add model, 12% of it), and the two threads take
+# each other's caches. Up to 8 ms, so that a model of up to 4 ms an image keeps its batches of
+# two (WAITING_BATCH) there: the 241 M multiply-add 128x128 model (2.3 ms an image, 4.5 ms a
+# batch of two) answered 536 requests/s at concurrency 32 where with a 4 ms limit, its batches
+# in the thread, it answered 466 (5 runs each, taking turns; every pair won), at the same p99.
+# Longer runs go to the thread: on the loop, each run holds every request whose body is still
+# arriving, and such a request waits one round of its worker's other runs for each piece of its
+# body (at 20 ms, the 224x224 model's p99 at concurrency 32 read 5x its median, with requests
+# past 2 s; with its runs in the thread, 1.2-1.8x and none past 2 s).
+ONE_CORE_INLINE_SECONDS = 0.008
 # Batching's defaults, chosen per model (plan_batches): the smallest batch whose cost per
 # image is within NEAR_BEST of the cheapest measured, up to LARGEST_BATCH; a wait for company
 # of at most MAX_WAIT_MS, and never longer than a full batch takes to run. At least
