@@ -322,8 +322,9 @@ def test_measuring_batches_stops_within_its_budget(onnx_path, monkeypatch):
 
 def test_a_model_on_one_core_runs_on_the_loop_up_to_its_limit(onnx_path):
     """One CPU thread: runs that take up to ONE_CORE_INLINE_SECONDS stay on the event loop
-    (the thread would share the loop's core); longer ones, and any run of a model with more
-    threads than that, go to the inference threads."""
+    (the thread would share the loop's core), a batch of two of a model of under 4 ms an image
+    among them; longer ones, and any run of a model with more threads than that, go to the
+    inference threads."""
 
     async def scenario():
         manager = ModelManager(Settings(model_uri=str(onnx_path)), Metrics())
@@ -340,7 +341,9 @@ def test_a_model_on_one_core_runs_on_the_loop_up_to_its_limit(onnx_path):
         x = np.zeros((1, 1, 8, 8), np.float32)
         loop_thread = threading.get_ident()
         limit = engine_module.ONE_CORE_INLINE_SECONDS
+        pair = engine_module.WAITING_BATCH * 0.0036  # a batch of two of a 3.6 ms-an-image model
         cases = [(True, limit / 2, True), (True, limit * 4, False), (False, limit / 2, False)]
+        cases.append((True, pair, True))
         for one_core, typical, on_loop in cases:
             engine = _unbatched(manager, one_core=one_core)
             engine.typical_run = typical  # as if measured
