@@ -99,15 +99,15 @@ def plan_batches(model: LoadedModel, settings: Settings) -> BatchPlan:
     if size is not None and wait is not None:
         return BatchPlan(size, wait, {})
     costs, measured_by = shared_costs(model, size or LARGEST_BATCH, settings)
-    cheaper = True  # whether a batch measured cheaper per image than a lone image
-    if size is None:
+    if size is None:  # the batch worth waiting for, then at least WAITING_BATCH
         cheapest = min(costs.values())
-        size = min(b for b, cost in costs.items() if cost <= cheapest * NEAR_BEST)
-        cheaper = size > 1
-        size = max(size, min(WAITING_BATCH, max(costs)))
+        near_best = min(b for b, cost in costs.items() if cost <= cheapest * NEAR_BEST)
+        size = max(near_best, min(WAITING_BATCH, max(costs)))
+    else:
+        near_best = size
     if wait is None:
         full_batch_ms = costs.get(size, costs[max(costs)]) * size * 1e3
-        wait = min(MAX_WAIT_MS, full_batch_ms) if cheaper and size > 1 else 0.0
+        wait = min(MAX_WAIT_MS, full_batch_ms) if near_best > 1 else 0.0
     return BatchPlan(size, wait, costs, measured_by)
 
 
