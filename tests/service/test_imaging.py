@@ -52,6 +52,18 @@ def test_formats_and_modes_become_the_model_input(fmt, mode, channels):
     )
 
 
+@pytest.mark.parametrize(("mode", "channels"), [("RGB", 3), ("L", 1)])
+def test_the_input_is_every_pixel_over_255_channels_first(mode, channels):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (9, 7, 3) if channels == 3 else (9, 7), dtype=np.uint8)
+    x, report = to_input(Image.fromarray(pixels, mode), channels, 9, 7)
+    expected = pixels.astype(np.float32) * np.float32(1 / 255)
+    expected = expected.transpose(2, 0, 1) if channels == 3 else expected[None]
+    assert x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable
+    np.testing.assert_array_equal(x, expected)  # exact: the same float32 values
+    assert report.steps == []  # nothing stretched or converted
+
+
 def test_sixteen_bit_is_scaled_by_its_full_range():
     data = _encode(_image("I;16"), "PNG")
     x, _ = preprocess(data, 1, 30, 40, max_pixels=10_000)

@@ -173,12 +173,8 @@ def to_input(
         report.steps.append(f"converted {image.mode} to {converted.mode}")
     if fit is not None and fit.method == "digit" and channels == 1:
         report.method = "digit"
-        array = fit_digit(converted, height, width, fit, report)
-    else:
-        array = stretch(converted, height, width, report)
-    if array.ndim == 2:
-        return array[None], report
-    return np.ascontiguousarray(array.transpose(2, 0, 1)), report
+        return fit_digit(converted, height, width, fit, report)[None], report
+    return stretch(converted, height, width, report), report
 
 
 def preprocess(
