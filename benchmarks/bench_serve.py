@@ -105,6 +105,7 @@ import numpy as np
 from PIL import Image
 
 if TYPE_CHECKING:
+    from convserve.service.model import LoadedModel
     from convserve.service.rollout import Evidence
 
 HERE = Path(__file__).resolve().parent
@@ -719,6 +720,16 @@ def _targets(targets: list[Target]) -> None:
         print(f"{name:{width}s} {value:9.2f}  {op} {bound:6.2f}  {'yes' if met else 'NO'}")
 
 
+def _opened(path: Path, threads: int = 0) -> LoadedModel:
+    """The model opened as the service opens it, on ``threads`` operator threads (0: every
+    core this process may use)."""
+    from convserve.service.model import Source, open_model
+    from convserve.service.settings import Settings, available_cores
+
+    settings = Settings(intra_op_threads=threads or available_cores(), workers=1)
+    return open_model(Source(str(path), "model", "file", path=path), settings)
+
+
 def inprocess_rates(
     path: Path,
     image: np.ndarray,
@@ -729,11 +740,7 @@ def inprocess_rates(
     """Images per second of in-process onnxruntime (the model opened as the service opens it,
     the probabilities run on its lean graph; ``threads`` operator threads, 0: every core this
     process may use) at each batch size."""
-    from convserve.service.model import Source, open_model
-    from convserve.service.settings import Settings, available_cores
-
-    settings = Settings(intra_op_threads=threads or available_cores(), workers=1)
-    model = open_model(Source(str(path), "model", "file", path=path), settings)
+    model = _opened(path, threads)
     rates = {}
     for batch in batches:
         x = np.repeat(image[None], batch, axis=0)
@@ -747,21 +754,17 @@ def inprocess_rates(
 
 
 class InProcess:
-    """In-process onnxruntime at one batch size (the model opened as ``inprocess_rates``
-    opens it), loaded in the servers' turns like one of them (``load``): the machine's slow
+    """In-process onnxruntime at one batch size (the model opened as the service opens it,
+    ``_opened``), loaded in the servers' turns like one of them (``load``): the machine's slow
     spells fall on the reference as on the servers, and its figure is the best of as many
     runs of as many seconds as theirs. Measured once before the servers start, the reference
     read 1,320 to 1,964 images/s at 64x64 in one sweep and 1,441 to 2,372 in the next, a
-    minute apart, on this two-core machine."""
+    minute apart, on a shared two-core machine."""
 
     name = "in-process"
 
     def __init__(self, path: Path, image: np.ndarray, batch: int) -> None:
-        from convserve.service.model import Source, open_model
-        from convserve.service.settings import Settings, available_cores
-
-        settings = Settings(intra_op_threads=available_cores(), workers=1)
-        self.model = open_model(Source(str(path), "model", "file", path=path), settings)
+        self.model = _opened(path)
         self.batch = np.repeat(image[None], batch, axis=0)
         self.points: dict[int, dict[str, float]] = {}
 
