@@ -758,8 +758,8 @@ class InProcess:
     ``_opened``), loaded in the servers' turns like one of them (``load``): the machine's slow
     spells fall on the reference as on the servers, and its figure is the best of as many
     runs of as many seconds as theirs. Measured once before the servers start, the reference
-    read 1,320 to 1,964 images/s at 64x64 in one sweep and 1,441 to 2,372 in the next, a
-    minute apart, on a shared two-core machine."""
+    read 1,795 images/s at 64x64 and batch 8 in one sweep and 2,372 in the next, a minute
+    apart, on a shared two-core machine."""
 
     name = "in-process"
 
