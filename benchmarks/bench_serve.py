@@ -766,21 +766,18 @@ class InProcess:
     def __init__(self, path: Path, image: np.ndarray, batch: int) -> None:
         self.model = _opened(path)
         self.batch = np.repeat(image[None], batch, axis=0)
-        self.points: dict[int, dict[str, float]] = {}
 
     def load(
         self, lua: Path, connections: int, seconds: int, query: str, path: str = "/predict"
     ) -> dict[str, float]:
         """``seconds`` of runs back to back (``lua``, ``connections``, ``query`` and ``path``
-        are the servers' and mean nothing here): images/s and this process's CPU ms an
-        image."""
+        are the servers' and mean nothing here): the images and images/s."""
         self.model.run(self.batch, ["probabilities"])  # warm
-        done, cpu, start = 0, time.process_time(), time.perf_counter()
+        done, start = 0, time.perf_counter()
         while (elapsed := time.perf_counter() - start) < seconds:
             self.model.run(self.batch, ["probabilities"])
             done += self.batch.shape[0]
-        cpu_ms = (time.process_time() - cpu) * 1e3 / done
-        return {"requests": done, "rps": done / elapsed, "errors": 0.0, "cpu_ms": cpu_ms}
+        return {"requests": done, "rps": done / elapsed, "errors": 0.0}
 
 
 class Tensors:
@@ -793,7 +790,6 @@ class Tensors:
     def __init__(self, server: Server, v2_lua: Path, model: str) -> None:
         self.server, self.v2_lua, self.model = server, v2_lua, model
         self.images = self.runs = 0.0
-        self.points: dict[int, dict[str, float]] = {}
 
     def load(
         self, lua: Path, connections: int, seconds: int, query: str, path: str = "/predict"
@@ -890,8 +886,8 @@ def compute_bound(args: argparse.Namespace, folder: Path, size: int) -> list[Tar
         tensors = Tensors(servers[0], v2_lua, path.stem)
         contenders: list[Server | Tensors | InProcess] = [*servers, tensors, reference]
         best = _interleaved(contenders, args.repeats, lambda s: s.load(lua, 32, args.seconds, ""))
-        for contender in contenders:
-            contender.points[32] = best[contender.name]
+        for server in servers:
+            server.points[32] = best[server.name]
         print(f"convserve with default settings chose:\n  {_chosen(servers[0])}")
     finally:
         _stopped(servers)
@@ -900,7 +896,7 @@ def compute_bound(args: argparse.Namespace, folder: Path, size: int) -> list[Tar
         f"(bare: bare_infer_app.py, uvicorn with {processes} worker processes, each request's "
         "image decoded and run on the event loop, nothing else)"
     )
-    point, reference_rps = servers[0].points[32], reference.points[32]["rps"]
+    point, reference_rps = servers[0].points[32], best[reference.name]["rps"]
     ratio = point["rps"] / reference_rps
     inference_ms = processes * 1000 / layout  # CPU per image, the layout's processes all busy
     print(
@@ -920,7 +916,7 @@ def compute_bound(args: argparse.Namespace, folder: Path, size: int) -> list[Tar
         f"{ceiling['rps'] / reference_rps:.2f} (its CPU a request {ceiling['cpu_ms']:.2f} "
         f"ms); convserve's share of it: {point['rps'] / ceiling['rps']:.2f}"
     )
-    sent = tensors.points[32]
+    sent = best[tensors.name]
     tensor_ratio = sent["rps"] / reference_rps
     print(
         f"defaults at c=32 on the tensor in-process onnxruntime runs (HTTP v2, binary tensor "

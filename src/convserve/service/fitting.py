@@ -47,9 +47,8 @@ def stretch(image: Image.Image, height: int, width: int, report: FitReport) -> n
     if image.size != (width, height):
         report.steps.append(f"stretched {image.width}x{image.height} to {width}x{height}")
         image = image.resize((width, height), Image.Resampling.BILINEAR)
-    bands = len(image.getbands())
-    array = np.frombuffer(image.tobytes(), np.uint8).reshape(height, width, bands)
-    out = np.empty((bands, height, width), np.float32)
+    array = pixels(image).reshape(height, width, -1)  # [height, width, bands]
+    out = np.empty((array.shape[2], height, width), np.float32)
     np.multiply(array.transpose(2, 0, 1), np.float32(1 / 255), out=out)
     return out
 
@@ -107,8 +106,12 @@ def _ink_table(background: int, invert: bool) -> np.ndarray:
 
 
 def pixels(image: Image.Image) -> np.ndarray:
-    """An 8-bit single-band image as a read-only ``[height, width]`` uint8 array."""
-    return np.frombuffer(image.tobytes(), np.uint8).reshape(image.height, image.width)
+    """An 8-bit image as a read-only uint8 array: ``[height, width]`` for a single band,
+    ``[height, width, bands]`` for more."""
+    array = np.frombuffer(image.tobytes(), np.uint8)
+    bands = len(image.getbands())
+    shape = (image.height, image.width, bands) if bands > 1 else (image.height, image.width)
+    return array.reshape(shape)
 
 
 def lanczos(array: np.ndarray, height: int, width: int, high: float = 255.0) -> np.ndarray:
